@@ -1,0 +1,27 @@
+//! flowgate's core: the event model and the record batch format.
+//!
+//! Everything that crosses a boundary in flowgate — a produce request on the wire, a
+//! batch in a log segment, a batch handed to a pipeline — is a [`batch`] of records in
+//! one binary layout, written down in `docs/log-format.md`. This crate owns that layout
+//! and nothing else: it knows no files and no sockets.
+//!
+//! - [`event`]: the owned [`Event`] a client builds and the borrowed [`RecordRef`] a
+//!   decoder hands out without copying.
+//! - [`batch`]: [`BatchBuilder`] encodes records into a batch (compression, CRC32C);
+//!   [`BatchView`] validates and decodes one.
+//! - [`codec`]: the compression codecs a batch may use.
+//! - [`varint`]: the LEB128 / zig-zag integers records are made of.
+//! - [`partition`]: which partition a key goes to.
+//! - [`time`]: milliseconds since the epoch.
+
+pub mod batch;
+pub mod codec;
+pub mod event;
+pub mod partition;
+pub mod time;
+pub mod varint;
+
+pub use batch::{BatchBuilder, BatchError, BatchHeader, BatchView, EncodedBatch, ProducerStamp};
+pub use codec::Codec;
+pub use event::{Event, Header, RecordRef};
+pub use partition::partition_for_key;
