@@ -217,6 +217,11 @@ pub fn set_base_offset(batch: &mut [u8], base_offset: u64) {
     batch[0..8].copy_from_slice(&base_offset.to_le_bytes());
 }
 
+/// CRC32C (Castagnoli) of arbitrary bytes; the checksum used everywhere in flowgate.
+pub fn crc32c_bytes(bytes: &[u8]) -> u32 {
+    crc32c::crc32c(bytes)
+}
+
 /// Computes the CRC32C that covers `batch` (a whole encoded batch).
 pub fn compute_crc(batch: &[u8]) -> u32 {
     crc32c::crc32c(&batch[CRC_START..])

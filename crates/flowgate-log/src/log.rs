@@ -1,0 +1,210 @@
+//! The log: a data directory of topics, the flusher thread, and topic administration.
+//!
+//! Layout: `<data_dir>/topics/<topic>/topic.json` and `<data_dir>/topics/<topic>/<partition>/`
+//! holding the segment files (`docs/log-format.md`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::config::{FsyncPolicy, LogConfig};
+use crate::error::{LogError, Result};
+use crate::flusher::{Flusher, FsyncHook};
+use crate::partition::Partition;
+use crate::topic::{validate_topic_name, Topic, TopicInfo};
+
+/// Hooks through which the log reports to the layer above (metrics), without knowing it.
+#[derive(Clone, Default)]
+pub struct LogObserver {
+    /// Called with each fsync's duration.
+    pub on_fsync: Option<FsyncHook>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    topics_dir: PathBuf,
+    config: Arc<LogConfig>,
+    topics: RwLock<BTreeMap<String, Arc<Topic>>>,
+    flusher: Arc<Flusher>,
+    flusher_thread: Mutex<Option<JoinHandle<()>>>,
+    create_lock: Mutex<()>,
+}
+
+/// A data directory of topics. Cheap to clone.
+#[derive(Clone)]
+pub struct Log {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log").field("dir", &self.inner.dir).finish()
+    }
+}
+
+impl Log {
+    /// Opens the data directory (creating it if needed), recovering every partition.
+    pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Log> {
+        Log::open_with(dir, config, LogObserver::default())
+    }
+
+    /// Like [`Log::open`], with hooks for metrics.
+    pub fn open_with(dir: impl AsRef<Path>, config: LogConfig, observer: LogObserver) -> Result<Log> {
+        let dir = dir.as_ref().to_path_buf();
+        let topics_dir = dir.join("topics");
+        std::fs::create_dir_all(&topics_dir).map_err(LogError::io("create data directory", &topics_dir))?;
+        let config = Arc::new(config);
+        let flusher = Flusher::new();
+        if let Some(hook) = observer.on_fsync {
+            flusher.set_fsync_hook(hook);
+        }
+        let mut topics = BTreeMap::new();
+        for entry in std::fs::read_dir(&topics_dir).map_err(LogError::io("list", &topics_dir))? {
+            let entry = entry.map_err(LogError::io("list", &topics_dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if validate_topic_name(&name).is_err() || !entry.path().join("topic.json").exists() {
+                continue;
+            }
+            let topic = Topic::open(entry.path(), &name, &config, &flusher)?;
+            topics.insert(name, Arc::new(topic));
+        }
+        let inner = Arc::new(Inner {
+            dir,
+            topics_dir,
+            config: config.clone(),
+            topics: RwLock::new(topics),
+            flusher: flusher.clone(),
+            flusher_thread: Mutex::new(None),
+            create_lock: Mutex::new(()),
+        });
+        let weak: Weak<Inner> = Arc::downgrade(&inner);
+        let interval = (config.fsync == FsyncPolicy::Interval).then(|| config.fsync_interval());
+        let thread = std::thread::Builder::new()
+            .name("flowgate-flusher".into())
+            .spawn(move || {
+                flusher.run(interval, move || match weak.upgrade() {
+                    Some(inner) => inner.topics.read().values().flat_map(|t| t.partitions().to_vec()).collect(),
+                    None => Vec::new(),
+                })
+            })
+            .map_err(LogError::io("start flusher thread", &inner.dir))?;
+        *inner.flusher_thread.lock() = Some(thread);
+        Ok(Log { inner })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &LogConfig {
+        &self.inner.config
+    }
+
+    /// The topic, if it exists.
+    pub fn topic(&self, name: &str) -> Option<Arc<Topic>> {
+        self.inner.topics.read().get(name).cloned()
+    }
+
+    /// The topic, created with the default partition count if it does not exist and
+    /// auto-creation is on.
+    pub fn topic_or_create(&self, name: &str) -> Result<Arc<Topic>> {
+        if let Some(t) = self.topic(name) {
+            return Ok(t);
+        }
+        if !self.inner.config.auto_create_topics {
+            return Err(LogError::UnknownTopic(name.to_owned()));
+        }
+        match self.create_topic(name, self.inner.config.default_partitions) {
+            Ok(t) => Ok(t),
+            Err(LogError::TopicExists(_)) => self.topic(name).ok_or_else(|| LogError::UnknownTopic(name.into())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates a topic with `partitions` partitions.
+    pub fn create_topic(&self, name: &str, partitions: u32) -> Result<Arc<Topic>> {
+        validate_topic_name(name)?;
+        if partitions == 0 || partitions > 10_000 {
+            return Err(LogError::InvalidTopicName { name: name.into(), reason: "partitions must be 1 to 10000" });
+        }
+        let _guard = self.inner.create_lock.lock();
+        if self.topic(name).is_some() {
+            return Err(LogError::TopicExists(name.to_owned()));
+        }
+        let dir = self.inner.topics_dir.join(name);
+        if dir.exists() {
+            // Left over from an interrupted delete or create.
+            std::fs::remove_dir_all(&dir).map_err(LogError::io("remove stale directory", &dir))?;
+        }
+        let topic =
+            Arc::new(Topic::create(dir, name, partitions, &self.inner.config, &self.inner.flusher)?);
+        self.inner.topics.write().insert(name.to_owned(), topic.clone());
+        tracing::info!(topic = name, partitions, "created topic");
+        Ok(topic)
+    }
+
+    /// Deletes a topic and its data.
+    pub fn delete_topic(&self, name: &str) -> Result<()> {
+        let _guard = self.inner.create_lock.lock();
+        let topic = self.inner.topics.write().remove(name).ok_or_else(|| LogError::UnknownTopic(name.into()))?;
+        // Rename first so a crash midway never leaves a half-deleted topic that opens.
+        let doomed = self.inner.dir.join(format!(".deleted-{}-{}", name, flowgate_core::time::now_ms()));
+        std::fs::rename(topic.dir(), &doomed).map_err(LogError::io("rename", topic.dir()))?;
+        std::fs::remove_dir_all(&doomed).map_err(LogError::io("delete", &doomed))?;
+        tracing::info!(topic = name, "deleted topic");
+        Ok(())
+    }
+
+    /// Every topic.
+    pub fn topics(&self) -> Vec<Arc<Topic>> {
+        self.inner.topics.read().values().cloned().collect()
+    }
+
+    /// Numbers of every topic.
+    pub fn topic_infos(&self) -> Vec<TopicInfo> {
+        self.topics().iter().map(|t| t.info()).collect()
+    }
+
+    /// Applies retention to every partition. Returns segments and bytes deleted.
+    pub fn enforce_retention(&self) -> Result<(usize, u64)> {
+        let now = flowgate_core::time::now_ms();
+        let mut total = (0, 0);
+        for topic in self.topics() {
+            for p in topic.partitions() {
+                let (n, b) = p.enforce_retention(now)?;
+                total.0 += n;
+                total.1 += b;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Every partition of every topic.
+    pub fn partitions(&self) -> Vec<Arc<Partition>> {
+        self.topics().iter().flat_map(|t| t.partitions().to_vec()).collect()
+    }
+
+    /// Stops the flusher and fsyncs every partition. Appends after this may not be
+    /// durable; call it last.
+    pub fn close(&self) -> Result<()> {
+        self.inner.flusher.stop();
+        if let Some(thread) = self.inner.flusher_thread.lock().take() {
+            let _ = thread.join();
+        }
+        for p in self.partitions() {
+            p.close()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.flusher.stop();
+    }
+}
