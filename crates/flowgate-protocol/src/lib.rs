@@ -1,1 +1,21 @@
-//! placeholder
+//! flowgate's binary protocol, version 1 (`docs/protocol.md`).
+//!
+//! - [`check_frame`]: is a whole frame in the buffer? Looks only at the length prefix,
+//!   so an oversized frame is refused before anything is allocated for it.
+//! - [`decode_request`] / [`decode_response`]: parse a whole frame, borrowing strings
+//!   and batches from it.
+//! - [`encode_request`] / [`encode_response`]: append a whole frame to a buffer, so
+//!   many frames can share one write.
+//!
+//! Decoders take untrusted bytes: they never panic, reject trailing bytes, bad UTF-8
+//! and unknown kinds, and say what was wrong.
+
+#![warn(missing_docs)]
+
+mod codec;
+
+pub use codec::{
+    check_frame, decode_request, decode_response, encode_request, encode_response, ErrorCode, PartitionAck,
+    PartitionInfo, ProtocolError, Request, Response, TopicInfo, DEFAULT_MAX_FRAME_BYTES, FRAME_HEADER_LEN, MAGIC,
+    VERSION,
+};

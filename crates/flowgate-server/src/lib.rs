@@ -1,1 +1,22 @@
-//! placeholder
+//! The flowgate engine process.
+//!
+//! - [`config`]: the TOML configuration, its embedded default and `FLOWGATE_*` overrides.
+//! - [`server`]: [`Engine::start`] and [`Engine::shutdown`].
+//! - [`ingest`]: the append path every listener shares (partition split, durability).
+//! - [`binary`], [`ndjson`], [`http`]: the three listeners.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`shared`]: state shared by the listeners.
+
+#![warn(missing_docs)]
+
+pub mod binary;
+pub mod config;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod ndjson;
+pub mod server;
+pub mod shared;
+
+pub use config::{Config, ConfigError};
+pub use server::Engine;

@@ -1,0 +1,706 @@
+//! Frame layout, request and response bodies.
+
+use std::fmt;
+
+/// The protocol version this crate speaks.
+pub const VERSION: u16 = 1;
+/// The HELLO magic.
+pub const MAGIC: &[u8; 8] = b"FLOWGATE";
+/// The default frame limit (16 MiB).
+pub const DEFAULT_MAX_FRAME_BYTES: u32 = 16 << 20;
+/// Length prefix, kind, flags and correlation id.
+pub const FRAME_HEADER_LEN: usize = 10;
+
+mod kind {
+    pub const HELLO: u8 = 0x01;
+    pub const PRODUCE: u8 = 0x02;
+    pub const FETCH: u8 = 0x03;
+    pub const LIST_TOPICS: u8 = 0x04;
+    pub const CREATE_TOPIC: u8 = 0x05;
+    pub const DELETE_TOPIC: u8 = 0x06;
+    pub const OFFSET_FOR_TIME: u8 = 0x07;
+    pub const HELLO_OK: u8 = 0x81;
+    pub const PRODUCE_OK: u8 = 0x82;
+    pub const FETCH_OK: u8 = 0x83;
+    pub const TOPICS: u8 = 0x84;
+    pub const CREATED: u8 = 0x85;
+    pub const DELETED: u8 = 0x86;
+    pub const OFFSET: u8 = 0x87;
+    pub const ERROR: u8 = 0xFF;
+}
+
+/// Error codes carried by ERROR frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// No common version, or no HELLO first.
+    UnsupportedVersion = 1,
+    /// The frame does not parse.
+    MalformedFrame = 2,
+    /// Over the frame limit.
+    FrameTooLarge = 3,
+    /// No such topic and auto-creation is off.
+    UnknownTopic = 4,
+    /// CRC or record check failed; nothing stored.
+    InvalidBatch = 5,
+    /// The log could not write.
+    StorageError = 6,
+    /// CREATE_TOPIC for an existing topic.
+    TopicExists = 7,
+    /// Well-formed frame, bad contents.
+    InvalidRequest = 8,
+    /// Sequence older than any remembered.
+    DuplicateSequence = 9,
+    /// The server is draining.
+    ShuttingDown = 10,
+    /// Fetch offset outside the partition.
+    OffsetOutOfRange = 11,
+    /// Partition number too high.
+    UnknownPartition = 12,
+}
+
+impl ErrorCode {
+    /// The numeric code.
+    pub fn code(self) -> u16 {
+        self as u16
+    }
+
+    /// The error with this code, if known.
+    pub fn from_code(code: u16) -> Option<ErrorCode> {
+        use ErrorCode::*;
+        Some(match code {
+            1 => UnsupportedVersion,
+            2 => MalformedFrame,
+            3 => FrameTooLarge,
+            4 => UnknownTopic,
+            5 => InvalidBatch,
+            6 => StorageError,
+            7 => TopicExists,
+            8 => InvalidRequest,
+            9 => DuplicateSequence,
+            10 => ShuttingDown,
+            11 => OffsetOutOfRange,
+            12 => UnknownPartition,
+            _ => return None,
+        })
+    }
+
+    /// True when retrying the same request later may succeed.
+    pub fn is_retriable(self) -> bool {
+        matches!(self, ErrorCode::StorageError | ErrorCode::ShuttingDown)
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use ErrorCode::*;
+        f.write_str(match self {
+            UnsupportedVersion => "UNSUPPORTED_VERSION",
+            MalformedFrame => "MALFORMED_FRAME",
+            FrameTooLarge => "FRAME_TOO_LARGE",
+            UnknownTopic => "UNKNOWN_TOPIC",
+            InvalidBatch => "INVALID_BATCH",
+            StorageError => "STORAGE_ERROR",
+            TopicExists => "TOPIC_EXISTS",
+            InvalidRequest => "INVALID_REQUEST",
+            DuplicateSequence => "DUPLICATE_SEQUENCE",
+            ShuttingDown => "SHUTTING_DOWN",
+            OffsetOutOfRange => "OFFSET_OUT_OF_RANGE",
+            UnknownPartition => "UNKNOWN_PARTITION",
+        })
+    }
+}
+
+/// Why bytes are not a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// The length prefix exceeds the limit.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes; send smaller batches")]
+    FrameTooLarge {
+        /// Stated length.
+        len: u64,
+        /// The limit.
+        max: u32,
+    },
+    /// The length prefix is below the minimum.
+    #[error("frame length {0} is below the minimum of 6")]
+    FrameTooSmall(u32),
+    /// The frame ends before its body does.
+    #[error("frame truncated: {0}")]
+    Truncated(&'static str),
+    /// Bytes left after the body.
+    #[error("{0} unexpected bytes after the frame body")]
+    TrailingBytes(usize),
+    /// Unknown frame kind.
+    #[error("unknown frame kind {0:#04x}")]
+    UnknownKind(u8),
+    /// A string is not UTF-8.
+    #[error("{0} is not valid UTF-8")]
+    BadUtf8(&'static str),
+    /// HELLO without the magic.
+    #[error("HELLO does not start with the FLOWGATE magic")]
+    BadMagic,
+}
+
+impl ProtocolError {
+    /// The code to answer with.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            ProtocolError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
+            ProtocolError::BadMagic => ErrorCode::UnsupportedVersion,
+            _ => ErrorCode::MalformedFrame,
+        }
+    }
+}
+
+/// A request, borrowing from its frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// Opens a connection.
+    Hello {
+        /// Lowest version the client speaks.
+        min_version: u16,
+        /// Highest version the client speaks.
+        max_version: u16,
+        /// Free-form client name.
+        client_name: &'a str,
+    },
+    /// Appends a batch.
+    Produce {
+        /// Topic.
+        topic: &'a str,
+        /// Idempotent producer id (0 = none).
+        producer_id: u64,
+        /// Request sequence of that producer.
+        sequence: u64,
+        /// One encoded record batch.
+        batch: &'a [u8],
+    },
+    /// Reads batches.
+    Fetch {
+        /// Topic.
+        topic: &'a str,
+        /// Partition.
+        partition: u32,
+        /// First wanted offset.
+        offset: u64,
+        /// About this many bytes.
+        max_bytes: u32,
+        /// Wait this long for data at the log end.
+        max_wait_ms: u32,
+    },
+    /// Lists topics.
+    ListTopics,
+    /// Creates a topic.
+    CreateTopic {
+        /// Topic.
+        topic: &'a str,
+        /// Partitions.
+        partitions: u32,
+    },
+    /// Deletes a topic.
+    DeleteTopic {
+        /// Topic.
+        topic: &'a str,
+    },
+    /// Finds the first offset at or after a time.
+    OffsetForTime {
+        /// Topic.
+        topic: &'a str,
+        /// Partition.
+        partition: u32,
+        /// ms since the epoch.
+        timestamp_ms: i64,
+    },
+}
+
+/// One partition's share of a produce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartitionAck {
+    /// Partition.
+    pub partition: u32,
+    /// First offset assigned.
+    pub first_offset: u64,
+    /// Records with consecutive offsets from there.
+    pub record_count: u32,
+}
+
+/// A partition in a topic listing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartitionInfo {
+    /// First offset held.
+    pub start_offset: u64,
+    /// Next offset to assign.
+    pub end_offset: u64,
+    /// Bytes on disk.
+    pub size_bytes: u64,
+}
+
+/// A topic in a listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicInfo {
+    /// Name.
+    pub name: String,
+    /// Partitions, by number.
+    pub partitions: Vec<PartitionInfo>,
+}
+
+/// A response, borrowing from its frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response<'a> {
+    /// Handshake accepted.
+    HelloOk {
+        /// Version chosen.
+        version: u16,
+        /// The server's frame limit.
+        max_frame_bytes: u32,
+        /// Server name and version.
+        server_name: &'a str,
+    },
+    /// Produce stored (and durable as configured).
+    ProduceOk(Vec<PartitionAck>),
+    /// Fetched batches.
+    FetchOk {
+        /// First offset held.
+        log_start_offset: u64,
+        /// Next offset to assign.
+        log_end_offset: u64,
+        /// Whole batches.
+        batches: &'a [u8],
+    },
+    /// Topic listing.
+    Topics(Vec<TopicInfo>),
+    /// Topic created.
+    Created,
+    /// Topic deleted.
+    Deleted,
+    /// An offset (`u64::MAX` for none).
+    Offset(u64),
+    /// The request failed.
+    Error {
+        /// What kind of failure.
+        code: ErrorCode,
+        /// What happened and what to do.
+        message: &'a str,
+    },
+}
+
+/// Whether `buf` starts with a whole frame: `Ok(Some(len))` with the frame's total
+/// length, `Ok(None)` when more bytes are needed. Only the length prefix is read.
+pub fn check_frame(buf: &[u8], max_frame_bytes: u32) -> Result<Option<usize>, ProtocolError> {
+    let Some(prefix) = buf.get(..4) else { return Ok(None) };
+    let len = u32::from_le_bytes(prefix.try_into().expect("4 bytes"));
+    if len > max_frame_bytes {
+        return Err(ProtocolError::FrameTooLarge { len: u64::from(len), max: max_frame_bytes });
+    }
+    if len < 6 {
+        return Err(ProtocolError::FrameTooSmall(len));
+    }
+    let total = len as usize + 4;
+    Ok((buf.len() >= total).then_some(total))
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ProtocolError> {
+        let end = self.pos.checked_add(n).ok_or(ProtocolError::Truncated(what))?;
+        let s = self.buf.get(self.pos..end).ok_or(ProtocolError::Truncated(what))?;
+        self.pos = end;
+        Ok(s)
+    }
+    fn u16(&mut self, what: &'static str) -> Result<u16, ProtocolError> {
+        Ok(u16::from_le_bytes(self.take(2, what)?.try_into().expect("2")))
+    }
+    fn u32(&mut self, what: &'static str) -> Result<u32, ProtocolError> {
+        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4")))
+    }
+    fn u64(&mut self, what: &'static str) -> Result<u64, ProtocolError> {
+        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8")))
+    }
+    fn str(&mut self, what: &'static str) -> Result<&'a str, ProtocolError> {
+        let n = self.u16(what)? as usize;
+        std::str::from_utf8(self.take(n, what)?).map_err(|_| ProtocolError::BadUtf8(what))
+    }
+    fn bytes32(&mut self, what: &'static str) -> Result<&'a [u8], ProtocolError> {
+        let n = self.u32(what)? as usize;
+        self.take(n, what)
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        let s = &self.buf[self.pos..];
+        self.pos = self.buf.len();
+        s
+    }
+    fn finish(&self) -> Result<(), ProtocolError> {
+        match self.buf.len() - self.pos {
+            0 => Ok(()),
+            n => Err(ProtocolError::TrailingBytes(n)),
+        }
+    }
+}
+
+/// Splits a whole frame into (kind, correlation id, body reader).
+fn open_frame(frame: &[u8]) -> Result<(u8, u32, Reader<'_>), ProtocolError> {
+    let prefix = frame.get(..4).ok_or(ProtocolError::Truncated("length prefix"))?;
+    let len = u32::from_le_bytes(prefix.try_into().expect("4 bytes"));
+    if len < 6 {
+        return Err(ProtocolError::FrameTooSmall(len));
+    }
+    let total = 4 + len as usize;
+    if frame.len() < total {
+        return Err(ProtocolError::Truncated("frame body"));
+    }
+    if frame.len() > total {
+        return Err(ProtocolError::TrailingBytes(frame.len() - total));
+    }
+    let kind = frame[4];
+    let correlation_id = u32::from_le_bytes(frame[6..10].try_into().expect("4 bytes"));
+    Ok((kind, correlation_id, Reader { buf: &frame[FRAME_HEADER_LEN..total], pos: 0 }))
+}
+
+/// Decodes a whole request frame (length prefix included).
+pub fn decode_request(frame: &[u8]) -> Result<(u32, Request<'_>), ProtocolError> {
+    let (k, correlation_id, mut r) = open_frame(frame)?;
+    let request = match k {
+        kind::HELLO => {
+            if r.take(8, "magic")? != MAGIC {
+                return Err(ProtocolError::BadMagic);
+            }
+            Request::Hello {
+                min_version: r.u16("min_version")?,
+                max_version: r.u16("max_version")?,
+                client_name: r.str("client_name")?,
+            }
+        }
+        kind::PRODUCE => Request::Produce {
+            topic: r.str("topic")?,
+            producer_id: r.u64("producer_id")?,
+            sequence: r.u64("sequence")?,
+            batch: r.rest(),
+        },
+        kind::FETCH => Request::Fetch {
+            topic: r.str("topic")?,
+            partition: r.u32("partition")?,
+            offset: r.u64("offset")?,
+            max_bytes: r.u32("max_bytes")?,
+            max_wait_ms: r.u32("max_wait_ms")?,
+        },
+        kind::LIST_TOPICS => Request::ListTopics,
+        kind::CREATE_TOPIC => Request::CreateTopic { topic: r.str("topic")?, partitions: r.u32("partitions")? },
+        kind::DELETE_TOPIC => Request::DeleteTopic { topic: r.str("topic")? },
+        kind::OFFSET_FOR_TIME => Request::OffsetForTime {
+            topic: r.str("topic")?,
+            partition: r.u32("partition")?,
+            timestamp_ms: r.u64("timestamp_ms")? as i64,
+        },
+        other => return Err(ProtocolError::UnknownKind(other)),
+    };
+    r.finish()?;
+    Ok((correlation_id, request))
+}
+
+/// Decodes a whole response frame (length prefix included).
+pub fn decode_response(frame: &[u8]) -> Result<(u32, Response<'_>), ProtocolError> {
+    let (k, correlation_id, mut r) = open_frame(frame)?;
+    let response = match k {
+        kind::HELLO_OK => Response::HelloOk {
+            version: r.u16("version")?,
+            max_frame_bytes: r.u32("max_frame_bytes")?,
+            server_name: r.str("server_name")?,
+        },
+        kind::PRODUCE_OK => {
+            let n = r.u16("ack count")?;
+            let mut acks = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                acks.push(PartitionAck {
+                    partition: r.u32("partition")?,
+                    first_offset: r.u64("first_offset")?,
+                    record_count: r.u32("record_count")?,
+                });
+            }
+            Response::ProduceOk(acks)
+        }
+        kind::FETCH_OK => Response::FetchOk {
+            log_start_offset: r.u64("log_start_offset")?,
+            log_end_offset: r.u64("log_end_offset")?,
+            batches: r.bytes32("batches")?,
+        },
+        kind::TOPICS => {
+            let n = r.u32("topic count")?;
+            let mut topics = Vec::with_capacity((n as usize).min(1024));
+            for _ in 0..n {
+                let name = r.str("topic name")?.to_owned();
+                let p = r.u32("partition count")?;
+                let mut partitions = Vec::with_capacity((p as usize).min(1024));
+                for _ in 0..p {
+                    partitions.push(PartitionInfo {
+                        start_offset: r.u64("start_offset")?,
+                        end_offset: r.u64("end_offset")?,
+                        size_bytes: r.u64("size_bytes")?,
+                    });
+                }
+                topics.push(TopicInfo { name, partitions });
+            }
+            Response::Topics(topics)
+        }
+        kind::CREATED => Response::Created,
+        kind::DELETED => Response::Deleted,
+        kind::OFFSET => Response::Offset(r.u64("offset")?),
+        kind::ERROR => {
+            let raw = r.u16("error code")?;
+            let code = ErrorCode::from_code(raw).unwrap_or(ErrorCode::InvalidRequest);
+            Response::Error { code, message: r.str("error message")? }
+        }
+        other => return Err(ProtocolError::UnknownKind(other)),
+    };
+    r.finish()?;
+    Ok((correlation_id, response))
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    // Strings longer than u16::MAX are cut at a char boundary: only free-form text
+    // (messages, names) can be that long, and topic names are limited to 200 bytes.
+    let mut end = s.len().min(u16::MAX as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.extend_from_slice(&(end as u16).to_le_bytes());
+    out.extend_from_slice(&s.as_bytes()[..end]);
+}
+
+fn begin(out: &mut Vec<u8>, kind: u8, correlation_id: u32) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0, 0, 0, 0, kind, 0]);
+    out.extend_from_slice(&correlation_id.to_le_bytes());
+    start
+}
+
+fn end(out: &mut [u8], start: usize) {
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+/// Appends a whole request frame to `out`.
+pub fn encode_request(correlation_id: u32, request: &Request<'_>, out: &mut Vec<u8>) {
+    let start;
+    match request {
+        Request::Hello { min_version, max_version, client_name } => {
+            start = begin(out, kind::HELLO, correlation_id);
+            out.extend_from_slice(MAGIC);
+            out.extend_from_slice(&min_version.to_le_bytes());
+            out.extend_from_slice(&max_version.to_le_bytes());
+            put_str(out, client_name);
+        }
+        Request::Produce { topic, producer_id, sequence, batch } => {
+            start = begin(out, kind::PRODUCE, correlation_id);
+            put_str(out, topic);
+            out.extend_from_slice(&producer_id.to_le_bytes());
+            out.extend_from_slice(&sequence.to_le_bytes());
+            out.extend_from_slice(batch);
+        }
+        Request::Fetch { topic, partition, offset, max_bytes, max_wait_ms } => {
+            start = begin(out, kind::FETCH, correlation_id);
+            put_str(out, topic);
+            out.extend_from_slice(&partition.to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+            out.extend_from_slice(&max_bytes.to_le_bytes());
+            out.extend_from_slice(&max_wait_ms.to_le_bytes());
+        }
+        Request::ListTopics => start = begin(out, kind::LIST_TOPICS, correlation_id),
+        Request::CreateTopic { topic, partitions } => {
+            start = begin(out, kind::CREATE_TOPIC, correlation_id);
+            put_str(out, topic);
+            out.extend_from_slice(&partitions.to_le_bytes());
+        }
+        Request::DeleteTopic { topic } => {
+            start = begin(out, kind::DELETE_TOPIC, correlation_id);
+            put_str(out, topic);
+        }
+        Request::OffsetForTime { topic, partition, timestamp_ms } => {
+            start = begin(out, kind::OFFSET_FOR_TIME, correlation_id);
+            put_str(out, topic);
+            out.extend_from_slice(&partition.to_le_bytes());
+            out.extend_from_slice(&timestamp_ms.to_le_bytes());
+        }
+    }
+    end(out, start);
+}
+
+/// Appends a whole response frame to `out`.
+pub fn encode_response(correlation_id: u32, response: &Response<'_>, out: &mut Vec<u8>) {
+    let start;
+    match response {
+        Response::HelloOk { version, max_frame_bytes, server_name } => {
+            start = begin(out, kind::HELLO_OK, correlation_id);
+            out.extend_from_slice(&version.to_le_bytes());
+            out.extend_from_slice(&max_frame_bytes.to_le_bytes());
+            put_str(out, server_name);
+        }
+        Response::ProduceOk(acks) => {
+            start = begin(out, kind::PRODUCE_OK, correlation_id);
+            out.extend_from_slice(&(acks.len().min(u16::MAX as usize) as u16).to_le_bytes());
+            for a in acks.iter().take(u16::MAX as usize) {
+                out.extend_from_slice(&a.partition.to_le_bytes());
+                out.extend_from_slice(&a.first_offset.to_le_bytes());
+                out.extend_from_slice(&a.record_count.to_le_bytes());
+            }
+        }
+        Response::FetchOk { log_start_offset, log_end_offset, batches } => {
+            start = begin(out, kind::FETCH_OK, correlation_id);
+            out.extend_from_slice(&log_start_offset.to_le_bytes());
+            out.extend_from_slice(&log_end_offset.to_le_bytes());
+            out.extend_from_slice(&(batches.len() as u32).to_le_bytes());
+            out.extend_from_slice(batches);
+        }
+        Response::Topics(topics) => {
+            start = begin(out, kind::TOPICS, correlation_id);
+            out.extend_from_slice(&(topics.len() as u32).to_le_bytes());
+            for t in topics {
+                put_str(out, &t.name);
+                out.extend_from_slice(&(t.partitions.len() as u32).to_le_bytes());
+                for p in &t.partitions {
+                    out.extend_from_slice(&p.start_offset.to_le_bytes());
+                    out.extend_from_slice(&p.end_offset.to_le_bytes());
+                    out.extend_from_slice(&p.size_bytes.to_le_bytes());
+                }
+            }
+        }
+        Response::Created => start = begin(out, kind::CREATED, correlation_id),
+        Response::Deleted => start = begin(out, kind::DELETED, correlation_id),
+        Response::Offset(o) => {
+            start = begin(out, kind::OFFSET, correlation_id);
+            out.extend_from_slice(&o.to_le_bytes());
+        }
+        Response::Error { code, message } => {
+            start = begin(out, kind::ERROR, correlation_id);
+            out.extend_from_slice(&code.code().to_le_bytes());
+            put_str(out, message);
+        }
+    }
+    end(out, start);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn topic() -> impl Strategy<Value = String> {
+        "[a-z0-9._-]{1,40}"
+    }
+
+    fn request() -> impl Strategy<Value = (String, u64, u64, Vec<u8>, u32, u16, u16, i64)> {
+        (
+            topic(),
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..200),
+            any::<u32>(),
+            any::<u16>(),
+            any::<u16>(),
+            any::<i64>(),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip((t, a, b, bytes, n, v1, v2, ts) in request(), corr in any::<u32>()) {
+            let requests = vec![
+                Request::Hello { min_version: v1, max_version: v2, client_name: &t },
+                Request::Produce { topic: &t, producer_id: a, sequence: b, batch: &bytes },
+                Request::Fetch { topic: &t, partition: n, offset: a, max_bytes: n, max_wait_ms: n / 2 },
+                Request::ListTopics,
+                Request::CreateTopic { topic: &t, partitions: n },
+                Request::DeleteTopic { topic: &t },
+                Request::OffsetForTime { topic: &t, partition: n, timestamp_ms: ts },
+            ];
+            let mut out = Vec::new();
+            for r in &requests {
+                encode_request(corr, r, &mut out);
+            }
+            let mut rest = &out[..];
+            for r in &requests {
+                let len = check_frame(rest, u32::MAX).unwrap().unwrap();
+                let (c, decoded) = decode_request(&rest[..len]).unwrap();
+                prop_assert_eq!(c, corr);
+                prop_assert_eq!(&decoded, r);
+                rest = &rest[len..];
+            }
+            prop_assert!(rest.is_empty());
+        }
+
+        #[test]
+        fn responses_round_trip((t, a, b, bytes, n, v1, _v2, _ts) in request(), corr in any::<u32>(), code in 1u16..=12) {
+            let topics = vec![TopicInfo { name: t.clone(), partitions: vec![PartitionInfo { start_offset: a, end_offset: b, size_bytes: u64::from(n) }; (n % 4) as usize] }];
+            let responses = vec![
+                Response::HelloOk { version: v1, max_frame_bytes: n, server_name: &t },
+                Response::ProduceOk(vec![PartitionAck { partition: n, first_offset: a, record_count: n / 3 }; (n % 5) as usize]),
+                Response::FetchOk { log_start_offset: a, log_end_offset: b, batches: &bytes },
+                Response::Topics(topics),
+                Response::Created,
+                Response::Deleted,
+                Response::Offset(a),
+                Response::Error { code: ErrorCode::from_code(code).unwrap(), message: &t },
+            ];
+            for r in &responses {
+                let mut out = Vec::new();
+                encode_response(corr, r, &mut out);
+                let (c, decoded) = decode_response(&out).unwrap();
+                prop_assert_eq!(c, corr);
+                prop_assert_eq!(&decoded, r);
+            }
+        }
+
+        #[test]
+        fn decoders_never_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = check_frame(&bytes, 1 << 20);
+            let _ = decode_request(&bytes);
+            let _ = decode_response(&bytes);
+        }
+
+        #[test]
+        fn decoders_never_panic_behind_a_valid_prefix(kind in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut frame = ((body.len() + 6) as u32).to_le_bytes().to_vec();
+            frame.push(kind);
+            frame.push(0);
+            frame.extend_from_slice(&7u32.to_le_bytes());
+            frame.extend_from_slice(&body);
+            prop_assert_eq!(check_frame(&frame, 1 << 20).unwrap(), Some(frame.len()));
+            let _ = decode_request(&frame);
+            let _ = decode_response(&frame);
+        }
+    }
+
+    #[test]
+    fn lengths_are_checked_before_anything_else() {
+        assert_eq!(check_frame(&[], 100), Ok(None));
+        assert_eq!(check_frame(&[1, 0], 100), Ok(None));
+        assert!(matches!(check_frame(&u32::MAX.to_le_bytes(), 1 << 24), Err(ProtocolError::FrameTooLarge { .. })));
+        assert!(matches!(check_frame(&5u32.to_le_bytes(), 100), Err(ProtocolError::FrameTooSmall(5))));
+        assert_eq!(check_frame(&[20, 0, 0, 0, 1], 100), Ok(None));
+    }
+
+    #[test]
+    fn bad_frames_are_named() {
+        let mut out = Vec::new();
+        encode_request(1, &Request::Hello { min_version: 1, max_version: 1, client_name: "x" }, &mut out);
+        let mut bad_magic = out.clone();
+        bad_magic[10] = b'X';
+        assert_eq!(decode_request(&bad_magic), Err(ProtocolError::BadMagic));
+        let mut trailing = out.clone();
+        trailing[0] += 1;
+        trailing.push(0);
+        assert_eq!(decode_request(&trailing), Err(ProtocolError::TrailingBytes(1)));
+        assert!(matches!(decode_request(&out[..out.len() - 1]), Err(ProtocolError::Truncated(_))));
+        let mut unknown = out.clone();
+        unknown[4] = 0x42;
+        assert_eq!(decode_request(&unknown), Err(ProtocolError::UnknownKind(0x42)));
+        let mut bad_utf8 = Vec::new();
+        encode_request(1, &Request::DeleteTopic { topic: "ab" }, &mut bad_utf8);
+        let n = bad_utf8.len();
+        bad_utf8[n - 1] = 0xff;
+        assert_eq!(decode_request(&bad_utf8), Err(ProtocolError::BadUtf8("topic")));
+    }
+}

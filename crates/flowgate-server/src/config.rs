@@ -1,0 +1,290 @@
+//! The engine's configuration: TOML, an embedded default, `FLOWGATE_*` overrides, and
+//! errors that name the bad key and line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use flowgate_core::Codec;
+use flowgate_log::LogConfig;
+use serde::{Deserialize, Serialize};
+
+/// The embedded default configuration.
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+
+/// The prefix of environment overrides.
+pub const ENV_PREFIX: &str = "FLOWGATE_";
+
+/// The whole configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Process-wide settings.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Storage settings.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Listener settings.
+    #[serde(default)]
+    pub ingest: IngestConfig,
+}
+
+/// `[server]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Where the log lives.
+    pub data_dir: PathBuf,
+    /// How long connections may drain at shutdown.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { data_dir: PathBuf::from("./flowgate-data"), shutdown_grace_secs: 10 }
+    }
+}
+
+/// `[ingest]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Binary protocol listener.
+    pub binary_addr: SocketAddr,
+    /// HTTP API listener.
+    pub http_addr: SocketAddr,
+    /// NDJSON listener.
+    pub ndjson_addr: SocketAddr,
+    /// Topic NDJSON lines go to.
+    pub ndjson_topic: String,
+    /// Largest binary protocol frame.
+    pub max_frame_bytes: u32,
+    /// Longest NDJSON line.
+    pub max_line_bytes: usize,
+    /// Largest HTTP request body.
+    pub max_http_body_bytes: usize,
+    /// Open connections across all listeners.
+    pub max_connections: usize,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// Memory all connections may hold in ingest buffers together.
+    pub max_buffered_bytes: usize,
+    /// Compression of batches the server builds (NDJSON, HTTP).
+    pub compression: Codec,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            binary_addr: "127.0.0.1:7070".parse().expect("valid"),
+            http_addr: "127.0.0.1:7071".parse().expect("valid"),
+            ndjson_addr: "127.0.0.1:7072".parse().expect("valid"),
+            ndjson_topic: "events".into(),
+            max_frame_bytes: 16 << 20,
+            max_line_bytes: 1 << 20,
+            max_http_body_bytes: 16 << 20,
+            max_connections: 1024,
+            idle_timeout_secs: 300,
+            max_buffered_bytes: 256 << 20,
+            compression: Codec::None,
+        }
+    }
+}
+
+/// A configuration that cannot be used; the message names the key and, for syntax and
+/// type errors, the line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key, or a wrong type.
+    #[error("{origin}: {message}")]
+    Parse {
+        /// The file or environment variable.
+        origin: String,
+        /// What is wrong, with key and line.
+        message: String,
+    },
+    /// A value that parses but cannot work.
+    #[error("{origin}: key `{key}`: {message}")]
+    Invalid {
+        /// The file.
+        origin: String,
+        /// The bad key.
+        key: String,
+        /// Why.
+        message: String,
+    },
+}
+
+fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: ")
+        }
+        None => String::new(),
+    }
+}
+
+impl Config {
+    /// The embedded default.
+    pub fn embedded_default() -> Config {
+        Config::parse(DEFAULT_CONFIG, "embedded default").expect("the embedded default config is valid")
+    }
+
+    /// Reads a file, applies `FLOWGATE_*` overrides from the process environment, validates.
+    pub fn load(path: Option<&std::path::Path>) -> Result<Config, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.into(), source })?,
+                p.display().to_string(),
+            ),
+            None => (DEFAULT_CONFIG.to_owned(), "embedded default".to_owned()),
+        };
+        Config::parse_with_env(&text, &origin, std::env::vars())
+    }
+
+    /// Parses TOML text and validates it (no environment).
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        Config::parse_with_env(text, origin, std::iter::empty())
+    }
+
+    /// Parses TOML text, applies overrides from `env` (pairs of name and value; only
+    /// names starting with `FLOWGATE_` and holding `__` count), and validates.
+    pub fn parse_with_env(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        // Parse as a document first: syntax errors then carry their line.
+        let mut table: toml::Table = text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: format!("{}{}", line_of(text, e.span()), e.message()),
+        })?;
+        let mut overridden = Vec::new();
+        for (name, value) in env {
+            let Some(path) = name.strip_prefix(ENV_PREFIX) else { continue };
+            let Some((section, key)) = path.split_once("__") else { continue };
+            let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+            // A value that reads as a TOML literal (number, boolean) is one; else a string.
+            let parsed = format!("v = {value}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(value.clone()));
+            let entry = table.entry(section.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
+            match entry {
+                toml::Value::Table(t) => {
+                    t.insert(key.clone(), parsed);
+                }
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        origin: name,
+                        key: section,
+                        message: "is not a section".into(),
+                    })
+                }
+            }
+            overridden.push(format!("{section}.{key}"));
+        }
+        let config: Config = if overridden.is_empty() {
+            // Deserializing from the text keeps spans, so errors name the line.
+            toml::from_str(text).map_err(|e| ConfigError::Parse {
+                origin: origin.to_owned(),
+                message: format!("{}{}", line_of(text, e.span()), e.message()),
+            })?
+        } else {
+            Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
+                origin: format!("{origin} with environment overrides of {}", overridden.join(", ")),
+                message: e.message().to_owned(),
+            })?
+        };
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: &str| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            key: key.to_owned(),
+            message: message.to_owned(),
+        };
+        if self.log.segment_bytes < 1024 {
+            return Err(bad("log.segment_bytes", "must be at least 1024"));
+        }
+        if self.log.segment_bytes > u64::from(u32::MAX) {
+            return Err(bad("log.segment_bytes", "must be below 4 GiB (index positions are 32-bit)"));
+        }
+        if self.log.default_partitions == 0 {
+            return Err(bad("log.default_partitions", "must be at least 1"));
+        }
+        if self.ingest.max_frame_bytes < 1024 {
+            return Err(bad("ingest.max_frame_bytes", "must be at least 1024"));
+        }
+        if self.ingest.max_line_bytes == 0 {
+            return Err(bad("ingest.max_line_bytes", "must be at least 1"));
+        }
+        if self.ingest.max_connections == 0 {
+            return Err(bad("ingest.max_connections", "must be at least 1"));
+        }
+        if self.ingest.max_buffered_bytes < self.ingest.max_frame_bytes as usize {
+            return Err(bad("ingest.max_buffered_bytes", "must be at least ingest.max_frame_bytes"));
+        }
+        if flowgate_log::validate_topic_name(&self.ingest.ndjson_topic).is_err() {
+            return Err(bad("ingest.ndjson_topic", "is not a valid topic name"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid_and_matches_the_contract() {
+        let c = Config::embedded_default();
+        assert_eq!(c.ingest.binary_addr.to_string(), "127.0.0.1:7070");
+        assert_eq!(c.ingest.http_addr.to_string(), "127.0.0.1:7071");
+        assert_eq!(c.ingest.ndjson_addr.to_string(), "127.0.0.1:7072");
+        assert_eq!(c.server.data_dir, PathBuf::from("./flowgate-data"));
+        assert_eq!(c.log.fsync, flowgate_log::FsyncPolicy::Interval);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_line() {
+        let err = Config::parse("[log]\nfsync = \"always\"\nsegmnt_bytes = 5\n", "f.toml").unwrap_err().to_string();
+        assert!(err.contains("segmnt_bytes") && err.contains("line 3"), "{err}");
+        let err = Config::parse("[log]\nfsync = \"sometimes\"\n", "f.toml").unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("sometimes"), "{err}");
+        let err = Config::parse("[log]\nsegment_bytes = 10\n", "f.toml").unwrap_err().to_string();
+        assert!(err.contains("log.segment_bytes"), "{err}");
+        let err = Config::parse("[log\n", "f.toml").unwrap_err().to_string();
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_keys() {
+        let env = vec![
+            ("FLOWGATE_LOG__FSYNC".to_owned(), "always".to_owned()),
+            ("FLOWGATE_LOG__DEFAULT_PARTITIONS".to_owned(), "4".to_owned()),
+            ("FLOWGATE_SERVER__DATA_DIR".to_owned(), "/tmp/x".to_owned()),
+            ("UNRELATED".to_owned(), "1".to_owned()),
+        ];
+        let c = Config::parse_with_env(DEFAULT_CONFIG, "default", env).unwrap();
+        assert_eq!(c.log.fsync, flowgate_log::FsyncPolicy::Always);
+        assert_eq!(c.log.default_partitions, 4);
+        assert_eq!(c.server.data_dir, PathBuf::from("/tmp/x"));
+        let env = vec![("FLOWGATE_LOG__NO_SUCH_KEY".to_owned(), "1".to_owned())];
+        let err = Config::parse_with_env(DEFAULT_CONFIG, "default", env).unwrap_err().to_string();
+        assert!(err.contains("no_such_key") && err.contains("log.no_such_key"), "{err}");
+    }
+}

@@ -1,0 +1,210 @@
+//! The engine's Prometheus metrics (prefix `flowgate_`).
+//!
+//! Hot paths never build label sets per event: a connection resolves its counters once
+//! per topic ([`TopicCounters`]) and bumps them once per batch.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flowgate_log::Log;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// The ingest path an event came in by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IngestPath {
+    /// Binary TCP protocol.
+    Binary,
+    /// NDJSON over TCP.
+    Ndjson,
+    /// HTTP API.
+    Http,
+}
+
+impl IngestPath {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IngestPath::Binary => "binary",
+            IngestPath::Ndjson => "ndjson",
+            IngestPath::Http => "http",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicPathLabels {
+    topic: String,
+    path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectLabels {
+    path: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabels {
+    path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicLabels {
+    topic: String,
+}
+
+/// All metrics of one engine.
+pub struct Metrics {
+    registry: Registry,
+    events: Family<TopicPathLabels, Counter>,
+    bytes: Family<TopicPathLabels, Counter>,
+    rejected: Family<RejectLabels, Counter>,
+    connections: Family<PathLabels, Gauge>,
+    connections_total: Family<PathLabels, Counter>,
+    append_seconds: Histogram,
+    fsync_seconds: Histogram,
+    batch_events: Histogram,
+    log_size: Family<TopicLabels, Gauge>,
+    log_end_offset: Family<TopicLabels, Gauge>,
+    buffered_bytes: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// Counters of one (topic, path), resolved once and bumped per batch.
+#[derive(Clone, Debug)]
+pub struct TopicCounters {
+    events: Counter,
+    bytes: Counter,
+}
+
+impl TopicCounters {
+    /// Counts an accepted batch.
+    #[inline]
+    pub fn accepted(&self, events: u64, bytes: u64) {
+        self.events.inc_by(events);
+        self.bytes.inc_by(bytes);
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::default();
+        let events = Family::<TopicPathLabels, Counter>::default();
+        registry.register("flowgate_ingest_events", "Events accepted into the log", events.clone());
+        let bytes = Family::<TopicPathLabels, Counter>::default();
+        registry.register("flowgate_ingest_bytes", "Payload bytes accepted into the log", bytes.clone());
+        let rejected = Family::<RejectLabels, Counter>::default();
+        registry.register("flowgate_ingest_rejected", "Input refused, by path and reason", rejected.clone());
+        let connections = Family::<PathLabels, Gauge>::default();
+        registry.register("flowgate_connections", "Open client connections", connections.clone());
+        let connections_total = Family::<PathLabels, Counter>::default();
+        registry.register("flowgate_connections_accepted", "Client connections accepted", connections_total.clone());
+        let append_seconds = Histogram::new(exponential_buckets(0.000_005, 2.0, 20));
+        registry.register("flowgate_append_duration_seconds", "Time to write one batch to the log", append_seconds.clone());
+        let fsync_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
+        registry.register("flowgate_fsync_duration_seconds", "Time of one fsync of a partition", fsync_seconds.clone());
+        let batch_events = Histogram::new(exponential_buckets(1.0, 2.0, 16));
+        registry.register("flowgate_append_batch_events", "Events per appended batch", batch_events.clone());
+        let log_size = Family::<TopicLabels, Gauge>::default();
+        registry.register("flowgate_log_size_bytes", "Bytes of segment files per topic", log_size.clone());
+        let log_end_offset = Family::<TopicLabels, Gauge>::default();
+        registry.register("flowgate_log_end_offset", "Sum over partitions of the next offset, per topic", log_end_offset.clone());
+        let buffered_bytes = Gauge::default();
+        registry.register("flowgate_ingest_buffered_bytes", "Bytes held in ingest buffers", buffered_bytes.clone());
+        Arc::new(Metrics {
+            registry,
+            events,
+            bytes,
+            rejected,
+            connections,
+            connections_total,
+            append_seconds,
+            fsync_seconds,
+            batch_events,
+            log_size,
+            log_end_offset,
+            buffered_bytes,
+        })
+    }
+
+    /// The counters of `topic` via `path`.
+    pub fn topic_counters(&self, topic: &str, path: IngestPath) -> TopicCounters {
+        let labels = TopicPathLabels { topic: topic.to_owned(), path: path.as_str().to_owned() };
+        TopicCounters { events: self.events.get_or_create(&labels).clone(), bytes: self.bytes.get_or_create(&labels).clone() }
+    }
+
+    /// Counts refused input.
+    pub fn rejected(&self, path: IngestPath, reason: &str, n: u64) {
+        self.rejected
+            .get_or_create(&RejectLabels { path: path.as_str().to_owned(), reason: reason.to_owned() })
+            .inc_by(n);
+    }
+
+    /// The number of rejections so far for (path, reason).
+    pub fn rejected_count(&self, path: IngestPath, reason: &str) -> u64 {
+        self.rejected
+            .get_or_create(&RejectLabels { path: path.as_str().to_owned(), reason: reason.to_owned() })
+            .get()
+    }
+
+    /// A connection opened; the guard counts it closed when dropped.
+    pub fn connection_opened(self: &Arc<Self>, path: IngestPath) -> ConnectionGuard {
+        let labels = PathLabels { path: path.as_str().to_owned() };
+        self.connections_total.get_or_create(&labels).inc();
+        let gauge = self.connections.get_or_create(&labels).clone();
+        gauge.inc();
+        ConnectionGuard { gauge }
+    }
+
+    /// Records one append.
+    #[inline]
+    pub fn append(&self, took: Duration, events: u32) {
+        self.append_seconds.observe(took.as_secs_f64());
+        self.batch_events.observe(f64::from(events));
+    }
+
+    /// Records one fsync.
+    pub fn fsync(&self, took: Duration) {
+        self.fsync_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Tracks bytes held in ingest buffers.
+    pub fn buffered_bytes(&self) -> &Gauge {
+        &self.buffered_bytes
+    }
+
+    /// Prometheus text exposition, with log sizes read fresh.
+    pub fn render(&self, log: &Log) -> String {
+        for topic in log.topic_infos() {
+            let labels = TopicLabels { topic: topic.name.clone() };
+            self.log_size.get_or_create(&labels).set(topic.partitions.iter().map(|p| p.size_bytes as i64).sum());
+            self.log_end_offset.get_or_create(&labels).set(topic.partitions.iter().map(|p| p.end_offset as i64).sum());
+        }
+        let mut out = String::with_capacity(8192);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Decrements the open-connections gauge when dropped.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    gauge: Gauge,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}

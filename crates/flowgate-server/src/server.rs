@@ -1,0 +1,174 @@
+//! Starting and stopping an engine: open the log, bind the listeners, run the
+//! background jobs, and on shutdown stop accepting, drain connections, fsync, close.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flowgate_log::{Log, LogObserver};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::ingest::Ingest;
+use crate::metrics::{IngestPath, Metrics};
+use crate::shared::{RateLimit, Shared};
+
+/// A running engine. Drop it or call [`Engine::shutdown`] to stop.
+#[derive(Debug)]
+pub struct Engine {
+    shared: Arc<Shared>,
+    /// Where the binary protocol listens.
+    pub binary_addr: SocketAddr,
+    /// Where the HTTP API listens.
+    pub http_addr: SocketAddr,
+    /// Where the NDJSON listener listens.
+    pub ndjson_addr: SocketAddr,
+    grace: Duration,
+    background: TaskTracker,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen for {what} on {addr}: {e}; is another flowgate running? change ingest.*_addr")
+    })
+}
+
+impl Engine {
+    /// Opens the log in `config.server.data_dir` and starts every listener. Port 0 in
+    /// an address picks a free port; the bound addresses are in the returned engine.
+    pub async fn start(config: Config) -> anyhow::Result<Engine> {
+        let metrics = Metrics::new();
+        let fsync_metrics = metrics.clone();
+        let observer = LogObserver { on_fsync: Some(Arc::new(move |d| fsync_metrics.fsync(d))) };
+        let data_dir = config.server.data_dir.clone();
+        let log_config = config.log.clone();
+        let log = tokio::task::spawn_blocking(move || Log::open_with(&data_dir, log_config, observer))
+            .await?
+            .map_err(|e| anyhow::anyhow!("cannot open the log in {}: {e}", config.server.data_dir.display()))?;
+        let ingest_config = config.ingest.clone();
+        let binary = bind(ingest_config.binary_addr, "the binary protocol").await?;
+        let http = bind(ingest_config.http_addr, "HTTP").await?;
+        let ndjson = bind(ingest_config.ndjson_addr, "NDJSON").await?;
+        let shared = Arc::new(Shared {
+            ingest: Ingest::new(log.clone(), metrics, ingest_config.compression),
+            connections: Arc::new(Semaphore::new(ingest_config.max_connections)),
+            buffer_budget: Arc::new(Semaphore::new(ingest_config.max_buffered_bytes.min(Semaphore::MAX_PERMITS))),
+            config: ingest_config,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            ready: false.into(),
+            started: Instant::now(),
+            bad_input_log: RateLimit::new(Duration::from_secs(1)),
+        });
+        let engine = Engine {
+            binary_addr: binary.local_addr()?,
+            http_addr: http.local_addr()?,
+            ndjson_addr: ndjson.local_addr()?,
+            grace: Duration::from_secs(config.server.shutdown_grace_secs),
+            shared: shared.clone(),
+            background: TaskTracker::new(),
+        };
+        engine.background.spawn(accept_loop(binary, shared.clone(), IngestPath::Binary));
+        engine.background.spawn(accept_loop(ndjson, shared.clone(), IngestPath::Ndjson));
+        let router = crate::http::router(shared.clone());
+        let http_shutdown = shared.shutdown.clone();
+        engine.background.spawn(async move {
+            let serve = axum::serve(http, router).with_graceful_shutdown(async move { http_shutdown.cancelled().await });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        engine.background.spawn(retention_loop(shared.clone()));
+        shared.ready.store(true, Ordering::Release);
+        tracing::info!(
+            binary = %engine.binary_addr, http = %engine.http_addr, ndjson = %engine.ndjson_addr,
+            data_dir = %config.server.data_dir.display(), fsync = ?config.log.fsync,
+            "flowgate is ready"
+        );
+        Ok(engine)
+    }
+
+    /// The log.
+    pub fn log(&self) -> &Log {
+        self.shared.ingest.log()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        self.shared.ingest.metrics()
+    }
+
+    /// Stops accepting, lets connections drain (up to the grace period), fsyncs and
+    /// closes the log.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        tracing::info!("shutting down: no new connections, draining");
+        self.shared.ready.store(false, Ordering::Release);
+        self.shared.shutdown.cancel();
+        self.background.close();
+        self.shared.tasks.close();
+        if tokio::time::timeout(self.grace, self.shared.tasks.wait()).await.is_err() {
+            tracing::warn!("connections did not drain within the grace period; closing them");
+        }
+        let _ = tokio::time::timeout(self.grace, self.background.wait()).await;
+        let log = self.shared.ingest.log().clone();
+        tokio::task::spawn_blocking(move || log.close()).await??;
+        tracing::info!("log closed cleanly");
+        Ok(())
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, path: IngestPath) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let stream: TcpStream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of file descriptors and similar: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
+            shared.ingest.metrics().rejected(path, "too_many_connections", 1);
+            if path == IngestPath::Binary {
+                shared.tasks.spawn(crate::binary::refuse(stream));
+            }
+            continue;
+        };
+        let shared2 = shared.clone();
+        shared.tasks.spawn(async move {
+            let _permit = permit;
+            let _open = shared2.ingest.metrics().connection_opened(path);
+            match path {
+                IngestPath::Binary => crate::binary::serve_connection(stream, shared2.clone()).await,
+                IngestPath::Ndjson => crate::ndjson::serve_connection(stream, shared2.clone()).await,
+                IngestPath::Http => {}
+            }
+        });
+    }
+}
+
+async fn retention_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        let log = shared.ingest.log().clone();
+        match tokio::task::spawn_blocking(move || log.enforce_retention()).await {
+            Ok(Ok((0, _))) => {}
+            Ok(Ok((n, bytes))) => tracing::info!(segments = n, bytes, "retention deleted old segments"),
+            Ok(Err(e)) => tracing::error!(error = %e, "retention failed"),
+            Err(e) => tracing::error!(error = %e, "retention task panicked"),
+        }
+    }
+}

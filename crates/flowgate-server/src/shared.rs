@@ -1,0 +1,87 @@
+//! State shared by every listener of one engine.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::IngestConfig;
+use crate::ingest::Ingest;
+
+/// Everything a connection handler needs.
+#[derive(Debug)]
+pub struct Shared {
+    /// The append path.
+    pub ingest: Ingest,
+    /// Listener settings.
+    pub config: IngestConfig,
+    /// One permit per open connection, across listeners.
+    pub connections: Arc<Semaphore>,
+    /// One permit per byte of ingest buffer beyond each connection's small base buffer.
+    pub buffer_budget: Arc<Semaphore>,
+    /// Cancelled when the engine begins shutting down.
+    pub shutdown: CancellationToken,
+    /// Connection tasks, so shutdown can wait for them to drain.
+    pub tasks: TaskTracker,
+    /// False while starting and once shutting down.
+    pub ready: AtomicBool,
+    /// When the engine started.
+    pub started: Instant,
+    /// Rate limit for logging bad client input.
+    pub bad_input_log: RateLimit,
+}
+
+impl Shared {
+    /// The idle timeout.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.idle_timeout_secs.max(1))
+    }
+
+    /// True when serving.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+/// Lets a message through at most once per period and counts the rest, so a flood of
+/// bad input cannot flood the log.
+#[derive(Debug)]
+pub struct RateLimit {
+    period: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RateLimit {
+    /// At most one message per `period`.
+    pub fn new(period: Duration) -> RateLimit {
+        RateLimit { period, state: Mutex::new((None, 0)) }
+    }
+
+    /// `Some(suppressed since the last one)` when a message may be logged now.
+    pub fn allow(&self) -> Option<u64> {
+        let mut state = self.state.lock();
+        let now = Instant::now();
+        match state.0 {
+            Some(last) if now.duration_since(last) < self.period => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                let suppressed = state.1;
+                *state = (Some(now), 0);
+                Some(suppressed)
+            }
+        }
+    }
+}
+
+/// Logs a warning about bad client input, rate-limited.
+pub fn warn_bad_input(shared: &Arc<Shared>, path: &str, peer: &str, what: &str) {
+    if let Some(suppressed) = shared.bad_input_log.allow() {
+        tracing::warn!(path, peer, suppressed, "rejected input: {what}");
+    }
+}
