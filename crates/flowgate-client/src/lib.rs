@@ -1,1 +1,19 @@
-//! placeholder
+//! An async Rust client for flowgate's binary protocol (`docs/protocol.md`).
+//!
+//! - [`Client`]: one connection, many requests in flight, cheap to clone. Produce
+//!   pre-encoded batches, fetch, manage topics.
+//! - [`Producer`]: events in, batches out: batching by count, bytes and linger,
+//!   a window of requests in flight, and retries that resend the same producer id and
+//!   sequence so the server stores a retried batch once.
+//! - [`ClientError`]: what went wrong and what to do.
+
+#![warn(missing_docs)]
+
+mod connection;
+mod error;
+mod producer;
+
+pub use connection::{Client, FetchResult};
+pub use error::ClientError;
+pub use flowgate_protocol::{ErrorCode, PartitionAck, PartitionInfo, TopicInfo};
+pub use producer::{Producer, ProducerConfig};

@@ -30,7 +30,9 @@ pub struct Flusher {
 
 impl std::fmt::Debug for Flusher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Flusher").field("pending", &self.pending.lock().len()).finish()
+        f.debug_struct("Flusher")
+            .field("pending", &self.pending.lock().len())
+            .finish()
     }
 }
 
@@ -72,7 +74,9 @@ impl Flusher {
                     hook(started.elapsed());
                 }
             }
-            Err(e) => tracing::error!(error = %e, "fsync failed; the partition refuses appends until restart"),
+            Err(e) => {
+                tracing::error!(error = %e, "fsync failed; the partition refuses appends until restart")
+            }
         }
     }
 

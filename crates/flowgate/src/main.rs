@@ -1,1 +1,91 @@
-fn main() {}
+//! The `flowgate` command: the engine and the tools that talk to it.
+
+mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// flowgate: a single-binary, high-performance event processing engine.
+#[derive(Parser)]
+#[command(name = "flowgate", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the engine (the embedded default config without --config).
+    Run(commands::run::Args),
+    /// Send NDJSON lines (from FILE or stdin) as events; print how many were acknowledged.
+    Send(commands::send::Args),
+    /// Read events from the log, one JSON payload per line.
+    Tail(commands::tail::Args),
+    /// Load generator: throughput and ack latency percentiles.
+    Bench(commands::bench::Args),
+    /// Check a config file; name the bad key and line.
+    Validate {
+        /// The config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Manage topics.
+    Topics {
+        #[command(subcommand)]
+        command: commands::topics::Command,
+    },
+    /// Inspect the log on disk.
+    Log {
+        #[command(subcommand)]
+        command: LogCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// Verify every segment; report corrupt ranges; exit non-zero on corruption.
+    Check {
+        /// The data directory.
+        #[arg(long, default_value = "./flowgate-data")]
+        data_dir: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Run(args) => commands::run::run(args),
+        Command::Send(args) => commands::send::run(args),
+        Command::Tail(args) => commands::tail::run(args),
+        Command::Bench(args) => commands::bench::run(args),
+        Command::Validate { config } => commands::validate::run(&config),
+        Command::Topics { command } => commands::topics::run(command),
+        Command::Log {
+            command: LogCommand::Check { data_dir, json },
+        } => commands::log_check::run(&data_dir, json),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

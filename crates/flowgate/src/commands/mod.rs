@@ -1,0 +1,19 @@
+//! One module per subcommand.
+
+pub mod bench;
+pub mod log_check;
+pub mod run;
+pub mod send;
+pub mod tail;
+pub mod topics;
+pub mod validate;
+
+/// A multi-threaded runtime for commands that talk to an engine.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// The default engine address for client commands.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:7070";

@@ -1,0 +1,178 @@
+//! `flowgate tail`: read events from the log, one JSON payload per line.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use flowgate_client::Client;
+use flowgate_core::BatchView;
+
+/// Arguments of `flowgate tail`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Topic to read.
+    #[arg(long)]
+    topic: String,
+    /// Where to start: earliest, latest, an offset, or a time (RFC 3339 such as
+    /// 2026-11-24T10:00:00Z, or ms since the epoch prefixed with @).
+    #[arg(long, default_value = "earliest")]
+    from: String,
+    /// Keep waiting for new events.
+    #[arg(long)]
+    follow: bool,
+    /// Partition to read; all partitions when omitted.
+    #[arg(long)]
+    partition: Option<u32>,
+    /// Stop after this many events.
+    #[arg(long)]
+    limit: Option<u64>,
+    /// Engine address (binary protocol).
+    #[arg(long, default_value = super::DEFAULT_ADDR)]
+    addr: String,
+}
+
+/// Parses `2026-11-24T10:00:00Z` (UTC, optional fraction) into ms since the epoch.
+pub fn parse_rfc3339_utc(s: &str) -> Option<i64> {
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.split(':').map(|p| p.parse::<i64>());
+    let (h, min, sec) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || sec > 60 {
+        return None;
+    }
+    let ms_frac: i64 = format!("{frac:0<3}")[..3].parse().ok()?;
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 24 + h) * 60 + min) * 60_000 + sec * 1000 + ms_frac)
+}
+
+enum Start {
+    Earliest,
+    Latest,
+    Offset(u64),
+    Time(i64),
+}
+
+fn parse_start(s: &str) -> anyhow::Result<Start> {
+    Ok(match s {
+        "earliest" => Start::Earliest,
+        "latest" => Start::Latest,
+        _ if s.starts_with('@') => Start::Time(s[1..].parse().map_err(|_| anyhow::anyhow!("bad --from time {s}"))?),
+        _ => match s.parse::<u64>() {
+            Ok(o) => Start::Offset(o),
+            Err(_) => Start::Time(parse_rfc3339_utc(s).ok_or_else(|| {
+                anyhow::anyhow!("--from must be earliest, latest, an offset, @<ms> or a UTC time like 2026-11-24T10:00:00Z")
+            })?),
+        },
+    })
+}
+
+/// Prints events until the end of the log (or forever with --follow).
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let start = parse_start(&args.from)?;
+    super::runtime()?.block_on(async move {
+        let client = Client::connect(&args.addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", args.addr))?;
+        let topics = client.list_topics().await?;
+        let Some(info) = topics.iter().find(|t| t.name == args.topic) else {
+            anyhow::bail!("topic '{}' does not exist", args.topic);
+        };
+        let partitions: Vec<u32> = match args.partition {
+            Some(p) => vec![p],
+            None => (0..info.partitions.len() as u32).collect(),
+        };
+        let mut offsets = Vec::new();
+        for &p in &partitions {
+            let pi = info
+                .partitions
+                .get(p as usize)
+                .ok_or_else(|| anyhow::anyhow!("topic '{}' has no partition {p}", args.topic))?;
+            offsets.push(match start {
+                Start::Earliest => pi.start_offset,
+                Start::Latest => pi.end_offset,
+                Start::Offset(o) => o.max(pi.start_offset),
+                Start::Time(ts) => client
+                    .offset_for_time(&args.topic, p, ts)
+                    .await?
+                    .unwrap_or(pi.end_offset),
+            });
+        }
+        let stdout = std::io::stdout();
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        let mut printed = 0u64;
+        let mut scratch = Vec::new();
+        let limit = args.limit.unwrap_or(u64::MAX);
+        loop {
+            let mut progressed = false;
+            for (i, &p) in partitions.iter().enumerate() {
+                let wait = if args.follow && partitions.len() == 1 {
+                    500
+                } else {
+                    0
+                };
+                let fetched = client
+                    .fetch(&args.topic, p, offsets[i], 1 << 20, wait)
+                    .await?;
+                let mut rest = &fetched.batches[..];
+                while !rest.is_empty() {
+                    let (view, tail) = BatchView::parse(rest)?;
+                    for record in view.records(&mut scratch)? {
+                        let record = record?;
+                        let offset = view.base_offset() + u64::from(record.offset_delta);
+                        if offset < offsets[i] {
+                            continue;
+                        }
+                        out.write_all(record.payload)?;
+                        out.write_all(b"\n")?;
+                        offsets[i] = offset + 1;
+                        printed += 1;
+                        progressed = true;
+                        if printed >= limit {
+                            out.flush()?;
+                            return Ok(ExitCode::SUCCESS);
+                        }
+                    }
+                    rest = tail;
+                }
+            }
+            out.flush()?;
+            if !progressed {
+                if !args.follow {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                if partitions.len() > 1 {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rfc3339_utc;
+
+    #[test]
+    fn parses_utc_times() {
+        assert_eq!(parse_rfc3339_utc("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            parse_rfc3339_utc("2026-11-24T10:00:00.5Z"),
+            Some(1_795_514_400_500)
+        );
+        assert_eq!(
+            parse_rfc3339_utc("2000-03-01T00:00:01Z"),
+            Some(951_868_801_000)
+        );
+        assert_eq!(parse_rfc3339_utc("2026-13-01T00:00:00Z"), None);
+        assert_eq!(parse_rfc3339_utc("yesterday"), None);
+    }
+}
