@@ -10,8 +10,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use flowgate_protocol::{
-    check_frame, decode_response, encode_request, PartitionAck, Request, Response, TopicInfo,
-    VERSION,
+    check_frame, decode_response, encode_request, PartitionAck, Request, Response, TopicInfo, VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -69,25 +68,16 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("addr", &self.inner.addr)
-            .finish()
+        f.debug_struct("Client").field("addr", &self.inner.addr).finish()
     }
 }
 
 fn owned_reply(frame: Bytes) -> Result<(u32, Result<Reply, ClientError>), ClientError> {
-    let (correlation_id, response) =
-        decode_response(&frame).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let (correlation_id, response) = decode_response(&frame).map_err(|e| ClientError::Protocol(e.to_string()))?;
     let reply = match response {
-        Response::HelloOk {
-            max_frame_bytes, ..
-        } => Ok(Reply::HelloOk(max_frame_bytes)),
+        Response::HelloOk { max_frame_bytes, .. } => Ok(Reply::HelloOk(max_frame_bytes)),
         Response::ProduceOk(acks) => Ok(Reply::Produced(acks)),
-        Response::FetchOk {
-            log_start_offset,
-            log_end_offset,
-            batches,
-        } => {
+        Response::FetchOk { log_start_offset, log_end_offset, batches } => {
             let start = batches.as_ptr() as usize - frame.as_ptr() as usize;
             Ok(Reply::Fetched(FetchResult {
                 log_start_offset,
@@ -98,10 +88,7 @@ fn owned_reply(frame: Bytes) -> Result<(u32, Result<Reply, ClientError>), Client
         Response::Topics(t) => Ok(Reply::Topics(t)),
         Response::Created | Response::Deleted => Ok(Reply::Done),
         Response::Offset(o) => Ok(Reply::Offset(o)),
-        Response::Error { code, message } => Err(ClientError::Server {
-            code,
-            message: message.to_owned(),
-        }),
+        Response::Error { code, message } => Err(ClientError::Server { code, message: message.to_owned() }),
     };
     Ok((correlation_id, reply))
 }
@@ -109,10 +96,7 @@ fn owned_reply(frame: Bytes) -> Result<(u32, Result<Reply, ClientError>), Client
 impl Client {
     /// Connects and performs the handshake.
     pub async fn connect(addr: &str) -> Result<Client, ClientError> {
-        let io_err = |e: std::io::Error| ClientError::Io {
-            addr: addr.to_owned(),
-            message: e.to_string(),
-        };
+        let io_err = |e: std::io::Error| ClientError::Io { addr: addr.to_owned(), message: e.to_string() };
         let stream = TcpStream::connect(addr).await.map_err(io_err)?;
         stream.set_nodelay(true).map_err(io_err)?;
         let (mut read_half, mut write_half) = stream.into_split();
@@ -159,14 +143,11 @@ impl Client {
                             Ok(r) => r,
                             Err(e) => break e,
                         };
-                        let Some((expected, waiter)) = reader_pending.lock().await.pop_front()
-                        else {
+                        let Some((expected, waiter)) = reader_pending.lock().await.pop_front() else {
                             // An unsolicited reply: the server refusing the connection.
                             match reply {
                                 Err(e) => break e,
-                                Ok(_) => {
-                                    break ClientError::Protocol("reply without a request".into())
-                                }
+                                Ok(_) => break ClientError::Protocol("reply without a request".into()),
                             }
                         };
                         if expected != correlation_id {
@@ -186,12 +167,7 @@ impl Client {
                 match read_half.read_buf(&mut buf).await {
                     Ok(0) => break ClientError::Disconnected(reader_addr.clone()),
                     Ok(_) => {}
-                    Err(e) => {
-                        break ClientError::Io {
-                            addr: reader_addr.clone(),
-                            message: e.to_string(),
-                        }
-                    }
+                    Err(e) => break ClientError::Io { addr: reader_addr.clone(), message: e.to_string() },
                 }
             };
             reader_closed.store(true, Ordering::Release);
@@ -214,11 +190,7 @@ impl Client {
                 max_frame_bytes: AtomicU32::new(flowgate_protocol::DEFAULT_MAX_FRAME_BYTES),
             }),
         };
-        let hello = Request::Hello {
-            min_version: VERSION,
-            max_version: VERSION,
-            client_name: "flowgate-client",
-        };
+        let hello = Request::Hello { min_version: VERSION, max_version: VERSION, client_name: "flowgate-client" };
         match client.call(&hello).await? {
             Reply::HelloOk(max) => client.inner.max_frame_bytes.store(max, Ordering::Relaxed),
             _ => return Err(ClientError::Protocol("unexpected reply to HELLO".into())),
@@ -246,32 +218,16 @@ impl Client {
         if self.is_closed() {
             return Err(disconnected());
         }
-        let _slot = self
-            .inner
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| disconnected())?;
+        let _slot = self.inner.slots.acquire().await.map_err(|_| disconnected())?;
         let correlation_id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = Vec::new();
         encode_request(correlation_id, request, &mut frame);
         let max = self.max_frame_bytes();
         if frame.len() > max as usize + 4 {
-            return Err(ClientError::TooLarge {
-                size: frame.len(),
-                max,
-            });
+            return Err(ClientError::TooLarge { size: frame.len(), max });
         }
         let (waiter, reply) = oneshot::channel();
-        self.inner
-            .tx
-            .send(Outgoing {
-                frame,
-                correlation_id,
-                waiter,
-            })
-            .await
-            .map_err(|_| disconnected())?;
+        self.inner.tx.send(Outgoing { frame, correlation_id, waiter }).await.map_err(|_| disconnected())?;
         reply.await.map_err(|_| disconnected())?
     }
 
@@ -284,12 +240,8 @@ impl Client {
         batch: Bytes,
         stamp: flowgate_core::ProducerStamp,
     ) -> Result<Vec<PartitionAck>, ClientError> {
-        let request = Request::Produce {
-            topic,
-            producer_id: stamp.producer_id,
-            sequence: stamp.sequence,
-            batch: &batch,
-        };
+        let request =
+            Request::Produce { topic, producer_id: stamp.producer_id, sequence: stamp.sequence, batch: &batch };
         match self.call(&request).await? {
             Reply::Produced(acks) => Ok(acks),
             _ => Err(ClientError::Protocol("unexpected reply to PRODUCE".into())),
@@ -306,16 +258,7 @@ impl Client {
         max_bytes: u32,
         max_wait_ms: u32,
     ) -> Result<FetchResult, ClientError> {
-        match self
-            .call(&Request::Fetch {
-                topic,
-                partition,
-                offset,
-                max_bytes,
-                max_wait_ms,
-            })
-            .await?
-        {
+        match self.call(&Request::Fetch { topic, partition, offset, max_bytes, max_wait_ms }).await? {
             Reply::Fetched(f) => Ok(f),
             _ => Err(ClientError::Protocol("unexpected reply to FETCH".into())),
         }
@@ -325,17 +268,13 @@ impl Client {
     pub async fn list_topics(&self) -> Result<Vec<TopicInfo>, ClientError> {
         match self.call(&Request::ListTopics).await? {
             Reply::Topics(t) => Ok(t),
-            _ => Err(ClientError::Protocol(
-                "unexpected reply to LIST_TOPICS".into(),
-            )),
+            _ => Err(ClientError::Protocol("unexpected reply to LIST_TOPICS".into())),
         }
     }
 
     /// Creates a topic.
     pub async fn create_topic(&self, topic: &str, partitions: u32) -> Result<(), ClientError> {
-        self.call(&Request::CreateTopic { topic, partitions })
-            .await
-            .map(|_| ())
+        self.call(&Request::CreateTopic { topic, partitions }).await.map(|_| ())
     }
 
     /// Deletes a topic and its data.
@@ -350,19 +289,10 @@ impl Client {
         partition: u32,
         timestamp_ms: i64,
     ) -> Result<Option<u64>, ClientError> {
-        match self
-            .call(&Request::OffsetForTime {
-                topic,
-                partition,
-                timestamp_ms,
-            })
-            .await?
-        {
+        match self.call(&Request::OffsetForTime { topic, partition, timestamp_ms }).await? {
             Reply::Offset(u64::MAX) => Ok(None),
             Reply::Offset(o) => Ok(Some(o)),
-            _ => Err(ClientError::Protocol(
-                "unexpected reply to OFFSET_FOR_TIME".into(),
-            )),
+            _ => Err(ClientError::Protocol("unexpected reply to OFFSET_FOR_TIME".into())),
         }
     }
 }

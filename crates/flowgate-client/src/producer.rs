@@ -77,29 +77,17 @@ pub struct Producer {
 fn random_producer_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
     h.write_u32(std::process::id());
     h.finish().max(1)
 }
 
 impl Producer {
     /// Connects to `addr` and produces to `topic`.
-    pub async fn new(
-        addr: &str,
-        topic: &str,
-        config: ProducerConfig,
-    ) -> Result<Producer, ClientError> {
+    pub async fn new(addr: &str, topic: &str, config: ProducerConfig) -> Result<Producer, ClientError> {
         let client = Client::connect(addr).await?;
         Ok(Producer {
-            client: Arc::new(SharedClient {
-                addr: addr.to_owned(),
-                current: Mutex::new(client),
-            }),
+            client: Arc::new(SharedClient { addr: addr.to_owned(), current: Mutex::new(client) }),
             topic: topic.into(),
             builder: BatchBuilder::with_capacity(config.max_batch_bytes.min(4 << 20)),
             config,
@@ -125,8 +113,7 @@ impl Producer {
     /// first error of an earlier batch that could not be delivered.
     pub async fn send(&mut self, event: &Event) -> Result<(), ClientError> {
         self.reap_finished()?;
-        self.builder
-            .push_event(event, flowgate_core::time::now_ms());
+        self.builder.push_event(event, flowgate_core::time::now_ms());
         let started = *self.batch_started.get_or_insert_with(Instant::now);
         if self.builder.len() >= self.config.max_batch_events
             || self.builder.records_len() >= self.config.max_batch_bytes
@@ -149,15 +136,9 @@ impl Producer {
             return Ok(());
         }
         self.batch_started = None;
-        let stamp = ProducerStamp {
-            producer_id: self.producer_id,
-            sequence: self.next_sequence,
-        };
+        let stamp = ProducerStamp { producer_id: self.producer_id, sequence: self.next_sequence };
         self.next_sequence += 1;
-        let batch = self
-            .builder
-            .finish(self.config.codec, stamp)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let batch = self.builder.finish(self.config.codec, stamp).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let count = u64::from(batch.record_count);
         let bytes = Bytes::from(batch.bytes);
         while self.in_flight.len() >= self.config.max_in_flight.max(1) {
@@ -198,9 +179,7 @@ impl Producer {
         self.ship().await?;
         let mut first_error = None;
         while let Some(done) = self.in_flight.join_next().await {
-            let result = done
-                .map_err(|e| ClientError::Protocol(format!("send task failed: {e}")))
-                .and_then(|r| r);
+            let result = done.map_err(|e| ClientError::Protocol(format!("send task failed: {e}"))).and_then(|r| r);
             if let Err(e) = result {
                 first_error.get_or_insert(e);
             }

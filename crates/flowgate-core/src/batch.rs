@@ -165,10 +165,7 @@ impl BatchHeader {
     /// Parses the fixed header and checks that the stated length is plausible.
     pub fn parse(buf: &[u8]) -> Result<BatchHeader, BatchError> {
         if buf.len() < HEADER_LEN {
-            return Err(BatchError::Truncated {
-                need: HEADER_LEN,
-                have: buf.len(),
-            });
+            return Err(BatchError::Truncated { need: HEADER_LEN, have: buf.len() });
         }
         let header = BatchHeader {
             base_offset: u64_at(buf, 0),
@@ -179,10 +176,7 @@ impl BatchHeader {
             record_count: u32_at(buf, 19),
             first_timestamp: u64_at(buf, 23) as i64,
             max_timestamp: u64_at(buf, 31) as i64,
-            producer: ProducerStamp {
-                producer_id: u64_at(buf, 39),
-                sequence: u64_at(buf, 47),
-            },
+            producer: ProducerStamp { producer_id: u64_at(buf, 39), sequence: u64_at(buf, 47) },
             records_length: u32_at(buf, 55),
         };
         if header.magic != MAGIC {
@@ -208,8 +202,7 @@ impl BatchHeader {
         if self.attributes & !0b111 != 0 {
             return Err(BatchError::BadAttributes(self.attributes));
         }
-        Codec::from_id((self.attributes & 0b111) as u8)
-            .ok_or(BatchError::BadAttributes(self.attributes))
+        Codec::from_id((self.attributes & 0b111) as u8).ok_or(BatchError::BadAttributes(self.attributes))
     }
 
     /// Offset of the last record.
@@ -268,10 +261,7 @@ impl BatchBuilder {
 
     /// An empty builder with room for `bytes` of records.
     pub fn with_capacity(bytes: usize) -> BatchBuilder {
-        BatchBuilder {
-            records: Vec::with_capacity(bytes),
-            ..BatchBuilder::default()
-        }
+        BatchBuilder { records: Vec::with_capacity(bytes), ..BatchBuilder::default() }
     }
 
     /// Records pushed so far.
@@ -328,10 +318,7 @@ impl BatchBuilder {
             attrs |= REC_HEADERS;
             body += varint::len_u64(header_count as u64);
             for (n, v) in headers.clone() {
-                body += varint::len_u64(n.len() as u64)
-                    + n.len()
-                    + varint::len_u64(v.len() as u64)
-                    + v.len();
+                body += varint::len_u64(n.len() as u64) + n.len() + varint::len_u64(v.len() as u64) + v.len();
             }
         }
         let out = &mut self.records;
@@ -366,28 +353,16 @@ impl BatchBuilder {
             event.timestamp.unwrap_or(default_timestamp),
             event.key.as_deref(),
             event.client_id.as_deref(),
-            event
-                .headers
-                .iter()
-                .map(|h| (h.name.as_str(), &h.value[..])),
+            event.headers.iter().map(|h| (h.name.as_str(), &h.value[..])),
             &event.payload,
         );
     }
 
     /// Appends a decoded record unchanged (timestamp included).
     pub fn push_record(&mut self, record: &RecordRef<'_>) {
-        let headers: Vec<(&str, &[u8])> = if record.header_count == 0 {
-            Vec::new()
-        } else {
-            record.headers().collect()
-        };
-        self.push(
-            record.timestamp,
-            record.key,
-            record.client_id,
-            headers.into_iter(),
-            record.payload,
-        );
+        let headers: Vec<(&str, &[u8])> =
+            if record.header_count == 0 { Vec::new() } else { record.headers().collect() };
+        self.push(record.timestamp, record.key, record.client_id, headers.into_iter(), record.payload);
     }
 
     /// Appends a record with only a payload.
@@ -414,9 +389,7 @@ impl BatchBuilder {
             Codec::None => out.extend_from_slice(&self.records),
             other => {
                 self.scratch.clear();
-                other
-                    .compress(&self.records, &mut self.scratch)
-                    .map_err(|e| BatchError::Decompress(e.to_string()))?;
+                other.compress(&self.records, &mut self.scratch).map_err(|e| BatchError::Decompress(e.to_string()))?;
                 out.extend_from_slice(&self.scratch);
             }
         }
@@ -444,11 +417,7 @@ impl BatchBuilder {
     }
 
     /// Encodes the pushed records into a new [`EncodedBatch`] and clears the builder.
-    pub fn finish(
-        &mut self,
-        codec: Codec,
-        producer: ProducerStamp,
-    ) -> Result<EncodedBatch, BatchError> {
+    pub fn finish(&mut self, codec: Codec, producer: ProducerStamp) -> Result<EncodedBatch, BatchError> {
         let mut bytes = Vec::new();
         let mut batch = self.finish_into(codec, producer, &mut bytes)?;
         batch.bytes = bytes;
@@ -472,18 +441,12 @@ impl<'a> BatchView<'a> {
         let header = BatchHeader::parse(buf)?;
         let total = header.total_len();
         if buf.len() < total {
-            return Err(BatchError::Truncated {
-                need: total,
-                have: buf.len(),
-            });
+            return Err(BatchError::Truncated { need: total, have: buf.len() });
         }
         let bytes = &buf[..total];
         let computed = compute_crc(bytes);
         if computed != header.crc {
-            return Err(BatchError::BadCrc {
-                stored: header.crc,
-                computed,
-            });
+            return Err(BatchError::BadCrc { stored: header.crc, computed });
         }
         header.codec()?;
         Ok((BatchView { header, bytes }, &buf[total..]))
@@ -521,11 +484,7 @@ impl<'a> BatchView<'a> {
             return Err(BatchError::BadLength(self.header.records_length as u64));
         }
         codec
-            .decompress(
-                self.raw_records(),
-                self.header.records_length as usize,
-                scratch,
-            )
+            .decompress(self.raw_records(), self.header.records_length as usize, scratch)
             .map_err(|e| BatchError::Decompress(e.to_string()))?;
         Ok(&scratch[..])
     }
@@ -539,13 +498,7 @@ impl<'a> BatchView<'a> {
         let first_timestamp = self.header.first_timestamp;
         let stated = self.header.record_count;
         let section = self.records_section(scratch)?;
-        Ok(RecordIter {
-            buf: section,
-            pos: 0,
-            index: 0,
-            stated,
-            first_timestamp,
-        })
+        Ok(RecordIter { buf: section, pos: 0, index: 0, stated, first_timestamp })
     }
 
     /// Decodes every record, checking that the count matches the header. Useful where
@@ -590,37 +543,31 @@ pub(crate) fn read_header<'b>(buf: &'b [u8], pos: &mut usize) -> Option<(&'b [u8
 impl<'s> RecordIter<'s> {
     fn decode_one(&mut self) -> Result<RecordRef<'s>, BatchError> {
         let index = self.index;
-        let body = read_len_prefixed(self.buf, &mut self.pos)
-            .ok_or_else(|| bad(index, "length runs past the batch"))?;
+        let body =
+            read_len_prefixed(self.buf, &mut self.pos).ok_or_else(|| bad(index, "length runs past the batch"))?;
         let mut p = 0usize;
         let attrs = *body.first().ok_or_else(|| bad(index, "empty body"))?;
         p += 1;
         if attrs & !(REC_KEY | REC_CLIENT_ID | REC_HEADERS) != 0 {
             return Err(bad(index, "unknown attribute bits"));
         }
-        let delta =
-            varint::get_i64(body, &mut p).ok_or_else(|| bad(index, "bad timestamp delta"))?;
+        let delta = varint::get_i64(body, &mut p).ok_or_else(|| bad(index, "bad timestamp delta"))?;
         let key = if attrs & REC_KEY != 0 {
             Some(read_len_prefixed(body, &mut p).ok_or_else(|| bad(index, "bad key length"))?)
         } else {
             None
         };
         let client_id = if attrs & REC_CLIENT_ID != 0 {
-            Some(
-                read_len_prefixed(body, &mut p)
-                    .ok_or_else(|| bad(index, "bad client id length"))?,
-            )
+            Some(read_len_prefixed(body, &mut p).ok_or_else(|| bad(index, "bad client id length"))?)
         } else {
             None
         };
         let (headers_raw, header_count) = if attrs & REC_HEADERS != 0 {
-            let count =
-                varint::get_u64(body, &mut p).ok_or_else(|| bad(index, "bad header count"))?;
+            let count = varint::get_u64(body, &mut p).ok_or_else(|| bad(index, "bad header count"))?;
             let count = u32::try_from(count).map_err(|_| bad(index, "header count too large"))?;
             let start = p;
             for _ in 0..count {
-                let (name, _) =
-                    read_header(body, &mut p).ok_or_else(|| bad(index, "bad header"))?;
+                let (name, _) = read_header(body, &mut p).ok_or_else(|| bad(index, "bad header"))?;
                 std::str::from_utf8(name).map_err(|_| bad(index, "header name is not UTF-8"))?;
             }
             (&body[start..p], count)
@@ -647,20 +594,14 @@ impl<'s> Iterator for RecordIter<'s> {
         if self.index >= self.stated {
             if self.pos < self.buf.len() {
                 self.pos = self.buf.len();
-                return Some(Err(BatchError::CountMismatch {
-                    stated: self.stated,
-                    found: self.index + 1,
-                }));
+                return Some(Err(BatchError::CountMismatch { stated: self.stated, found: self.index + 1 }));
             }
             return None;
         }
         if self.pos >= self.buf.len() {
             let found = self.index;
             self.index = self.stated;
-            return Some(Err(BatchError::CountMismatch {
-                stated: self.stated,
-                found,
-            }));
+            return Some(Err(BatchError::CountMismatch { stated: self.stated, found }));
         }
         match self.decode_one() {
             Ok(record) => {
@@ -686,23 +627,14 @@ mod tests {
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20)),
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20)),
             proptest::option::of(any::<i64>()),
-            proptest::collection::vec(
-                ("[a-z]{0,8}", proptest::collection::vec(any::<u8>(), 0..8)),
-                0..3,
-            ),
+            proptest::collection::vec(("[a-z]{0,8}", proptest::collection::vec(any::<u8>(), 0..8)), 0..3),
             proptest::collection::vec(any::<u8>(), 0..300),
         )
             .prop_map(|(key, id, ts, headers, payload)| Event {
                 key: key.map(Into::into),
                 client_id: id.map(Into::into),
                 timestamp: ts,
-                headers: headers
-                    .into_iter()
-                    .map(|(n, v)| crate::event::Header {
-                        name: n,
-                        value: v.into(),
-                    })
-                    .collect(),
+                headers: headers.into_iter().map(|(n, v)| crate::event::Header { name: n, value: v.into() }).collect(),
                 payload: payload.into(),
             })
     }
@@ -765,14 +697,9 @@ mod tests {
         for i in 0..10u8 {
             builder.push_payload(i64::from(i), Some(&[i]), &[i; 30]);
         }
-        let batch = builder
-            .finish(Codec::Lz4, ProducerStamp::default())
-            .unwrap();
+        let batch = builder.finish(Codec::Lz4, ProducerStamp::default()).unwrap();
         for len in 0..batch.bytes.len() {
-            assert!(
-                BatchView::parse(&batch.bytes[..len]).is_err(),
-                "accepted {len} bytes"
-            );
+            assert!(BatchView::parse(&batch.bytes[..len]).is_err(), "accepted {len} bytes");
         }
         assert!(BatchView::parse(&batch.bytes).is_ok());
     }

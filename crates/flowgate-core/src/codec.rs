@@ -4,9 +4,7 @@ use std::fmt;
 
 /// How the records section of a batch is compressed. The numeric value is stored in the
 /// low three bits of a batch's attributes and must never change.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Codec {
     /// Stored as is.
@@ -45,10 +43,7 @@ impl Codec {
             Codec::None => out.extend_from_slice(input),
             Codec::Lz4 => {
                 let start = out.len();
-                out.resize(
-                    start + lz4_flex::block::get_maximum_output_size(input.len()),
-                    0,
-                );
+                out.resize(start + lz4_flex::block::get_maximum_output_size(input.len()), 0);
                 let n = lz4_flex::block::compress_into(input, &mut out[start..])
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
                 out.truncate(start + n);
@@ -63,20 +58,14 @@ impl Codec {
 
     /// Decompresses `input` whose uncompressed length is exactly `expected_len`, replacing
     /// the contents of `out`. Fails on any mismatch: the input is untrusted.
-    pub fn decompress(
-        self,
-        input: &[u8],
-        expected_len: usize,
-        out: &mut Vec<u8>,
-    ) -> std::io::Result<()> {
+    pub fn decompress(self, input: &[u8], expected_len: usize, out: &mut Vec<u8>) -> std::io::Result<()> {
         out.clear();
         match self {
             Codec::None => out.extend_from_slice(input),
             Codec::Lz4 => {
                 out.resize(expected_len, 0);
-                let n = lz4_flex::block::decompress_into(input, out).map_err(|e| {
-                    std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
-                })?;
+                let n = lz4_flex::block::decompress_into(input, out)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
                 out.truncate(n);
             }
             Codec::Zstd => {
@@ -87,10 +76,7 @@ impl Codec {
         if out.len() != expected_len {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                format!(
-                    "decompressed {} bytes, header says {expected_len}",
-                    out.len()
-                ),
+                format!("decompressed {} bytes, header says {expected_len}", out.len()),
             ));
         }
         Ok(())

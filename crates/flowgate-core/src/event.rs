@@ -31,10 +31,7 @@ pub struct Event {
 impl Event {
     /// An event with only a payload.
     pub fn from_payload(payload: impl Into<Bytes>) -> Event {
-        Event {
-            payload: payload.into(),
-            ..Event::default()
-        }
+        Event { payload: payload.into(), ..Event::default() }
     }
 
     /// Sets the key.
@@ -89,10 +86,7 @@ impl<'a> RecordRef<'a> {
             timestamp: Some(self.timestamp),
             headers: self
                 .headers()
-                .map(|(n, v)| Header {
-                    name: n.to_owned(),
-                    value: Bytes::copy_from_slice(v),
-                })
+                .map(|(n, v)| Header { name: n.to_owned(), value: Bytes::copy_from_slice(v) })
                 .collect(),
             payload: Bytes::copy_from_slice(self.payload),
         }

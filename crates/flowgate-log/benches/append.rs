@@ -10,9 +10,7 @@ fn encoded_batch(events: usize) -> Vec<u8> {
     for i in 0..events {
         b.push_payload(1_700_000_000_000 + i as i64, None, &payload);
     }
-    b.finish(Codec::None, ProducerStamp::default())
-        .unwrap()
-        .bytes
+    b.finish(Codec::None, ProducerStamp::default()).unwrap().bytes
 }
 
 fn bench(c: &mut Criterion) {
@@ -20,41 +18,20 @@ fn bench(c: &mut Criterion) {
     for events in [100usize, 1000] {
         let batch = encoded_batch(events);
         group.throughput(Throughput::Elements(events as u64));
-        group.bench_with_input(
-            BenchmarkId::new("interval_100B_events", events),
-            &batch,
-            |b, batch| {
-                let dir = tempfile::tempdir().unwrap();
-                let log = Log::open(
-                    dir.path(),
-                    LogConfig {
-                        fsync: FsyncPolicy::Never,
-                        ..LogConfig::default()
-                    },
-                )
-                .unwrap();
-                let p = log
-                    .topic_or_create("bench")
-                    .unwrap()
-                    .partition(0)
-                    .unwrap()
-                    .clone();
-                let mut buf = batch.clone();
-                b.iter(|| p.append(&mut buf).unwrap())
-            },
-        );
+        group.bench_with_input(BenchmarkId::new("interval_100B_events", events), &batch, |b, batch| {
+            let dir = tempfile::tempdir().unwrap();
+            let log = Log::open(dir.path(), LogConfig { fsync: FsyncPolicy::Never, ..LogConfig::default() }).unwrap();
+            let p = log.topic_or_create("bench").unwrap().partition(0).unwrap().clone();
+            let mut buf = batch.clone();
+            b.iter(|| p.append(&mut buf).unwrap())
+        });
     }
     group.finish();
 
     let mut group = c.benchmark_group("read");
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path(), LogConfig::default()).unwrap();
-    let p = log
-        .topic_or_create("bench")
-        .unwrap()
-        .partition(0)
-        .unwrap()
-        .clone();
+    let p = log.topic_or_create("bench").unwrap().partition(0).unwrap().clone();
     let batch = encoded_batch(1000);
     for _ in 0..200 {
         p.append(&mut batch.clone()).unwrap();

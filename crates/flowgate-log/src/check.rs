@@ -56,10 +56,7 @@ pub fn check_data_dir(data_dir: &Path) -> Result<CheckReport> {
         return Err(LogError::Io {
             action: "find topics in",
             path: data_dir.to_path_buf(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "not a flowgate data directory",
-            ),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a flowgate data directory"),
         });
     }
     let mut report = CheckReport::default();
@@ -78,14 +75,12 @@ pub fn check_data_dir(data_dir: &Path) -> Result<CheckReport> {
                 report.segments += 1;
                 report.batches += outcome.batches;
                 report.bytes += outcome.file_len;
-                report
-                    .corrupt
-                    .extend(outcome.damage.into_iter().map(|d| CorruptRange {
-                        file: file.clone(),
-                        position: d.position,
-                        end: d.end,
-                        reason: d.reason,
-                    }));
+                report.corrupt.extend(outcome.damage.into_iter().map(|d| CorruptRange {
+                    file: file.clone(),
+                    position: d.position,
+                    end: d.end,
+                    reason: d.reason,
+                }));
             }
         }
     }

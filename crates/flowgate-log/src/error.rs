@@ -79,15 +79,8 @@ pub enum LogError {
 }
 
 impl LogError {
-    pub(crate) fn io(
-        action: &'static str,
-        path: impl Into<PathBuf>,
-    ) -> impl FnOnce(std::io::Error) -> LogError {
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> LogError {
         let path = path.into();
-        move |source| LogError::Io {
-            action,
-            path,
-            source,
-        }
+        move |source| LogError::Io { action, path, source }
     }
 }

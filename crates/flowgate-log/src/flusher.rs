@@ -30,9 +30,7 @@ pub struct Flusher {
 
 impl std::fmt::Debug for Flusher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Flusher")
-            .field("pending", &self.pending.lock().len())
-            .finish()
+        f.debug_struct("Flusher").field("pending", &self.pending.lock().len()).finish()
     }
 }
 

@@ -45,10 +45,7 @@ pub struct OffsetIndex {
 impl OffsetIndex {
     /// Adds an entry; relative offsets and positions must grow.
     pub fn push(&mut self, entry: OffsetEntry) {
-        debug_assert!(self
-            .entries
-            .last()
-            .is_none_or(|l| l.relative_offset < entry.relative_offset));
+        debug_assert!(self.entries.last().is_none_or(|l| l.relative_offset < entry.relative_offset));
         self.entries.push(entry);
     }
 
@@ -60,9 +57,7 @@ impl OffsetIndex {
     /// Position of the last indexed batch that starts at or before `relative_offset`
     /// (0 when none does).
     pub fn lookup(&self, relative_offset: u32) -> u32 {
-        let idx = self
-            .entries
-            .partition_point(|e| e.relative_offset <= relative_offset);
+        let idx = self.entries.partition_point(|e| e.relative_offset <= relative_offset);
         if idx == 0 {
             0
         } else {
@@ -175,10 +170,7 @@ impl TimeIndex {
 /// Writes `bytes` to `path` atomically (temp file, fsync, rename).
 pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
     let mut f = std::fs::File::create(&tmp).map_err(LogError::io("create", &tmp))?;
     f.write_all(bytes).map_err(LogError::io("write", &tmp))?;
     f.sync_data().map_err(LogError::io("fsync", &tmp))?;
@@ -193,49 +185,25 @@ mod tests {
     #[test]
     fn offset_lookup_finds_the_batch_at_or_before() {
         let mut idx = OffsetIndex::default();
-        idx.push(OffsetEntry {
-            relative_offset: 0,
-            position: 0,
-        });
-        idx.push(OffsetEntry {
-            relative_offset: 100,
-            position: 5000,
-        });
-        idx.push(OffsetEntry {
-            relative_offset: 250,
-            position: 9000,
-        });
+        idx.push(OffsetEntry { relative_offset: 0, position: 0 });
+        idx.push(OffsetEntry { relative_offset: 100, position: 5000 });
+        idx.push(OffsetEntry { relative_offset: 250, position: 9000 });
         assert_eq!(idx.lookup(0), 0);
         assert_eq!(idx.lookup(99), 0);
         assert_eq!(idx.lookup(100), 5000);
         assert_eq!(idx.lookup(1000), 9000);
         let back = OffsetIndex::from_bytes(&idx.to_bytes(), 10_000).unwrap();
         assert_eq!(back.entries(), idx.entries());
-        assert!(
-            OffsetIndex::from_bytes(&idx.to_bytes(), 9000).is_none(),
-            "position past the end"
-        );
+        assert!(OffsetIndex::from_bytes(&idx.to_bytes(), 9000).is_none(), "position past the end");
         assert!(OffsetIndex::from_bytes(&idx.to_bytes()[..7], 10_000).is_none());
     }
 
     #[test]
     fn time_scan_start_is_before_the_first_reaching_entry() {
         let mut idx = TimeIndex::default();
-        idx.push(TimeEntry {
-            timestamp: 10,
-            relative_offset: 0,
-            position: 0,
-        });
-        idx.push(TimeEntry {
-            timestamp: 20,
-            relative_offset: 5,
-            position: 100,
-        });
-        idx.push(TimeEntry {
-            timestamp: 30,
-            relative_offset: 9,
-            position: 200,
-        });
+        idx.push(TimeEntry { timestamp: 10, relative_offset: 0, position: 0 });
+        idx.push(TimeEntry { timestamp: 20, relative_offset: 5, position: 100 });
+        idx.push(TimeEntry { timestamp: 30, relative_offset: 9, position: 200 });
         assert_eq!(idx.scan_start(5), 0);
         assert_eq!(idx.scan_start(20), 0);
         assert_eq!(idx.scan_start(21), 100);

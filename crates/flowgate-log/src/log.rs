@@ -52,15 +52,10 @@ impl Log {
     }
 
     /// Like [`Log::open`], with hooks for metrics.
-    pub fn open_with(
-        dir: impl AsRef<Path>,
-        config: LogConfig,
-        observer: LogObserver,
-    ) -> Result<Log> {
+    pub fn open_with(dir: impl AsRef<Path>, config: LogConfig, observer: LogObserver) -> Result<Log> {
         let dir = dir.as_ref().to_path_buf();
         let topics_dir = dir.join("topics");
-        std::fs::create_dir_all(&topics_dir)
-            .map_err(LogError::io("create data directory", &topics_dir))?;
+        std::fs::create_dir_all(&topics_dir).map_err(LogError::io("create data directory", &topics_dir))?;
         let config = Arc::new(config);
         let flusher = Flusher::new();
         if let Some(hook) = observer.on_fsync {
@@ -91,12 +86,7 @@ impl Log {
             .name("flowgate-flusher".into())
             .spawn(move || {
                 flusher.run(interval, move || match weak.upgrade() {
-                    Some(inner) => inner
-                        .topics
-                        .read()
-                        .values()
-                        .flat_map(|t| t.partitions().to_vec())
-                        .collect(),
+                    Some(inner) => inner.topics.read().values().flat_map(|t| t.partitions().to_vec()).collect(),
                     None => Vec::new(),
                 })
             })
@@ -131,9 +121,7 @@ impl Log {
         }
         match self.create_topic(name, self.inner.config.default_partitions) {
             Ok(t) => Ok(t),
-            Err(LogError::TopicExists(_)) => self
-                .topic(name)
-                .ok_or_else(|| LogError::UnknownTopic(name.into())),
+            Err(LogError::TopicExists(_)) => self.topic(name).ok_or_else(|| LogError::UnknownTopic(name.into())),
             Err(e) => Err(e),
         }
     }
@@ -142,10 +130,7 @@ impl Log {
     pub fn create_topic(&self, name: &str, partitions: u32) -> Result<Arc<Topic>> {
         validate_topic_name(name)?;
         if partitions == 0 || partitions > 10_000 {
-            return Err(LogError::InvalidTopicName {
-                name: name.into(),
-                reason: "partitions must be 1 to 10000",
-            });
+            return Err(LogError::InvalidTopicName { name: name.into(), reason: "partitions must be 1 to 10000" });
         }
         let _guard = self.inner.create_lock.lock();
         if self.topic(name).is_some() {
@@ -156,17 +141,8 @@ impl Log {
             // Left over from an interrupted delete or create.
             std::fs::remove_dir_all(&dir).map_err(LogError::io("remove stale directory", &dir))?;
         }
-        let topic = Arc::new(Topic::create(
-            dir,
-            name,
-            partitions,
-            &self.inner.config,
-            &self.inner.flusher,
-        )?);
-        self.inner
-            .topics
-            .write()
-            .insert(name.to_owned(), topic.clone());
+        let topic = Arc::new(Topic::create(dir, name, partitions, &self.inner.config, &self.inner.flusher)?);
+        self.inner.topics.write().insert(name.to_owned(), topic.clone());
         tracing::info!(topic = name, partitions, "created topic");
         Ok(topic)
     }
@@ -174,18 +150,9 @@ impl Log {
     /// Deletes a topic and its data.
     pub fn delete_topic(&self, name: &str) -> Result<()> {
         let _guard = self.inner.create_lock.lock();
-        let topic = self
-            .inner
-            .topics
-            .write()
-            .remove(name)
-            .ok_or_else(|| LogError::UnknownTopic(name.into()))?;
+        let topic = self.inner.topics.write().remove(name).ok_or_else(|| LogError::UnknownTopic(name.into()))?;
         // Rename first so a crash midway never leaves a half-deleted topic that opens.
-        let doomed = self.inner.dir.join(format!(
-            ".deleted-{}-{}",
-            name,
-            flowgate_core::time::now_ms()
-        ));
+        let doomed = self.inner.dir.join(format!(".deleted-{}-{}", name, flowgate_core::time::now_ms()));
         std::fs::rename(topic.dir(), &doomed).map_err(LogError::io("rename", topic.dir()))?;
         std::fs::remove_dir_all(&doomed).map_err(LogError::io("delete", &doomed))?;
         tracing::info!(topic = name, "deleted topic");
@@ -218,10 +185,7 @@ impl Log {
 
     /// Every partition of every topic.
     pub fn partitions(&self) -> Vec<Arc<Partition>> {
-        self.topics()
-            .iter()
-            .flat_map(|t| t.partitions().to_vec())
-            .collect()
+        self.topics().iter().flat_map(|t| t.partitions().to_vec()).collect()
     }
 
     /// Stops the flusher and fsyncs every partition. Appends after this may not be

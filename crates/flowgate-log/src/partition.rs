@@ -93,10 +93,7 @@ pub struct Partition {
 
 impl std::fmt::Debug for Partition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Partition")
-            .field("dir", &self.dir)
-            .field("end_offset", &self.end_offset())
-            .finish()
+        f.debug_struct("Partition").field("dir", &self.dir).field("end_offset", &self.end_offset()).finish()
     }
 }
 
@@ -120,27 +117,18 @@ fn list_segment_bases(dir: &Path) -> Result<Vec<u64>> {
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(LogError::io("fsync directory", dir))
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(LogError::io("fsync directory", dir))
 }
 
 impl Partition {
     /// Opens (or creates) the partition in `dir`, recovering its active segment.
-    pub(crate) fn open(
-        id: u32,
-        dir: PathBuf,
-        config: Arc<LogConfig>,
-        flusher: Arc<Flusher>,
-    ) -> Result<Partition> {
+    pub(crate) fn open(id: u32, dir: PathBuf, config: Arc<LogConfig>, flusher: Arc<Flusher>) -> Result<Partition> {
         std::fs::create_dir_all(&dir).map_err(LogError::io("create directory", &dir))?;
         let bases = list_segment_bases(&dir)?;
         let interval = config.index_interval_bytes;
         let mut segments = Vec::with_capacity(bases.len().max(1));
         for pair in bases.windows(2) {
-            segments.push(Arc::new(Segment::open_sealed(
-                &dir, pair[0], pair[1], interval,
-            )?));
+            segments.push(Arc::new(Segment::open_sealed(&dir, pair[0], pair[1], interval)?));
         }
         let active_base = bases.last().copied().unwrap_or(0);
         let snapshot_path = dir.join(format!("{}.producers", file_stem(active_base)));
@@ -151,12 +139,7 @@ impl Partition {
         let (active, recovered) = Segment::recover_active(&dir, active_base, interval, &mut |b| {
             let p = b.view.header.producer;
             if p.producer_id != 0 {
-                producers.record(
-                    p.producer_id,
-                    p.sequence,
-                    b.view.base_offset(),
-                    b.view.header.record_count,
-                );
+                producers.record(p.producer_id, p.sequence, b.view.base_offset(), b.view.header.record_count);
             }
         })?;
         if let Some(cut) = &recovered.cut {
@@ -245,9 +228,7 @@ impl Partition {
     pub fn append(&self, batch: &mut [u8]) -> Result<AppendOutcome> {
         let header = BatchHeader::parse(batch)?;
         if header.total_len() != batch.len() {
-            return Err(LogError::InvalidBatch(
-                flowgate_core::BatchError::BadLength(batch.len() as u64),
-            ));
+            return Err(LogError::InvalidBatch(flowgate_core::BatchError::BadLength(batch.len() as u64)));
         }
         if let Some(reason) = self.sync_failure.lock().clone() {
             return Err(LogError::Io {
@@ -262,15 +243,8 @@ impl Partition {
         if producer.producer_id != 0 {
             match w.producers.check(producer.producer_id, producer.sequence) {
                 SequenceCheck::New => {}
-                SequenceCheck::Duplicate {
-                    first_offset,
-                    record_count,
-                } => {
-                    return Ok(AppendOutcome {
-                        first_offset,
-                        record_count,
-                        duplicate: true,
-                    });
+                SequenceCheck::Duplicate { first_offset, record_count } => {
+                    return Ok(AppendOutcome { first_offset, record_count, duplicate: true });
                 }
                 SequenceCheck::TooOld => {
                     return Err(LogError::DuplicateSequence {
@@ -286,10 +260,7 @@ impl Partition {
         let position = w.position;
         if let Err(e) = w.active.write_at(batch, position) {
             // Leave no partial batch behind for recovery to trip over.
-            let _ = std::fs::OpenOptions::new()
-                .write(true)
-                .open(w.active.path())
-                .and_then(|f| f.set_len(position));
+            let _ = std::fs::OpenOptions::new().write(true).open(w.active.path()).and_then(|f| f.set_len(position));
             return Err(e);
         }
         let next = base + u64::from(header.record_count);
@@ -298,22 +269,13 @@ impl Partition {
         w.position = position + len;
         w.next_offset = next;
         if producer.producer_id != 0 {
-            w.producers.record(
-                producer.producer_id,
-                producer.sequence,
-                base,
-                header.record_count,
-            );
+            w.producers.record(producer.producer_id, producer.sequence, base, header.record_count);
         }
         self.end_offset.store(next, Ordering::Release);
         self.dirty.store(true, Ordering::Release);
         drop(w);
         self.data_notify.notify_waiters();
-        Ok(AppendOutcome {
-            first_offset: base,
-            record_count: header.record_count,
-            duplicate: false,
-        })
+        Ok(AppendOutcome { first_offset: base, record_count: header.record_count, duplicate: false })
     }
 
     fn maybe_roll(&self, w: &mut Writer, incoming: u64) -> Result<()> {
@@ -322,16 +284,14 @@ impl Partition {
         }
         let full = w.position + incoming > self.config.segment_bytes;
         let old = self.config.segment_ms > 0
-            && flowgate_core::time::now_ms().saturating_sub(w.created_ms)
-                >= self.config.segment_ms as i64;
+            && flowgate_core::time::now_ms().saturating_sub(w.created_ms) >= self.config.segment_ms as i64;
         if !(full || old) {
             return Ok(());
         }
         let sync = self.config.fsync != FsyncPolicy::Never;
         w.active.seal(&w.cursor, sync)?;
         if sync {
-            self.durable_offset
-                .fetch_max(w.next_offset, Ordering::AcqRel);
+            self.durable_offset.fetch_max(w.next_offset, Ordering::AcqRel);
             self.durable_notify.notify_waiters();
         }
         let base = w.next_offset;
@@ -427,25 +387,15 @@ impl Partition {
     pub fn read(&self, offset: u64, max_bytes: usize) -> Result<ReadResult> {
         let start = self.start_offset();
         let end = self.end_offset();
-        let mut result = ReadResult {
-            batches: Vec::new(),
-            log_start_offset: start,
-            log_end_offset: end,
-        };
+        let mut result = ReadResult { batches: Vec::new(), log_start_offset: start, log_end_offset: end };
         if offset < start || offset > end {
-            return Err(LogError::OffsetOutOfRange {
-                requested: offset,
-                start,
-                end,
-            });
+            return Err(LogError::OffsetOutOfRange { requested: offset, start, end });
         }
         if offset == end {
             return Ok(result);
         }
         let segments = self.segments_snapshot();
-        let first = segments
-            .partition_point(|s| s.base_offset() <= offset)
-            .saturating_sub(1);
+        let first = segments.partition_point(|s| s.base_offset() <= offset).saturating_sub(1);
         let mut header = [0u8; HEADER_LEN];
         for segment in &segments[first..] {
             let readable = segment.readable_len();
@@ -488,10 +438,7 @@ impl Partition {
         let segments = self.segments_snapshot();
         let mut scratch = Vec::new();
         let mut buf = Vec::new();
-        for segment in segments
-            .iter()
-            .filter(|s| s.max_timestamp() >= timestamp_ms)
-        {
+        for segment in segments.iter().filter(|s| s.max_timestamp() >= timestamp_ms) {
             let readable = segment.readable_len();
             let mut pos = segment.time_lookup(timestamp_ms);
             let mut prefix = [0u8; HEADER_LEN];
@@ -519,8 +466,7 @@ impl Partition {
     /// Deletes whole sealed segments past the retention limits. Returns the number of
     /// segments and bytes deleted.
     pub fn enforce_retention(&self, now_ms: i64) -> Result<(usize, u64)> {
-        let (retention_bytes, retention_ms) =
-            (self.config.retention_bytes, self.config.retention_ms);
+        let (retention_bytes, retention_ms) = (self.config.retention_bytes, self.config.retention_ms);
         let mut deleted = (0usize, 0u64);
         let mut segments = self.segments.write();
         let mut total: u64 = segments.iter().map(|s| s.readable_len()).sum();
@@ -528,14 +474,12 @@ impl Partition {
             let oldest = &segments[0];
             let size = oldest.readable_len();
             let by_bytes = retention_bytes > 0 && total - size >= retention_bytes;
-            let by_age = retention_ms > 0
-                && oldest.max_timestamp() < now_ms.saturating_sub(retention_ms as i64);
+            let by_age = retention_ms > 0 && oldest.max_timestamp() < now_ms.saturating_sub(retention_ms as i64);
             if !(by_bytes || by_age) {
                 break;
             }
             let oldest = segments.remove(0);
-            self.start_offset
-                .store(segments[0].base_offset(), Ordering::Release);
+            self.start_offset.store(segments[0].base_offset(), Ordering::Release);
             oldest.delete_files()?;
             total -= size;
             deleted.0 += 1;

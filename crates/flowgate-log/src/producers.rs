@@ -48,10 +48,7 @@ pub struct ProducerState {
 impl ProducerState {
     /// Empty state remembering at most `max_producers` producers.
     pub fn new(max_producers: usize) -> ProducerState {
-        ProducerState {
-            producers: HashMap::new(),
-            max_producers: max_producers.max(1),
-        }
+        ProducerState { producers: HashMap::new(), max_producers: max_producers.max(1) }
     }
 
     /// Number of producers remembered.
@@ -69,13 +66,8 @@ impl ProducerState {
         let Some(entry) = self.producers.get(&producer_id) else {
             return SequenceCheck::New;
         };
-        if let Some(&(_, first_offset, record_count)) =
-            entry.recent.iter().find(|(s, _, _)| *s == sequence)
-        {
-            return SequenceCheck::Duplicate {
-                first_offset,
-                record_count,
-            };
+        if let Some(&(_, first_offset, record_count)) = entry.recent.iter().find(|(s, _, _)| *s == sequence) {
+            return SequenceCheck::Duplicate { first_offset, record_count };
         }
         match entry.recent.front() {
             Some(&(oldest, _, _)) if sequence < oldest => SequenceCheck::TooOld,
@@ -84,18 +76,11 @@ impl ProducerState {
     }
 
     /// Records a stored batch.
-    pub fn record(
-        &mut self,
-        producer_id: u64,
-        sequence: u64,
-        first_offset: u64,
-        record_count: u32,
-    ) {
+    pub fn record(&mut self, producer_id: u64, sequence: u64, first_offset: u64, record_count: u32) {
         if producer_id == 0 {
             return;
         }
-        if !self.producers.contains_key(&producer_id) && self.producers.len() >= self.max_producers
-        {
+        if !self.producers.contains_key(&producer_id) && self.producers.len() >= self.max_producers {
             // Forget the producer idle the longest (smallest last offset).
             if let Some((&victim, _)) = self.producers.iter().min_by_key(|(_, e)| e.last_offset) {
                 self.producers.remove(&victim);
@@ -104,15 +89,11 @@ impl ProducerState {
         let entry = self.producers.entry(producer_id).or_default();
         // Keep the window sorted by sequence so `TooOld` compares against the oldest.
         let at = entry.recent.partition_point(|(s, _, _)| *s < sequence);
-        entry
-            .recent
-            .insert(at, (sequence, first_offset, record_count));
+        entry.recent.insert(at, (sequence, first_offset, record_count));
         while entry.recent.len() > REMEMBERED_SEQUENCES {
             entry.recent.pop_front();
         }
-        entry.last_offset = entry
-            .last_offset
-            .max(first_offset + u64::from(record_count).saturating_sub(1));
+        entry.last_offset = entry.last_offset.max(first_offset + u64::from(record_count).saturating_sub(1));
     }
 
     /// Serializes the state as a snapshot file.
@@ -150,10 +131,7 @@ impl ProducerState {
             let pid = r.u64()?;
             let last_offset = r.u64()?;
             let n = r.u8()?;
-            let mut entry = ProducerEntry {
-                recent: VecDeque::new(),
-                last_offset,
-            };
+            let mut entry = ProducerEntry { recent: VecDeque::new(), last_offset };
             for _ in 0..n {
                 entry.recent.push_back((r.u64()?, r.u64()?, r.u32()?));
             }
@@ -200,31 +178,13 @@ mod tests {
         for seq in 0..10u64 {
             s.record(7, seq, seq * 10, 10);
         }
-        assert_eq!(
-            s.check(7, 9),
-            SequenceCheck::Duplicate {
-                first_offset: 90,
-                record_count: 10
-            }
-        );
-        assert_eq!(
-            s.check(7, 5),
-            SequenceCheck::Duplicate {
-                first_offset: 50,
-                record_count: 10
-            }
-        );
+        assert_eq!(s.check(7, 9), SequenceCheck::Duplicate { first_offset: 90, record_count: 10 });
+        assert_eq!(s.check(7, 5), SequenceCheck::Duplicate { first_offset: 50, record_count: 10 });
         assert_eq!(s.check(7, 4), SequenceCheck::TooOld);
         assert_eq!(s.check(7, 10), SequenceCheck::New);
         assert_eq!(s.check(8, 0), SequenceCheck::New);
         let back = ProducerState::from_snapshot(&s.to_snapshot(), 100).unwrap();
-        assert_eq!(
-            back.check(7, 9),
-            SequenceCheck::Duplicate {
-                first_offset: 90,
-                record_count: 10
-            }
-        );
+        assert_eq!(back.check(7, 9), SequenceCheck::Duplicate { first_offset: 90, record_count: 10 });
         let mut damaged = s.to_snapshot();
         damaged[5] ^= 1;
         assert!(ProducerState::from_snapshot(&damaged, 100).is_none());
@@ -237,11 +197,7 @@ mod tests {
             s.record(pid, 0, pid * 100, 1);
         }
         assert_eq!(s.len(), 3);
-        assert_eq!(
-            s.check(1, 0),
-            SequenceCheck::New,
-            "producer 1 was idlest and forgotten"
-        );
+        assert_eq!(s.check(1, 0), SequenceCheck::New, "producer 1 was idlest and forgotten");
         assert!(matches!(s.check(4, 0), SequenceCheck::Duplicate { .. }));
     }
 }

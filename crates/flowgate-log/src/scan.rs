@@ -70,11 +70,7 @@ pub fn scan_segment(
     let file = File::open(path).map_err(LogError::io("open", path))?;
     let file_len = file.metadata().map_err(LogError::io("stat", path))?.len();
     let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut out = ScanOutcome {
-        file_len,
-        next_offset: base_offset,
-        ..ScanOutcome::default()
-    };
+    let mut out = ScanOutcome { file_len, next_offset: base_offset, ..ScanOutcome::default() };
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut pos = 0u64;
     let mut expected_offset = Some(base_offset);
@@ -92,17 +88,13 @@ pub fn scan_segment(
         }
         buf.clear();
         buf.resize(LENGTH_PREFIX, 0);
-        reader
-            .read_exact(&mut buf)
-            .map_err(LogError::io("read", path))?;
+        reader.read_exact(&mut buf).map_err(LogError::io("read", path))?;
         let total = BatchHeader::peek_total_len(&buf).unwrap_or(0);
         if total < HEADER_LEN as u64 || total > MAX_BATCH_LEN as u64 {
             out.damage.push(Damage {
                 position: pos,
                 end: file_len,
-                reason: format!(
-                    "impossible batch length {total}; the rest of the segment cannot be framed"
-                ),
+                reason: format!("impossible batch length {total}; the rest of the segment cannot be framed"),
             });
             break;
         }
@@ -115,16 +107,12 @@ pub fn scan_segment(
             break;
         }
         buf.resize(total as usize, 0);
-        reader
-            .read_exact(&mut buf[LENGTH_PREFIX..])
-            .map_err(LogError::io("read", path))?;
+        reader.read_exact(&mut buf[LENGTH_PREFIX..]).map_err(LogError::io("read", path))?;
         let problem = match BatchView::parse(&buf) {
             Ok((view, _)) => match expected_offset {
-                Some(expected) if view.base_offset() != expected => Some(format!(
-                    "batch base offset {} where {} was expected",
-                    view.base_offset(),
-                    expected
-                )),
+                Some(expected) if view.base_offset() != expected => {
+                    Some(format!("batch base offset {} where {} was expected", view.base_offset(), expected))
+                }
                 _ => {
                     expected_offset = Some(view.last_offset() + 1);
                     if !damaged {
@@ -132,10 +120,7 @@ pub fn scan_segment(
                         out.next_offset = view.last_offset() + 1;
                     }
                     out.batches += 1;
-                    on_batch(ScannedBatch {
-                        position: pos,
-                        view,
-                    });
+                    on_batch(ScannedBatch { position: pos, view });
                     None
                 }
             },
@@ -144,18 +129,10 @@ pub fn scan_segment(
         if let Some(reason) = problem {
             damaged = true;
             if mode == ScanMode::StopAtDamage {
-                out.damage.push(Damage {
-                    position: pos,
-                    end: file_len,
-                    reason,
-                });
+                out.damage.push(Damage { position: pos, end: file_len, reason });
                 break;
             }
-            out.damage.push(Damage {
-                position: pos,
-                end: pos + total,
-                reason,
-            });
+            out.damage.push(Damage { position: pos, end: pos + total, reason });
             // Offsets after damage cannot be checked for continuity.
             expected_offset = None;
         }

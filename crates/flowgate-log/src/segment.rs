@@ -54,10 +54,7 @@ impl IndexCursor {
         time_index: &mut TimeIndex,
     ) {
         if position > 0 && self.bytes_since_entry >= self.interval {
-            index.push(OffsetEntry {
-                relative_offset,
-                position,
-            });
+            index.push(OffsetEntry { relative_offset, position });
             self.bytes_since_entry = 0;
         }
         self.bytes_since_entry += len;
@@ -69,11 +66,7 @@ impl IndexCursor {
                 Some(last) => u64::from(position - last) >= self.interval,
             };
             if due {
-                time_index.push(TimeEntry {
-                    timestamp: max_timestamp,
-                    relative_offset,
-                    position,
-                });
+                time_index.push(TimeEntry { timestamp: max_timestamp, relative_offset, position });
                 self.last_time_entry_position = Some(position);
             }
         }
@@ -82,16 +75,8 @@ impl IndexCursor {
     /// Adds the final time entry so the sealed index records the segment's maximum.
     pub fn seal(&self, time_index: &mut TimeIndex) {
         if let Some((relative_offset, position)) = self.running_max_at {
-            if time_index
-                .entries()
-                .last()
-                .is_none_or(|e| e.timestamp < self.running_max)
-            {
-                time_index.push(TimeEntry {
-                    timestamp: self.running_max,
-                    relative_offset,
-                    position,
-                });
+            if time_index.entries().last().is_none_or(|e| e.timestamp < self.running_max) {
+                time_index.push(TimeEntry { timestamp: self.running_max, relative_offset, position });
             }
         }
     }
@@ -122,11 +107,7 @@ pub struct Recovered {
 impl Segment {
     fn paths(dir: &Path, base_offset: u64) -> (PathBuf, PathBuf, PathBuf) {
         let stem = file_stem(base_offset);
-        (
-            dir.join(format!("{stem}.log")),
-            dir.join(format!("{stem}.index")),
-            dir.join(format!("{stem}.timeindex")),
-        )
+        (dir.join(format!("{stem}.log")), dir.join(format!("{stem}.index")), dir.join(format!("{stem}.timeindex")))
     }
 
     fn open_file(path: &Path, create: bool) -> Result<File> {
@@ -136,14 +117,7 @@ impl Segment {
             .create(create)
             .truncate(false)
             .open(path)
-            .map_err(LogError::io(
-                if create {
-                    "create segment"
-                } else {
-                    "open segment"
-                },
-                path,
-            ))
+            .map_err(LogError::io(if create { "create segment" } else { "open segment" }, path))
     }
 
     /// Creates a new, empty segment in `dir`.
@@ -165,21 +139,12 @@ impl Segment {
 
     /// Opens a sealed segment whose successor starts at `next_offset`. Uses its index
     /// files when they are consistent, and rebuilds them by scanning when not.
-    pub fn open_sealed(
-        dir: &Path,
-        base_offset: u64,
-        next_offset: u64,
-        index_interval: u64,
-    ) -> Result<Segment> {
+    pub fn open_sealed(dir: &Path, base_offset: u64, next_offset: u64, index_interval: u64) -> Result<Segment> {
         let (path, index_path, time_path) = Segment::paths(dir, base_offset);
         let file = Segment::open_file(&path, false)?;
         let len = file.metadata().map_err(LogError::io("stat", &path))?.len();
-        let index = std::fs::read(&index_path)
-            .ok()
-            .and_then(|b| OffsetIndex::from_bytes(&b, len));
-        let time_index = std::fs::read(&time_path)
-            .ok()
-            .and_then(|b| TimeIndex::from_bytes(&b, len));
+        let index = std::fs::read(&index_path).ok().and_then(|b| OffsetIndex::from_bytes(&b, len));
+        let time_index = std::fs::read(&time_path).ok().and_then(|b| TimeIndex::from_bytes(&b, len));
         let segment = Segment {
             base_offset,
             path: path.clone(),
@@ -192,19 +157,14 @@ impl Segment {
         };
         match (index, time_index) {
             (Some(index), Some(time_index)) if len == 0 || !time_index.entries().is_empty() => {
-                let max = time_index
-                    .entries()
-                    .last()
-                    .map_or(i64::MIN, |e| e.timestamp);
+                let max = time_index.entries().last().map_or(i64::MIN, |e| e.timestamp);
                 segment.max_timestamp.store(max, Ordering::Relaxed);
                 *segment.index.write() = index;
                 *segment.time_index.write() = time_index;
             }
             _ => {
                 tracing::info!(segment = %path.display(), "rebuilding missing or inconsistent index");
-                let cursor = segment
-                    .rebuild_indexes(index_interval, ScanMode::ContinuePastDamage, &mut |_| {})?
-                    .cursor;
+                let cursor = segment.rebuild_indexes(index_interval, ScanMode::ContinuePastDamage, &mut |_| {})?.cursor;
                 cursor.seal(&mut segment.time_index.write());
                 segment.write_indexes()?;
             }
@@ -233,17 +193,10 @@ impl Segment {
             index: RwLock::new(OffsetIndex::default()),
             time_index: RwLock::new(TimeIndex::default()),
         };
-        let recovered =
-            segment.rebuild_indexes(index_interval, ScanMode::StopAtDamage, on_batch)?;
+        let recovered = segment.rebuild_indexes(index_interval, ScanMode::StopAtDamage, on_batch)?;
         if let Some(cut) = &recovered.cut {
-            segment
-                .file
-                .set_len(cut.position)
-                .map_err(LogError::io("truncate", &path))?;
-            segment
-                .file
-                .sync_all()
-                .map_err(LogError::io("fsync", &path))?;
+            segment.file.set_len(cut.position).map_err(LogError::io("truncate", &path))?;
+            segment.file.sync_all().map_err(LogError::io("fsync", &path))?;
         }
         Ok((segment, recovered))
     }
@@ -277,10 +230,8 @@ impl Segment {
         self.max_timestamp.store(max_ts, Ordering::Relaxed);
         let cut = match mode {
             ScanMode::StopAtDamage => {
-                self.readable_len
-                    .store(outcome.valid_len, Ordering::Release);
-                self.next_offset
-                    .store(outcome.next_offset, Ordering::Release);
+                self.readable_len.store(outcome.valid_len, Ordering::Release);
+                self.next_offset.store(outcome.next_offset, Ordering::Release);
                 outcome.damage.into_iter().next()
             }
             ScanMode::ContinuePastDamage => {
@@ -321,9 +272,7 @@ impl Segment {
 
     /// Writes `bytes` at `position`. Only the partition's writer calls this.
     pub(crate) fn write_at(&self, bytes: &[u8], position: u64) -> Result<()> {
-        self.file
-            .write_all_at(bytes, position)
-            .map_err(LogError::io("write", &self.path))
+        self.file.write_all_at(bytes, position).map_err(LogError::io("write", &self.path))
     }
 
     /// Publishes a written batch to readers and updates the indexes.
@@ -341,17 +290,9 @@ impl Segment {
         {
             let mut index = self.index.write();
             let mut time_index = self.time_index.write();
-            cursor.on_batch(
-                position as u32,
-                rel,
-                len,
-                max_timestamp,
-                &mut index,
-                &mut time_index,
-            );
+            cursor.on_batch(position as u32, rel, len, max_timestamp, &mut index, &mut time_index);
         }
-        self.max_timestamp
-            .fetch_max(max_timestamp, Ordering::AcqRel);
+        self.max_timestamp.fetch_max(max_timestamp, Ordering::AcqRel);
         self.next_offset.store(next_offset, Ordering::Release);
         self.readable_len.store(position + len, Ordering::Release);
     }
@@ -363,17 +304,13 @@ impl Segment {
             return Ok(0);
         }
         let want = buf.len().min((end - position) as usize);
-        self.file
-            .read_exact_at(&mut buf[..want], position)
-            .map_err(LogError::io("read", &self.path))?;
+        self.file.read_exact_at(&mut buf[..want], position).map_err(LogError::io("read", &self.path))?;
         Ok(want)
     }
 
     /// Position of the last indexed batch at or before `offset`.
     pub fn index_lookup(&self, offset: u64) -> u64 {
-        let rel = offset
-            .saturating_sub(self.base_offset)
-            .min(u64::from(u32::MAX)) as u32;
+        let rel = offset.saturating_sub(self.base_offset).min(u64::from(u32::MAX)) as u32;
         u64::from(self.index.read().lookup(rel))
     }
 
@@ -384,9 +321,7 @@ impl Segment {
 
     /// Forces the segment's data to stable storage.
     pub fn sync(&self) -> Result<()> {
-        self.file
-            .sync_data()
-            .map_err(LogError::io("fsync", &self.path))
+        self.file.sync_data().map_err(LogError::io("fsync", &self.path))
     }
 
     /// Seals the segment: final time entry, index files written, data synced.
@@ -399,10 +334,7 @@ impl Segment {
     }
 
     fn write_indexes(&self) -> Result<()> {
-        let (_, index_path, time_path) = Segment::paths(
-            self.path.parent().unwrap_or(Path::new(".")),
-            self.base_offset,
-        );
+        let (_, index_path, time_path) = Segment::paths(self.path.parent().unwrap_or(Path::new(".")), self.base_offset);
         write_file_atomic(&index_path, &self.index.read().to_bytes())?;
         write_file_atomic(&time_path, &self.time_index.read().to_bytes())
     }
@@ -416,13 +348,7 @@ impl Segment {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(LogError::Io {
-                        action: "delete",
-                        path: p,
-                        source: e,
-                    })
-                }
+                Err(e) => return Err(LogError::Io { action: "delete", path: p, source: e }),
             }
         }
         Ok(())

@@ -24,19 +24,13 @@ pub fn validate_topic_name(name: &str) -> Result<()> {
         Some("it is longer than 200 characters")
     } else if name.starts_with('.') {
         Some("it starts with '.'")
-    } else if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
+    } else if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
         Some("only letters, digits, '.', '_' and '-' are allowed")
     } else {
         None
     };
     match reason {
-        Some(reason) => Err(LogError::InvalidTopicName {
-            name: name.to_owned(),
-            reason,
-        }),
+        Some(reason) => Err(LogError::InvalidTopicName { name: name.to_owned(), reason }),
         None => Ok(()),
     }
 }
@@ -74,10 +68,7 @@ impl Topic {
         flusher: &Arc<Flusher>,
     ) -> Result<Topic> {
         std::fs::create_dir_all(&dir).map_err(LogError::io("create directory", &dir))?;
-        let meta = TopicMeta {
-            partitions,
-            created_ms: flowgate_core::time::now_ms(),
-        };
+        let meta = TopicMeta { partitions, created_ms: flowgate_core::time::now_ms() };
         let json = serde_json::to_vec(&meta).expect("topic metadata serializes");
         write_file_atomic(&dir.join("topic.json"), &json)?;
         if let Some(parent) = dir.parent() {
@@ -86,37 +77,18 @@ impl Topic {
         Topic::open(dir, name, config, flusher)
     }
 
-    pub(crate) fn open(
-        dir: PathBuf,
-        name: &str,
-        config: &Arc<LogConfig>,
-        flusher: &Arc<Flusher>,
-    ) -> Result<Topic> {
+    pub(crate) fn open(dir: PathBuf, name: &str, config: &Arc<LogConfig>, flusher: &Arc<Flusher>) -> Result<Topic> {
         let meta_path = dir.join("topic.json");
         let bytes = std::fs::read(&meta_path).map_err(LogError::io("read", &meta_path))?;
-        let meta: TopicMeta =
-            serde_json::from_slice(&bytes).map_err(|e| LogError::BadMetadata {
-                path: meta_path.clone(),
-                reason: e.to_string(),
-            })?;
+        let meta: TopicMeta = serde_json::from_slice(&bytes)
+            .map_err(|e| LogError::BadMetadata { path: meta_path.clone(), reason: e.to_string() })?;
         if meta.partitions == 0 {
-            return Err(LogError::BadMetadata {
-                path: meta_path,
-                reason: "0 partitions".into(),
-            });
+            return Err(LogError::BadMetadata { path: meta_path, reason: "0 partitions".into() });
         }
         let partitions = (0..meta.partitions)
-            .map(|p| {
-                Partition::open(p, dir.join(p.to_string()), config.clone(), flusher.clone())
-                    .map(Arc::new)
-            })
+            .map(|p| Partition::open(p, dir.join(p.to_string()), config.clone(), flusher.clone()).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Topic {
-            name: name.to_owned(),
-            dir,
-            partitions,
-            round_robin: AtomicU32::new(0),
-        })
+        Ok(Topic { name: name.to_owned(), dir, partitions, round_robin: AtomicU32::new(0) })
     }
 
     /// The topic's name.
@@ -141,13 +113,11 @@ impl Topic {
 
     /// Partition `id`.
     pub fn partition(&self, id: u32) -> Result<&Arc<Partition>> {
-        self.partitions
-            .get(id as usize)
-            .ok_or_else(|| LogError::UnknownPartition {
-                topic: self.name.clone(),
-                partition: id,
-                partitions: self.partition_count(),
-            })
+        self.partitions.get(id as usize).ok_or_else(|| LogError::UnknownPartition {
+            topic: self.name.clone(),
+            partition: id,
+            partitions: self.partition_count(),
+        })
     }
 
     /// The partition for events without a key: round robin, one step per call, so a
@@ -158,9 +128,6 @@ impl Topic {
 
     /// Numbers for listings.
     pub fn info(&self) -> TopicInfo {
-        TopicInfo {
-            name: self.name.clone(),
-            partitions: self.partitions.iter().map(|p| p.info()).collect(),
-        }
+        TopicInfo { name: self.name.clone(), partitions: self.partitions.iter().map(|p| p.info()).collect() }
     }
 }

@@ -292,10 +292,7 @@ pub fn check_frame(buf: &[u8], max_frame_bytes: u32) -> Result<Option<usize>, Pr
     };
     let len = u32::from_le_bytes(prefix.try_into().expect("4 bytes"));
     if len > max_frame_bytes {
-        return Err(ProtocolError::FrameTooLarge {
-            len: u64::from(len),
-            max: max_frame_bytes,
-        });
+        return Err(ProtocolError::FrameTooLarge { len: u64::from(len), max: max_frame_bytes });
     }
     if len < 6 {
         return Err(ProtocolError::FrameTooSmall(len));
@@ -311,31 +308,19 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ProtocolError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .ok_or(ProtocolError::Truncated(what))?;
-        let s = self
-            .buf
-            .get(self.pos..end)
-            .ok_or(ProtocolError::Truncated(what))?;
+        let end = self.pos.checked_add(n).ok_or(ProtocolError::Truncated(what))?;
+        let s = self.buf.get(self.pos..end).ok_or(ProtocolError::Truncated(what))?;
         self.pos = end;
         Ok(s)
     }
     fn u16(&mut self, what: &'static str) -> Result<u16, ProtocolError> {
-        Ok(u16::from_le_bytes(
-            self.take(2, what)?.try_into().expect("2"),
-        ))
+        Ok(u16::from_le_bytes(self.take(2, what)?.try_into().expect("2")))
     }
     fn u32(&mut self, what: &'static str) -> Result<u32, ProtocolError> {
-        Ok(u32::from_le_bytes(
-            self.take(4, what)?.try_into().expect("4"),
-        ))
+        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4")))
     }
     fn u64(&mut self, what: &'static str) -> Result<u64, ProtocolError> {
-        Ok(u64::from_le_bytes(
-            self.take(8, what)?.try_into().expect("8"),
-        ))
+        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8")))
     }
     fn str(&mut self, what: &'static str) -> Result<&'a str, ProtocolError> {
         let n = self.u16(what)? as usize;
@@ -360,9 +345,7 @@ impl<'a> Reader<'a> {
 
 /// Splits a whole frame into (kind, correlation id, body reader).
 fn open_frame(frame: &[u8]) -> Result<(u8, u32, Reader<'_>), ProtocolError> {
-    let prefix = frame
-        .get(..4)
-        .ok_or(ProtocolError::Truncated("length prefix"))?;
+    let prefix = frame.get(..4).ok_or(ProtocolError::Truncated("length prefix"))?;
     let len = u32::from_le_bytes(prefix.try_into().expect("4 bytes"));
     if len < 6 {
         return Err(ProtocolError::FrameTooSmall(len));
@@ -376,14 +359,7 @@ fn open_frame(frame: &[u8]) -> Result<(u8, u32, Reader<'_>), ProtocolError> {
     }
     let kind = frame[4];
     let correlation_id = u32::from_le_bytes(frame[6..10].try_into().expect("4 bytes"));
-    Ok((
-        kind,
-        correlation_id,
-        Reader {
-            buf: &frame[FRAME_HEADER_LEN..total],
-            pos: 0,
-        },
-    ))
+    Ok((kind, correlation_id, Reader { buf: &frame[FRAME_HEADER_LEN..total], pos: 0 }))
 }
 
 /// Decodes a whole request frame (length prefix included).
@@ -414,13 +390,8 @@ pub fn decode_request(frame: &[u8]) -> Result<(u32, Request<'_>), ProtocolError>
             max_wait_ms: r.u32("max_wait_ms")?,
         },
         kind::LIST_TOPICS => Request::ListTopics,
-        kind::CREATE_TOPIC => Request::CreateTopic {
-            topic: r.str("topic")?,
-            partitions: r.u32("partitions")?,
-        },
-        kind::DELETE_TOPIC => Request::DeleteTopic {
-            topic: r.str("topic")?,
-        },
+        kind::CREATE_TOPIC => Request::CreateTopic { topic: r.str("topic")?, partitions: r.u32("partitions")? },
+        kind::DELETE_TOPIC => Request::DeleteTopic { topic: r.str("topic")? },
         kind::OFFSET_FOR_TIME => Request::OffsetForTime {
             topic: r.str("topic")?,
             partition: r.u32("partition")?,
@@ -482,10 +453,7 @@ pub fn decode_response(frame: &[u8]) -> Result<(u32, Response<'_>), ProtocolErro
         kind::ERROR => {
             let raw = r.u16("error code")?;
             let code = ErrorCode::from_code(raw).unwrap_or(ErrorCode::InvalidRequest);
-            Response::Error {
-                code,
-                message: r.str("error message")?,
-            }
+            Response::Error { code, message: r.str("error message")? }
         }
         other => return Err(ProtocolError::UnknownKind(other)),
     };
@@ -520,36 +488,21 @@ fn end(out: &mut [u8], start: usize) {
 pub fn encode_request(correlation_id: u32, request: &Request<'_>, out: &mut Vec<u8>) {
     let start;
     match request {
-        Request::Hello {
-            min_version,
-            max_version,
-            client_name,
-        } => {
+        Request::Hello { min_version, max_version, client_name } => {
             start = begin(out, kind::HELLO, correlation_id);
             out.extend_from_slice(MAGIC);
             out.extend_from_slice(&min_version.to_le_bytes());
             out.extend_from_slice(&max_version.to_le_bytes());
             put_str(out, client_name);
         }
-        Request::Produce {
-            topic,
-            producer_id,
-            sequence,
-            batch,
-        } => {
+        Request::Produce { topic, producer_id, sequence, batch } => {
             start = begin(out, kind::PRODUCE, correlation_id);
             put_str(out, topic);
             out.extend_from_slice(&producer_id.to_le_bytes());
             out.extend_from_slice(&sequence.to_le_bytes());
             out.extend_from_slice(batch);
         }
-        Request::Fetch {
-            topic,
-            partition,
-            offset,
-            max_bytes,
-            max_wait_ms,
-        } => {
+        Request::Fetch { topic, partition, offset, max_bytes, max_wait_ms } => {
             start = begin(out, kind::FETCH, correlation_id);
             put_str(out, topic);
             out.extend_from_slice(&partition.to_le_bytes());
@@ -567,11 +520,7 @@ pub fn encode_request(correlation_id: u32, request: &Request<'_>, out: &mut Vec<
             start = begin(out, kind::DELETE_TOPIC, correlation_id);
             put_str(out, topic);
         }
-        Request::OffsetForTime {
-            topic,
-            partition,
-            timestamp_ms,
-        } => {
+        Request::OffsetForTime { topic, partition, timestamp_ms } => {
             start = begin(out, kind::OFFSET_FOR_TIME, correlation_id);
             put_str(out, topic);
             out.extend_from_slice(&partition.to_le_bytes());
@@ -585,11 +534,7 @@ pub fn encode_request(correlation_id: u32, request: &Request<'_>, out: &mut Vec<
 pub fn encode_response(correlation_id: u32, response: &Response<'_>, out: &mut Vec<u8>) {
     let start;
     match response {
-        Response::HelloOk {
-            version,
-            max_frame_bytes,
-            server_name,
-        } => {
+        Response::HelloOk { version, max_frame_bytes, server_name } => {
             start = begin(out, kind::HELLO_OK, correlation_id);
             out.extend_from_slice(&version.to_le_bytes());
             out.extend_from_slice(&max_frame_bytes.to_le_bytes());
@@ -604,11 +549,7 @@ pub fn encode_response(correlation_id: u32, response: &Response<'_>, out: &mut V
                 out.extend_from_slice(&a.record_count.to_le_bytes());
             }
         }
-        Response::FetchOk {
-            log_start_offset,
-            log_end_offset,
-            batches,
-        } => {
+        Response::FetchOk { log_start_offset, log_end_offset, batches } => {
             start = begin(out, kind::FETCH_OK, correlation_id);
             out.extend_from_slice(&log_start_offset.to_le_bytes());
             out.extend_from_slice(&log_end_offset.to_le_bytes());
@@ -738,56 +679,30 @@ mod tests {
     fn lengths_are_checked_before_anything_else() {
         assert_eq!(check_frame(&[], 100), Ok(None));
         assert_eq!(check_frame(&[1, 0], 100), Ok(None));
-        assert!(matches!(
-            check_frame(&u32::MAX.to_le_bytes(), 1 << 24),
-            Err(ProtocolError::FrameTooLarge { .. })
-        ));
-        assert!(matches!(
-            check_frame(&5u32.to_le_bytes(), 100),
-            Err(ProtocolError::FrameTooSmall(5))
-        ));
+        assert!(matches!(check_frame(&u32::MAX.to_le_bytes(), 1 << 24), Err(ProtocolError::FrameTooLarge { .. })));
+        assert!(matches!(check_frame(&5u32.to_le_bytes(), 100), Err(ProtocolError::FrameTooSmall(5))));
         assert_eq!(check_frame(&[20, 0, 0, 0, 1], 100), Ok(None));
     }
 
     #[test]
     fn bad_frames_are_named() {
         let mut out = Vec::new();
-        encode_request(
-            1,
-            &Request::Hello {
-                min_version: 1,
-                max_version: 1,
-                client_name: "x",
-            },
-            &mut out,
-        );
+        encode_request(1, &Request::Hello { min_version: 1, max_version: 1, client_name: "x" }, &mut out);
         let mut bad_magic = out.clone();
         bad_magic[10] = b'X';
         assert_eq!(decode_request(&bad_magic), Err(ProtocolError::BadMagic));
         let mut trailing = out.clone();
         trailing[0] += 1;
         trailing.push(0);
-        assert_eq!(
-            decode_request(&trailing),
-            Err(ProtocolError::TrailingBytes(1))
-        );
-        assert!(matches!(
-            decode_request(&out[..out.len() - 1]),
-            Err(ProtocolError::Truncated(_))
-        ));
+        assert_eq!(decode_request(&trailing), Err(ProtocolError::TrailingBytes(1)));
+        assert!(matches!(decode_request(&out[..out.len() - 1]), Err(ProtocolError::Truncated(_))));
         let mut unknown = out.clone();
         unknown[4] = 0x42;
-        assert_eq!(
-            decode_request(&unknown),
-            Err(ProtocolError::UnknownKind(0x42))
-        );
+        assert_eq!(decode_request(&unknown), Err(ProtocolError::UnknownKind(0x42)));
         let mut bad_utf8 = Vec::new();
         encode_request(1, &Request::DeleteTopic { topic: "ab" }, &mut bad_utf8);
         let n = bad_utf8.len();
         bad_utf8[n - 1] = 0xff;
-        assert_eq!(
-            decode_request(&bad_utf8),
-            Err(ProtocolError::BadUtf8("topic"))
-        );
+        assert_eq!(decode_request(&bad_utf8), Err(ProtocolError::BadUtf8("topic")));
     }
 }

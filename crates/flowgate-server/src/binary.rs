@@ -13,8 +13,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use flowgate_log::LogError;
 use flowgate_protocol::{
-    check_frame, decode_request, encode_response, ErrorCode, PartitionAck, PartitionInfo,
-    ProtocolError, Request, Response, TopicInfo, VERSION,
+    check_frame, decode_request, encode_response, ErrorCode, PartitionAck, PartitionInfo, ProtocolError, Request,
+    Response, TopicInfo, VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -35,10 +35,7 @@ const FETCH_HEADROOM: usize = 1024;
 
 enum Reply {
     Ready(Vec<u8>),
-    Durable {
-        correlation_id: u32,
-        written: Written,
-    },
+    Durable { correlation_id: u32, written: Written },
     Later(JoinHandle<Vec<u8>>),
     Close(Vec<u8>),
 }
@@ -74,32 +71,21 @@ fn produce_ok(correlation_id: u32, written: &Written) -> Vec<u8> {
     let acks = written
         .acks()
         .into_iter()
-        .map(|a| PartitionAck {
-            partition: a.partition,
-            first_offset: a.first_offset,
-            record_count: a.record_count,
-        })
+        .map(|a| PartitionAck { partition: a.partition, first_offset: a.first_offset, record_count: a.record_count })
         .collect();
     response_frame(correlation_id, &Response::ProduceOk(acks))
 }
 
 /// Tells a client it was refused for lack of connection slots, then drops it.
 pub async fn refuse(mut stream: TcpStream) {
-    let bytes = error_frame(
-        0,
-        ErrorCode::ShuttingDown,
-        "too many connections; retry later",
-    );
+    let bytes = error_frame(0, ErrorCode::ShuttingDown, "too many connections; retry later");
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&bytes)).await;
 }
 
 /// Serves one binary-protocol connection.
 pub async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let (read_half, write_half) = stream.into_split();
     let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
     let writer = tokio::spawn(write_replies(write_half, rx));
@@ -115,16 +101,9 @@ async fn write_replies(mut out: OwnedWriteHalf, mut rx: mpsc::Receiver<Reply>) {
         while let Some(reply) = next.take() {
             match reply {
                 Reply::Ready(bytes) => buf.extend_from_slice(&bytes),
-                Reply::Durable {
-                    correlation_id,
-                    written,
-                } => match written.durable().await {
+                Reply::Durable { correlation_id, written } => match written.durable().await {
                     Ok(()) => buf.extend_from_slice(&produce_ok(correlation_id, &written)),
-                    Err(e) => buf.extend_from_slice(&error_frame(
-                        correlation_id,
-                        error_code(&e),
-                        &e.to_string(),
-                    )),
+                    Err(e) => buf.extend_from_slice(&error_frame(correlation_id, error_code(&e), &e.to_string())),
                 },
                 Reply::Later(handle) => buf.extend_from_slice(&handle.await.unwrap_or_default()),
                 Reply::Close(bytes) => {
@@ -161,20 +140,13 @@ impl Connection<'_> {
         if let Some(i) = self.counters.iter().position(|(t, _)| t == topic) {
             return &self.counters[i].1;
         }
-        let c = self
-            .shared
-            .ingest
-            .metrics()
-            .topic_counters(topic, IngestPath::Binary);
+        let c = self.shared.ingest.metrics().topic_counters(topic, IngestPath::Binary);
         self.counters.push((topic.to_owned(), c));
         &self.counters.last().expect("just pushed").1
     }
 
     fn reject(&self, reason: &str, what: &str) {
-        self.shared
-            .ingest
-            .metrics()
-            .rejected(IngestPath::Binary, reason, 1);
+        self.shared.ingest.metrics().rejected(IngestPath::Binary, reason, 1);
         warn_bad_input(self.shared, "binary", self.peer, what);
     }
 
@@ -189,16 +161,9 @@ impl Connection<'_> {
         };
         if !self.handshaken {
             return match request {
-                Request::Hello {
-                    min_version,
-                    max_version,
-                    ..
-                } if min_version <= VERSION && VERSION <= max_version => {
+                Request::Hello { min_version, max_version, .. } if min_version <= VERSION && VERSION <= max_version => {
                     self.handshaken = true;
-                    Reply::Ready(frame_hello(
-                        correlation_id,
-                        self.shared.config.max_frame_bytes,
-                    ))
+                    Reply::Ready(frame_hello(correlation_id, self.shared.config.max_frame_bytes))
                 }
                 Request::Hello { .. } => {
                     self.reject("unsupported_version", "no common protocol version");
@@ -210,29 +175,17 @@ impl Connection<'_> {
                 }
                 _ => {
                     self.reject("no_handshake", "first frame was not HELLO");
-                    Reply::Close(error_frame(
-                        correlation_id,
-                        ErrorCode::UnsupportedVersion,
-                        "send HELLO first",
-                    ))
+                    Reply::Close(error_frame(correlation_id, ErrorCode::UnsupportedVersion, "send HELLO first"))
                 }
             };
         }
         let ingest = &self.shared.ingest;
-        let log_error =
-            |e: LogError| Reply::Ready(error_frame(correlation_id, error_code(&e), &e.to_string()));
+        let log_error = |e: LogError| Reply::Ready(error_frame(correlation_id, error_code(&e), &e.to_string()));
         match request {
-            Request::Hello { .. } => Reply::Ready(error_frame(
-                correlation_id,
-                ErrorCode::InvalidRequest,
-                "HELLO was already sent",
-            )),
-            Request::Produce {
-                topic,
-                producer_id,
-                sequence,
-                batch,
-            } => {
+            Request::Hello { .. } => {
+                Reply::Ready(error_frame(correlation_id, ErrorCode::InvalidRequest, "HELLO was already sent"))
+            }
+            Request::Produce { topic, producer_id, sequence, batch } => {
                 let topic_name = topic.to_owned();
                 // The batch is a sub-slice of the frame; find it to borrow it mutably.
                 let start = batch.as_ptr() as usize - frame.as_ptr() as usize;
@@ -244,10 +197,7 @@ impl Connection<'_> {
                 let header = flowgate_core::BatchHeader::parse(&frame[start..end]);
                 if let Ok(h) = &header {
                     if h.producer.producer_id != producer_id || h.producer.sequence != sequence {
-                        self.reject(
-                            "invalid_batch",
-                            "producer id or sequence differ between request and batch",
-                        );
+                        self.reject("invalid_batch", "producer id or sequence differ between request and batch");
                         return Reply::Ready(error_frame(
                             correlation_id,
                             ErrorCode::InvalidRequest,
@@ -256,16 +206,11 @@ impl Connection<'_> {
                     }
                 }
                 let payload_bytes = (end - start) as u64;
-                match ingest.append_client_batch(&topic, &mut frame[start..end], &mut self.scratch)
-                {
+                match ingest.append_client_batch(&topic, &mut frame[start..end], &mut self.scratch) {
                     Ok(written) => {
-                        self.counters(&topic_name)
-                            .accepted(written.events(), payload_bytes);
+                        self.counters(&topic_name).accepted(written.events(), payload_bytes);
                         if written.needs_wait() {
-                            Reply::Durable {
-                                correlation_id,
-                                written,
-                            }
+                            Reply::Durable { correlation_id, written }
                         } else {
                             Reply::Ready(produce_ok(correlation_id, &written))
                         }
@@ -278,13 +223,7 @@ impl Connection<'_> {
                     }
                 }
             }
-            Request::Fetch {
-                topic,
-                partition,
-                offset,
-                max_bytes,
-                max_wait_ms,
-            } => {
+            Request::Fetch { topic, partition, offset, max_bytes, max_wait_ms } => {
                 let partition = match ingest.log().topic(topic) {
                     Some(t) => match t.partition(partition) {
                         Ok(p) => p.clone(),
@@ -292,8 +231,7 @@ impl Connection<'_> {
                     },
                     None => return log_error(LogError::UnknownTopic(topic.to_owned())),
                 };
-                let limit =
-                    (self.shared.config.max_frame_bytes as usize).saturating_sub(FETCH_HEADROOM);
+                let limit = (self.shared.config.max_frame_bytes as usize).saturating_sub(FETCH_HEADROOM);
                 let max_bytes = (max_bytes as usize).clamp(1, limit);
                 let read = move |p: &flowgate_log::Partition| match p.read(offset, max_bytes) {
                     Ok(r) => response_frame(
@@ -340,31 +278,24 @@ impl Connection<'_> {
                     .collect();
                 Reply::Ready(response_frame(correlation_id, &Response::Topics(topics)))
             }
-            Request::CreateTopic { topic, partitions } => {
-                match ingest.log().create_topic(topic, partitions) {
-                    Ok(_) => Reply::Ready(response_frame(correlation_id, &Response::Created)),
-                    Err(e) => log_error(e),
-                }
-            }
+            Request::CreateTopic { topic, partitions } => match ingest.log().create_topic(topic, partitions) {
+                Ok(_) => Reply::Ready(response_frame(correlation_id, &Response::Created)),
+                Err(e) => log_error(e),
+            },
             Request::DeleteTopic { topic } => match ingest.log().delete_topic(topic) {
                 Ok(()) => Reply::Ready(response_frame(correlation_id, &Response::Deleted)),
                 Err(e) => log_error(e),
             },
-            Request::OffsetForTime {
-                topic,
-                partition,
-                timestamp_ms,
-            } => {
+            Request::OffsetForTime { topic, partition, timestamp_ms } => {
                 let result = ingest
                     .log()
                     .topic(topic)
                     .ok_or_else(|| LogError::UnknownTopic(topic.to_owned()))
                     .and_then(|t| t.partition(partition)?.offset_for_timestamp(timestamp_ms));
                 match result {
-                    Ok(offset) => Reply::Ready(response_frame(
-                        correlation_id,
-                        &Response::Offset(offset.unwrap_or(u64::MAX)),
-                    )),
+                    Ok(offset) => {
+                        Reply::Ready(response_frame(correlation_id, &Response::Offset(offset.unwrap_or(u64::MAX))))
+                    }
                     Err(e) => log_error(e),
                 }
             }
@@ -374,14 +305,7 @@ impl Connection<'_> {
 
 fn frame_hello(correlation_id: u32, max_frame_bytes: u32) -> Vec<u8> {
     let name = concat!("flowgate ", env!("CARGO_PKG_VERSION"));
-    response_frame(
-        correlation_id,
-        &Response::HelloOk {
-            version: VERSION,
-            max_frame_bytes,
-            server_name: name,
-        },
-    )
+    response_frame(correlation_id, &Response::HelloOk { version: VERSION, max_frame_bytes, server_name: name })
 }
 
 async fn read_requests(
@@ -390,13 +314,7 @@ async fn read_requests(
     shared: &Arc<Shared>,
     peer: &str,
 ) {
-    let mut conn = Connection {
-        shared,
-        peer,
-        handshaken: false,
-        scratch: Scratch::default(),
-        counters: Vec::new(),
-    };
+    let mut conn = Connection { shared, peer, handshaken: false, scratch: Scratch::default(), counters: Vec::new() };
     let max_frame = shared.config.max_frame_bytes;
     let idle = shared.idle_timeout();
     let metrics = shared.ingest.metrics().clone();
@@ -424,9 +342,7 @@ async fn read_requests(
                         _ => "malformed_frame",
                     };
                     conn.reject(reason, &e.to_string());
-                    let _ = tx
-                        .send(Reply::Close(error_frame(0, e.error_code(), &e.to_string())))
-                        .await;
+                    let _ = tx.send(Reply::Close(error_frame(0, e.error_code(), &e.to_string()))).await;
                     return;
                 }
             }
@@ -461,10 +377,7 @@ async fn read_requests(
             Ok(Err(_)) => return,
             Ok(Ok(0)) => {
                 if !buf.is_empty() {
-                    conn.reject(
-                        "truncated_frame",
-                        "connection closed in the middle of a frame",
-                    );
+                    conn.reject("truncated_frame", "connection closed in the middle of a frame");
                 }
                 return;
             }

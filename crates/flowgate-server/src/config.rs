@@ -41,10 +41,7 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig {
-            data_dir: PathBuf::from("./flowgate-data"),
-            shutdown_grace_secs: 10,
-        }
+        ServerConfig { data_dir: PathBuf::from("./flowgate-data"), shutdown_grace_secs: 10 }
     }
 }
 
@@ -139,18 +136,14 @@ fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
 impl Config {
     /// The embedded default.
     pub fn embedded_default() -> Config {
-        Config::parse(DEFAULT_CONFIG, "embedded default")
-            .expect("the embedded default config is valid")
+        Config::parse(DEFAULT_CONFIG, "embedded default").expect("the embedded default config is valid")
     }
 
     /// Reads a file, applies `FLOWGATE_*` overrides from the process environment, validates.
     pub fn load(path: Option<&std::path::Path>) -> Result<Config, ConfigError> {
         let (text, origin) = match path {
             Some(p) => (
-                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.into(),
-                    source,
-                })?,
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.into(), source })?,
                 p.display().to_string(),
             ),
             None => (DEFAULT_CONFIG.to_owned(), "embedded default".to_owned()),
@@ -171,12 +164,10 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         // Parse as a document first: syntax errors then carry their line.
-        let mut table: toml::Table =
-            text.parse::<toml::Table>()
-                .map_err(|e| ConfigError::Parse {
-                    origin: origin.to_owned(),
-                    message: format!("{}{}", line_of(text, e.span()), e.message()),
-                })?;
+        let mut table: toml::Table = text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: format!("{}{}", line_of(text, e.span()), e.message()),
+        })?;
         let mut overridden = Vec::new();
         for (name, value) in env {
             let Some(path) = name.strip_prefix(ENV_PREFIX) else {
@@ -192,19 +183,13 @@ impl Config {
                 .ok()
                 .and_then(|mut t| t.remove("v"))
                 .unwrap_or(toml::Value::String(value.clone()));
-            let entry = table
-                .entry(section.clone())
-                .or_insert_with(|| toml::Value::Table(Default::default()));
+            let entry = table.entry(section.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
             match entry {
                 toml::Value::Table(t) => {
                     t.insert(key.clone(), parsed);
                 }
                 _ => {
-                    return Err(ConfigError::Invalid {
-                        origin: name,
-                        key: section,
-                        message: "is not a section".into(),
-                    })
+                    return Err(ConfigError::Invalid { origin: name, key: section, message: "is not a section".into() })
                 }
             }
             overridden.push(format!("{section}.{key}"));
@@ -217,10 +202,7 @@ impl Config {
             })?
         } else {
             Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
-                origin: format!(
-                    "{origin} with environment overrides of {}",
-                    overridden.join(", ")
-                ),
+                origin: format!("{origin} with environment overrides of {}", overridden.join(", ")),
                 message: e.message().to_owned(),
             })?
         };
@@ -239,10 +221,7 @@ impl Config {
             return Err(bad("log.segment_bytes", "must be at least 1024"));
         }
         if self.log.segment_bytes > u64::from(u32::MAX) {
-            return Err(bad(
-                "log.segment_bytes",
-                "must be below 4 GiB (index positions are 32-bit)",
-            ));
+            return Err(bad("log.segment_bytes", "must be below 4 GiB (index positions are 32-bit)"));
         }
         if self.log.default_partitions == 0 {
             return Err(bad("log.default_partitions", "must be at least 1"));
@@ -257,10 +236,7 @@ impl Config {
             return Err(bad("ingest.max_connections", "must be at least 1"));
         }
         if self.ingest.max_buffered_bytes < self.ingest.max_frame_bytes as usize {
-            return Err(bad(
-                "ingest.max_buffered_bytes",
-                "must be at least ingest.max_frame_bytes",
-            ));
+            return Err(bad("ingest.max_buffered_bytes", "must be at least ingest.max_frame_bytes"));
         }
         if flowgate_log::validate_topic_name(&self.ingest.ndjson_topic).is_err() {
             return Err(bad("ingest.ndjson_topic", "is not a valid topic name"));
@@ -285,20 +261,11 @@ mod tests {
 
     #[test]
     fn errors_name_the_key_and_line() {
-        let err = Config::parse("[log]\nfsync = \"always\"\nsegmnt_bytes = 5\n", "f.toml")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("segmnt_bytes") && err.contains("line 3"),
-            "{err}"
-        );
-        let err = Config::parse("[log]\nfsync = \"sometimes\"\n", "f.toml")
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse("[log]\nfsync = \"always\"\nsegmnt_bytes = 5\n", "f.toml").unwrap_err().to_string();
+        assert!(err.contains("segmnt_bytes") && err.contains("line 3"), "{err}");
+        let err = Config::parse("[log]\nfsync = \"sometimes\"\n", "f.toml").unwrap_err().to_string();
         assert!(err.contains("line 2") && err.contains("sometimes"), "{err}");
-        let err = Config::parse("[log]\nsegment_bytes = 10\n", "f.toml")
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse("[log]\nsegment_bytes = 10\n", "f.toml").unwrap_err().to_string();
         assert!(err.contains("log.segment_bytes"), "{err}");
         let err = Config::parse("[log\n", "f.toml").unwrap_err().to_string();
         assert!(err.contains("line 1"), "{err}");
@@ -308,10 +275,7 @@ mod tests {
     fn environment_overrides_keys() {
         let env = vec![
             ("FLOWGATE_LOG__FSYNC".to_owned(), "always".to_owned()),
-            (
-                "FLOWGATE_LOG__DEFAULT_PARTITIONS".to_owned(),
-                "4".to_owned(),
-            ),
+            ("FLOWGATE_LOG__DEFAULT_PARTITIONS".to_owned(), "4".to_owned()),
             ("FLOWGATE_SERVER__DATA_DIR".to_owned(), "/tmp/x".to_owned()),
             ("UNRELATED".to_owned(), "1".to_owned()),
         ];
@@ -320,12 +284,7 @@ mod tests {
         assert_eq!(c.log.default_partitions, 4);
         assert_eq!(c.server.data_dir, PathBuf::from("/tmp/x"));
         let env = vec![("FLOWGATE_LOG__NO_SUCH_KEY".to_owned(), "1".to_owned())];
-        let err = Config::parse_with_env(DEFAULT_CONFIG, "default", env)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("no_such_key") && err.contains("log.no_such_key"),
-            "{err}"
-        );
+        let err = Config::parse_with_env(DEFAULT_CONFIG, "default", env).unwrap_err().to_string();
+        assert!(err.contains("no_such_key") && err.contains("log.no_such_key"), "{err}");
     }
 }

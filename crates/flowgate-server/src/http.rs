@@ -23,10 +23,7 @@ use crate::shared::Shared;
 pub fn router(shared: Arc<Shared>) -> Router {
     let limit = shared.config.max_http_body_bytes;
     Router::new()
-        .route(
-            "/v1/topics/{topic}/events",
-            get(read_events).post(post_events),
-        )
+        .route("/v1/topics/{topic}/events", get(read_events).post(post_events))
         .route("/v1/topics", get(list_topics))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
@@ -44,9 +41,9 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 fn log_error(e: LogError) -> Response {
     let status = match &e {
         LogError::UnknownTopic(_) | LogError::UnknownPartition { .. } => StatusCode::NOT_FOUND,
-        LogError::InvalidTopicName { .. }
-        | LogError::InvalidBatch(_)
-        | LogError::OffsetOutOfRange { .. } => StatusCode::BAD_REQUEST,
+        LogError::InvalidTopicName { .. } | LogError::InvalidBatch(_) | LogError::OffsetOutOfRange { .. } => {
+            StatusCode::BAD_REQUEST
+        }
         LogError::TopicExists(_) => StatusCode::CONFLICT,
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
@@ -60,8 +57,8 @@ fn parse_body(body: &[u8]) -> Result<Vec<&[u8]>, String> {
     match first {
         None => Err("the body holds no events".into()),
         Some(i) if body[i] == b'[' => {
-            let items: Vec<&RawValue> = serde_json::from_slice(body)
-                .map_err(|e| format!("the body is not a valid JSON array: {e}"))?;
+            let items: Vec<&RawValue> =
+                serde_json::from_slice(body).map_err(|e| format!("the body is not a valid JSON array: {e}"))?;
             if items.is_empty() {
                 return Err("the array holds no events".into());
             }
@@ -98,11 +95,7 @@ fn parse_body(body: &[u8]) -> Result<Vec<&[u8]>, String> {
     }
 }
 
-async fn post_events(
-    State(shared): State<Arc<Shared>>,
-    Path(topic_name): Path<String>,
-    body: Bytes,
-) -> Response {
+async fn post_events(State(shared): State<Arc<Shared>>, Path(topic_name): Path<String>, body: Bytes) -> Response {
     let metrics = shared.ingest.metrics();
     let events = match parse_body(&body) {
         Ok(events) => events,
@@ -123,19 +116,14 @@ async fn post_events(
         bytes += e.len() as u64;
     }
     let mut scratch = Scratch::default();
-    let written = match shared
-        .ingest
-        .append_built(&topic, &mut builder, &mut scratch)
-    {
+    let written = match shared.ingest.append_built(&topic, &mut builder, &mut scratch) {
         Ok(w) => w,
         Err(e) => return log_error(e),
     };
     if let Err(e) = written.durable().await {
         return log_error(e);
     }
-    metrics
-        .topic_counters(&topic_name, IngestPath::Http)
-        .accepted(events.len() as u64, bytes);
+    metrics.topic_counters(&topic_name, IngestPath::Http).accepted(events.len() as u64, bytes);
     let ack = written.acks()[0];
     let last = ack.first_offset + u64::from(ack.record_count) - 1;
     Json(json!({"accepted": ack.record_count, "offsets": [ack.first_offset, last], "partition": ack.partition}))
@@ -167,12 +155,7 @@ async fn read_events(
         Some("latest") => partition.end_offset(),
         Some(s) => match s.parse::<u64>() {
             Ok(o) => o,
-            Err(_) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "from must be an offset, 'earliest' or 'latest'",
-                )
-            }
+            Err(_) => return error(StatusCode::BAD_REQUEST, "from must be an offset, 'earliest' or 'latest'"),
         },
     };
     let mut events = Vec::new();
@@ -190,21 +173,11 @@ async fn read_events(
         while !rest.is_empty() && events.len() < limit {
             let (view, tail) = match BatchView::parse(rest) {
                 Ok(v) => v,
-                Err(e) => {
-                    return error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("stored batch unreadable: {e}"),
-                    )
-                }
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("stored batch unreadable: {e}")),
             };
             let records = match view.records(&mut scratch) {
                 Ok(r) => r,
-                Err(e) => {
-                    return error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("stored batch unreadable: {e}"),
-                    )
-                }
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("stored batch unreadable: {e}")),
             };
             for record in records {
                 let Ok(record) = record else { break };
@@ -212,12 +185,9 @@ async fn read_events(
                 if offset < next || events.len() >= limit {
                     continue;
                 }
-                let payload = serde_json::from_slice::<serde_json::Value>(record.payload)
-                    .unwrap_or_else(|_| {
-                        serde_json::Value::String(
-                            String::from_utf8_lossy(record.payload).into_owned(),
-                        )
-                    });
+                let payload = serde_json::from_slice::<serde_json::Value>(record.payload).unwrap_or_else(|_| {
+                    serde_json::Value::String(String::from_utf8_lossy(record.payload).into_owned())
+                });
                 events.push(json!({
                     "offset": offset,
                     "timestamp": record.timestamp,
@@ -256,14 +226,7 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let text = shared.ingest.metrics().render(shared.ingest.log());
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 async fn ready(State(shared): State<Arc<Shared>>) -> Response {
@@ -290,19 +253,131 @@ mod tests {
 
     #[test]
     fn bodies_are_arrays_or_ndjson_and_errors_say_where() {
-        assert_eq!(
-            parse_body(br#"[{"a":1}, {"b":[2]}]"#).unwrap(),
-            vec![&br#"{"a":1}"#[..], br#"{"b":[2]}"#]
-        );
+        assert_eq!(parse_body(br#"[{"a":1}, {"b":[2]}]"#).unwrap(), vec![&br#"{"a":1}"#[..], br#"{"b":[2]}"#]);
         assert_eq!(parse_body(b"{\"a\":1}\n\n{\"b\":2}\r\n").unwrap().len(), 2);
-        assert!(parse_body(b"{\"a\":1}\n{oops\n")
-            .unwrap_err()
-            .contains("line 2"));
-        assert!(parse_body(b"[{\"a\":1}, 3]")
-            .unwrap_err()
-            .contains("element 1"));
+        assert!(parse_body(b"{\"a\":1}\n{oops\n").unwrap_err().contains("line 2"));
+        assert!(parse_body(b"[{\"a\":1}, 3]").unwrap_err().contains("element 1"));
         assert!(parse_body(b"[{\"a\":1}").is_err());
         assert!(parse_body(b"  ").is_err());
         assert!(parse_body(b"[]").is_err());
+    }
+}
+
+/// The HTTP listener: counts connections against `ingest.max_connections` (refusing
+/// the excess, counted as `too_many_connections`) and closes connections idle for
+/// longer than `ingest.idle_timeout_secs`, like the other listeners.
+pub struct LimitedListener {
+    inner: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl LimitedListener {
+    /// Wraps a bound listener.
+    pub fn new(inner: tokio::net::TcpListener, shared: Arc<Shared>) -> LimitedListener {
+        LimitedListener { inner, shared }
+    }
+}
+
+impl axum::serve::Listener for LimitedListener {
+    type Io = LimitedStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, addr) = match self.inner.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = self.shared.connections.clone().try_acquire_owned() else {
+                self.shared.ingest.metrics().rejected(IngestPath::Http, "too_many_connections", 1);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let idle = self.shared.idle_timeout();
+            return (
+                LimitedStream {
+                    stream,
+                    idle,
+                    deadline: Box::pin(tokio::time::sleep(idle)),
+                    _permit: permit,
+                    _open: self.shared.ingest.metrics().connection_opened(IngestPath::Http),
+                },
+                addr,
+            );
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// An accepted HTTP connection holding its connection slot, with an idle deadline.
+pub struct LimitedStream {
+    stream: tokio::net::TcpStream,
+    idle: std::time::Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _open: crate::metrics::ConnectionGuard,
+}
+
+impl LimitedStream {
+    fn touch(&mut self) {
+        let next = tokio::time::Instant::now() + self.idle;
+        self.deadline.as_mut().reset(next);
+    }
+}
+
+impl tokio::io::AsyncRead for LimitedStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.stream).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                self.touch();
+                Poll::Ready(r)
+            }
+            Poll::Pending => match std::future::Future::poll(self.deadline.as_mut(), cx) {
+                Poll::Ready(()) => {
+                    Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "idle connection")))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for LimitedStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.stream).poll_write(cx, buf);
+        if r.is_ready() {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }

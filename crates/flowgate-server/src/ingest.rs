@@ -40,27 +40,18 @@ impl Written {
     pub fn acks(&self) -> Vec<Ack> {
         self.parts
             .iter()
-            .map(|(p, o)| Ack {
-                partition: p.id(),
-                first_offset: o.first_offset,
-                record_count: o.record_count,
-            })
+            .map(|(p, o)| Ack { partition: p.id(), first_offset: o.first_offset, record_count: o.record_count })
             .collect()
     }
 
     /// Events written (or found already stored).
     pub fn events(&self) -> u64 {
-        self.parts
-            .iter()
-            .map(|(_, o)| u64::from(o.record_count))
-            .sum()
+        self.parts.iter().map(|(_, o)| u64::from(o.record_count)).sum()
     }
 
     /// True when the ack must wait for an fsync.
     pub fn needs_wait(&self) -> bool {
-        self.parts
-            .iter()
-            .any(|(p, o)| p.durable_offset() < o.end_offset())
+        self.parts.iter().any(|(p, o)| p.durable_offset() < o.end_offset())
     }
 
     /// Waits until the configured durability is met for every part.
@@ -83,11 +74,7 @@ pub struct Ingest {
 impl Ingest {
     /// An append path into `log`; batches the server builds use `codec`.
     pub fn new(log: Log, metrics: Arc<Metrics>, codec: Codec) -> Ingest {
-        Ingest {
-            log,
-            metrics,
-            codec,
-        }
+        Ingest { log, metrics, codec }
     }
 
     /// The log.
@@ -105,11 +92,7 @@ impl Ingest {
         self.log.topic_or_create(name)
     }
 
-    fn append_to(
-        &self,
-        partition: &Arc<Partition>,
-        batch: &mut [u8],
-    ) -> Result<AppendOutcome, LogError> {
+    fn append_to(&self, partition: &Arc<Partition>, batch: &mut [u8]) -> Result<AppendOutcome, LogError> {
         let started = Instant::now();
         let outcome = partition.append(batch)?;
         self.metrics.append(started.elapsed(), outcome.record_count);
@@ -128,9 +111,7 @@ impl Ingest {
     ) -> Result<Written, LogError> {
         let (view, rest) = BatchView::parse(batch)?;
         if !rest.is_empty() {
-            return Err(LogError::InvalidBatch(
-                flowgate_core::BatchError::BadLength(batch.len() as u64),
-            ));
+            return Err(LogError::InvalidBatch(flowgate_core::BatchError::BadLength(batch.len() as u64)));
         }
         let partitions = topic.partition_count();
         let keyless = topic.next_round_robin();
@@ -139,14 +120,8 @@ impl Ingest {
         for record in view.records(&mut scratch.decompressed)? {
             let record = record?;
             if partitions > 1 {
-                let p = record
-                    .key
-                    .map_or(keyless, |k| partition_for_key(k, partitions));
-                if scratch
-                    .partition_of
-                    .first()
-                    .is_some_and(|&first| first != p)
-                {
+                let p = record.key.map_or(keyless, |k| partition_for_key(k, partitions));
+                if scratch.partition_of.first().is_some_and(|&first| first != p) {
                     single = false;
                 }
                 scratch.partition_of.push(p);
@@ -156,9 +131,7 @@ impl Ingest {
             let p = scratch.partition_of.first().copied().unwrap_or(0);
             let partition = topic.partition(p)?;
             let outcome = self.append_to(partition, batch)?;
-            return Ok(Written {
-                parts: vec![(partition.clone(), outcome)],
-            });
+            return Ok(Written { parts: vec![(partition.clone(), outcome)] });
         }
         // Split: one sub-batch per partition, same codec and producer stamp (dedup is
         // per partition, so a retry is still recognised in each).
@@ -166,15 +139,10 @@ impl Ingest {
         let codec = header.codec()?;
         let stamp: ProducerStamp = header.producer;
         if scratch.builders.len() < partitions as usize {
-            scratch
-                .builders
-                .resize_with(partitions as usize, BatchBuilder::new);
+            scratch.builders.resize_with(partitions as usize, BatchBuilder::new);
         }
         let (view, _) = BatchView::parse(batch)?;
-        for (record, &p) in view
-            .records(&mut scratch.decompressed)?
-            .zip(scratch.partition_of.iter())
-        {
+        for (record, &p) in view.records(&mut scratch.decompressed)?.zip(scratch.partition_of.iter()) {
             scratch.builders[p as usize].push_record(&record?);
         }
         let mut parts = Vec::new();
@@ -202,8 +170,6 @@ impl Ingest {
         builder.finish_into(self.codec, ProducerStamp::default(), &mut scratch.encoded)?;
         let partition = topic.partition(topic.next_round_robin())?;
         let outcome = self.append_to(partition, &mut scratch.encoded)?;
-        Ok(Written {
-            parts: vec![(partition.clone(), outcome)],
-        })
+        Ok(Written { parts: vec![(partition.clone(), outcome)] })
     }
 }

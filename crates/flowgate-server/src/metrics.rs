@@ -101,35 +101,15 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::default();
         let events = Family::<TopicPathLabels, Counter>::default();
-        registry.register(
-            "flowgate_ingest_events",
-            "Events accepted into the log",
-            events.clone(),
-        );
+        registry.register("flowgate_ingest_events", "Events accepted into the log", events.clone());
         let bytes = Family::<TopicPathLabels, Counter>::default();
-        registry.register(
-            "flowgate_ingest_bytes",
-            "Payload bytes accepted into the log",
-            bytes.clone(),
-        );
+        registry.register("flowgate_ingest_bytes", "Payload bytes accepted into the log", bytes.clone());
         let rejected = Family::<RejectLabels, Counter>::default();
-        registry.register(
-            "flowgate_ingest_rejected",
-            "Input refused, by path and reason",
-            rejected.clone(),
-        );
+        registry.register("flowgate_ingest_rejected", "Input refused, by path and reason", rejected.clone());
         let connections = Family::<PathLabels, Gauge>::default();
-        registry.register(
-            "flowgate_connections",
-            "Open client connections",
-            connections.clone(),
-        );
+        registry.register("flowgate_connections", "Open client connections", connections.clone());
         let connections_total = Family::<PathLabels, Counter>::default();
-        registry.register(
-            "flowgate_connections_accepted",
-            "Client connections accepted",
-            connections_total.clone(),
-        );
+        registry.register("flowgate_connections_accepted", "Client connections accepted", connections_total.clone());
         let append_seconds = Histogram::new(exponential_buckets(0.000_005, 2.0, 20));
         registry.register(
             "flowgate_append_duration_seconds",
@@ -137,23 +117,11 @@ impl Metrics {
             append_seconds.clone(),
         );
         let fsync_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
-        registry.register(
-            "flowgate_fsync_duration_seconds",
-            "Time of one fsync of a partition",
-            fsync_seconds.clone(),
-        );
+        registry.register("flowgate_fsync_duration_seconds", "Time of one fsync of a partition", fsync_seconds.clone());
         let batch_events = Histogram::new(exponential_buckets(1.0, 2.0, 16));
-        registry.register(
-            "flowgate_append_batch_events",
-            "Events per appended batch",
-            batch_events.clone(),
-        );
+        registry.register("flowgate_append_batch_events", "Events per appended batch", batch_events.clone());
         let log_size = Family::<TopicLabels, Gauge>::default();
-        registry.register(
-            "flowgate_log_size_bytes",
-            "Bytes of segment files per topic",
-            log_size.clone(),
-        );
+        registry.register("flowgate_log_size_bytes", "Bytes of segment files per topic", log_size.clone());
         let log_end_offset = Family::<TopicLabels, Gauge>::default();
         registry.register(
             "flowgate_log_end_offset",
@@ -161,11 +129,7 @@ impl Metrics {
             log_end_offset.clone(),
         );
         let buffered_bytes = Gauge::default();
-        registry.register(
-            "flowgate_ingest_buffered_bytes",
-            "Bytes held in ingest buffers",
-            buffered_bytes.clone(),
-        );
+        registry.register("flowgate_ingest_buffered_bytes", "Bytes held in ingest buffers", buffered_bytes.clone());
         Arc::new(Metrics {
             registry,
             events,
@@ -184,10 +148,7 @@ impl Metrics {
 
     /// The counters of `topic` via `path`.
     pub fn topic_counters(&self, topic: &str, path: IngestPath) -> TopicCounters {
-        let labels = TopicPathLabels {
-            topic: topic.to_owned(),
-            path: path.as_str().to_owned(),
-        };
+        let labels = TopicPathLabels { topic: topic.to_owned(), path: path.as_str().to_owned() };
         TopicCounters {
             events: self.events.get_or_create(&labels).clone(),
             bytes: self.bytes.get_or_create(&labels).clone(),
@@ -197,28 +158,18 @@ impl Metrics {
     /// Counts refused input.
     pub fn rejected(&self, path: IngestPath, reason: &str, n: u64) {
         self.rejected
-            .get_or_create(&RejectLabels {
-                path: path.as_str().to_owned(),
-                reason: reason.to_owned(),
-            })
+            .get_or_create(&RejectLabels { path: path.as_str().to_owned(), reason: reason.to_owned() })
             .inc_by(n);
     }
 
     /// The number of rejections so far for (path, reason).
     pub fn rejected_count(&self, path: IngestPath, reason: &str) -> u64 {
-        self.rejected
-            .get_or_create(&RejectLabels {
-                path: path.as_str().to_owned(),
-                reason: reason.to_owned(),
-            })
-            .get()
+        self.rejected.get_or_create(&RejectLabels { path: path.as_str().to_owned(), reason: reason.to_owned() }).get()
     }
 
     /// A connection opened; the guard counts it closed when dropped.
     pub fn connection_opened(self: &Arc<Self>, path: IngestPath) -> ConnectionGuard {
-        let labels = PathLabels {
-            path: path.as_str().to_owned(),
-        };
+        let labels = PathLabels { path: path.as_str().to_owned() };
         self.connections_total.get_or_create(&labels).inc();
         let gauge = self.connections.get_or_create(&labels).clone();
         gauge.inc();
@@ -245,19 +196,12 @@ impl Metrics {
     /// Prometheus text exposition, with log sizes read fresh.
     pub fn render(&self, log: &Log) -> String {
         for topic in log.topic_infos() {
-            let labels = TopicLabels {
-                topic: topic.name.clone(),
-            };
-            self.log_size
-                .get_or_create(&labels)
-                .set(topic.partitions.iter().map(|p| p.size_bytes as i64).sum());
-            self.log_end_offset
-                .get_or_create(&labels)
-                .set(topic.partitions.iter().map(|p| p.end_offset as i64).sum());
+            let labels = TopicLabels { topic: topic.name.clone() };
+            self.log_size.get_or_create(&labels).set(topic.partitions.iter().map(|p| p.size_bytes as i64).sum());
+            self.log_end_offset.get_or_create(&labels).set(topic.partitions.iter().map(|p| p.end_offset as i64).sum());
         }
         let mut out = String::with_capacity(8192);
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
 }

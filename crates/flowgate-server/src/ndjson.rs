@@ -29,10 +29,7 @@ pub fn is_json_object(line: &[u8]) -> bool {
 
 /// Serves one NDJSON connection until it closes, idles out, or the engine shuts down.
 pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let metrics = shared.ingest.metrics().clone();
     let topic_name = shared.config.ndjson_topic.clone();
     let topic = match shared.ingest.topic(&topic_name) {
@@ -74,12 +71,7 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
             }
             if line.len() > max_line {
                 metrics.rejected(IngestPath::Ndjson, "line_too_long", 1);
-                warn_bad_input(
-                    &shared,
-                    "ndjson",
-                    &peer,
-                    "line longer than ingest.max_line_bytes",
-                );
+                warn_bad_input(&shared, "ndjson", &peer, "line longer than ingest.max_line_bytes");
             } else if line.iter().all(|b| b.is_ascii_whitespace()) {
                 // Blank lines are not events.
             } else if is_json_object(line) {
@@ -104,22 +96,14 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
             // A never-ending line: drop what we have and skip up to the next newline.
             if !discarding {
                 metrics.rejected(IngestPath::Ndjson, "line_too_long", 1);
-                warn_bad_input(
-                    &shared,
-                    "ndjson",
-                    &peer,
-                    "line longer than ingest.max_line_bytes",
-                );
+                warn_bad_input(&shared, "ndjson", &peer, "line longer than ingest.max_line_bytes");
                 discarding = true;
             }
             buf.clear();
         }
         if !builder.is_empty() {
             let events = u64::from(builder.len());
-            match shared
-                .ingest
-                .append_built(&topic, &mut builder, &mut scratch)
-            {
+            match shared.ingest.append_built(&topic, &mut builder, &mut scratch) {
                 Ok(written) => {
                     if let Err(e) = written.durable().await {
                         tracing::error!(error = %e, "NDJSON append not durable; closing connection");

@@ -43,20 +43,12 @@ impl Engine {
     pub async fn start(config: Config) -> anyhow::Result<Engine> {
         let metrics = Metrics::new();
         let fsync_metrics = metrics.clone();
-        let observer = LogObserver {
-            on_fsync: Some(Arc::new(move |d| fsync_metrics.fsync(d))),
-        };
+        let observer = LogObserver { on_fsync: Some(Arc::new(move |d| fsync_metrics.fsync(d))) };
         let data_dir = config.server.data_dir.clone();
         let log_config = config.log.clone();
-        let log =
-            tokio::task::spawn_blocking(move || Log::open_with(&data_dir, log_config, observer))
-                .await?
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot open the log in {}: {e}",
-                        config.server.data_dir.display()
-                    )
-                })?;
+        let log = tokio::task::spawn_blocking(move || Log::open_with(&data_dir, log_config, observer))
+            .await?
+            .map_err(|e| anyhow::anyhow!("cannot open the log in {}: {e}", config.server.data_dir.display()))?;
         let ingest_config = config.ingest.clone();
         let binary = bind(ingest_config.binary_addr, "the binary protocol").await?;
         let http = bind(ingest_config.http_addr, "HTTP").await?;
@@ -64,9 +56,7 @@ impl Engine {
         let shared = Arc::new(Shared {
             ingest: Ingest::new(log.clone(), metrics, ingest_config.compression),
             connections: Arc::new(Semaphore::new(ingest_config.max_connections)),
-            buffer_budget: Arc::new(Semaphore::new(
-                ingest_config.max_buffered_bytes.min(Semaphore::MAX_PERMITS),
-            )),
+            buffer_budget: Arc::new(Semaphore::new(ingest_config.max_buffered_bytes.min(Semaphore::MAX_PERMITS))),
             config: ingest_config,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -82,17 +72,15 @@ impl Engine {
             shared: shared.clone(),
             background: TaskTracker::new(),
         };
-        engine
-            .background
-            .spawn(accept_loop(binary, shared.clone(), IngestPath::Binary));
-        engine
-            .background
-            .spawn(accept_loop(ndjson, shared.clone(), IngestPath::Ndjson));
+        engine.background.spawn(accept_loop(binary, shared.clone(), IngestPath::Binary));
+        engine.background.spawn(accept_loop(ndjson, shared.clone(), IngestPath::Ndjson));
         let router = crate::http::router(shared.clone());
         let http_shutdown = shared.shutdown.clone();
+        let http_shared = shared.clone();
         engine.background.spawn(async move {
-            let serve = axum::serve(http, router)
-                .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
+            let listener = crate::http::LimitedListener::new(http, http_shared);
+            let serve =
+                axum::serve(listener, router).with_graceful_shutdown(async move { http_shutdown.cancelled().await });
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "HTTP server failed");
             }
@@ -125,10 +113,7 @@ impl Engine {
         self.shared.shutdown.cancel();
         self.background.close();
         self.shared.tasks.close();
-        if tokio::time::timeout(self.grace, self.shared.tasks.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(self.grace, self.shared.tasks.wait()).await.is_err() {
             tracing::warn!("connections did not drain within the grace period; closing them");
         }
         let _ = tokio::time::timeout(self.grace, self.background.wait()).await;
@@ -155,10 +140,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, path: IngestPat
             }
         };
         let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
-            shared
-                .ingest
-                .metrics()
-                .rejected(path, "too_many_connections", 1);
+            shared.ingest.metrics().rejected(path, "too_many_connections", 1);
             if path == IngestPath::Binary {
                 shared.tasks.spawn(crate::binary::refuse(stream));
             }
@@ -169,12 +151,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, path: IngestPat
             let _permit = permit;
             let _open = shared2.ingest.metrics().connection_opened(path);
             match path {
-                IngestPath::Binary => {
-                    crate::binary::serve_connection(stream, shared2.clone()).await
-                }
-                IngestPath::Ndjson => {
-                    crate::ndjson::serve_connection(stream, shared2.clone()).await
-                }
+                IngestPath::Binary => crate::binary::serve_connection(stream, shared2.clone()).await,
+                IngestPath::Ndjson => crate::ndjson::serve_connection(stream, shared2.clone()).await,
                 IngestPath::Http => {}
             }
         });

@@ -58,10 +58,7 @@ pub struct RateLimit {
 impl RateLimit {
     /// At most one message per `period`.
     pub fn new(period: Duration) -> RateLimit {
-        RateLimit {
-            period,
-            state: Mutex::new((None, 0)),
-        }
+        RateLimit { period, state: Mutex::new((None, 0)) }
     }
 
     /// `Some(suppressed since the last one)` when a message may be logged now.

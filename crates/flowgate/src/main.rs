@@ -77,9 +77,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => commands::bench::run(args),
         Command::Validate { config } => commands::validate::run(&config),
         Command::Topics { command } => commands::topics::run(command),
-        Command::Log {
-            command: LogCommand::Check { data_dir, json },
-        } => commands::log_check::run(&data_dir, json),
+        Command::Log { command: LogCommand::Check { data_dir, json } } => commands::log_check::run(&data_dir, json),
     };
     match result {
         Ok(code) => code,

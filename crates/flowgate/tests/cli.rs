@@ -12,32 +12,11 @@ fn send_tail_topics_and_graceful_shutdown() {
     let mut engine = EngineProcess::start(dir.path(), &[]);
     let addr = engine.binary.to_string();
 
-    let (code, out, err) = cli(
-        &[
-            "topics",
-            "create",
-            "orders",
-            "--partitions",
-            "3",
-            "--addr",
-            &addr,
-        ],
-        None,
-    );
+    let (code, out, err) = cli(&["topics", "create", "orders", "--partitions", "3", "--addr", &addr], None);
     assert_eq!(code, 0, "{out}{err}");
     let input: String = (0..500).map(|i| format!("{{\"order\":{i}}}\n")).collect();
-    let (code, out, err) = cli(
-        &[
-            "send",
-            "--topic",
-            "orders",
-            "--key",
-            "customer-1",
-            "--addr",
-            &addr,
-        ],
-        Some(input.as_bytes()),
-    );
+    let (code, out, err) =
+        cli(&["send", "--topic", "orders", "--key", "customer-1", "--addr", &addr], Some(input.as_bytes()));
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("acknowledged 500 events"), "{out}");
 
@@ -49,42 +28,18 @@ fn send_tail_topics_and_graceful_shutdown() {
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(*line, format!("{{\"order\":{i}}}"));
     }
-    let (code, out, _) = cli(
-        &[
-            "tail", "--topic", "orders", "--from", "latest", "--addr", &addr,
-        ],
-        None,
-    );
+    let (code, out, _) = cli(&["tail", "--topic", "orders", "--from", "latest", "--addr", &addr], None);
     assert_eq!((code, out.as_str()), (0, ""));
-    let (_, out, _) = cli(
-        &[
-            "tail",
-            "--topic",
-            "orders",
-            "--from",
-            "2000-01-01T00:00:00Z",
-            "--limit",
-            "3",
-            "--addr",
-            &addr,
-        ],
-        None,
-    );
+    let (_, out, _) =
+        cli(&["tail", "--topic", "orders", "--from", "2000-01-01T00:00:00Z", "--limit", "3", "--addr", &addr], None);
     assert_eq!(out.lines().count(), 3);
 
     let (code, out, _) = cli(&["topics", "list", "--addr", &addr], None);
     assert_eq!(code, 0);
-    assert!(
-        out.lines()
-            .any(|l| l.starts_with("orders") && l.contains(" 3 ") && l.contains(" 500 ")),
-        "{out}"
-    );
+    assert!(out.lines().any(|l| l.starts_with("orders") && l.contains(" 3 ") && l.contains(" 500 ")), "{out}");
 
     // Bad input to send: it stops at the bad line and says how many were acknowledged.
-    let (code, out, err) = cli(
-        &["send", "--topic", "orders", "--addr", &addr],
-        Some(b"{\"ok\":1}\nnot json\n"),
-    );
+    let (code, out, err) = cli(&["send", "--topic", "orders", "--addr", &addr], Some(b"{\"ok\":1}\nnot json\n"));
     assert_ne!(code, 0);
     assert!(err.contains("line 2"), "{err}");
     assert!(out.contains("acknowledged"), "{out}");
@@ -97,26 +52,16 @@ fn send_tail_topics_and_graceful_shutdown() {
     assert_eq!(code, 0, "{out}");
 
     let status = engine.terminate();
-    assert!(
-        status.success(),
-        "SIGTERM must drain and exit 0: {status:?}\n{}",
-        engine.log()
-    );
+    assert!(status.success(), "SIGTERM must drain and exit 0: {status:?}\n{}", engine.log());
     assert!(engine.log().contains("log closed cleanly"));
 
-    let (code, out, _) = cli(
-        &["log", "check", "--data-dir", dir.path().to_str().unwrap()],
-        None,
-    );
+    let (code, out, _) = cli(&["log", "check", "--data-dir", dir.path().to_str().unwrap()], None);
     assert_eq!(code, 0, "{out}");
 }
 
 #[test]
 fn send_to_a_dead_engine_fails_with_one_clear_line() {
-    let (code, out, err) = cli(
-        &["send", "--topic", "t", "--addr", "127.0.0.1:1"],
-        Some(b"{}\n"),
-    );
+    let (code, out, err) = cli(&["send", "--topic", "t", "--addr", "127.0.0.1:1"], Some(b"{}\n"));
     assert_ne!(code, 0);
     assert!(out.contains("acknowledged 0 events"), "{out}");
     assert!(err.contains("127.0.0.1:1"), "{err}");
@@ -130,17 +75,10 @@ fn validate_names_the_bad_key_and_line() {
     let (code, out, _) = cli(&["validate", "--config", good.to_str().unwrap()], None);
     assert_eq!(code, 0, "{out}");
     let bad = dir.path().join("bad.toml");
-    std::fs::write(
-        &bad,
-        "[log]\nfsync = \"always\"\n\n[ingest]\nmax_frame_byte = 10\n",
-    )
-    .unwrap();
+    std::fs::write(&bad, "[log]\nfsync = \"always\"\n\n[ingest]\nmax_frame_byte = 10\n").unwrap();
     let (code, _, err) = cli(&["validate", "--config", bad.to_str().unwrap()], None);
     assert_ne!(code, 0);
-    assert!(
-        err.contains("max_frame_byte") && err.contains("line 5"),
-        "{err}"
-    );
+    assert!(err.contains("max_frame_byte") && err.contains("line 5"), "{err}");
 }
 
 #[test]
@@ -149,49 +87,28 @@ fn a_torn_tail_is_reported_by_log_check_and_cut_on_start() {
     let mut engine = EngineProcess::start(dir.path(), &[]);
     let addr = engine.binary.to_string();
     for batch in 0..3 {
-        let input: String = (0..100)
-            .map(|i| format!("{{\"batch\":{batch},\"i\":{i}}}\n"))
-            .collect();
-        let (code, out, err) = cli(
-            &["send", "--topic", "t", "--addr", &addr],
-            Some(input.as_bytes()),
-        );
+        let input: String = (0..100).map(|i| format!("{{\"batch\":{batch},\"i\":{i}}}\n")).collect();
+        let (code, out, err) = cli(&["send", "--topic", "t", "--addr", &addr], Some(input.as_bytes()));
         assert_eq!(code, 0, "{out}{err}");
     }
     assert!(engine.terminate().success());
     let segment = dir.path().join("topics/t/0/00000000000000000000.log");
     let len = std::fs::metadata(&segment).unwrap().len();
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&segment)
-        .unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&segment).unwrap();
     f.set_len(len - 7).unwrap();
     drop(f);
 
-    let (code, out, _) = cli(
-        &["log", "check", "--data-dir", dir.path().to_str().unwrap()],
-        None,
-    );
+    let (code, out, _) = cli(&["log", "check", "--data-dir", dir.path().to_str().unwrap()], None);
     assert_ne!(code, 0, "{out}");
-    assert!(
-        out.contains("00000000000000000000.log") && out.contains("CORRUPT"),
-        "{out}"
-    );
+    assert!(out.contains("00000000000000000000.log") && out.contains("CORRUPT"), "{out}");
 
     let mut engine = engine.restart();
     std::thread::sleep(Duration::from_millis(100));
-    assert!(
-        engine.log().contains("recovery cut a torn or damaged tail"),
-        "{}",
-        engine.log()
-    );
+    assert!(engine.log().contains("recovery cut a torn or damaged tail"), "{}", engine.log());
     let addr = engine.binary.to_string();
     let (_, out, _) = cli(&["tail", "--topic", "t", "--addr", &addr], None);
     assert_eq!(out.lines().count(), 200, "the two earlier batches survive");
     assert!(engine.terminate().success());
-    let (code, _, _) = cli(
-        &["log", "check", "--data-dir", dir.path().to_str().unwrap()],
-        None,
-    );
+    let (code, _, _) = cli(&["log", "check", "--data-dir", dir.path().to_str().unwrap()], None);
     assert_eq!(code, 0);
 }

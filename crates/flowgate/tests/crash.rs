@@ -28,44 +28,25 @@ async fn produce_until_killed(addr: String, writer: u32, acked: Acked) {
         let mut payloads = Vec::new();
         for i in 0..50u64 {
             let key = format!("w{writer}-k{}", i % 10);
-            let payload =
-                format!("{{\"writer\":{writer},\"seq\":{seq},\"i\":{i},\"key\":\"{key}\"}}");
-            builder.push_payload(
-                flowgate_core::time::now_ms(),
-                Some(key.as_bytes()),
-                payload.as_bytes(),
-            );
+            let payload = format!("{{\"writer\":{writer},\"seq\":{seq},\"i\":{i},\"key\":\"{key}\"}}");
+            builder.push_payload(flowgate_core::time::now_ms(), Some(key.as_bytes()), payload.as_bytes());
             payloads.push((key, payload));
         }
-        let batch = Bytes::from(
-            builder
-                .finish(Codec::None, ProducerStamp::default())
-                .unwrap()
-                .bytes,
-        );
-        let Ok(acks) = client
-            .produce("crash", batch, ProducerStamp::default())
-            .await
-        else {
+        let batch = Bytes::from(builder.finish(Codec::None, ProducerStamp::default()).unwrap().bytes);
+        let Ok(acks) = client.produce("crash", batch, ProducerStamp::default()).await else {
             return;
         };
         // Map acknowledged offsets back to events: within a partition, batch order.
         let mut by_partition: HashMap<u32, Vec<&String>> = HashMap::new();
         for (key, payload) in &payloads {
-            by_partition
-                .entry(flowgate_core::partition_for_key(key.as_bytes(), PARTITIONS))
-                .or_default()
-                .push(payload);
+            by_partition.entry(flowgate_core::partition_for_key(key.as_bytes(), PARTITIONS)).or_default().push(payload);
         }
         let mut acked = acked.lock().unwrap();
         for ack in acks {
             let events = &by_partition[&ack.partition];
             assert_eq!(events.len() as u32, ack.record_count);
             for (i, payload) in events.iter().enumerate() {
-                acked.insert(
-                    (ack.partition, ack.first_offset + i as u64),
-                    (*payload).clone(),
-                );
+                acked.insert((ack.partition, ack.first_offset + i as u64), (*payload).clone());
             }
         }
         seq += 1;
@@ -77,10 +58,7 @@ async fn read_partition(client: &Client, partition: u32) -> Vec<(u64, String)> {
     let mut offset = 0u64;
     let mut scratch = Vec::new();
     loop {
-        let fetched = client
-            .fetch("crash", partition, offset, 1 << 20, 0)
-            .await
-            .unwrap();
+        let fetched = client.fetch("crash", partition, offset, 1 << 20, 0).await.unwrap();
         if fetched.batches.is_empty() {
             return out;
         }
@@ -102,13 +80,8 @@ async fn read_partition(client: &Client, partition: u32) -> Vec<(u64, String)> {
 
 fn run_crash_case(fsync: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let mut engine = EngineProcess::start(
-        dir.path(),
-        &[
-            ("FLOWGATE_LOG__FSYNC", fsync),
-            ("FLOWGATE_LOG__SEGMENT_BYTES", "262144"),
-        ],
-    );
+    let mut engine =
+        EngineProcess::start(dir.path(), &[("FLOWGATE_LOG__FSYNC", fsync), ("FLOWGATE_LOG__SEGMENT_BYTES", "262144")]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let acked: Acked = Arc::default();
     let addr = engine.binary.to_string();
@@ -116,9 +89,7 @@ fn run_crash_case(fsync: &str) {
         let client = Client::connect(&addr).await.unwrap();
         client.create_topic("crash", PARTITIONS).await.unwrap();
     });
-    let writers: Vec<_> = (0..4)
-        .map(|w| rt.spawn(produce_until_killed(addr.clone(), w, acked.clone())))
-        .collect();
+    let writers: Vec<_> = (0..4).map(|w| rt.spawn(produce_until_killed(addr.clone(), w, acked.clone()))).collect();
     // Let load build up, then kill mid-stream.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while acked.lock().unwrap().len() < 200_000 && std::time::Instant::now() < deadline {
@@ -131,11 +102,7 @@ fn run_crash_case(fsync: &str) {
         }
     });
     let acked = acked.lock().unwrap().clone();
-    assert!(
-        acked.len() >= 100_000,
-        "too little acknowledged load before the kill: {}",
-        acked.len()
-    );
+    assert!(acked.len() >= 100_000, "too little acknowledged load before the kill: {}", acked.len());
 
     let engine = engine.restart();
     let addr = engine.binary.to_string();

@@ -15,11 +15,7 @@ fn http_routes() {
     assert_eq!(engine.http("GET", "/health", b"").0, 200);
     assert_eq!(engine.http("GET", "/ready", b"").0, 200);
 
-    let (status, body) = engine.http(
-        "POST",
-        "/v1/topics/web/events",
-        br#"[{"a":1},{"a":2},{"a":3}]"#,
-    );
+    let (status, body) = engine.http("POST", "/v1/topics/web/events", br#"[{"a":1},{"a":2},{"a":3}]"#);
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["accepted"], 3);
@@ -32,12 +28,7 @@ fn http_routes() {
     let (status, body) = engine.http("GET", "/v1/topics/web/events?from=1&limit=3", b"");
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let got: Vec<i64> = v["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["payload"]["a"].as_i64().unwrap())
-        .collect();
+    let got: Vec<i64> = v["events"].as_array().unwrap().iter().map(|e| e["payload"]["a"].as_i64().unwrap()).collect();
     assert_eq!(got, vec![2, 3, 4]);
     assert_eq!(v["next_offset"], 4);
 
@@ -49,10 +40,7 @@ fn http_routes() {
 
     let (status, text) = engine.http("GET", "/metrics", b"");
     assert_eq!(status, 200);
-    assert!(
-        text.contains("flowgate_ingest_events_total{topic=\"web\",path=\"http\"} 5"),
-        "{text}"
-    );
+    assert!(text.contains("flowgate_ingest_events_total{topic=\"web\",path=\"http\"} 5"), "{text}");
     assert!(text.contains("flowgate_append_duration_seconds_bucket"));
     assert!(text.contains("flowgate_log_size_bytes{topic=\"web\"}"));
     let (status, body) = engine.http("GET", "/v1/stats", b"");
@@ -63,10 +51,7 @@ fn http_routes() {
 fn batch(events: &[&str], stamp: ProducerStamp) -> Bytes {
     let mut b = BatchBuilder::new();
     for e in events {
-        b.push_event(
-            &Event::from_payload(e.as_bytes().to_vec()),
-            flowgate_core::time::now_ms(),
-        );
+        b.push_event(&Event::from_payload(e.as_bytes().to_vec()), flowgate_core::time::now_ms());
     }
     Bytes::from(b.finish(Codec::Lz4, stamp).unwrap().bytes)
 }
@@ -78,42 +63,21 @@ fn a_retried_produce_is_stored_once() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let client = Client::connect(&engine.binary.to_string()).await.unwrap();
-        let stamp = ProducerStamp {
-            producer_id: 77,
-            sequence: 0,
-        };
-        let first = client
-            .produce("idem", batch(&["{\"a\":1}", "{\"a\":2}"], stamp), stamp)
-            .await
-            .unwrap();
+        let stamp = ProducerStamp { producer_id: 77, sequence: 0 };
+        let first = client.produce("idem", batch(&["{\"a\":1}", "{\"a\":2}"], stamp), stamp).await.unwrap();
         // The same request again, as a client retrying after a lost reply would.
-        let again = client
-            .produce("idem", batch(&["{\"a\":1}", "{\"a\":2}"], stamp), stamp)
-            .await
-            .unwrap();
+        let again = client.produce("idem", batch(&["{\"a\":1}", "{\"a\":2}"], stamp), stamp).await.unwrap();
         assert_eq!(first, again, "a retry answers with the first offsets");
         // A new connection (as after a reconnect) is recognised too.
         let client2 = Client::connect(&engine.binary.to_string()).await.unwrap();
-        let third = client2
-            .produce("idem", batch(&["{\"a\":1}", "{\"a\":2}"], stamp), stamp)
-            .await
-            .unwrap();
+        let third = client2.produce("idem", batch(&["{\"a\":1}", "{\"a\":2}"], stamp), stamp).await.unwrap();
         assert_eq!(first, third);
-        let next = ProducerStamp {
-            producer_id: 77,
-            sequence: 1,
-        };
-        let acks = client
-            .produce("idem", batch(&["{\"a\":3}"], next), next)
-            .await
-            .unwrap();
+        let next = ProducerStamp { producer_id: 77, sequence: 1 };
+        let acks = client.produce("idem", batch(&["{\"a\":3}"], next), next).await.unwrap();
         assert_eq!(acks[0].first_offset, 2);
         let topics = client.list_topics().await.unwrap();
         let t = topics.iter().find(|t| t.name == "idem").unwrap();
-        assert_eq!(
-            t.partitions[0].end_offset, 3,
-            "3 distinct events stored once each"
-        );
+        assert_eq!(t.partitions[0].end_offset, 3, "3 distinct events stored once each");
     });
 }
 
@@ -124,74 +88,21 @@ fn protocol_errors_name_the_problem() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let client = Client::connect(&engine.binary.to_string()).await.unwrap();
-        let err = client
-            .produce(
-                "missing",
-                batch(&["{}"], ProducerStamp::default()),
-                ProducerStamp::default(),
-            )
-            .await;
-        assert!(
-            matches!(
-                err,
-                Err(ClientError::Server {
-                    code: ErrorCode::UnknownTopic,
-                    ..
-                })
-            ),
-            "{err:?}"
-        );
+        let err = client.produce("missing", batch(&["{}"], ProducerStamp::default()), ProducerStamp::default()).await;
+        assert!(matches!(err, Err(ClientError::Server { code: ErrorCode::UnknownTopic, .. })), "{err:?}");
         client.create_topic("t", 2).await.unwrap();
         let err = client.create_topic("t", 2).await;
-        assert!(
-            matches!(
-                err,
-                Err(ClientError::Server {
-                    code: ErrorCode::TopicExists,
-                    ..
-                })
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, Err(ClientError::Server { code: ErrorCode::TopicExists, .. })), "{err:?}");
         let err = client.fetch("t", 0, 5, 1024, 0).await;
-        assert!(
-            matches!(
-                err,
-                Err(ClientError::Server {
-                    code: ErrorCode::OffsetOutOfRange,
-                    ..
-                })
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, Err(ClientError::Server { code: ErrorCode::OffsetOutOfRange, .. })), "{err:?}");
         let err = client.fetch("t", 9, 0, 1024, 0).await;
-        assert!(
-            matches!(
-                err,
-                Err(ClientError::Server {
-                    code: ErrorCode::UnknownPartition,
-                    ..
-                })
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, Err(ClientError::Server { code: ErrorCode::UnknownPartition, .. })), "{err:?}");
         // A corrupted batch is refused and stores nothing.
         let mut bad = batch(&["{\"x\":1}"], ProducerStamp::default()).to_vec();
         let last = bad.len() - 1;
         bad[last] ^= 0x55;
-        let err = client
-            .produce("t", Bytes::from(bad), ProducerStamp::default())
-            .await;
-        assert!(
-            matches!(
-                err,
-                Err(ClientError::Server {
-                    code: ErrorCode::InvalidBatch,
-                    ..
-                })
-            ),
-            "{err:?}"
-        );
+        let err = client.produce("t", Bytes::from(bad), ProducerStamp::default()).await;
+        assert!(matches!(err, Err(ClientError::Server { code: ErrorCode::InvalidBatch, .. })), "{err:?}");
         let topics = client.list_topics().await.unwrap();
         assert!(topics[0].partitions.iter().all(|p| p.end_offset == 0));
         // The connection is still usable after refused requests; long-poll fetch wakes on data.
@@ -200,30 +111,15 @@ fn protocol_errors_name_the_problem() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         let other = Client::connect(&engine.binary.to_string()).await.unwrap();
         // A key that lands in partition 0, where the fetch is waiting.
-        let key = (0..)
-            .map(|i| format!("k{i}"))
-            .find(|k| flowgate_core::partition_for_key(k.as_bytes(), 2) == 0)
-            .unwrap();
+        let key =
+            (0..).map(|i| format!("k{i}")).find(|k| flowgate_core::partition_for_key(k.as_bytes(), 2) == 0).unwrap();
         let mut b = BatchBuilder::new();
         b.push_payload(1, Some(key.as_bytes()), b"{}");
         let stamp = ProducerStamp::default();
         let started = std::time::Instant::now();
-        other
-            .produce(
-                "t",
-                Bytes::from(b.finish(Codec::None, stamp).unwrap().bytes),
-                stamp,
-            )
-            .await
-            .unwrap();
+        other.produce("t", Bytes::from(b.finish(Codec::None, stamp).unwrap().bytes), stamp).await.unwrap();
         let fetched = waiter.await.unwrap().unwrap();
-        assert!(
-            !fetched.batches.is_empty(),
-            "the waiting fetch returns the new batch"
-        );
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(4),
-            "woken by the append, not the timeout"
-        );
+        assert!(!fetched.batches.is_empty(), "the waiting fetch returns the new batch");
+        assert!(started.elapsed() < std::time::Duration::from_secs(4), "woken by the append, not the timeout");
     });
 }

@@ -184,12 +184,7 @@ fn build_batches(size: usize, batch: usize, codec: Codec) -> Vec<Bytes> {
                 payload.push_str("\"}");
                 builder.push_payload(now, None, payload.as_bytes());
             }
-            Bytes::from(
-                builder
-                    .finish(codec, ProducerStamp::default())
-                    .expect("non-empty batch")
-                    .bytes,
-            )
+            Bytes::from(builder.finish(codec, ProducerStamp::default()).expect("non-empty batch").bytes)
         })
         .collect()
 }
@@ -218,8 +213,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .ok_or_else(|| anyhow::anyhow!("--rate must be a positive number or max"))?,
         ),
     };
-    let codec = Codec::parse(&args.compression)
-        .ok_or_else(|| anyhow::anyhow!("--compression must be none, lz4 or zstd"))?;
+    let codec =
+        Codec::parse(&args.compression).ok_or_else(|| anyhow::anyhow!("--compression must be none, lz4 or zstd"))?;
     anyhow::ensure!(
         args.connections > 0 && args.batch > 0 && args.in_flight > 0,
         "--connections, --batch and --in-flight must be positive"
@@ -265,13 +260,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     }
                     let scheduled = match per_conn_rate {
                         Some(r) => {
-                            let at = start
-                                + Duration::from_secs_f64(due_at(
-                                    pattern,
-                                    (k * batch) as f64,
-                                    r,
-                                    secs,
-                                ));
+                            let at = start + Duration::from_secs_f64(due_at(pattern, (k * batch) as f64, r, secs));
                             if at >= deadline {
                                 break;
                             }
@@ -280,10 +269,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                         }
                         None => now,
                     };
-                    if budget
-                        .fetch_sub(batch.min(budget.load(Ordering::Relaxed)), Ordering::Relaxed)
-                        == 0
-                    {
+                    if budget.fetch_sub(batch.min(budget.load(Ordering::Relaxed)), Ordering::Relaxed) == 0 {
                         break;
                     }
                     // Latency counts from when the batch could be sent: the schedule's
@@ -308,11 +294,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                                 let n: u64 = acks.iter().map(|a| u64::from(a.record_count)).sum();
                                 let micros = sent_at.elapsed().as_micros() as u64;
                                 totals.acked.fetch_add(n, Ordering::Relaxed);
-                                let _ = totals
-                                    .histogram
-                                    .lock()
-                                    .expect("not poisoned")
-                                    .record(micros.max(1));
+                                let _ = totals.histogram.lock().expect("not poisoned").record(micros.max(1));
                             }
                             Err(e) => {
                                 if totals.errors.fetch_add(1, Ordering::Relaxed) == 0 {
@@ -338,11 +320,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 loop {
                     tick.tick().await;
                     let acked = totals.acked.load(Ordering::Relaxed);
-                    let p99 = totals
-                        .histogram
-                        .lock()
-                        .expect("not poisoned")
-                        .value_at_quantile(0.99);
+                    let p99 = totals.histogram.lock().expect("not poisoned").value_at_quantile(0.99);
                     if !quiet {
                         let line = format!(
                             "[{:>5.1}s] {:>12} acked  {:>10.0} ev/s  p99 {:.2} ms",
@@ -403,11 +381,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             h.max() as f64 / 1000.0
         );
     }
-    Ok(if errors == 0 && acked > 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if errors == 0 && acked > 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 #[cfg(test)]

@@ -31,9 +31,5 @@ pub fn run(data_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
             }
         );
     }
-    Ok(if report.is_clean() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -10,9 +10,7 @@ pub mod validate;
 
 /// A multi-threaded runtime for commands that talk to an engine.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
 /// The default engine address for client commands.

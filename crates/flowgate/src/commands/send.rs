@@ -31,19 +31,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => Box::new(std::io::BufReader::new(std::io::stdin())),
         Some(p) if p.as_os_str() == "-" => Box::new(std::io::BufReader::new(std::io::stdin())),
         Some(p) => Box::new(std::io::BufReader::new(
-            std::fs::File::open(p)
-                .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", p.display()))?,
+            std::fs::File::open(p).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", p.display()))?,
         )),
     };
     super::runtime()?.block_on(async move {
-        let mut producer =
-            match Producer::new(&args.addr, &args.topic, ProducerConfig::default()).await {
-                Ok(p) => p,
-                Err(e) => {
-                    println!("acknowledged 0 events");
-                    anyhow::bail!("cannot connect to {}: {e}", args.addr);
-                }
-            };
+        let mut producer = match Producer::new(&args.addr, &args.topic, ProducerConfig::default()).await {
+            Ok(p) => p,
+            Err(e) => {
+                println!("acknowledged 0 events");
+                anyhow::bail!("cannot connect to {}: {e}", args.addr);
+            }
+        };
         let key = args.key.map(Bytes::from);
         let mut sent = 0u64;
         let outcome: anyhow::Result<()> = async {

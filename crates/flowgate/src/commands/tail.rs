@@ -69,7 +69,9 @@ fn parse_start(s: &str) -> anyhow::Result<Start> {
         _ => match s.parse::<u64>() {
             Ok(o) => Start::Offset(o),
             Err(_) => Start::Time(parse_rfc3339_utc(s).ok_or_else(|| {
-                anyhow::anyhow!("--from must be earliest, latest, an offset, @<ms> or a UTC time like 2026-11-24T10:00:00Z")
+                anyhow::anyhow!(
+                    "--from must be earliest, latest, an offset, @<ms> or a UTC time like 2026-11-24T10:00:00Z"
+                )
             })?),
         },
     })
@@ -79,9 +81,8 @@ fn parse_start(s: &str) -> anyhow::Result<Start> {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let start = parse_start(&args.from)?;
     super::runtime()?.block_on(async move {
-        let client = Client::connect(&args.addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", args.addr))?;
+        let client =
+            Client::connect(&args.addr).await.map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", args.addr))?;
         let topics = client.list_topics().await?;
         let Some(info) = topics.iter().find(|t| t.name == args.topic) else {
             anyhow::bail!("topic '{}' does not exist", args.topic);
@@ -100,10 +101,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Start::Earliest => pi.start_offset,
                 Start::Latest => pi.end_offset,
                 Start::Offset(o) => o.max(pi.start_offset),
-                Start::Time(ts) => client
-                    .offset_for_time(&args.topic, p, ts)
-                    .await?
-                    .unwrap_or(pi.end_offset),
+                Start::Time(ts) => client.offset_for_time(&args.topic, p, ts).await?.unwrap_or(pi.end_offset),
             });
         }
         let stdout = std::io::stdout();
@@ -114,14 +112,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         loop {
             let mut progressed = false;
             for (i, &p) in partitions.iter().enumerate() {
-                let wait = if args.follow && partitions.len() == 1 {
-                    500
-                } else {
-                    0
-                };
-                let fetched = client
-                    .fetch(&args.topic, p, offsets[i], 1 << 20, wait)
-                    .await?;
+                let wait = if args.follow && partitions.len() == 1 { 500 } else { 0 };
+                let fetched = client.fetch(&args.topic, p, offsets[i], 1 << 20, wait).await?;
                 let mut rest = &fetched.batches[..];
                 while !rest.is_empty() {
                     let (view, tail) = BatchView::parse(rest)?;
@@ -164,14 +156,8 @@ mod tests {
     #[test]
     fn parses_utc_times() {
         assert_eq!(parse_rfc3339_utc("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(
-            parse_rfc3339_utc("2026-11-24T10:00:00.5Z"),
-            Some(1_795_514_400_500)
-        );
-        assert_eq!(
-            parse_rfc3339_utc("2000-03-01T00:00:01Z"),
-            Some(951_868_801_000)
-        );
+        assert_eq!(parse_rfc3339_utc("2026-11-24T10:00:00.5Z"), Some(1_795_514_400_500));
+        assert_eq!(parse_rfc3339_utc("2000-03-01T00:00:01Z"), Some(951_868_801_000));
         assert_eq!(parse_rfc3339_utc("2026-13-01T00:00:00Z"), None);
         assert_eq!(parse_rfc3339_utc("yesterday"), None);
     }

@@ -38,9 +38,7 @@ pub enum Command {
 }
 
 async fn connect(addr: &str) -> anyhow::Result<Client> {
-    Client::connect(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {addr}: {e}"))
+    Client::connect(addr).await.map_err(|e| anyhow::anyhow!("cannot connect to {addr}: {e}"))
 }
 
 /// Runs a topic subcommand.

@@ -36,10 +36,7 @@ fn field(line: &str, name: &str) -> Option<SocketAddr> {
 impl EngineProcess {
     /// Starts an engine on free ports with `data_dir`, plus extra `FLOWGATE_*` settings.
     pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> EngineProcess {
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         EngineProcess::start_owned(data_dir.to_path_buf(), env)
     }
 
@@ -80,10 +77,7 @@ impl EngineProcess {
             Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();
-                panic!(
-                    "engine did not become ready; its log:\n{}",
-                    log.lock().unwrap()
-                );
+                panic!("engine did not become ready; its log:\n{}", log.lock().unwrap());
             }
         };
         EngineProcess {
@@ -106,19 +100,13 @@ impl EngineProcess {
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill -TERM");
+        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "engine did not exit after SIGTERM"
-            );
+            assert!(Instant::now() < deadline, "engine did not exit after SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -141,10 +129,7 @@ impl EngineProcess {
     /// The value of a Prometheus sample whose line starts with `prefix`, 0 if absent.
     pub fn metric(&self, prefix: &str) -> f64 {
         let (_, text) = self.http("GET", "/metrics", b"");
-        text.lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
     }
 }
 
@@ -168,15 +153,8 @@ pub fn http_request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> 
     let mut response = Vec::new();
     s.read_to_end(&mut response).unwrap();
     let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     // Bodies may be chunked; tests only look for substrings and JSON inside.
     (status, dechunk(&body))
 }
@@ -205,14 +183,11 @@ fn dechunk(body: &str) -> String {
 /// Runs the flowgate CLI; returns (exit code, stdout, stderr).
 pub fn cli(args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
     let mut cmd = Command::new(flowgate_bin());
-    cmd.args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        });
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
     let mut child = cmd.spawn().expect("run flowgate");
     if let Some(input) = stdin {
         let mut sink = child.stdin.take().unwrap();
