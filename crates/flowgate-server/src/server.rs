@@ -78,7 +78,7 @@ impl Engine {
         let http_shutdown = shared.shutdown.clone();
         let http_shared = shared.clone();
         engine.background.spawn(async move {
-            let listener = crate::http::LimitedListener::new(http, http_shared);
+            let listener = crate::http::listener::LimitedListener::new(http, http_shared);
             let serve =
                 axum::serve(listener, router).with_graceful_shutdown(async move { http_shutdown.cancelled().await });
             if let Err(e) = serve.await {
