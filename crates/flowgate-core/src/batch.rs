@@ -541,6 +541,12 @@ pub(crate) fn read_header<'b>(buf: &'b [u8], pos: &mut usize) -> Option<(&'b [u8
 }
 
 impl<'s> RecordIter<'s> {
+    /// Iterates an uncompressed records section directly (as [`BatchView::records`]
+    /// does), for callers that hold the section in a buffer of their own.
+    pub fn over(section: &'s [u8], first_timestamp: i64, record_count: u32) -> RecordIter<'s> {
+        RecordIter { buf: section, pos: 0, index: 0, stated: record_count, first_timestamp }
+    }
+
     fn decode_one(&mut self) -> Result<RecordRef<'s>, BatchError> {
         let index = self.index;
         let body =

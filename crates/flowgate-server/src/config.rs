@@ -27,6 +27,9 @@ pub struct Config {
     /// Listener settings.
     #[serde(default)]
     pub ingest: IngestConfig,
+    /// Pipelines: topics through processors to sinks.
+    #[serde(default)]
+    pub pipelines: Vec<flowgate_engine::PipelineConfig>,
 }
 
 /// `[server]`.
@@ -241,7 +244,29 @@ impl Config {
         if flowgate_log::validate_topic_name(&self.ingest.ndjson_topic).is_err() {
             return Err(bad("ingest.ndjson_topic", "is not a valid topic name"));
         }
-        Ok(())
+        self.validate_pipelines(origin)
+    }
+
+    /// Checks every pipeline: processors compile (VRL), sinks are well formed, names unique.
+    pub fn validate_pipelines(&self, origin: &str) -> Result<(), ConfigError> {
+        struct Checker;
+        impl flowgate_engine::SinkFactory for Checker {
+            fn validate(&self, config: &flowgate_engine::config::SinkConfig) -> anyhow::Result<()> {
+                flowgate_connectors::Connectors::validate_config(config)
+            }
+            fn build(
+                &self,
+                _: &flowgate_engine::config::SinkConfig,
+                _: &flowgate_engine::SinkPlace,
+            ) -> anyhow::Result<Box<dyn flowgate_engine::Sink>> {
+                anyhow::bail!("validation only")
+            }
+        }
+        flowgate_engine::validate(&self.pipelines, &Checker).map_err(|e| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            key: "pipelines".into(),
+            message: format!("{e:#}"),
+        })
     }
 }
 

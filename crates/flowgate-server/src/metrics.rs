@@ -72,6 +72,8 @@ pub struct Metrics {
     log_size: Family<TopicLabels, Gauge>,
     log_end_offset: Family<TopicLabels, Gauge>,
     buffered_bytes: Gauge,
+    /// Pipeline, processor and sink metrics.
+    pub pipelines: Arc<flowgate_engine::PipelineMetrics>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -130,7 +132,9 @@ impl Metrics {
         );
         let buffered_bytes = Gauge::default();
         registry.register("flowgate_ingest_buffered_bytes", "Bytes held in ingest buffers", buffered_bytes.clone());
+        let pipelines = Arc::new(flowgate_engine::PipelineMetrics::register(&mut registry));
         Arc::new(Metrics {
+            pipelines,
             registry,
             events,
             bytes,

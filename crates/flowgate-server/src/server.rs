@@ -29,6 +29,7 @@ pub struct Engine {
     pub ndjson_addr: SocketAddr,
     grace: Duration,
     background: TaskTracker,
+    pipelines: Option<flowgate_engine::Pipelines>,
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -64,13 +65,14 @@ impl Engine {
             started: Instant::now(),
             bad_input_log: RateLimit::new(Duration::from_secs(1)),
         });
-        let engine = Engine {
+        let mut engine = Engine {
             binary_addr: binary.local_addr()?,
             http_addr: http.local_addr()?,
             ndjson_addr: ndjson.local_addr()?,
             grace: Duration::from_secs(config.server.shutdown_grace_secs),
             shared: shared.clone(),
             background: TaskTracker::new(),
+            pipelines: None,
         };
         engine.background.spawn(accept_loop(binary, shared.clone(), IngestPath::Binary));
         engine.background.spawn(accept_loop(ndjson, shared.clone(), IngestPath::Ndjson));
@@ -86,6 +88,18 @@ impl Engine {
             }
         });
         engine.background.spawn(retention_loop(shared.clone()));
+        if !config.pipelines.is_empty() {
+            let factory = Arc::new(flowgate_connectors::Connectors::new(log.clone(), config.server.data_dir.clone()));
+            let pipelines = flowgate_engine::Pipelines::start(
+                log.clone(),
+                config.server.data_dir.clone(),
+                config.pipelines.clone(),
+                factory,
+                shared.ingest.metrics().pipelines.clone(),
+            )?;
+            tracing::info!(pipelines = config.pipelines.len(), "pipelines started");
+            engine.pipelines = Some(pipelines);
+        }
         shared.ready.store(true, Ordering::Release);
         tracing::info!(
             binary = %engine.binary_addr, http = %engine.http_addr, ndjson = %engine.ndjson_addr,
@@ -107,7 +121,7 @@ impl Engine {
 
     /// Stops accepting, lets connections drain (up to the grace period), fsyncs and
     /// closes the log.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
         tracing::info!("shutting down: no new connections, draining");
         self.shared.ready.store(false, Ordering::Release);
         self.shared.shutdown.cancel();
@@ -117,6 +131,10 @@ impl Engine {
             tracing::warn!("connections did not drain within the grace period; closing them");
         }
         let _ = tokio::time::timeout(self.grace, self.background.wait()).await;
+        if let Some(pipelines) = self.pipelines.take() {
+            // Flush every sink and commit every pipeline's offsets.
+            pipelines.shutdown().await;
+        }
         let log = self.shared.ingest.log().clone();
         tokio::task::spawn_blocking(move || log.close()).await??;
         tracing::info!("log closed cleanly");

@@ -19,6 +19,9 @@ struct Cli {
 enum Command {
     /// Start the engine (the embedded default config without --config).
     Run(commands::run::Args),
+    /// Start an engine in-process, drive realistic IoT load through the demo pipeline,
+    /// and print a report.
+    Demo(commands::demo::Args),
     /// Send NDJSON lines (from FILE or stdin) as events; print how many were acknowledged.
     Send(commands::send::Args),
     /// Read events from the log, one JSON payload per line.
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Run(args) => commands::run::run(args),
+        Command::Demo(args) => commands::demo::run(args),
         Command::Send(args) => commands::send::run(args),
         Command::Tail(args) => commands::tail::run(args),
         Command::Bench(args) => commands::bench::run(args),

@@ -1,0 +1,23 @@
+//! `blackhole`: accepts and discards, for benchmarks of everything before the sink.
+
+use flowgate_engine::sink::BoxFuture;
+use flowgate_engine::{Sink, SinkEvent};
+
+/// Discards events.
+#[derive(Debug)]
+pub struct BlackholeSink;
+
+impl Sink for BlackholeSink {
+    fn write<'a>(&'a mut self, events: &'a [SinkEvent]) -> BoxFuture<'a, anyhow::Result<()>> {
+        std::hint::black_box(events);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn commit(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
+        Box::pin(async { Ok(serde_json::Value::Null) })
+    }
+
+    fn recover<'a>(&'a mut self, _state: &'a serde_json::Value) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}

@@ -1,0 +1,327 @@
+//! Pipeline configuration: `[[pipelines]]` in the engine's TOML.
+
+use serde::{Deserialize, Serialize};
+
+/// One pipeline: source topics → processors in order → sinks (fan-out).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Unique name; names its checkpoints and metrics.
+    pub name: String,
+    /// Topics it consumes.
+    pub topics: Vec<String>,
+    /// Where a pipeline without a checkpoint starts: `earliest` or `latest`.
+    #[serde(default = "default_start")]
+    pub start: String,
+    /// How much it reads from the log at once.
+    #[serde(default)]
+    pub read: ReadPolicy,
+    /// Committed offsets and processor state are checkpointed this often (ms).
+    #[serde(default = "default_commit_interval")]
+    pub commit_interval_ms: u64,
+    /// Processors, applied in order.
+    #[serde(default)]
+    pub processors: Vec<ProcessorConfig>,
+    /// Sinks; every sink gets every event unless a `route` processor says otherwise.
+    pub sinks: Vec<SinkConfig>,
+}
+
+fn default_start() -> String {
+    "earliest".into()
+}
+
+fn default_commit_interval() -> u64 {
+    500
+}
+
+/// How a pipeline reads its topics.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReadPolicy {
+    /// Bytes of batches per log read.
+    pub max_bytes: usize,
+}
+
+impl Default for ReadPolicy {
+    fn default() -> Self {
+        ReadPolicy { max_bytes: 1 << 20 }
+    }
+}
+
+/// A processor.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ProcessorConfig {
+    /// Keeps events for which a VRL condition is true.
+    Filter {
+        /// VRL boolean expression, e.g. `.temp > 20`.
+        condition: String,
+    },
+    /// Rewrites events with a VRL program.
+    Remap {
+        /// VRL program, e.g. `.fahrenheit = .celsius * 9 / 5 + 32`.
+        source: String,
+    },
+    /// Drops events whose id was seen within a TTL.
+    Dedup {
+        /// Where the id comes from: a field path like `id` or `meta.event_id`, or
+        /// `@client_id` / `@key` for the event's client id or key.
+        by: String,
+        /// How long (event time, ms) an id is remembered.
+        #[serde(default = "default_dedup_ttl")]
+        ttl_ms: u64,
+        /// Ids remembered at most (per partition); the oldest go first.
+        #[serde(default = "default_dedup_entries")]
+        max_entries: usize,
+    },
+    /// Windowed aggregation by key over event time.
+    Aggregate(AggregateConfig),
+    /// SIMD statistics over a numeric array field.
+    Numeric(NumericConfig),
+    /// Sends events to sinks by condition.
+    Route {
+        /// Checked in order; an event goes to the sinks of every route whose condition holds.
+        routes: Vec<RouteConfig>,
+        /// Sinks for events no route matched (none: such events are dropped).
+        #[serde(default)]
+        default: Vec<String>,
+    },
+}
+
+fn default_dedup_ttl() -> u64 {
+    60_000
+}
+
+fn default_dedup_entries() -> usize {
+    1_000_000
+}
+
+/// One route.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// VRL boolean expression.
+    pub condition: String,
+    /// Sink names.
+    pub sinks: Vec<String>,
+}
+
+/// `type = "aggregate"`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateConfig {
+    /// Field path of the group key (e.g. `device`); all events in one group when absent.
+    #[serde(default)]
+    pub group_by: Option<String>,
+    /// Field path of the event time in ms; the event's timestamp when absent.
+    #[serde(default)]
+    pub time_field: Option<String>,
+    /// The window.
+    pub window: WindowConfig,
+    /// Bounded out-of-orderness: the watermark trails the largest event time by this.
+    #[serde(default)]
+    pub max_out_of_orderness_ms: u64,
+    /// A window is emitted once the watermark passes its end plus this; events for it
+    /// that arrive before then are still counted.
+    #[serde(default)]
+    pub allowed_lateness_ms: u64,
+    /// Topic that late events go to (they are counted either way).
+    #[serde(default)]
+    pub late_topic: Option<String>,
+    /// With no new events for this long (processing time), the watermark advances by
+    /// the wall clock, so the last windows are emitted. 0 = never.
+    #[serde(default = "default_idle")]
+    pub idle_advance_ms: u64,
+    /// The aggregates.
+    pub functions: Vec<AggregateFunction>,
+}
+
+fn default_idle() -> u64 {
+    5_000
+}
+
+/// Window shapes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum WindowConfig {
+    /// Fixed, non-overlapping windows of `size_ms`.
+    Tumbling {
+        /// Window length.
+        size_ms: u64,
+    },
+    /// Windows of `size_ms` starting every `hop_ms`.
+    Hopping {
+        /// Window length.
+        size_ms: u64,
+        /// Distance between window starts.
+        hop_ms: u64,
+    },
+    /// Per key, events closer than `gap_ms` share a window.
+    Session {
+        /// Inactivity gap that closes a session.
+        gap_ms: u64,
+    },
+}
+
+/// One aggregate output field.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateFunction {
+    /// `count`, `sum`, `min`, `max`, `avg`, `first`, `last` or `quantile`.
+    #[serde(rename = "fn")]
+    pub function: String,
+    /// Field path the function reads (not needed by `count`).
+    #[serde(default)]
+    pub field: Option<String>,
+    /// For `quantile`: which (0 to 1).
+    #[serde(default)]
+    pub q: Option<f64>,
+    /// Output field name; defaults to `<fn>_<field>`.
+    #[serde(default, rename = "as")]
+    pub output: Option<String>,
+}
+
+/// `type = "numeric"`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NumericConfig {
+    /// Field path of an array of numbers.
+    pub field: String,
+    /// Statistics to add: any of `count`, `sum`, `min`, `max`, `mean`.
+    #[serde(default = "default_stats")]
+    pub stats: Vec<String>,
+    /// Replace the array by `x * scale + offset` first.
+    #[serde(default)]
+    pub scale: Option<f64>,
+    /// See `scale`.
+    #[serde(default)]
+    pub offset: Option<f64>,
+    /// Count elements above this (output `count_above`).
+    #[serde(default)]
+    pub count_above: Option<f64>,
+    /// Object the results go into; `<field>_stats` by default.
+    #[serde(default)]
+    pub output: Option<String>,
+}
+
+fn default_stats() -> Vec<String> {
+    ["count", "sum", "min", "max", "mean"].map(String::from).to_vec()
+}
+
+/// A sink: its name, its type's settings, and its batching.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(try_from = "RawSink", into = "RawSink")]
+pub struct SinkConfig {
+    /// Unique within the pipeline; routes refer to it.
+    pub name: String,
+    /// The sink type and its settings.
+    pub kind: SinkKind,
+    /// Batching toward the sink.
+    pub batch: BatchPolicy,
+}
+
+/// The sink as written: `name`, `batch`, and the type's own keys side by side. Parsed in
+/// two steps so that a misspelt key of the sink type is still refused by name.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct RawSink {
+    name: String,
+    #[serde(default)]
+    batch: BatchPolicy,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, serde_json::Value>,
+}
+
+impl TryFrom<RawSink> for SinkConfig {
+    type Error = String;
+
+    fn try_from(raw: RawSink) -> Result<Self, Self::Error> {
+        let kind = serde_json::from_value(serde_json::Value::Object(raw.rest))
+            .map_err(|e| format!("sink '{}': {e}", raw.name))?;
+        Ok(SinkConfig { name: raw.name, kind, batch: raw.batch })
+    }
+}
+
+impl From<SinkConfig> for RawSink {
+    fn from(s: SinkConfig) -> RawSink {
+        let rest = match serde_json::to_value(&s.kind) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => Default::default(),
+        };
+        RawSink { name: s.name, batch: s.batch, rest }
+    }
+}
+
+/// Sink types.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SinkKind {
+    /// NDJSON files, one directory per pipeline sink, one file series per partition.
+    File {
+        /// Directory (relative paths are under the data directory).
+        path: String,
+        /// Roll to a new file past this size.
+        #[serde(default = "default_rotate_bytes")]
+        rotate_bytes: u64,
+        /// Roll to a new file after this long (0 = never).
+        #[serde(default)]
+        rotate_ms: u64,
+        /// `none` or `zstd` for closed files.
+        #[serde(default = "default_none")]
+        compression: String,
+    },
+    /// Another flowgate topic of this engine.
+    Topic {
+        /// The topic.
+        topic: String,
+    },
+    /// Standard output, one JSON payload per line.
+    Stdout,
+    /// Another flowgate over the binary protocol.
+    Tcp {
+        /// Its address.
+        addr: String,
+        /// Topic there.
+        topic: String,
+    },
+    /// Discards everything (for benchmarks).
+    Blackhole,
+}
+
+fn default_rotate_bytes() -> u64 {
+    128 << 20
+}
+
+fn default_none() -> String {
+    "none".into()
+}
+
+/// When a sink's batch is flushed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchPolicy {
+    /// Flush at this many events.
+    pub max_events: usize,
+    /// Flush at this many bytes.
+    pub max_bytes: usize,
+    /// Flush when the oldest buffered event has waited this long.
+    pub max_wait_ms: u64,
+    /// Move `max_events` toward `target_latency_ms` per write, within bounds.
+    pub adaptive: bool,
+    /// The write latency adaptive batching aims for.
+    pub target_latency_ms: u64,
+    /// Lower bound of adaptive `max_events`.
+    pub min_events: usize,
+}
+
+impl Default for BatchPolicy {
+    fn default() -> Self {
+        BatchPolicy {
+            max_events: 10_000,
+            max_bytes: 4 << 20,
+            max_wait_ms: 50,
+            adaptive: false,
+            target_latency_ms: 20,
+            min_events: 100,
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! An event inside a pipeline: the stored record plus, once a processor needs fields,
+//! its parsed JSON document.
+
+use bytes::Bytes;
+use vrl::value::{KeyString, Value};
+
+/// Sink mask meaning "every sink".
+pub const ALL_SINKS: u64 = u64::MAX;
+
+/// One event flowing through a pipeline.
+#[derive(Clone, Debug)]
+pub struct PipelineEvent {
+    /// Source partition.
+    pub partition: u32,
+    /// Source offset (`u64::MAX` for events a processor created, e.g. window results).
+    pub offset: u64,
+    /// Event time (ms since the epoch).
+    pub timestamp: i64,
+    /// Key, if any.
+    pub key: Option<Bytes>,
+    /// Client id, if any.
+    pub client_id: Option<Bytes>,
+    /// Which sinks get it (bit i = sink i).
+    pub sinks: u64,
+    payload: Bytes,
+    doc: Option<Value>,
+    dirty: bool,
+}
+
+/// Why an event's payload cannot be used as JSON.
+#[derive(Debug, thiserror::Error)]
+#[error("payload is not a JSON document: {0}")]
+pub struct NotJson(String);
+
+impl PipelineEvent {
+    /// An event from a stored record (copying its bytes).
+    pub fn from_record(partition: u32, offset: u64, record: &flowgate_core::RecordRef<'_>) -> PipelineEvent {
+        PipelineEvent::from_record_in(None, partition, offset, record)
+    }
+
+    /// An event from a record that borrows from `buffer`: its bytes are shared with the
+    /// buffer instead of copied.
+    pub fn from_record_in(
+        buffer: Option<&Bytes>,
+        partition: u32,
+        offset: u64,
+        record: &flowgate_core::RecordRef<'_>,
+    ) -> PipelineEvent {
+        let share = |s: &[u8]| match buffer {
+            Some(b) => b.slice_ref(s),
+            None => Bytes::copy_from_slice(s),
+        };
+        PipelineEvent {
+            partition,
+            offset,
+            timestamp: record.timestamp,
+            key: record.key.map(share),
+            client_id: record.client_id.map(share),
+            sinks: ALL_SINKS,
+            payload: share(record.payload),
+            doc: None,
+            dirty: false,
+        }
+    }
+
+    /// An event a processor creates from a document.
+    pub fn from_document(partition: u32, timestamp: i64, key: Option<Bytes>, doc: Value) -> PipelineEvent {
+        PipelineEvent {
+            partition,
+            offset: u64::MAX,
+            timestamp,
+            key,
+            client_id: None,
+            sinks: ALL_SINKS,
+            payload: Bytes::new(),
+            doc: Some(doc),
+            dirty: true,
+        }
+    }
+
+    /// The parsed document, parsing the payload on first use.
+    pub fn doc(&mut self) -> Result<&mut Value, NotJson> {
+        if self.doc.is_none() {
+            let value: Value = serde_json::from_slice(&self.payload).map_err(|e| NotJson(e.to_string()))?;
+            self.doc = Some(value);
+        }
+        Ok(self.doc.as_mut().expect("just parsed"))
+    }
+
+    /// The document for changing: the payload is re-serialized when next read.
+    pub fn doc_mut(&mut self) -> Result<&mut Value, NotJson> {
+        self.dirty = true;
+        self.doc()
+    }
+
+    /// Replaces the document.
+    pub fn set_doc(&mut self, doc: Value) {
+        self.doc = Some(doc);
+        self.dirty = true;
+    }
+
+    /// Forgets the parsed document and any change to it; the payload is as stored.
+    pub fn discard_doc(&mut self) {
+        self.doc = None;
+        self.dirty = false;
+    }
+
+    /// The JSON payload, re-serialized if a processor changed the document.
+    pub fn payload(&mut self) -> &Bytes {
+        if self.dirty {
+            if let Some(doc) = &self.doc {
+                self.payload = Bytes::from(serde_json::to_vec(doc).unwrap_or_default());
+            }
+            self.dirty = false;
+        }
+        &self.payload
+    }
+
+    /// The payload as stored, without re-serializing (for events no processor changed).
+    pub fn raw_payload(&self) -> &Bytes {
+        &self.payload
+    }
+}
+
+/// Reads a field by dotted path (`a.b.c`) from a document.
+pub fn get_path<'v>(doc: &'v Value, path: &str) -> Option<&'v Value> {
+    let mut current = doc;
+    for part in path.split('.') {
+        match current {
+            Value::Object(map) => current = map.get(part)?,
+            _ => return None,
+        }
+    }
+    Some(current)
+}
+
+/// Sets a field by dotted path, creating objects on the way.
+pub fn set_path(doc: &mut Value, path: &str, value: Value) {
+    let mut current = doc;
+    let mut parts = path.split('.').peekable();
+    while let Some(part) = parts.next() {
+        if !matches!(current, Value::Object(_)) {
+            *current = Value::Object(Default::default());
+        }
+        let Value::Object(map) = current else { unreachable!("made an object above") };
+        if parts.peek().is_none() {
+            map.insert(KeyString::from(part), value);
+            return;
+        }
+        current = map.entry(KeyString::from(part)).or_insert_with(|| Value::Object(Default::default()));
+    }
+}
+
+/// A number from a document value (integers and floats).
+pub fn as_f64(value: &Value) -> Option<f64> {
+    match value {
+        Value::Integer(i) => Some(*i as f64),
+        Value::Float(f) => Some(f.into_inner()),
+        _ => None,
+    }
+}
+
+/// A float as a document value (NaN becomes null).
+pub fn float_value(f: f64) -> Value {
+    if f.is_nan() {
+        Value::Null
+    } else {
+        Value::from_f64_or_zero(f)
+    }
+}
+
+/// A document value as a compact string key (strings without quotes).
+pub fn key_string(value: &Value) -> String {
+    match value.to_str_lossy() {
+        Some(s) => s.into_owned(),
+        None => serde_json::to_string(value).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_read_and_write_nested_fields() {
+        let mut doc: Value = serde_json::from_str(r#"{"a":{"b":1},"c":"x"}"#).unwrap();
+        assert_eq!(get_path(&doc, "a.b"), Some(&Value::Integer(1)));
+        assert_eq!(get_path(&doc, "a.z"), None);
+        set_path(&mut doc, "a.d.e", Value::Boolean(true));
+        set_path(&mut doc, "c", Value::Integer(2));
+        assert_eq!(serde_json::to_string(&doc).unwrap(), r#"{"a":{"b":1,"d":{"e":true}},"c":2}"#);
+        assert_eq!(key_string(get_path(&doc, "c").unwrap()), "2");
+    }
+}

@@ -1,0 +1,29 @@
+//! flowgate's pipelines: events flow from topics through processors to sinks, batch at
+//! a time, in order per partition, without loss.
+//!
+//! - [`config`]: `[[pipelines]]` — topics, processors, sinks, batching.
+//! - [`event`]: an event inside a pipeline and its lazily parsed JSON document.
+//! - [`expr`]: VRL, the expression language of `filter`, `remap` and `route`.
+//! - [`processors`]: filter, remap, dedup, aggregate (windows, watermarks, DDSketch),
+//!   numeric (SIMD), route.
+//! - [`sink`]: what a sink must do; concrete sinks live in `flowgate-connectors`.
+//! - [`checkpoint`]: committed offsets with processor and sink state.
+//! - [`runtime`]: workers per source partition, sink tasks with adaptive batching,
+//!   aligned checkpoints, the dead-letter topic.
+//! - [`metrics`]: per pipeline, processor and sink.
+
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod config;
+pub mod event;
+pub mod expr;
+pub mod metrics;
+pub mod processors;
+pub mod runtime;
+pub mod sink;
+
+pub use config::PipelineConfig;
+pub use metrics::PipelineMetrics;
+pub use runtime::{validate, Pipelines, DLQ_TOPIC};
+pub use sink::{Sink, SinkEvent, SinkFactory, SinkPlace};

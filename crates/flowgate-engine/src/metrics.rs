@@ -1,0 +1,158 @@
+//! Pipeline metrics, registered into the engine's Prometheus registry.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of a processor.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProcessorLabels {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// `<position>:<type>`, e.g. `2:dedup`.
+    pub processor: String,
+}
+
+/// Labels of a sink.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabels {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Sink name.
+    pub sink: String,
+}
+
+/// Labels of a flush.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlushLabels {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Sink name.
+    pub sink: String,
+    /// `size`, `bytes`, `time` or `commit`.
+    pub reason: String,
+}
+
+/// Labels of a pipeline.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PipelineLabels {
+    /// Pipeline name.
+    pub pipeline: String,
+}
+
+/// Labels of a source partition.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Source topic.
+    pub topic: String,
+    /// Source partition.
+    pub partition: String,
+}
+
+fn batch_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 18))
+}
+
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_5, 2.0, 20))
+}
+
+/// Every pipeline metric.
+#[derive(Debug)]
+pub struct PipelineMetrics {
+    /// Events read from the log.
+    pub events_read: Family<PipelineLabels, Counter>,
+    /// Events into each processor.
+    pub processor_in: Family<ProcessorLabels, Counter>,
+    /// Events out of each processor.
+    pub processor_out: Family<ProcessorLabels, Counter>,
+    /// Events a processor dropped on purpose (filtered, duplicate, consumed by a window).
+    pub processor_dropped: Family<ProcessorLabels, Counter>,
+    /// Events a processor failed on (sent to the dead-letter topic).
+    pub processor_failed: Family<ProcessorLabels, Counter>,
+    /// Late events (aggregate).
+    pub late_events: Family<ProcessorLabels, Counter>,
+    /// Events written by each sink.
+    pub sink_events: Family<SinkLabels, Counter>,
+    /// Failed sink writes (retried).
+    pub sink_errors: Family<SinkLabels, Counter>,
+    /// Flushes by reason.
+    pub sink_flushes: Family<FlushLabels, Counter>,
+    /// Events per sink write.
+    pub sink_batch_events: Family<SinkLabels, Histogram, fn() -> Histogram>,
+    /// Duration of sink writes.
+    pub sink_write_seconds: Family<SinkLabels, Histogram, fn() -> Histogram>,
+    /// Current batch size target (moves with adaptive batching).
+    pub sink_batch_target: Family<SinkLabels, Gauge>,
+    /// From the event's timestamp (ingest time unless the client set one) to its sink write.
+    pub end_to_end_seconds: Family<PipelineLabels, Histogram, fn() -> Histogram>,
+    /// Log end offset minus committed offset.
+    pub lag: Family<SourceLabels, Gauge>,
+    /// Events sent to the dead-letter topic.
+    pub dead_letters: Family<PipelineLabels, Counter>,
+}
+
+impl PipelineMetrics {
+    /// Metrics not registered anywhere (for tests and embedding).
+    pub fn new() -> PipelineMetrics {
+        PipelineMetrics {
+            events_read: Family::default(),
+            processor_in: Family::default(),
+            processor_out: Family::default(),
+            processor_dropped: Family::default(),
+            processor_failed: Family::default(),
+            late_events: Family::default(),
+            sink_events: Family::default(),
+            sink_errors: Family::default(),
+            sink_flushes: Family::default(),
+            sink_batch_events: Family::new_with_constructor(batch_histogram as fn() -> Histogram),
+            sink_write_seconds: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
+            sink_batch_target: Family::default(),
+            end_to_end_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            lag: Family::default(),
+            dead_letters: Family::default(),
+        }
+    }
+
+    /// Creates the metrics and registers them.
+    pub fn register(registry: &mut Registry) -> PipelineMetrics {
+        let m = PipelineMetrics::new();
+        registry.register("flowgate_pipeline_events_read", "Events pipelines read from the log", m.events_read.clone());
+        registry.register("flowgate_processor_events_in", "Events into a processor", m.processor_in.clone());
+        registry.register("flowgate_processor_events_out", "Events out of a processor", m.processor_out.clone());
+        registry.register(
+            "flowgate_processor_events_dropped",
+            "Events a processor dropped on purpose",
+            m.processor_dropped.clone(),
+        );
+        registry.register(
+            "flowgate_processor_events_failed",
+            "Events a processor failed on (sent to _dlq)",
+            m.processor_failed.clone(),
+        );
+        registry.register("flowgate_processor_late_events", "Events later than their windows", m.late_events.clone());
+        registry.register("flowgate_sink_events", "Events written by a sink", m.sink_events.clone());
+        registry.register("flowgate_sink_errors", "Failed sink writes (retried)", m.sink_errors.clone());
+        registry.register("flowgate_sink_flushes", "Sink batch flushes by reason", m.sink_flushes.clone());
+        registry.register("flowgate_sink_batch_events", "Events per sink write", m.sink_batch_events.clone());
+        registry.register("flowgate_sink_write_duration_seconds", "Duration of sink writes", m.sink_write_seconds.clone());
+        registry.register("flowgate_sink_batch_target_events", "Current sink batch size target", m.sink_batch_target.clone());
+        registry.register(
+            "flowgate_pipeline_end_to_end_latency_seconds",
+            "From event timestamp to sink write",
+            m.end_to_end_seconds.clone(),
+        );
+        registry.register("flowgate_pipeline_lag", "Log end offset minus committed offset", m.lag.clone());
+        registry.register("flowgate_dlq_events", "Events sent to the dead-letter topic", m.dead_letters.clone());
+        m
+    }
+}
