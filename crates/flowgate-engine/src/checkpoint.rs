@@ -35,7 +35,10 @@ impl CheckpointFile {
     pub fn load(&self) -> anyhow::Result<Option<Checkpoint>> {
         match std::fs::read(&self.path) {
             Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|e| {
-                anyhow::anyhow!("checkpoint {} is unreadable ({e}); move it away to restart from the start policy", self.path.display())
+                anyhow::anyhow!(
+                    "checkpoint {} is unreadable ({e}); move it away to restart from the start policy",
+                    self.path.display()
+                )
             })?)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(anyhow::anyhow!("cannot read checkpoint {}: {e}", self.path.display())),

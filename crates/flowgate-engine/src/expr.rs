@@ -56,7 +56,8 @@ impl Vrl {
 
     /// Runs the program on `document` (taken and given back in the output).
     pub fn run(&mut self, document: Value) -> Result<VrlOutput, String> {
-        let mut target = TargetValue { value: document, metadata: Value::Object(Default::default()), secrets: Secrets::default() };
+        let mut target =
+            TargetValue { value: document, metadata: Value::Object(Default::default()), secrets: Secrets::default() };
         let result = self.runtime.resolve(&mut target, &self.program, &self.timezone);
         self.runtime.clear();
         match result {

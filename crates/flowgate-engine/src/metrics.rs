@@ -101,6 +101,12 @@ pub struct PipelineMetrics {
     pub dead_letters: Family<PipelineLabels, Counter>,
 }
 
+impl Default for PipelineMetrics {
+    fn default() -> Self {
+        PipelineMetrics::new()
+    }
+}
+
 impl PipelineMetrics {
     /// Metrics not registered anywhere (for tests and embedding).
     pub fn new() -> PipelineMetrics {
@@ -144,8 +150,16 @@ impl PipelineMetrics {
         registry.register("flowgate_sink_errors", "Failed sink writes (retried)", m.sink_errors.clone());
         registry.register("flowgate_sink_flushes", "Sink batch flushes by reason", m.sink_flushes.clone());
         registry.register("flowgate_sink_batch_events", "Events per sink write", m.sink_batch_events.clone());
-        registry.register("flowgate_sink_write_duration_seconds", "Duration of sink writes", m.sink_write_seconds.clone());
-        registry.register("flowgate_sink_batch_target_events", "Current sink batch size target", m.sink_batch_target.clone());
+        registry.register(
+            "flowgate_sink_write_duration_seconds",
+            "Duration of sink writes",
+            m.sink_write_seconds.clone(),
+        );
+        registry.register(
+            "flowgate_sink_batch_target_events",
+            "Current sink batch size target",
+            m.sink_batch_target.clone(),
+        );
         registry.register(
             "flowgate_pipeline_end_to_end_latency_seconds",
             "From event timestamp to sink write",

@@ -70,14 +70,28 @@ pub fn validate(pipelines: &[PipelineConfig], sinks: &dyn SinkFactory) -> anyhow
 }
 
 /// Running pipelines; stop them with [`Pipelines::shutdown`].
+///
+/// Pipelines run on their own threads (a runtime of their own), so the operating
+/// system shares the cores between processing and ingest: a busy pipeline cannot delay
+/// the listeners' acknowledgements.
 pub struct Pipelines {
     cancel: CancellationToken,
-    workers: JoinSet<()>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl std::fmt::Debug for Pipelines {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pipelines").field("workers", &self.workers.len()).finish()
+    }
+}
+
+impl Drop for Pipelines {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
@@ -100,30 +114,70 @@ impl Pipelines {
         validate(&configs, factory.as_ref())?;
         let shared = Arc::new(Shared { log, data_dir, metrics, factory });
         let cancel = CancellationToken::new();
-        let mut workers = JoinSet::new();
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("flowgate-pipeline")
+            .enable_all()
+            .build()?;
+        let mut workers = Vec::new();
+        // Lag is refreshed apart from the workers, so a stalled worker still shows it.
+        let mut lags: Vec<(
+            Arc<Partition>,
+            Arc<std::sync::atomic::AtomicU64>,
+            prometheus_client::metrics::gauge::Gauge,
+        )> = Vec::new();
         for config in configs {
             let config = Arc::new(config);
             for topic_name in &config.topics {
                 let topic = shared.log.topic_or_create(topic_name)?;
                 for partition in topic.partitions() {
                     let worker = Worker::new(shared.clone(), config.clone(), topic_name, partition.clone())?;
+                    let gauge = shared
+                        .metrics
+                        .lag
+                        .get_or_create(&SourceLabels {
+                            pipeline: config.name.clone(),
+                            topic: topic_name.clone(),
+                            partition: partition.id().to_string(),
+                        })
+                        .clone();
+                    lags.push((partition.clone(), worker.committed.clone(), gauge));
                     let cancel = cancel.clone();
-                    workers.spawn(async move {
+                    workers.push(runtime.spawn(async move {
                         let place = format!("{}/{}/{}", worker.config.name, worker.topic, worker.partition.id());
                         if let Err(e) = worker.run(cancel).await {
                             tracing::error!(place, error = %format!("{e:#}"), "pipeline worker stopped");
                         }
-                    });
+                    }));
                 }
             }
         }
-        Ok(Pipelines { cancel, workers })
+        let lag_cancel = cancel.clone();
+        runtime.spawn(async move {
+            loop {
+                for (partition, committed, gauge) in &lags {
+                    let committed = committed.load(std::sync::atomic::Ordering::Acquire);
+                    gauge.set(partition.end_offset().saturating_sub(committed) as i64);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = lag_cancel.cancelled() => return,
+                }
+            }
+        });
+        Ok(Pipelines { cancel, workers, runtime: Some(runtime) })
     }
 
     /// Stops reading, flushes and commits every worker.
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
-        while self.workers.join_next().await.is_some() {}
+        for worker in self.workers.drain(..) {
+            let _ = worker.await;
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
@@ -140,16 +194,25 @@ struct Worker {
     processors: Vec<Box<dyn Processor>>,
     processor_labels: Vec<ProcessorLabels>,
     checkpoint: CheckpointFile,
+    committed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Worker {
-    fn new(shared: Arc<Shared>, config: Arc<PipelineConfig>, topic: &str, partition: Arc<Partition>) -> anyhow::Result<Worker> {
+    fn new(
+        shared: Arc<Shared>,
+        config: Arc<PipelineConfig>,
+        topic: &str,
+        partition: Arc<Partition>,
+    ) -> anyhow::Result<Worker> {
         let sink_names: Vec<String> = config.sinks.iter().map(|s| s.name.clone()).collect();
         let processors = processors::build(&config.processors, &sink_names)?;
         let processor_labels = processors
             .iter()
             .enumerate()
-            .map(|(i, p)| ProcessorLabels { pipeline: config.name.clone(), processor: format!("{}:{}", i + 1, p.kind()) })
+            .map(|(i, p)| ProcessorLabels {
+                pipeline: config.name.clone(),
+                processor: format!("{}:{}", i + 1, p.kind()),
+            })
             .collect();
         let checkpoint = CheckpointFile::new(&shared.data_dir, &config.name, topic, partition.id());
         Ok(Worker {
@@ -160,12 +223,14 @@ impl Worker {
             processors,
             processor_labels,
             checkpoint,
+            committed: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         })
     }
 
     async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
         let saved = self.checkpoint.load()?;
-        let place = SinkPlace { pipeline: self.config.name.clone(), topic: self.topic.clone(), partition: self.partition.id() };
+        let place =
+            SinkPlace { pipeline: self.config.name.clone(), topic: self.topic.clone(), partition: self.partition.id() };
         let mut sinks_tx = Vec::new();
         let mut sink_tasks = JoinSet::new();
         for (i, sink_config) in self.config.sinks.iter().enumerate() {
@@ -175,7 +240,14 @@ impl Worker {
             let (tx, rx) = mpsc::channel(4);
             sinks_tx.push(tx);
             let labels = SinkLabels { pipeline: self.config.name.clone(), sink: sink_config.name.clone() };
-            sink_tasks.spawn(run_sink(sink, rx, sink_config.batch.clone(), 1u64 << i, labels, self.shared.metrics.clone()));
+            sink_tasks.spawn(run_sink(
+                sink,
+                rx,
+                sink_config.batch.clone(),
+                1u64 << i,
+                labels,
+                self.shared.metrics.clone(),
+            ));
         }
         let mut offset = match &saved {
             Some(c) => {
@@ -192,13 +264,8 @@ impl Worker {
         let commit_every = Duration::from_millis(self.config.commit_interval_ms.max(10));
         let mut next_commit = Instant::now() + commit_every;
         let pipeline_labels = PipelineLabels { pipeline: self.config.name.clone() };
-        let lag = self.shared.metrics.lag.get_or_create(&SourceLabels {
-            pipeline: self.config.name.clone(),
-            topic: self.topic.clone(),
-            partition: self.partition.id().to_string(),
-        }).clone();
         let read_counter = self.shared.metrics.events_read.get_or_create(&pipeline_labels).clone();
-        let mut committed = offset;
+        self.committed.store(offset, std::sync::atomic::Ordering::Release);
         let mut scratch = Vec::new();
         loop {
             if cancel.is_cancelled() {
@@ -206,10 +273,8 @@ impl Worker {
             }
             if Instant::now() >= next_commit {
                 self.commit(offset, &sinks_tx).await?;
-                committed = offset;
                 next_commit = Instant::now() + commit_every;
             }
-            lag.set(self.partition.end_offset().saturating_sub(committed) as i64);
             let read = match self.partition.read(offset, self.config.read.max_bytes) {
                 Ok(r) => r,
                 Err(flowgate_log::LogError::OffsetOutOfRange { start, .. }) if offset < start => {
@@ -301,7 +366,9 @@ impl Worker {
         }
         if !outputs.dead_letters.is_empty() {
             let m = &self.shared.metrics;
-            m.dead_letters.get_or_create(&PipelineLabels { pipeline: self.config.name.clone() }).inc_by(outputs.dead_letters.len() as u64);
+            m.dead_letters
+                .get_or_create(&PipelineLabels { pipeline: self.config.name.clone() })
+                .inc_by(outputs.dead_letters.len() as u64);
             let mut b = BatchBuilder::new();
             for dl in outputs.dead_letters {
                 let payload = dl.event.raw_payload();
@@ -333,12 +400,13 @@ impl Worker {
         if builder.is_empty() {
             return;
         }
-        let result = builder.finish(Codec::None, ProducerStamp::default()).map_err(anyhow::Error::from).and_then(|mut batch| {
-            let t = self.shared.log.topic_or_create(topic)?;
-            let p = t.partition(t.next_round_robin())?;
-            p.append(&mut batch.bytes)?;
-            Ok(())
-        });
+        let result =
+            builder.finish(Codec::None, ProducerStamp::default()).map_err(anyhow::Error::from).and_then(|mut batch| {
+                let t = self.shared.log.topic_or_create(topic)?;
+                let p = t.partition(t.next_round_robin())?;
+                p.append(&mut batch.bytes)?;
+                Ok(())
+            });
         if let Err(e) = result {
             tracing::error!(topic, error = %format!("{e:#}"), "could not write side output");
         }
@@ -362,6 +430,7 @@ impl Worker {
         };
         let file = self.checkpoint.clone();
         tokio::task::spawn_blocking(move || file.store(&checkpoint)).await??;
+        self.committed.store(offset, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 }
@@ -369,7 +438,12 @@ impl Worker {
 /// Decodes whole batches into events at or after `from`, sharing the buffer's bytes
 /// (a compressed batch is decompressed once into its own shared buffer). Returns the
 /// events and the next offset to read.
-fn decode(buffer: &Bytes, partition: u32, from: u64, scratch: &mut Vec<u8>) -> anyhow::Result<(Vec<PipelineEvent>, u64)> {
+fn decode(
+    buffer: &Bytes,
+    partition: u32,
+    from: u64,
+    scratch: &mut Vec<u8>,
+) -> anyhow::Result<(Vec<PipelineEvent>, u64)> {
     let mut events = Vec::new();
     let mut next = from;
     let mut rest = &buffer[..];
@@ -383,7 +457,8 @@ fn decode(buffer: &Bytes, partition: u32, from: u64, scratch: &mut Vec<u8>) -> a
             owned = Bytes::copy_from_slice(view.records_section(scratch)?);
             (&owned, &owned[..])
         };
-        let records = flowgate_core::batch::RecordIter::over(section, view.header.first_timestamp, view.header.record_count);
+        let records =
+            flowgate_core::batch::RecordIter::over(section, view.header.first_timestamp, view.header.record_count);
         for record in records {
             let record = record?;
             let offset = base + u64::from(record.offset_delta);
@@ -411,7 +486,9 @@ async fn fan_out(mut events: Vec<PipelineEvent>, sinks: &[mpsc::Sender<SinkMsg>]
         .collect();
     let (out, masks) = (Arc::new(out), Arc::new(masks));
     for tx in sinks {
-        tx.send(SinkMsg::Events(out.clone(), masks.clone())).await.map_err(|_| anyhow::anyhow!("a sink task stopped"))?;
+        tx.send(SinkMsg::Events(out.clone(), masks.clone()))
+            .await
+            .map_err(|_| anyhow::anyhow!("a sink task stopped"))?;
     }
     Ok(())
 }
@@ -495,7 +572,8 @@ async fn run_sink(
     metrics: Arc<PipelineMetrics>,
 ) {
     let events = metrics.sink_events.get_or_create(&labels).clone();
-    let end_to_end = metrics.end_to_end_seconds.get_or_create(&PipelineLabels { pipeline: labels.pipeline.clone() }).clone();
+    let end_to_end =
+        metrics.end_to_end_seconds.get_or_create(&PipelineLabels { pipeline: labels.pipeline.clone() }).clone();
     let mut task = SinkTask { sink, events, end_to_end, labels, metrics };
     let target_gauge = task.metrics.sink_batch_target.get_or_create(&task.labels).clone();
     let mut target = if policy.adaptive { (policy.max_events / 4).max(policy.min_events) } else { policy.max_events };
@@ -574,7 +652,13 @@ mod tests {
 
     #[test]
     fn adaptive_batching_moves_toward_the_target_latency_within_bounds() {
-        let policy = BatchPolicy { max_events: 10_000, min_events: 100, target_latency_ms: 10, adaptive: true, ..BatchPolicy::default() };
+        let policy = BatchPolicy {
+            max_events: 10_000,
+            min_events: 100,
+            target_latency_ms: 10,
+            adaptive: true,
+            ..BatchPolicy::default()
+        };
         let mut n = 1000;
         for _ in 0..50 {
             n = adapt(n, Duration::from_millis(1), &policy);

@@ -17,7 +17,8 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("count_gt_1M");
     group.throughput(Throughput::Elements(x.len() as u64));
-    group.bench_function("naive_scalar", |b| b.iter(|| reference::count_where(std::hint::black_box(&x), Cmp::Gt, 10.0)));
+    group
+        .bench_function("naive_scalar", |b| b.iter(|| reference::count_where(std::hint::black_box(&x), Cmp::Gt, 10.0)));
     for level in available_levels() {
         group.bench_with_input(BenchmarkId::new("kernel", format!("{level:?}")), &level, |b, &l| {
             b.iter(|| count_where_with(l, std::hint::black_box(&x), Cmp::Gt, 10.0))

@@ -28,7 +28,8 @@ pub(crate) fn sum_min_max(x: &[f64]) -> (f64, f64, f64) {
             hi[i] = hi[i].max(c[i]);
         }
     }
-    let (mut sum, mut min, mut max) = ((s[0] + s[1]) + (s[2] + s[3]), lo[0].min(lo[1]).min(lo[2].min(lo[3])), hi[0].max(hi[1]).max(hi[2].max(hi[3])));
+    let (mut sum, mut min, mut max) =
+        ((s[0] + s[1]) + (s[2] + s[3]), lo[0].min(lo[1]).min(lo[2].min(lo[3])), hi[0].max(hi[1]).max(hi[2].max(hi[3])));
     for &v in tail {
         sum += v;
         min = min.min(v);

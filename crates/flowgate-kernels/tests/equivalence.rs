@@ -6,7 +6,15 @@ use proptest::prelude::*;
 
 fn values() -> impl Strategy<Value = Vec<f64>> {
     proptest::collection::vec(
-        prop_oneof![-1e9f64..1e9, -1.0f64..1.0, Just(0.0), Just(-0.0), Just(1e300), Just(-1e300), (-5i32..5i32).prop_map(f64::from)],
+        prop_oneof![
+            -1e9f64..1e9,
+            -1.0f64..1.0,
+            Just(0.0),
+            Just(-0.0),
+            Just(1e300),
+            Just(-1e300),
+            (-5i32..5i32).prop_map(f64::from)
+        ],
         0..2000,
     )
 }

@@ -28,7 +28,13 @@ pub struct FileSink {
 
 impl FileSink {
     /// A sink writing into `dir` for one source partition.
-    pub fn new(dir: PathBuf, place: &SinkPlace, rotate_bytes: u64, rotate_ms: u64, compress: bool) -> anyhow::Result<FileSink> {
+    pub fn new(
+        dir: PathBuf,
+        place: &SinkPlace,
+        rotate_bytes: u64,
+        rotate_ms: u64,
+        compress: bool,
+    ) -> anyhow::Result<FileSink> {
         std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
         Ok(FileSink {
             dir,
@@ -178,7 +184,13 @@ mod tests {
 
     fn events(range: std::ops::Range<u64>) -> Vec<SinkEvent> {
         range
-            .map(|i| SinkEvent { partition: 0, offset: i, timestamp: 0, key: None, payload: Bytes::from(format!("{{\"n\":{i}}}")) })
+            .map(|i| SinkEvent {
+                partition: 0,
+                offset: i,
+                timestamp: 0,
+                key: None,
+                payload: Bytes::from(format!("{{\"n\":{i}}}")),
+            })
             .collect()
     }
 

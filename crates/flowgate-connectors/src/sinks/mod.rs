@@ -49,7 +49,10 @@ impl Connectors {
             SinkKind::Stdout | SinkKind::Blackhole => {}
         }
         anyhow::ensure!(config.batch.max_events > 0, "`batch.max_events` must be positive");
-        anyhow::ensure!(config.batch.min_events <= config.batch.max_events, "`batch.min_events` exceeds `batch.max_events`");
+        anyhow::ensure!(
+            config.batch.min_events <= config.batch.max_events,
+            "`batch.min_events` exceeds `batch.max_events`"
+        );
         Ok(())
     }
 }

@@ -84,11 +84,11 @@ impl Aggregate {
     /// Validates the config.
     pub fn new(c: &AggregateConfig) -> anyhow::Result<Aggregate> {
         match c.window {
-            WindowConfig::Tumbling { size_ms } if size_ms == 0 => anyhow::bail!("window.size_ms must be positive"),
+            WindowConfig::Tumbling { size_ms: 0 } => anyhow::bail!("window.size_ms must be positive"),
             WindowConfig::Hopping { size_ms, hop_ms } if size_ms == 0 || hop_ms == 0 || hop_ms > size_ms => {
                 anyhow::bail!("window needs 0 < hop_ms <= size_ms")
             }
-            WindowConfig::Session { gap_ms } if gap_ms == 0 => anyhow::bail!("window.gap_ms must be positive"),
+            WindowConfig::Session { gap_ms: 0 } => anyhow::bail!("window.gap_ms must be positive"),
             _ => {}
         }
         if c.functions.is_empty() {
@@ -237,11 +237,11 @@ impl Aggregate {
         }
     }
 
-    fn merge(outputs: &[Output], into: &mut Window, from: Window) {
+    fn merge(into: &mut Window, from: Window) {
         into.start = into.start.min(from.start);
         into.end = into.end.max(from.end);
         into.count += from.count;
-        for ((a, b), out) in into.fields.iter_mut().zip(from.fields).zip(outputs) {
+        for (a, b) in into.fields.iter_mut().zip(from.fields) {
             match (a, b) {
                 (FieldAcc::Sum(x), FieldAcc::Sum(y)) => *x += y,
                 (FieldAcc::Min(x), FieldAcc::Min(y)) => *x = [*x, y].into_iter().flatten().reduce(f64::min),
@@ -250,21 +250,17 @@ impl Aggregate {
                     *s += s2;
                     *n += n2;
                 }
-                (FieldAcc::First(x), FieldAcc::First(y)) => {
-                    if y.as_ref().is_some_and(|(t, _)| x.as_ref().is_none_or(|(t0, _)| t < t0)) {
-                        *x = y;
-                    }
+                (FieldAcc::First(x), FieldAcc::First(y))
+                    if y.as_ref().is_some_and(|(t, _)| x.as_ref().is_none_or(|(t0, _)| t < t0)) =>
+                {
+                    *x = y;
                 }
-                (FieldAcc::Last(x), FieldAcc::Last(y)) => {
-                    if y.as_ref().is_some_and(|(t, _)| x.as_ref().is_none_or(|(t0, _)| t >= t0)) {
-                        *x = y;
-                    }
+                (FieldAcc::Last(x), FieldAcc::Last(y))
+                    if y.as_ref().is_some_and(|(t, _)| x.as_ref().is_none_or(|(t0, _)| t >= t0)) =>
+                {
+                    *x = y;
                 }
-                (FieldAcc::Quantile(_), FieldAcc::Quantile(_)) => {
-                    // Sketch merge is not needed for correctness of emitted counts; keep the
-                    // larger sketch (sessions merge rarely).
-                    let _ = out;
-                }
+                (FieldAcc::Quantile(x), FieldAcc::Quantile(y)) => x.merge(&y),
                 _ => {}
             }
         }
@@ -339,24 +335,19 @@ impl Processor for Aggregate {
         self.last_event_wall = flowgate_core::time::now_ms();
         for mut event in events {
             self.partition = event.partition;
-            let (ts, group) = {
-                let Ok(doc) = event.doc() else {
-                    out.dead_letters.push(super::DeadLetter {
-                        processor: "aggregate".into(),
-                        error: "payload is not JSON".into(),
-                        event,
-                    });
-                    continue;
-                };
-                let ts = match &self.time_field {
-                    Some(f) => get_path(doc, f).and_then(as_f64).map(|t| t as i64),
-                    None => None,
-                };
-                let group = self.group_by.as_deref().and_then(|g| get_path(doc, g)).map(key_string).unwrap_or_default();
-                (ts, group)
+            let event_ts = event.timestamp;
+            let Ok(doc) = event.doc() else {
+                out.dead_letters.push(super::DeadLetter {
+                    processor: "aggregate".into(),
+                    error: "payload is not JSON".into(),
+                    event,
+                });
+                continue;
             };
-            let ts = ts.unwrap_or(event.timestamp);
-            let doc = event.doc().expect("parsed above").clone();
+            let ts = self.time_field.as_deref().and_then(|f| get_path(doc, f)).and_then(as_f64).map(|t| t as i64);
+            let group = self.group_by.as_deref().and_then(|g| get_path(doc, g)).map(key_string).unwrap_or_default();
+            let ts = ts.unwrap_or(event_ts);
+            let doc: &Value = doc;
             let accepted = match self.window {
                 WindowConfig::Session { gap_ms } => {
                     let gap = gap_ms as i64;
@@ -373,10 +364,10 @@ impl Processor for Aggregate {
                         let mut window = self.new_window(ts, ts + gap);
                         for k in touching {
                             let w = self.open.remove(&k).expect("listed above");
-                            Self::merge(&self.outputs, &mut window, w);
+                            Self::merge(&mut window, w);
                         }
-                        Self::accumulate(&self.outputs, &mut window, ts, &doc);
-                        self.open.insert((window.end, group.clone(), window.start), window);
+                        Self::accumulate(&self.outputs, &mut window, ts, doc);
+                        self.open.insert((window.end, group, window.start), window);
                         true
                     }
                 }
@@ -387,10 +378,13 @@ impl Processor for Aggregate {
                             continue;
                         }
                         any = true;
-                        let outputs = self.outputs.clone();
-                        let fresh = self.new_window(start, end);
-                        let window = self.open.entry((end, group.clone(), start)).or_insert(fresh);
-                        Self::accumulate(&outputs, window, ts, &doc);
+                        let key = (end, group.clone(), start);
+                        if !self.open.contains_key(&key) {
+                            let fresh = self.new_window(start, end);
+                            self.open.insert(key.clone(), fresh);
+                        }
+                        let window = self.open.get_mut(&key).expect("inserted above");
+                        Self::accumulate(&self.outputs, window, ts, doc);
                     }
                     any
                 }
@@ -521,7 +515,9 @@ mod tests {
         // 7 is in [0,10) and [5,15), for each of a and b: 4 windows, all closed by 30.
         let mut got: Vec<(String, i64, i64)> = emitted
             .iter()
-            .map(|w| (w["k"].as_str().unwrap().to_owned(), w["window_start"].as_i64().unwrap(), w["count"].as_i64().unwrap()))
+            .map(|w| {
+                (w["k"].as_str().unwrap().to_owned(), w["window_start"].as_i64().unwrap(), w["count"].as_i64().unwrap())
+            })
             .collect();
         got.sort();
         assert_eq!(got, vec![("a".into(), 0, 1), ("a".into(), 5, 1), ("b".into(), 0, 1), ("b".into(), 5, 1)]);

@@ -109,8 +109,12 @@ impl Processor for Dedup {
     }
 
     fn snapshot(&self) -> serde_json::Value {
-        let entries: Vec<(&str, i64)> =
-            self.order.iter().filter(|(ts, id)| self.seen.get(id) == Some(ts)).map(|(ts, id)| (id.as_str(), *ts)).collect();
+        let entries: Vec<(&str, i64)> = self
+            .order
+            .iter()
+            .filter(|(ts, id)| self.seen.get(id) == Some(ts))
+            .map(|(ts, id)| (id.as_str(), *ts))
+            .collect();
         serde_json::json!({"max_ts": self.max_ts, "dropped": self.dropped, "entries": entries})
     }
 
@@ -165,7 +169,8 @@ pub(crate) mod tests {
         );
         assert_eq!(ids(&mut kept), vec![r#"{"id":1}"#, r#"{"id":2}"#]);
         // 1500: id 1 (seen at 0) expired; id 2 (seen at 10) too: horizon 500.
-        let mut kept = d.process(events(&[(1500, r#"{"id":1}"#), (1510, r#"{"id":2}"#), (1520, r#"{"id":3}"#)]), &mut out);
+        let mut kept =
+            d.process(events(&[(1500, r#"{"id":1}"#), (1510, r#"{"id":2}"#), (1520, r#"{"id":3}"#)]), &mut out);
         assert_eq!(kept.len(), 3, "{:?}", ids(&mut kept));
         assert_eq!(d.dropped, 2);
     }

@@ -75,10 +75,14 @@ pub fn build(configs: &[ProcessorConfig], sink_names: &[String]) -> anyhow::Resu
             let p: anyhow::Result<Box<dyn Processor>> = match c {
                 ProcessorConfig::Filter { condition } => Filter::new(condition).map(|p| Box::new(p) as _),
                 ProcessorConfig::Remap { source } => Remap::new(source).map(|p| Box::new(p) as _),
-                ProcessorConfig::Dedup { by, ttl_ms, max_entries } => Ok(Box::new(Dedup::new(by, *ttl_ms, *max_entries))),
+                ProcessorConfig::Dedup { by, ttl_ms, max_entries } => {
+                    Ok(Box::new(Dedup::new(by, *ttl_ms, *max_entries)))
+                }
                 ProcessorConfig::Aggregate(a) => Aggregate::new(a).map(|p| Box::new(p) as _),
                 ProcessorConfig::Numeric(n) => Numeric::new(n).map(|p| Box::new(p) as _),
-                ProcessorConfig::Route { routes, default } => Route::new(routes, default, sink_names).map(|p| Box::new(p) as _),
+                ProcessorConfig::Route { routes, default } => {
+                    Route::new(routes, default, sink_names).map(|p| Box::new(p) as _)
+                }
             };
             p.map_err(|e| anyhow::anyhow!("{place}: {e}"))
         })

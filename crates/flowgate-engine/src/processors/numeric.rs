@@ -120,13 +120,20 @@ mod tests {
         let mut n = Numeric::new(&config).unwrap();
         let mut out = Outputs::default();
         let mut kept = n.process(
-            super::super::dedup::tests::events(&[(0, r#"{"r":[1,2,3.5]}"#), (0, r#"{"r":"x"}"#), (0, r#"{"r":[1,"a"]}"#)]),
+            super::super::dedup::tests::events(&[
+                (0, r#"{"r":[1,2,3.5]}"#),
+                (0, r#"{"r":"x"}"#),
+                (0, r#"{"r":[1,"a"]}"#),
+            ]),
             &mut out,
         );
         assert_eq!(kept.len(), 1);
         assert_eq!(out.dead_letters.len(), 2);
         let v: serde_json::Value = serde_json::from_slice(kept[0].payload()).unwrap();
         assert_eq!(v["r"], serde_json::json!([3.0, 5.0, 8.0]));
-        assert_eq!(v["r_stats"], serde_json::json!({"count":3,"sum":16.0,"min":3.0,"max":8.0,"mean":16.0/3.0,"count_above":2}));
+        assert_eq!(
+            v["r_stats"],
+            serde_json::json!({"count":3,"sum":16.0,"min":3.0,"max":8.0,"mean":16.0/3.0,"count_above":2})
+        );
     }
 }

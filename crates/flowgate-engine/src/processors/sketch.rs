@@ -50,6 +50,18 @@ impl DdSketch {
         }
     }
 
+    /// Adds every value of `other` (same accuracy) to this sketch.
+    pub fn merge(&mut self, other: &DdSketch) {
+        for (i, n) in &other.positive {
+            *self.positive.entry(*i).or_default() += n;
+        }
+        for (i, n) in &other.negative {
+            *self.negative.entry(*i).or_default() += n;
+        }
+        self.zeros += other.zeros;
+        self.count += other.count;
+    }
+
     /// Values added.
     pub fn count(&self) -> u64 {
         self.count

@@ -124,7 +124,11 @@ fn quantile_from_buckets(text: &str, metric: &str, q: f64) -> Option<f64> {
 }
 
 fn metric_sum(text: &str, prefix: &str) -> f64 {
-    text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        + 0.0
 }
 
 /// Runs the demo and prints its report.
@@ -280,7 +284,12 @@ mod tests {
 
     #[test]
     fn telemetry_is_json_with_duplicates_and_late_events() {
-        let counters = Counters { sent: AtomicU64::new(0), duplicates: AtomicU64::new(0), late: AtomicU64::new(0), acked: AtomicU64::new(0) };
+        let counters = Counters {
+            sent: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            late: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+        };
         let mut rng = Rng(42);
         let mut id = 0;
         let bytes = telemetry_batch(&mut rng, &mut id, 100, 5000, &counters);

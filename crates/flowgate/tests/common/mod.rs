@@ -24,6 +24,7 @@ pub struct EngineProcess {
     pub ndjson: SocketAddr,
     pub stderr: Arc<Mutex<String>>,
     env: Vec<(String, String)>,
+    config: Option<PathBuf>,
 }
 
 fn field(line: &str, name: &str) -> Option<SocketAddr> {
@@ -36,14 +37,22 @@ fn field(line: &str, name: &str) -> Option<SocketAddr> {
 impl EngineProcess {
     /// Starts an engine on free ports with `data_dir`, plus extra `FLOWGATE_*` settings.
     pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> EngineProcess {
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        EngineProcess::start_owned(data_dir.to_path_buf(), env)
+        EngineProcess::start_with(data_dir, None, env)
     }
 
-    fn start_owned(data_dir: PathBuf, env: Vec<(String, String)>) -> EngineProcess {
+    /// Starts an engine with a config file.
+    pub fn start_with(data_dir: &Path, config: Option<&Path>, env: &[(&str, &str)]) -> EngineProcess {
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        EngineProcess::start_owned(data_dir.to_path_buf(), config.map(Path::to_path_buf), env)
+    }
+
+    fn start_owned(data_dir: PathBuf, config: Option<PathBuf>, env: Vec<(String, String)>) -> EngineProcess {
         let mut cmd = Command::new(flowgate_bin());
-        cmd.arg("run")
-            .arg("--data-dir")
+        cmd.arg("run");
+        if let Some(c) = &config {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.arg("--data-dir")
             .arg(&data_dir)
             .env("FLOWGATE_INGEST__BINARY_ADDR", "127.0.0.1:0")
             .env("FLOWGATE_INGEST__HTTP_ADDR", "127.0.0.1:0")
@@ -88,6 +97,7 @@ impl EngineProcess {
             ndjson: field(&ready, "ndjson").expect("ndjson address in ready line"),
             stderr: log,
             env,
+            config,
         }
     }
 
@@ -113,7 +123,17 @@ impl EngineProcess {
 
     /// Starts a new engine on the same data directory and settings.
     pub fn restart(&self) -> EngineProcess {
-        EngineProcess::start_owned(self.data_dir.clone(), self.env.clone())
+        EngineProcess::start_owned(self.data_dir.clone(), self.config.clone(), self.env.clone())
+    }
+
+    /// Peak resident memory of the process (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
     }
 
     /// What the engine logged so far.

@@ -1,0 +1,209 @@
+//! Pipelines in a real engine process: SIGKILL mid-stream, a stalled sink, bad configs.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{cli, EngineProcess};
+use flowgate_client::Client;
+use flowgate_core::{BatchBuilder, Codec, ProducerStamp};
+
+fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("flowgate.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Every line of every file in `dir`, parsed.
+fn output_ids(dir: &Path) -> HashMap<u64, usize> {
+    let mut counts = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return counts };
+    for e in entries {
+        let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+        // A line still being written (no newline yet) is not output yet.
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        for line in complete.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("torn line {line:?}: {e}"));
+            *counts.entry(v["id"].as_u64().unwrap()).or_default() += 1;
+        }
+    }
+    counts
+}
+
+fn batch_of(ids: std::ops::Range<u64>) -> Bytes {
+    let mut b = BatchBuilder::new();
+    for id in ids {
+        let payload = format!(r#"{{"id":{id},"device":"d{}","v":{}}}"#, id % 97, id % 13);
+        b.push_payload(flowgate_core::time::now_ms(), Some(format!("d{}", id % 97).as_bytes()), payload.as_bytes());
+    }
+    Bytes::from(b.finish(Codec::None, ProducerStamp::default()).unwrap().bytes)
+}
+
+const PIPELINES: &str = r#"
+[[pipelines]]
+name = "dedup"
+topics = ["in"]
+commit_interval_ms = 100
+[[pipelines.processors]]
+type = "dedup"
+by = "id"
+[[pipelines.sinks]]
+name = "out"
+type = "file"
+path = "out-dedup"
+batch = { max_events = 300, max_wait_ms = 20 }
+
+[[pipelines]]
+name = "plain"
+topics = ["in"]
+commit_interval_ms = 100
+[[pipelines.sinks]]
+name = "out"
+type = "file"
+path = "out-plain"
+batch = { max_events = 300, max_wait_ms = 20 }
+"#;
+
+#[test]
+fn sigkill_mid_stream_loses_nothing_and_dedup_makes_it_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), PIPELINES);
+    let mut engine = EngineProcess::start_with(dir.path(), Some(&config), &[("FLOWGATE_LOG__DEFAULT_PARTITIONS", "2")]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // 400 batches of 100 events: ids 0..20_000, each sent twice (batch b and b + 200).
+    let batches: Vec<std::ops::Range<u64>> = (0..400u64).map(|b| (b % 200) * 100..(b % 200) * 100 + 100).collect();
+    let addr = engine.binary.to_string();
+    // Send the first 250 batches, then kill while the pipelines are writing.
+    let acked = rt.block_on(async {
+        let client = Client::connect(&addr).await.unwrap();
+        let mut acked = 0;
+        for ids in &batches[..250] {
+            client.produce("in", batch_of(ids.clone()), ProducerStamp::default()).await.unwrap();
+            acked += 1;
+        }
+        acked
+    });
+    let out_plain = dir.path().join("out-plain");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while output_ids(&out_plain).values().sum::<usize>() < 5_000 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    engine.kill9();
+    let mut engine = engine.restart();
+    let addr = engine.binary.to_string();
+    rt.block_on(async {
+        let client = Client::connect(&addr).await.unwrap();
+        for ids in &batches[acked..] {
+            client.produce("in", batch_of(ids.clone()), ProducerStamp::default()).await.unwrap();
+        }
+    });
+    let out_dedup = dir.path().join("out-dedup");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (d, p) = (output_ids(&out_dedup), output_ids(&out_plain));
+        if d.len() == 20_000 && p.values().sum::<usize>() >= 40_000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pipelines did not catch up: dedup {} ids, plain {} lines",
+            d.len(),
+            p.values().sum::<usize>()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(engine.terminate().success());
+    let dedup = output_ids(&out_dedup);
+    assert_eq!(dedup.len(), 20_000);
+    let repeated: Vec<_> = dedup.iter().filter(|(_, n)| **n != 1).take(5).collect();
+    assert!(repeated.is_empty(), "with dedup every id appears exactly once: {repeated:?}");
+    let plain = output_ids(&out_plain);
+    assert_eq!(plain.len(), 20_000);
+    let short: Vec<_> = plain.iter().filter(|(_, n)| **n < 2).take(5).collect();
+    assert!(short.is_empty(), "every input event at least once (each id was sent twice): {short:?}");
+}
+
+#[test]
+fn a_stalled_sink_bounds_memory_and_does_not_block_ingest() {
+    // A TCP peer that accepts and never reads nor answers: the sink's writes hang.
+    let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sink_addr = black_hole.local_addr().unwrap();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for c in black_hole.incoming().take(4) {
+            conns.push(c);
+        }
+        std::thread::sleep(Duration::from_secs(120));
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+[[pipelines]]
+name = "stuck"
+topics = ["in"]
+[[pipelines.sinks]]
+name = "remote"
+type = "tcp"
+addr = "{sink_addr}"
+topic = "x"
+batch = {{ max_events = 1000 }}
+"#
+        ),
+    );
+    let engine = EngineProcess::start_with(dir.path(), Some(&config), &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let addr = engine.binary.to_string();
+    let total = rt.block_on(async {
+        let client = Client::connect(&addr).await.unwrap();
+        let mut total = 0u64;
+        // 1,000,000 events of ~60 bytes: far more than any buffer in front of the sink.
+        for b in 0..1000u64 {
+            let acks = tokio::time::timeout(
+                Duration::from_secs(10),
+                client.produce("in", batch_of(b * 1000..b * 1000 + 1000), ProducerStamp::default()),
+            )
+            .await
+            .expect("ingest must not wait for the stalled pipeline")
+            .unwrap();
+            total += acks.iter().map(|a| u64::from(a.record_count)).sum::<u64>();
+        }
+        total
+    });
+    assert_eq!(total, 1_000_000);
+    std::thread::sleep(Duration::from_millis(600));
+    let lag = engine.metric("flowgate_pipeline_lag{pipeline=\"stuck\"");
+    assert!(lag > 900_000.0, "the stalled pipeline lags behind: {lag}");
+    let rss = engine.peak_rss();
+    assert!(rss < 150 << 20, "memory must stay bounded with a stalled sink: peak RSS {} MiB", rss >> 20);
+    drop(engine);
+    drop(held);
+}
+
+#[test]
+fn bad_pipeline_configs_are_refused_with_the_place_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.processors]]\ntype = \"explode\"\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"stdout\"\n", "explode"),
+        ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.processors]]\ntype = \"filter\"\ncondition = \".a > \"\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"stdout\"\n", "processor 1 (filter)"),
+        ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.processors]]\ntype = \"dedup\"\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"stdout\"\n", "missing field `by`"),
+        ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.processors]]\ntype = \"route\"\nroutes = [{ condition = \"true\", sinks = [\"nowhere\"] }]\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"stdout\"\n", "nowhere"),
+        ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"file\"\npaht = \"x\"\n", "paht"),
+        ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n", "sinks"),
+    ];
+    for (i, (text, expected)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let (code, _, err) = cli(&["validate", "--config", path.to_str().unwrap()], None);
+        assert_ne!(code, 0, "case {i} must be refused");
+        assert!(err.contains(expected), "case {i}: {err}");
+        let (code, _, err) =
+            cli(&["run", "--config", path.to_str().unwrap(), "--data-dir", dir.path().to_str().unwrap()], None);
+        assert_ne!(code, 0, "run must refuse case {i} too");
+        assert!(err.contains(expected), "run, case {i}: {err}");
+    }
+}
