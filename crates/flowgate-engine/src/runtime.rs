@@ -130,7 +130,16 @@ impl Pipelines {
         for config in configs {
             let config = Arc::new(config);
             for topic_name in &config.topics {
-                let topic = shared.log.topic_or_create(topic_name)?;
+                // A pipeline's source topics exist once it is configured, whatever
+                // `auto_create_topics` says about clients' writes.
+                let topic = match shared.log.topic(topic_name) {
+                    Some(t) => t,
+                    None => match shared.log.create_topic(topic_name, shared.log.config().default_partitions) {
+                        Ok(t) => t,
+                        Err(flowgate_log::LogError::TopicExists(_)) => shared.log.topic_or_create(topic_name)?,
+                        Err(e) => return Err(e.into()),
+                    },
+                };
                 for partition in topic.partitions() {
                     let worker = Worker::new(shared.clone(), config.clone(), topic_name, partition.clone())?;
                     let gauge = shared
