@@ -93,6 +93,35 @@ fn owned_reply(frame: Bytes) -> Result<(u32, Result<Reply, ClientError>), Client
     Ok((correlation_id, reply))
 }
 
+/// A reply not yet received.
+struct PendingReply {
+    reply: oneshot::Receiver<Result<Reply, ClientError>>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    addr: String,
+}
+
+impl PendingReply {
+    async fn wait(self) -> Result<Reply, ClientError> {
+        let addr = self.addr;
+        self.reply.await.map_err(|_| ClientError::Disconnected(addr))?
+    }
+}
+
+/// A produce request on its way; [`PendingProduce::acks`] waits for the engine's answer.
+pub struct PendingProduce {
+    inner: PendingReply,
+}
+
+impl PendingProduce {
+    /// Waits for the offsets (or the error).
+    pub async fn acks(self) -> Result<Vec<PartitionAck>, ClientError> {
+        match self.inner.wait().await? {
+            Reply::Produced(acks) => Ok(acks),
+            _ => Err(ClientError::Protocol("unexpected reply to PRODUCE".into())),
+        }
+    }
+}
+
 impl Client {
     /// Connects and performs the handshake.
     pub async fn connect(addr: &str) -> Result<Client, ClientError> {
@@ -213,12 +242,14 @@ impl Client {
         self.inner.max_frame_bytes.load(Ordering::Relaxed)
     }
 
-    async fn call(&self, request: &Request<'_>) -> Result<Reply, ClientError> {
+    /// Queues a request for sending; the requests of one caller go out in the order
+    /// it queues them. Returns the pending reply.
+    async fn enqueue(&self, request: &Request<'_>) -> Result<PendingReply, ClientError> {
         let disconnected = || ClientError::Disconnected(self.inner.addr.clone());
         if self.is_closed() {
             return Err(disconnected());
         }
-        let _slot = self.inner.slots.acquire().await.map_err(|_| disconnected())?;
+        let slot = self.inner.slots.clone().acquire_owned().await.map_err(|_| disconnected())?;
         let correlation_id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = Vec::new();
         encode_request(correlation_id, request, &mut frame);
@@ -228,7 +259,25 @@ impl Client {
         }
         let (waiter, reply) = oneshot::channel();
         self.inner.tx.send(Outgoing { frame, correlation_id, waiter }).await.map_err(|_| disconnected())?;
-        reply.await.map_err(|_| disconnected())?
+        Ok(PendingReply { reply, _slot: slot, addr: self.inner.addr.clone() })
+    }
+
+    async fn call(&self, request: &Request<'_>) -> Result<Reply, ClientError> {
+        self.enqueue(request).await?.wait().await
+    }
+
+    /// Queues a produce request and returns at once with its pending acknowledgement.
+    /// Requests queued one after another from one task reach the engine in that order
+    /// (which is what keeps per-key order with many requests in flight).
+    pub async fn produce_queued(
+        &self,
+        topic: &str,
+        batch: Bytes,
+        stamp: flowgate_core::ProducerStamp,
+    ) -> Result<PendingProduce, ClientError> {
+        let request =
+            Request::Produce { topic, producer_id: stamp.producer_id, sequence: stamp.sequence, batch: &batch };
+        Ok(PendingProduce { inner: self.enqueue(&request).await? })
     }
 
     /// Appends one encoded batch (from `flowgate_core::BatchBuilder`, stamped with

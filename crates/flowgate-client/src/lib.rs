@@ -13,7 +13,7 @@ mod connection;
 mod error;
 mod producer;
 
-pub use connection::{Client, FetchResult};
+pub use connection::{Client, FetchResult, PendingProduce};
 pub use error::ClientError;
 pub use flowgate_protocol::{ErrorCode, PartitionAck, PartitionInfo, TopicInfo};
 pub use producer::{Producer, ProducerConfig};

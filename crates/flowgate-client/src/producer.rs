@@ -146,17 +146,30 @@ impl Producer {
                 done.map_err(|e| ClientError::Protocol(format!("send task failed: {e}")))??;
             }
         }
+        // Queue the first attempt here, in the caller's task, so requests leave in
+        // sequence order; only the waiting (and any retry) happens in the background.
+        let first = match self.client.get().await {
+            Ok(c) => c.produce_queued(&self.topic, bytes.clone(), stamp).await,
+            Err(e) => Err(e),
+        };
         let (client, topic, acked) = (self.client.clone(), self.topic.clone(), self.acked.clone());
         let (retries, mut backoff) = (self.config.retries, self.config.retry_backoff);
         self.in_flight.spawn(async move {
             let mut attempt = 0;
+            let mut pending = Some(first);
             loop {
-                let result = match client.get().await {
-                    Ok(c) => c.produce(&topic, bytes.clone(), stamp).await,
-                    Err(e) => Err(e),
+                let result = match pending.take() {
+                    Some(Ok(p)) => p.acks().await,
+                    Some(Err(e)) => Err(e),
+                    None => match client.get().await {
+                        Ok(c) => c.produce(&topic, bytes.clone(), stamp).await,
+                        Err(e) => Err(e),
+                    },
                 };
                 match result {
-                    Ok(_) => {
+                    // DUPLICATE_SEQUENCE: the engine stored this sequence before (a retry
+                    // of a request whose reply was lost).
+                    Ok(_) | Err(ClientError::Server { code: crate::ErrorCode::DuplicateSequence, .. }) => {
                         acked.fetch_add(count, Ordering::Relaxed);
                         return Ok(count);
                     }

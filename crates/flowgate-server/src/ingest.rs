@@ -114,7 +114,17 @@ impl Ingest {
             return Err(LogError::InvalidBatch(flowgate_core::BatchError::BadLength(batch.len() as u64)));
         }
         let partitions = topic.partition_count();
-        let keyless = topic.next_round_robin();
+        let producer = view.header.producer;
+        // Keyless records go round robin; an idempotent batch's partition follows from
+        // its (producer, sequence), so a retry lands where the first attempt did.
+        let keyless = if producer.producer_id != 0 {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&producer.producer_id.to_le_bytes());
+            id[8..].copy_from_slice(&producer.sequence.to_le_bytes());
+            partition_for_key(&id, partitions)
+        } else {
+            topic.next_round_robin()
+        };
         scratch.partition_of.clear();
         let mut single = true;
         for record in view.records(&mut scratch.decompressed)? {

@@ -4,7 +4,7 @@ mod common;
 
 use bytes::Bytes;
 use common::EngineProcess;
-use flowgate_client::{Client, ClientError};
+use flowgate_client::{Client, ClientError, Producer, ProducerConfig};
 use flowgate_core::{BatchBuilder, Codec, Event, ProducerStamp};
 use flowgate_protocol::ErrorCode;
 
@@ -122,5 +122,54 @@ fn protocol_errors_name_the_problem() {
         let fetched = waiter.await.unwrap().unwrap();
         assert!(!fetched.batches.is_empty(), "the waiting fetch returns the new batch");
         assert!(started.elapsed() < std::time::Duration::from_secs(4), "woken by the append, not the timeout");
+    });
+}
+
+#[test]
+fn a_producer_with_many_requests_in_flight_keeps_order_per_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = EngineProcess::start(dir.path(), &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let addr = engine.binary.to_string();
+    rt.block_on(async {
+        Client::connect(&addr).await.unwrap().create_topic("ordered", 3).await.unwrap();
+        let config = ProducerConfig { max_batch_events: 50, max_in_flight: 16, ..ProducerConfig::default() };
+        let mut producer = Producer::new(&addr, "ordered", config).await.unwrap();
+        for n in 0..20_000u32 {
+            let key = format!("k{}", n % 10);
+            let event =
+                Event::from_payload(format!(r#"{{"k":"{key}","n":{n}}}"#).into_bytes()).with_key(key.into_bytes());
+            producer.send(&event).await.unwrap();
+        }
+        assert_eq!(producer.flush().await.unwrap(), 20_000);
+        let client = Client::connect(&addr).await.unwrap();
+        let mut last: std::collections::HashMap<String, u64> = Default::default();
+        let mut total = 0;
+        let mut scratch = Vec::new();
+        for p in 0..3 {
+            let mut offset = 0;
+            loop {
+                let f = client.fetch("ordered", p, offset, 1 << 20, 0).await.unwrap();
+                if f.batches.is_empty() {
+                    break;
+                }
+                let mut rest = &f.batches[..];
+                while !rest.is_empty() {
+                    let (view, tail) = flowgate_core::BatchView::parse(rest).unwrap();
+                    for r in view.records(&mut scratch).unwrap() {
+                        let r = r.unwrap();
+                        let v: serde_json::Value = serde_json::from_slice(r.payload).unwrap();
+                        let (k, n) = (v["k"].as_str().unwrap().to_owned(), v["n"].as_u64().unwrap());
+                        if let Some(prev) = last.insert(k.clone(), n) {
+                            assert!(prev < n, "key {k}: {n} after {prev}");
+                        }
+                        total += 1;
+                    }
+                    offset = view.last_offset() + 1;
+                    rest = tail;
+                }
+            }
+        }
+        assert_eq!(total, 20_000, "every event stored once");
     });
 }
