@@ -411,21 +411,23 @@ impl Processor for Aggregate {
         self.emit_closed()
     }
 
-    fn snapshot(&self) -> serde_json::Value {
+    fn snapshot(&self) -> Vec<u8> {
         let windows: Vec<(&(i64, String, i64), &Window)> = self.open.iter().collect();
-        serde_json::json!({
+        let state = serde_json::json!({
             "max_event_ts": self.max_event_ts,
             "watermark": self.watermark,
             "late_events": self.late_events,
             "windows_emitted": self.windows_emitted,
             "windows": serde_json::to_value(windows).unwrap_or_default(),
-        })
+        });
+        serde_json::to_vec(&state).unwrap_or_default()
     }
 
-    fn restore(&mut self, state: &serde_json::Value) -> anyhow::Result<()> {
-        if state.is_null() {
+    fn restore(&mut self, state: &[u8]) -> anyhow::Result<()> {
+        if state.is_empty() {
             return Ok(());
         }
+        let state: serde_json::Value = serde_json::from_slice(state)?;
         self.max_event_ts = state["max_event_ts"].as_i64().unwrap_or(i64::MIN);
         self.watermark = state["watermark"].as_i64().unwrap_or(i64::MIN);
         self.late_events = state["late_events"].as_u64().unwrap_or(0);

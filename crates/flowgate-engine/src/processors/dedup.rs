@@ -1,12 +1,39 @@
 //! `dedup`: drops events whose id was already seen within a TTL (event time), with
-//! memory bounded by a maximum number of ids. Its state is checkpointed with the
-//! pipeline's offsets, so a replay after a crash restores exactly the ids seen up to
-//! the committed offset.
+//! memory bounded by a maximum number of ids. Ids are kept as 128-bit XXH3 hashes (24
+//! bytes an entry with its time, no allocation per event; a false match needs about
+//! 2^64 ids). The state is checkpointed with the pipeline's offsets, so a replay after a
+//! crash restores exactly the ids seen up to the committed offset.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use vrl::value::Value;
+use xxhash_rust::xxh3::Xxh3;
 
 use super::{Outputs, Processor};
-use crate::event::{get_path, key_string, PipelineEvent};
+use crate::event::{get_path, PipelineEvent};
+
+/// Ids are already uniform 128-bit hashes: hashing them again would only cost time.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(word);
+        }
+    }
+    fn write_u128(&mut self, id: u128) {
+        self.0 = id as u64;
+    }
+}
+
+type IdMap = HashMap<u128, i64, BuildHasherDefault<IdHasher>>;
 
 enum IdSource {
     Field(String),
@@ -19,11 +46,30 @@ pub struct Dedup {
     source: IdSource,
     ttl_ms: i64,
     max_entries: usize,
-    seen: HashMap<String, i64>,
-    order: VecDeque<(i64, String)>,
+    seen: IdMap,
+    order: VecDeque<(i64, u128)>,
     max_ts: i64,
     /// Duplicates dropped so far.
     pub dropped: u64,
+}
+
+fn hash_bytes(tag: u8, bytes: &[u8]) -> u128 {
+    let mut h = Xxh3::new();
+    h.update(&[tag]);
+    h.update(bytes);
+    h.digest128()
+}
+
+/// A hash of a document value that tells apart values of different types.
+fn hash_value(v: &Value) -> u128 {
+    match v {
+        Value::Bytes(b) => hash_bytes(b's', b),
+        Value::String(s) => hash_bytes(b's', AsRef::<[u8]>::as_ref(s)),
+        Value::Integer(i) => hash_bytes(b'i', &i.to_le_bytes()),
+        Value::Float(f) => hash_bytes(b'f', &f.into_inner().to_le_bytes()),
+        Value::Boolean(b) => hash_bytes(b'b', &[u8::from(*b)]),
+        other => hash_bytes(b'j', serde_json::to_string(other).unwrap_or_default().as_bytes()),
+    }
 }
 
 impl Dedup {
@@ -38,28 +84,28 @@ impl Dedup {
             source,
             ttl_ms: ttl_ms as i64,
             max_entries: max_entries.max(1),
-            seen: HashMap::new(),
+            seen: IdMap::default(),
             order: VecDeque::new(),
             max_ts: i64::MIN,
             dropped: 0,
         }
     }
 
-    fn id_of(&self, event: &mut PipelineEvent) -> Option<String> {
+    fn id_of(&self, event: &mut PipelineEvent) -> Option<u128> {
         match &self.source {
-            IdSource::ClientId => event.client_id.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()),
-            IdSource::Key => event.key.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()),
-            IdSource::Field(path) => event.doc().ok().and_then(|d| get_path(d, path)).map(key_string),
+            IdSource::ClientId => event.client_id.as_ref().map(|b| hash_bytes(b's', b)),
+            IdSource::Key => event.key.as_ref().map(|b| hash_bytes(b's', b)),
+            IdSource::Field(path) => event.doc().ok().and_then(|d| get_path(d, path)).map(hash_value),
         }
     }
 
     fn expire(&mut self) {
         let horizon = self.max_ts.saturating_sub(self.ttl_ms);
-        while let Some((ts, _)) = self.order.front() {
-            if *ts >= horizon && self.order.len() <= self.max_entries {
+        while let Some(&(ts, id)) = self.order.front() {
+            if ts >= horizon && self.order.len() <= self.max_entries {
                 break;
             }
-            let (ts, id) = self.order.pop_front().expect("front exists");
+            self.order.pop_front();
             if self.seen.get(&id) == Some(&ts) {
                 self.seen.remove(&id);
             }
@@ -100,7 +146,7 @@ impl Processor for Dedup {
                 }
                 _ => {}
             }
-            self.seen.insert(id.clone(), ts);
+            self.seen.insert(id, ts);
             self.order.push_back((ts, id));
             kept.push(event);
         }
@@ -108,27 +154,41 @@ impl Processor for Dedup {
         kept
     }
 
-    fn snapshot(&self) -> serde_json::Value {
-        let entries: Vec<(&str, i64)> = self
-            .order
-            .iter()
-            .filter(|(ts, id)| self.seen.get(id) == Some(ts))
-            .map(|(ts, id)| (id.as_str(), *ts))
-            .collect();
-        serde_json::json!({"max_ts": self.max_ts, "dropped": self.dropped, "entries": entries})
+    /// Binary: max_ts i64, dropped u64, count u64, then count × (id u128, ts i64), LE:
+    /// the arrival order as it is (an id seen again after expiry appears twice; restoring
+    /// in order keeps the later time, as the live state does).
+    fn snapshot(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(24 + self.order.len() * 24);
+        out.extend_from_slice(&self.max_ts.to_le_bytes());
+        out.extend_from_slice(&self.dropped.to_le_bytes());
+        out.extend_from_slice(&(self.order.len() as u64).to_le_bytes());
+        for (ts, id) in &self.order {
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&ts.to_le_bytes());
+        }
+        out
     }
 
-    fn restore(&mut self, state: &serde_json::Value) -> anyhow::Result<()> {
-        if state.is_null() {
+    fn restore(&mut self, state: &[u8]) -> anyhow::Result<()> {
+        if state.is_empty() {
             return Ok(());
         }
-        self.max_ts = state["max_ts"].as_i64().unwrap_or(i64::MIN);
-        self.dropped = state["dropped"].as_u64().unwrap_or(0);
+        let bad = || anyhow::anyhow!("dedup state in the checkpoint is damaged");
+        let u64_at = |at: usize| -> anyhow::Result<u64> {
+            Ok(u64::from_le_bytes(state.get(at..at + 8).ok_or_else(bad)?.try_into()?))
+        };
+        self.max_ts = u64_at(0)? as i64;
+        self.dropped = u64_at(8)?;
+        let n = u64_at(16)? as usize;
+        if state.len() != 24 + n * 24 {
+            return Err(bad());
+        }
         self.seen.clear();
         self.order.clear();
-        let entries: Vec<(String, i64)> = serde_json::from_value(state["entries"].clone())?;
-        for (id, ts) in entries {
-            self.seen.insert(id.clone(), ts);
+        for entry in state[24..].chunks_exact(24) {
+            let id = u128::from_le_bytes(entry[..16].try_into()?);
+            let ts = i64::from_le_bytes(entry[16..].try_into()?);
+            self.seen.insert(id, ts);
             self.order.push_back((ts, id));
         }
         Ok(())
@@ -164,10 +224,20 @@ pub(crate) mod tests {
         let mut d = Dedup::new("id", 1000, 100);
         let mut out = Outputs::default();
         let mut kept = d.process(
-            events(&[(0, r#"{"id":1}"#), (10, r#"{"id":2}"#), (20, r#"{"id":1}"#), (900, r#"{"id":2}"#)]),
+            events(&[
+                (0, r#"{"id":1}"#),
+                (10, r#"{"id":2}"#),
+                (20, r#"{"id":1}"#),
+                (900, r#"{"id":2}"#),
+                (901, r#"{"id":"1"}"#),
+            ]),
             &mut out,
         );
-        assert_eq!(ids(&mut kept), vec![r#"{"id":1}"#, r#"{"id":2}"#]);
+        assert_eq!(
+            ids(&mut kept),
+            vec![r#"{"id":1}"#, r#"{"id":2}"#, r#"{"id":"1"}"#],
+            "the string \"1\" is not the number 1"
+        );
         // 1500: id 1 (seen at 0) expired; id 2 (seen at 10) too: horizon 500.
         let mut kept =
             d.process(events(&[(1500, r#"{"id":1}"#), (1510, r#"{"id":2}"#), (1520, r#"{"id":3}"#)]), &mut out);
@@ -185,5 +255,6 @@ pub(crate) mod tests {
         restored.restore(&d.snapshot()).unwrap();
         let kept = restored.process(events(&[(5, r#"{"id":4}"#), (6, r#"{"id":1}"#)]), &mut out);
         assert_eq!(kept.len(), 1, "id 4 is remembered, id 1 was evicted");
+        assert!(restored.restore(&[1, 2, 3]).is_err(), "a damaged state is refused, not misread");
     }
 }

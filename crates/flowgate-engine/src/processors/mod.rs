@@ -53,13 +53,13 @@ pub trait Processor: Send {
         Vec::new()
     }
 
-    /// State to checkpoint with the pipeline's offsets.
-    fn snapshot(&self) -> serde_json::Value {
-        serde_json::Value::Null
+    /// State to checkpoint with the pipeline's offsets (empty: none).
+    fn snapshot(&self) -> Vec<u8> {
+        Vec::new()
     }
 
-    /// Restores checkpointed state.
-    fn restore(&mut self, _state: &serde_json::Value) -> anyhow::Result<()> {
+    /// Restores checkpointed state (empty: none was saved).
+    fn restore(&mut self, _state: &[u8]) -> anyhow::Result<()> {
         Ok(())
     }
 }
