@@ -207,3 +207,61 @@ fn bad_pipeline_configs_are_refused_with_the_place_named() {
         assert!(err.contains(expected), "run, case {i}: {err}");
     }
 }
+
+#[test]
+fn a_tcp_sink_forwards_to_another_engine_and_chains_through_topics() {
+    let dir_b = tempfile::tempdir().unwrap();
+    let engine_b = EngineProcess::start(dir_b.path(), &[]);
+    let dir_a = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir_a.path(),
+        &format!(
+            r#"
+[[pipelines]]
+name = "first"
+topics = ["in"]
+[[pipelines.processors]]
+type = "remap"
+source = ".hop = 1"
+[[pipelines.sinks]]
+name = "next"
+type = "topic"
+topic = "middle"
+
+[[pipelines]]
+name = "second"
+topics = ["middle"]
+[[pipelines.sinks]]
+name = "remote"
+type = "tcp"
+addr = "{}"
+topic = "copy"
+batch = {{ max_events = 100, max_wait_ms = 10 }}
+"#,
+            engine_b.binary
+        ),
+    );
+    let engine_a = EngineProcess::start_with(dir_a.path(), Some(&config), &[]);
+    let input: String = (0..1000).map(|i| format!("{{\"id\":{i}}}\n")).collect();
+    let (code, out, err) =
+        cli(&["send", "--topic", "in", "--addr", &engine_a.binary.to_string()], Some(input.as_bytes()));
+    assert_eq!(code, 0, "{out}{err}");
+    let addr_b = engine_b.binary.to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let lines = loop {
+        let (_, out, _) = cli(&["tail", "--topic", "copy", "--addr", &addr_b], None);
+        if out.lines().count() >= 1000 || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let ids: Vec<u64> = lines
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["hop"], 1);
+            v["id"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(ids, (0..1000).collect::<Vec<u64>>(), "in order, each once, through two pipelines and two engines");
+}
