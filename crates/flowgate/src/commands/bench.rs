@@ -285,7 +285,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                         },
                     };
                     let sent_at = if per_conn_rate.is_some() && waited { scheduled.min(woke) } else { Instant::now() };
-                    let body = batches[(k as usize + c) % batches.len()].clone();
+                    // Prebuilt batches get current event times (a header patch and a CRC).
+                    let mut fresh = batches[(k as usize + c) % batches.len()].to_vec();
+                    flowgate_core::batch::restamp(&mut fresh, flowgate_core::time::now_ms())
+                        .expect("prebuilt batch is valid");
+                    let body = Bytes::from(fresh);
                     let (client, totals, topic) = (client.clone(), totals.clone(), topic.clone());
                     tokio::spawn(async move {
                         let _permit = permit;
