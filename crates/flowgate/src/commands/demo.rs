@@ -266,7 +266,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         writeln!(out, "             late events sent {}  counted late {late:.0} (to topic telemetry-late)", counters.late.load(Ordering::Relaxed))?;
         writeln!(out, "             windows emitted {windows:.0}  written to files {file_events:.0}  dead letters {dlq:.0}")?;
         if let (Some(p50), Some(p99)) = (quantile_from_buckets(&text, e2e, 0.5), quantile_from_buckets(&text, e2e, 0.99)) {
-            writeln!(out, "             end-to-end latency (event time to sink) p50 {:.0} ms  p99 {:.0} ms", p50 * 1000.0, p99 * 1000.0)?;
+            writeln!(out, "             end-to-end latency (window end to sink; windows close 1 s after their end) p50 {:.0} ms  p99 {:.0} ms", p50 * 1000.0, p99 * 1000.0)?;
         }
         writeln!(out, "  output     {}", out_dir.display())?;
         for s in &samples {
