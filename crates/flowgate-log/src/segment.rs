@@ -120,21 +120,26 @@ impl Segment {
             .map_err(LogError::io(if create { "create segment" } else { "open segment" }, path))
     }
 
+    /// A segment with empty indexes, to be filled by a scan or by appends.
+    fn unindexed(base_offset: u64, path: PathBuf, file: File, readable_len: u64, next_offset: u64) -> Segment {
+        Segment {
+            base_offset,
+            path,
+            file,
+            readable_len: AtomicU64::new(readable_len),
+            next_offset: AtomicU64::new(next_offset),
+            max_timestamp: AtomicI64::new(i64::MIN),
+            index: RwLock::new(OffsetIndex::default()),
+            time_index: RwLock::new(TimeIndex::default()),
+        }
+    }
+
     /// Creates a new, empty segment in `dir`.
     pub fn create(dir: &Path, base_offset: u64) -> Result<Segment> {
         let (path, _, _) = Segment::paths(dir, base_offset);
         let file = Segment::open_file(&path, true)?;
         file.set_len(0).map_err(LogError::io("truncate", &path))?;
-        Ok(Segment {
-            base_offset,
-            path,
-            file,
-            readable_len: AtomicU64::new(0),
-            next_offset: AtomicU64::new(base_offset),
-            max_timestamp: AtomicI64::new(i64::MIN),
-            index: RwLock::new(OffsetIndex::default()),
-            time_index: RwLock::new(TimeIndex::default()),
-        })
+        Ok(Segment::unindexed(base_offset, path, file, 0, base_offset))
     }
 
     /// Opens a sealed segment whose successor starts at `next_offset`. Uses its index
@@ -145,16 +150,7 @@ impl Segment {
         let len = file.metadata().map_err(LogError::io("stat", &path))?.len();
         let index = std::fs::read(&index_path).ok().and_then(|b| OffsetIndex::from_bytes(&b, len));
         let time_index = std::fs::read(&time_path).ok().and_then(|b| TimeIndex::from_bytes(&b, len));
-        let segment = Segment {
-            base_offset,
-            path: path.clone(),
-            file,
-            readable_len: AtomicU64::new(len),
-            next_offset: AtomicU64::new(next_offset),
-            max_timestamp: AtomicI64::new(i64::MIN),
-            index: RwLock::new(OffsetIndex::default()),
-            time_index: RwLock::new(TimeIndex::default()),
-        };
+        let segment = Segment::unindexed(base_offset, path.clone(), file, len, next_offset);
         match (index, time_index) {
             (Some(index), Some(time_index)) if len == 0 || !time_index.entries().is_empty() => {
                 let max = time_index.entries().last().map_or(i64::MIN, |e| e.timestamp);
@@ -183,16 +179,7 @@ impl Segment {
     ) -> Result<(Segment, Recovered)> {
         let (path, _, _) = Segment::paths(dir, base_offset);
         let file = Segment::open_file(&path, true)?;
-        let segment = Segment {
-            base_offset,
-            path: path.clone(),
-            file,
-            readable_len: AtomicU64::new(0),
-            next_offset: AtomicU64::new(base_offset),
-            max_timestamp: AtomicI64::new(i64::MIN),
-            index: RwLock::new(OffsetIndex::default()),
-            time_index: RwLock::new(TimeIndex::default()),
-        };
+        let segment = Segment::unindexed(base_offset, path.clone(), file, 0, base_offset);
         let recovered = segment.rebuild_indexes(index_interval, ScanMode::StopAtDamage, on_batch)?;
         if let Some(cut) = &recovered.cut {
             segment.file.set_len(cut.position).map_err(LogError::io("truncate", &path))?;
