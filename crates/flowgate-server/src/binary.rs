@@ -308,6 +308,26 @@ fn frame_hello(correlation_id: u32, max_frame_bytes: u32) -> Vec<u8> {
     response_frame(correlation_id, &Response::HelloOk { version: VERSION, max_frame_bytes, server_name: name })
 }
 
+/// Ingest-buffer budget held by one connection, shown in the buffered-bytes gauge for
+/// exactly as long as it is held, however the connection ends.
+struct BudgetHold {
+    permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl BudgetHold {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit, gauge: prometheus_client::metrics::gauge::Gauge) -> BudgetHold {
+        gauge.inc_by(permit.num_permits() as i64);
+        BudgetHold { permit, gauge }
+    }
+}
+
+impl Drop for BudgetHold {
+    fn drop(&mut self) {
+        self.gauge.dec_by(self.permit.num_permits() as i64);
+    }
+}
+
 async fn read_requests(
     mut input: tokio::net::tcp::OwnedReadHalf,
     tx: mpsc::Sender<Reply>,
@@ -320,16 +340,14 @@ async fn read_requests(
     let metrics = shared.ingest.metrics().clone();
     let mut buf = BytesMut::with_capacity(BASE_BUFFER);
     // Budget held for a frame larger than the base buffer while it is being read.
-    let mut budget: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    let mut budget: Option<BudgetHold> = None;
     loop {
         loop {
             match check_frame(&buf, max_frame) {
                 Ok(Some(len)) => {
                     let mut frame = buf.split_to(len);
                     let reply = conn.handle(&mut frame);
-                    if let Some(permit) = budget.take() {
-                        metrics.buffered_bytes().dec_by(permit.num_permits() as i64);
-                    }
+                    budget = None;
                     let closing = matches!(reply, Reply::Close(_));
                     if tx.send(reply).await.is_err() || closing {
                         return;
@@ -358,8 +376,7 @@ async fn read_requests(
                     _ = shared.shutdown.cancelled() => return,
                 };
                 let Ok(permit) = permit else { return };
-                metrics.buffered_bytes().inc_by(need as i64);
-                budget = Some(permit);
+                budget = Some(BudgetHold::new(permit, metrics.buffered_bytes().clone()));
             }
             buf.reserve(need.saturating_sub(buf.len()));
         } else {

@@ -173,3 +173,28 @@ fn a_producer_with_many_requests_in_flight_keeps_order_per_key() {
         assert_eq!(total, 20_000, "every event stored once");
     });
 }
+
+#[test]
+fn large_frames_borrow_from_the_buffer_budget_and_give_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = EngineProcess::start(dir.path(), &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = Client::connect(&engine.binary.to_string()).await.unwrap();
+        let payload = vec![b'x'; 1000];
+        let mut b = BatchBuilder::new();
+        for _ in 0..2000 {
+            b.push_payload(1, None, &payload);
+        }
+        let stamp = ProducerStamp::default();
+        let big = Bytes::from(b.finish(Codec::None, stamp).unwrap().bytes);
+        assert!(big.len() > 1 << 20, "a frame well over the 64 KiB base buffer");
+        for _ in 0..5 {
+            let acks = client.produce("big", big.clone(), stamp).await.unwrap();
+            assert_eq!(acks[0].record_count, 2000);
+        }
+    });
+    let (_, text) = engine.http("GET", "/metrics", b"");
+    assert!(text.contains("\nflowgate_ingest_buffered_bytes 0\n"), "every borrowed byte is returned");
+    assert_eq!(engine.metric("flowgate_ingest_events_total{topic=\"big\""), 10_000.0);
+}
