@@ -146,8 +146,11 @@ impl Aggregate {
     }
 
     fn new_window(&self, start: i64, end: i64) -> Window {
-        let fields = self
-            .outputs
+        Self::empty_window(&self.outputs, start, end)
+    }
+
+    fn empty_window(outputs: &[Output], start: i64, end: i64) -> Window {
+        let fields = outputs
             .iter()
             .map(|o| match o.func {
                 Func::Count => FieldAcc::Count,
@@ -378,13 +381,12 @@ impl Processor for Aggregate {
                             continue;
                         }
                         any = true;
-                        let key = (end, group.clone(), start);
-                        if !self.open.contains_key(&key) {
-                            let fresh = self.new_window(start, end);
-                            self.open.insert(key.clone(), fresh);
-                        }
-                        let window = self.open.get_mut(&key).expect("inserted above");
-                        Self::accumulate(&self.outputs, window, ts, doc);
+                        let outputs = &self.outputs;
+                        let window = self
+                            .open
+                            .entry((end, group.clone(), start))
+                            .or_insert_with(|| Self::empty_window(outputs, start, end));
+                        Self::accumulate(outputs, window, ts, doc);
                     }
                     any
                 }
