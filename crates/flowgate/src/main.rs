@@ -33,6 +33,8 @@ enum Command {
     Tail(commands::tail::Args),
     /// Load generator: throughput and ack latency percentiles.
     Bench(commands::bench::Args),
+    /// Print the effective configuration (defaults, file and environment merged).
+    Config(commands::config::Args),
     /// Check a config file; name the bad key and line.
     Validate {
         /// The config file.
@@ -84,6 +86,7 @@ fn main() -> ExitCode {
         Command::Send(args) => commands::send::run(args),
         Command::Tail(args) => commands::tail::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Config(args) => commands::config::run(args),
         Command::Validate { config } => commands::validate::run(&config),
         Command::Topics { command } => commands::topics::run(command),
         Command::Log { command: LogCommand::Check { data_dir, json } } => commands::log_check::run(&data_dir, json),

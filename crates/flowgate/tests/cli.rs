@@ -112,3 +112,107 @@ fn a_torn_tail_is_reported_by_log_check_and_cut_on_start() {
     let (code, _, _) = cli(&["log", "check", "--data-dir", dir.path().to_str().unwrap()], None);
     assert_eq!(code, 0);
 }
+
+/// Runs `flowgate` with extra environment variables.
+fn cli_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = std::process::Command::new(common::flowgate_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run flowgate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn config_prints_the_effective_configuration_and_it_validates_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = cli_env(&["config"], &[("FLOWGATE_LOG__FSYNC", "always")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("fsync = \"always\""), "the environment override is applied:\n{out}");
+    assert!(out.contains("[ingest]") && out.contains("binary_addr = \"127.0.0.1:7070\""), "{out}");
+    assert!(!out.contains("[[pipelines]]"), "the embedded default starts no pipeline:\n{out}");
+
+    // What it prints is a complete config that `validate` and `config` accept as is.
+    let printed = dir.path().join("printed.toml");
+    std::fs::write(&printed, &out).unwrap();
+    let (code, again, err) = cli_env(&["config", "--config", printed.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(again, out);
+    let (code, _, err) = cli_env(&["validate", "--config", printed.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+
+    let (code, out, err) = cli_env(&["config", "--data-dir", "/srv/fg", "--json"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["server"]["data_dir"], "/srv/fg");
+
+    let (code, _, err) = cli_env(&["config"], &[("FLOWGATE_LOG__FSYNC", "sometimes")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("FLOWGATE_LOG__FSYNC") || err.contains("log.fsync"), "{err}");
+}
+
+#[test]
+fn the_embedded_default_runs_no_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = EngineProcess::start(dir.path(), &[]);
+    let addr = engine.binary.to_string();
+    let (code, out, err) = cli(&["send", "--topic", "telemetry", "--addr", &addr], Some(b"{\"device\":\"d1\"}\n"));
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = cli(&["topics", "list", "--addr", &addr], None);
+    assert_eq!(code, 0);
+    let topics: Vec<&str> = out.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert!(topics.contains(&"telemetry"), "{out}");
+    assert!(
+        !topics.iter().any(|t| t.starts_with("telemetry-") || *t == "_dlq"),
+        "no pipeline may write anything on the default config: {out}"
+    );
+    assert!(!engine.log().contains("pipelines started"), "{}", engine.log());
+    assert!(engine.terminate().success());
+}
+
+#[test]
+fn send_takes_keys_and_times_from_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = EngineProcess::start(dir.path(), &[]);
+    let addr = engine.binary.to_string();
+    let (code, out, _) = cli(&["topics", "create", "readings", "--partitions", "4", "--addr", &addr], None);
+    assert_eq!(code, 0, "{out}");
+    let input: String =
+        (0..400).map(|i| format!("{{\"device\":\"d{}\",\"seq\":{i},\"ts\":{}}}\n", i % 7, 1_000_000 + i)).collect();
+    let (code, out, err) = cli(
+        &["send", "--topic", "readings", "--key-field", "device", "--time-field", "ts", "--addr", &addr],
+        Some(input.as_bytes()),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("acknowledged 400 events"), "{out}");
+
+    let mut seen = 0;
+    let mut partition_of = std::collections::HashMap::new();
+    for p in 0..4 {
+        let (status, body) = engine.http("GET", &format!("/v1/topics/readings/events?partition={p}&limit=1000"), b"");
+        assert_eq!(status, 200, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let mut last_seq = std::collections::HashMap::new();
+        for e in body["events"].as_array().unwrap() {
+            let device = e["payload"]["device"].as_str().unwrap().to_owned();
+            assert_eq!(e["key"].as_str(), Some(device.as_str()), "the key is the device field");
+            assert_eq!(e["timestamp"], e["payload"]["ts"], "the time is the ts field");
+            assert_eq!(*partition_of.entry(device.clone()).or_insert(p), p, "one key, one partition");
+            let seq = e["payload"]["seq"].as_u64().unwrap();
+            assert!(last_seq.insert(device, seq).is_none_or(|prev| prev < seq), "order per key");
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 400);
+
+    let (code, _, err) =
+        cli(&["send", "--topic", "readings", "--time-field", "ts", "--addr", &addr], Some(b"{\"ts\":\"soon\"}\n"));
+    assert_ne!(code, 0);
+    assert!(err.contains("line 1") && err.contains("time field"), "{err}");
+    assert!(engine.terminate().success());
+}

@@ -1,5 +1,5 @@
 //! `flowgate demo`: the main job in one command. Starts an engine in-process on the
-//! embedded default config (which holds the demo pipeline), drives realistic IoT
+//! embedded default config plus the demo pipeline (`demo.toml`), drives realistic IoT
 //! telemetry through it over the binary protocol — many devices, arrays of readings,
 //! some duplicate deliveries, some late events — and prints a report.
 
@@ -31,6 +31,15 @@ pub struct Args {
     /// Data directory (emptied first if it holds an earlier demo).
     #[arg(long, default_value = "./flowgate-demo-data")]
     data_dir: PathBuf,
+}
+
+/// The demo's pipeline, added to the embedded default (which has none).
+const DEMO_PIPELINE: &str = include_str!("demo.toml");
+
+/// The embedded default plus the demo pipeline, with `FLOWGATE_*` overrides applied.
+fn demo_config() -> Result<Config, flowgate_server::ConfigError> {
+    let text = format!("{}\n{DEMO_PIPELINE}", flowgate_server::config::DEFAULT_CONFIG);
+    Config::parse_with_env(&text, "embedded default with the demo pipeline", std::env::vars())
 }
 
 /// A tiny deterministic PRNG (xorshift), so the demo needs no dependency for noise.
@@ -142,7 +151,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     std::fs::create_dir_all(&args.data_dir)?;
     std::fs::write(args.data_dir.join(".flowgate-demo"), b"created by flowgate demo; removed by the next demo\n")?;
-    let mut config = Config::load(None)?;
+    let mut config = demo_config()?;
     config.server.data_dir = args.data_dir.clone();
     // Free ports, so the demo runs beside a `flowgate run` on the defaults; the HTTP
     // API keeps its port when it is free, for the dashboard.

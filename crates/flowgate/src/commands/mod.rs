@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod config;
 pub mod demo;
 pub mod log_check;
 pub mod run;

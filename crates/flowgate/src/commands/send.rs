@@ -17,6 +17,14 @@ pub struct Args {
     /// Key for every event (picks the partition).
     #[arg(long)]
     key: Option<String>,
+    /// Take each event's key from this top-level JSON field (a string, or a number's
+    /// text); events without it get `--key`, or none.
+    #[arg(long)]
+    key_field: Option<String>,
+    /// Take each event's time from this top-level JSON field (milliseconds since the
+    /// epoch, an integer); events without it get the ingest time.
+    #[arg(long)]
+    time_field: Option<String>,
     /// Engine address (binary protocol).
     #[arg(long, default_value = super::DEFAULT_ADDR)]
     addr: String,
@@ -51,11 +59,34 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 if trimmed.is_empty() {
                     continue;
                 }
-                if serde_json::from_str::<serde::de::IgnoredAny>(trimmed).is_err() {
-                    anyhow::bail!("line {} is not valid JSON", n + 1);
-                }
+                let fields = if args.key_field.is_some() || args.time_field.is_some() {
+                    let Ok(serde_json::Value::Object(fields)) = serde_json::from_str::<serde_json::Value>(trimmed)
+                    else {
+                        anyhow::bail!("line {} is not a JSON object", n + 1);
+                    };
+                    Some(fields)
+                } else {
+                    if serde_json::from_str::<serde::de::IgnoredAny>(trimmed).is_err() {
+                        anyhow::bail!("line {} is not valid JSON", n + 1);
+                    }
+                    None
+                };
                 let mut event = Event::from_payload(Bytes::copy_from_slice(trimmed.as_bytes()));
                 event.key = key.clone();
+                if let Some(fields) = &fields {
+                    if let Some(value) = args.key_field.as_deref().and_then(|f| fields.get(f)) {
+                        event.key = Some(match value {
+                            serde_json::Value::String(s) => Bytes::copy_from_slice(s.as_bytes()),
+                            serde_json::Value::Number(number) => Bytes::from(number.to_string()),
+                            _ => anyhow::bail!("line {}: key field is neither a string nor a number", n + 1),
+                        });
+                    }
+                    if let Some(value) = args.time_field.as_deref().and_then(|f| fields.get(f)) {
+                        event.timestamp = Some(value.as_i64().ok_or_else(|| {
+                            anyhow::anyhow!("line {}: time field is not an integer of milliseconds", n + 1)
+                        })?);
+                    }
+                }
                 producer.send(&event).await?;
                 sent += 1;
             }
