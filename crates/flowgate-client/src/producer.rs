@@ -319,11 +319,18 @@ enum Outcome {
     Fatal(ClientError),
 }
 
-fn classify(answer: Result<Vec<PartitionAck>, ClientError>) -> Outcome {
+/// `first_unacknowledged`: every earlier batch of the partition is known stored.
+fn classify(answer: Result<Vec<PartitionAck>, ClientError>, first_unacknowledged: bool) -> Outcome {
     match answer {
         // DUPLICATE_SEQUENCE: stored before. Sequences are stored only in order, so a
         // sequence at or below the partition's last one is stored.
         Ok(_) | Err(ClientError::Server { code: ErrorCode::DuplicateSequence, .. }) => Outcome::Stored,
+        // The partition knows nothing of this producer: normal while sequence 0 itself is
+        // still to be (re)sent; fatal when every earlier batch is stored (the engine
+        // forgot this producer, or lost its batches with a power failure).
+        Err(e @ ClientError::Server { code: ErrorCode::UnknownProducer, .. }) if !first_unacknowledged => {
+            Outcome::Resend(e)
+        }
         Err(e) if e.is_retriable() => Outcome::Resend(e),
         Err(e) => Outcome::Fatal(e),
     }
@@ -409,7 +416,7 @@ async fn drive(shared: Arc<Shared>, partition: u32, mut rx: mpsc::UnboundedRecei
                 };
                 queue.push_back(Entry { batch, state });
             }
-            Some(Err((i, answer))) => match classify(answer) {
+            Some(Err((i, answer))) => match classify(answer, i == 0) {
                 Outcome::Stored => {
                     queue[i].state = State::Stored;
                     rounds_without_progress = 0;

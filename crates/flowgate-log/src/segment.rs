@@ -199,10 +199,20 @@ impl Segment {
         let mut cursor = IndexCursor::new(index_interval);
         let mut max_ts = i64::MIN;
         let base = self.base_offset;
+        // Index only batches whose offsets follow the ones indexed before: past damage
+        // (checking mode) a batch's base offset is not verified and may be anything.
+        let mut next_expected = base;
         let outcome = scan_segment(&self.path, base, mode, |b| {
-            // Past damage (checking mode) a batch's base offset is not verified: it may be
-            // anything, so clamp rather than trust it.
-            let rel = u32::try_from(b.view.base_offset().saturating_sub(base)).unwrap_or(u32::MAX);
+            let Some(rel) = b
+                .view
+                .base_offset()
+                .checked_sub(base)
+                .filter(|_| b.view.base_offset() >= next_expected)
+                .and_then(|rel| u32::try_from(rel).ok())
+            else {
+                return;
+            };
+            next_expected = b.view.base_offset().saturating_add(u64::from(b.view.header.record_count));
             max_ts = max_ts.max(b.view.header.max_timestamp);
             cursor.on_batch(
                 b.position as u32,

@@ -255,3 +255,55 @@ fn idempotent_sequences_are_checked_in_order_and_survive_restarts() {
     assert_eq!(p.end_offset(), end);
     assert!(!p.append(&mut batch(40, 2, 1_000, stamp(5, 20))).unwrap().duplicate);
 }
+
+/// Positions of the batches in a segment file.
+fn batch_positions(bytes: &[u8]) -> Vec<usize> {
+    let mut positions = Vec::new();
+    let mut pos = 0;
+    while let Some(total) = flowgate_core::BatchHeader::peek_total_len(&bytes[pos..]) {
+        positions.push(pos);
+        pos += total as usize;
+        if pos >= bytes.len() {
+            break;
+        }
+    }
+    positions
+}
+
+#[test]
+fn absurd_base_offsets_in_a_damaged_sealed_segment_are_survived() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_segments(FsyncPolicy::Interval);
+    let part = dir.path().join("topics/t/0");
+    {
+        let log = Log::open(dir.path(), config.clone()).unwrap();
+        let p = log.topic_or_create("t").unwrap().partition(0).unwrap().clone();
+        fill_until_segments(&p, 4);
+        log.close().unwrap();
+    }
+    // The second segment (sealed, base > 0): damage one batch's records, then give the
+    // batches after it base offsets no arithmetic may trust (the checksum does not cover
+    // base offsets).
+    let files = segment_files(&part);
+    let target = &files[1];
+    let mut bytes = std::fs::read(target).unwrap();
+    let positions = batch_positions(&bytes);
+    assert!(positions.len() >= 4, "{positions:?}");
+    let last_byte = positions[1] - 1;
+    bytes[last_byte] ^= 0xFF;
+    bytes[positions[1]..positions[1] + 8].copy_from_slice(&(u64::MAX - 1).to_le_bytes());
+    bytes[positions[2]..positions[2] + 8].copy_from_slice(&0u64.to_le_bytes());
+    bytes[positions[3]..positions[3] + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    std::fs::write(target, &bytes).unwrap();
+    for ext in ["index", "timeindex"] {
+        let _ = std::fs::remove_file(target.with_extension(ext));
+    }
+    let report = flowgate_log::check_data_dir(dir.path()).unwrap();
+    assert!(!report.is_clean());
+    // Opening rebuilds the damaged segment's indexes without trusting those offsets.
+    let log = Log::open(dir.path(), config).unwrap();
+    let p = log.topic("t").unwrap().partition(0).unwrap().clone();
+    let end = p.end_offset();
+    p.append(&mut batch(0, 1, 1_000, ProducerStamp::default())).unwrap();
+    assert_eq!(p.end_offset(), end + 1);
+}

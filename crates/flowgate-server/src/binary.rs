@@ -205,10 +205,12 @@ impl Connection<'_> {
                 Reply::Ready(error_frame(correlation_id, ErrorCode::InvalidRequest, "HELLO was already sent"))
             }
             Request::Produce { topic, producer_id, sequence, batch } => {
-                self.produce(frame, correlation_id, topic, None, producer_id, sequence, batch)
+                let (topic, batch) = (topic.to_owned(), batch_range(frame, batch));
+                self.produce(frame, correlation_id, &topic, None, producer_id, sequence, batch)
             }
             Request::ProducePartition { topic, partition, producer_id, sequence, batch } => {
-                self.produce(frame, correlation_id, topic, Some(partition), producer_id, sequence, batch)
+                let (topic, batch) = (topic.to_owned(), batch_range(frame, batch));
+                self.produce(frame, correlation_id, &topic, Some(partition), producer_id, sequence, batch)
             }
             Request::Metadata { topic } => match ingest.topic(topic) {
                 Ok(t) => {
@@ -307,15 +309,13 @@ impl Connection<'_> {
         partition: Option<u32>,
         producer_id: u64,
         sequence: u64,
-        batch: &[u8],
+        batch: std::ops::Range<usize>,
     ) -> Reply {
         let ingest = &self.shared.ingest;
         let log_error = |e: LogError| Reply::Ready(error_frame(correlation_id, error_code(&e), &e.to_string()));
-        let topic_name = topic.to_owned();
-        // The batch is a sub-slice of the frame; find it to borrow it mutably.
-        let start = batch.as_ptr() as usize - frame.as_ptr() as usize;
-        let end = start + batch.len();
-        let topic = match ingest.topic(&topic_name) {
+        let topic_name = topic;
+        let (start, end) = (batch.start, batch.end);
+        let topic = match ingest.topic(topic_name) {
             Ok(t) => t,
             Err(e) => return log_error(e),
         };
@@ -337,7 +337,7 @@ impl Connection<'_> {
         };
         match result {
             Ok(written) => {
-                self.counters(&topic_name).accepted(written.events(), payload_bytes);
+                self.counters(topic_name).accepted(written.events(), payload_bytes);
                 if written.needs_wait() {
                     Reply::Durable { correlation_id, written }
                 } else {
@@ -358,6 +358,12 @@ impl Connection<'_> {
             }
         }
     }
+}
+
+/// Where a request's batch (a sub-slice of the frame) lies, so it can be borrowed mutably.
+fn batch_range(frame: &[u8], batch: &[u8]) -> std::ops::Range<usize> {
+    let start = batch.as_ptr() as usize - frame.as_ptr() as usize;
+    start..start + batch.len()
 }
 
 fn frame_hello(correlation_id: u32, version: u16, max_frame_bytes: u32) -> Vec<u8> {
