@@ -246,3 +246,64 @@ impl Ingest {
         Ok(Written { parts: vec![(partition.clone(), outcome)] })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flowgate_log::LogConfig;
+
+    fn keyed_batch(keys: &[&str]) -> Vec<u8> {
+        let mut b = BatchBuilder::new();
+        for k in keys {
+            b.push_payload(1, Some(k.as_bytes()), b"{}");
+        }
+        b.finish(Codec::None, ProducerStamp::default()).unwrap().bytes
+    }
+
+    fn key_in(partition: u32, partitions: u32) -> String {
+        (0..).map(|i| format!("k{i}")).find(|k| partition_for_key(k.as_bytes(), partitions) == partition).unwrap()
+    }
+
+    #[test]
+    fn a_split_batch_is_refused_whole_when_one_of_its_partitions_is_fenced() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+        let topic = log.create_topic("t", 2).unwrap();
+        let ingest = Ingest::new(log.clone(), Metrics::new(), Codec::None);
+        let mut scratch = Scratch::default();
+        let (k0, k1) = (key_in(0, 2), key_in(1, 2));
+        // Partition 1's disk fails an fsync: it is fenced.
+        let p1 = topic.partition(1).unwrap().clone();
+        p1.append(&mut keyed_batch(&[&k1])).unwrap();
+        p1.inject_fsync_failures(true);
+        assert!(p1.sync().is_err());
+        p1.inject_fsync_failures(false);
+        let before: Vec<u64> = topic.partitions().iter().map(|p| p.end_offset()).collect();
+        let err = ingest.append_client_batch(&topic, &mut keyed_batch(&[&k0, &k1, &k0]), &mut scratch).unwrap_err();
+        assert!(matches!(err, LogError::Io { .. }), "{err}");
+        let after: Vec<u64> = topic.partitions().iter().map(|p| p.end_offset()).collect();
+        assert_eq!(before, after, "nothing stored in partition 0 either: a retry would duplicate it");
+        // A batch for the healthy partition alone still goes in.
+        ingest.append_client_batch(&topic, &mut keyed_batch(&[&k0]), &mut scratch).unwrap();
+    }
+
+    #[test]
+    fn idempotent_batches_name_their_partition_and_keys_must_belong_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+        let topic = log.create_topic("t", 2).unwrap();
+        let ingest = Ingest::new(log.clone(), Metrics::new(), Codec::None);
+        let mut scratch = Scratch::default();
+        let stamp = ProducerStamp { producer_id: 3, sequence: 0 };
+        let mut b = BatchBuilder::new();
+        b.push_payload(1, Some(key_in(1, 2).as_bytes()), b"{}");
+        let mut bytes = b.finish(Codec::None, stamp).unwrap().bytes;
+        let err = ingest.append_client_batch(&topic, &mut bytes.clone(), &mut scratch).unwrap_err();
+        assert!(matches!(err, LogError::IdempotentBatchNeedsPartition { .. }), "{err}");
+        let err = ingest.append_to_partition(&topic, 0, &mut bytes.clone(), &mut scratch).unwrap_err();
+        assert!(matches!(err, LogError::KeyInWrongPartition { partition: 0, expected: 1 }), "{err}");
+        let written = ingest.append_to_partition(&topic, 1, &mut bytes, &mut scratch).unwrap();
+        assert_eq!(written.acks()[0].partition, 1);
+        assert_eq!(topic.partition(0).unwrap().end_offset(), 0);
+    }
+}
