@@ -172,7 +172,7 @@ impl Ingest {
             let result = builder
                 .finish_into(codec, ProducerStamp::default(), &mut scratch.encoded)
                 .map_err(LogError::from)
-                .and_then(|()| {
+                .and_then(|_| {
                     let partition = topic.partition(p)?;
                     Ok((partition.clone(), self.append_to(partition, &mut scratch.encoded)?))
                 });
