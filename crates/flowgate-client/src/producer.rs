@@ -240,12 +240,8 @@ impl Producer {
             // Keyless events move on to the next partition, a batch at a time.
             self.keyless_partition = (p + 1) % self.partitions;
         }
-        let permit = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ClientError::Protocol("producer closed".into()))?;
+        let permit =
+            self.slots.clone().acquire_owned().await.map_err(|_| ClientError::Protocol("producer closed".into()))?;
         self.check_failed()?;
         let batch = Batch {
             sequence: stamp.sequence,

@@ -249,9 +249,9 @@ fn holds_data(topic_dir: &Path) -> bool {
         return true;
     };
     partitions.filter_map(|e| e.ok()).any(|p| match std::fs::read_dir(p.path()) {
-        Ok(files) => files.filter_map(|f| f.ok()).any(|f| {
-            f.file_name().to_string_lossy().ends_with(".log") && f.metadata().map_or(true, |m| m.len() > 0)
-        }),
+        Ok(files) => files
+            .filter_map(|f| f.ok())
+            .any(|f| f.file_name().to_string_lossy().ends_with(".log") && f.metadata().map_or(true, |m| m.len() > 0)),
         Err(_) => p.path().is_dir(),
     })
 }

@@ -5,8 +5,8 @@
 //! completely written. Durability is tracked as an offset: every record below
 //! [`Partition::durable_offset`] has been fsynced.
 
-use std::path::{Path, PathBuf};
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

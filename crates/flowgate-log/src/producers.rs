@@ -269,10 +269,7 @@ mod tests {
     }
 
     fn steps() -> impl Strategy<Value = Vec<Step>> {
-        proptest::collection::vec(
-            prop_oneof![8 => (0u64..12).prop_map(Step::Arrive), 1 => Just(Step::Restart)],
-            1..150,
-        )
+        proptest::collection::vec(prop_oneof![8 => (0u64..12).prop_map(Step::Arrive), 1 => Just(Step::Restart)], 1..150)
     }
 
     proptest! {

@@ -213,9 +213,10 @@ impl Connection<'_> {
                 self.produce(frame, correlation_id, &topic, Some(partition), producer_id, sequence, batch)
             }
             Request::Metadata { topic } => match ingest.topic(topic) {
-                Ok(t) => {
-                    Reply::Ready(response_frame(correlation_id, &Response::Metadata { partitions: t.partition_count() }))
-                }
+                Ok(t) => Reply::Ready(response_frame(
+                    correlation_id,
+                    &Response::Metadata { partitions: t.partition_count() },
+                )),
                 Err(e) => log_error(e),
             },
             Request::Fetch { topic, partition, offset, max_bytes, max_wait_ms } => {
@@ -397,7 +398,8 @@ async fn read_requests(
     shared: &Arc<Shared>,
     peer: &str,
 ) {
-    let mut conn = Connection { shared, peer, handshaken: false, version: 1, scratch: Scratch::default(), counters: Vec::new() };
+    let mut conn =
+        Connection { shared, peer, handshaken: false, version: 1, scratch: Scratch::default(), counters: Vec::new() };
     let max_frame = shared.config.max_frame_bytes;
     let idle = shared.idle_timeout();
     let metrics = shared.ingest.metrics().clone();

@@ -133,15 +133,11 @@ fn protocol_version_1_clients_still_produce_and_get_version_1() {
     let reply = raw_call(&mut stream, &Request::Hello { min_version: 1, max_version: 1, client_name: "old" });
     assert!(matches!(decode_response(&reply).unwrap().1, Response::HelloOk { version: 1, .. }));
     let b = batch(0..3, ProducerStamp::default());
-    let reply =
-        raw_call(&mut stream, &Request::Produce { topic: "old", producer_id: 0, sequence: 0, batch: &b });
+    let reply = raw_call(&mut stream, &Request::Produce { topic: "old", producer_id: 0, sequence: 0, batch: &b });
     assert!(matches!(decode_response(&reply).unwrap().1, Response::ProduceOk(_)), "{:?}", decode_response(&reply));
     // Version 2 requests need a version 2 handshake.
     let reply = raw_call(&mut stream, &Request::Metadata { topic: "old" });
-    assert!(matches!(
-        decode_response(&reply).unwrap().1,
-        Response::Error { code: ErrorCode::InvalidRequest, .. }
-    ));
+    assert!(matches!(decode_response(&reply).unwrap().1, Response::Error { code: ErrorCode::InvalidRequest, .. }));
 }
 
 /// A TCP proxy that cuts every connection after a few KiB from the client, in the
