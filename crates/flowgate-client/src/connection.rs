@@ -40,6 +40,7 @@ enum Reply {
     Done,
     Offset(u64),
     HelloOk(u32),
+    Metadata(u32),
 }
 
 type Waiter = oneshot::Sender<Result<Reply, ClientError>>;
@@ -88,6 +89,7 @@ fn owned_reply(frame: Bytes) -> Result<(u32, Result<Reply, ClientError>), Client
         Response::Topics(t) => Ok(Reply::Topics(t)),
         Response::Created | Response::Deleted => Ok(Reply::Done),
         Response::Offset(o) => Ok(Reply::Offset(o)),
+        Response::Metadata { partitions } => Ok(Reply::Metadata(partitions)),
         Response::Error { code, message } => Err(ClientError::Server { code, message: message.to_owned() }),
     };
     Ok((correlation_id, reply))
@@ -219,6 +221,7 @@ impl Client {
                 max_frame_bytes: AtomicU32::new(flowgate_protocol::DEFAULT_MAX_FRAME_BYTES),
             }),
         };
+        // Version 2: the idempotent producer needs PRODUCE_PARTITION and METADATA.
         let hello = Request::Hello { min_version: VERSION, max_version: VERSION, client_name: "flowgate-client" };
         match client.call(&hello).await? {
             Reply::HelloOk(max) => client.inner.max_frame_bytes.store(max, Ordering::Relaxed),
@@ -280,9 +283,55 @@ impl Client {
         Ok(PendingProduce { inner: self.enqueue(&request).await? })
     }
 
-    /// Appends one encoded batch (from `flowgate_core::BatchBuilder`, stamped with
-    /// `stamp`) to `topic`. Returns the offsets per partition, once the append is as
-    /// durable as the engine's config asks.
+    /// Queues a produce request for one partition (PRODUCE_PARTITION) and returns at once
+    /// with its pending acknowledgement. Requests queued one after another from one task
+    /// reach the engine in that order, which idempotent sequences require.
+    pub async fn produce_to_queued(
+        &self,
+        topic: &str,
+        partition: u32,
+        batch: Bytes,
+        stamp: flowgate_core::ProducerStamp,
+    ) -> Result<PendingProduce, ClientError> {
+        let request = Request::ProducePartition {
+            topic,
+            partition,
+            producer_id: stamp.producer_id,
+            sequence: stamp.sequence,
+            batch: &batch,
+        };
+        Ok(PendingProduce { inner: self.enqueue(&request).await? })
+    }
+
+    /// Appends one encoded batch to one partition of `topic` (PRODUCE_PARTITION). Every
+    /// keyed record must belong to `partition` (`flowgate_core::partition_for_key`). With
+    /// a producer id in `stamp`, the append is idempotent: `stamp.sequence` numbers this
+    /// producer's batches to this partition from 0, and must follow the last stored one
+    /// (`docs/protocol.md`).
+    pub async fn produce_to(
+        &self,
+        topic: &str,
+        partition: u32,
+        batch: Bytes,
+        stamp: flowgate_core::ProducerStamp,
+    ) -> Result<Vec<PartitionAck>, ClientError> {
+        self.produce_to_queued(topic, partition, batch, stamp).await?.acks().await
+    }
+
+    /// The number of partitions of `topic`, creating the topic if the engine
+    /// auto-creates topics.
+    pub async fn partition_count(&self, topic: &str) -> Result<u32, ClientError> {
+        match self.call(&Request::Metadata { topic }).await? {
+            Reply::Metadata(n) => Ok(n),
+            _ => Err(ClientError::Protocol("unexpected reply to METADATA".into())),
+        }
+    }
+
+    /// Appends one encoded batch (from `flowgate_core::BatchBuilder`) to `topic`, split
+    /// across partitions by key by the engine. Not idempotent: `stamp` must be the
+    /// default (an idempotent batch must name its partition, see [`Client::produce_to`]).
+    /// Returns the offsets per partition, once the append is as durable as the engine's
+    /// config asks.
     pub async fn produce(
         &self,
         topic: &str,

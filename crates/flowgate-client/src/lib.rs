@@ -2,9 +2,10 @@
 //!
 //! - [`Client`]: one connection, many requests in flight, cheap to clone. Produce
 //!   pre-encoded batches, fetch, manage topics.
-//! - [`Producer`]: events in, batches out: batching by count, bytes and linger,
-//!   a window of requests in flight, and retries that resend the same producer id and
-//!   sequence so the server stores a retried batch once.
+//! - [`Producer`]: events in, batches out: partitions picked by key, batching by count,
+//!   bytes and linger, a window of requests in flight, and sequences numbered per
+//!   partition and resent in order after a failure, so the engine stores every batch
+//!   once, in order, and nothing unstored is counted as acknowledged.
 //! - [`ClientError`]: what went wrong and what to do.
 
 #![warn(missing_docs)]

@@ -1,12 +1,30 @@
 //! A batching, idempotent producer.
+//!
+//! The producer picks each event's partition itself (the key's
+//! `flowgate_core::partition_for_key`, or one partition per batch for keyless events) and
+//! numbers its batches per partition: 0, 1, 2, … The engine stores a partition's batches
+//! only in that order (`docs/protocol.md`), so a batch is never stored after a later one
+//! and a retry is recognised.
+//!
+//! One driver task per partition owns that partition's unacknowledged batches, in
+//! sequence order. It pipelines them (up to `max_in_flight` across the producer) and reads
+//! the answers in order. When an answer fails (a dropped connection, a batch refused as
+//! out of order because an earlier one was lost), it waits for every request still in
+//! flight, then resends every batch not known stored, in order, on a fresh connection. A
+//! batch counts as acknowledged only when the engine says it is stored: PRODUCE_OK, or
+//! DUPLICATE_SEQUENCE (stored before, which in-order sequences make certain).
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flowgate_core::{BatchBuilder, Codec, Event, ProducerStamp};
-use tokio::sync::Mutex;
+use flowgate_core::{partition_for_key, BatchBuilder, Codec, Event, ProducerStamp};
+use flowgate_protocol::{ErrorCode, PartitionAck};
+use tokio::sync::{mpsc, oneshot, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::connection::Client;
@@ -23,11 +41,13 @@ pub struct ProducerConfig {
     pub linger: Duration,
     /// Compression of the batches.
     pub codec: Codec,
-    /// Requests in flight at once. With retries, order across batches holds only with 1.
+    /// Batches sent and not yet acknowledged, across all partitions. Order per key holds
+    /// whatever this is.
     pub max_in_flight: usize,
-    /// Resends of a failed request (same producer id and sequence).
+    /// Resend rounds in a row without any batch of a partition being acknowledged before
+    /// the producer gives up on that partition (and fails).
     pub retries: u32,
-    /// Wait before the first retry; doubles each time.
+    /// Wait before the first resend; doubles each round, back to this after progress.
     pub retry_backoff: Duration,
 }
 
@@ -61,17 +81,59 @@ impl SharedClient {
     }
 }
 
+/// What every driver shares.
+struct Shared {
+    client: SharedClient,
+    topic: String,
+    producer_id: u64,
+    retries: u32,
+    retry_backoff: Duration,
+    acked: AtomicU64,
+    failure: std::sync::Mutex<Option<ClientError>>,
+}
+
+impl Shared {
+    fn failure(&self) -> Option<ClientError> {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn fail(&self, e: ClientError) {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+    }
+}
+
+/// A batch handed to a driver; its permit is one of `max_in_flight`.
+struct Batch {
+    sequence: u64,
+    bytes: Bytes,
+    events: u64,
+    _permit: OwnedSemaphorePermit,
+}
+
+enum Message {
+    Batch(Batch),
+    /// Answer when every batch handed over before is resolved.
+    Flush(oneshot::Sender<()>),
+}
+
+/// One partition's batches being filled.
+struct Filling {
+    builder: BatchBuilder,
+    started: Option<Instant>,
+    next_sequence: u64,
+}
+
 /// Events in, batches out. Call [`Producer::flush`] before dropping it.
 pub struct Producer {
-    client: Arc<SharedClient>,
-    topic: Arc<str>,
+    shared: Arc<Shared>,
     config: ProducerConfig,
-    producer_id: u64,
-    next_sequence: u64,
-    builder: BatchBuilder,
-    batch_started: Option<Instant>,
-    in_flight: JoinSet<Result<u64, ClientError>>,
-    acked: Arc<AtomicU64>,
+    partitions: u32,
+    filling: Vec<Filling>,
+    drivers: Vec<Option<mpsc::UnboundedSender<Message>>>,
+    tasks: JoinSet<()>,
+    slots: Arc<Semaphore>,
+    keyless_partition: u32,
+    events_since_linger_check: u32,
 }
 
 fn random_producer_id() -> u64 {
@@ -83,123 +145,302 @@ fn random_producer_id() -> u64 {
 }
 
 impl Producer {
-    /// Connects to `addr` and produces to `topic`.
+    /// Connects to `addr` and produces to `topic` (created if the engine auto-creates
+    /// topics).
     pub async fn new(addr: &str, topic: &str, config: ProducerConfig) -> Result<Producer, ClientError> {
         let client = Client::connect(addr).await?;
+        let partitions = client.partition_count(topic).await?.max(1);
+        let producer_id = random_producer_id();
+        let shared = Arc::new(Shared {
+            client: SharedClient { addr: addr.to_owned(), current: Mutex::new(client) },
+            topic: topic.to_owned(),
+            producer_id,
+            retries: config.retries,
+            retry_backoff: config.retry_backoff,
+            acked: AtomicU64::new(0),
+            failure: std::sync::Mutex::new(None),
+        });
+        let filling = (0..partitions)
+            .map(|_| Filling { builder: BatchBuilder::new(), started: None, next_sequence: 0 })
+            .collect();
         Ok(Producer {
-            client: Arc::new(SharedClient { addr: addr.to_owned(), current: Mutex::new(client) }),
-            topic: topic.into(),
-            builder: BatchBuilder::with_capacity(config.max_batch_bytes.min(4 << 20)),
+            shared,
+            slots: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
+            keyless_partition: (producer_id % u64::from(partitions)) as u32,
             config,
-            producer_id: random_producer_id(),
-            next_sequence: 0,
-            batch_started: None,
-            in_flight: JoinSet::new(),
-            acked: Arc::new(AtomicU64::new(0)),
+            partitions,
+            filling,
+            drivers: (0..partitions).map(|_| None).collect(),
+            tasks: JoinSet::new(),
+            events_since_linger_check: 0,
         })
     }
 
     /// This producer's id.
     pub fn producer_id(&self) -> u64 {
-        self.producer_id
+        self.shared.producer_id
     }
 
-    /// Events acknowledged so far.
+    /// Events acknowledged (stored) so far.
     pub fn acked(&self) -> u64 {
-        self.acked.load(Ordering::Relaxed)
+        self.shared.acked.load(Ordering::Relaxed)
     }
 
-    /// Adds an event; sends the batch when it is full or old enough. Fails with the
-    /// first error of an earlier batch that could not be delivered.
+    fn check_failed(&self) -> Result<(), ClientError> {
+        match self.shared.failure() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Adds an event; sends its partition's batch when it is full or old enough. Fails
+    /// with the error of an earlier batch that could not be delivered.
     pub async fn send(&mut self, event: &Event) -> Result<(), ClientError> {
-        self.reap_finished()?;
-        self.builder.push_event(event, flowgate_core::time::now_ms());
-        let started = *self.batch_started.get_or_insert_with(Instant::now);
-        if self.builder.len() >= self.config.max_batch_events
-            || self.builder.records_len() >= self.config.max_batch_bytes
+        self.check_failed()?;
+        let p = match &event.key {
+            Some(k) => partition_for_key(k, self.partitions),
+            None => self.keyless_partition,
+        };
+        let filling = &mut self.filling[p as usize];
+        filling.builder.push_event(event, flowgate_core::time::now_ms());
+        let started = *filling.started.get_or_insert_with(Instant::now);
+        if filling.builder.len() >= self.config.max_batch_events
+            || filling.builder.records_len() >= self.config.max_batch_bytes
             || started.elapsed() >= self.config.linger
         {
-            self.ship().await?;
+            self.ship(p).await?;
         }
-        Ok(())
-    }
-
-    fn reap_finished(&mut self) -> Result<(), ClientError> {
-        while let Some(done) = self.in_flight.try_join_next() {
-            done.map_err(|e| ClientError::Protocol(format!("send task failed: {e}")))??;
-        }
-        Ok(())
-    }
-
-    async fn ship(&mut self) -> Result<(), ClientError> {
-        if self.builder.is_empty() {
-            return Ok(());
-        }
-        self.batch_started = None;
-        let stamp = ProducerStamp { producer_id: self.producer_id, sequence: self.next_sequence };
-        self.next_sequence += 1;
-        let batch = self.builder.finish(self.config.codec, stamp).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let count = u64::from(batch.record_count);
-        let bytes = Bytes::from(batch.bytes);
-        while self.in_flight.len() >= self.config.max_in_flight.max(1) {
-            if let Some(done) = self.in_flight.join_next().await {
-                done.map_err(|e| ClientError::Protocol(format!("send task failed: {e}")))??;
-            }
-        }
-        // Queue the first attempt here, in the caller's task, so requests leave in
-        // sequence order; only the waiting (and any retry) happens in the background.
-        let first = match self.client.get().await {
-            Ok(c) => c.produce_queued(&self.topic, bytes.clone(), stamp).await,
-            Err(e) => Err(e),
-        };
-        let (client, topic, acked) = (self.client.clone(), self.topic.clone(), self.acked.clone());
-        let (retries, mut backoff) = (self.config.retries, self.config.retry_backoff);
-        self.in_flight.spawn(async move {
-            let mut attempt = 0;
-            let mut pending = Some(first);
-            loop {
-                let result = match pending.take() {
-                    Some(Ok(p)) => p.acks().await,
-                    Some(Err(e)) => Err(e),
-                    None => match client.get().await {
-                        Ok(c) => c.produce(&topic, bytes.clone(), stamp).await,
-                        Err(e) => Err(e),
-                    },
-                };
-                match result {
-                    // DUPLICATE_SEQUENCE: the engine stored this sequence before (a retry
-                    // of a request whose reply was lost).
-                    Ok(_) | Err(ClientError::Server { code: crate::ErrorCode::DuplicateSequence, .. }) => {
-                        acked.fetch_add(count, Ordering::Relaxed);
-                        return Ok(count);
-                    }
-                    Err(e) if e.is_retriable() && attempt < retries => {
-                        attempt += 1;
-                        tracing::debug!(error = %e, attempt, sequence = stamp.sequence, "retrying produce");
-                        tokio::time::sleep(backoff).await;
-                        backoff = backoff.saturating_mul(2);
-                    }
-                    Err(e) => return Err(e),
+        // Batches of other partitions that waited long enough go too (looked at every
+        // few events, not per event).
+        self.events_since_linger_check += 1;
+        if self.events_since_linger_check >= 64 {
+            self.events_since_linger_check = 0;
+            let linger = self.config.linger;
+            for q in 0..self.partitions {
+                if self.filling[q as usize].started.is_some_and(|s| s.elapsed() >= linger) {
+                    self.ship(q).await?;
                 }
             }
-        });
+        }
         Ok(())
     }
 
-    /// Sends the partial batch and waits for every request. Returns the number of events
-    /// acknowledged in total, or the first error.
+    /// Hands partition `p`'s batch to its driver.
+    async fn ship(&mut self, p: u32) -> Result<(), ClientError> {
+        let filling = &mut self.filling[p as usize];
+        if filling.builder.is_empty() {
+            return Ok(());
+        }
+        filling.started = None;
+        let stamp = ProducerStamp { producer_id: self.shared.producer_id, sequence: filling.next_sequence };
+        let batch =
+            filling.builder.finish(self.config.codec, stamp).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        filling.next_sequence += 1;
+        if p == self.keyless_partition {
+            // Keyless events move on to the next partition, a batch at a time.
+            self.keyless_partition = (p + 1) % self.partitions;
+        }
+        let permit =
+            self.slots.clone().acquire_owned().await.map_err(|_| ClientError::Protocol("producer closed".into()))?;
+        self.check_failed()?;
+        let batch = Batch {
+            sequence: stamp.sequence,
+            events: u64::from(batch.record_count),
+            bytes: Bytes::from(batch.bytes),
+            _permit: permit,
+        };
+        let driver = self.drivers[p as usize].get_or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.tasks.spawn(drive(self.shared.clone(), p, rx));
+            tx
+        });
+        driver.send(Message::Batch(batch)).map_err(|_| ClientError::Protocol("producer driver ended".into()))
+    }
+
+    /// Sends every partial batch and waits until every batch is acknowledged or the
+    /// producer failed. Returns the number of events acknowledged in total, or the first
+    /// error (events of batches after a failed one are not stored).
     pub async fn flush(&mut self) -> Result<u64, ClientError> {
-        self.ship().await?;
-        let mut first_error = None;
-        while let Some(done) = self.in_flight.join_next().await {
-            let result = done.map_err(|e| ClientError::Protocol(format!("send task failed: {e}"))).and_then(|r| r);
-            if let Err(e) = result {
-                first_error.get_or_insert(e);
+        for p in 0..self.partitions {
+            self.ship(p).await?;
+        }
+        let mut waiting = Vec::new();
+        for driver in self.drivers.iter().flatten() {
+            let (tx, rx) = oneshot::channel();
+            if driver.send(Message::Flush(tx)).is_ok() {
+                waiting.push(rx);
             }
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(self.acked()),
+        for rx in waiting {
+            let _ = rx.await;
         }
+        self.check_failed()?;
+        Ok(self.acked())
+    }
+}
+
+type Answer = Pin<Box<dyn Future<Output = Result<Vec<PartitionAck>, ClientError>> + Send>>;
+
+enum State {
+    /// Not on the wire (new behind a failure, or to be resent).
+    Unsent,
+    /// Sent; its answer is awaited.
+    InFlight(Answer),
+    /// The engine said it is stored.
+    Stored,
+}
+
+struct Entry {
+    batch: Batch,
+    state: State,
+}
+
+/// Sends `batch` on `client` (or fails at once) and returns its answer to await.
+async fn send_one(shared: &Shared, client: &Result<Client, ClientError>, partition: u32, batch: &Batch) -> Answer {
+    let stamp = ProducerStamp { producer_id: shared.producer_id, sequence: batch.sequence };
+    let queued = match client {
+        Ok(c) => c.produce_to_queued(&shared.topic, partition, batch.bytes.clone(), stamp).await,
+        Err(e) => Err(e.clone()),
+    };
+    match queued {
+        Ok(pending) => Box::pin(pending.acks()),
+        Err(e) => Box::pin(async move { Err(e) }),
+    }
+}
+
+/// What an answer means for the batch.
+enum Outcome {
+    Stored,
+    Resend(ClientError),
+    Fatal(ClientError),
+}
+
+/// `first_unacknowledged`: every earlier batch of the partition is known stored.
+fn classify(answer: Result<Vec<PartitionAck>, ClientError>, first_unacknowledged: bool) -> Outcome {
+    match answer {
+        // DUPLICATE_SEQUENCE: stored before. Sequences are stored only in order, so a
+        // sequence at or below the partition's last one is stored.
+        Ok(_) | Err(ClientError::Server { code: ErrorCode::DuplicateSequence, .. }) => Outcome::Stored,
+        // The partition knows nothing of this producer: normal while sequence 0 itself is
+        // still to be (re)sent; fatal when every earlier batch is stored (the engine
+        // forgot this producer, or lost its batches with a power failure).
+        Err(e @ ClientError::Server { code: ErrorCode::UnknownProducer, .. }) if !first_unacknowledged => {
+            Outcome::Resend(e)
+        }
+        Err(e) if e.is_retriable() => Outcome::Resend(e),
+        Err(e) => Outcome::Fatal(e),
+    }
+}
+
+/// The driver of one partition: see the module docs.
+async fn drive(shared: Arc<Shared>, partition: u32, mut rx: mpsc::UnboundedReceiver<Message>) {
+    let mut queue: VecDeque<Entry> = VecDeque::new();
+    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut resend = false;
+    let mut rounds_without_progress = 0u32;
+    let mut backoff = shared.retry_backoff;
+    let mut open = true;
+    loop {
+        // Acknowledged batches leave from the front, in order.
+        while queue.front().is_some_and(|e| matches!(e.state, State::Stored)) {
+            let entry = queue.pop_front().expect("front exists");
+            shared.acked.fetch_add(entry.batch.events, Ordering::Relaxed);
+        }
+        if queue.is_empty() {
+            for f in flushes.drain(..) {
+                let _ = f.send(());
+            }
+            if !open {
+                return;
+            }
+        }
+        let in_flight = queue.iter().position(|e| matches!(e.state, State::InFlight(_)));
+        if resend && in_flight.is_none() {
+            // Every answer of the failed round is in: resend what is not stored, in order.
+            rounds_without_progress += 1;
+            if rounds_without_progress > shared.retries {
+                let e = ClientError::Protocol(format!(
+                    "partition {partition}: no batch acknowledged after {} resend rounds; the unacknowledged \
+                     batches from sequence {} on are not known stored",
+                    shared.retries,
+                    queue.front().map_or(0, |e| e.batch.sequence)
+                ));
+                fail(&shared, &mut queue, &mut flushes, e);
+                resend = false;
+                continue;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = backoff.saturating_mul(2);
+            resend = false;
+            let client = shared.client.get().await;
+            for entry in queue.iter_mut().filter(|e| matches!(e.state, State::Unsent)) {
+                entry.state = State::InFlight(send_one(&shared, &client, partition, &entry.batch).await);
+            }
+            continue;
+        }
+        let message = match in_flight {
+            None if open => rx.recv().await.map(Ok),
+            None => {
+                // Closed, with batches waiting and none in flight: send them.
+                resend = true;
+                continue;
+            }
+            Some(i) => {
+                let State::InFlight(answer) = &mut queue[i].state else { unreachable!("position found it in flight") };
+                tokio::select! {
+                    biased;
+                    answer = answer => Some(Err((i, answer))),
+                    m = rx.recv(), if open => m.map(Ok),
+                }
+            }
+        };
+        match message {
+            None => open = false,
+            Some(Ok(Message::Flush(tx))) => flushes.push(tx),
+            Some(Ok(Message::Batch(batch))) => {
+                if shared.failure().is_some() {
+                    // The producer failed: this batch is not sent (its events are not
+                    // counted), and the caller hears the error.
+                    continue;
+                }
+                let state = if resend || queue.iter().any(|e| matches!(e.state, State::Unsent)) {
+                    // Behind a failure: it goes out with the resend, in order.
+                    State::Unsent
+                } else {
+                    let client = shared.client.get().await;
+                    State::InFlight(send_one(&shared, &client, partition, &batch).await)
+                };
+                queue.push_back(Entry { batch, state });
+            }
+            Some(Err((i, answer))) => match classify(answer, i == 0) {
+                Outcome::Stored => {
+                    queue[i].state = State::Stored;
+                    rounds_without_progress = 0;
+                    backoff = shared.retry_backoff;
+                }
+                Outcome::Resend(e) => {
+                    tracing::debug!(error = %e, partition, sequence = queue[i].batch.sequence, "batch will be resent");
+                    queue[i].state = State::Unsent;
+                    resend = true;
+                }
+                Outcome::Fatal(e) => fail(&shared, &mut queue, &mut flushes, e),
+            },
+        }
+    }
+}
+
+/// Gives up: records the error, drops every unacknowledged batch (they are not counted),
+/// and answers every flush.
+fn fail(shared: &Shared, queue: &mut VecDeque<Entry>, flushes: &mut Vec<oneshot::Sender<()>>, e: ClientError) {
+    tracing::warn!(error = %e, "producer failed; unacknowledged batches are not counted as stored");
+    shared.fail(e);
+    // Batches the engine already said are stored still count.
+    for entry in queue.drain(..) {
+        if matches!(entry.state, State::Stored) {
+            shared.acked.fetch_add(entry.batch.events, Ordering::Relaxed);
+        }
+    }
+    for f in flushes.drain(..) {
+        let _ = f.send(());
     }
 }

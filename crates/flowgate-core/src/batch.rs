@@ -207,7 +207,8 @@ impl BatchHeader {
 
     /// Offset of the last record.
     pub fn last_offset(&self) -> u64 {
-        self.base_offset + u64::from(self.record_count) - 1
+        // The base offset is not covered by the checksum: never overflow on it.
+        self.base_offset.saturating_add(u64::from(self.record_count).saturating_sub(1))
     }
 }
 

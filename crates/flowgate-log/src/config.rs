@@ -16,8 +16,9 @@ pub enum FsyncPolicy {
     /// Survives a killed process; power loss may lose the last interval.
     #[default]
     Interval,
-    /// Acknowledge after the write; fsync only when a segment rolls and at shutdown.
-    /// Survives a killed process; power loss may lose whatever the OS had not written.
+    /// Acknowledge after the write; fsync only when a segment is sealed (at roll) and at
+    /// shutdown. Survives a killed process; power loss may lose whatever the OS had not
+    /// written.
     Never,
 }
 
@@ -37,7 +38,8 @@ pub struct LogConfig {
     pub index_interval_bytes: u64,
     /// Delete old segments while a partition holds more than this (0 = no limit).
     pub retention_bytes: u64,
-    /// Delete segments whose newest event is older than this many ms (0 = keep forever).
+    /// Delete segments last written more than this many ms ago (0 = keep forever). Age
+    /// is the segment file's modification time, never the events' own timestamps.
     pub retention_ms: u64,
     /// Partitions of a topic created implicitly by its first write.
     pub default_partitions: u32,

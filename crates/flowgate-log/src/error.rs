@@ -57,13 +57,91 @@ pub enum LogError {
     /// The batch handed to append is invalid.
     #[error("invalid batch: {0}")]
     InvalidBatch(#[from] BatchError),
-    /// A producer sequence older than any remembered.
-    #[error("producer {producer_id} sequence {sequence} is older than any remembered; it was stored before")]
+    /// A producer sequence stored before, too long ago for its offsets to be remembered.
+    /// The batch is stored; the client counts it as stored.
+    #[error(
+        "producer {producer_id} sequence {sequence} was stored before (the last stored is {last_sequence}); \
+         its offsets are no longer remembered"
+    )]
     DuplicateSequence {
         /// Producer id.
         producer_id: u64,
         /// Sequence.
         sequence: u64,
+        /// The last sequence stored in the partition.
+        last_sequence: u64,
+    },
+    /// A producer sequence after a gap: an earlier batch of this producer never reached
+    /// the partition. Nothing was stored.
+    #[error(
+        "producer {producer_id} sequence {sequence} is out of order: partition {partition} expects sequence \
+         {expected} next; resend the unacknowledged batches in order from {expected}"
+    )]
+    OutOfOrderSequence {
+        /// Producer id.
+        producer_id: u64,
+        /// Sequence received.
+        sequence: u64,
+        /// Sequence expected.
+        expected: u64,
+        /// The partition.
+        partition: u32,
+    },
+    /// A sequence other than 0 from a producer the partition does not know. Nothing was
+    /// stored.
+    #[error(
+        "producer {producer_id} is unknown to partition {partition} (forgotten as idle, or its batches were \
+         lost with a power failure) and sequence {sequence} is not 0; nothing was stored; start a new producer"
+    )]
+    UnknownProducer {
+        /// Producer id.
+        producer_id: u64,
+        /// Sequence received.
+        sequence: u64,
+        /// The partition.
+        partition: u32,
+    },
+    /// An idempotent batch (producer id other than 0) sent where the server would split
+    /// it across partitions: its sequence numbers one partition's batches.
+    #[error(
+        "an idempotent batch (producer id {producer_id}) must name its partition: sequences are per \
+         partition; send it with PRODUCE_PARTITION (protocol version 2)"
+    )]
+    IdempotentBatchNeedsPartition {
+        /// Producer id.
+        producer_id: u64,
+    },
+    /// A keyed record in a batch sent to one partition whose key belongs to another.
+    #[error("a record's key belongs to partition {expected}, not {partition}; pick partitions with xxh3_64(key) % partitions")]
+    KeyInWrongPartition {
+        /// The partition named.
+        partition: u32,
+        /// The key's partition.
+        expected: u32,
+    },
+    /// A batch split across partitions was stored in some of them and failed in another.
+    #[error(
+        "stored only partly: {stored}; partition {failed_partition} failed: {source}; \
+         resend only the records of the partitions not listed as stored"
+    )]
+    PartiallyStored {
+        /// The parts that were stored, as `partition P offsets A..=B` items.
+        stored: String,
+        /// The partition whose append failed.
+        failed_partition: u32,
+        /// Why it failed.
+        source: Box<LogError>,
+    },
+    /// A topic directory holds data but no `topic.json` (lost in a crash or removed by
+    /// hand). The log neither opens nor deletes it.
+    #[error(
+        "topic directory {path} holds data but no topic.json; restore topic.json \
+         ({{\"partitions\": N, \"created_ms\": 0}} with N the number of partition directories) \
+         or move the directory away, then restart"
+    )]
+    OrphanTopicDirectory {
+        /// The directory.
+        path: PathBuf,
     },
     /// A metadata file is unreadable.
     #[error("metadata {path} is unreadable: {reason}")]
@@ -73,6 +151,9 @@ pub enum LogError {
         /// Why.
         reason: String,
     },
+    /// The partition reached the largest offset; nothing more can be appended.
+    #[error("the partition's offsets are exhausted (2^64); write to a new topic")]
+    OffsetsExhausted,
     /// The log is shut down.
     #[error("the log is closed")]
     Closed,

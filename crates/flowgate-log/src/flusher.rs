@@ -72,9 +72,8 @@ impl Flusher {
                     hook(started.elapsed());
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "fsync failed; the partition refuses appends until restart")
-            }
+            // The partition fenced itself and logged the failure.
+            Err(e) => tracing::debug!(error = %e, "background fsync failed"),
         }
     }
 

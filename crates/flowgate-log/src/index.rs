@@ -167,7 +167,8 @@ impl TimeIndex {
     }
 }
 
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename).
+/// Writes `bytes` to `path` atomically and durably (temp file, fsync, rename, fsync of
+/// the directory).
 pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
@@ -175,7 +176,11 @@ pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes).map_err(LogError::io("write", &tmp))?;
     f.sync_data().map_err(LogError::io("fsync", &tmp))?;
     std::fs::rename(&tmp, path).map_err(LogError::io("rename", path))?;
-    Ok(())
+    // The rename is durable only once the directory is.
+    match path.parent() {
+        Some(dir) => crate::partition::sync_dir(dir),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -55,7 +55,10 @@ impl Log {
     pub fn open_with(dir: impl AsRef<Path>, config: LogConfig, observer: LogObserver) -> Result<Log> {
         let dir = dir.as_ref().to_path_buf();
         let topics_dir = dir.join("topics");
-        std::fs::create_dir_all(&topics_dir).map_err(LogError::io("create data directory", &topics_dir))?;
+        if !topics_dir.is_dir() {
+            std::fs::create_dir_all(&topics_dir).map_err(LogError::io("create data directory", &topics_dir))?;
+            crate::partition::sync_dir(&dir)?;
+        }
         let config = Arc::new(config);
         let flusher = Flusher::new();
         if let Some(hook) = observer.on_fsync {
@@ -65,7 +68,15 @@ impl Log {
         for entry in std::fs::read_dir(&topics_dir).map_err(LogError::io("list", &topics_dir))? {
             let entry = entry.map_err(LogError::io("list", &topics_dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if validate_topic_name(&name).is_err() || !entry.path().join("topic.json").exists() {
+            if validate_topic_name(&name).is_err() {
+                continue;
+            }
+            if !entry.path().join("topic.json").exists() {
+                if holds_data(&entry.path()) {
+                    // Never opened, never deleted: create_topic refuses this name until
+                    // someone restores topic.json or moves the directory.
+                    tracing::error!("{}", LogError::OrphanTopicDirectory { path: entry.path() });
+                }
                 continue;
             }
             let topic = Topic::open(entry.path(), &name, &config, &flusher)?;
@@ -138,7 +149,12 @@ impl Log {
         }
         let dir = self.inner.topics_dir.join(name);
         if dir.exists() {
-            // Left over from an interrupted delete or create.
+            if holds_data(&dir) {
+                // topic.json lost (a power failure before its directory entry was durable,
+                // or a hand edit) while the data survived: deleting it would lose events.
+                return Err(LogError::OrphanTopicDirectory { path: dir });
+            }
+            // Left over from an interrupted create: no segment holds a byte.
             std::fs::remove_dir_all(&dir).map_err(LogError::io("remove stale directory", &dir))?;
         }
         let topic = Arc::new(Topic::create(dir, name, partitions, &self.inner.config, &self.inner.flusher)?);
@@ -154,6 +170,7 @@ impl Log {
         // Rename first so a crash midway never leaves a half-deleted topic that opens.
         let doomed = self.inner.dir.join(format!(".deleted-{}-{}", name, flowgate_core::time::now_ms()));
         std::fs::rename(topic.dir(), &doomed).map_err(LogError::io("rename", topic.dir()))?;
+        crate::partition::sync_dir(&self.inner.topics_dir)?;
         std::fs::remove_dir_all(&doomed).map_err(LogError::io("delete", &doomed))?;
         tracing::info!(topic = name, "deleted topic");
         Ok(())
@@ -183,6 +200,23 @@ impl Log {
         Ok(total)
     }
 
+    /// Records that `consumer` (a pipeline, by name) has committed every offset below
+    /// `offset` in `topic`'s `partition`. Retention counts, logs and reports
+    /// ([`crate::PartitionInfo::unread_deleted_events`], [`Log::unread_deleted_events`])
+    /// every event it deletes below a registered consumer's committed offset. Unknown
+    /// topics and partitions are ignored (the topic may have been deleted).
+    pub fn set_consumer_offset(&self, consumer: &str, topic: &str, partition: u32, offset: u64) {
+        if let Some(p) = self.topic(topic).and_then(|t| t.partition(partition).ok().cloned()) {
+            p.set_consumer_offset(consumer, offset);
+        }
+    }
+
+    /// Events retention deleted before a consumer had read them, over every partition,
+    /// since start.
+    pub fn unread_deleted_events(&self) -> u64 {
+        self.partitions().iter().map(|p| p.unread_deleted_events()).sum()
+    }
+
     /// Every partition of every topic.
     pub fn partitions(&self) -> Vec<Arc<Partition>> {
         self.topics().iter().flat_map(|t| t.partitions().to_vec()).collect()
@@ -206,4 +240,18 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.flusher.stop();
     }
+}
+
+/// True when a topic directory holds any segment with at least one byte.
+fn holds_data(topic_dir: &Path) -> bool {
+    let Ok(partitions) = std::fs::read_dir(topic_dir) else {
+        // Unreadable: assume it holds data rather than risk deleting it.
+        return true;
+    };
+    partitions.filter_map(|e| e.ok()).any(|p| match std::fs::read_dir(p.path()) {
+        Ok(files) => files
+            .filter_map(|f| f.ok())
+            .any(|f| f.file_name().to_string_lossy().ends_with(".log") && f.metadata().map_or(true, |m| m.len() > 0)),
+        Err(_) => p.path().is_dir(),
+    })
 }

@@ -5,6 +5,7 @@
 //! completely written. Durability is tracked as an offset: every record below
 //! [`Partition::durable_offset`] has been fsynced.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,7 +36,7 @@ pub struct AppendOutcome {
 impl AppendOutcome {
     /// The offset after the batch's last record: wait for durability up to here.
     pub fn end_offset(&self) -> u64 {
-        self.first_offset + u64::from(self.record_count)
+        self.first_offset.saturating_add(u64::from(self.record_count))
     }
 }
 
@@ -63,6 +64,9 @@ pub struct PartitionInfo {
     pub size_bytes: u64,
     /// Segment files.
     pub segments: usize,
+    /// Events retention deleted before every consumer that reports its committed offset
+    /// ([`Partition::set_consumer_offset`]) had read them, since start.
+    pub unread_deleted_events: u64,
 }
 
 struct Writer {
@@ -87,6 +91,9 @@ pub struct Partition {
     durable_offset: AtomicU64,
     dirty: AtomicBool,
     sync_failure: Mutex<Option<String>>,
+    fail_fsyncs: AtomicBool,
+    consumers: Mutex<HashMap<String, u64>>,
+    unread_deleted: AtomicU64,
     durable_notify: Notify,
     data_notify: Notify,
 }
@@ -123,7 +130,13 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 impl Partition {
     /// Opens (or creates) the partition in `dir`, recovering its active segment.
     pub(crate) fn open(id: u32, dir: PathBuf, config: Arc<LogConfig>, flusher: Arc<Flusher>) -> Result<Partition> {
-        std::fs::create_dir_all(&dir).map_err(LogError::io("create directory", &dir))?;
+        if !dir.is_dir() {
+            std::fs::create_dir_all(&dir).map_err(LogError::io("create directory", &dir))?;
+            // A new partition must survive a power loss with its topic.
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent)?;
+            }
+        }
         let bases = list_segment_bases(&dir)?;
         let interval = config.index_interval_bytes;
         let mut segments = Vec::with_capacity(bases.len().max(1));
@@ -153,6 +166,9 @@ impl Partition {
         }
         let active = Arc::new(active);
         active.sync()?;
+        // The active segment may have just been created (a new partition, or a crash
+        // right after a roll): its directory entry must be durable too.
+        sync_dir(&dir)?;
         let position = active.readable_len();
         let next_offset = active.next_offset();
         segments.push(active.clone());
@@ -176,6 +192,9 @@ impl Partition {
             durable_offset: AtomicU64::new(next_offset),
             dirty: AtomicBool::new(false),
             sync_failure: Mutex::new(None),
+            fail_fsyncs: AtomicBool::new(false),
+            consumers: Mutex::new(HashMap::new()),
+            unread_deleted: AtomicU64::new(0),
             durable_notify: Notify::new(),
             data_notify: Notify::new(),
         })
@@ -215,6 +234,81 @@ impl Partition {
             end_offset: self.end_offset(),
             size_bytes: segments.iter().map(|s| s.readable_len()).sum(),
             segments: segments.len(),
+            unread_deleted_events: self.unread_deleted_events(),
+        }
+    }
+
+    /// Records that `consumer` (a pipeline, by name) has committed every offset below
+    /// `offset` of this partition. Retention still deletes what the consumer has not
+    /// read when the limits say so, but counts it, logs a warning naming the consumer,
+    /// and shows it in [`PartitionInfo::unread_deleted_events`]. The latest call wins
+    /// (a consumer rewound to earlier offsets reports the earlier offset).
+    pub fn set_consumer_offset(&self, consumer: &str, offset: u64) {
+        let mut consumers = self.consumers.lock();
+        match consumers.get_mut(consumer) {
+            Some(o) => *o = offset,
+            None => {
+                consumers.insert(consumer.to_owned(), offset);
+            }
+        }
+    }
+
+    /// Forgets a consumer (a pipeline removed from the config).
+    pub fn remove_consumer(&self, consumer: &str) {
+        self.consumers.lock().remove(consumer);
+    }
+
+    /// Events retention deleted before a consumer had read them, since start.
+    pub fn unread_deleted_events(&self) -> u64 {
+        self.unread_deleted.load(Ordering::Relaxed)
+    }
+
+    /// Makes every later fsync of this partition fail (or succeed again), as a failing
+    /// disk would. For tests of the fencing rules; never called by the engine.
+    #[doc(hidden)]
+    pub fn inject_fsync_failures(&self, on: bool) {
+        self.fail_fsyncs.store(on, Ordering::Release);
+    }
+
+    /// Fsyncs a segment of this partition; a failure fences the partition.
+    fn sync_segment(&self, segment: &Segment) -> Result<()> {
+        let result = if self.fail_fsyncs.load(Ordering::Acquire) {
+            Err(LogError::Io {
+                action: "fsync",
+                path: segment.path().to_path_buf(),
+                source: std::io::Error::other("injected fsync failure"),
+            })
+        } else {
+            segment.sync()
+        };
+        if let Err(e) = &result {
+            self.fence(e);
+        }
+        result
+    }
+
+    /// After a failed fsync the page cache cannot be trusted to hold the data: refuse
+    /// further appends and fail every waiter rather than ack a maybe-lost write.
+    fn fence(&self, e: &LogError) {
+        let mut failure = self.sync_failure.lock();
+        if failure.is_none() {
+            tracing::error!(partition = %self.dir.display(), error = %e,
+                "fsync failed; the partition refuses appends until restart");
+            *failure = Some(e.to_string());
+        }
+        drop(failure);
+        self.durable_notify.notify_waiters();
+    }
+
+    /// Refuses an append when the partition is fenced by a failed fsync.
+    pub fn check_writable(&self) -> Result<()> {
+        match self.sync_failure.lock().clone() {
+            Some(reason) => Err(LogError::Io {
+                action: "append after a failed fsync to",
+                path: self.dir.clone(),
+                source: std::io::Error::other(reason),
+            }),
+            None => Ok(()),
         }
     }
 
@@ -230,27 +324,25 @@ impl Partition {
         if header.total_len() != batch.len() {
             return Err(LogError::InvalidBatch(flowgate_core::BatchError::BadLength(batch.len() as u64)));
         }
-        if let Some(reason) = self.sync_failure.lock().clone() {
-            return Err(LogError::Io {
-                action: "append after a failed fsync to",
-                path: self.dir.clone(),
-                source: std::io::Error::other(reason),
-            });
-        }
         let producer = header.producer;
         let len = batch.len() as u64;
         let mut w = self.writer.lock();
+        self.check_writable()?;
         if producer.producer_id != 0 {
-            match w.producers.check(producer.producer_id, producer.sequence) {
+            let (producer_id, sequence, partition) = (producer.producer_id, producer.sequence, self.id);
+            match w.producers.check(producer_id, sequence) {
                 SequenceCheck::New => {}
                 SequenceCheck::Duplicate { first_offset, record_count } => {
                     return Ok(AppendOutcome { first_offset, record_count, duplicate: true });
                 }
-                SequenceCheck::TooOld => {
-                    return Err(LogError::DuplicateSequence {
-                        producer_id: producer.producer_id,
-                        sequence: producer.sequence,
-                    });
+                SequenceCheck::StoredLongAgo { last_sequence } => {
+                    return Err(LogError::DuplicateSequence { producer_id, sequence, last_sequence });
+                }
+                SequenceCheck::OutOfOrder { expected } => {
+                    return Err(LogError::OutOfOrderSequence { producer_id, sequence, expected, partition });
+                }
+                SequenceCheck::UnknownProducer => {
+                    return Err(LogError::UnknownProducer { producer_id, sequence, partition });
                 }
             }
         }
@@ -263,7 +355,7 @@ impl Partition {
             let _ = std::fs::OpenOptions::new().write(true).open(w.active.path()).and_then(|f| f.set_len(position));
             return Err(e);
         }
-        let next = base + u64::from(header.record_count);
+        let next = base.checked_add(u64::from(header.record_count)).ok_or(LogError::OffsetsExhausted)?;
         let Writer { active, cursor, .. } = &mut *w;
         active.publish(cursor, position, len, base, next, header.max_timestamp);
         w.position = position + len;
@@ -282,24 +374,26 @@ impl Partition {
         if w.position == 0 {
             return Ok(());
         }
-        let full = w.position + incoming > self.config.segment_bytes;
+        let full = w.position.saturating_add(incoming) > self.config.segment_bytes;
         let old = self.config.segment_ms > 0
-            && flowgate_core::time::now_ms().saturating_sub(w.created_ms) >= self.config.segment_ms as i64;
+            && flowgate_core::time::now_ms().saturating_sub(w.created_ms)
+                >= i64::try_from(self.config.segment_ms).unwrap_or(i64::MAX);
         if !(full || old) {
             return Ok(());
         }
-        let sync = self.config.fsync != FsyncPolicy::Never;
-        w.active.seal(&w.cursor, sync)?;
-        if sync {
-            self.durable_offset.fetch_max(w.next_offset, Ordering::AcqRel);
-            self.durable_notify.notify_waiters();
-        }
+        // Under every policy, `never` included, a sealed segment is fsynced: the segment
+        // is never written again, and a failure fences the partition like any fsync.
+        self.sync_segment(&w.active)?;
+        self.durable_offset.fetch_max(w.next_offset, Ordering::AcqRel);
+        self.durable_notify.notify_waiters();
+        w.active.seal(&w.cursor)?;
         let base = w.next_offset;
         let snapshot = self.dir.join(format!("{}.producers", file_stem(base)));
         write_file_atomic(&snapshot, &w.producers.to_snapshot())?;
         let segment = Arc::new(Segment::create(&self.dir, base)?);
-        if sync {
-            sync_dir(&self.dir)?;
+        if let Err(e) = sync_dir(&self.dir) {
+            self.fence(&e);
+            return Err(e);
         }
         self.segments.write().push(segment.clone());
         w.active = segment;
@@ -320,13 +414,7 @@ impl Partition {
             let w = self.writer.lock();
             (w.active.clone(), w.next_offset)
         };
-        if let Err(e) = segment.sync() {
-            // After a failed fsync the page cache cannot be trusted to hold the data:
-            // refuse further appends and fail every waiter rather than ack a maybe-lost write.
-            *self.sync_failure.lock() = Some(e.to_string());
-            self.durable_notify.notify_waiters();
-            return Err(e);
-        }
+        self.sync_segment(&segment)?;
         self.durable_offset.fetch_max(end, Ordering::AcqRel);
         self.durable_notify.notify_waiters();
         Ok(())
@@ -465,28 +553,66 @@ impl Partition {
 
     /// Deletes whole sealed segments past the retention limits. Returns the number of
     /// segments and bytes deleted.
+    ///
+    /// Age is the time since the segment file was last written (its modification time),
+    /// not the events' timestamps: a replay of week-old events is new data. Deleting
+    /// offsets a registered consumer has not committed is counted, logged as a warning
+    /// and shown in [`PartitionInfo::unread_deleted_events`].
     pub fn enforce_retention(&self, now_ms: i64) -> Result<(usize, u64)> {
         let (retention_bytes, retention_ms) = (self.config.retention_bytes, self.config.retention_ms);
+        let max_age = i64::try_from(retention_ms).unwrap_or(i64::MAX);
         let mut deleted = (0usize, 0u64);
         let mut segments = self.segments.write();
         let mut total: u64 = segments.iter().map(|s| s.readable_len()).sum();
         while segments.len() > 1 {
             let oldest = &segments[0];
             let size = oldest.readable_len();
-            let by_bytes = retention_bytes > 0 && total - size >= retention_bytes;
-            let by_age = retention_ms > 0 && oldest.max_timestamp() < now_ms.saturating_sub(retention_ms as i64);
+            let by_bytes = retention_bytes > 0 && total.saturating_sub(size) >= retention_bytes;
+            let by_age = retention_ms > 0 && now_ms.saturating_sub(oldest.written_ms()?) > max_age;
             if !(by_bytes || by_age) {
                 break;
             }
+            let (base, end) = (oldest.base_offset(), segments[1].base_offset());
+            self.count_unread(base, end, by_bytes, by_age);
             let oldest = segments.remove(0);
-            self.start_offset.store(segments[0].base_offset(), Ordering::Release);
+            self.start_offset.store(end, Ordering::Release);
             oldest.delete_files()?;
-            total -= size;
+            total = total.saturating_sub(size);
             deleted.0 += 1;
             deleted.1 += size;
             tracing::info!(segment = %oldest.path().display(), bytes = size, by_bytes, by_age, "retention deleted a segment");
         }
+        drop(segments);
+        if deleted.0 > 0 {
+            sync_dir(&self.dir)?;
+        }
         Ok(deleted)
+    }
+
+    /// Counts and reports the offsets in `[base, end)` that some consumer has not
+    /// committed, as retention is about to delete them.
+    fn count_unread(&self, base: u64, end: u64, by_bytes: bool, by_age: bool) {
+        let consumers = self.consumers.lock();
+        let mut unread_by_any = 0u64;
+        for (consumer, &committed) in consumers.iter() {
+            let unread = end.saturating_sub(committed.max(base));
+            if unread > 0 {
+                unread_by_any = unread_by_any.max(unread);
+                tracing::warn!(
+                    partition = %self.dir.display(),
+                    consumer = %consumer,
+                    committed,
+                    deleted_from = base,
+                    deleted_to = end,
+                    unread_events = unread,
+                    by_bytes,
+                    by_age,
+                    "retention deleted events a consumer has not read; raise log.retention_ms or \
+                     log.retention_bytes, or make the consumer keep up"
+                );
+            }
+        }
+        self.unread_deleted.fetch_add(unread_by_any, Ordering::Relaxed);
     }
 
     /// Seals nothing, but syncs data and writes the active segment's index files, so a

@@ -1,6 +1,14 @@
-//! Idempotent-producer state of a partition: for each producer id, the last few
-//! sequences stored and the offsets they got, so a retried request is answered with its
-//! first offsets instead of being stored again.
+//! Idempotent-producer state of a partition: for each producer id, the last sequence it
+//! stored here and the offsets its last few batches got, so a retried request is answered
+//! with its first offsets instead of being stored again.
+//!
+//! Sequences are numbered per producer **and partition** and must arrive in order: a
+//! producer's first batch in a partition has sequence 0 and each next batch the last
+//! stored sequence + 1. Because there are no gaps, a sequence at or below the last stored
+//! one was stored, and a sequence above `last + 1` means an earlier batch is missing (it
+//! was never stored: lost on a dropped connection, refused, or still in flight on another
+//! connection), so it is refused as out of order and the client resends in order. Nothing
+//! that was not stored is ever reported as stored.
 //!
 //! The state is rebuilt on start from the batches themselves (each batch carries its
 //! producer id and sequence) and from a snapshot taken when a segment rolls
@@ -9,17 +17,18 @@
 //!
 //! Snapshot format (little-endian): entry count u32, then per producer: producer id u64,
 //! last offset u64, n u8, then n × (sequence u64, first offset u64, record count u32);
-//! then a CRC32C u32 of everything before it.
+//! then a CRC32C u32 of everything before it. The last stored sequence is the largest of
+//! the n.
 
 use std::collections::{HashMap, VecDeque};
 
-/// Sequences remembered per producer.
+/// Sequences whose offsets are remembered per producer, for answering retries.
 pub const REMEMBERED_SEQUENCES: usize = 5;
 
 /// What the state says about an incoming (producer, sequence).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SequenceCheck {
-    /// Not seen: store it.
+    /// The next sequence of this producer (or 0 from a producer not seen here): store it.
     New,
     /// Stored before at these offsets: answer with them, store nothing.
     Duplicate {
@@ -28,14 +37,35 @@ pub enum SequenceCheck {
         /// Records it held.
         record_count: u32,
     },
-    /// Older than any remembered sequence of this producer.
-    TooOld,
+    /// Stored before (it is at or below the last stored sequence), too long ago for its
+    /// offsets to be remembered.
+    StoredLongAgo {
+        /// The last sequence stored.
+        last_sequence: u64,
+    },
+    /// A gap: the batches between the last stored sequence and this one were never
+    /// stored here. Nothing is stored; the client resends from `expected`.
+    OutOfOrder {
+        /// The sequence this partition expects next.
+        expected: u64,
+    },
+    /// The producer is not known here and the sequence is not 0: its state was forgotten
+    /// (more idle producers than `max_producers_per_partition`) or its batches were lost
+    /// with a power failure. Nothing is stored.
+    UnknownProducer,
 }
 
 #[derive(Clone, Debug, Default)]
 struct ProducerEntry {
+    /// (sequence, first offset, record count) of the last batches, by sequence.
     recent: VecDeque<(u64, u64, u32)>,
     last_offset: u64,
+}
+
+impl ProducerEntry {
+    fn last_sequence(&self) -> Option<u64> {
+        self.recent.back().map(|&(s, _, _)| s)
+    }
 }
 
 /// The producers of one partition.
@@ -63,19 +93,27 @@ impl ProducerState {
 
     /// Classifies an incoming sequence.
     pub fn check(&self, producer_id: u64, sequence: u64) -> SequenceCheck {
-        let Some(entry) = self.producers.get(&producer_id) else {
-            return SequenceCheck::New;
+        let Some(last) = self.producers.get(&producer_id).and_then(|e| e.last_sequence().map(|l| (e, l))) else {
+            return if sequence == 0 { SequenceCheck::New } else { SequenceCheck::UnknownProducer };
         };
+        let (entry, last_sequence) = last;
         if let Some(&(_, first_offset, record_count)) = entry.recent.iter().find(|(s, _, _)| *s == sequence) {
             return SequenceCheck::Duplicate { first_offset, record_count };
         }
-        match entry.recent.front() {
-            Some(&(oldest, _, _)) if sequence < oldest => SequenceCheck::TooOld,
-            _ => SequenceCheck::New,
+        if sequence <= last_sequence {
+            return SequenceCheck::StoredLongAgo { last_sequence };
+        }
+        match last_sequence.checked_add(1) {
+            Some(expected) if expected == sequence => SequenceCheck::New,
+            Some(expected) => SequenceCheck::OutOfOrder { expected },
+            // u64::MAX was stored: no sequence can follow it.
+            None => SequenceCheck::StoredLongAgo { last_sequence },
         }
     }
 
-    /// Records a stored batch.
+    /// Records a stored batch. Called for every batch appended (after [`Self::check`]
+    /// said `New`) and for every batch found by recovery, which may predate the in-order
+    /// rule: the largest sequence seen is the last one.
     pub fn record(&mut self, producer_id: u64, sequence: u64, first_offset: u64, record_count: u32) {
         if producer_id == 0 {
             return;
@@ -87,13 +125,17 @@ impl ProducerState {
             }
         }
         let entry = self.producers.entry(producer_id).or_default();
-        // Keep the window sorted by sequence so `TooOld` compares against the oldest.
+        // Keep the window sorted by sequence so the back is the last stored sequence.
         let at = entry.recent.partition_point(|(s, _, _)| *s < sequence);
+        if entry.recent.get(at).is_some_and(|(s, _, _)| *s == sequence) {
+            return;
+        }
         entry.recent.insert(at, (sequence, first_offset, record_count));
         while entry.recent.len() > REMEMBERED_SEQUENCES {
             entry.recent.pop_front();
         }
-        entry.last_offset = entry.last_offset.max(first_offset + u64::from(record_count).saturating_sub(1));
+        let last = first_offset.saturating_add(u64::from(record_count).saturating_sub(1));
+        entry.last_offset = entry.last_offset.max(last);
     }
 
     /// Serializes the state as a snapshot file.
@@ -152,7 +194,7 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
-        let s = self.buf.get(self.pos..self.pos + N)?;
+        let s = self.buf.get(self.pos..self.pos.checked_add(N)?)?;
         self.pos += N;
         s.try_into().ok()
     }
@@ -170,21 +212,27 @@ impl Reader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
-    fn duplicates_are_recognised_and_old_ones_refused() {
+    fn sequences_must_follow_each_other_and_only_stored_ones_are_duplicates() {
         let mut s = ProducerState::new(100);
+        assert_eq!(s.check(7, 1), SequenceCheck::UnknownProducer, "a producer starts at 0");
         assert_eq!(s.check(7, 0), SequenceCheck::New);
         for seq in 0..10u64 {
+            assert_eq!(s.check(7, seq), SequenceCheck::New);
             s.record(7, seq, seq * 10, 10);
         }
         assert_eq!(s.check(7, 9), SequenceCheck::Duplicate { first_offset: 90, record_count: 10 });
         assert_eq!(s.check(7, 5), SequenceCheck::Duplicate { first_offset: 50, record_count: 10 });
-        assert_eq!(s.check(7, 4), SequenceCheck::TooOld);
+        assert_eq!(s.check(7, 4), SequenceCheck::StoredLongAgo { last_sequence: 9 });
         assert_eq!(s.check(7, 10), SequenceCheck::New);
+        assert_eq!(s.check(7, 11), SequenceCheck::OutOfOrder { expected: 10 }, "10 was never stored");
+        assert_eq!(s.check(7, u64::MAX), SequenceCheck::OutOfOrder { expected: 10 });
         assert_eq!(s.check(8, 0), SequenceCheck::New);
         let back = ProducerState::from_snapshot(&s.to_snapshot(), 100).unwrap();
         assert_eq!(back.check(7, 9), SequenceCheck::Duplicate { first_offset: 90, record_count: 10 });
+        assert_eq!(back.check(7, 11), SequenceCheck::OutOfOrder { expected: 10 });
         let mut damaged = s.to_snapshot();
         damaged[5] ^= 1;
         assert!(ProducerState::from_snapshot(&damaged, 100).is_none());
@@ -197,7 +245,73 @@ mod tests {
             s.record(pid, 0, pid * 100, 1);
         }
         assert_eq!(s.len(), 3);
-        assert_eq!(s.check(1, 0), SequenceCheck::New, "producer 1 was idlest and forgotten");
+        assert_eq!(s.check(1, 1), SequenceCheck::UnknownProducer, "producer 1 was idlest and forgotten");
         assert!(matches!(s.check(4, 0), SequenceCheck::Duplicate { .. }));
+    }
+
+    #[test]
+    fn the_largest_sequence_is_safe() {
+        let mut s = ProducerState::new(3);
+        s.record(1, u64::MAX, u64::MAX, u32::MAX);
+        assert_eq!(s.check(1, u64::MAX), SequenceCheck::Duplicate { first_offset: u64::MAX, record_count: u32::MAX });
+        assert_eq!(s.check(1, 0), SequenceCheck::StoredLongAgo { last_sequence: u64::MAX });
+    }
+
+    /// What happens next in the model.
+    #[derive(Clone, Debug)]
+    enum Step {
+        /// A request with this sequence reaches the server: a first send, a retry after a
+        /// lost reply, a resend after a reconnect, a late request from an old connection,
+        /// or one that overtook an earlier request that was lost.
+        Arrive(u64),
+        /// The server restarts; its state is read back from a snapshot.
+        Restart,
+    }
+
+    fn steps() -> impl Strategy<Value = Vec<Step>> {
+        proptest::collection::vec(prop_oneof![8 => (0u64..12).prop_map(Step::Arrive), 1 => Just(Step::Restart)], 1..150)
+    }
+
+    proptest! {
+        /// Any order of arrivals (retries, resends, lost and overtaken requests) and restarts:
+        /// the server stores each batch at most once, in sequence order, and every
+        /// answer that says "stored" (New, Duplicate, StoredLongAgo) is about a batch
+        /// that really is stored.
+        #[test]
+        fn nothing_unstored_is_ever_reported_stored(steps in steps()) {
+            let mut state = ProducerState::new(4);
+            let mut stored: Vec<u64> = Vec::new(); // sequences in log order
+            let mut offset = 0u64;
+            for step in steps {
+                match step {
+                    Step::Arrive(seq) => {
+                        match state.check(9, seq) {
+                            SequenceCheck::New => {
+                                state.record(9, seq, offset, 1);
+                                stored.push(seq);
+                                offset += 1;
+                            }
+                            SequenceCheck::Duplicate { first_offset, .. } => {
+                                let at = stored.iter().position(|&s| s == seq);
+                                prop_assert_eq!(at.map(|i| i as u64), Some(first_offset), "duplicate of {} not where reported", seq);
+                            }
+                            SequenceCheck::StoredLongAgo { .. } => {
+                                prop_assert!(stored.contains(&seq), "{} reported stored but never was", seq);
+                            }
+                            SequenceCheck::OutOfOrder { expected } => {
+                                prop_assert!(!stored.contains(&seq));
+                                prop_assert_eq!(expected, stored.len() as u64);
+                            }
+                            SequenceCheck::UnknownProducer => prop_assert!(stored.is_empty()),
+                        }
+                    }
+                    Step::Restart => {
+                        state = ProducerState::from_snapshot(&state.to_snapshot(), 4).expect("snapshot reads back");
+                    }
+                }
+                // Stored in order, each once.
+                prop_assert!(stored.iter().enumerate().all(|(i, &s)| s == i as u64), "stored out of order: {:?}", stored);
+            }
+        }
     }
 }

@@ -199,8 +199,20 @@ impl Segment {
         let mut cursor = IndexCursor::new(index_interval);
         let mut max_ts = i64::MIN;
         let base = self.base_offset;
+        // Index only batches whose offsets follow the ones indexed before: past damage
+        // (checking mode) a batch's base offset is not verified and may be anything.
+        let mut next_expected = base;
         let outcome = scan_segment(&self.path, base, mode, |b| {
-            let rel = (b.view.base_offset() - base) as u32;
+            let Some(rel) = b
+                .view
+                .base_offset()
+                .checked_sub(base)
+                .filter(|_| b.view.base_offset() >= next_expected)
+                .and_then(|rel| u32::try_from(rel).ok())
+            else {
+                return;
+            };
+            next_expected = b.view.base_offset().saturating_add(u64::from(b.view.header.record_count));
             max_ts = max_ts.max(b.view.header.max_timestamp);
             cursor.on_batch(
                 b.position as u32,
@@ -273,7 +285,9 @@ impl Segment {
         next_offset: u64,
         max_timestamp: i64,
     ) {
-        let rel = (base_offset - self.base_offset) as u32;
+        // The writer keeps a segment under 4 GiB of batches, so offsets inside it fit
+        // (a batch holds at least one byte per record).
+        let rel = u32::try_from(base_offset.saturating_sub(self.base_offset)).unwrap_or(u32::MAX);
         {
             let mut index = self.index.write();
             let mut time_index = self.time_index.write();
@@ -290,7 +304,7 @@ impl Segment {
         if position >= end {
             return Ok(0);
         }
-        let want = buf.len().min((end - position) as usize);
+        let want = buf.len().min(usize::try_from(end - position).unwrap_or(usize::MAX));
         self.file.read_exact_at(&mut buf[..want], position).map_err(LogError::io("read", &self.path))?;
         Ok(want)
     }
@@ -311,12 +325,25 @@ impl Segment {
         self.file.sync_data().map_err(LogError::io("fsync", &self.path))
     }
 
-    /// Seals the segment: final time entry, index files written, data synced.
-    pub(crate) fn seal(&self, cursor: &IndexCursor, sync: bool) -> Result<()> {
+    /// When the segment file was last written, in ms since the epoch (its modification
+    /// time, kept by the filesystem across restarts). Retention ages segments by this,
+    /// never by the event timestamps clients chose.
+    pub fn written_ms(&self) -> Result<i64> {
+        let modified = self
+            .file
+            .metadata()
+            .and_then(|m| m.modified())
+            .map_err(LogError::io("read the modification time of", &self.path))?;
+        Ok(match modified.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+            Err(_) => 0,
+        })
+    }
+
+    /// Seals the segment: final time entry and index files written. The caller fsyncs
+    /// the data first.
+    pub(crate) fn seal(&self, cursor: &IndexCursor) -> Result<()> {
         cursor.seal(&mut self.time_index.write());
-        if sync {
-            self.sync()?;
-        }
         self.write_indexes()
     }
 

@@ -228,7 +228,15 @@ fn retention_deletes_whole_old_segments_by_bytes_and_by_age() {
     let log = Log::open(dir.path(), config).unwrap();
     let p = log.topic_or_create("t").unwrap().partition(0).unwrap().clone();
     for i in 0..100u64 {
-        p.append(&mut batch(i * 5, 5, now - 3_600_000, ProducerStamp::default())).unwrap();
+        p.append(&mut batch(i * 5, 5, now, ProducerStamp::default())).unwrap();
+    }
+    // Age is the segment file's write time: make what is written so far an hour old.
+    let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3_600);
+    for entry in std::fs::read_dir(p.dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "log") {
+            std::fs::File::options().write(true).open(&path).unwrap().set_modified(hour_ago).unwrap();
+        }
     }
     for i in 100..200u64 {
         p.append(&mut batch(i * 5, 5, now, ProducerStamp::default())).unwrap();

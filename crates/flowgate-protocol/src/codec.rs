@@ -2,8 +2,11 @@
 
 use std::fmt;
 
-/// The protocol version this crate speaks.
-pub const VERSION: u16 = 1;
+/// The newest protocol version this crate speaks. Version 2 adds PRODUCE_PARTITION and
+/// METADATA (idempotent producing with sequences checked in order per partition).
+pub const VERSION: u16 = 2;
+/// The oldest protocol version this crate still speaks.
+pub const MIN_VERSION: u16 = 1;
 /// The HELLO magic.
 pub const MAGIC: &[u8; 8] = b"FLOWGATE";
 /// The default frame limit (16 MiB).
@@ -19,6 +22,8 @@ mod kind {
     pub const CREATE_TOPIC: u8 = 0x05;
     pub const DELETE_TOPIC: u8 = 0x06;
     pub const OFFSET_FOR_TIME: u8 = 0x07;
+    pub const PRODUCE_PARTITION: u8 = 0x08;
+    pub const METADATA: u8 = 0x09;
     pub const HELLO_OK: u8 = 0x81;
     pub const PRODUCE_OK: u8 = 0x82;
     pub const FETCH_OK: u8 = 0x83;
@@ -26,6 +31,7 @@ mod kind {
     pub const CREATED: u8 = 0x85;
     pub const DELETED: u8 = 0x86;
     pub const OFFSET: u8 = 0x87;
+    pub const METADATA_OK: u8 = 0x89;
     pub const ERROR: u8 = 0xFF;
 }
 
@@ -48,7 +54,8 @@ pub enum ErrorCode {
     TopicExists = 7,
     /// Well-formed frame, bad contents.
     InvalidRequest = 8,
-    /// Sequence older than any remembered.
+    /// Sequence stored before, too long ago for its offsets to be remembered: it is
+    /// stored.
     DuplicateSequence = 9,
     /// The server is draining.
     ShuttingDown = 10,
@@ -56,6 +63,15 @@ pub enum ErrorCode {
     OffsetOutOfRange = 11,
     /// Partition number too high.
     UnknownPartition = 12,
+    /// A sequence after a gap: an earlier batch never reached the partition. Nothing
+    /// stored; resend the unacknowledged batches in order.
+    OutOfOrderSequence = 13,
+    /// The partition does not know the producer and the sequence is not 0. Nothing
+    /// stored.
+    UnknownProducer = 14,
+    /// A PRODUCE split across partitions was stored in some of them only; the message
+    /// lists which. Not retriable as a whole.
+    PartiallyStored = 15,
 }
 
 impl ErrorCode {
@@ -80,13 +96,17 @@ impl ErrorCode {
             10 => ShuttingDown,
             11 => OffsetOutOfRange,
             12 => UnknownPartition,
+            13 => OutOfOrderSequence,
+            14 => UnknownProducer,
+            15 => PartiallyStored,
             _ => return None,
         })
     }
 
-    /// True when retrying the same request later may succeed.
+    /// True when retrying the same request later may succeed. An out-of-order sequence
+    /// is retriable once the batches before it are resent.
     pub fn is_retriable(self) -> bool {
-        matches!(self, ErrorCode::StorageError | ErrorCode::ShuttingDown)
+        matches!(self, ErrorCode::StorageError | ErrorCode::ShuttingDown | ErrorCode::OutOfOrderSequence)
     }
 }
 
@@ -106,6 +126,9 @@ impl fmt::Display for ErrorCode {
             ShuttingDown => "SHUTTING_DOWN",
             OffsetOutOfRange => "OFFSET_OUT_OF_RANGE",
             UnknownPartition => "UNKNOWN_PARTITION",
+            OutOfOrderSequence => "OUT_OF_ORDER_SEQUENCE",
+            UnknownProducer => "UNKNOWN_PRODUCER",
+            PartiallyStored => "PARTIALLY_STORED",
         })
     }
 }
@@ -164,7 +187,8 @@ pub enum Request<'a> {
         /// Free-form client name.
         client_name: &'a str,
     },
-    /// Appends a batch.
+    /// Appends a batch, split across partitions by key (protocol v1 and v2). Not
+    /// idempotent: `producer_id` must be 0 (v2 refuses others with INVALID_REQUEST).
     Produce {
         /// Topic.
         topic: &'a str,
@@ -174,6 +198,26 @@ pub enum Request<'a> {
         sequence: u64,
         /// One encoded record batch.
         batch: &'a [u8],
+    },
+    /// Appends a batch to one partition (protocol v2). With a producer id, idempotent:
+    /// sequences are per producer and partition and must arrive in order.
+    ProducePartition {
+        /// Topic.
+        topic: &'a str,
+        /// Partition every record goes to; a keyed record must hash to it.
+        partition: u32,
+        /// Idempotent producer id (0 = none).
+        producer_id: u64,
+        /// The producer's sequence for this partition: 0, 1, 2, …
+        sequence: u64,
+        /// One encoded record batch.
+        batch: &'a [u8],
+    },
+    /// Asks for a topic's partition count, creating the topic if auto-creation is on
+    /// (protocol v2).
+    Metadata {
+        /// Topic.
+        topic: &'a str,
     },
     /// Reads batches.
     Fetch {
@@ -275,6 +319,11 @@ pub enum Response<'a> {
     Deleted,
     /// An offset (`u64::MAX` for none).
     Offset(u64),
+    /// A topic's partition count.
+    Metadata {
+        /// Partitions.
+        partitions: u32,
+    },
     /// The request failed.
     Error {
         /// What kind of failure.
@@ -382,6 +431,14 @@ pub fn decode_request(frame: &[u8]) -> Result<(u32, Request<'_>), ProtocolError>
             sequence: r.u64("sequence")?,
             batch: r.rest(),
         },
+        kind::PRODUCE_PARTITION => Request::ProducePartition {
+            topic: r.str("topic")?,
+            partition: r.u32("partition")?,
+            producer_id: r.u64("producer_id")?,
+            sequence: r.u64("sequence")?,
+            batch: r.rest(),
+        },
+        kind::METADATA => Request::Metadata { topic: r.str("topic")? },
         kind::FETCH => Request::Fetch {
             topic: r.str("topic")?,
             partition: r.u32("partition")?,
@@ -450,6 +507,7 @@ pub fn decode_response(frame: &[u8]) -> Result<(u32, Response<'_>), ProtocolErro
         kind::CREATED => Response::Created,
         kind::DELETED => Response::Deleted,
         kind::OFFSET => Response::Offset(r.u64("offset")?),
+        kind::METADATA_OK => Response::Metadata { partitions: r.u32("partitions")? },
         kind::ERROR => {
             let raw = r.u16("error code")?;
             let code = ErrorCode::from_code(raw).unwrap_or(ErrorCode::InvalidRequest);
@@ -501,6 +559,18 @@ pub fn encode_request(correlation_id: u32, request: &Request<'_>, out: &mut Vec<
             out.extend_from_slice(&producer_id.to_le_bytes());
             out.extend_from_slice(&sequence.to_le_bytes());
             out.extend_from_slice(batch);
+        }
+        Request::ProducePartition { topic, partition, producer_id, sequence, batch } => {
+            start = begin(out, kind::PRODUCE_PARTITION, correlation_id);
+            put_str(out, topic);
+            out.extend_from_slice(&partition.to_le_bytes());
+            out.extend_from_slice(&producer_id.to_le_bytes());
+            out.extend_from_slice(&sequence.to_le_bytes());
+            out.extend_from_slice(batch);
+        }
+        Request::Metadata { topic } => {
+            start = begin(out, kind::METADATA, correlation_id);
+            put_str(out, topic);
         }
         Request::Fetch { topic, partition, offset, max_bytes, max_wait_ms } => {
             start = begin(out, kind::FETCH, correlation_id);
@@ -575,6 +645,10 @@ pub fn encode_response(correlation_id: u32, response: &Response<'_>, out: &mut V
             start = begin(out, kind::OFFSET, correlation_id);
             out.extend_from_slice(&o.to_le_bytes());
         }
+        Response::Metadata { partitions } => {
+            start = begin(out, kind::METADATA_OK, correlation_id);
+            out.extend_from_slice(&partitions.to_le_bytes());
+        }
         Response::Error { code, message } => {
             start = begin(out, kind::ERROR, correlation_id);
             out.extend_from_slice(&code.code().to_le_bytes());
@@ -612,6 +686,8 @@ mod tests {
             let requests = vec![
                 Request::Hello { min_version: v1, max_version: v2, client_name: &t },
                 Request::Produce { topic: &t, producer_id: a, sequence: b, batch: &bytes },
+                Request::ProducePartition { topic: &t, partition: n, producer_id: a, sequence: b, batch: &bytes },
+                Request::Metadata { topic: &t },
                 Request::Fetch { topic: &t, partition: n, offset: a, max_bytes: n, max_wait_ms: n / 2 },
                 Request::ListTopics,
                 Request::CreateTopic { topic: &t, partitions: n },
@@ -634,7 +710,7 @@ mod tests {
         }
 
         #[test]
-        fn responses_round_trip((t, a, b, bytes, n, v1, _v2, _ts) in request(), corr in any::<u32>(), code in 1u16..=12) {
+        fn responses_round_trip((t, a, b, bytes, n, v1, _v2, _ts) in request(), corr in any::<u32>(), code in 1u16..=15) {
             let topics = vec![TopicInfo { name: t.clone(), partitions: vec![PartitionInfo { start_offset: a, end_offset: b, size_bytes: u64::from(n) }; (n % 4) as usize] }];
             let responses = vec![
                 Response::HelloOk { version: v1, max_frame_bytes: n, server_name: &t },
@@ -644,6 +720,7 @@ mod tests {
                 Response::Created,
                 Response::Deleted,
                 Response::Offset(a),
+                Response::Metadata { partitions: n },
                 Response::Error { code: ErrorCode::from_code(code).unwrap(), message: &t },
             ];
             for r in &responses {

@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use flowgate_log::LogError;
 use flowgate_protocol::{
     check_frame, decode_request, encode_response, ErrorCode, PartitionAck, PartitionInfo, ProtocolError, Request,
-    Response, TopicInfo, VERSION,
+    Response, TopicInfo, MIN_VERSION, VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -50,8 +50,16 @@ pub fn error_code(e: &LogError) -> ErrorCode {
         LogError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
         LogError::InvalidBatch(_) => ErrorCode::InvalidBatch,
         LogError::DuplicateSequence { .. } => ErrorCode::DuplicateSequence,
+        LogError::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequence,
+        LogError::UnknownProducer { .. } => ErrorCode::UnknownProducer,
+        LogError::PartiallyStored { .. } => ErrorCode::PartiallyStored,
+        LogError::IdempotentBatchNeedsPartition { .. } => ErrorCode::InvalidRequest,
+        LogError::KeyInWrongPartition { .. } => ErrorCode::InvalidBatch,
         LogError::Closed => ErrorCode::ShuttingDown,
-        LogError::Io { .. } | LogError::BadMetadata { .. } => ErrorCode::StorageError,
+        LogError::Io { .. }
+        | LogError::BadMetadata { .. }
+        | LogError::OrphanTopicDirectory { .. }
+        | LogError::OffsetsExhausted => ErrorCode::StorageError,
     }
 }
 
@@ -131,6 +139,7 @@ struct Connection<'a> {
     shared: &'a Arc<Shared>,
     peer: &'a str,
     handshaken: bool,
+    version: u16,
     scratch: Scratch,
     counters: Vec<(String, TopicCounters)>,
 }
@@ -161,16 +170,19 @@ impl Connection<'_> {
         };
         if !self.handshaken {
             return match request {
-                Request::Hello { min_version, max_version, .. } if min_version <= VERSION && VERSION <= max_version => {
+                Request::Hello { min_version, max_version, .. }
+                    if min_version <= VERSION && MIN_VERSION <= max_version && min_version <= max_version =>
+                {
                     self.handshaken = true;
-                    Reply::Ready(frame_hello(correlation_id, self.shared.config.max_frame_bytes))
+                    self.version = max_version.min(VERSION);
+                    Reply::Ready(frame_hello(correlation_id, self.version, self.shared.config.max_frame_bytes))
                 }
                 Request::Hello { .. } => {
                     self.reject("unsupported_version", "no common protocol version");
                     Reply::Close(error_frame(
                         correlation_id,
                         ErrorCode::UnsupportedVersion,
-                        "this server speaks protocol version 1 only",
+                        "this server speaks protocol versions 1 to 2",
                     ))
                 }
                 _ => {
@@ -181,48 +193,32 @@ impl Connection<'_> {
         }
         let ingest = &self.shared.ingest;
         let log_error = |e: LogError| Reply::Ready(error_frame(correlation_id, error_code(&e), &e.to_string()));
+        if self.version < 2 && matches!(request, Request::ProducePartition { .. } | Request::Metadata { .. }) {
+            return Reply::Ready(error_frame(
+                correlation_id,
+                ErrorCode::InvalidRequest,
+                "PRODUCE_PARTITION and METADATA need protocol version 2; say so in HELLO",
+            ));
+        }
         match request {
             Request::Hello { .. } => {
                 Reply::Ready(error_frame(correlation_id, ErrorCode::InvalidRequest, "HELLO was already sent"))
             }
             Request::Produce { topic, producer_id, sequence, batch } => {
-                let topic_name = topic.to_owned();
-                // The batch is a sub-slice of the frame; find it to borrow it mutably.
-                let start = batch.as_ptr() as usize - frame.as_ptr() as usize;
-                let end = start + batch.len();
-                let topic = match ingest.topic(&topic_name) {
-                    Ok(t) => t,
-                    Err(e) => return log_error(e),
-                };
-                let header = flowgate_core::BatchHeader::parse(&frame[start..end]);
-                if let Ok(h) = &header {
-                    if h.producer.producer_id != producer_id || h.producer.sequence != sequence {
-                        self.reject("invalid_batch", "producer id or sequence differ between request and batch");
-                        return Reply::Ready(error_frame(
-                            correlation_id,
-                            ErrorCode::InvalidRequest,
-                            "the batch header's producer id and sequence must equal the request's",
-                        ));
-                    }
-                }
-                let payload_bytes = (end - start) as u64;
-                match ingest.append_client_batch(&topic, &mut frame[start..end], &mut self.scratch) {
-                    Ok(written) => {
-                        self.counters(&topic_name).accepted(written.events(), payload_bytes);
-                        if written.needs_wait() {
-                            Reply::Durable { correlation_id, written }
-                        } else {
-                            Reply::Ready(produce_ok(correlation_id, &written))
-                        }
-                    }
-                    Err(e) => {
-                        if matches!(e, LogError::InvalidBatch(_)) {
-                            self.reject("invalid_batch", &e.to_string());
-                        }
-                        log_error(e)
-                    }
-                }
+                let (topic, batch) = (topic.to_owned(), batch_range(frame, batch));
+                self.produce(frame, correlation_id, &topic, None, producer_id, sequence, batch)
             }
+            Request::ProducePartition { topic, partition, producer_id, sequence, batch } => {
+                let (topic, batch) = (topic.to_owned(), batch_range(frame, batch));
+                self.produce(frame, correlation_id, &topic, Some(partition), producer_id, sequence, batch)
+            }
+            Request::Metadata { topic } => match ingest.topic(topic) {
+                Ok(t) => Reply::Ready(response_frame(
+                    correlation_id,
+                    &Response::Metadata { partitions: t.partition_count() },
+                )),
+                Err(e) => log_error(e),
+            },
             Request::Fetch { topic, partition, offset, max_bytes, max_wait_ms } => {
                 let partition = match ingest.log().topic(topic) {
                     Some(t) => match t.partition(partition) {
@@ -303,9 +299,77 @@ impl Connection<'_> {
     }
 }
 
-fn frame_hello(correlation_id: u32, max_frame_bytes: u32) -> Vec<u8> {
+impl Connection<'_> {
+    /// PRODUCE (`partition` None: split by key) and PRODUCE_PARTITION.
+    #[allow(clippy::too_many_arguments)]
+    fn produce(
+        &mut self,
+        frame: &mut BytesMut,
+        correlation_id: u32,
+        topic: &str,
+        partition: Option<u32>,
+        producer_id: u64,
+        sequence: u64,
+        batch: std::ops::Range<usize>,
+    ) -> Reply {
+        let ingest = &self.shared.ingest;
+        let log_error = |e: LogError| Reply::Ready(error_frame(correlation_id, error_code(&e), &e.to_string()));
+        let topic_name = topic;
+        let (start, end) = (batch.start, batch.end);
+        let topic = match ingest.topic(topic_name) {
+            Ok(t) => t,
+            Err(e) => return log_error(e),
+        };
+        let header = flowgate_core::BatchHeader::parse(&frame[start..end]);
+        if let Ok(h) = &header {
+            if h.producer.producer_id != producer_id || h.producer.sequence != sequence {
+                self.reject("invalid_batch", "producer id or sequence differ between request and batch");
+                return Reply::Ready(error_frame(
+                    correlation_id,
+                    ErrorCode::InvalidRequest,
+                    "the batch header's producer id and sequence must equal the request's",
+                ));
+            }
+        }
+        let payload_bytes = (end - start) as u64;
+        let result = match partition {
+            None => ingest.append_client_batch(&topic, &mut frame[start..end], &mut self.scratch),
+            Some(p) => ingest.append_to_partition(&topic, p, &mut frame[start..end], &mut self.scratch),
+        };
+        match result {
+            Ok(written) => {
+                self.counters(topic_name).accepted(written.events(), payload_bytes);
+                if written.needs_wait() {
+                    Reply::Durable { correlation_id, written }
+                } else {
+                    Reply::Ready(produce_ok(correlation_id, &written))
+                }
+            }
+            Err(e) => {
+                match &e {
+                    LogError::InvalidBatch(_) | LogError::KeyInWrongPartition { .. } => {
+                        self.reject("invalid_batch", &e.to_string())
+                    }
+                    LogError::OutOfOrderSequence { .. } | LogError::UnknownProducer { .. } => {
+                        self.shared.ingest.metrics().rejected(IngestPath::Binary, "out_of_order_sequence", 1)
+                    }
+                    _ => {}
+                }
+                log_error(e)
+            }
+        }
+    }
+}
+
+/// Where a request's batch (a sub-slice of the frame) lies, so it can be borrowed mutably.
+fn batch_range(frame: &[u8], batch: &[u8]) -> std::ops::Range<usize> {
+    let start = batch.as_ptr() as usize - frame.as_ptr() as usize;
+    start..start + batch.len()
+}
+
+fn frame_hello(correlation_id: u32, version: u16, max_frame_bytes: u32) -> Vec<u8> {
     let name = concat!("flowgate ", env!("CARGO_PKG_VERSION"));
-    response_frame(correlation_id, &Response::HelloOk { version: VERSION, max_frame_bytes, server_name: name })
+    response_frame(correlation_id, &Response::HelloOk { version, max_frame_bytes, server_name: name })
 }
 
 /// Ingest-buffer budget held by one connection, shown in the buffered-bytes gauge for
@@ -334,7 +398,8 @@ async fn read_requests(
     shared: &Arc<Shared>,
     peer: &str,
 ) {
-    let mut conn = Connection { shared, peer, handshaken: false, scratch: Scratch::default(), counters: Vec::new() };
+    let mut conn =
+        Connection { shared, peer, handshaken: false, version: 1, scratch: Scratch::default(), counters: Vec::new() };
     let max_frame = shared.config.max_frame_bytes;
     let idle = shared.idle_timeout();
     let metrics = shared.ingest.metrics().clone();

@@ -99,10 +99,17 @@ impl Ingest {
         Ok(outcome)
     }
 
-    /// Appends a batch a client encoded. Verifies its checksum and every record first, so
-    /// a bad batch stores nothing. Keys pick partitions; keyless records go to one
-    /// round-robin partition per batch. A batch that lands in one partition is written
-    /// as it came (its base offset patched in place); otherwise it is split.
+    /// Appends a batch a client encoded, split by partition (PRODUCE). Verifies its
+    /// checksum and every record first, so a bad batch stores nothing. Keys pick
+    /// partitions; keyless records go to one round-robin partition per batch. A batch that
+    /// lands in one partition is written as it came (its base offset patched in place);
+    /// otherwise it is split.
+    ///
+    /// Not idempotent: an idempotent batch must name its partition
+    /// ([`Ingest::append_to_partition`]). A split batch either is stored whole or fails
+    /// before anything is written (every target partition is checked writable first);
+    /// should a write fail after another partition's part was stored, the error is
+    /// [`LogError::PartiallyStored`], which names exactly what was stored.
     pub fn append_client_batch(
         &self,
         topic: &Topic,
@@ -113,18 +120,12 @@ impl Ingest {
         if !rest.is_empty() {
             return Err(LogError::InvalidBatch(flowgate_core::BatchError::BadLength(batch.len() as u64)));
         }
-        let partitions = topic.partition_count();
         let producer = view.header.producer;
-        // Keyless records go round robin; an idempotent batch's partition follows from
-        // its (producer, sequence), so a retry lands where the first attempt did.
-        let keyless = if producer.producer_id != 0 {
-            let mut id = [0u8; 16];
-            id[..8].copy_from_slice(&producer.producer_id.to_le_bytes());
-            id[8..].copy_from_slice(&producer.sequence.to_le_bytes());
-            partition_for_key(&id, partitions)
-        } else {
-            topic.next_round_robin()
-        };
+        if producer.producer_id != 0 {
+            return Err(LogError::IdempotentBatchNeedsPartition { producer_id: producer.producer_id });
+        }
+        let partitions = topic.partition_count();
+        let keyless = topic.next_round_robin();
         scratch.partition_of.clear();
         let mut single = true;
         for record in view.records(&mut scratch.decompressed)? {
@@ -143,34 +144,96 @@ impl Ingest {
             let outcome = self.append_to(partition, batch)?;
             return Ok(Written { parts: vec![(partition.clone(), outcome)] });
         }
-        // Split: one sub-batch per partition, same codec and producer stamp (dedup is
-        // per partition, so a retry is still recognised in each).
-        let header = view.header;
-        let codec = header.codec()?;
-        let stamp: ProducerStamp = header.producer;
+        // Split: one sub-batch per partition, same codec.
+        let codec = view.header.codec()?;
         if scratch.builders.len() < partitions as usize {
             scratch.builders.resize_with(partitions as usize, BatchBuilder::new);
+        }
+        for builder in &mut scratch.builders {
+            builder.clear();
         }
         let (view, _) = BatchView::parse(batch)?;
         for (record, &p) in view.records(&mut scratch.decompressed)?.zip(scratch.partition_of.iter()) {
             scratch.builders[p as usize].push_record(&record?);
         }
-        let mut parts = Vec::new();
+        // Refuse before writing anything if a target partition is fenced, so the common
+        // failure leaves nothing half-stored.
+        for p in 0..partitions {
+            if !scratch.builders[p as usize].is_empty() {
+                topic.partition(p)?.check_writable()?;
+            }
+        }
+        let mut parts: Vec<(Arc<Partition>, AppendOutcome)> = Vec::new();
         for p in 0..partitions {
             let builder = &mut scratch.builders[p as usize];
             if builder.is_empty() {
                 continue;
             }
-            builder.finish_into(codec, stamp, &mut scratch.encoded)?;
-            let partition = topic.partition(p)?;
-            let outcome = self.append_to(partition, &mut scratch.encoded)?;
-            parts.push((partition.clone(), outcome));
+            let result = builder
+                .finish_into(codec, ProducerStamp::default(), &mut scratch.encoded)
+                .map_err(LogError::from)
+                .and_then(|_| {
+                    let partition = topic.partition(p)?;
+                    Ok((partition.clone(), self.append_to(partition, &mut scratch.encoded)?))
+                });
+            match result {
+                Ok(part) => parts.push(part),
+                Err(e) if parts.is_empty() => return Err(e),
+                Err(e) => {
+                    let stored = parts
+                        .iter()
+                        .map(|(p, o)| {
+                            format!(
+                                "partition {} offsets {}..={}",
+                                p.id(),
+                                o.first_offset,
+                                o.end_offset().saturating_sub(1)
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    // Only binary PRODUCE splits a batch across partitions.
+                    self.metrics.rejected(crate::metrics::IngestPath::Binary, "partially_stored", 1);
+                    return Err(LogError::PartiallyStored { stored, failed_partition: p, source: Box::new(e) });
+                }
+            }
         }
         Ok(Written { parts })
     }
 
+    /// Appends a batch a client encoded to one partition it named (PRODUCE_PARTITION):
+    /// verified like [`Ingest::append_client_batch`], every keyed record must belong to
+    /// `partition`, and the batch is written as it came, in one write, so it is stored
+    /// whole or not at all. An idempotent batch's sequence is checked in order for that
+    /// partition ([`flowgate_log::producers`]).
+    pub fn append_to_partition(
+        &self,
+        topic: &Topic,
+        partition: u32,
+        batch: &mut [u8],
+        scratch: &mut Scratch,
+    ) -> Result<Written, LogError> {
+        let target = topic.partition(partition)?;
+        let (view, rest) = BatchView::parse(batch)?;
+        if !rest.is_empty() {
+            return Err(LogError::InvalidBatch(flowgate_core::BatchError::BadLength(batch.len() as u64)));
+        }
+        let partitions = topic.partition_count();
+        for record in view.records(&mut scratch.decompressed)? {
+            if let Some(key) = record?.key {
+                let expected = partition_for_key(key, partitions);
+                if expected != partition {
+                    return Err(LogError::KeyInWrongPartition { partition, expected });
+                }
+            }
+        }
+        let outcome = self.append_to(target, batch)?;
+        Ok(Written { parts: vec![(target.clone(), outcome)] })
+    }
+
     /// Encodes the records in `builder` as one batch and appends it to one partition
-    /// (round robin across calls). Used by the NDJSON and HTTP listeners.
+    /// (round robin across calls) in one write, so it is stored whole or not at all. Used
+    /// by the NDJSON and HTTP listeners.
     pub fn append_built(
         &self,
         topic: &Topic,
@@ -181,5 +244,66 @@ impl Ingest {
         let partition = topic.partition(topic.next_round_robin())?;
         let outcome = self.append_to(partition, &mut scratch.encoded)?;
         Ok(Written { parts: vec![(partition.clone(), outcome)] })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flowgate_log::LogConfig;
+
+    fn keyed_batch(keys: &[&str]) -> Vec<u8> {
+        let mut b = BatchBuilder::new();
+        for k in keys {
+            b.push_payload(1, Some(k.as_bytes()), b"{}");
+        }
+        b.finish(Codec::None, ProducerStamp::default()).unwrap().bytes
+    }
+
+    fn key_in(partition: u32, partitions: u32) -> String {
+        (0..).map(|i| format!("k{i}")).find(|k| partition_for_key(k.as_bytes(), partitions) == partition).unwrap()
+    }
+
+    #[test]
+    fn a_split_batch_is_refused_whole_when_one_of_its_partitions_is_fenced() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+        let topic = log.create_topic("t", 2).unwrap();
+        let ingest = Ingest::new(log.clone(), Metrics::new(), Codec::None);
+        let mut scratch = Scratch::default();
+        let (k0, k1) = (key_in(0, 2), key_in(1, 2));
+        // Partition 1's disk fails an fsync: it is fenced.
+        let p1 = topic.partition(1).unwrap().clone();
+        p1.append(&mut keyed_batch(&[&k1])).unwrap();
+        p1.inject_fsync_failures(true);
+        assert!(p1.sync().is_err());
+        p1.inject_fsync_failures(false);
+        let before: Vec<u64> = topic.partitions().iter().map(|p| p.end_offset()).collect();
+        let err = ingest.append_client_batch(&topic, &mut keyed_batch(&[&k0, &k1, &k0]), &mut scratch).unwrap_err();
+        assert!(matches!(err, LogError::Io { .. }), "{err}");
+        let after: Vec<u64> = topic.partitions().iter().map(|p| p.end_offset()).collect();
+        assert_eq!(before, after, "nothing stored in partition 0 either: a retry would duplicate it");
+        // A batch for the healthy partition alone still goes in.
+        ingest.append_client_batch(&topic, &mut keyed_batch(&[&k0]), &mut scratch).unwrap();
+    }
+
+    #[test]
+    fn idempotent_batches_name_their_partition_and_keys_must_belong_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+        let topic = log.create_topic("t", 2).unwrap();
+        let ingest = Ingest::new(log.clone(), Metrics::new(), Codec::None);
+        let mut scratch = Scratch::default();
+        let stamp = ProducerStamp { producer_id: 3, sequence: 0 };
+        let mut b = BatchBuilder::new();
+        b.push_payload(1, Some(key_in(1, 2).as_bytes()), b"{}");
+        let mut bytes = b.finish(Codec::None, stamp).unwrap().bytes;
+        let err = ingest.append_client_batch(&topic, &mut bytes.clone(), &mut scratch).unwrap_err();
+        assert!(matches!(err, LogError::IdempotentBatchNeedsPartition { .. }), "{err}");
+        let err = ingest.append_to_partition(&topic, 0, &mut bytes.clone(), &mut scratch).unwrap_err();
+        assert!(matches!(err, LogError::KeyInWrongPartition { partition: 0, expected: 1 }), "{err}");
+        let written = ingest.append_to_partition(&topic, 1, &mut bytes, &mut scratch).unwrap();
+        assert_eq!(written.acks()[0].partition, 1);
+        assert_eq!(topic.partition(0).unwrap().end_offset(), 0);
     }
 }

@@ -71,6 +71,7 @@ pub struct Metrics {
     batch_events: Histogram,
     log_size: Family<TopicLabels, Gauge>,
     log_end_offset: Family<TopicLabels, Gauge>,
+    retention_unread_deleted: Family<TopicLabels, Counter>,
     buffered_bytes: Gauge,
     /// Pipeline, processor and sink metrics.
     pub pipelines: Arc<flowgate_engine::PipelineMetrics>,
@@ -130,6 +131,12 @@ impl Metrics {
             "Sum over partitions of the next offset, per topic",
             log_end_offset.clone(),
         );
+        let retention_unread_deleted = Family::<TopicLabels, Counter>::default();
+        registry.register(
+            "flowgate_log_retention_unread_deleted_events",
+            "Events retention deleted before a pipeline had committed them, per topic",
+            retention_unread_deleted.clone(),
+        );
         let buffered_bytes = Gauge::default();
         registry.register("flowgate_ingest_buffered_bytes", "Bytes held in ingest buffers", buffered_bytes.clone());
         let pipelines = Arc::new(flowgate_engine::PipelineMetrics::register(&mut registry));
@@ -146,6 +153,7 @@ impl Metrics {
             batch_events,
             log_size,
             log_end_offset,
+            retention_unread_deleted,
             buffered_bytes,
         })
     }
@@ -203,6 +211,10 @@ impl Metrics {
             let labels = TopicLabels { topic: topic.name.clone() };
             self.log_size.get_or_create(&labels).set(topic.partitions.iter().map(|p| p.size_bytes as i64).sum());
             self.log_end_offset.get_or_create(&labels).set(topic.partitions.iter().map(|p| p.end_offset as i64).sum());
+            // The log counts since start; the counter catches up with it.
+            let unread: u64 = topic.partitions.iter().map(|p| p.unread_deleted_events).sum();
+            let counter = self.retention_unread_deleted.get_or_create(&labels);
+            counter.inc_by(unread.saturating_sub(counter.get()));
         }
         let mut out = String::with_capacity(8192);
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");

@@ -64,16 +64,16 @@ fn a_retried_produce_is_stored_once() {
     rt.block_on(async {
         let client = Client::connect(&engine.binary.to_string()).await.unwrap();
         let stamp = ProducerStamp { producer_id: 77, sequence: 0 };
-        let first = client.produce("idem", batch(&["{\"a\":1}", "{\"a\":2}"], stamp), stamp).await.unwrap();
+        let first = client.produce_to("idem", 0, batch(&["{\"a\":1}", "{\"a\":2}"], stamp), stamp).await.unwrap();
         // The same request again, as a client retrying after a lost reply would.
-        let again = client.produce("idem", batch(&["{\"a\":1}", "{\"a\":2}"], stamp), stamp).await.unwrap();
+        let again = client.produce_to("idem", 0, batch(&["{\"a\":1}", "{\"a\":2}"], stamp), stamp).await.unwrap();
         assert_eq!(first, again, "a retry answers with the first offsets");
         // A new connection (as after a reconnect) is recognised too.
         let client2 = Client::connect(&engine.binary.to_string()).await.unwrap();
-        let third = client2.produce("idem", batch(&["{\"a\":1}", "{\"a\":2}"], stamp), stamp).await.unwrap();
+        let third = client2.produce_to("idem", 0, batch(&["{\"a\":1}", "{\"a\":2}"], stamp), stamp).await.unwrap();
         assert_eq!(first, third);
         let next = ProducerStamp { producer_id: 77, sequence: 1 };
-        let acks = client.produce("idem", batch(&["{\"a\":3}"], next), next).await.unwrap();
+        let acks = client.produce_to("idem", 0, batch(&["{\"a\":3}"], next), next).await.unwrap();
         assert_eq!(acks[0].first_offset, 2);
         let topics = client.list_topics().await.unwrap();
         let t = topics.iter().find(|t| t.name == "idem").unwrap();

@@ -224,6 +224,7 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
         "ready": shared.is_ready(),
         "connections_available": shared.connections.available_permits(),
         "topics": topics,
+        "retention": {"unread_deleted_events": shared.ingest.log().unread_deleted_events()},
     }))
     .into_response()
 }
