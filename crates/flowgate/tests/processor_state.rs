@@ -80,7 +80,10 @@ fn a_window_sum_that_overflows_survives_sigkill_and_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut engine = start(dir.path());
     let start = window_start();
-    send(&engine, &[format!(r#"{{"k":"a","t":{},"v":1e308}}"#, start + 1), format!(r#"{{"k":"a","t":{},"v":1e308}}"#, start + 2)]);
+    send(
+        &engine,
+        &[format!(r#"{{"k":"a","t":{},"v":1e308}}"#, start + 1), format!(r#"{{"k":"a","t":{},"v":1e308}}"#, start + 2)],
+    );
     // The sum is now infinite; wait until a checkpoint holds it, then kill.
     let deadline = Instant::now() + Duration::from_secs(30);
     while committed_offset(dir.path()) < 2 {
@@ -117,7 +120,8 @@ fn an_event_stamped_in_microseconds_goes_to_the_dead_letters_and_leaves_the_wind
     let deadline = Instant::now() + Duration::from_secs(30);
     let dead = loop {
         let (_, body) = engine.http("GET", "/v1/topics/_dlq/events?from=earliest&limit=10", b"");
-        let events = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["events"].as_array().cloned());
+        let events =
+            serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["events"].as_array().cloned());
         if let Some(event) = events.and_then(|e| e.into_iter().next()) {
             break event;
         }

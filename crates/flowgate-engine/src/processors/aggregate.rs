@@ -118,6 +118,18 @@ struct Refusal {
     out_of_time: bool,
 }
 
+/// Open windows by (end, group, start).
+type OpenWindows = BTreeMap<(i64, String, i64), Window>;
+
+/// State read from a checkpoint, before it replaces the live state.
+struct Restored {
+    max_event_ts: i64,
+    watermark: i64,
+    late_events: u64,
+    windows_emitted: u64,
+    open: OpenWindows,
+}
+
 /// Magic and version of the binary state (earlier versions wrote JSON, starting `{`).
 const STATE_MAGIC: &[u8] = b"FGAGG\x02";
 
@@ -136,9 +148,12 @@ pub struct Aggregate {
     max_open_windows: usize,
     sketch_max_buckets: usize,
     /// Open windows: (end, group, start) → state. Ordered by end, so emission walks the front.
-    open: BTreeMap<(i64, String, i64), Window>,
+    open: OpenWindows,
     /// Open windows per group; its length is the number of groups held.
     groups: HashMap<String, usize>,
+    /// Session windows only: (group, start) → end, so an event finds the sessions it
+    /// touches among its group's, not by scanning every open window.
+    sessions: BTreeMap<(String, i64), i64>,
     max_event_ts: i64,
     watermark: i64,
     last_event_wall: i64,
@@ -237,6 +252,7 @@ impl Aggregate {
             sketch_max_buckets: c.sketch_max_buckets,
             open: BTreeMap::new(),
             groups: HashMap::new(),
+            sessions: BTreeMap::new(),
             max_event_ts: i64::MIN,
             watermark: i64::MIN,
             last_event_wall: flowgate_core::time::now_ms(),
@@ -452,8 +468,11 @@ impl Aggregate {
             if !self.closed(*end) {
                 break;
             }
-            let ((end, group, _), window) = self.open.pop_first().expect("non-empty");
+            let ((end, group, start), window) = self.open.pop_first().expect("non-empty");
             self.release_group(&group);
+            if matches!(self.window, WindowConfig::Session { .. }) {
+                self.sessions.remove(&(group.clone(), start));
+            }
             let doc = self.result(&group, &window);
             let key = self.group_by.as_ref().map(|_| Bytes::copy_from_slice(group.as_bytes()));
             out.push(PipelineEvent::from_document(self.partition, end, key, doc));
@@ -537,23 +556,29 @@ impl Aggregate {
         if self.closed(end) {
             return Placement::Late;
         }
+        // A group's sessions never overlap, so ordered by start they are ordered by end
+        // too: walk back from the last one starting before `end` while they end after `ts`.
         let touching: Vec<(i64, String, i64)> = self
-            .open
-            .iter()
-            .filter(|((w_end, g, w_start), _)| g == &group && ts < *w_end && end > *w_start)
-            .map(|(k, _)| k.clone())
+            .sessions
+            .range((group.clone(), i64::MIN)..(group.clone(), end))
+            .rev()
+            .take_while(|(_, &w_end)| w_end > ts)
+            .map(|((g, w_start), &w_end)| (w_end, g.clone(), *w_start))
             .collect();
         if let Some(error) = self.over_limit(&group, usize::from(touching.is_empty())) {
             return Placement::OverLimit(error);
         }
         let mut window = Self::empty_window(&self.outputs, self.sketch_max_buckets, ts, end);
         for k in touching {
-            let w = self.open.remove(&k).expect("listed above");
-            self.release_group(&k.1);
-            *collapsed += Self::merge(&mut window, w);
+            self.sessions.remove(&(k.1.clone(), k.2));
+            if let Some(w) = self.open.remove(&k) {
+                self.release_group(&k.1);
+                *collapsed += Self::merge(&mut window, w);
+            }
         }
         *collapsed += Self::accumulate(&self.outputs, &mut window, ts, doc);
         self.hold_group(&group);
+        self.sessions.insert((group.clone(), window.start), window.end);
         self.open.insert((window.end, group, window.start), window);
         Placement::Accepted
     }
@@ -617,7 +642,7 @@ impl Aggregate {
         )
     }
 
-    fn decode_state(&self, state: &[u8]) -> anyhow::Result<(i64, i64, u64, u64, BTreeMap<(i64, String, i64), Window>)> {
+    fn decode_state(&self, state: &[u8]) -> anyhow::Result<Restored> {
         let damaged = |e: StateError| anyhow::anyhow!("aggregate state in the checkpoint is damaged: {e}");
         let mut r = StateReader::new(state);
         r.expect_raw(STATE_MAGIC, "aggregate state header").map_err(damaged)?;
@@ -636,14 +661,17 @@ impl Aggregate {
             let window = self.decode_window(&mut r).map_err(damaged)?;
             let (group, window) = window;
             if window.start > window.end {
-                return Err(damaged(StateError(format!("a window ends ({}) before it starts ({})", window.end, window.start))));
+                return Err(damaged(StateError(format!(
+                    "a window ends ({}) before it starts ({})",
+                    window.end, window.start
+                ))));
             }
             if open.insert((window.end, group, window.start), window).is_some() {
                 return Err(damaged(StateError("two windows have the same group and bounds".into())));
             }
         }
         r.finish("aggregate state").map_err(damaged)?;
-        Ok((max_event_ts, watermark, late_events, windows_emitted, open))
+        Ok(Restored { max_event_ts, watermark, late_events, windows_emitted, open })
     }
 
     fn decode_window(&self, r: &mut StateReader<'_>) -> Result<(String, Window), StateError> {
@@ -684,10 +712,7 @@ impl Aggregate {
 
     /// Reads the JSON state of earlier versions (which could not hold a non-finite float:
     /// such a state is refused, never read as something else).
-    fn decode_legacy_json(
-        &self,
-        state: &[u8],
-    ) -> anyhow::Result<(i64, i64, u64, u64, BTreeMap<(i64, String, i64), Window>)> {
+    fn decode_legacy_json(&self, state: &[u8]) -> anyhow::Result<Restored> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Legacy {
@@ -697,9 +722,11 @@ impl Aggregate {
             windows_emitted: u64,
             windows: Vec<((i64, String, i64), Window)>,
         }
-        let legacy: Legacy = serde_json::from_slice(state)
-            .map_err(|e| anyhow::anyhow!("aggregate state in the checkpoint (JSON, an earlier version) is damaged: {e}"))?;
-        let damaged = |e: String| anyhow::anyhow!("aggregate state in the checkpoint (JSON, an earlier version) is damaged: {e}");
+        let legacy: Legacy = serde_json::from_slice(state).map_err(|e| {
+            anyhow::anyhow!("aggregate state in the checkpoint (JSON, an earlier version) is damaged: {e}")
+        })?;
+        let damaged =
+            |e: String| anyhow::anyhow!("aggregate state in the checkpoint (JSON, an earlier version) is damaged: {e}");
         let mut open = BTreeMap::new();
         // The key repeats the window's bounds; the window's own are the ones kept.
         for ((_, group, _), mut window) in legacy.windows {
@@ -719,7 +746,13 @@ impl Aggregate {
                 return Err(damaged("two windows have the same group and bounds".into()));
             }
         }
-        Ok((legacy.max_event_ts, legacy.watermark, legacy.late_events, legacy.windows_emitted, open))
+        Ok(Restored {
+            max_event_ts: legacy.max_event_ts,
+            watermark: legacy.watermark,
+            late_events: legacy.late_events,
+            windows_emitted: legacy.windows_emitted,
+            open,
+        })
     }
 }
 
@@ -799,18 +832,20 @@ impl Processor for Aggregate {
         if state.is_empty() {
             return Ok(());
         }
-        let (max_event_ts, watermark, late_events, windows_emitted, open) = if state[0] == b'{' {
-            self.decode_legacy_json(state)?
-        } else {
-            self.decode_state(state)?
-        };
+        let Restored { max_event_ts, watermark, late_events, windows_emitted, open } =
+            if state[0] == b'{' { self.decode_legacy_json(state)? } else { self.decode_state(state)? };
         self.max_event_ts = max_event_ts;
         self.watermark = watermark;
         self.late_events = late_events;
         self.windows_emitted = windows_emitted;
         self.groups.clear();
-        for (_, group, _) in open.keys() {
+        self.sessions.clear();
+        let sessions = matches!(self.window, WindowConfig::Session { .. });
+        for (end, group, start) in open.keys() {
             self.hold_group(group);
+            if sessions {
+                self.sessions.insert((group.clone(), *start), *end);
+            }
         }
         // More groups than `max_groups` (the bound was lowered) are kept, not dropped:
         // new groups wait until enough windows close.
@@ -932,7 +967,6 @@ mod tests {
         assert_eq!((w.start, w.end, w.count), (0, 28, 3));
     }
 
-
     fn any_field(func: &Func) -> BoxedStrategy<FieldAcc> {
         let float = prop_oneof![
             any::<f64>(),
@@ -965,17 +999,24 @@ mod tests {
     fn any_window(outputs: &[Output]) -> impl Strategy<Value = (String, Window)> {
         let fields: Vec<BoxedStrategy<FieldAcc>> = outputs.iter().map(|o| any_field(&o.func)).collect();
         let extreme = prop_oneof![any::<i64>(), Just(i64::MIN), Just(i64::MAX), Just(0)];
-        (".{0,8}", extreme.clone(), extreme, any::<u64>(), fields).prop_map(|(group, a, b, count, fields)| {
-            (group, Window { start: a.min(b), end: a.max(b), count, fields })
-        })
+        (".{0,8}", extreme.clone(), extreme, any::<u64>(), fields)
+            .prop_map(|(group, a, b, count, fields)| (group, Window { start: a.min(b), end: a.max(b), count, fields }))
     }
 
     fn debug_state(agg: &Aggregate) -> String {
-        format!("{:?} {} {} {} {} {:?}", agg.open, agg.max_event_ts, agg.watermark, agg.late_events, agg.windows_emitted, {
-            let mut g: Vec<_> = agg.groups.iter().collect();
-            g.sort();
-            g
-        })
+        format!(
+            "{:?} {} {} {} {} {:?}",
+            agg.open,
+            agg.max_event_ts,
+            agg.watermark,
+            agg.late_events,
+            agg.windows_emitted,
+            {
+                let mut g: Vec<_> = agg.groups.iter().collect();
+                g.sort();
+                g
+            }
+        )
     }
 
     proptest! {
@@ -1151,7 +1192,8 @@ mod tests {
             let times = [i64::MIN, i64::MIN + 1, -1, 0, 1, i64::MAX - 1, i64::MAX];
             let items: Vec<(&str, i64, f64)> = times.iter().map(|&t| ("a", t, 1.0)).collect();
             let (_, out) = run(&mut agg, &items);
-            let handled = out.dead_letters.len() + out.late.len() + agg.open.values().map(|w| w.count as usize).sum::<usize>();
+            let handled =
+                out.dead_letters.len() + out.late.len() + agg.open.values().map(|w| w.count as usize).sum::<usize>();
             assert!(handled >= times.len(), "{window:?}: every event is counted, dead-lettered or late");
             for dl in &out.dead_letters {
                 assert!(dl.error.contains("range of i64"), "{window:?}: {}", dl.error);
@@ -1210,7 +1252,7 @@ mod tests {
         let mut agg = build(&config(WindowConfig::Tumbling { size_ms: 10 }, 0, 0));
         run(&mut agg, &[("a", 1, 1.0), ("a", 2, 2.0)]);
         let mut restored = build(&config(WindowConfig::Tumbling { size_ms: 10 }, 0, 0));
-        restored.restore(&agg.snapshot());
+        restored.restore(&agg.snapshot()).unwrap();
         let (emitted, _) = run(&mut restored, &[("a", 20, 0.0)]);
         assert_eq!(emitted[0]["count"], 2);
         assert_eq!(emitted[0]["sum_v"], 3.0);
