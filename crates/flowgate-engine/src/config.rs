@@ -19,6 +19,10 @@ pub struct PipelineConfig {
     /// Committed offsets and processor state are checkpointed this often (ms).
     #[serde(default = "default_commit_interval")]
     pub commit_interval_ms: u64,
+    /// How far event times may stray from the wall clock before an event is refused
+    /// (dead-lettered) by the processors that keep state by event time.
+    #[serde(default)]
+    pub event_time: EventTimePolicy,
     /// Processors, applied in order.
     #[serde(default)]
     pub processors: Vec<ProcessorConfig>,
@@ -45,6 +49,51 @@ pub struct ReadPolicy {
 impl Default for ReadPolicy {
     fn default() -> Self {
         ReadPolicy { max_bytes: 1 << 20 }
+    }
+}
+
+/// Bounds on event time, relative to the wall clock when an event is processed. An event
+/// outside them goes to the dead-letter topic from the first processor that keeps state
+/// by event time (`dedup`, `aggregate`), and never moves a watermark or a TTL horizon:
+/// one event stamped in microseconds must not make every later event late.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventTimePolicy {
+    /// Event times further ahead of the wall clock than this are refused.
+    pub max_ahead_ms: u64,
+    /// Event times further behind the wall clock than this are refused; absent: any
+    /// age is accepted (a replay of old data is not an error).
+    pub max_behind_ms: Option<u64>,
+}
+
+impl Default for EventTimePolicy {
+    fn default() -> Self {
+        EventTimePolicy { max_ahead_ms: 3_600_000, max_behind_ms: None }
+    }
+}
+
+impl EventTimePolicy {
+    /// Checks an event time (ms) against the wall clock `now_ms`; the error says by
+    /// how much it is out and which key bounds it.
+    pub fn check(&self, event_ms: i64, now_ms: i64) -> Result<(), String> {
+        let ahead = i128::from(event_ms) - i128::from(now_ms);
+        if ahead > i128::from(self.max_ahead_ms) {
+            return Err(format!(
+                "event time {event_ms} is {ahead} ms ahead of the wall clock ({now_ms}), more than \
+                 event_time.max_ahead_ms ({}); is it in microseconds or nanoseconds instead of milliseconds?",
+                self.max_ahead_ms
+            ));
+        }
+        if let Some(max_behind) = self.max_behind_ms {
+            if -ahead > i128::from(max_behind) {
+                return Err(format!(
+                    "event time {event_ms} is {} ms behind the wall clock ({now_ms}), more than \
+                     event_time.max_behind_ms ({max_behind})",
+                    -ahead
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -132,12 +181,38 @@ pub struct AggregateConfig {
     /// the wall clock, so the last windows are emitted. 0 = never.
     #[serde(default = "default_idle")]
     pub idle_advance_ms: u64,
+    /// Groups with open windows at most (per partition). At the bound, an event of a
+    /// new group goes to the dead-letter topic (counted) until windows close; the
+    /// windows of the groups already open stay exact.
+    #[serde(default = "default_max_groups")]
+    pub max_groups: usize,
+    /// Open windows at most (per partition, all groups): the same policy at the bound.
+    /// Bounds memory when events spread over many windows of few groups (a small
+    /// window and event times spread up to `event_time.max_ahead_ms`).
+    #[serde(default = "default_max_open_windows")]
+    pub max_open_windows: usize,
+    /// Buckets per sign a `quantile` sketch keeps at most; past it the lowest values'
+    /// buckets merge (counted), so high quantiles keep their 1 % accuracy.
+    #[serde(default = "default_sketch_max_buckets")]
+    pub sketch_max_buckets: usize,
     /// The aggregates.
     pub functions: Vec<AggregateFunction>,
 }
 
 fn default_idle() -> u64 {
     5_000
+}
+
+fn default_max_groups() -> usize {
+    100_000
+}
+
+fn default_max_open_windows() -> usize {
+    1_000_000
+}
+
+fn default_sketch_max_buckets() -> usize {
+    crate::processors::sketch::DEFAULT_MAX_BUCKETS
 }
 
 /// Window shapes.

@@ -109,7 +109,7 @@ impl PipelineEvent {
     pub fn payload(&mut self) -> &Bytes {
         if self.dirty {
             if let Some(doc) = &self.doc {
-                self.payload = Bytes::from(serde_json::to_vec(doc).unwrap_or_default());
+                self.payload = Bytes::from(to_json(doc));
             }
             self.dirty = false;
         }
@@ -173,8 +173,14 @@ pub fn float_value(f: f64) -> Value {
 pub fn key_string(value: &Value) -> String {
     match value.to_str_lossy() {
         Some(s) => s.into_owned(),
-        None => serde_json::to_string(value).unwrap_or_default(),
+        None => to_json(value),
     }
+}
+
+/// A document value as JSON text. Infallible for documents: their map keys are strings
+/// and every value has a JSON form (a non-finite float is written as `null`).
+pub fn to_json(value: &Value) -> String {
+    serde_json::to_string(value).expect("a document value always has a JSON form")
 }
 
 #[cfg(test)]

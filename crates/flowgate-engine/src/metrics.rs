@@ -99,6 +99,12 @@ pub struct PipelineMetrics {
     pub lag: Family<SourceLabels, Gauge>,
     /// Events sent to the dead-letter topic.
     pub dead_letters: Family<PipelineLabels, Counter>,
+    /// Events refused because their event time was outside the pipeline's bounds.
+    pub event_time_rejected: Family<ProcessorLabels, Counter>,
+    /// Events refused at an aggregate's `max_groups` or `max_open_windows`.
+    pub state_over_limit: Family<ProcessorLabels, Counter>,
+    /// Quantile sketch buckets merged at `sketch_max_buckets`.
+    pub sketch_buckets_collapsed: Family<ProcessorLabels, Counter>,
 }
 
 impl Default for PipelineMetrics {
@@ -126,6 +132,23 @@ impl PipelineMetrics {
             end_to_end_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             lag: Family::default(),
             dead_letters: Family::default(),
+            event_time_rejected: Family::default(),
+            state_over_limit: Family::default(),
+            sketch_buckets_collapsed: Family::default(),
+        }
+    }
+
+    /// Counts what hit a bound in one processor call (only non-zero counts touch a
+    /// metric, so the common case costs nothing).
+    pub fn record_bounds(&self, labels: &ProcessorLabels, bounds: &crate::processors::BoundCounts) {
+        for (family, n) in [
+            (&self.event_time_rejected, bounds.event_time_out_of_bounds),
+            (&self.state_over_limit, bounds.state_over_limit),
+            (&self.sketch_buckets_collapsed, bounds.sketch_buckets_collapsed),
+        ] {
+            if n > 0 {
+                family.get_or_create(labels).inc_by(n);
+            }
         }
     }
 
@@ -167,6 +190,21 @@ impl PipelineMetrics {
         );
         registry.register("flowgate_pipeline_lag", "Log end offset minus committed offset", m.lag.clone());
         registry.register("flowgate_dlq_events", "Events sent to the dead-letter topic", m.dead_letters.clone());
+        registry.register(
+            "flowgate_processor_event_time_rejected",
+            "Events whose event time was outside the pipeline's event_time bounds (sent to _dlq)",
+            m.event_time_rejected.clone(),
+        );
+        registry.register(
+            "flowgate_aggregate_events_over_limit",
+            "Events refused at an aggregate's max_groups or max_open_windows (sent to _dlq)",
+            m.state_over_limit.clone(),
+        );
+        registry.register(
+            "flowgate_aggregate_sketch_buckets_collapsed",
+            "Quantile sketch buckets merged at sketch_max_buckets",
+            m.sketch_buckets_collapsed.clone(),
+        );
         m
     }
 }

@@ -6,16 +6,25 @@
 //! were already emitted is late: counted, and sent to `late_topic` if one is set. When
 //! the input idles, the watermark advances with the wall clock so the last windows are
 //! emitted too. Window state is checkpointed with the pipeline's offsets.
+//!
+//! Untrusted input is bounded: an event time outside the pipeline's `event_time` bounds,
+//! a time field that is not a number, or a window bound past the range of i64 sends the
+//! event to the dead letters without touching the watermark; at `max_groups` groups with
+//! open windows or `max_open_windows` windows, events that need a new group or window go
+//! to the dead letters too; quantile sketches keep at most `sketch_max_buckets` buckets
+//! per sign.
 
-use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use vrl::value::{KeyString, ObjectMap, Value};
 
 use super::sketch::DdSketch;
-use super::{Outputs, Processor};
-use crate::config::{AggregateConfig, WindowConfig};
+use super::state::{StateError, StateReader, StateWriter};
+use super::{duration_ms, DeadLetter, Outputs, Processor, MAX_WINDOWS_PER_EVENT};
+use crate::config::{AggregateConfig, EventTimePolicy, WindowConfig};
 use crate::event::{as_f64, float_value, get_path, key_string, PipelineEvent};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -30,6 +39,26 @@ enum Func {
     Quantile(f64),
 }
 
+impl Func {
+    /// The tag its state carries in a checkpoint.
+    fn tag(&self) -> u8 {
+        match self {
+            Func::Count => 0,
+            Func::Sum => 1,
+            Func::Min => 2,
+            Func::Max => 3,
+            Func::Avg => 4,
+            Func::First => 5,
+            Func::Last => 6,
+            Func::Quantile(_) => 7,
+        }
+    }
+}
+
+fn tag_name(tag: u8) -> &'static str {
+    ["count", "sum", "min", "max", "avg", "first", "last", "quantile"].get(usize::from(tag)).copied().unwrap_or("?")
+}
+
 #[derive(Clone, Debug)]
 struct Output {
     func: Func,
@@ -37,8 +66,9 @@ struct Output {
     name: String,
 }
 
-/// Running state of one output field in one window.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// Running state of one output field in one window. (Deserialize: checkpoints of
+/// earlier versions were JSON.)
+#[derive(Clone, Debug, Deserialize)]
 enum FieldAcc {
     Count,
     Sum(f64),
@@ -50,13 +80,58 @@ enum FieldAcc {
     Quantile(Box<DdSketch>),
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+impl FieldAcc {
+    fn tag(&self) -> u8 {
+        match self {
+            FieldAcc::Count => 0,
+            FieldAcc::Sum(_) => 1,
+            FieldAcc::Min(_) => 2,
+            FieldAcc::Max(_) => 3,
+            FieldAcc::Avg(..) => 4,
+            FieldAcc::First(_) => 5,
+            FieldAcc::Last(_) => 6,
+            FieldAcc::Quantile(_) => 7,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
 struct Window {
     start: i64,
     end: i64,
     count: u64,
     fields: Vec<FieldAcc>,
 }
+
+/// Where an event went.
+enum Placement {
+    Accepted,
+    Late,
+    /// At `max_groups` or `max_open_windows`; the error says which.
+    OverLimit(String),
+    Unrepresentable(String),
+}
+
+/// Why an event was refused before it reached a window.
+struct Refusal {
+    error: String,
+    out_of_time: bool,
+}
+
+/// Open windows by (end, group, start).
+type OpenWindows = BTreeMap<(i64, String, i64), Window>;
+
+/// State read from a checkpoint, before it replaces the live state.
+struct Restored {
+    max_event_ts: i64,
+    watermark: i64,
+    late_events: u64,
+    windows_emitted: u64,
+    open: OpenWindows,
+}
+
+/// Magic and version of the binary state (earlier versions wrote JSON, starting `{`).
+const STATE_MAGIC: &[u8] = b"FGAGG\x02";
 
 /// Aggregates events into windows.
 pub struct Aggregate {
@@ -68,8 +143,17 @@ pub struct Aggregate {
     late_topic: Option<String>,
     idle_advance_ms: i64,
     outputs: Vec<Output>,
+    event_time: EventTimePolicy,
+    max_groups: usize,
+    max_open_windows: usize,
+    sketch_max_buckets: usize,
     /// Open windows: (end, group, start) → state. Ordered by end, so emission walks the front.
-    open: BTreeMap<(i64, String, i64), Window>,
+    open: OpenWindows,
+    /// Open windows per group; its length is the number of groups held.
+    groups: HashMap<String, usize>,
+    /// Session windows only: (group, start) → end, so an event finds the sessions it
+    /// touches among its group's, not by scanning every open window.
+    sessions: BTreeMap<(String, i64), i64>,
     max_event_ts: i64,
     watermark: i64,
     last_event_wall: i64,
@@ -81,18 +165,45 @@ pub struct Aggregate {
 }
 
 impl Aggregate {
-    /// Validates the config.
-    pub fn new(c: &AggregateConfig) -> anyhow::Result<Aggregate> {
+    /// Validates the config; errors name the key.
+    pub fn new(c: &AggregateConfig, event_time: &EventTimePolicy) -> anyhow::Result<Aggregate> {
         match c.window {
-            WindowConfig::Tumbling { size_ms: 0 } => anyhow::bail!("window.size_ms must be positive"),
-            WindowConfig::Hopping { size_ms, hop_ms } if size_ms == 0 || hop_ms == 0 || hop_ms > size_ms => {
-                anyhow::bail!("window needs 0 < hop_ms <= size_ms")
+            WindowConfig::Tumbling { size_ms } => {
+                if size_ms == 0 {
+                    anyhow::bail!("window.size_ms must be positive");
+                }
+                duration_ms("window.size_ms", size_ms)?;
             }
-            WindowConfig::Session { gap_ms: 0 } => anyhow::bail!("window.gap_ms must be positive"),
-            _ => {}
+            WindowConfig::Hopping { size_ms, hop_ms } => {
+                if size_ms == 0 || hop_ms == 0 || hop_ms > size_ms {
+                    anyhow::bail!("window needs 0 < hop_ms <= size_ms");
+                }
+                duration_ms("window.size_ms", size_ms)?;
+                if size_ms.div_ceil(hop_ms) > MAX_WINDOWS_PER_EVENT {
+                    anyhow::bail!(
+                        "window.size_ms / window.hop_ms is {}: an event would fall in that many windows; at most {MAX_WINDOWS_PER_EVENT}",
+                        size_ms.div_ceil(hop_ms)
+                    );
+                }
+            }
+            WindowConfig::Session { gap_ms } => {
+                if gap_ms == 0 {
+                    anyhow::bail!("window.gap_ms must be positive");
+                }
+                duration_ms("window.gap_ms", gap_ms)?;
+            }
         }
         if c.functions.is_empty() {
             anyhow::bail!("functions must name at least one aggregate");
+        }
+        if c.max_groups == 0 {
+            anyhow::bail!("max_groups must be at least 1");
+        }
+        if c.max_open_windows == 0 {
+            anyhow::bail!("max_open_windows must be at least 1");
+        }
+        if c.sketch_max_buckets == 0 {
+            anyhow::bail!("sketch_max_buckets must be at least 1");
         }
         let outputs = c
             .functions
@@ -130,12 +241,18 @@ impl Aggregate {
             group_by: c.group_by.clone(),
             time_field: c.time_field.clone(),
             window: c.window.clone(),
-            ooo: c.max_out_of_orderness_ms as i64,
-            lateness: c.allowed_lateness_ms as i64,
+            ooo: duration_ms("max_out_of_orderness_ms", c.max_out_of_orderness_ms)?,
+            lateness: duration_ms("allowed_lateness_ms", c.allowed_lateness_ms)?,
             late_topic: c.late_topic.clone(),
-            idle_advance_ms: c.idle_advance_ms as i64,
+            idle_advance_ms: duration_ms("idle_advance_ms", c.idle_advance_ms)?,
             outputs,
+            event_time: event_time.clone(),
+            max_groups: c.max_groups,
+            max_open_windows: c.max_open_windows,
+            sketch_max_buckets: c.sketch_max_buckets,
             open: BTreeMap::new(),
+            groups: HashMap::new(),
+            sessions: BTreeMap::new(),
             max_event_ts: i64::MIN,
             watermark: i64::MIN,
             last_event_wall: flowgate_core::time::now_ms(),
@@ -145,11 +262,7 @@ impl Aggregate {
         })
     }
 
-    fn new_window(&self, start: i64, end: i64) -> Window {
-        Self::empty_window(&self.outputs, start, end)
-    }
-
-    fn empty_window(outputs: &[Output], start: i64, end: i64) -> Window {
+    fn empty_window(outputs: &[Output], sketch_max_buckets: usize, start: i64, end: i64) -> Window {
         let fields = outputs
             .iter()
             .map(|o| match o.func {
@@ -160,7 +273,7 @@ impl Aggregate {
                 Func::Avg => FieldAcc::Avg(0.0, 0),
                 Func::First => FieldAcc::First(None),
                 Func::Last => FieldAcc::Last(None),
-                Func::Quantile(_) => FieldAcc::Quantile(Box::new(DdSketch::new(0.01))),
+                Func::Quantile(_) => FieldAcc::Quantile(Box::new(DdSketch::with_max_buckets(0.01, sketch_max_buckets))),
             })
             .collect();
         Window { start, end, count: 0, fields }
@@ -170,37 +283,45 @@ impl Aggregate {
         self.watermark != i64::MIN && end.saturating_add(self.lateness) <= self.watermark
     }
 
-    /// Window bounds an event time falls in (not for sessions).
-    fn fixed_windows(&self, ts: i64) -> Vec<(i64, i64)> {
+    /// Window bounds an event time falls in (not for sessions), computed wide so that no
+    /// event time can overflow them; `None` when a bound is past the range of i64.
+    fn fixed_windows(&self, ts: i64) -> Option<Vec<(i64, i64)>> {
+        let bounds = |start: i128, size: i128| Some((i64::try_from(start).ok()?, i64::try_from(start + size).ok()?));
+        let ts = i128::from(ts);
         match self.window {
             WindowConfig::Tumbling { size_ms } => {
-                let size = size_ms as i64;
-                let start = ts.div_euclid(size) * size;
-                vec![(start, start + size)]
+                let size = i128::from(size_ms);
+                Some(vec![bounds(ts.div_euclid(size) * size, size)?])
             }
             WindowConfig::Hopping { size_ms, hop_ms } => {
-                let (size, hop) = (size_ms as i64, hop_ms as i64);
+                let (size, hop) = (i128::from(size_ms), i128::from(hop_ms));
                 let mut out = Vec::new();
                 let mut start = ts.div_euclid(hop) * hop;
                 while start > ts - size {
-                    out.push((start, start + size));
+                    out.push(bounds(start, size)?);
                     start -= hop;
                 }
                 out.reverse();
-                out
+                Some(out)
             }
-            WindowConfig::Session { .. } => Vec::new(),
+            WindowConfig::Session { .. } => Some(Vec::new()),
         }
     }
 
-    fn accumulate(outputs: &[Output], window: &mut Window, ts: i64, doc: &Value) {
-        window.count += 1;
+    /// Adds an event to its window's fields; returns the sketch buckets collapsed.
+    fn accumulate(outputs: &[Output], window: &mut Window, ts: i64, doc: &Value) -> u64 {
+        let mut collapsed = 0;
+        window.count = window.count.saturating_add(1);
         for (acc, out) in window.fields.iter_mut().zip(outputs) {
             let value = out.field.as_deref().and_then(|f| get_path(doc, f));
             let number = value.and_then(as_f64);
             match acc {
                 FieldAcc::Count => {}
-                FieldAcc::Sum(s) => *s += number.unwrap_or(0.0),
+                FieldAcc::Sum(s) => {
+                    if let Some(x) = number {
+                        *s += x;
+                    }
+                }
                 FieldAcc::Min(m) => {
                     if let Some(x) = number {
                         *m = Some(m.map_or(x, |m| m.min(x)));
@@ -214,7 +335,7 @@ impl Aggregate {
                 FieldAcc::Avg(s, n) => {
                     if let Some(x) = number {
                         *s += x;
-                        *n += 1;
+                        *n = n.saturating_add(1);
                     }
                 }
                 FieldAcc::First(f) => {
@@ -233,17 +354,20 @@ impl Aggregate {
                 }
                 FieldAcc::Quantile(s) => {
                     if let Some(x) = number {
-                        s.add(x);
+                        collapsed += s.add(x);
                     }
                 }
             }
         }
+        collapsed
     }
 
-    fn merge(into: &mut Window, from: Window) {
+    /// Merges one window into another; returns the sketch buckets collapsed.
+    fn merge(into: &mut Window, from: Window) -> u64 {
+        let mut collapsed = 0;
         into.start = into.start.min(from.start);
         into.end = into.end.max(from.end);
-        into.count += from.count;
+        into.count = into.count.saturating_add(from.count);
         for (a, b) in into.fields.iter_mut().zip(from.fields) {
             match (a, b) {
                 (FieldAcc::Sum(x), FieldAcc::Sum(y)) => *x += y,
@@ -251,7 +375,7 @@ impl Aggregate {
                 (FieldAcc::Max(x), FieldAcc::Max(y)) => *x = [*x, y].into_iter().flatten().reduce(f64::max),
                 (FieldAcc::Avg(s, n), FieldAcc::Avg(s2, n2)) => {
                     *s += s2;
-                    *n += n2;
+                    *n = n.saturating_add(n2);
                 }
                 (FieldAcc::First(x), FieldAcc::First(y))
                     if y.as_ref().is_some_and(|(t, _)| x.as_ref().is_none_or(|(t0, _)| t < t0)) =>
@@ -263,10 +387,11 @@ impl Aggregate {
                 {
                     *x = y;
                 }
-                (FieldAcc::Quantile(x), FieldAcc::Quantile(y)) => x.merge(&y),
+                (FieldAcc::Quantile(x), FieldAcc::Quantile(y)) => collapsed += x.merge(&y),
                 _ => {}
             }
         }
+        collapsed
     }
 
     fn result(&self, group: &str, window: &Window) -> Value {
@@ -278,7 +403,9 @@ impl Aggregate {
         map.insert("window_end".into(), Value::Integer(window.end));
         for (acc, out) in window.fields.iter().zip(&self.outputs) {
             let v = match acc {
-                FieldAcc::Count => Value::Integer(window.count as i64),
+                FieldAcc::Count => {
+                    i64::try_from(window.count).map_or_else(|_| float_value(window.count as f64), Value::Integer)
+                }
                 FieldAcc::Sum(s) => float_value(*s),
                 FieldAcc::Min(m) | FieldAcc::Max(m) => m.map_or(Value::Null, float_value),
                 FieldAcc::Avg(s, n) => {
@@ -299,13 +426,53 @@ impl Aggregate {
         Value::Object(map)
     }
 
+    fn hold_group(&mut self, group: &str) {
+        match self.groups.get_mut(group) {
+            Some(n) => *n += 1,
+            None => {
+                self.groups.insert(group.to_owned(), 1);
+            }
+        }
+    }
+
+    fn release_group(&mut self, group: &str) {
+        if let Some(n) = self.groups.get_mut(group) {
+            *n -= 1;
+            if *n == 0 {
+                self.groups.remove(group);
+            }
+        }
+    }
+
+    /// Why an event of `group` that needs `new_windows` more windows would go over a
+    /// bound, if it would.
+    fn over_limit(&self, group: &str, new_windows: usize) -> Option<String> {
+        if self.groups.len() >= self.max_groups && !self.groups.contains_key(group) {
+            return Some(format!(
+                "aggregate holds open windows for max_groups ({}) groups and this event's group is new",
+                self.max_groups
+            ));
+        }
+        if self.open.len().saturating_add(new_windows) > self.max_open_windows {
+            return Some(format!(
+                "aggregate holds max_open_windows ({}) windows and this event needs a new one",
+                self.max_open_windows
+            ));
+        }
+        None
+    }
+
     fn emit_closed(&mut self) -> Vec<PipelineEvent> {
         let mut out = Vec::new();
         while let Some(((end, _, _), _)) = self.open.first_key_value() {
             if !self.closed(*end) {
                 break;
             }
-            let ((end, group, _), window) = self.open.pop_first().expect("non-empty");
+            let ((end, group, start), window) = self.open.pop_first().expect("non-empty");
+            self.release_group(&group);
+            if matches!(self.window, WindowConfig::Session { .. }) {
+                self.sessions.remove(&(group.clone(), start));
+            }
             let doc = self.result(&group, &window);
             let key = self.group_by.as_ref().map(|_| Bytes::copy_from_slice(group.as_bytes()));
             out.push(PipelineEvent::from_document(self.partition, end, key, doc));
@@ -324,6 +491,269 @@ impl Aggregate {
     pub fn watermark(&self) -> i64 {
         self.watermark
     }
+
+    /// Groups that have open windows.
+    pub fn open_groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// The event's time and group, or why it is refused.
+    fn locate(&self, event: &mut PipelineEvent, now_ms: i64) -> Result<(i64, String), Refusal> {
+        let event_ts = event.timestamp;
+        let doc = event.doc().map_err(|e| Refusal { error: e.to_string(), out_of_time: false })?;
+        let ts = match self.time_field.as_deref().map(|f| (f, get_path(doc, f))) {
+            None | Some((_, None)) => event_ts,
+            // `as` saturates: a huge number becomes i64::MAX, which the bounds refuse.
+            Some((f, Some(v))) => as_f64(v).map(|t| t as i64).ok_or_else(|| Refusal {
+                error: format!("time field '{f}' is not a number of milliseconds"),
+                out_of_time: false,
+            })?,
+        };
+        self.event_time.check(ts, now_ms).map_err(|error| Refusal { error, out_of_time: true })?;
+        // Without the field, an event belongs to the group "" (documented).
+        let group = self.group_by.as_deref().and_then(|g| get_path(doc, g)).map(key_string).unwrap_or_default();
+        Ok((ts, group))
+    }
+
+    /// Adds an event to its fixed (tumbling or hopping) windows.
+    fn place_fixed(&mut self, ts: i64, group: String, doc: &Value, collapsed: &mut u64) -> Placement {
+        let Some(bounds) = self.fixed_windows(ts) else {
+            return Placement::Unrepresentable(format!("event time {ts} has a window bound past the range of i64"));
+        };
+        let mut open = bounds.into_iter().filter(|&(_, end)| !self.closed(end)).peekable();
+        if open.peek().is_none() {
+            return Placement::Late;
+        }
+        let open: Vec<(i64, i64)> = open.collect();
+        // Counting the windows an event would add costs a lookup each: only near the bound.
+        let new_windows = if self.open.len().saturating_add(open.len()) > self.max_open_windows {
+            open.iter().filter(|&&(start, end)| !self.open.contains_key(&(end, group.clone(), start))).count()
+        } else {
+            0
+        };
+        if let Some(error) = self.over_limit(&group, new_windows) {
+            return Placement::OverLimit(error);
+        }
+        for (start, end) in open {
+            match self.open.entry((end, group.clone(), start)) {
+                Entry::Occupied(mut window) => *collapsed += Self::accumulate(&self.outputs, window.get_mut(), ts, doc),
+                Entry::Vacant(slot) => {
+                    let mut window = Self::empty_window(&self.outputs, self.sketch_max_buckets, start, end);
+                    *collapsed += Self::accumulate(&self.outputs, &mut window, ts, doc);
+                    slot.insert(window);
+                    self.hold_group(&group);
+                }
+            }
+        }
+        Placement::Accepted
+    }
+
+    /// Adds an event to its group's session, merging every open session it touches.
+    fn place_session(&mut self, ts: i64, gap: i64, group: String, doc: &Value, collapsed: &mut u64) -> Placement {
+        let Some(end) = ts.checked_add(gap) else {
+            return Placement::Unrepresentable(format!("event time {ts} plus window.gap_ms is past the range of i64"));
+        };
+        if self.closed(end) {
+            return Placement::Late;
+        }
+        // A group's sessions never overlap, so ordered by start they are ordered by end
+        // too: walk back from the last one starting before `end` while they end after `ts`.
+        let touching: Vec<(i64, String, i64)> = self
+            .sessions
+            .range((group.clone(), i64::MIN)..(group.clone(), end))
+            .rev()
+            .take_while(|(_, &w_end)| w_end > ts)
+            .map(|((g, w_start), &w_end)| (w_end, g.clone(), *w_start))
+            .collect();
+        if let Some(error) = self.over_limit(&group, usize::from(touching.is_empty())) {
+            return Placement::OverLimit(error);
+        }
+        let mut window = Self::empty_window(&self.outputs, self.sketch_max_buckets, ts, end);
+        for k in touching {
+            self.sessions.remove(&(k.1.clone(), k.2));
+            if let Some(w) = self.open.remove(&k) {
+                self.release_group(&k.1);
+                *collapsed += Self::merge(&mut window, w);
+            }
+        }
+        *collapsed += Self::accumulate(&self.outputs, &mut window, ts, doc);
+        self.hold_group(&group);
+        self.sessions.insert((group.clone(), window.start), window.end);
+        self.open.insert((window.end, group, window.start), window);
+        Placement::Accepted
+    }
+
+    fn encode_state(&self) -> Vec<u8> {
+        let mut w = StateWriter::new();
+        w.raw(STATE_MAGIC);
+        w.i64(self.max_event_ts);
+        w.i64(self.watermark);
+        w.u64(self.late_events);
+        w.u64(self.windows_emitted);
+        w.len(self.outputs.len());
+        for o in &self.outputs {
+            w.u8(o.func.tag());
+        }
+        w.len(self.open.len());
+        for ((_, group, _), window) in &self.open {
+            w.bytes(group.as_bytes());
+            w.i64(window.start);
+            w.i64(window.end);
+            w.u64(window.count);
+            for acc in &window.fields {
+                match acc {
+                    FieldAcc::Count => {}
+                    FieldAcc::Sum(s) => w.f64(*s),
+                    FieldAcc::Min(m) | FieldAcc::Max(m) => {
+                        w.u8(u8::from(m.is_some()));
+                        w.f64(m.unwrap_or(0.0));
+                    }
+                    FieldAcc::Avg(s, n) => {
+                        w.f64(*s);
+                        w.u64(*n);
+                    }
+                    FieldAcc::First(f) | FieldAcc::Last(f) => match f {
+                        None => w.u8(0),
+                        Some((t, v)) => {
+                            w.u8(1);
+                            w.i64(*t);
+                            w.value(v);
+                        }
+                    },
+                    FieldAcc::Quantile(sketch) => sketch.encode(&mut w),
+                }
+            }
+        }
+        w.finish()
+    }
+
+    /// The configured functions as the checkpoint names them, for error messages.
+    fn functions_named(tags: impl Iterator<Item = u8>) -> String {
+        tags.map(tag_name).collect::<Vec<_>>().join(", ")
+    }
+
+    fn config_mismatch(&self, saved: impl Iterator<Item = u8>) -> anyhow::Error {
+        anyhow::anyhow!(
+            "aggregate state was checkpointed for the functions [{}] but the config now has [{}]: \
+             restore the previous functions, or move the checkpoint file away to restart this partition \
+             from the pipeline's `start` (its open windows are then lost)",
+            Self::functions_named(saved),
+            Self::functions_named(self.outputs.iter().map(|o| o.func.tag()))
+        )
+    }
+
+    fn decode_state(&self, state: &[u8]) -> anyhow::Result<Restored> {
+        let damaged = |e: StateError| anyhow::anyhow!("aggregate state in the checkpoint is damaged: {e}");
+        let mut r = StateReader::new(state);
+        r.expect_raw(STATE_MAGIC, "aggregate state header").map_err(damaged)?;
+        let max_event_ts = r.i64("max event time").map_err(damaged)?;
+        let watermark = r.i64("watermark").map_err(damaged)?;
+        let late_events = r.u64("late events").map_err(damaged)?;
+        let windows_emitted = r.u64("windows emitted").map_err(damaged)?;
+        let n = r.len(1, "functions").map_err(damaged)?;
+        let tags: Vec<u8> = (0..n).map(|_| r.u8("functions")).collect::<Result<_, _>>().map_err(damaged)?;
+        if !tags.iter().copied().eq(self.outputs.iter().map(|o| o.func.tag())) {
+            return Err(self.config_mismatch(tags.into_iter()));
+        }
+        let n = r.len(32, "windows").map_err(damaged)?;
+        let mut open = BTreeMap::new();
+        for _ in 0..n {
+            let window = self.decode_window(&mut r).map_err(damaged)?;
+            let (group, window) = window;
+            if window.start > window.end {
+                return Err(damaged(StateError(format!(
+                    "a window ends ({}) before it starts ({})",
+                    window.end, window.start
+                ))));
+            }
+            if open.insert((window.end, group, window.start), window).is_some() {
+                return Err(damaged(StateError("two windows have the same group and bounds".into())));
+            }
+        }
+        r.finish("aggregate state").map_err(damaged)?;
+        Ok(Restored { max_event_ts, watermark, late_events, windows_emitted, open })
+    }
+
+    fn decode_window(&self, r: &mut StateReader<'_>) -> Result<(String, Window), StateError> {
+        let group = r.str("window group")?.to_owned();
+        let (start, end, count) = (r.i64("window start")?, r.i64("window end")?, r.u64("window count")?);
+        let mut fields = Vec::with_capacity(self.outputs.len());
+        for o in &self.outputs {
+            let what = "window field";
+            let optional_f64 = |r: &mut StateReader<'_>| -> Result<Option<f64>, StateError> {
+                let present = r.u8(what)?;
+                let x = r.f64(what)?;
+                match present {
+                    0 => Ok(None),
+                    1 => Ok(Some(x)),
+                    _ => Err(StateError(format!("{what} has a bad presence flag"))),
+                }
+            };
+            let timed_value = |r: &mut StateReader<'_>| -> Result<Option<(i64, Value)>, StateError> {
+                match r.u8(what)? {
+                    0 => Ok(None),
+                    1 => Ok(Some((r.i64(what)?, r.value(what)?))),
+                    _ => Err(StateError(format!("{what} has a bad presence flag"))),
+                }
+            };
+            fields.push(match o.func {
+                Func::Count => FieldAcc::Count,
+                Func::Sum => FieldAcc::Sum(r.f64(what)?),
+                Func::Min => FieldAcc::Min(optional_f64(r)?),
+                Func::Max => FieldAcc::Max(optional_f64(r)?),
+                Func::Avg => FieldAcc::Avg(r.f64(what)?, r.u64(what)?),
+                Func::First => FieldAcc::First(timed_value(r)?),
+                Func::Last => FieldAcc::Last(timed_value(r)?),
+                Func::Quantile(_) => FieldAcc::Quantile(Box::new(DdSketch::decode(r, self.sketch_max_buckets)?)),
+            });
+        }
+        Ok((group, Window { start, end, count, fields }))
+    }
+
+    /// Reads the JSON state of earlier versions (which could not hold a non-finite float:
+    /// such a state is refused, never read as something else).
+    fn decode_legacy_json(&self, state: &[u8]) -> anyhow::Result<Restored> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Legacy {
+            max_event_ts: i64,
+            watermark: i64,
+            late_events: u64,
+            windows_emitted: u64,
+            windows: Vec<((i64, String, i64), Window)>,
+        }
+        let legacy: Legacy = serde_json::from_slice(state).map_err(|e| {
+            anyhow::anyhow!("aggregate state in the checkpoint (JSON, an earlier version) is damaged: {e}")
+        })?;
+        let damaged =
+            |e: String| anyhow::anyhow!("aggregate state in the checkpoint (JSON, an earlier version) is damaged: {e}");
+        let mut open = BTreeMap::new();
+        // The key repeats the window's bounds; the window's own are the ones kept.
+        for ((_, group, _), mut window) in legacy.windows {
+            if !window.fields.iter().map(FieldAcc::tag).eq(self.outputs.iter().map(|o| o.func.tag())) {
+                return Err(self.config_mismatch(window.fields.iter().map(FieldAcc::tag)));
+            }
+            for f in &mut window.fields {
+                if let FieldAcc::Quantile(s) = f {
+                    s.validate().map_err(|e| damaged(e.0))?;
+                    s.set_max_buckets(self.sketch_max_buckets);
+                }
+            }
+            if window.start > window.end {
+                return Err(damaged(format!("a window ends ({}) before it starts ({})", window.end, window.start)));
+            }
+            if open.insert((window.end, group, window.start), window).is_some() {
+                return Err(damaged("two windows have the same group and bounds".into()));
+            }
+        }
+        Ok(Restored {
+            max_event_ts: legacy.max_event_ts,
+            watermark: legacy.watermark,
+            late_events: legacy.late_events,
+            windows_emitted: legacy.windows_emitted,
+            open,
+        })
+    }
 }
 
 impl Processor for Aggregate {
@@ -335,76 +765,54 @@ impl Processor for Aggregate {
         if events.is_empty() {
             return Vec::new();
         }
-        self.last_event_wall = flowgate_core::time::now_ms();
+        let now = flowgate_core::time::now_ms();
+        self.last_event_wall = now;
+        let mut collapsed = 0;
         for mut event in events {
             self.partition = event.partition;
-            let event_ts = event.timestamp;
-            let Ok(doc) = event.doc() else {
-                out.dead_letters.push(super::DeadLetter {
-                    processor: "aggregate".into(),
-                    error: "payload is not JSON".into(),
-                    event,
-                });
-                continue;
+            let (ts, group) = match self.locate(&mut event, now) {
+                Ok(located) => located,
+                Err(refusal) => {
+                    if refusal.out_of_time {
+                        out.bounds.event_time_out_of_bounds += 1;
+                    }
+                    out.dead_letters.push(DeadLetter { processor: "aggregate".into(), error: refusal.error, event });
+                    continue;
+                }
             };
-            let ts = self.time_field.as_deref().and_then(|f| get_path(doc, f)).and_then(as_f64).map(|t| t as i64);
-            let group = self.group_by.as_deref().and_then(|g| get_path(doc, g)).map(key_string).unwrap_or_default();
-            let ts = ts.unwrap_or(event_ts);
-            let doc: &Value = doc;
-            let accepted = match self.window {
+            let doc: &Value = event.doc().expect("parsed by locate");
+            let placement = match self.window {
                 WindowConfig::Session { gap_ms } => {
-                    let gap = gap_ms as i64;
-                    if self.closed(ts + gap) {
-                        false
-                    } else {
-                        // Merge every open session of this group that the new event touches.
-                        let touching: Vec<(i64, String, i64)> = self
-                            .open
-                            .iter()
-                            .filter(|((end, g, start), _)| g == &group && ts < *end && ts + gap > *start)
-                            .map(|(k, _)| k.clone())
-                            .collect();
-                        let mut window = self.new_window(ts, ts + gap);
-                        for k in touching {
-                            let w = self.open.remove(&k).expect("listed above");
-                            Self::merge(&mut window, w);
-                        }
-                        Self::accumulate(&self.outputs, &mut window, ts, doc);
-                        self.open.insert((window.end, group, window.start), window);
-                        true
-                    }
+                    // Validated at build to fit i64.
+                    self.place_session(ts, gap_ms as i64, group, doc, &mut collapsed)
                 }
-                _ => {
-                    let mut any = false;
-                    for (start, end) in self.fixed_windows(ts) {
-                        if self.closed(end) {
-                            continue;
-                        }
-                        any = true;
-                        let outputs = &self.outputs;
-                        let window = self
-                            .open
-                            .entry((end, group.clone(), start))
-                            .or_insert_with(|| Self::empty_window(outputs, start, end));
-                        Self::accumulate(outputs, window, ts, doc);
-                    }
-                    any
-                }
+                _ => self.place_fixed(ts, group, doc, &mut collapsed),
             };
-            if !accepted {
-                self.late_events += 1;
-                out.late.push((self.late_topic.clone(), event));
-                continue;
+            match placement {
+                Placement::Accepted => {
+                    self.max_event_ts = self.max_event_ts.max(ts);
+                    self.advance_watermark(self.max_event_ts.saturating_sub(self.ooo));
+                }
+                Placement::Late => {
+                    self.late_events += 1;
+                    out.late.push((self.late_topic.clone(), event));
+                }
+                Placement::OverLimit(error) => {
+                    out.bounds.state_over_limit += 1;
+                    out.dead_letters.push(DeadLetter { processor: "aggregate".into(), error, event });
+                }
+                Placement::Unrepresentable(error) => {
+                    out.dead_letters.push(DeadLetter { processor: "aggregate".into(), error, event });
+                }
             }
-            self.max_event_ts = self.max_event_ts.max(ts);
-            self.advance_watermark(self.max_event_ts.saturating_sub(self.ooo));
         }
+        out.bounds.sketch_buckets_collapsed += collapsed;
         self.emit_closed()
     }
 
     fn tick(&mut self, now_ms: i64, _out: &mut Outputs) -> Vec<PipelineEvent> {
         if self.idle_advance_ms > 0 && self.max_event_ts != i64::MIN {
-            let idle = now_ms - self.last_event_wall;
+            let idle = now_ms.saturating_sub(self.last_event_wall);
             if idle >= self.idle_advance_ms {
                 // Extrapolate event time by the wall clock since the last event.
                 self.advance_watermark(self.max_event_ts.saturating_sub(self.ooo).saturating_add(idle));
@@ -413,29 +821,35 @@ impl Processor for Aggregate {
         self.emit_closed()
     }
 
+    /// Binary (see [`StateWriter`]): `FGAGG\x02`, max event time, watermark, late and
+    /// emitted counts, the function tags, then each open window (group, start, end,
+    /// count, each field's state).
     fn snapshot(&self) -> Vec<u8> {
-        let windows: Vec<(&(i64, String, i64), &Window)> = self.open.iter().collect();
-        let state = serde_json::json!({
-            "max_event_ts": self.max_event_ts,
-            "watermark": self.watermark,
-            "late_events": self.late_events,
-            "windows_emitted": self.windows_emitted,
-            "windows": serde_json::to_value(windows).unwrap_or_default(),
-        });
-        serde_json::to_vec(&state).unwrap_or_default()
+        self.encode_state()
     }
 
     fn restore(&mut self, state: &[u8]) -> anyhow::Result<()> {
         if state.is_empty() {
             return Ok(());
         }
-        let state: serde_json::Value = serde_json::from_slice(state)?;
-        self.max_event_ts = state["max_event_ts"].as_i64().unwrap_or(i64::MIN);
-        self.watermark = state["watermark"].as_i64().unwrap_or(i64::MIN);
-        self.late_events = state["late_events"].as_u64().unwrap_or(0);
-        self.windows_emitted = state["windows_emitted"].as_u64().unwrap_or(0);
-        let windows: Vec<((i64, String, i64), Window)> = serde_json::from_value(state["windows"].clone())?;
-        self.open = windows.into_iter().collect();
+        let Restored { max_event_ts, watermark, late_events, windows_emitted, open } =
+            if state[0] == b'{' { self.decode_legacy_json(state)? } else { self.decode_state(state)? };
+        self.max_event_ts = max_event_ts;
+        self.watermark = watermark;
+        self.late_events = late_events;
+        self.windows_emitted = windows_emitted;
+        self.groups.clear();
+        self.sessions.clear();
+        let sessions = matches!(self.window, WindowConfig::Session { .. });
+        for (end, group, start) in open.keys() {
+            self.hold_group(group);
+            if sessions {
+                self.sessions.insert((group.clone(), *start), *end);
+            }
+        }
+        // More groups than `max_groups` (the bound was lowered) are kept, not dropped:
+        // new groups wait until enough windows close.
+        self.open = open;
         Ok(())
     }
 }
@@ -444,6 +858,8 @@ impl Processor for Aggregate {
 mod tests {
     use super::*;
     use crate::config::AggregateFunction;
+    use crate::processors::state::tests::any_value;
+    use proptest::prelude::*;
 
     fn config(window: WindowConfig, ooo: u64, lateness: u64) -> AggregateConfig {
         AggregateConfig {
@@ -454,6 +870,9 @@ mod tests {
             allowed_lateness_ms: lateness,
             late_topic: Some("late".into()),
             idle_advance_ms: 0,
+            max_groups: 100_000,
+            max_open_windows: 1_000_000,
+            sketch_max_buckets: 2048,
             functions: vec![
                 AggregateFunction { function: "count".into(), field: None, q: None, output: None },
                 AggregateFunction { function: "sum".into(), field: Some("v".into()), q: None, output: None },
@@ -467,6 +886,10 @@ mod tests {
         }
     }
 
+    fn build(c: &AggregateConfig) -> Aggregate {
+        Aggregate::new(c, &EventTimePolicy::default()).unwrap()
+    }
+
     fn run(agg: &mut Aggregate, items: &[(&str, i64, f64)]) -> (Vec<serde_json::Value>, Outputs) {
         let json: Vec<String> = items.iter().map(|(k, t, v)| format!(r#"{{"k":"{k}","t":{t},"v":{v}}}"#)).collect();
         let refs: Vec<(i64, &str)> = json.iter().map(|j| (0, j.as_str())).collect();
@@ -477,7 +900,7 @@ mod tests {
 
     #[test]
     fn tumbling_windows_with_out_of_order_and_late_events() {
-        let mut agg = Aggregate::new(&config(WindowConfig::Tumbling { size_ms: 10 }, 5, 0)).unwrap();
+        let mut agg = build(&config(WindowConfig::Tumbling { size_ms: 10 }, 5, 0));
         // Window [0,10) for key a gets 1@1, 3@3, and 2@8 arriving out of order after 12.
         let (emitted, _) = run(&mut agg, &[("a", 1, 1.0), ("a", 3, 3.0), ("a", 12, 10.0), ("a", 8, 2.0)]);
         assert!(emitted.is_empty(), "watermark 7 < 10: nothing closes yet");
@@ -503,7 +926,7 @@ mod tests {
 
     #[test]
     fn allowed_lateness_keeps_a_window_open_longer() {
-        let mut agg = Aggregate::new(&config(WindowConfig::Tumbling { size_ms: 10 }, 0, 5)).unwrap();
+        let mut agg = build(&config(WindowConfig::Tumbling { size_ms: 10 }, 0, 5));
         let (emitted, _) = run(&mut agg, &[("a", 1, 1.0), ("a", 12, 1.0), ("a", 9, 1.0)]);
         assert!(emitted.is_empty(), "watermark 12 < 10 + 5");
         assert_eq!(agg.late_events, 0, "9 arrives within the allowed lateness");
@@ -514,7 +937,7 @@ mod tests {
 
     #[test]
     fn hopping_windows_count_an_event_in_each_window_it_falls_in() {
-        let mut agg = Aggregate::new(&config(WindowConfig::Hopping { size_ms: 10, hop_ms: 5 }, 0, 0)).unwrap();
+        let mut agg = build(&config(WindowConfig::Hopping { size_ms: 10, hop_ms: 5 }, 0, 0));
         let (emitted, _) = run(&mut agg, &[("a", 7, 1.0), ("b", 7, 1.0), ("a", 30, 1.0)]);
         // 7 is in [0,10) and [5,15), for each of a and b: 4 windows, all closed by 30.
         let mut got: Vec<(String, i64, i64)> = emitted
@@ -529,7 +952,7 @@ mod tests {
 
     #[test]
     fn session_windows_merge_events_closer_than_the_gap() {
-        let mut agg = Aggregate::new(&config(WindowConfig::Session { gap_ms: 10 }, 0, 0)).unwrap();
+        let mut agg = build(&config(WindowConfig::Session { gap_ms: 10 }, 0, 0));
         let (emitted, _) = run(&mut agg, &[("a", 0, 1.0), ("a", 5, 1.0), ("a", 30, 1.0), ("a", 12, 1.0)]);
         // Sessions: {0,5} closed when watermark reached 30 (end 15 <= 30). 12 arrives after: late.
         assert_eq!(emitted.len(), 1);
@@ -537,18 +960,298 @@ mod tests {
         assert_eq!((emitted[0]["window_start"].as_i64(), emitted[0]["window_end"].as_i64()), (Some(0), Some(15)));
         assert_eq!(agg.late_events, 1);
         // A bridging event merges two open sessions.
-        let mut agg = Aggregate::new(&config(WindowConfig::Session { gap_ms: 10 }, 100, 0)).unwrap();
+        let mut agg = build(&config(WindowConfig::Session { gap_ms: 10 }, 100, 0));
         run(&mut agg, &[("a", 0, 1.0), ("a", 18, 1.0), ("a", 9, 1.0)]);
         assert_eq!(agg.open.len(), 1, "0 and 18 are bridged by 9");
         let (_, w) = agg.open.first_key_value().unwrap();
         assert_eq!((w.start, w.end, w.count), (0, 28, 3));
     }
 
+    fn any_field(func: &Func) -> BoxedStrategy<FieldAcc> {
+        let float = prop_oneof![
+            any::<f64>(),
+            Just(f64::INFINITY),
+            Just(f64::NEG_INFINITY),
+            Just(f64::NAN),
+            Just(-0.0),
+            Just(f64::MAX)
+        ];
+        match func {
+            Func::Count => Just(FieldAcc::Count).boxed(),
+            Func::Sum => float.prop_map(FieldAcc::Sum).boxed(),
+            Func::Min => proptest::option::of(float).prop_map(FieldAcc::Min).boxed(),
+            Func::Max => proptest::option::of(float).prop_map(FieldAcc::Max).boxed(),
+            Func::Avg => (float, any::<u64>()).prop_map(|(s, n)| FieldAcc::Avg(s, n)).boxed(),
+            Func::First => proptest::option::of((any::<i64>(), any_value())).prop_map(FieldAcc::First).boxed(),
+            Func::Last => proptest::option::of((any::<i64>(), any_value())).prop_map(FieldAcc::Last).boxed(),
+            Func::Quantile(_) => proptest::collection::vec(float, 0..50)
+                .prop_map(|values| {
+                    let mut sketch = DdSketch::with_max_buckets(0.01, 2048);
+                    for v in values {
+                        sketch.add(v);
+                    }
+                    FieldAcc::Quantile(Box::new(sketch))
+                })
+                .boxed(),
+        }
+    }
+
+    fn any_window(outputs: &[Output]) -> impl Strategy<Value = (String, Window)> {
+        let fields: Vec<BoxedStrategy<FieldAcc>> = outputs.iter().map(|o| any_field(&o.func)).collect();
+        let extreme = prop_oneof![any::<i64>(), Just(i64::MIN), Just(i64::MAX), Just(0)];
+        (".{0,8}", extreme.clone(), extreme, any::<u64>(), fields)
+            .prop_map(|(group, a, b, count, fields)| (group, Window { start: a.min(b), end: a.max(b), count, fields }))
+    }
+
+    fn debug_state(agg: &Aggregate) -> String {
+        format!(
+            "{:?} {} {} {} {} {:?}",
+            agg.open,
+            agg.max_event_ts,
+            agg.watermark,
+            agg.late_events,
+            agg.windows_emitted,
+            {
+                let mut g: Vec<_> = agg.groups.iter().collect();
+                g.sort();
+                g
+            }
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn any_aggregate_state_round_trips_through_a_checkpoint(
+            windows in proptest::collection::vec(any_window(&build(&config(WindowConfig::Tumbling { size_ms: 10 }, 0, 0)).outputs), 0..6),
+            max_event_ts in any::<i64>(),
+            watermark in any::<i64>(),
+            late in any::<u64>(),
+            emitted in any::<u64>(),
+        ) {
+            let c = config(WindowConfig::Tumbling { size_ms: 10 }, 0, 0);
+            let mut agg = build(&c);
+            for (group, w) in windows {
+                agg.open.insert((w.end, group, w.start), w);
+            }
+            let keys: Vec<String> = agg.open.keys().map(|k| k.1.clone()).collect();
+            for g in keys { agg.hold_group(&g); }
+            (agg.max_event_ts, agg.watermark, agg.late_events, agg.windows_emitted) = (max_event_ts, watermark, late, emitted);
+            let bytes = agg.snapshot();
+            let mut restored = build(&c);
+            restored.restore(&bytes).unwrap();
+            prop_assert_eq!(debug_state(&restored), debug_state(&agg));
+            prop_assert_eq!(restored.snapshot(), bytes);
+        }
+
+        #[test]
+        fn damaged_aggregate_state_is_refused_or_read_consistently(bytes in proptest::collection::vec(any::<u8>(), 0..200), flip in any::<prop::sample::Index>()) {
+            let c = config(WindowConfig::Tumbling { size_ms: 10 }, 0, 0);
+            let mut live = build(&c);
+            run(&mut live, &[("a", 1, 1.0), ("b", 2, f64::MAX), ("b", 3, f64::MAX)]);
+            let mut state = live.snapshot();
+            let at = flip.index(state.len());
+            state[at] ^= 0x5a;
+            state.extend_from_slice(&bytes[..bytes.len() % 3]);
+            let mut restored = build(&c);
+            if restored.restore(&state).is_ok() {
+                // Whatever was read must write back the same way.
+                let again = restored.snapshot();
+                let mut twice = build(&c);
+                twice.restore(&again).unwrap();
+                prop_assert_eq!(twice.snapshot(), again);
+            }
+        }
+    }
+
+    #[test]
+    fn a_window_whose_sum_overflows_survives_a_checkpoint_and_restore() {
+        let c = config(WindowConfig::Tumbling { size_ms: 10 }, 0, 0);
+        let mut agg = build(&c);
+        run(&mut agg, &[("a", 1, 1e308), ("a", 2, 1e308), ("a", 3, -1e308)]);
+        let (_, w) = agg.open.first_key_value().unwrap();
+        assert!(matches!(w.fields[1], FieldAcc::Sum(s) if s == f64::INFINITY), "{:?}", w.fields[1]);
+        let mut restored = build(&c);
+        restored.restore(&agg.snapshot()).expect("an infinite sum is state like any other");
+        let (_, w) = restored.open.first_key_value().unwrap();
+        assert!(matches!(w.fields[1], FieldAcc::Sum(s) if s == f64::INFINITY), "{:?}", w.fields[1]);
+        // And it restores again after a second checkpoint (a restart loop must not kill it).
+        let mut again = build(&c);
+        again.restore(&restored.snapshot()).unwrap();
+        let (emitted, _) = run(&mut again, &[("a", 25, 0.0)]);
+        assert_eq!(emitted[0]["count"], 3);
+        assert_eq!(emitted[0]["sum_v"], serde_json::Value::Null, "JSON has no infinity: emitted as null");
+        assert_eq!(emitted[0]["max_v"], 1e308);
+    }
+
+    #[test]
+    fn an_event_stamped_in_microseconds_goes_to_the_dead_letters_and_leaves_the_watermark_alone() {
+        let mut agg = build(&config(WindowConfig::Tumbling { size_ms: 60_000 }, 1_000, 0));
+        let now = flowgate_core::time::now_ms();
+        let (emitted, out) = run(&mut agg, &[("a", now, 1.0), ("a", now * 1000, 1.0), ("a", now + 5, 1.0)]);
+        assert!(emitted.is_empty());
+        assert_eq!(out.dead_letters.len(), 1);
+        assert!(out.dead_letters[0].error.contains("microseconds"), "{}", out.dead_letters[0].error);
+        assert_eq!(out.bounds.event_time_out_of_bounds, 1);
+        assert_eq!(agg.late_events, 0, "a later normal event is not late");
+        assert!(agg.watermark() < now + 60_000, "watermark {} moved by the bad event", agg.watermark());
+        // Nor does it come back with a restart.
+        let mut restored = build(&config(WindowConfig::Tumbling { size_ms: 60_000 }, 1_000, 0));
+        restored.restore(&agg.snapshot()).unwrap();
+        let (_, out) = run(&mut restored, &[("a", now + 10, 1.0)]);
+        assert!(out.late.is_empty() && out.dead_letters.is_empty());
+        // A time field that is not a number is refused, not replaced by another time.
+        let mut out = Outputs::default();
+        restored.process(super::super::dedup::tests::events(&[(now, r#"{"k":"a","t":"soon","v":1}"#)]), &mut out);
+        assert_eq!(out.dead_letters.len(), 1);
+        assert!(out.dead_letters[0].error.contains("not a number"));
+        // With a bound behind, old events are refused too.
+        let policy = EventTimePolicy { max_ahead_ms: 1000, max_behind_ms: Some(1000) };
+        let mut strict = Aggregate::new(&config(WindowConfig::Tumbling { size_ms: 10 }, 0, 0), &policy).unwrap();
+        let (_, out) = run(&mut strict, &[("a", 5, 1.0), ("a", now, 1.0)]);
+        assert_eq!(out.bounds.event_time_out_of_bounds, 1);
+        assert!(out.dead_letters[0].error.contains("max_behind_ms"));
+    }
+
+    #[test]
+    fn a_flood_of_distinct_groups_stays_at_max_groups_and_new_groups_go_to_the_dead_letters() {
+        let mut c = config(WindowConfig::Tumbling { size_ms: 10 }, 0, 0);
+        c.max_groups = 1000;
+        let mut agg = build(&c);
+        let groups: Vec<String> = (0..50_000).map(|i| format!("g{i}")).collect();
+        let items: Vec<(&str, i64, f64)> = groups.iter().map(|g| (g.as_str(), 1, 1.0)).collect();
+        let (emitted, out) = run(&mut agg, &items);
+        assert!(emitted.is_empty());
+        assert_eq!(agg.open_groups(), 1000);
+        assert_eq!(agg.open.len(), 1000);
+        assert_eq!(out.bounds.state_over_limit, 49_000);
+        assert_eq!(out.dead_letters.len(), 49_000);
+        assert!(out.dead_letters[0].error.contains("max_groups"));
+        // Groups already open keep counting exactly.
+        let (_, out) = run(&mut agg, &[("g0", 2, 1.0), ("g999", 3, 1.0)]);
+        assert!(out.dead_letters.is_empty());
+        // Once their windows close, the room is free again; the restored state agrees.
+        let (emitted, _) = run(&mut agg, &[("g0", 20, 1.0)]);
+        assert_eq!(emitted.len(), 1000);
+        assert_eq!(emitted.iter().find(|w| w["k"] == "g0").unwrap()["count"], 2);
+        assert_eq!(agg.open_groups(), 1);
+        let mut restored = build(&c);
+        restored.restore(&agg.snapshot()).unwrap();
+        assert_eq!(restored.open_groups(), 1);
+        let (_, out) = run(&mut restored, &[("new", 21, 1.0)]);
+        assert!(out.dead_letters.is_empty());
+    }
+
+    #[test]
+    fn events_spread_over_many_windows_stay_at_max_open_windows() {
+        let mut c = config(WindowConfig::Tumbling { size_ms: 1 }, 1_000_000, 0);
+        c.max_open_windows = 100;
+        let mut agg = build(&c);
+        let items: Vec<(&str, i64, f64)> = (0..10_000).map(|t| ("a", t, 1.0)).collect();
+        let (_, out) = run(&mut agg, &items);
+        assert_eq!(agg.open.len(), 100);
+        assert_eq!(out.bounds.state_over_limit, 9_900);
+        assert!(out.dead_letters[0].error.contains("max_open_windows"), "{}", out.dead_letters[0].error);
+        let (_, out) = run(&mut agg, &[("a", 5, 1.0)]);
+        assert!(out.dead_letters.is_empty(), "an open window still takes events");
+        let mut sessions = config(WindowConfig::Session { gap_ms: 1 }, 1_000_000, 0);
+        sessions.max_open_windows = 10;
+        let mut agg = build(&sessions);
+        let items: Vec<(&str, i64, f64)> = (0..100).map(|t| ("a", t * 10, 1.0)).collect();
+        let (_, out) = run(&mut agg, &items);
+        assert_eq!((agg.open.len(), out.dead_letters.len()), (10, 90));
+    }
+
+    #[test]
+    fn quantile_sketches_stay_within_their_bucket_bound() {
+        let mut c = config(WindowConfig::Tumbling { size_ms: 1_000_000 }, 0, 0);
+        c.sketch_max_buckets = 50;
+        let mut agg = build(&c);
+        let items: Vec<(&str, i64, f64)> = (0..5_000).map(|i| ("a", 1, 1.01f64.powi(i))).collect();
+        let (_, out) = run(&mut agg, &items);
+        let (_, w) = agg.open.first_key_value().unwrap();
+        let FieldAcc::Quantile(sketch) = &w.fields[7] else { panic!("field 7 is the quantile") };
+        assert!(sketch.buckets() <= 50, "{} buckets", sketch.buckets());
+        assert!(out.bounds.sketch_buckets_collapsed > 0);
+        assert_eq!(sketch.count(), 5_000);
+    }
+
+    #[test]
+    fn extreme_event_times_and_sizes_never_overflow() {
+        let anything = EventTimePolicy { max_ahead_ms: u64::MAX, max_behind_ms: None };
+        let windows = [
+            WindowConfig::Tumbling { size_ms: 7 },
+            WindowConfig::Tumbling { size_ms: i64::MAX as u64 },
+            WindowConfig::Hopping { size_ms: 10, hop_ms: 3 },
+            WindowConfig::Hopping { size_ms: i64::MAX as u64, hop_ms: i64::MAX as u64 / 1000 + 1 },
+            WindowConfig::Session { gap_ms: 10 },
+            WindowConfig::Session { gap_ms: i64::MAX as u64 },
+        ];
+        for window in windows {
+            let mut agg = Aggregate::new(&config(window.clone(), i64::MAX as u64, i64::MAX as u64), &anything).unwrap();
+            let times = [i64::MIN, i64::MIN + 1, -1, 0, 1, i64::MAX - 1, i64::MAX];
+            let items: Vec<(&str, i64, f64)> = times.iter().map(|&t| ("a", t, 1.0)).collect();
+            let (_, out) = run(&mut agg, &items);
+            let handled =
+                out.dead_letters.len() + out.late.len() + agg.open.values().map(|w| w.count as usize).sum::<usize>();
+            assert!(handled >= times.len(), "{window:?}: every event is counted, dead-lettered or late");
+            for dl in &out.dead_letters {
+                assert!(dl.error.contains("range of i64"), "{window:?}: {}", dl.error);
+            }
+            agg.tick(i64::MAX, &mut Outputs::default());
+            let mut restored = Aggregate::new(&config(window.clone(), 0, 0), &anything).unwrap();
+            restored.restore(&agg.snapshot()).unwrap();
+        }
+    }
+
+    #[test]
+    fn impossible_configs_are_refused_with_the_key_named() {
+        let e = |c: AggregateConfig| Aggregate::new(&c, &EventTimePolicy::default()).err().unwrap().to_string();
+        assert!(e(config(WindowConfig::Tumbling { size_ms: u64::MAX }, 0, 0)).contains("window.size_ms"));
+        assert!(e(config(WindowConfig::Session { gap_ms: u64::MAX }, 0, 0)).contains("window.gap_ms"));
+        assert!(e(config(WindowConfig::Hopping { size_ms: 1_000_000, hop_ms: 1 }, 0, 0)).contains("window.hop_ms"));
+        assert!(e(config(WindowConfig::Tumbling { size_ms: 10 }, u64::MAX, 0)).contains("max_out_of_orderness_ms"));
+        assert!(e(config(WindowConfig::Tumbling { size_ms: 10 }, 0, u64::MAX)).contains("allowed_lateness_ms"));
+        let mut c = config(WindowConfig::Tumbling { size_ms: 10 }, 0, 0);
+        c.max_groups = 0;
+        assert!(e(c).contains("max_groups"));
+    }
+
+    #[test]
+    fn a_checkpoint_for_other_functions_is_refused_with_what_to_do() {
+        let mut agg = build(&config(WindowConfig::Tumbling { size_ms: 10 }, 0, 0));
+        run(&mut agg, &[("a", 1, 1.0)]);
+        let mut other = config(WindowConfig::Tumbling { size_ms: 10 }, 0, 0);
+        other.functions.swap(1, 2);
+        let err = build(&other).restore(&agg.snapshot()).unwrap_err().to_string();
+        assert!(err.contains("move the checkpoint file away"), "{err}");
+        assert!(err.contains("[count, sum, avg"), "{err}");
+    }
+
+    #[test]
+    fn json_state_of_earlier_versions_is_read_and_a_null_in_it_is_refused() {
+        let c = AggregateConfig {
+            functions: vec![
+                AggregateFunction { function: "count".into(), field: None, q: None, output: None },
+                AggregateFunction { function: "sum".into(), field: Some("v".into()), q: None, output: None },
+            ],
+            ..config(WindowConfig::Tumbling { size_ms: 10 }, 0, 0)
+        };
+        let legacy = r#"{"max_event_ts":2,"watermark":2,"late_events":0,"windows_emitted":0,
+            "windows":[[[10,"a",0],{"start":0,"end":10,"count":2,"fields":["Count",{"Sum":3.0}]}]]}"#;
+        let mut agg = build(&c);
+        agg.restore(legacy.as_bytes()).unwrap();
+        let (emitted, _) = run(&mut agg, &[("a", 20, 0.0)]);
+        assert_eq!((emitted[0]["count"].as_i64(), emitted[0]["sum_v"].as_f64()), (Some(2), Some(3.0)));
+        let broken = legacy.replace("3.0", "null");
+        assert!(build(&c).restore(broken.as_bytes()).is_err(), "a null sum is refused, not read as 0");
+    }
+
     #[test]
     fn state_survives_a_snapshot() {
-        let mut agg = Aggregate::new(&config(WindowConfig::Tumbling { size_ms: 10 }, 0, 0)).unwrap();
+        let mut agg = build(&config(WindowConfig::Tumbling { size_ms: 10 }, 0, 0));
         run(&mut agg, &[("a", 1, 1.0), ("a", 2, 2.0)]);
-        let mut restored = Aggregate::new(&config(WindowConfig::Tumbling { size_ms: 10 }, 0, 0)).unwrap();
+        let mut restored = build(&config(WindowConfig::Tumbling { size_ms: 10 }, 0, 0));
         restored.restore(&agg.snapshot()).unwrap();
         let (emitted, _) = run(&mut restored, &[("a", 20, 0.0)]);
         assert_eq!(emitted[0]["count"], 2);

@@ -3,6 +3,12 @@
 //! bytes an entry with its time, no allocation per event; a false match needs about
 //! 2^64 ids). The state is checkpointed with the pipeline's offsets, so a replay after a
 //! crash restores exactly the ids seen up to the committed offset.
+//!
+//! An event with no id (no such field, no key, no client id) goes on unchanged. With
+//! `by` a field path, an event whose payload is not JSON goes to the dead letters: its
+//! id cannot be read, and letting it through would break exactly-once silently. An
+//! event whose time is outside the pipeline's `event_time` bounds goes to the dead
+//! letters before it touches the state: it would otherwise move the TTL horizon.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -10,8 +16,9 @@ use std::hash::{BuildHasherDefault, Hasher};
 use vrl::value::Value;
 use xxhash_rust::xxh3::Xxh3;
 
-use super::{Outputs, Processor};
-use crate::event::{get_path, PipelineEvent};
+use super::{duration_ms, DeadLetter, Outputs, Processor};
+use crate::config::EventTimePolicy;
+use crate::event::{get_path, to_json, PipelineEvent};
 
 /// Ids are already uniform 128-bit hashes: hashing them again would only cost time.
 #[derive(Default)]
@@ -46,6 +53,7 @@ pub struct Dedup {
     source: IdSource,
     ttl_ms: i64,
     max_entries: usize,
+    event_time: EventTimePolicy,
     seen: IdMap,
     order: VecDeque<(i64, u128)>,
     max_ts: i64,
@@ -68,35 +76,44 @@ fn hash_value(v: &Value) -> u128 {
         Value::Integer(i) => hash_bytes(b'i', &i.to_le_bytes()),
         Value::Float(f) => hash_bytes(b'f', &f.into_inner().to_le_bytes()),
         Value::Boolean(b) => hash_bytes(b'b', &[u8::from(*b)]),
-        other => hash_bytes(b'j', serde_json::to_string(other).unwrap_or_default().as_bytes()),
+        other => hash_bytes(b'j', to_json(other).as_bytes()),
     }
 }
 
 impl Dedup {
-    /// A dedup by `by` (field path, `@client_id` or `@key`).
-    pub fn new(by: &str, ttl_ms: u64, max_entries: usize) -> Dedup {
+    /// A dedup by `by` (field path, `@client_id` or `@key`); errors name the bad key.
+    pub fn new(by: &str, ttl_ms: u64, max_entries: usize, event_time: &EventTimePolicy) -> anyhow::Result<Dedup> {
         let source = match by {
             "@client_id" => IdSource::ClientId,
             "@key" => IdSource::Key,
+            "" => anyhow::bail!("by must name a field path, @client_id or @key"),
             path => IdSource::Field(path.to_owned()),
         };
-        Dedup {
+        if max_entries == 0 {
+            anyhow::bail!("max_entries must be at least 1");
+        }
+        Ok(Dedup {
             source,
-            ttl_ms: ttl_ms as i64,
-            max_entries: max_entries.max(1),
+            ttl_ms: duration_ms("ttl_ms", ttl_ms)?,
+            max_entries,
+            event_time: event_time.clone(),
             seen: IdMap::default(),
             order: VecDeque::new(),
             max_ts: i64::MIN,
             dropped: 0,
-        }
+        })
     }
 
-    fn id_of(&self, event: &mut PipelineEvent) -> Option<u128> {
-        match &self.source {
+    /// The event's id (`None`: it has none), or why it cannot be read.
+    fn id_of(&self, event: &mut PipelineEvent) -> Result<Option<u128>, String> {
+        Ok(match &self.source {
             IdSource::ClientId => event.client_id.as_ref().map(|b| hash_bytes(b's', b)),
             IdSource::Key => event.key.as_ref().map(|b| hash_bytes(b's', b)),
-            IdSource::Field(path) => event.doc().ok().and_then(|d| get_path(d, path)).map(hash_value),
-        }
+            IdSource::Field(path) => {
+                let doc = event.doc().map_err(|e| format!("dedup by field '{path}': {e}"))?;
+                get_path(doc, path).map(hash_value)
+            }
+        })
     }
 
     fn expire(&mut self) {
@@ -128,15 +145,28 @@ impl Processor for Dedup {
         "dedup"
     }
 
-    fn process(&mut self, events: Vec<PipelineEvent>, _out: &mut Outputs) -> Vec<PipelineEvent> {
+    fn process(&mut self, events: Vec<PipelineEvent>, out: &mut Outputs) -> Vec<PipelineEvent> {
         let mut kept = Vec::with_capacity(events.len());
+        let now = flowgate_core::time::now_ms();
         for mut event in events {
-            let Some(id) = self.id_of(&mut event) else {
-                // No id: nothing to compare; it goes on.
-                kept.push(event);
-                continue;
+            let id = match self.id_of(&mut event) {
+                Ok(Some(id)) => id,
+                Ok(None) => {
+                    // No id: nothing to compare; it goes on.
+                    kept.push(event);
+                    continue;
+                }
+                Err(error) => {
+                    out.dead_letters.push(DeadLetter { processor: "dedup".into(), error, event });
+                    continue;
+                }
             };
             let ts = event.timestamp;
+            if let Err(error) = self.event_time.check(ts, now) {
+                out.bounds.event_time_out_of_bounds += 1;
+                out.dead_letters.push(DeadLetter { processor: "dedup".into(), error, event });
+                continue;
+            }
             self.max_ts = self.max_ts.max(ts);
             let horizon = self.max_ts.saturating_sub(self.ttl_ms);
             match self.seen.get(&id) {
@@ -173,14 +203,14 @@ impl Processor for Dedup {
         if state.is_empty() {
             return Ok(());
         }
-        let bad = || anyhow::anyhow!("dedup state in the checkpoint is damaged");
+        let bad = || anyhow::anyhow!("dedup state in the checkpoint is damaged (its length does not match its count)");
         let u64_at = |at: usize| -> anyhow::Result<u64> {
             Ok(u64::from_le_bytes(state.get(at..at + 8).ok_or_else(bad)?.try_into()?))
         };
         self.max_ts = u64_at(0)? as i64;
         self.dropped = u64_at(8)?;
-        let n = u64_at(16)? as usize;
-        if state.len() != 24 + n * 24 {
+        let n = u64_at(16)?;
+        if u64::try_from(state.len() - 24).ok() != n.checked_mul(24) {
             return Err(bad());
         }
         self.seen.clear();
@@ -191,6 +221,8 @@ impl Processor for Dedup {
             self.seen.insert(id, ts);
             self.order.push_back((ts, id));
         }
+        // A lowered `max_entries` or `ttl_ms` applies at once, as it would live.
+        self.expire();
         Ok(())
     }
 }
@@ -199,6 +231,7 @@ impl Processor for Dedup {
 pub(crate) mod tests {
     use super::*;
     use flowgate_core::{BatchBuilder, BatchView, Codec, ProducerStamp};
+    use proptest::prelude::*;
 
     pub(crate) fn events(items: &[(i64, &str)]) -> Vec<PipelineEvent> {
         let mut b = BatchBuilder::new();
@@ -221,7 +254,7 @@ pub(crate) mod tests {
 
     #[test]
     fn drops_repeats_within_the_ttl_and_lets_them_through_after() {
-        let mut d = Dedup::new("id", 1000, 100);
+        let mut d = Dedup::new("id", 1000, 100, &EventTimePolicy::default()).unwrap();
         let mut out = Outputs::default();
         let mut kept = d.process(
             events(&[
@@ -247,14 +280,80 @@ pub(crate) mod tests {
 
     #[test]
     fn memory_is_bounded_and_state_survives_a_snapshot() {
-        let mut d = Dedup::new("id", 1_000_000, 3);
+        let mut d = Dedup::new("id", 1_000_000, 3, &EventTimePolicy::default()).unwrap();
         let mut out = Outputs::default();
         d.process(events(&[(1, r#"{"id":1}"#), (2, r#"{"id":2}"#), (3, r#"{"id":3}"#), (4, r#"{"id":4}"#)]), &mut out);
         assert_eq!(d.len(), 3);
-        let mut restored = Dedup::new("id", 1_000_000, 3);
+        let mut restored = Dedup::new("id", 1_000_000, 3, &EventTimePolicy::default()).unwrap();
         restored.restore(&d.snapshot()).unwrap();
         let kept = restored.process(events(&[(5, r#"{"id":4}"#), (6, r#"{"id":1}"#)]), &mut out);
         assert_eq!(kept.len(), 1, "id 4 is remembered, id 1 was evicted");
         assert!(restored.restore(&[1, 2, 3]).is_err(), "a damaged state is refused, not misread");
+    }
+
+    #[test]
+    fn an_event_stamped_in_microseconds_goes_to_the_dead_letters_and_keeps_the_ttl_horizon() {
+        let mut d = Dedup::new("id", 60_000, 100, &EventTimePolicy::default()).unwrap();
+        let now = flowgate_core::time::now_ms();
+        let mut out = Outputs::default();
+        let kept =
+            d.process(events(&[(now, r#"{"id":1}"#), (now * 1000, r#"{"id":2}"#), (now + 1, r#"{"id":1}"#)]), &mut out);
+        assert_eq!(kept.len(), 1, "the repeat of id 1 is still a duplicate");
+        assert_eq!(out.dead_letters.len(), 1);
+        assert_eq!(out.bounds.event_time_out_of_bounds, 1);
+        assert!(out.dead_letters[0].error.contains("event_time.max_ahead_ms"), "{}", out.dead_letters[0].error);
+    }
+
+    #[test]
+    fn events_that_are_not_json_go_to_the_dead_letters_when_the_id_is_a_field() {
+        let mut d = Dedup::new("id", 60_000, 100, &EventTimePolicy::default()).unwrap();
+        let mut out = Outputs::default();
+        let kept = d.process(events(&[(1, "not json"), (2, r#"{"other":1}"#), (3, r#"{"id":1}"#)]), &mut out);
+        assert_eq!(kept.len(), 2, "an event without the field goes on");
+        assert_eq!(out.dead_letters.len(), 1);
+        assert!(out.dead_letters[0].error.contains("not a JSON document"), "{}", out.dead_letters[0].error);
+        assert!(Dedup::new("id", u64::MAX, 1, &EventTimePolicy::default())
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("ttl_ms"));
+        assert!(Dedup::new("id", 1, 0, &EventTimePolicy::default()).err().unwrap().to_string().contains("max_entries"));
+    }
+
+    proptest! {
+        #[test]
+        fn any_dedup_state_round_trips_through_a_checkpoint(
+            items in proptest::collection::vec((prop_oneof![any::<i64>(), Just(i64::MIN), Just(i64::MAX)], 0u8..20), 0..60),
+            ttl in prop_oneof![Just(0u64), Just(10), Just(i64::MAX as u64)],
+        ) {
+            let anything = EventTimePolicy { max_ahead_ms: u64::MAX, max_behind_ms: None };
+            let mut d = Dedup::new("id", ttl, 16, &anything).unwrap();
+            let json: Vec<String> = items.iter().map(|(_, id)| format!(r#"{{"id":{id}}}"#)).collect();
+            let input: Vec<(i64, &str)> = items.iter().zip(&json).map(|((t, _), j)| (*t, j.as_str())).collect();
+            if !input.is_empty() {
+                d.process(events(&input), &mut Outputs::default());
+            }
+            let bytes = d.snapshot();
+            let mut restored = Dedup::new("id", ttl, 16, &anything).unwrap();
+            restored.restore(&bytes).unwrap();
+            prop_assert_eq!(restored.snapshot(), bytes);
+            // What decides a duplicate: the ids seen within the TTL horizon (an id older
+            // than it may linger in the map until its turn to expire, either way).
+            let horizon = d.max_ts.saturating_sub(d.ttl_ms);
+            let mut a: Vec<_> = d.seen.iter().filter(|(_, ts)| **ts >= horizon).collect();
+            let mut b: Vec<_> = restored.seen.iter().filter(|(_, ts)| **ts >= horizon).collect();
+            a.sort();
+            b.sort();
+            prop_assert_eq!(a, b);
+            prop_assert_eq!((restored.max_ts, restored.dropped), (d.max_ts, d.dropped));
+        }
+
+        #[test]
+        fn damaged_dedup_state_is_refused_never_misread(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
+            let mut d = Dedup::new("id", 10, 16, &EventTimePolicy::default()).unwrap();
+            if d.restore(&bytes).is_ok() {
+                prop_assert!(bytes.is_empty() || (bytes.len() - 24) % 24 == 0);
+            }
+        }
     }
 }

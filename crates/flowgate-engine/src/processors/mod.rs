@@ -9,8 +9,9 @@ mod numeric;
 mod remap;
 mod route;
 pub mod sketch;
+pub mod state;
 
-use crate::config::ProcessorConfig;
+use crate::config::{EventTimePolicy, PipelineConfig, ProcessorConfig};
 use crate::event::PipelineEvent;
 
 pub use aggregate::Aggregate;
@@ -38,6 +39,21 @@ pub struct Outputs {
     pub dead_letters: Vec<DeadLetter>,
     /// Late events, with the side topic they go to (if any).
     pub late: Vec<(Option<String>, PipelineEvent)>,
+    /// What hit a bound, for metrics ([`crate::PipelineMetrics::record_bounds`]).
+    pub bounds: BoundCounts,
+}
+
+/// Events and state that hit a configured bound in one call. Events refused here are
+/// also in [`Outputs::dead_letters`]; these counts say why.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BoundCounts {
+    /// Events whose event time was outside the pipeline's `event_time` bounds.
+    pub event_time_out_of_bounds: u64,
+    /// Events refused because they needed a new group or window of an aggregate at
+    /// `max_groups` or `max_open_windows`.
+    pub state_over_limit: u64,
+    /// Quantile sketch buckets merged to stay within `sketch_max_buckets`.
+    pub sketch_buckets_collapsed: u64,
 }
 
 /// One processing step.
@@ -64,9 +80,24 @@ pub trait Processor: Send {
     }
 }
 
-/// Builds the processors of a pipeline. `sink_names` resolves route targets. Errors name
-/// the processor by position and type.
+/// Builds the processors of a pipeline with its sinks' names (route targets) and its
+/// event-time bounds. Errors name the processor by position and type, and the key.
+pub fn build_pipeline(config: &PipelineConfig) -> anyhow::Result<Vec<Box<dyn Processor>>> {
+    let sink_names: Vec<String> = config.sinks.iter().map(|s| s.name.clone()).collect();
+    build_with(&config.processors, &config.event_time, &sink_names)
+}
+
+/// Builds processors with the default event-time bounds (see [`build_pipeline`], which
+/// applies a pipeline's own `event_time`). `sink_names` resolves route targets.
 pub fn build(configs: &[ProcessorConfig], sink_names: &[String]) -> anyhow::Result<Vec<Box<dyn Processor>>> {
+    build_with(configs, &EventTimePolicy::default(), sink_names)
+}
+
+fn build_with(
+    configs: &[ProcessorConfig],
+    event_time: &EventTimePolicy,
+    sink_names: &[String],
+) -> anyhow::Result<Vec<Box<dyn Processor>>> {
     configs
         .iter()
         .enumerate()
@@ -76,9 +107,9 @@ pub fn build(configs: &[ProcessorConfig], sink_names: &[String]) -> anyhow::Resu
                 ProcessorConfig::Filter { condition } => Filter::new(condition).map(|p| Box::new(p) as _),
                 ProcessorConfig::Remap { source } => Remap::new(source).map(|p| Box::new(p) as _),
                 ProcessorConfig::Dedup { by, ttl_ms, max_entries } => {
-                    Ok(Box::new(Dedup::new(by, *ttl_ms, *max_entries)))
+                    Dedup::new(by, *ttl_ms, *max_entries, event_time).map(|p| Box::new(p) as _)
                 }
-                ProcessorConfig::Aggregate(a) => Aggregate::new(a).map(|p| Box::new(p) as _),
+                ProcessorConfig::Aggregate(a) => Aggregate::new(a, event_time).map(|p| Box::new(p) as _),
                 ProcessorConfig::Numeric(n) => Numeric::new(n).map(|p| Box::new(p) as _),
                 ProcessorConfig::Route { routes, default } => {
                     Route::new(routes, default, sink_names).map(|p| Box::new(p) as _)
@@ -87,6 +118,17 @@ pub fn build(configs: &[ProcessorConfig], sink_names: &[String]) -> anyhow::Resu
             p.map_err(|e| anyhow::anyhow!("{place}: {e}"))
         })
         .collect()
+}
+
+/// Most windows one event may fall in (hopping `size_ms / hop_ms`): past it, one event
+/// would cost unbounded work and state.
+pub const MAX_WINDOWS_PER_EVENT: u64 = 1000;
+
+/// A duration key of the config as signed milliseconds, comparable with event times;
+/// refuses one that no event time could be compared with, naming the key.
+pub(crate) fn duration_ms(key: &str, ms: u64) -> anyhow::Result<i64> {
+    i64::try_from(ms)
+        .map_err(|_| anyhow::anyhow!("{key} is {ms}, more than the largest time flowgate represents ({} ms)", i64::MAX))
 }
 
 /// The `type` of a processor config.
