@@ -99,6 +99,12 @@ pub struct PipelineMetrics {
     pub lag: Family<SourceLabels, Gauge>,
     /// Events sent to the dead-letter topic.
     pub dead_letters: Family<PipelineLabels, Counter>,
+    /// Stored batches a worker could not decode (sent to the dead-letter topic, skipped).
+    pub unreadable_batches: Family<SourceLabels, Counter>,
+    /// Worker failures, each followed by a restart from the last checkpoint.
+    pub worker_restarts: Family<SourceLabels, Counter>,
+    /// 1 while a worker runs, 0 while it waits to be restarted or has stopped.
+    pub worker_up: Family<SourceLabels, Gauge>,
 }
 
 impl Default for PipelineMetrics {
@@ -126,6 +132,9 @@ impl PipelineMetrics {
             end_to_end_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             lag: Family::default(),
             dead_letters: Family::default(),
+            unreadable_batches: Family::default(),
+            worker_restarts: Family::default(),
+            worker_up: Family::default(),
         }
     }
 
@@ -167,6 +176,21 @@ impl PipelineMetrics {
         );
         registry.register("flowgate_pipeline_lag", "Log end offset minus committed offset", m.lag.clone());
         registry.register("flowgate_dlq_events", "Events sent to the dead-letter topic", m.dead_letters.clone());
+        registry.register(
+            "flowgate_pipeline_unreadable_batches",
+            "Stored batches a pipeline could not decode (sent to _dlq and skipped)",
+            m.unreadable_batches.clone(),
+        );
+        registry.register(
+            "flowgate_pipeline_worker_restarts",
+            "Pipeline worker failures, each followed by a restart from the last checkpoint",
+            m.worker_restarts.clone(),
+        );
+        registry.register(
+            "flowgate_pipeline_worker_up",
+            "1 while a pipeline worker runs, 0 while it waits to restart",
+            m.worker_up.clone(),
+        );
         m
     }
 }

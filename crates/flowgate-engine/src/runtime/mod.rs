@@ -11,16 +11,17 @@
 //! A slow sink fills its queue, which stops the worker reading the log: memory stays
 //! bounded and ingest is untouched (the log is the buffer).
 
+mod commit;
 mod decode;
 mod fan_out;
 mod side_outputs;
 mod sink_driver;
+mod supervisor;
 mod worker;
-mod commit;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flowgate_log::{Log, Partition};
 use tokio_util::sync::CancellationToken;
@@ -29,7 +30,15 @@ use crate::config::PipelineConfig;
 use crate::metrics::{PipelineMetrics, SourceLabels};
 use crate::processors;
 use crate::sink::SinkFactory;
-use worker::Worker;
+use supervisor::{supervise, WorkerHealth};
+pub use supervisor::{PipelineHealth, WorkerState, WorkerStatus};
+
+/// Sinks one pipeline may have: route masks are 64-bit.
+pub const MAX_SINKS: usize = 64;
+
+/// Longest `commit_interval_ms` and `batch.max_wait_ms` (one day): larger values would
+/// overflow the clock arithmetic and mean "never" anyway.
+const MAX_INTERVAL_MS: u64 = 86_400_000;
 
 /// The dead-letter topic.
 pub const DLQ_TOPIC: &str = "_dlq";
@@ -38,6 +47,7 @@ pub const DLQ_TOPIC: &str = "_dlq";
 /// accepts. The error names the pipeline and the place.
 pub fn validate(pipelines: &[PipelineConfig], sinks: &dyn SinkFactory) -> anyhow::Result<()> {
     let mut names = std::collections::HashSet::new();
+    let mut claims = std::collections::HashMap::new();
     for p in pipelines {
         let at = |e: anyhow::Error| anyhow::anyhow!("pipeline '{}': {e}", p.name);
         if !names.insert(&p.name) {
@@ -58,33 +68,55 @@ pub fn validate(pipelines: &[PipelineConfig], sinks: &dyn SinkFactory) -> anyhow
         if p.sinks.is_empty() {
             return Err(at(anyhow::anyhow!("a pipeline needs at least one sink")));
         }
+        if p.sinks.len() > MAX_SINKS {
+            return Err(at(anyhow::anyhow!("a pipeline may have at most {MAX_SINKS} sinks")));
+        }
+        if !(10..=MAX_INTERVAL_MS).contains(&p.commit_interval_ms) {
+            return Err(at(anyhow::anyhow!("`commit_interval_ms` must be from 10 to {MAX_INTERVAL_MS}")));
+        }
         let mut sink_names = Vec::new();
         for (i, s) in p.sinks.iter().enumerate() {
             if sink_names.contains(&s.name) {
                 return Err(at(anyhow::anyhow!("sink name '{}' is used twice", s.name)));
             }
             sink_names.push(s.name.clone());
-            sinks.validate(s).map_err(|e| at(anyhow::anyhow!("sink {} ('{}'): {e}", i + 1, s.name)))?;
+            let at_sink = |e: anyhow::Error| at(anyhow::anyhow!("sink {} ('{}'): {e}", i + 1, s.name));
+            if s.batch.max_wait_ms > MAX_INTERVAL_MS || s.batch.target_latency_ms > MAX_INTERVAL_MS {
+                return Err(at_sink(anyhow::anyhow!(
+                    "`batch.max_wait_ms` and `batch.target_latency_ms` must be at most {MAX_INTERVAL_MS}"
+                )));
+            }
+            sinks.validate(s).map_err(at_sink)?;
+            if let Some(claim) = sinks.output_claim(s) {
+                if let Some(owner) = claims.insert(claim.clone(), format!("pipeline '{}' sink '{}'", p.name, s.name)) {
+                    return Err(at_sink(anyhow::anyhow!(
+                        "writes to {claim}, which {owner} writes to already; give each sink its own output"
+                    )));
+                }
+            }
         }
         processors::build(&p.processors, &sink_names).map_err(at)?;
     }
     Ok(())
 }
 
-/// Running pipelines; stop them with [`Pipelines::shutdown`].
+/// Running pipelines; stop them with [`Pipelines::shutdown`] or
+/// [`Pipelines::shutdown_within`].
 ///
 /// Pipelines run on their own threads (a runtime of their own), so the operating
 /// system shares the cores between processing and ingest: a busy pipeline cannot delay
-/// the listeners' acknowledgements.
+/// the listeners' acknowledgements. Each worker runs under a supervisor that restarts it
+/// after a failure; [`Pipelines::health`] shows them.
 pub struct Pipelines {
     cancel: CancellationToken,
-    workers: Vec<tokio::task::JoinHandle<()>>,
+    supervisors: Vec<tokio::task::JoinHandle<()>>,
+    health: PipelineHealth,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl std::fmt::Debug for Pipelines {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pipelines").field("workers", &self.workers.len()).finish()
+        f.debug_struct("Pipelines").field("workers", &self.supervisors.len()).finish()
     }
 }
 
@@ -102,10 +134,12 @@ pub(crate) struct Shared {
     pub(crate) data_dir: PathBuf,
     pub(crate) metrics: Arc<PipelineMetrics>,
     pub(crate) factory: Arc<dyn SinkFactory>,
+    /// Names of every configured pipeline (to tell a renamed one from a new one).
+    pub(crate) pipeline_names: Vec<String>,
 }
 
 impl Pipelines {
-    /// Starts every pipeline: one worker per source partition.
+    /// Starts every pipeline: one supervised worker per source partition.
     pub fn start(
         log: Log,
         data_dir: PathBuf,
@@ -114,7 +148,8 @@ impl Pipelines {
         metrics: Arc<PipelineMetrics>,
     ) -> anyhow::Result<Pipelines> {
         validate(&configs, factory.as_ref())?;
-        let shared = Arc::new(Shared { log, data_dir, metrics, factory });
+        let pipeline_names = configs.iter().map(|c| c.name.clone()).collect();
+        let shared = Arc::new(Shared { log, data_dir, metrics, factory, pipeline_names });
         let cancel = CancellationToken::new();
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -122,28 +157,19 @@ impl Pipelines {
             .thread_name("flowgate-pipeline")
             .enable_all()
             .build()?;
-        let mut workers = Vec::new();
+        let mut supervisors = Vec::new();
+        let mut healths = Vec::new();
         // Lag is refreshed apart from the workers, so a stalled worker still shows it.
-        let mut lags: Vec<(
-            Arc<Partition>,
-            Arc<std::sync::atomic::AtomicU64>,
-            prometheus_client::metrics::gauge::Gauge,
-        )> = Vec::new();
+        let mut lags: Vec<(Arc<Partition>, Arc<WorkerHealth>, prometheus_client::metrics::gauge::Gauge)> = Vec::new();
         for config in configs {
+            side_outputs::ensure_topics(&shared.log, &config)?;
             let config = Arc::new(config);
             for topic_name in &config.topics {
                 // A pipeline's source topics exist once it is configured, whatever
                 // `auto_create_topics` says about clients' writes.
-                let topic = match shared.log.topic(topic_name) {
-                    Some(t) => t,
-                    None => match shared.log.create_topic(topic_name, shared.log.config().default_partitions) {
-                        Ok(t) => t,
-                        Err(flowgate_log::LogError::TopicExists(_)) => shared.log.topic_or_create(topic_name)?,
-                        Err(e) => return Err(e.into()),
-                    },
-                };
+                let topic = ensure_topic(&shared.log, topic_name)?;
                 for partition in topic.partitions() {
-                    let worker = Worker::new(shared.clone(), config.clone(), topic_name, partition.clone())?;
+                    let health = Arc::new(WorkerHealth::new(&config.name, topic_name, partition.id()));
                     let gauge = shared
                         .metrics
                         .lag
@@ -153,23 +179,25 @@ impl Pipelines {
                             partition: partition.id().to_string(),
                         })
                         .clone();
-                    lags.push((partition.clone(), worker.committed.clone(), gauge));
-                    let cancel = cancel.clone();
-                    workers.push(runtime.spawn(async move {
-                        let place = format!("{}/{}/{}", worker.config.name, worker.topic, worker.partition.id());
-                        if let Err(e) = worker.run(cancel).await {
-                            tracing::error!(place, error = %format!("{e:#}"), "pipeline worker stopped");
-                        }
-                    }));
+                    lags.push((partition.clone(), health.clone(), gauge));
+                    healths.push(health.clone());
+                    supervisors.push(runtime.spawn(supervise(
+                        shared.clone(),
+                        config.clone(),
+                        topic_name.clone(),
+                        partition.clone(),
+                        health,
+                        cancel.clone(),
+                    )));
                 }
             }
         }
         let lag_cancel = cancel.clone();
         runtime.spawn(async move {
             loop {
-                for (partition, committed, gauge) in &lags {
-                    let committed = committed.load(std::sync::atomic::Ordering::Acquire);
-                    gauge.set(partition.end_offset().saturating_sub(committed) as i64);
+                for (partition, health, gauge) in &lags {
+                    let committed = health.committed.load(std::sync::atomic::Ordering::Acquire);
+                    gauge.set(i64::try_from(partition.end_offset().saturating_sub(committed)).unwrap_or(i64::MAX));
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
@@ -177,17 +205,63 @@ impl Pipelines {
                 }
             }
         });
-        Ok(Pipelines { cancel, workers, runtime: Some(runtime) })
+        Ok(Pipelines { cancel, supervisors, health: PipelineHealth::new(healths), runtime: Some(runtime) })
     }
 
-    /// Stops reading, flushes and commits every worker.
-    pub async fn shutdown(mut self) {
+    /// The health of every worker (for readiness and stats); stays valid after shutdown.
+    pub fn health(&self) -> PipelineHealth {
+        self.health.clone()
+    }
+
+    /// Stops reading, flushes and commits every worker, however long that takes.
+    pub async fn shutdown(self) {
+        self.shutdown_within(None).await;
+    }
+
+    /// Stops reading and lets every worker flush its sinks and commit until `deadline`;
+    /// workers still busy then (a stalled sink) are dropped without committing, so they
+    /// resume from their last checkpoint. Returns true when every worker finished.
+    pub async fn shutdown_within(mut self, deadline: Option<Instant>) -> bool {
         self.cancel.cancel();
-        for worker in self.workers.drain(..) {
-            let _ = worker.await;
+        let supervisors = std::mem::take(&mut self.supervisors);
+        let all = async move {
+            for supervisor in supervisors {
+                let _ = supervisor.await;
+            }
+        };
+        let finished = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), all).await.is_ok(),
+            None => {
+                all.await;
+                true
+            }
+        };
+        if !finished {
+            let stuck: Vec<String> = self
+                .health
+                .workers()
+                .into_iter()
+                .filter(|w| w.state != WorkerState::Stopped)
+                .map(|w| format!("{}/{}/{}", w.pipeline, w.topic, w.partition))
+                .collect();
+            tracing::warn!(workers = %stuck.join(", "),
+                "pipeline workers did not flush within the shutdown grace period; they resume from their last checkpoint");
         }
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
+        finished
     }
+}
+
+/// The topic, created with the default partition count if it does not exist.
+fn ensure_topic(log: &Log, name: &str) -> anyhow::Result<Arc<flowgate_log::Topic>> {
+    Ok(match log.topic(name) {
+        Some(t) => t,
+        None => match log.create_topic(name, log.config().default_partitions) {
+            Ok(t) => t,
+            Err(flowgate_log::LogError::TopicExists(_)) => log.topic_or_create(name)?,
+            Err(e) => return Err(e.into()),
+        },
+    })
 }
