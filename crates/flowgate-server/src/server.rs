@@ -146,7 +146,10 @@ impl Engine {
             if !drained {
                 tracing::warn!("connections did not drain within the grace period; closing them");
             }
-            drained && tokio::time::timeout_at(deadline, self.background.wait()).await.is_ok()
+            // Listeners and background jobs end with the cancel; their wait is bounded
+            // but is not work that can be cut off.
+            let _ = tokio::time::timeout_at(deadline, self.background.wait()).await;
+            drained
         };
         let flush = async {
             match pipelines {
