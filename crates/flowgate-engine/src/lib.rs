@@ -6,10 +6,10 @@
 //! - [`expr`]: VRL, the expression language of `filter`, `remap` and `route`.
 //! - [`processors`]: filter, remap, dedup, aggregate (windows, watermarks, DDSketch),
 //!   numeric (SIMD), route.
-//! - [`sink`]: what a sink must do; concrete sinks live in `flowgate-connectors`.
+//! - [`sink`]: what a sink must do; the sinks' code lives in `flowgate-connectors`.
 //! - [`checkpoint`]: committed offsets with processor and sink state.
-//! - [`runtime`]: workers per source partition, sink tasks with adaptive batching,
-//!   aligned checkpoints, the dead-letter topic.
+//! - [`runtime`]: supervised workers per source partition, sink tasks with adaptive
+//!   batching, aligned checkpoints, the dead-letter topic.
 //! - [`metrics`]: per pipeline, processor and sink.
 
 #![warn(missing_docs)]
@@ -25,5 +25,5 @@ pub mod sink;
 
 pub use config::PipelineConfig;
 pub use metrics::PipelineMetrics;
-pub use runtime::{validate, Pipelines, DLQ_TOPIC};
+pub use runtime::{validate, PipelineHealth, Pipelines, WorkerState, WorkerStatus, DLQ_TOPIC};
 pub use sink::{Sink, SinkEvent, SinkFactory, SinkPlace};

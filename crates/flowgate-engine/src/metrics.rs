@@ -105,6 +105,12 @@ pub struct PipelineMetrics {
     pub state_over_limit: Family<ProcessorLabels, Counter>,
     /// Quantile sketch buckets merged at `sketch_max_buckets`.
     pub sketch_buckets_collapsed: Family<ProcessorLabels, Counter>,
+    /// Stored batches a worker could not decode (sent to the dead-letter topic, skipped).
+    pub unreadable_batches: Family<SourceLabels, Counter>,
+    /// Worker failures, each followed by a restart from the last checkpoint.
+    pub worker_restarts: Family<SourceLabels, Counter>,
+    /// 1 while a worker runs, 0 while it waits to be restarted or has stopped.
+    pub worker_up: Family<SourceLabels, Gauge>,
 }
 
 impl Default for PipelineMetrics {
@@ -135,6 +141,9 @@ impl PipelineMetrics {
             event_time_rejected: Family::default(),
             state_over_limit: Family::default(),
             sketch_buckets_collapsed: Family::default(),
+            unreadable_batches: Family::default(),
+            worker_restarts: Family::default(),
+            worker_up: Family::default(),
         }
     }
 
@@ -204,6 +213,21 @@ impl PipelineMetrics {
             "flowgate_aggregate_sketch_buckets_collapsed",
             "Quantile sketch buckets merged at sketch_max_buckets",
             m.sketch_buckets_collapsed.clone(),
+        );
+        registry.register(
+            "flowgate_pipeline_unreadable_batches",
+            "Stored batches a pipeline could not decode (sent to _dlq and skipped)",
+            m.unreadable_batches.clone(),
+        );
+        registry.register(
+            "flowgate_pipeline_worker_restarts",
+            "Pipeline worker failures, each followed by a restart from the last checkpoint",
+            m.worker_restarts.clone(),
+        );
+        registry.register(
+            "flowgate_pipeline_worker_up",
+            "1 while a pipeline worker runs, 0 while it waits to restart",
+            m.worker_up.clone(),
         );
         m
     }

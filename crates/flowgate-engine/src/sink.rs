@@ -15,7 +15,8 @@ use crate::config::SinkConfig;
 /// A boxed future, as sinks return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// An event as a sink sees it: bytes shared, not copied.
+/// An event as a sink sees it. Its bytes live in storage of the batch being written
+/// (copied there from the log read, so a queued event never pins a whole read buffer).
 #[derive(Clone, Debug)]
 pub struct SinkEvent {
     /// Source partition.
@@ -53,11 +54,21 @@ pub struct SinkPlace {
     pub partition: u32,
 }
 
-/// Builds sinks from their config. Implemented by `flowgate-connectors`, so the engine
-/// knows no concrete sink.
+/// Builds sinks from their config. Implemented by `flowgate-connectors`: the engine
+/// names the sink types in its config ([`crate::config::SinkKind`]) but holds no sink's
+/// code; it writes only through this trait.
 pub trait SinkFactory: Send + Sync {
     /// Checks a sink config without building it.
     fn validate(&self, config: &SinkConfig) -> anyhow::Result<()>;
+
+    /// What the sink writes to exclusively, as a string that is equal for two configs
+    /// exactly when they would write the same output (e.g. `file:/abs/dir`); `None`
+    /// when sinks may share their output (topics, stdout). Validation refuses two sinks,
+    /// in any pipelines, with the same claim: they would cut or overwrite each other's
+    /// output on recovery.
+    fn output_claim(&self, _config: &SinkConfig) -> Option<String> {
+        None
+    }
 
     /// Builds the sink instance for one place.
     fn build(&self, config: &SinkConfig, place: &SinkPlace) -> anyhow::Result<Box<dyn Sink>>;

@@ -38,13 +38,17 @@ pub struct Config {
 pub struct ServerConfig {
     /// Where the log lives.
     pub data_dir: PathBuf,
-    /// How long connections may drain at shutdown.
-    pub shutdown_grace_secs: u64,
+    /// At shutdown, how long connections may drain and pipelines may flush their sinks
+    /// and commit (ms). What is still busy then is cut off.
+    pub shutdown_grace_ms: u64,
+    /// After the grace period, how long the final fsync and close of the log may take
+    /// (ms). Shutdown ends within `shutdown_grace_ms + shutdown_flush_ms`.
+    pub shutdown_flush_ms: u64,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { data_dir: PathBuf::from("./flowgate-data"), shutdown_grace_secs: 10 }
+        ServerConfig { data_dir: PathBuf::from("./flowgate-data"), shutdown_grace_ms: 10_000, shutdown_flush_ms: 5_000 }
     }
 }
 
@@ -220,6 +224,14 @@ impl Config {
             key: key.to_owned(),
             message: message.to_owned(),
         };
+        // A day each at most: the deadline arithmetic must not overflow, and a longer
+        // shutdown is no shutdown.
+        if self.server.shutdown_grace_ms > 86_400_000 {
+            return Err(bad("server.shutdown_grace_ms", "must be at most 86400000 (one day)"));
+        }
+        if self.server.shutdown_flush_ms > 86_400_000 {
+            return Err(bad("server.shutdown_flush_ms", "must be at most 86400000 (one day)"));
+        }
         if self.log.segment_bytes < 1024 {
             return Err(bad("log.segment_bytes", "must be at least 1024"));
         }
@@ -249,10 +261,13 @@ impl Config {
 
     /// Checks every pipeline: processors compile (VRL), sinks are well formed, names unique.
     pub fn validate_pipelines(&self, origin: &str) -> Result<(), ConfigError> {
-        struct Checker;
-        impl flowgate_engine::SinkFactory for Checker {
+        struct Checker<'a>(&'a std::path::Path);
+        impl flowgate_engine::SinkFactory for Checker<'_> {
             fn validate(&self, config: &flowgate_engine::config::SinkConfig) -> anyhow::Result<()> {
                 flowgate_connectors::Connectors::validate_config(config)
+            }
+            fn output_claim(&self, config: &flowgate_engine::config::SinkConfig) -> Option<String> {
+                flowgate_connectors::Connectors::output_claim_in(self.0, config)
             }
             fn build(
                 &self,
@@ -262,7 +277,7 @@ impl Config {
                 anyhow::bail!("validation only")
             }
         }
-        flowgate_engine::validate(&self.pipelines, &Checker).map_err(|e| ConfigError::Invalid {
+        flowgate_engine::validate(&self.pipelines, &Checker(&self.server.data_dir)).map_err(|e| ConfigError::Invalid {
             origin: origin.to_owned(),
             key: "pipelines".into(),
             message: format!("{e:#}"),

@@ -19,4 +19,4 @@ pub mod server;
 pub mod shared;
 
 pub use config::{Config, ConfigError};
-pub use server::Engine;
+pub use server::{Engine, ShutdownOutcome};

@@ -28,6 +28,7 @@ pub struct Engine {
     /// Where the NDJSON listener listens.
     pub ndjson_addr: SocketAddr,
     grace: Duration,
+    flush: Duration,
     background: TaskTracker,
     pipelines: Option<flowgate_engine::Pipelines>,
 }
@@ -64,12 +65,14 @@ impl Engine {
             ready: false.into(),
             started: Instant::now(),
             bad_input_log: RateLimit::new(Duration::from_secs(1)),
+            pipelines: Default::default(),
         });
         let mut engine = Engine {
             binary_addr: binary.local_addr()?,
             http_addr: http.local_addr()?,
             ndjson_addr: ndjson.local_addr()?,
-            grace: Duration::from_secs(config.server.shutdown_grace_secs),
+            grace: Duration::from_millis(config.server.shutdown_grace_ms),
+            flush: Duration::from_millis(config.server.shutdown_flush_ms),
             shared: shared.clone(),
             background: TaskTracker::new(),
             pipelines: None,
@@ -98,6 +101,7 @@ impl Engine {
                 shared.ingest.metrics().pipelines.clone(),
             )?;
             tracing::info!(pipelines = config.pipelines.len(), "pipelines started");
+            let _ = shared.pipelines.set(pipelines.health());
             engine.pipelines = Some(pipelines);
         }
         shared.ready.store(true, Ordering::Release);
@@ -119,27 +123,64 @@ impl Engine {
         self.shared.ingest.metrics()
     }
 
-    /// Stops accepting, lets connections drain (up to the grace period), fsyncs and
-    /// closes the log.
-    pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        tracing::info!("shutting down: no new connections, draining");
+    /// The longest [`Engine::shutdown`] takes: the grace period plus the final flush.
+    pub fn shutdown_bound(&self) -> Duration {
+        self.grace.saturating_add(self.flush)
+    }
+
+    /// Stops accepting; lets connections drain and pipelines flush their sinks and
+    /// commit, both until the grace period ends; then fsyncs and closes the log, within
+    /// the flush bound. Whatever is still busy at the end of the grace period (a client
+    /// that does not read, a stalled sink) is cut off: acknowledged events are in the log
+    /// already, and a cut-off pipeline resumes from its last checkpoint.
+    pub async fn shutdown(mut self) -> anyhow::Result<ShutdownOutcome> {
+        tracing::info!(grace_ms = self.grace.as_millis() as u64, "shutting down: no new connections, draining");
+        let deadline = tokio::time::Instant::now() + self.grace;
         self.shared.ready.store(false, Ordering::Release);
         self.shared.shutdown.cancel();
         self.background.close();
         self.shared.tasks.close();
-        if tokio::time::timeout(self.grace, self.shared.tasks.wait()).await.is_err() {
-            tracing::warn!("connections did not drain within the grace period; closing them");
-        }
-        let _ = tokio::time::timeout(self.grace, self.background.wait()).await;
-        if let Some(pipelines) = self.pipelines.take() {
-            // Flush every sink and commit every pipeline's offsets.
-            pipelines.shutdown().await;
-        }
+        let pipelines = self.pipelines.take();
+        let drain = async {
+            let drained = tokio::time::timeout_at(deadline, self.shared.tasks.wait()).await.is_ok();
+            if !drained {
+                tracing::warn!("connections did not drain within the grace period; closing them");
+            }
+            // Listeners and background jobs end with the cancel; their wait is bounded
+            // but is not work that can be cut off.
+            let _ = tokio::time::timeout_at(deadline, self.background.wait()).await;
+            drained
+        };
+        let flush = async {
+            match pipelines {
+                // Flush every sink and commit every pipeline's offsets.
+                Some(p) => p.shutdown_within(Some(deadline.into_std())).await,
+                None => true,
+            }
+        };
+        let (drained, flushed) = tokio::join!(drain, flush);
         let log = self.shared.ingest.log().clone();
-        tokio::task::spawn_blocking(move || log.close()).await??;
+        match tokio::time::timeout(self.flush, tokio::task::spawn_blocking(move || log.close())).await {
+            Ok(closed) => closed??,
+            Err(_) => anyhow::bail!(
+                "the log did not close within server.shutdown_flush_ms ({} ms); acknowledged events were written \
+                 before, and the next start recovers the log",
+                self.flush.as_millis()
+            ),
+        }
         tracing::info!("log closed cleanly");
-        Ok(())
+        Ok(if drained && flushed { ShutdownOutcome::Clean } else { ShutdownOutcome::CutOff })
     }
+}
+
+/// How a shutdown ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShutdownOutcome {
+    /// Every connection drained and every pipeline committed within the grace period.
+    Clean,
+    /// Something was still busy at the end of the grace period and was cut off; the
+    /// log was closed cleanly all the same.
+    CutOff,
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, path: IngestPath) {

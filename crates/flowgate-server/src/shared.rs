@@ -33,6 +33,8 @@ pub struct Shared {
     pub started: Instant,
     /// Rate limit for logging bad client input.
     pub bad_input_log: RateLimit,
+    /// Health of the pipeline workers, once pipelines have started.
+    pub pipelines: std::sync::OnceLock<flowgate_engine::PipelineHealth>,
 }
 
 impl Shared {
@@ -44,6 +46,28 @@ impl Shared {
     /// True when serving.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Why the engine is not ready, empty when it is: starting or stopping, or pipeline
+    /// workers that failed and have not run since.
+    pub fn not_ready_reasons(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if !self.is_ready() {
+            reasons.push("the engine is starting or shutting down".to_owned());
+        }
+        if let Some(health) = self.pipelines.get() {
+            for w in health.failing() {
+                reasons.push(format!(
+                    "pipeline '{}' on {}-{} failed {} time(s) and is restarting: {}",
+                    w.pipeline,
+                    w.topic,
+                    w.partition,
+                    w.restarts,
+                    w.last_error.as_deref().unwrap_or("unknown error")
+                ));
+            }
+        }
+        reasons
     }
 }
 

@@ -219,12 +219,16 @@ async fn list_topics(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn stats(State(shared): State<Arc<Shared>>) -> Response {
     let topics = shared.ingest.log().topic_infos();
+    let reasons = shared.not_ready_reasons();
+    let workers = shared.pipelines.get().map(|h| h.workers()).unwrap_or_default();
     Json(json!({
         "uptime_secs": shared.started.elapsed().as_secs(),
-        "ready": shared.is_ready(),
+        "ready": reasons.is_empty(),
+        "not_ready_reasons": reasons,
         "connections_available": shared.connections.available_permits(),
         "topics": topics,
         "retention": {"unread_deleted_events": shared.ingest.log().unread_deleted_events()},
+        "pipeline_workers": workers,
     }))
     .into_response()
 }
@@ -235,10 +239,15 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn ready(State(shared): State<Arc<Shared>>) -> Response {
-    if shared.is_ready() {
+    let reasons = shared.not_ready_reasons();
+    if reasons.is_empty() {
         Json(json!({"status": "ready"})).into_response()
     } else {
-        error(StatusCode::SERVICE_UNAVAILABLE, "not ready")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not ready", "error": "not ready", "reasons": reasons})),
+        )
+            .into_response()
     }
 }
 

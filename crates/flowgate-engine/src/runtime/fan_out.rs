@@ -1,0 +1,35 @@
+//! Handing a processed batch to every sink task.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::event::PipelineEvent;
+use crate::sink::SinkEvent;
+
+/// What a worker sends its sink tasks.
+pub(super) enum SinkMsg {
+    Events(Arc<Vec<SinkEvent>>, Arc<Vec<u64>>),
+    Commit(oneshot::Sender<anyhow::Result<serde_json::Value>>),
+}
+
+pub(super) async fn fan_out(mut events: Vec<PipelineEvent>, sinks: &[mpsc::Sender<SinkMsg>]) -> anyhow::Result<()> {
+    let masks: Vec<u64> = events.iter().map(|e| e.sinks).collect();
+    let out: Vec<SinkEvent> = events
+        .iter_mut()
+        .map(|e| SinkEvent {
+            partition: e.partition,
+            offset: e.offset,
+            timestamp: e.timestamp,
+            key: e.key.clone(),
+            payload: e.payload().clone(),
+        })
+        .collect();
+    let (out, masks) = (Arc::new(out), Arc::new(masks));
+    for tx in sinks {
+        tx.send(SinkMsg::Events(out.clone(), masks.clone()))
+            .await
+            .map_err(|_| anyhow::anyhow!("a sink task stopped"))?;
+    }
+    Ok(())
+}

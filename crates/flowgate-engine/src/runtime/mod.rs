@@ -1,0 +1,267 @@
+//! Running pipelines.
+//!
+//! Each (pipeline, source partition) is one worker task: it reads batches from the log,
+//! runs them through its own processor instances, and hands them to one task per sink
+//! over a bounded queue. Every `commit_interval_ms` the worker asks each sink to flush
+//! and commit, waits for all of them, and checkpoints the offset together with the
+//! processors' and sinks' state — an aligned checkpoint, so a restart replays from a
+//! consistent point: at-least-once for every sink, exactly-once for a file sink (it
+//! truncates to its checkpointed length) and for duplicates a dedup processor removes.
+//!
+//! A slow sink fills its queue, which stops the worker reading the log: memory stays
+//! bounded and ingest is untouched (the log is the buffer).
+
+mod commit;
+mod decode;
+mod fan_out;
+mod side_outputs;
+mod sink_driver;
+mod supervisor;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flowgate_log::{Log, Partition};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::PipelineConfig;
+use crate::metrics::{PipelineMetrics, SourceLabels};
+use crate::processors;
+use crate::sink::SinkFactory;
+use supervisor::{supervise, WorkerHealth};
+pub use supervisor::{PipelineHealth, WorkerState, WorkerStatus};
+
+/// Sinks one pipeline may have: route masks are 64-bit.
+pub const MAX_SINKS: usize = 64;
+
+/// Longest `commit_interval_ms` and `batch.max_wait_ms` (one day): larger values would
+/// overflow the clock arithmetic and mean "never" anyway.
+const MAX_INTERVAL_MS: u64 = 86_400_000;
+
+/// The dead-letter topic.
+pub const DLQ_TOPIC: &str = "_dlq";
+
+/// Checks every pipeline: unique names, processors that compile, sinks the factory
+/// accepts. The error names the pipeline and the place.
+pub fn validate(pipelines: &[PipelineConfig], sinks: &dyn SinkFactory) -> anyhow::Result<()> {
+    let mut names = std::collections::HashSet::new();
+    let mut claims = std::collections::HashMap::new();
+    for p in pipelines {
+        let at = |e: anyhow::Error| anyhow::anyhow!("pipeline '{}': {e}", p.name);
+        if !names.insert(&p.name) {
+            return Err(at(anyhow::anyhow!("the name is used twice")));
+        }
+        if p.name.is_empty() || !p.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+            return Err(at(anyhow::anyhow!("name must be letters, digits, '-', '_' or '.'")));
+        }
+        if p.topics.is_empty() {
+            return Err(at(anyhow::anyhow!("`topics` is empty")));
+        }
+        for t in &p.topics {
+            flowgate_log::validate_topic_name(t).map_err(|e| at(e.into()))?;
+        }
+        if !matches!(p.start.as_str(), "earliest" | "latest") {
+            return Err(at(anyhow::anyhow!("`start` must be earliest or latest")));
+        }
+        if p.sinks.is_empty() {
+            return Err(at(anyhow::anyhow!("a pipeline needs at least one sink")));
+        }
+        if p.sinks.len() > MAX_SINKS {
+            return Err(at(anyhow::anyhow!("a pipeline may have at most {MAX_SINKS} sinks")));
+        }
+        if !(10..=MAX_INTERVAL_MS).contains(&p.commit_interval_ms) {
+            return Err(at(anyhow::anyhow!("`commit_interval_ms` must be from 10 to {MAX_INTERVAL_MS}")));
+        }
+        let mut sink_names = Vec::new();
+        for (i, s) in p.sinks.iter().enumerate() {
+            if sink_names.contains(&s.name) {
+                return Err(at(anyhow::anyhow!("sink name '{}' is used twice", s.name)));
+            }
+            sink_names.push(s.name.clone());
+            let at_sink = |e: anyhow::Error| at(anyhow::anyhow!("sink {} ('{}'): {e}", i + 1, s.name));
+            if s.batch.max_wait_ms > MAX_INTERVAL_MS || s.batch.target_latency_ms > MAX_INTERVAL_MS {
+                return Err(at_sink(anyhow::anyhow!(
+                    "`batch.max_wait_ms` and `batch.target_latency_ms` must be at most {MAX_INTERVAL_MS}"
+                )));
+            }
+            sinks.validate(s).map_err(at_sink)?;
+            if let Some(claim) = sinks.output_claim(s) {
+                if let Some(owner) = claims.insert(claim.clone(), format!("pipeline '{}' sink '{}'", p.name, s.name)) {
+                    return Err(at_sink(anyhow::anyhow!(
+                        "writes to {claim}, which {owner} writes to already; give each sink its own output"
+                    )));
+                }
+            }
+        }
+        processors::build(&p.processors, &sink_names).map_err(at)?;
+    }
+    Ok(())
+}
+
+/// Running pipelines; stop them with [`Pipelines::shutdown`] or
+/// [`Pipelines::shutdown_within`].
+///
+/// Pipelines run on their own threads (a runtime of their own), so the operating
+/// system shares the cores between processing and ingest: a busy pipeline cannot delay
+/// the listeners' acknowledgements. Each worker runs under a supervisor that restarts it
+/// after a failure; [`Pipelines::health`] shows them.
+pub struct Pipelines {
+    cancel: CancellationToken,
+    supervisors: Vec<tokio::task::JoinHandle<()>>,
+    health: PipelineHealth,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for Pipelines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipelines").field("workers", &self.supervisors.len()).finish()
+    }
+}
+
+impl Drop for Pipelines {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) log: Log,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) metrics: Arc<PipelineMetrics>,
+    pub(crate) factory: Arc<dyn SinkFactory>,
+    /// Names of every configured pipeline (to tell a renamed one from a new one).
+    pub(crate) pipeline_names: Vec<String>,
+}
+
+impl Pipelines {
+    /// Starts every pipeline: one supervised worker per source partition.
+    pub fn start(
+        log: Log,
+        data_dir: PathBuf,
+        configs: Vec<PipelineConfig>,
+        factory: Arc<dyn SinkFactory>,
+        metrics: Arc<PipelineMetrics>,
+    ) -> anyhow::Result<Pipelines> {
+        validate(&configs, factory.as_ref())?;
+        let pipeline_names = configs.iter().map(|c| c.name.clone()).collect();
+        let shared = Arc::new(Shared { log, data_dir, metrics, factory, pipeline_names });
+        let cancel = CancellationToken::new();
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("flowgate-pipeline")
+            .enable_all()
+            .build()?;
+        let mut supervisors = Vec::new();
+        let mut healths = Vec::new();
+        // Lag is refreshed apart from the workers, so a stalled worker still shows it.
+        let mut lags: Vec<(Arc<Partition>, Arc<WorkerHealth>, prometheus_client::metrics::gauge::Gauge)> = Vec::new();
+        for config in configs {
+            side_outputs::ensure_topics(&shared.log, &config)?;
+            let config = Arc::new(config);
+            for topic_name in &config.topics {
+                // A pipeline's source topics exist once it is configured, whatever
+                // `auto_create_topics` says about clients' writes.
+                let topic = ensure_topic(&shared.log, topic_name)?;
+                for partition in topic.partitions() {
+                    let health = Arc::new(WorkerHealth::new(&config.name, topic_name, partition.id()));
+                    let gauge = shared
+                        .metrics
+                        .lag
+                        .get_or_create(&SourceLabels {
+                            pipeline: config.name.clone(),
+                            topic: topic_name.clone(),
+                            partition: partition.id().to_string(),
+                        })
+                        .clone();
+                    lags.push((partition.clone(), health.clone(), gauge));
+                    healths.push(health.clone());
+                    supervisors.push(runtime.spawn(supervise(
+                        shared.clone(),
+                        config.clone(),
+                        topic_name.clone(),
+                        partition.clone(),
+                        health,
+                        cancel.clone(),
+                    )));
+                }
+            }
+        }
+        let lag_cancel = cancel.clone();
+        runtime.spawn(async move {
+            loop {
+                for (partition, health, gauge) in &lags {
+                    let committed = health.committed.load(std::sync::atomic::Ordering::Acquire);
+                    gauge.set(i64::try_from(partition.end_offset().saturating_sub(committed)).unwrap_or(i64::MAX));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = lag_cancel.cancelled() => return,
+                }
+            }
+        });
+        Ok(Pipelines { cancel, supervisors, health: PipelineHealth::new(healths), runtime: Some(runtime) })
+    }
+
+    /// The health of every worker (for readiness and stats); stays valid after shutdown.
+    pub fn health(&self) -> PipelineHealth {
+        self.health.clone()
+    }
+
+    /// Stops reading, flushes and commits every worker, however long that takes.
+    pub async fn shutdown(self) {
+        self.shutdown_within(None).await;
+    }
+
+    /// Stops reading and lets every worker flush its sinks and commit until `deadline`;
+    /// workers still busy then (a stalled sink) are dropped without committing, so they
+    /// resume from their last checkpoint. Returns true when every worker finished.
+    pub async fn shutdown_within(mut self, deadline: Option<Instant>) -> bool {
+        self.cancel.cancel();
+        let supervisors = std::mem::take(&mut self.supervisors);
+        let all = async move {
+            for supervisor in supervisors {
+                let _ = supervisor.await;
+            }
+        };
+        let finished = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), all).await.is_ok(),
+            None => {
+                all.await;
+                true
+            }
+        };
+        if !finished {
+            let stuck: Vec<String> = self
+                .health
+                .workers()
+                .into_iter()
+                .filter(|w| w.state != WorkerState::Stopped)
+                .map(|w| format!("{}/{}/{}", w.pipeline, w.topic, w.partition))
+                .collect();
+            tracing::warn!(workers = %stuck.join(", "),
+                "pipeline workers did not flush within the shutdown grace period; they resume from their last checkpoint");
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+        finished
+    }
+}
+
+/// The topic, created with the default partition count if it does not exist.
+fn ensure_topic(log: &Log, name: &str) -> anyhow::Result<Arc<flowgate_log::Topic>> {
+    Ok(match log.topic(name) {
+        Some(t) => t,
+        None => match log.create_topic(name, log.config().default_partitions) {
+            Ok(t) => t,
+            Err(flowgate_log::LogError::TopicExists(_)) => log.topic_or_create(name)?,
+            Err(e) => return Err(e.into()),
+        },
+    })
+}

@@ -1,0 +1,210 @@
+//! Supervision: a worker that fails (an unreadable checkpoint, a sink that cannot be
+//! built or recovered, a side output that cannot be written, a panic) is restarted from
+//! its last checkpoint with exponential backoff. Every failure is counted, logged and
+//! shown in [`PipelineHealth`], which `/ready` and `/v1/stats` read.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flowgate_log::Partition;
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::worker::Worker;
+use super::Shared;
+use crate::config::PipelineConfig;
+use crate::metrics::SourceLabels;
+
+/// First wait before a failed worker is restarted; doubles per failure.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest wait between restarts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A worker that ran this long before failing starts its backoff over.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
+/// What a worker is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Loading its checkpoint and recovering its sinks.
+    Starting,
+    /// Reading and delivering.
+    Running,
+    /// Failed; waiting out its backoff before the next start.
+    Restarting,
+    /// Stopped by shutdown.
+    Stopped,
+}
+
+/// A snapshot of one worker's health.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkerStatus {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Source topic.
+    pub topic: String,
+    /// Source partition.
+    pub partition: u32,
+    /// What it is doing.
+    pub state: WorkerState,
+    /// Failures since the engine started (each one was followed by a restart).
+    pub restarts: u64,
+    /// Why it last failed, if it ever did.
+    pub last_error: Option<String>,
+    /// The offset of its last checkpoint.
+    pub committed_offset: u64,
+}
+
+/// The live health of one worker, shared between its supervisor and readers.
+#[derive(Debug)]
+pub(super) struct WorkerHealth {
+    pipeline: String,
+    topic: String,
+    partition: u32,
+    state: Mutex<(WorkerState, Option<String>)>,
+    restarts: AtomicU64,
+    /// The offset of the last checkpoint (also drives the lag gauge).
+    pub(super) committed: Arc<AtomicU64>,
+}
+
+impl WorkerHealth {
+    pub(super) fn new(pipeline: &str, topic: &str, partition: u32) -> WorkerHealth {
+        WorkerHealth {
+            pipeline: pipeline.to_owned(),
+            topic: topic.to_owned(),
+            partition,
+            state: Mutex::new((WorkerState::Starting, None)),
+            restarts: AtomicU64::new(0),
+            committed: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub(super) fn set_state(&self, state: WorkerState) {
+        self.state.lock().0 = state;
+    }
+
+    fn failed(&self, error: String) -> u64 {
+        *self.state.lock() = (WorkerState::Restarting, Some(error));
+        self.restarts.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    fn status(&self) -> WorkerStatus {
+        let (state, last_error) = self.state.lock().clone();
+        WorkerStatus {
+            pipeline: self.pipeline.clone(),
+            topic: self.topic.clone(),
+            partition: self.partition,
+            state,
+            restarts: self.restarts.load(Ordering::Acquire),
+            last_error,
+            committed_offset: self.committed.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// The health of every pipeline worker of an engine; cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct PipelineHealth {
+    workers: Arc<Vec<Arc<WorkerHealth>>>,
+}
+
+impl PipelineHealth {
+    pub(super) fn new(workers: Vec<Arc<WorkerHealth>>) -> PipelineHealth {
+        PipelineHealth { workers: Arc::new(workers) }
+    }
+
+    /// Every worker's status, in configuration order.
+    pub fn workers(&self) -> Vec<WorkerStatus> {
+        self.workers.iter().map(|w| w.status()).collect()
+    }
+
+    /// Workers that failed and have not run since: while there is one, the engine is
+    /// not ready.
+    pub fn failing(&self) -> Vec<WorkerStatus> {
+        self.workers()
+            .into_iter()
+            .filter(|w| match w.state {
+                WorkerState::Restarting => true,
+                WorkerState::Starting => w.restarts > 0,
+                WorkerState::Running | WorkerState::Stopped => false,
+            })
+            .collect()
+    }
+}
+
+/// Runs one worker until `cancel`, restarting it from its checkpoint after each failure.
+pub(super) async fn supervise(
+    shared: Arc<Shared>,
+    config: Arc<PipelineConfig>,
+    topic: String,
+    partition: Arc<Partition>,
+    health: Arc<WorkerHealth>,
+    cancel: CancellationToken,
+) {
+    let place = format!("{}/{}/{}", config.name, topic, partition.id());
+    let labels =
+        SourceLabels { pipeline: config.name.clone(), topic: topic.clone(), partition: partition.id().to_string() };
+    let restarts = shared.metrics.worker_restarts.get_or_create(&labels).clone();
+    let up = shared.metrics.worker_up.get_or_create(&labels).clone();
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let started = Instant::now();
+        health.set_state(WorkerState::Starting);
+        let attempt = tokio::spawn({
+            let (shared, config, topic, partition, health, cancel) =
+                (shared.clone(), config.clone(), topic.clone(), partition.clone(), health.clone(), cancel.clone());
+            async move {
+                let worker = Worker::new(shared, config, &topic, partition, health)?;
+                worker.run(cancel).await
+            }
+        });
+        up.set(1);
+        let error = match attempt.await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(e) if e.is_panic() => Some(format!("panicked: {}", panic_message(e.into_panic()))),
+            Err(e) => Some(e.to_string()),
+        };
+        up.set(0);
+        if cancel.is_cancelled() {
+            if let Some(error) = error {
+                tracing::warn!(place, error, "pipeline worker stopped at shutdown with an error");
+            }
+            health.set_state(WorkerState::Stopped);
+            return;
+        }
+        let error = error.unwrap_or_else(|| "stopped without being asked to".into());
+        if started.elapsed() >= HEALTHY_RUN {
+            backoff = FIRST_BACKOFF;
+        }
+        let n = health.failed(error.clone());
+        restarts.inc();
+        tracing::error!(
+            place,
+            error,
+            restarts = n,
+            retry_in_ms = backoff.as_millis() as u64,
+            "pipeline worker failed; restarting from its last checkpoint"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = cancel.cancelled() => {
+                health.set_state(WorkerState::Stopped);
+                return;
+            }
+        }
+        backoff = backoff.saturating_mul(2).min(MAX_BACKOFF);
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".into()
+    }
+}

@@ -1,0 +1,250 @@
+//! The worker of one (pipeline, source partition): reads the log, runs the processors,
+//! hands batches to the sinks and commits at every interval.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flowgate_log::Partition;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::commit::SinkStates;
+use super::decode::decode;
+use super::fan_out::fan_out;
+use super::sink_driver::run_sink;
+use super::supervisor::{WorkerHealth, WorkerState};
+use super::Shared;
+use crate::checkpoint::CheckpointFile;
+use crate::config::PipelineConfig;
+use crate::event::PipelineEvent;
+use crate::metrics::{PipelineLabels, ProcessorLabels, SinkLabels, SourceLabels};
+use crate::processors::{self, Outputs, Processor};
+use crate::sink::SinkPlace;
+
+pub(super) struct Worker {
+    pub(super) shared: Arc<Shared>,
+    pub(super) config: Arc<PipelineConfig>,
+    pub(super) topic: String,
+    pub(super) partition: Arc<Partition>,
+    pub(super) processors: Vec<Box<dyn Processor>>,
+    pub(super) processor_labels: Vec<ProcessorLabels>,
+    pub(super) checkpoint: CheckpointFile,
+    pub(super) health: Arc<WorkerHealth>,
+    /// Side-output appends (dead letters, late events) since the last checkpoint: the
+    /// partition and the offset after the append. The next checkpoint waits until they
+    /// are as durable as the log's policy makes acknowledged events.
+    pub(super) side_writes: Vec<(Arc<Partition>, u64)>,
+    /// Sink state of the checkpoint, by sink name, with entries of sinks no longer
+    /// configured (carried forward, never dropped).
+    pub(super) sink_states: SinkStates,
+}
+
+impl Worker {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        config: Arc<PipelineConfig>,
+        topic: &str,
+        partition: Arc<Partition>,
+        health: Arc<WorkerHealth>,
+    ) -> anyhow::Result<Worker> {
+        let sink_names: Vec<String> = config.sinks.iter().map(|s| s.name.clone()).collect();
+        let processors = processors::build(&config.processors, &sink_names)?;
+        let processor_labels = processors
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ProcessorLabels {
+                pipeline: config.name.clone(),
+                processor: format!("{}:{}", i + 1, p.kind()),
+            })
+            .collect();
+        let checkpoint = CheckpointFile::new(&shared.data_dir, &config.name, topic, partition.id());
+        Ok(Worker {
+            shared,
+            config,
+            topic: topic.to_owned(),
+            partition,
+            processors,
+            processor_labels,
+            checkpoint,
+            health,
+            side_writes: Vec::new(),
+            sink_states: SinkStates::default(),
+        })
+    }
+
+    pub(super) async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
+        // A restart must find the side topics even if someone deleted them meanwhile.
+        super::side_outputs::ensure_topics(&self.shared.log, &self.config)?;
+        let saved = self.checkpoint.load()?;
+        if saved.is_none() {
+            self.refuse_if_renamed()?;
+        }
+        self.sink_states = SinkStates::from_checkpoint(saved.as_ref(), &self.config);
+        let place =
+            SinkPlace { pipeline: self.config.name.clone(), topic: self.topic.clone(), partition: self.partition.id() };
+        let mut sinks_tx = Vec::new();
+        let mut sink_tasks = JoinSet::new();
+        for (i, sink_config) in self.config.sinks.iter().enumerate() {
+            let at = |e: anyhow::Error| anyhow::anyhow!("sink '{}': {e:#}", sink_config.name);
+            let mut sink = self.shared.factory.build(sink_config, &place).map_err(|e| at(e.context("cannot build")))?;
+            let state = self.sink_states.get(&sink_config.name);
+            sink.recover(&state).await.map_err(|e| at(e.context("recovery")))?;
+            let (tx, rx) = mpsc::channel(4);
+            sinks_tx.push(tx);
+            let labels = SinkLabels { pipeline: self.config.name.clone(), sink: sink_config.name.clone() };
+            // `validate` allows at most 64 sinks, so every sink has a mask bit.
+            let bit = u32::try_from(i).ok().and_then(|i| 1u64.checked_shl(i)).unwrap_or(0);
+            sink_tasks.spawn(run_sink(sink, rx, sink_config.batch.clone(), bit, labels, self.shared.metrics.clone()));
+        }
+        let mut offset = match &saved {
+            Some(c) => {
+                if c.processors.len() != self.processors.len() {
+                    tracing::warn!(pipeline = %self.config.name, topic = %self.topic, partition = self.partition.id(),
+                        saved = c.processors.len(), configured = self.processors.len(),
+                        "the checkpoint holds state for a different number of processors; state is restored by position");
+                }
+                for (i, (p, state)) in self.processors.iter_mut().zip(&c.processors).enumerate() {
+                    p.restore(state).map_err(|e| {
+                        anyhow::anyhow!(
+                            "processor {} ({}): cannot restore its checkpointed state: {e:#}",
+                            i + 1,
+                            p.kind()
+                        )
+                    })?;
+                }
+                c.offset.max(self.partition.start_offset())
+            }
+            None if self.config.start == "latest" => self.partition.end_offset(),
+            None => self.partition.start_offset(),
+        };
+        tracing::info!(pipeline = %self.config.name, topic = %self.topic, partition = self.partition.id(), offset,
+            resumed = saved.is_some(), "pipeline worker started");
+        self.health.set_state(WorkerState::Running);
+        let commit_every = Duration::from_millis(self.config.commit_interval_ms.max(10));
+        let mut next_commit = Instant::now() + commit_every;
+        let pipeline_labels = PipelineLabels { pipeline: self.config.name.clone() };
+        let read_counter = self.shared.metrics.events_read.get_or_create(&pipeline_labels).clone();
+        let unreadable = self
+            .shared
+            .metrics
+            .unreadable_batches
+            .get_or_create(&SourceLabels {
+                pipeline: self.config.name.clone(),
+                topic: self.topic.clone(),
+                partition: self.partition.id().to_string(),
+            })
+            .clone();
+        self.health.committed.store(offset, std::sync::atomic::Ordering::Release);
+        let mut scratch = Vec::new();
+        loop {
+            if cancel.is_cancelled() {
+                break;
+            }
+            if Instant::now() >= next_commit {
+                self.commit(offset, &sinks_tx).await?;
+                next_commit = Instant::now() + commit_every;
+            }
+            let read = match self.partition.read(offset, self.config.read.max_bytes) {
+                Ok(r) => r,
+                Err(flowgate_log::LogError::OffsetOutOfRange { start, .. }) if offset < start => {
+                    tracing::warn!(pipeline = %self.config.name, from = offset, to = start, "offsets deleted by retention were skipped");
+                    offset = start;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let events = if read.batches.is_empty() {
+                let wait = next_commit.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
+                tokio::select! {
+                    _ = self.partition.wait_for_data(offset, wait) => {}
+                    _ = cancel.cancelled() => {}
+                }
+                self.tick()?
+            } else {
+                let buffer = Bytes::from(read.batches);
+                let decoded = decode(&buffer, self.partition.id(), offset, &mut scratch)?;
+                read_counter.inc_by(decoded.events.len() as u64);
+                unreadable.inc_by(decoded.unreadable.len() as u64);
+                offset = decoded.next;
+                self.dead_letter_unreadable(decoded.unreadable)?;
+                self.process(decoded.events)?
+            };
+            if !events.is_empty() {
+                fan_out(events, &sinks_tx).await?;
+            }
+        }
+        self.commit(offset, &sinks_tx).await?;
+        drop(sinks_tx);
+        while sink_tasks.join_next().await.is_some() {}
+        tracing::info!(pipeline = %self.config.name, topic = %self.topic, partition = self.partition.id(), offset, "pipeline worker stopped cleanly");
+        Ok(())
+    }
+
+    /// With no checkpoint of its own, a pipeline whose source partition has a checkpoint
+    /// under the name of a pipeline that is no longer configured was most likely renamed:
+    /// starting it afresh would make its sinks treat their earlier output as unknown, so
+    /// it does not start until the operator says which it is.
+    fn refuse_if_renamed(&self) -> anyhow::Result<()> {
+        let root = self.shared.data_dir.join("pipelines");
+        let Ok(entries) = std::fs::read_dir(&root) else { return Ok(()) };
+        let file = format!("{}-{}.ckpt", self.topic, self.partition.id());
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if self.shared.pipeline_names.contains(&name) || !entry.path().join(&file).exists() {
+                continue;
+            }
+            anyhow::bail!(
+                "pipeline '{}' has no checkpoint for {}-{}, but pipeline '{name}', which is not configured, has one \
+                 ({}): if '{}' is '{name}' renamed, stop the engine and rename that directory to '{}'; if '{name}' \
+                 is gone for good, delete it. Not starting afresh, so that no sink rewrites earlier output.",
+                self.config.name,
+                self.topic,
+                self.partition.id(),
+                entry.path().display(),
+                self.config.name,
+                self.config.name,
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs events through every processor, handling dead letters and late events.
+    fn process(&mut self, events: Vec<PipelineEvent>) -> anyhow::Result<Vec<PipelineEvent>> {
+        self.run_from(0, events)
+    }
+
+    /// Lets time-driven processors emit (windows on an idle stream).
+    fn tick(&mut self) -> anyhow::Result<Vec<PipelineEvent>> {
+        let now = flowgate_core::time::now_ms();
+        let mut out = Vec::new();
+        for i in 0..self.processors.len() {
+            let mut outputs = Outputs::default();
+            let emitted = self.processors[i].tick(now, &mut outputs);
+            self.handle_outputs(i, outputs)?;
+            if !emitted.is_empty() {
+                self.shared.metrics.processor_out.get_or_create(&self.processor_labels[i]).inc_by(emitted.len() as u64);
+                out.extend(self.run_from(i + 1, emitted)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn run_from(&mut self, first: usize, mut events: Vec<PipelineEvent>) -> anyhow::Result<Vec<PipelineEvent>> {
+        for i in first..self.processors.len() {
+            let n_in = events.len() as u64;
+            let mut outputs = Outputs::default();
+            events = self.processors[i].process(events, &mut outputs);
+            let m = &self.shared.metrics;
+            let labels = &self.processor_labels[i];
+            let failed = outputs.dead_letters.len() as u64;
+            m.processor_in.get_or_create(labels).inc_by(n_in);
+            m.processor_out.get_or_create(labels).inc_by(events.len() as u64);
+            m.processor_dropped.get_or_create(labels).inc_by(n_in.saturating_sub(events.len() as u64 + failed));
+            m.processor_failed.get_or_create(labels).inc_by(failed);
+            self.handle_outputs(i, outputs)?;
+        }
+        Ok(events)
+    }
+}
