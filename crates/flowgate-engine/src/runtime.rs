@@ -66,7 +66,7 @@ pub fn validate(pipelines: &[PipelineConfig], sinks: &dyn SinkFactory) -> anyhow
         }
         processors::build(&p.processors, &sink_names).map_err(at)?;
     }
-    Ok(())
+    crate::sink::check_output_claims(pipelines, sinks)
 }
 
 /// Running pipelines; stop them with [`Pipelines::shutdown`].

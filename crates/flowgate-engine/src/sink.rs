@@ -61,4 +61,31 @@ pub trait SinkFactory: Send + Sync {
 
     /// Builds the sink instance for one place.
     fn build(&self, config: &SinkConfig, place: &SinkPlace) -> anyhow::Result<Box<dyn Sink>>;
+
+    /// What the sink writes that no other sink may write too (for a file sink its
+    /// directory), as a comparable string; `None` when sinks of its kind may share a
+    /// destination. [`check_output_claims`] refuses two sinks with the same claim.
+    fn output_claim(&self, _config: &SinkConfig) -> Option<String> {
+        None
+    }
+}
+
+/// Refuses two sinks, in one pipeline or in two, that claim the same output (two file
+/// sinks on one directory would cut and overwrite each other's files on recovery).
+pub fn check_output_claims(pipelines: &[crate::PipelineConfig], factory: &dyn SinkFactory) -> anyhow::Result<()> {
+    let mut claimed: std::collections::HashMap<String, (&str, &str)> = std::collections::HashMap::new();
+    for p in pipelines {
+        for s in &p.sinks {
+            let Some(claim) = factory.output_claim(s) else { continue };
+            if let Some((other_pipeline, other_sink)) = claimed.insert(claim.clone(), (p.name.as_str(), s.name.as_str())) {
+                anyhow::bail!(
+                    "pipeline '{}': sink '{}' writes to {claim}, which sink '{other_sink}' of pipeline \
+                     '{other_pipeline}' writes to already; give each sink its own path",
+                    p.name,
+                    s.name
+                );
+            }
+        }
+    }
+    Ok(())
 }

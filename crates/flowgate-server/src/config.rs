@@ -249,10 +249,13 @@ impl Config {
 
     /// Checks every pipeline: processors compile (VRL), sinks are well formed, names unique.
     pub fn validate_pipelines(&self, origin: &str) -> Result<(), ConfigError> {
-        struct Checker;
-        impl flowgate_engine::SinkFactory for Checker {
+        struct Checker<'a>(&'a std::path::Path);
+        impl flowgate_engine::SinkFactory for Checker<'_> {
             fn validate(&self, config: &flowgate_engine::config::SinkConfig) -> anyhow::Result<()> {
                 flowgate_connectors::Connectors::validate_config(config)
+            }
+            fn output_claim(&self, config: &flowgate_engine::config::SinkConfig) -> Option<String> {
+                flowgate_connectors::Connectors::output_claim_in(self.0, config)
             }
             fn build(
                 &self,
@@ -262,7 +265,7 @@ impl Config {
                 anyhow::bail!("validation only")
             }
         }
-        flowgate_engine::validate(&self.pipelines, &Checker).map_err(|e| ConfigError::Invalid {
+        flowgate_engine::validate(&self.pipelines, &Checker(&self.server.data_dir)).map_err(|e| ConfigError::Invalid {
             origin: origin.to_owned(),
             key: "pipelines".into(),
             message: format!("{e:#}"),
