@@ -77,7 +77,9 @@ pub fn check_output_claims(pipelines: &[crate::PipelineConfig], factory: &dyn Si
     for p in pipelines {
         for s in &p.sinks {
             let Some(claim) = factory.output_claim(s) else { continue };
-            if let Some((other_pipeline, other_sink)) = claimed.insert(claim.clone(), (p.name.as_str(), s.name.as_str())) {
+            if let Some((other_pipeline, other_sink)) =
+                claimed.insert(claim.clone(), (p.name.as_str(), s.name.as_str()))
+            {
                 anyhow::bail!(
                     "pipeline '{}': sink '{}' writes to {claim}, which sink '{other_sink}' of pipeline \
                      '{other_pipeline}' writes to already; give each sink its own path",

@@ -118,7 +118,9 @@ batch = { max_events = 1000, max_wait_ms = 20 }
         Client::connect(&engine.binary.to_string()).await.unwrap().create_topic("out", 2).await.unwrap();
     });
     produce(&rt, engine.binary, "in", vec![batch_of(0..200, 40)]);
-    wait_for("the first events in `out`", Duration::from_secs(20), || read_topic(&rt, engine.binary, "out").len() >= 200);
+    wait_for("the first events in `out`", Duration::from_secs(20), || {
+        read_topic(&rt, engine.binary, "out").len() >= 200
+    });
     // A real fault: a directory where partition 1's next segment file must go makes its
     // roll fail, so the sink's append to partition 1 fails after partition 0's succeeded.
     let partition_1 = dir.path().join("topics").join("out").join("1");
@@ -135,7 +137,9 @@ batch = { max_events = 1000, max_wait_ms = 20 }
         engine.metric("flowgate_sink_errors_total{pipeline=\"chain\"") >= 3.0
     });
     std::fs::remove_dir(&blocker).unwrap();
-    wait_for("the second events in `out`", Duration::from_secs(20), || read_topic(&rt, engine.binary, "out").len() >= 400);
+    wait_for("the second events in `out`", Duration::from_secs(20), || {
+        read_topic(&rt, engine.binary, "out").len() >= 400
+    });
     // Give a duplicate time to show up, then count.
     std::thread::sleep(Duration::from_millis(300));
     let stored = sorted_ids(&read_topic(&rt, engine.binary, "out"));
@@ -267,14 +271,20 @@ fn a_tcp_sink_delivers_64_kib_events_and_dead_letters_what_the_peer_cannot_take(
     // A peer that takes frames of at most 1 MiB: a few 64 KiB events per request.
     let engine_b = EngineProcess::start(dir_b.path(), &[("FLOWGATE_INGEST__MAX_FRAME_BYTES", "1048576")]);
     let dir_a = tempfile::tempdir().unwrap();
-    let config = tcp_pipeline(dir_a.path(), engine_b.binary, "batch = { max_events = 1000, max_bytes = 16777216, max_wait_ms = 50 }");
+    let config = tcp_pipeline(
+        dir_a.path(),
+        engine_b.binary,
+        "batch = { max_events = 1000, max_bytes = 16777216, max_wait_ms = 50 }",
+    );
     let engine_a = EngineProcess::start_with(dir_a.path(), Some(&config), &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut batches: Vec<Bytes> = (0..20u64).map(|b| batch_of(b * 10..b * 10 + 10, 64 << 10)).collect();
     // One event no request to that peer can carry, in the middle of the stream.
     batches.insert(10, batch_of(1_000_000..1_000_001, 2 << 20));
     produce(&rt, engine_a.binary, "in", batches);
-    wait_for("200 events at the peer", Duration::from_secs(60), || read_topic(&rt, engine_b.binary, "copy").len() >= 200);
+    wait_for("200 events at the peer", Duration::from_secs(60), || {
+        read_topic(&rt, engine_b.binary, "copy").len() >= 200
+    });
     std::thread::sleep(Duration::from_millis(300));
     let delivered = read_topic(&rt, engine_b.binary, "copy");
     assert_eq!(ids(&delivered), (0..200).collect::<Vec<u64>>(), "in order, each once");
@@ -424,7 +434,11 @@ fn a_peer_that_closes_in_the_middle_of_a_batch_gets_no_duplicates() {
     });
     std::thread::sleep(Duration::from_millis(500));
     let delivered = ids(&read_topic(&rt, engine_b.binary, "copy"));
-    assert_eq!(delivered, (0..1000).collect::<Vec<u64>>(), "each event once, in order, though a stored request was sent again");
+    assert_eq!(
+        delivered,
+        (0..1000).collect::<Vec<u64>>(),
+        "each event once, in order, though a stored request was sent again"
+    );
     assert!(proxy.connections.load(Ordering::SeqCst) >= 2, "the sink reconnected");
     assert!(engine_a.metric("flowgate_sink_errors_total{pipeline=\"forward\"") >= 1.0);
 }

@@ -50,7 +50,9 @@ impl Connectors {
             SinkKind::Tcp { addr, topic, connect_timeout_ms, request_timeout_ms } => {
                 anyhow::ensure!(addr.contains(':'), "`addr` must be host:port");
                 flowgate_log::validate_topic_name(topic)?;
-                for (key, ms) in [("connect_timeout_ms", connect_timeout_ms), ("request_timeout_ms", request_timeout_ms)] {
+                for (key, ms) in
+                    [("connect_timeout_ms", connect_timeout_ms), ("request_timeout_ms", request_timeout_ms)]
+                {
                     anyhow::ensure!((1..=3_600_000).contains(ms), "`{key}` must be between 1 and 3600000 (one hour)");
                 }
             }
@@ -148,7 +150,8 @@ mod tests {
         assert_eq!(claim("out"), claim("/data/out"));
         assert_eq!(claim("out"), claim("x/../out"));
         assert_ne!(claim("out"), claim("out2"));
-        let topic = SinkConfig { name: "t".into(), kind: SinkKind::Topic { topic: "t".into() }, batch: Default::default() };
+        let topic =
+            SinkConfig { name: "t".into(), kind: SinkKind::Topic { topic: "t".into() }, batch: Default::default() };
         assert_eq!(Connectors::output_claim_in(data, &topic), None);
     }
 }

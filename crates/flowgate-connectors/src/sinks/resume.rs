@@ -69,7 +69,8 @@ mod tests {
     fn the_same_batch_resumes_and_another_does_not() {
         let batch = vec![event(1, "a"), event(2, "b")];
         assert_eq!(Unfinished::new(&batch, 7).resume(&batch, "s"), Some(7));
-        let copy: Vec<SinkEvent> = batch.iter().map(|e| event(e.offset, std::str::from_utf8(&e.payload).unwrap())).collect();
+        let copy: Vec<SinkEvent> =
+            batch.iter().map(|e| event(e.offset, std::str::from_utf8(&e.payload).unwrap())).collect();
         assert_eq!(Unfinished::new(&batch, 7).resume(&copy, "s"), Some(7), "equal contents at other addresses");
         assert_eq!(Unfinished::new(&batch, 7).resume(&[event(1, "a"), event(2, "c")], "s"), None);
         assert_eq!(Unfinished::new(&batch, 7).resume(&batch[..1], "s"), None);

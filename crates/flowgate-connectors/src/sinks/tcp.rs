@@ -146,9 +146,8 @@ impl TcpSink {
         }
         self.client = None;
         let addr = &self.settings.addr;
-        let client = tokio::time::timeout(self.settings.connect_timeout, Client::connect(addr))
-            .await
-            .map_err(|_| {
+        let client =
+            tokio::time::timeout(self.settings.connect_timeout, Client::connect(addr)).await.map_err(|_| {
                 anyhow::anyhow!(
                     "no handshake from {addr} within connect_timeout_ms ({} ms)",
                     self.settings.connect_timeout.as_millis()
@@ -185,7 +184,8 @@ impl TcpSink {
                     client.max_frame_bytes()
                 );
             };
-            let fits = |range: &[SinkEvent]| range.iter().map(record_bound).fold(0usize, usize::saturating_add) <= budget;
+            let fits =
+                |range: &[SinkEvent]| range.iter().map(record_bound).fold(0usize, usize::saturating_add) <= budget;
             let (end, stamp, resend) = match progress.in_doubt {
                 Some(d) if fits(&events[progress.done..d.end]) => (d.end, d.stamp, true),
                 Some(_) => {
@@ -244,14 +244,20 @@ impl TcpSink {
                     progress.in_doubt = None;
                     self.progress = Some(progress);
                     self.new_producer();
-                    return Err(e).context("the peer claims a sequence never sent before; retrying under a new producer id");
+                    return Err(e)
+                        .context("the peer claims a sequence never sent before; retrying under a new producer id");
                 }
                 Ok(Err(e)) => {
                     if !matches!(e, ClientError::Server { .. }) {
                         self.client = None;
                     }
                     return Err(e).with_context(|| {
-                        format!("sending {} events to topic '{}' at {}", end - progress.done, self.settings.topic, self.settings.addr)
+                        format!(
+                            "sending {} events to topic '{}' at {}",
+                            end - progress.done,
+                            self.settings.topic,
+                            self.settings.addr
+                        )
                     });
                 }
                 Err(_) => {

@@ -58,7 +58,8 @@ impl TopicSink {
         let topic = self.log.topic_or_create(&self.topic)?;
         let n = topic.partition_count();
         let resumed = self.unfinished.take().and_then(|u| u.resume(events, &self.name)).filter(|p| p.partitions == n);
-        let mut progress = resumed.unwrap_or_else(|| Progress { partitions: n, keyless: topic.next_round_robin(), next_partition: 0 });
+        let mut progress =
+            resumed.unwrap_or_else(|| Progress { partitions: n, keyless: topic.next_round_robin(), next_partition: 0 });
         if self.builders.len() < n as usize {
             self.builders.resize_with(n as usize, BatchBuilder::new);
             self.written.resize_with(n as usize, || None);
@@ -77,14 +78,13 @@ impl TopicSink {
             if builder.is_empty() {
                 continue;
             }
-            let appended = builder
-                .finish(Codec::None, ProducerStamp::default())
-                .map_err(anyhow::Error::from)
-                .and_then(|mut batch| {
+            let appended = builder.finish(Codec::None, ProducerStamp::default()).map_err(anyhow::Error::from).and_then(
+                |mut batch| {
                     let partition = topic.partition(p)?;
                     let outcome = partition.append(&mut batch.bytes)?;
                     Ok((partition.clone(), outcome.end_offset()))
-                });
+                },
+            );
             match appended {
                 Ok((partition, end)) => {
                     let slot = &mut self.written[p as usize];
@@ -150,15 +150,19 @@ mod tests {
         let mut out = Vec::new();
         let mut scratch = Vec::new();
         for p in log.topic(topic).unwrap().partitions() {
-            let r = p.read(p.start_offset(), 64 << 20).unwrap();
-            let mut rest = &r.batches[..];
-            while !rest.is_empty() {
-                let (view, tail) = BatchView::parse(rest).unwrap();
-                for rec in view.records(&mut scratch).unwrap() {
-                    let v: serde_json::Value = serde_json::from_slice(rec.unwrap().payload).unwrap();
-                    out.push(v["n"].as_u64().unwrap());
+            let mut offset = p.start_offset();
+            while offset < p.end_offset() {
+                let r = p.read(offset, 1 << 20).unwrap();
+                let mut rest = &r.batches[..];
+                while !rest.is_empty() {
+                    let (view, tail) = BatchView::parse(rest).unwrap();
+                    for rec in view.records(&mut scratch).unwrap() {
+                        let v: serde_json::Value = serde_json::from_slice(rec.unwrap().payload).unwrap();
+                        out.push(v["n"].as_u64().unwrap());
+                    }
+                    offset = view.last_offset() + 1;
+                    rest = tail;
                 }
-                rest = tail;
             }
         }
         out.sort_unstable();
@@ -175,7 +179,8 @@ mod tests {
         let topic = log.create_topic("out", 3).unwrap();
         let mut sink = TopicSink::new(log.clone(), "out", "s");
         sink.write(&events(0..30)).await.unwrap();
-        let blocker = topic.partition(1).unwrap().dir().join(format!("{:020}.log", topic.partition(1).unwrap().end_offset()));
+        let blocker =
+            topic.partition(1).unwrap().dir().join(format!("{:020}.log", topic.partition(1).unwrap().end_offset()));
         std::fs::create_dir(&blocker).unwrap();
         let batch = events(30..90);
         let err = sink.write(&batch).await.unwrap_err();
