@@ -58,6 +58,15 @@ struct Inner {
     slots: Arc<Semaphore>,
     closed: Arc<AtomicBool>,
     max_frame_bytes: AtomicU32,
+    /// The reader task; ended with the last clone of the client, so a peer that never
+    /// answers nor closes does not keep the socket and the task alive.
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 /// A connection to an engine. Clones share the connection; requests from any clone may
@@ -164,7 +173,7 @@ impl Client {
         let reader_pending = pending.clone();
         let reader_closed = closed.clone();
         let reader_addr = addr.to_owned();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut buf = BytesMut::with_capacity(64 * 1024);
             let failure = loop {
                 match check_frame(&buf, u32::MAX) {
@@ -219,6 +228,7 @@ impl Client {
                 slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
                 closed,
                 max_frame_bytes: AtomicU32::new(flowgate_protocol::DEFAULT_MAX_FRAME_BYTES),
+                reader: reader.abort_handle(),
             }),
         };
         // Version 2: the idempotent producer needs PRODUCE_PARTITION and METADATA.

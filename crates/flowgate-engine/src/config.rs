@@ -357,9 +357,25 @@ pub enum SinkKind {
         addr: String,
         /// Topic there.
         topic: String,
+        /// A connection (with its handshake) not made within this long fails the write,
+        /// which is retried.
+        #[serde(default = "default_connect_timeout")]
+        connect_timeout_ms: u64,
+        /// A request not answered within this long fails the write; the connection is
+        /// dropped and the write retried on a new one (idempotently: stored once).
+        #[serde(default = "default_request_timeout")]
+        request_timeout_ms: u64,
     },
     /// Discards everything (for benchmarks).
     Blackhole,
+}
+
+fn default_connect_timeout() -> u64 {
+    5_000
+}
+
+fn default_request_timeout() -> u64 {
+    10_000
 }
 
 fn default_rotate_bytes() -> u64 {

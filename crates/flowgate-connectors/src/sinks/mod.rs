@@ -2,11 +2,13 @@
 
 mod blackhole;
 mod file;
+mod resume;
 mod stdout;
 mod tcp;
 mod topic;
 
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
 
 use flowgate_engine::config::{SinkConfig, SinkKind};
 use flowgate_engine::{Sink, SinkFactory, SinkPlace};
@@ -15,7 +17,7 @@ use flowgate_log::Log;
 pub use blackhole::BlackholeSink;
 pub use file::FileSink;
 pub use stdout::StdoutSink;
-pub use tcp::TcpSink;
+pub use tcp::{TcpSink, TcpSinkSettings};
 pub use topic::TopicSink;
 
 /// Builds sinks for pipelines of one engine.
@@ -32,6 +34,9 @@ impl Connectors {
     }
 }
 
+/// The largest `batch.max_bytes` a sink accepts: a sink batch must fit a log batch.
+const MAX_SINK_BATCH_BYTES: usize = 64 << 20;
+
 impl Connectors {
     /// Checks a sink config without an engine (for `flowgate validate`).
     pub fn validate_config(config: &SinkConfig) -> anyhow::Result<()> {
@@ -42,9 +47,14 @@ impl Connectors {
                 anyhow::ensure!(matches!(compression.as_str(), "none" | "zstd"), "`compression` must be none or zstd");
             }
             SinkKind::Topic { topic } => flowgate_log::validate_topic_name(topic)?,
-            SinkKind::Tcp { addr, topic } => {
+            SinkKind::Tcp { addr, topic, connect_timeout_ms, request_timeout_ms } => {
                 anyhow::ensure!(addr.contains(':'), "`addr` must be host:port");
                 flowgate_log::validate_topic_name(topic)?;
+                for (key, ms) in
+                    [("connect_timeout_ms", connect_timeout_ms), ("request_timeout_ms", request_timeout_ms)]
+                {
+                    anyhow::ensure!((1..=3_600_000).contains(ms), "`{key}` must be between 1 and 3600000 (one hour)");
+                }
             }
             SinkKind::Stdout | SinkKind::Blackhole => {}
         }
@@ -53,8 +63,40 @@ impl Connectors {
             config.batch.min_events <= config.batch.max_events,
             "`batch.min_events` exceeds `batch.max_events`"
         );
+        anyhow::ensure!(
+            config.batch.max_bytes <= MAX_SINK_BATCH_BYTES,
+            "`batch.max_bytes` must be at most {MAX_SINK_BATCH_BYTES} (64 MiB)"
+        );
         Ok(())
     }
+
+    /// The output a sink claims for itself, with relative paths under `data_dir` (see
+    /// [`SinkFactory::output_claim`]): a file sink's directory, normalized so that
+    /// `out`, `./out/` and `<data_dir>/out` are one claim. Other sinks claim nothing:
+    /// topics and remote engines take writers side by side.
+    pub fn output_claim_in(data_dir: &Path, config: &SinkConfig) -> Option<String> {
+        match &config.kind {
+            SinkKind::File { path, .. } => Some(format!("directory {}", normalize(&data_dir.join(path)).display())),
+            _ => None,
+        }
+    }
+}
+
+/// `path` with `.` and `..` resolved lexically (the directory may not exist yet).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 impl Connectors {
@@ -96,10 +138,44 @@ impl SinkFactory for Connectors {
                 let dir = self.data_dir.join(path);
                 Box::new(FileSink::new(dir, place, *rotate_bytes, *rotate_ms, compression == "zstd")?)
             }
-            SinkKind::Topic { topic } => Box::new(TopicSink::new(self.log.clone(), topic)),
+            SinkKind::Topic { topic } => Box::new(TopicSink::new(self.log.clone(), topic, &config.name)),
             SinkKind::Stdout => Box::new(StdoutSink),
-            SinkKind::Tcp { addr, topic } => Box::new(TcpSink::new(addr, topic)),
+            SinkKind::Tcp { addr, topic, connect_timeout_ms, request_timeout_ms } => {
+                let settings = TcpSinkSettings {
+                    addr: addr.clone(),
+                    topic: topic.clone(),
+                    connect_timeout: Duration::from_millis(*connect_timeout_ms),
+                    request_timeout: Duration::from_millis(*request_timeout_ms),
+                };
+                Box::new(TcpSink::new(settings, self.log.clone(), place, &config.name))
+            }
             SinkKind::Blackhole => Box::new(BlackholeSink),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_sink(name: &str, path: &str) -> SinkConfig {
+        SinkConfig {
+            name: name.into(),
+            kind: SinkKind::File { path: path.into(), rotate_bytes: 1 << 20, rotate_ms: 0, compression: "none".into() },
+            batch: Default::default(),
+        }
+    }
+
+    #[test]
+    fn one_directory_is_one_claim_however_it_is_spelt() {
+        let data = Path::new("/data");
+        let claim = |p: &str| Connectors::output_claim_in(data, &file_sink("s", p)).unwrap();
+        assert_eq!(claim("out"), claim("./out/"));
+        assert_eq!(claim("out"), claim("/data/out"));
+        assert_eq!(claim("out"), claim("x/../out"));
+        assert_ne!(claim("out"), claim("out2"));
+        let topic =
+            SinkConfig { name: "t".into(), kind: SinkKind::Topic { topic: "t".into() }, batch: Default::default() };
+        assert_eq!(Connectors::output_claim_in(data, &topic), None);
     }
 }
