@@ -95,7 +95,7 @@ pub fn validate(pipelines: &[PipelineConfig], sinks: &dyn SinkFactory) -> anyhow
                 }
             }
         }
-        processors::build(&p.processors, &sink_names).map_err(at)?;
+        processors::build_pipeline(p).map_err(at)?;
     }
     Ok(())
 }

@@ -36,6 +36,7 @@ pub(super) fn ensure_topics(log: &Log, config: &PipelineConfig) -> anyhow::Resul
 impl Worker {
     /// Writes the late events and dead letters processor `i` produced.
     pub(super) fn handle_outputs(&mut self, i: usize, outputs: Outputs) -> anyhow::Result<()> {
+        self.shared.metrics.record_bounds(&self.processor_labels[i], &outputs.bounds);
         if !outputs.late.is_empty() {
             self.shared.metrics.late_events.get_or_create(&self.processor_labels[i]).inc_by(outputs.late.len() as u64);
             let mut by_topic: HashMap<String, Vec<PipelineEvent>> = HashMap::new();

@@ -49,8 +49,7 @@ impl Worker {
         partition: Arc<Partition>,
         health: Arc<WorkerHealth>,
     ) -> anyhow::Result<Worker> {
-        let sink_names: Vec<String> = config.sinks.iter().map(|s| s.name.clone()).collect();
-        let processors = processors::build(&config.processors, &sink_names)?;
+        let processors = processors::build_pipeline(&config)?;
         let processor_labels = processors
             .iter()
             .enumerate()
@@ -106,13 +105,8 @@ impl Worker {
                         "the checkpoint holds state for a different number of processors; state is restored by position");
                 }
                 for (i, (p, state)) in self.processors.iter_mut().zip(&c.processors).enumerate() {
-                    p.restore(state).map_err(|e| {
-                        anyhow::anyhow!(
-                            "processor {} ({}): cannot restore its checkpointed state: {e:#}",
-                            i + 1,
-                            p.kind()
-                        )
-                    })?;
+                    p.restore(state)
+                        .map_err(|e| self.checkpoint.restore_error(&format!("processor {} ({})", i + 1, p.kind()), e))?;
                 }
                 c.offset.max(self.partition.start_offset())
             }
