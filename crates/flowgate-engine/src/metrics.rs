@@ -95,8 +95,13 @@ pub struct PipelineMetrics {
     pub sink_batch_target: Family<SinkLabels, Gauge>,
     /// From the event's timestamp (ingest time unless the client set one) to its sink write.
     pub end_to_end_seconds: Family<PipelineLabels, Histogram, fn() -> Histogram>,
+    /// From the event's timestamp to the commit that made its sink output durable.
+    pub durable_seconds: Family<PipelineLabels, Histogram, fn() -> Histogram>,
     /// Log end offset minus committed offset.
     pub lag: Family<SourceLabels, Gauge>,
+    /// The next offset to read after the last checkpoint (everything below it is in
+    /// durable sink output, durable side outputs or checkpointed processor state).
+    pub committed_offset: Family<SourceLabels, Gauge>,
     /// Events sent to the dead-letter topic.
     pub dead_letters: Family<PipelineLabels, Counter>,
     /// Events refused because their event time was outside the pipeline's bounds.
@@ -136,7 +141,9 @@ impl PipelineMetrics {
             sink_write_seconds: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
             sink_batch_target: Family::default(),
             end_to_end_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            durable_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             lag: Family::default(),
+            committed_offset: Family::default(),
             dead_letters: Family::default(),
             event_time_rejected: Family::default(),
             state_over_limit: Family::default(),
@@ -197,7 +204,17 @@ impl PipelineMetrics {
             "From event timestamp to sink write",
             m.end_to_end_seconds.clone(),
         );
+        registry.register(
+            "flowgate_pipeline_durable_latency_seconds",
+            "From event timestamp to the sink commit that made it durable",
+            m.durable_seconds.clone(),
+        );
         registry.register("flowgate_pipeline_lag", "Log end offset minus committed offset", m.lag.clone());
+        registry.register(
+            "flowgate_pipeline_committed_offset",
+            "Next offset to read after the last checkpoint",
+            m.committed_offset.clone(),
+        );
         registry.register("flowgate_dlq_events", "Events sent to the dead-letter topic", m.dead_letters.clone());
         registry.register(
             "flowgate_processor_event_time_rejected",

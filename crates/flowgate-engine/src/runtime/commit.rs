@@ -98,6 +98,14 @@ impl Worker {
         let file = self.checkpoint.clone();
         tokio::task::spawn_blocking(move || file.store(&checkpoint)).await??;
         self.health.committed.store(offset, std::sync::atomic::Ordering::Release);
+        self.report_committed(offset);
         Ok(())
+    }
+
+    /// Tells the log (whose retention reports deleting what a pipeline has not read) and
+    /// the metrics where this partition's pipeline stands.
+    pub(super) fn report_committed(&self, offset: u64) {
+        self.partition.set_consumer_offset(&self.config.name, offset);
+        self.committed_offset.set(i64::try_from(offset).unwrap_or(i64::MAX));
     }
 }

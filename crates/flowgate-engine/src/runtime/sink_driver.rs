@@ -119,7 +119,15 @@ struct SinkTask {
     metrics: Arc<PipelineMetrics>,
     events: prometheus_client::metrics::counter::Counter,
     end_to_end: prometheus_client::metrics::histogram::Histogram,
+    durable: prometheus_client::metrics::histogram::Histogram,
+    /// Timestamps of events written since the last commit, observed into `durable` once
+    /// the commit succeeds; at most [`MAX_UNCOMMITTED_SAMPLES`] (the earliest, which wait
+    /// longest, are kept).
+    uncommitted: Vec<i64>,
 }
+
+/// Bound of [`SinkTask::uncommitted`]: 8 MiB of timestamps between two commits.
+const MAX_UNCOMMITTED_SAMPLES: usize = 1 << 20;
 
 impl SinkTask {
     /// Writes the batch (retrying with backoff until it succeeds), records metrics, and
@@ -144,10 +152,12 @@ impl SinkTask {
             }
         };
         let now = flowgate_core::time::now_ms();
+        let room = MAX_UNCOMMITTED_SAMPLES.saturating_sub(self.uncommitted.len());
         for e in events {
             // Event times come from clients: any i64 may be here.
             self.end_to_end.observe(now.saturating_sub(e.timestamp).max(0) as f64 / 1000.0);
         }
+        self.uncommitted.extend(events.iter().take(room).map(|e| e.timestamp));
         self.events.inc_by(events.len() as u64);
         self.metrics.sink_batch_events.get_or_create(&self.labels).observe(events.len() as f64);
         self.metrics.sink_write_seconds.get_or_create(&self.labels).observe(took.as_secs_f64());
@@ -159,6 +169,16 @@ impl SinkTask {
         self.metrics.sink_flushes.get_or_create(&flush_labels).inc();
         batch.clear();
         Some(took)
+    }
+}
+
+impl SinkTask {
+    /// Observes how long the events written since the last commit took to become durable.
+    fn observe_durable(&mut self) {
+        let now = flowgate_core::time::now_ms();
+        for ts in self.uncommitted.drain(..) {
+            self.durable.observe(now.saturating_sub(ts).max(0) as f64 / 1000.0);
+        }
     }
 }
 
@@ -177,7 +197,8 @@ pub(super) async fn run_sink(
     let events = metrics.sink_events.get_or_create(&labels).clone();
     let end_to_end =
         metrics.end_to_end_seconds.get_or_create(&PipelineLabels { pipeline: labels.pipeline.clone() }).clone();
-    let mut task = SinkTask { sink, events, end_to_end, labels, metrics };
+    let durable = metrics.durable_seconds.get_or_create(&PipelineLabels { pipeline: labels.pipeline.clone() }).clone();
+    let mut task = SinkTask { sink, events, end_to_end, durable, uncommitted: Vec::new(), labels, metrics };
     let target_gauge = task.metrics.sink_batch_target.get_or_create(&task.labels).clone();
     let mut target = if policy.adaptive { (policy.max_events / 4).max(policy.min_events) } else { policy.max_events };
     target_gauge.set(i64::try_from(target).unwrap_or(i64::MAX));
@@ -222,7 +243,11 @@ pub(super) async fn run_sink(
             Some(SinkMsg::Commit(reply)) => {
                 task.flush(&mut buffer, Reason::Commit).await;
                 oldest = None;
-                let _ = reply.send(task.sink.commit().await);
+                let committed = task.sink.commit().await;
+                if committed.is_ok() {
+                    task.observe_durable();
+                }
+                let _ = reply.send(committed);
             }
             None => {
                 task.flush(&mut buffer, Reason::Commit).await;

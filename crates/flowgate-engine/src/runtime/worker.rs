@@ -39,6 +39,8 @@ pub(super) struct Worker {
     /// Sink state of the checkpoint, by sink name, with entries of sinks no longer
     /// configured (carried forward, never dropped).
     pub(super) sink_states: SinkStates,
+    /// `flowgate_pipeline_committed_offset` of this partition.
+    pub(super) committed_offset: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Worker {
@@ -59,6 +61,15 @@ impl Worker {
             })
             .collect();
         let checkpoint = CheckpointFile::new(&shared.data_dir, &config.name, topic, partition.id());
+        let committed_offset = shared
+            .metrics
+            .committed_offset
+            .get_or_create(&SourceLabels {
+                pipeline: config.name.clone(),
+                topic: topic.to_owned(),
+                partition: partition.id().to_string(),
+            })
+            .clone();
         Ok(Worker {
             shared,
             config,
@@ -70,6 +81,7 @@ impl Worker {
             health,
             side_writes: Vec::new(),
             sink_states: SinkStates::default(),
+            committed_offset,
         })
     }
 
@@ -115,6 +127,7 @@ impl Worker {
         };
         tracing::info!(pipeline = %self.config.name, topic = %self.topic, partition = self.partition.id(), offset,
             resumed = saved.is_some(), "pipeline worker started");
+        self.report_committed(offset);
         self.health.set_state(WorkerState::Running);
         let commit_every = Duration::from_millis(self.config.commit_interval_ms.max(10));
         let mut next_commit = Instant::now() + commit_every;
