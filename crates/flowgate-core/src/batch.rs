@@ -621,7 +621,10 @@ impl<'s> Iterator for RecordIter<'s> {
         if self.index >= self.stated {
             if self.pos < self.buf.len() {
                 self.pos = self.buf.len();
-                return Some(Err(BatchError::CountMismatch { stated: self.stated, found: self.index.saturating_add(1) }));
+                return Some(Err(BatchError::CountMismatch {
+                    stated: self.stated,
+                    found: self.index.saturating_add(1),
+                }));
             }
             return None;
         }

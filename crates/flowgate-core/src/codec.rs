@@ -92,10 +92,10 @@ impl Codec {
                 out.truncate(n);
             }
             Codec::Zstd => {
-                // Into `out`'s own capacity: zstd fails rather than write past it, whatever
-                // content size the frame header claims.
-                out.reserve_exact(expected_len);
-                zstd::bulk::decompress_to_buffer(input, out)?;
+                // A buffer of exactly `expected_len`: zstd fails rather than grow it,
+                // whatever content size the frame header claims.
+                let mut decoded = zstd::bulk::decompress(input, expected_len)?;
+                std::mem::swap(out, &mut decoded);
             }
         }
         if out.len() != expected_len {

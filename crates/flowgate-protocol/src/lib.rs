@@ -17,7 +17,7 @@
 mod codec;
 
 pub use codec::{
-    check_frame, decode_request, decode_response, encode_fetch_ok_head, encode_request, encode_response, ErrorCode, PartitionAck,
-    PartitionInfo, ProtocolError, Request, Response, TopicInfo, DEFAULT_MAX_FRAME_BYTES, FRAME_HEADER_LEN, MAGIC,
-    VERSION,
+    check_frame, decode_request, decode_response, encode_fetch_ok_head, encode_request, encode_response, ErrorCode,
+    PartitionAck, PartitionInfo, ProtocolError, Request, Response, TopicInfo, DEFAULT_MAX_FRAME_BYTES,
+    FRAME_HEADER_LEN, MAGIC, VERSION,
 };

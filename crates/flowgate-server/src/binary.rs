@@ -130,7 +130,12 @@ async fn send(out: &mut OwnedWriteHalf, bytes: &[u8], timeout: Duration, metrics
     }
 }
 
-async fn write_replies(mut out: OwnedWriteHalf, mut rx: mpsc::Receiver<Reply>, timeout: Duration, metrics: Arc<Metrics>) {
+async fn write_replies(
+    mut out: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Reply>,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+) {
     let mut buf: Vec<u8> = Vec::with_capacity(BASE_BUFFER);
     let mut closing = false;
     while let Some(first) = rx.recv().await {
@@ -381,7 +386,9 @@ impl Connection<'_> {
             match tokio::time::timeout(shared.frame_timeout(), wait).await {
                 Ok(Ok(())) => {}
                 Ok(Err(over)) => {
-                    let message = format!("this batch needs more memory than the server may buffer: {over}; send smaller batches");
+                    let message = format!(
+                        "this batch needs more memory than the server may buffer: {over}; send smaller batches"
+                    );
                     self.reject("over_budget", &message);
                     return error(ErrorCode::InvalidBatch, &message);
                 }

@@ -22,9 +22,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::config::NdjsonAck;
-use crate::parse::{max_events, max_records_len, reason_text, LineSplitter};
 use crate::ingest::{Scratch, Written};
 use crate::metrics::IngestPath;
+use crate::parse::{max_events, max_records_len, reason_text, LineSplitter};
 use crate::shared::{warn_bad_input, Shared};
 
 /// Base read buffer per connection, and the most a batch holds from one read.
@@ -118,7 +118,10 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
             if !matches!(tokio::time::timeout(line_timeout, wait).await, Ok(Ok(()))) {
                 metrics.rejected(IngestPath::Ndjson, "busy", 1);
                 if ack {
-                    reply_line(&mut replies, serde_json::json!({"error": "the server's ingest buffers are full; retry later", "reason": "busy", "fatal": true}));
+                    reply_line(
+                        &mut replies,
+                        serde_json::json!({"error": "the server's ingest buffers are full; retry later", "reason": "busy", "fatal": true}),
+                    );
                 }
                 break;
             }
@@ -136,7 +139,10 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
                 metrics.rejected(IngestPath::Ndjson, reason, 1);
                 warn_bad_input(&shared, "ndjson", &peer, reason_text(reason));
                 if ack {
-                    reply_line(&mut replies, serde_json::json!({"line": line, "error": reason_text(reason), "reason": reason}));
+                    reply_line(
+                        &mut replies,
+                        serde_json::json!({"line": line, "error": reason_text(reason), "reason": reason}),
+                    );
                 }
             },
         );
@@ -157,7 +163,10 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
                     if let Err(e) = written.durable().await {
                         tracing::error!(error = %e, "NDJSON append not durable; closing connection");
                         if ack {
-                            reply_line(&mut replies, serde_json::json!({"error": format!("storage error: {e}"), "reason": "storage_error", "fatal": true}));
+                            reply_line(
+                                &mut replies,
+                                serde_json::json!({"error": format!("storage error: {e}"), "reason": "storage_error", "fatal": true}),
+                            );
                         }
                         break;
                     }
@@ -168,7 +177,10 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
                     metrics.rejected(IngestPath::Ndjson, "storage_error", u64::from(events));
                     tracing::error!(error = %e, "NDJSON append failed; closing connection");
                     if ack {
-                        reply_line(&mut replies, serde_json::json!({"error": format!("storage error: {e}"), "reason": "storage_error", "fatal": true}));
+                        reply_line(
+                            &mut replies,
+                            serde_json::json!({"error": format!("storage error: {e}"), "reason": "storage_error", "fatal": true}),
+                        );
                     }
                     break;
                 }

@@ -90,10 +90,11 @@ fn produce_ok(engine: &EngineProcess, topic: &str, batch: Bytes) -> u32 {
     let topic = topic.to_owned();
     rt.block_on(async move {
         let client = Client::connect(&addr).await.unwrap();
-        let acks = tokio::time::timeout(Duration::from_secs(10), client.produce(&topic, batch, ProducerStamp::default()))
-            .await
-            .expect("a well-behaved producer is answered promptly")
-            .unwrap();
+        let acks =
+            tokio::time::timeout(Duration::from_secs(10), client.produce(&topic, batch, ProducerStamp::default()))
+                .await
+                .expect("a well-behaved producer is answered promptly")
+                .unwrap();
         acks.iter().map(|a| a.record_count).sum()
     })
 }
@@ -146,7 +147,10 @@ fn compression_bombs_are_refused_before_inflating_and_others_are_still_served() 
     let grown = engine.peak_rss().saturating_sub(baseline);
     assert!(grown < 64 * MIB, "the engine's peak memory grew by {} MiB", grown / MIB);
     assert_eq!(produce_ok(&engine, "t", batch_of(100, 100, Codec::Lz4)), 100, "others are still served");
-    assert_eq!(engine.metric("flowgate_ingest_rejected_total{path=\"binary\",reason=\"uncompressed_too_large\"}"), 17.0);
+    assert_eq!(
+        engine.metric("flowgate_ingest_rejected_total{path=\"binary\",reason=\"uncompressed_too_large\"}"),
+        17.0
+    );
     assert_eq!(engine.metric("flowgate_ingest_rejected_total{path=\"binary\",reason=\"invalid_batch\"}"), 2.0);
     let (_, text) = engine.http("GET", "/v1/topics", b"");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();

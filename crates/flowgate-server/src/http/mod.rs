@@ -125,7 +125,10 @@ async fn post_events(State(shared): State<Arc<Shared>>, Path(topic_name): Path<S
         Ok(Ok(())) => {}
         Ok(Err(over)) => {
             metrics.rejected(IngestPath::Http, "over_budget", 1);
-            return error(StatusCode::PAYLOAD_TOO_LARGE, format!("storing this body needs {over}; send smaller requests"));
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("storing this body needs {over}; send smaller requests"),
+            );
         }
         Err(_) => {
             metrics.rejected(IngestPath::Http, "busy", 1);
