@@ -207,7 +207,7 @@ impl BatchHeader {
 
     /// Offset of the last record.
     pub fn last_offset(&self) -> u64 {
-        // The base offset is not covered by the checksum: never overflow on it.
+        // Both fields come from untrusted bytes: saturate rather than wrap or panic.
         self.base_offset.saturating_add(u64::from(self.record_count).saturating_sub(1))
     }
 }
@@ -291,6 +291,13 @@ impl BatchBuilder {
     /// Encoded size of the records pushed so far (uncompressed).
     pub fn records_len(&self) -> usize {
         self.records.len()
+    }
+
+    /// Gives back buffer capacity above `bytes`, so one large batch does not pin its size
+    /// for as long as the builder lives.
+    pub fn shrink_to(&mut self, bytes: usize) {
+        self.records.shrink_to(bytes);
+        self.scratch.shrink_to(bytes);
     }
 
     /// Forgets the pushed records, keeping capacity.
@@ -614,7 +621,10 @@ impl<'s> Iterator for RecordIter<'s> {
         if self.index >= self.stated {
             if self.pos < self.buf.len() {
                 self.pos = self.buf.len();
-                return Some(Err(BatchError::CountMismatch { stated: self.stated, found: self.index + 1 }));
+                return Some(Err(BatchError::CountMismatch {
+                    stated: self.stated,
+                    found: self.index.saturating_add(1),
+                }));
             }
             return None;
         }
@@ -724,6 +734,36 @@ mod tests {
         let mut scratch = Vec::new();
         let times: Vec<i64> = view.records(&mut scratch).unwrap().map(|r| r.unwrap().timestamp).collect();
         assert_eq!(times, vec![1000, 990, 1030]);
+    }
+
+    #[test]
+    fn a_records_length_no_input_could_inflate_to_is_refused_before_allocating() {
+        for codec in [Codec::Lz4, Codec::Zstd] {
+            let mut builder = BatchBuilder::new();
+            builder.push_payload(1, None, b"{\"a\":1}");
+            let mut batch = builder.finish(codec, ProducerStamp::default()).unwrap();
+            // The header claims 256 MiB; the checksum is made to match, as an attacker would.
+            batch.bytes[55..59].copy_from_slice(&(256u32 << 20).to_le_bytes());
+            let crc = compute_crc(&batch.bytes);
+            batch.bytes[13..17].copy_from_slice(&crc.to_le_bytes());
+            let (view, _) = BatchView::parse(&batch.bytes).unwrap();
+            let mut scratch = Vec::new();
+            let err = view.records(&mut scratch).unwrap_err();
+            assert!(matches!(err, BatchError::Decompress(_)), "{codec}: {err}");
+            assert!(scratch.capacity() < 1 << 20, "{codec}: allocated {} bytes", scratch.capacity());
+        }
+    }
+
+    #[test]
+    fn offsets_near_the_end_of_the_range_saturate_instead_of_overflowing() {
+        let mut builder = BatchBuilder::new();
+        for i in 0..3 {
+            builder.push_payload(i, None, b"x");
+        }
+        let mut batch = builder.finish(Codec::None, ProducerStamp::default()).unwrap();
+        set_base_offset(&mut batch.bytes, u64::MAX - 1);
+        let (view, _) = BatchView::parse(&batch.bytes).unwrap();
+        assert_eq!(view.last_offset(), u64::MAX);
     }
 
     #[test]

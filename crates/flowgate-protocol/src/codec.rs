@@ -13,6 +13,8 @@ pub const MAGIC: &[u8; 8] = b"FLOWGATE";
 pub const DEFAULT_MAX_FRAME_BYTES: u32 = 16 << 20;
 /// Length prefix, kind, flags and correlation id.
 pub const FRAME_HEADER_LEN: usize = 10;
+/// Bytes of one PRODUCE_OK entry: partition, first offset, record count.
+const ACK_LEN: usize = 16;
 
 mod kind {
     pub const HELLO: u8 = 0x01;
@@ -72,6 +74,8 @@ pub enum ErrorCode {
     /// A PRODUCE split across partitions was stored in some of them only; the message
     /// lists which. Not retriable as a whole.
     PartiallyStored = 15,
+    /// The server's ingest buffers stayed full for longer than its frame deadline.
+    Busy = 16,
 }
 
 impl ErrorCode {
@@ -99,6 +103,7 @@ impl ErrorCode {
             13 => OutOfOrderSequence,
             14 => UnknownProducer,
             15 => PartiallyStored,
+            16 => Busy,
             _ => return None,
         })
     }
@@ -106,7 +111,10 @@ impl ErrorCode {
     /// True when retrying the same request later may succeed. An out-of-order sequence
     /// is retriable once the batches before it are resent.
     pub fn is_retriable(self) -> bool {
-        matches!(self, ErrorCode::StorageError | ErrorCode::ShuttingDown | ErrorCode::OutOfOrderSequence)
+        matches!(
+            self,
+            ErrorCode::StorageError | ErrorCode::ShuttingDown | ErrorCode::OutOfOrderSequence | ErrorCode::Busy
+        )
     }
 }
 
@@ -129,6 +137,7 @@ impl fmt::Display for ErrorCode {
             OutOfOrderSequence => "OUT_OF_ORDER_SEQUENCE",
             UnknownProducer => "UNKNOWN_PRODUCER",
             PartiallyStored => "PARTIALLY_STORED",
+            Busy => "BUSY",
         })
     }
 }
@@ -346,7 +355,7 @@ pub fn check_frame(buf: &[u8], max_frame_bytes: u32) -> Result<Option<usize>, Pr
     if len < 6 {
         return Err(ProtocolError::FrameTooSmall(len));
     }
-    let total = len as usize + 4;
+    let total = (len as usize).saturating_add(4);
     Ok((buf.len() >= total).then_some(total))
 }
 
@@ -379,6 +388,9 @@ impl<'a> Reader<'a> {
         let n = self.u32(what)? as usize;
         self.take(n, what)
     }
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
     fn rest(&mut self) -> &'a [u8] {
         let s = &self.buf[self.pos..];
         self.pos = self.buf.len();
@@ -399,7 +411,7 @@ fn open_frame(frame: &[u8]) -> Result<(u8, u32, Reader<'_>), ProtocolError> {
     if len < 6 {
         return Err(ProtocolError::FrameTooSmall(len));
     }
-    let total = 4 + len as usize;
+    let total = (len as usize).saturating_add(4);
     if frame.len() < total {
         return Err(ProtocolError::Truncated("frame body"));
     }
@@ -471,7 +483,8 @@ pub fn decode_response(frame: &[u8]) -> Result<(u32, Response<'_>), ProtocolErro
         },
         kind::PRODUCE_OK => {
             let n = r.u16("ack count")?;
-            let mut acks = Vec::with_capacity(n as usize);
+            // Never reserve more entries than the frame's remaining bytes can hold.
+            let mut acks = Vec::with_capacity((n as usize).min(r.remaining() / ACK_LEN));
             for _ in 0..n {
                 acks.push(PartitionAck {
                     partition: r.u32("partition")?,
@@ -488,11 +501,12 @@ pub fn decode_response(frame: &[u8]) -> Result<(u32, Response<'_>), ProtocolErro
         },
         kind::TOPICS => {
             let n = r.u32("topic count")?;
-            let mut topics = Vec::with_capacity((n as usize).min(1024));
+            // A topic takes at least 6 bytes (empty name, partition count).
+            let mut topics = Vec::with_capacity((n as usize).min(r.remaining() / 6));
             for _ in 0..n {
                 let name = r.str("topic name")?.to_owned();
                 let p = r.u32("partition count")?;
-                let mut partitions = Vec::with_capacity((p as usize).min(1024));
+                let mut partitions = Vec::with_capacity((p as usize).min(r.remaining() / 24));
                 for _ in 0..p {
                     partitions.push(PartitionInfo {
                         start_offset: r.u64("start_offset")?,
@@ -538,7 +552,9 @@ fn begin(out: &mut Vec<u8>, kind: u8, correlation_id: u32) -> usize {
 }
 
 fn end(out: &mut [u8], start: usize) {
-    let len = (out.len() - start - 4) as u32;
+    // Callers keep frames under the peer's limit (at most u32::MAX); saturate if not, so
+    // the peer refuses the frame as too large instead of misreading a wrapped length.
+    let len = u32::try_from(out.len() - start - 4).unwrap_or(u32::MAX);
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
 }
 
@@ -600,6 +616,25 @@ pub fn encode_request(correlation_id: u32, request: &Request<'_>, out: &mut Vec<
     end(out, start);
 }
 
+/// Appends the head of a FETCH_OK frame (everything but the batches) to `out`; the
+/// caller sends `batches_len` bytes of batches right after it. Lets a server write a large
+/// reply straight from the buffer it read, without copying it into a frame.
+pub fn encode_fetch_ok_head(
+    correlation_id: u32,
+    log_start_offset: u64,
+    log_end_offset: u64,
+    batches_len: usize,
+    out: &mut Vec<u8>,
+) {
+    let start = begin(out, kind::FETCH_OK, correlation_id);
+    out.extend_from_slice(&log_start_offset.to_le_bytes());
+    out.extend_from_slice(&log_end_offset.to_le_bytes());
+    let batches_len = u32::try_from(batches_len).unwrap_or(u32::MAX);
+    out.extend_from_slice(&batches_len.to_le_bytes());
+    let len = u32::try_from(out.len() - start - 4).unwrap_or(u32::MAX).saturating_add(batches_len);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+}
+
 /// Appends a whole response frame to `out`.
 pub fn encode_response(correlation_id: u32, response: &Response<'_>, out: &mut Vec<u8>) {
     let start;
@@ -623,7 +658,7 @@ pub fn encode_response(correlation_id: u32, response: &Response<'_>, out: &mut V
             start = begin(out, kind::FETCH_OK, correlation_id);
             out.extend_from_slice(&log_start_offset.to_le_bytes());
             out.extend_from_slice(&log_end_offset.to_le_bytes());
-            out.extend_from_slice(&(batches.len() as u32).to_le_bytes());
+            out.extend_from_slice(&u32::try_from(batches.len()).unwrap_or(u32::MAX).to_le_bytes());
             out.extend_from_slice(batches);
         }
         Response::Topics(topics) => {
@@ -710,7 +745,7 @@ mod tests {
         }
 
         #[test]
-        fn responses_round_trip((t, a, b, bytes, n, v1, _v2, _ts) in request(), corr in any::<u32>(), code in 1u16..=15) {
+        fn responses_round_trip((t, a, b, bytes, n, v1, _v2, _ts) in request(), corr in any::<u32>(), code in 1u16..=16) {
             let topics = vec![TopicInfo { name: t.clone(), partitions: vec![PartitionInfo { start_offset: a, end_offset: b, size_bytes: u64::from(n) }; (n % 4) as usize] }];
             let responses = vec![
                 Response::HelloOk { version: v1, max_frame_bytes: n, server_name: &t },
@@ -733,6 +768,16 @@ mod tests {
         }
 
         #[test]
+        fn a_fetch_ok_head_and_its_batches_are_the_whole_frame(corr in any::<u32>(), a in any::<u64>(), b in any::<u64>(), bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut whole = Vec::new();
+            encode_response(corr, &Response::FetchOk { log_start_offset: a, log_end_offset: b, batches: &bytes }, &mut whole);
+            let mut split = Vec::new();
+            encode_fetch_ok_head(corr, a, b, bytes.len(), &mut split);
+            split.extend_from_slice(&bytes);
+            prop_assert_eq!(split, whole);
+        }
+
+        #[test]
         fn decoders_never_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = check_frame(&bytes, 1 << 20);
             let _ = decode_request(&bytes);
@@ -750,6 +795,21 @@ mod tests {
             let _ = decode_request(&frame);
             let _ = decode_response(&frame);
         }
+    }
+
+    #[test]
+    fn counts_in_responses_never_reserve_more_than_the_frame_holds() {
+        // A PRODUCE_OK claiming 65535 acks in a 12-byte body, and TOPICS claiming 4 billion.
+        let mut out = Vec::new();
+        let start = begin(&mut out, kind::PRODUCE_OK, 1);
+        out.extend_from_slice(&u16::MAX.to_le_bytes());
+        end(&mut out, start);
+        assert_eq!(decode_response(&out), Err(ProtocolError::Truncated("partition")));
+        let mut out = Vec::new();
+        let start = begin(&mut out, kind::TOPICS, 1);
+        out.extend_from_slice(&u32::MAX.to_le_bytes());
+        end(&mut out, start);
+        assert_eq!(decode_response(&out), Err(ProtocolError::Truncated("topic name")));
     }
 
     #[test]

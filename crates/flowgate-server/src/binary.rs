@@ -6,38 +6,62 @@
 //! request; the writer sends replies in request order, waiting for durability where the
 //! config asks for it and coalescing ready replies into one write. The queue is bounded,
 //! so a client that does not read its replies stops being read.
+//!
+//! Memory per connection is bounded whatever the client announces: the read buffer grows
+//! only as a frame's bytes arrive, borrowing from the shared ingest budget
+//! ([`crate::budget`]) beyond a small base, and shrinks back when the frame is done; a
+//! frame must arrive whole within `ingest.frame_timeout_secs` of its first byte; a
+//! compressed batch is charged for its inflated size before it is decompressed; and a
+//! fetch is read from the log only when the writer is about to send it, straight from
+//! its read buffer, so at most one fetch reply per connection is in memory.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use flowgate_log::LogError;
+use flowgate_core::{BatchHeader, Codec};
+use flowgate_log::{LogError, Partition};
 use flowgate_protocol::{
-    check_frame, decode_request, encode_response, ErrorCode, PartitionAck, PartitionInfo, ProtocolError, Request,
-    Response, TopicInfo, MIN_VERSION, VERSION,
+    check_frame, decode_request, encode_fetch_ok_head, encode_response, ErrorCode, PartitionAck, PartitionInfo,
+    ProtocolError, Request, Response, TopicInfo, MIN_VERSION, VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
+use crate::budget::Charge;
 use crate::ingest::{Scratch, Written};
-use crate::metrics::{IngestPath, TopicCounters};
+use crate::metrics::{IngestPath, Metrics, TopicCounters};
 use crate::shared::{warn_bad_input, Shared};
 
 /// Requests in flight per connection before the reader stops reading.
 const MAX_IN_FLIGHT: usize = 256;
-/// Base read buffer per connection; larger frames borrow from the shared budget.
+/// Base read buffer (and scratch kept between requests) per connection; more is borrowed
+/// from the shared budget for as long as it is needed.
 const BASE_BUFFER: usize = 64 * 1024;
 /// Fetch replies stay this far below the frame limit.
 const FETCH_HEADROOM: usize = 1024;
+/// Ready replies are coalesced into one write up to about this size.
+const COALESCE_BYTES: usize = 1 << 20;
 
 enum Reply {
     Ready(Vec<u8>),
     Durable { correlation_id: u32, written: Written },
-    Later(JoinHandle<Vec<u8>>),
+    Fetch(FetchReply),
     Close(Vec<u8>),
+}
+
+/// A fetch whose reply is read from the log only when it is next to be sent.
+struct FetchReply {
+    correlation_id: u32,
+    partition: Arc<Partition>,
+    offset: u64,
+    max_bytes: usize,
+    /// For a fetch at the log end that may wait: ends when data arrives, the wait is
+    /// over, or the engine shuts down.
+    wait: Option<JoinHandle<()>>,
 }
 
 /// Maps a storage error to the protocol's error code.
@@ -96,12 +120,30 @@ pub async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let (read_half, write_half) = stream.into_split();
     let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
-    let writer = tokio::spawn(write_replies(write_half, rx));
+    let metrics = shared.ingest.metrics().clone();
+    let writer = tokio::spawn(write_replies(write_half, rx, shared.idle_timeout(), metrics));
     read_requests(read_half, tx, &shared, &peer).await;
     let _ = writer.await;
 }
 
-async fn write_replies(mut out: OwnedWriteHalf, mut rx: mpsc::Receiver<Reply>) {
+/// Writes `bytes`, giving up on a client that does not read for `timeout`.
+async fn send(out: &mut OwnedWriteHalf, bytes: &[u8], timeout: Duration, metrics: &Metrics) -> bool {
+    match tokio::time::timeout(timeout, out.write_all(bytes)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            metrics.rejected(IngestPath::Binary, "write_timeout", 1);
+            false
+        }
+    }
+}
+
+async fn write_replies(
+    mut out: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Reply>,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+) {
     let mut buf: Vec<u8> = Vec::with_capacity(BASE_BUFFER);
     let mut closing = false;
     while let Some(first) = rx.recv().await {
@@ -113,21 +155,48 @@ async fn write_replies(mut out: OwnedWriteHalf, mut rx: mpsc::Receiver<Reply>) {
                     Ok(()) => buf.extend_from_slice(&produce_ok(correlation_id, &written)),
                     Err(e) => buf.extend_from_slice(&error_frame(correlation_id, error_code(&e), &e.to_string())),
                 },
-                Reply::Later(handle) => buf.extend_from_slice(&handle.await.unwrap_or_default()),
+                Reply::Fetch(fetch) => {
+                    if let Some(wait) = fetch.wait {
+                        let _ = wait.await;
+                    }
+                    match fetch.partition.read(fetch.offset, fetch.max_bytes) {
+                        Ok(read) => {
+                            // The head joins the queued replies; the batches go out from
+                            // the buffer they were read into.
+                            encode_fetch_ok_head(
+                                fetch.correlation_id,
+                                read.log_start_offset,
+                                read.log_end_offset,
+                                read.batches.len(),
+                                &mut buf,
+                            );
+                            if !send(&mut out, &buf, timeout, &metrics).await
+                                || !send(&mut out, &read.batches, timeout, &metrics).await
+                            {
+                                return;
+                            }
+                            buf.clear();
+                        }
+                        Err(e) => {
+                            buf.extend_from_slice(&error_frame(fetch.correlation_id, error_code(&e), &e.to_string()))
+                        }
+                    }
+                }
                 Reply::Close(bytes) => {
                     buf.extend_from_slice(&bytes);
                     closing = true;
                     break;
                 }
             }
-            if buf.len() < 1 << 20 {
+            if buf.len() < COALESCE_BYTES {
                 next = rx.try_recv().ok();
             }
         }
-        if out.write_all(&buf).await.is_err() {
+        if !buf.is_empty() && !send(&mut out, &buf, timeout, &metrics).await {
             return;
         }
         buf.clear();
+        buf.shrink_to(BASE_BUFFER);
         if closing {
             break;
         }
@@ -142,6 +211,9 @@ struct Connection<'a> {
     version: u16,
     scratch: Scratch,
     counters: Vec<(String, TopicCounters)>,
+    /// Budget borrowed for the read buffer beyond its base, plus, while a request is
+    /// handled, for the memory it needs (decompression, splitting).
+    charge: Charge,
 }
 
 impl Connection<'_> {
@@ -160,7 +232,7 @@ impl Connection<'_> {
     }
 
     /// Handles one complete frame; returns the reply to queue.
-    fn handle(&mut self, frame: &mut BytesMut) -> Reply {
+    async fn handle(&mut self, frame: &mut [u8]) -> Reply {
         let (correlation_id, request) = match decode_request(frame) {
             Ok(r) => r,
             Err(e) => {
@@ -191,7 +263,8 @@ impl Connection<'_> {
                 }
             };
         }
-        let ingest = &self.shared.ingest;
+        let shared = self.shared;
+        let ingest = &shared.ingest;
         let log_error = |e: LogError| Reply::Ready(error_frame(correlation_id, error_code(&e), &e.to_string()));
         if self.version < 2 && matches!(request, Request::ProducePartition { .. } | Request::Metadata { .. }) {
             return Reply::Ready(error_frame(
@@ -206,11 +279,11 @@ impl Connection<'_> {
             }
             Request::Produce { topic, producer_id, sequence, batch } => {
                 let (topic, batch) = (topic.to_owned(), batch_range(frame, batch));
-                self.produce(frame, correlation_id, &topic, None, producer_id, sequence, batch)
+                self.produce(correlation_id, &topic, None, producer_id, sequence, &mut frame[batch]).await
             }
             Request::ProducePartition { topic, partition, producer_id, sequence, batch } => {
                 let (topic, batch) = (topic.to_owned(), batch_range(frame, batch));
-                self.produce(frame, correlation_id, &topic, Some(partition), producer_id, sequence, batch)
+                self.produce(correlation_id, &topic, Some(partition), producer_id, sequence, &mut frame[batch]).await
             }
             Request::Metadata { topic } => match ingest.topic(topic) {
                 Ok(t) => Reply::Ready(response_frame(
@@ -227,32 +300,20 @@ impl Connection<'_> {
                     },
                     None => return log_error(LogError::UnknownTopic(topic.to_owned())),
                 };
-                let limit = (self.shared.config.max_frame_bytes as usize).saturating_sub(FETCH_HEADROOM);
+                let limit = (shared.config.max_frame_bytes as usize).saturating_sub(FETCH_HEADROOM);
                 let max_bytes = (max_bytes as usize).clamp(1, limit);
-                let read = move |p: &flowgate_log::Partition| match p.read(offset, max_bytes) {
-                    Ok(r) => response_frame(
-                        correlation_id,
-                        &Response::FetchOk {
-                            log_start_offset: r.log_start_offset,
-                            log_end_offset: r.log_end_offset,
-                            batches: &r.batches,
-                        },
-                    ),
-                    Err(e) => error_frame(correlation_id, error_code(&e), &e.to_string()),
-                };
-                if max_wait_ms > 0 && offset >= partition.end_offset() {
+                let wait = (max_wait_ms > 0 && offset >= partition.end_offset()).then(|| {
                     let wait = Duration::from_millis(u64::from(max_wait_ms).min(60_000));
-                    let shutdown = self.shared.shutdown.clone();
-                    Reply::Later(tokio::spawn(async move {
+                    let shutdown = shared.shutdown.clone();
+                    let partition = partition.clone();
+                    tokio::spawn(async move {
                         tokio::select! {
                             _ = partition.wait_for_data(offset, wait) => {}
                             _ = shutdown.cancelled() => {}
                         }
-                        read(&partition)
-                    }))
-                } else {
-                    Reply::Ready(read(&partition))
-                }
+                    })
+                });
+                Reply::Fetch(FetchReply { correlation_id, partition, offset, max_bytes, wait })
             }
             Request::ListTopics => {
                 let topics = ingest
@@ -297,45 +358,82 @@ impl Connection<'_> {
             }
         }
     }
-}
 
-impl Connection<'_> {
-    /// PRODUCE (`partition` None: split by key) and PRODUCE_PARTITION.
-    #[allow(clippy::too_many_arguments)]
-    fn produce(
+    /// Validates, charges and appends one produced batch: PRODUCE (`partition` None:
+    /// split by key) and PRODUCE_PARTITION.
+    async fn produce(
         &mut self,
-        frame: &mut BytesMut,
         correlation_id: u32,
-        topic: &str,
+        topic_name: &str,
         partition: Option<u32>,
         producer_id: u64,
         sequence: u64,
-        batch: std::ops::Range<usize>,
+        batch: &mut [u8],
     ) -> Reply {
-        let ingest = &self.shared.ingest;
-        let log_error = |e: LogError| Reply::Ready(error_frame(correlation_id, error_code(&e), &e.to_string()));
-        let topic_name = topic;
-        let (start, end) = (batch.start, batch.end);
+        let shared = self.shared;
+        let ingest = &shared.ingest;
+        let error = |code: ErrorCode, message: &str| Reply::Ready(error_frame(correlation_id, code, message));
         let topic = match ingest.topic(topic_name) {
             Ok(t) => t,
-            Err(e) => return log_error(e),
+            Err(e) => return error(error_code(&e), &e.to_string()),
         };
-        let header = flowgate_core::BatchHeader::parse(&frame[start..end]);
-        if let Ok(h) = &header {
+        // Memory the append needs beyond the frame itself, charged before it is allocated.
+        let mut working = 0usize;
+        if let Ok(h) = BatchHeader::parse(batch) {
             if h.producer.producer_id != producer_id || h.producer.sequence != sequence {
                 self.reject("invalid_batch", "producer id or sequence differ between request and batch");
-                return Reply::Ready(error_frame(
-                    correlation_id,
+                return error(
                     ErrorCode::InvalidRequest,
                     "the batch header's producer id and sequence must equal the request's",
-                ));
+                );
+            }
+            let inflated = h.records_length as usize;
+            let codec = h.codec().unwrap_or(Codec::None);
+            let limit = shared.config.max_uncompressed_batch_bytes;
+            if codec != Codec::None && inflated > limit {
+                let message = format!(
+                    "the batch's records inflate to {inflated} bytes, over this server's limit of {limit} \
+                     (ingest.max_uncompressed_batch_bytes); send smaller batches"
+                );
+                self.reject("uncompressed_too_large", &message);
+                return error(ErrorCode::InvalidBatch, &message);
+            }
+            // A header that claims more than its bytes can inflate to is refused by the
+            // decoder before it allocates; there is nothing to charge for it.
+            let compressed = batch.len().saturating_sub(flowgate_core::batch::HEADER_LEN);
+            if codec != Codec::None && inflated <= codec.max_inflated_len(compressed) {
+                working = inflated;
+            }
+            if topic.partition_count() > 1 {
+                // Splitting by partition re-encodes the records: builders and one sub-batch.
+                working = working.saturating_add(inflated.saturating_mul(2));
             }
         }
-        let payload_bytes = (end - start) as u64;
+        let held = self.charge.held();
+        if working > 0 {
+            let wait = self.charge.grow_to(held.saturating_add(working));
+            match tokio::time::timeout(shared.frame_timeout(), wait).await {
+                Ok(Ok(())) => {}
+                Ok(Err(over)) => {
+                    let message = format!(
+                        "this batch needs more memory than the server may buffer: {over}; send smaller batches"
+                    );
+                    self.reject("over_budget", &message);
+                    return error(ErrorCode::InvalidBatch, &message);
+                }
+                Err(_) => {
+                    self.reject("busy", "ingest buffers stayed full for ingest.frame_timeout_secs");
+                    return error(ErrorCode::Busy, "the server's ingest buffers are full; retry later");
+                }
+            }
+        }
+        let payload_bytes = batch.len() as u64;
         let result = match partition {
-            None => ingest.append_client_batch(&topic, &mut frame[start..end], &mut self.scratch),
-            Some(p) => ingest.append_to_partition(&topic, p, &mut frame[start..end], &mut self.scratch),
+            None => ingest.append_client_batch(&topic, batch, &mut self.scratch),
+            Some(p) => ingest.append_to_partition(&topic, p, batch, &mut self.scratch),
         };
+        self.scratch.shrink_to(BASE_BUFFER);
+        self.charge.shrink_to(held);
         match result {
             Ok(written) => {
                 self.counters(topic_name).accepted(written.events(), payload_bytes);
@@ -355,7 +453,7 @@ impl Connection<'_> {
                     }
                     _ => {}
                 }
-                log_error(e)
+                error(error_code(&e), &e.to_string())
             }
         }
     }
@@ -372,51 +470,43 @@ fn frame_hello(correlation_id: u32, version: u16, max_frame_bytes: u32) -> Vec<u
     response_frame(correlation_id, &Response::HelloOk { version, max_frame_bytes, server_name: name })
 }
 
-/// Ingest-buffer budget held by one connection, shown in the buffered-bytes gauge for
-/// exactly as long as it is held, however the connection ends.
-struct BudgetHold {
-    permit: tokio::sync::OwnedSemaphorePermit,
-    gauge: prometheus_client::metrics::gauge::Gauge,
+/// The total length of the partial frame at the start of `buf`, once its prefix is there.
+fn announced_len(buf: &[u8]) -> usize {
+    buf.get(..4).map_or(0, |p| (u32::from_le_bytes(p.try_into().expect("4 bytes")) as usize).saturating_add(4))
 }
 
-impl BudgetHold {
-    fn new(permit: tokio::sync::OwnedSemaphorePermit, gauge: prometheus_client::metrics::gauge::Gauge) -> BudgetHold {
-        gauge.inc_by(permit.num_permits() as i64);
-        BudgetHold { permit, gauge }
-    }
-}
-
-impl Drop for BudgetHold {
-    fn drop(&mut self) {
-        self.gauge.dec_by(self.permit.num_permits() as i64);
-    }
-}
-
-async fn read_requests(
-    mut input: tokio::net::tcp::OwnedReadHalf,
-    tx: mpsc::Sender<Reply>,
-    shared: &Arc<Shared>,
-    peer: &str,
-) {
-    let mut conn =
-        Connection { shared, peer, handshaken: false, version: 1, scratch: Scratch::default(), counters: Vec::new() };
+async fn read_requests(mut input: OwnedReadHalf, tx: mpsc::Sender<Reply>, shared: &Arc<Shared>, peer: &str) {
+    let mut conn = Connection {
+        shared,
+        peer,
+        handshaken: false,
+        version: 1,
+        scratch: Scratch::default(),
+        counters: Vec::new(),
+        charge: shared.charge(),
+    };
     let max_frame = shared.config.max_frame_bytes;
     let idle = shared.idle_timeout();
-    let metrics = shared.ingest.metrics().clone();
-    let mut buf = BytesMut::with_capacity(BASE_BUFFER);
-    // Budget held for a frame larger than the base buffer while it is being read.
-    let mut budget: Option<BudgetHold> = None;
+    let frame_timeout = shared.frame_timeout();
+    let mut buf: Vec<u8> = Vec::with_capacity(BASE_BUFFER);
+    // When the frame now at the start of `buf` must be complete; `None` while `buf` is empty.
+    let mut frame_deadline: Option<Instant> = None;
+    // When the last read completed: every byte in `buf` had arrived by then.
+    let mut read_at = Instant::now();
     loop {
+        let mut consumed = 0;
         loop {
-            match check_frame(&buf, max_frame) {
+            match check_frame(&buf[consumed..], max_frame) {
                 Ok(Some(len)) => {
-                    let mut frame = buf.split_to(len);
-                    let reply = conn.handle(&mut frame);
-                    budget = None;
+                    let frame = &mut buf[consumed..consumed + len];
+                    consumed += len;
+                    let reply = conn.handle(frame).await;
                     let closing = matches!(reply, Reply::Close(_));
                     if tx.send(reply).await.is_err() || closing {
                         return;
                     }
+                    // The next frame began to arrive by the last read, if not before.
+                    frame_deadline = Some(read_at + frame_timeout);
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -430,28 +520,57 @@ async fn read_requests(
                 }
             }
         }
-        // A partial frame whose length is known: make room for all of it, borrowing
-        // from the shared budget when it is large (this is the backpressure point).
-        if buf.len() >= 4 {
-            let need = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes")) as usize + 4;
-            if need > BASE_BUFFER && budget.is_none() {
-                let acquire = shared.buffer_budget.clone().acquire_many_owned(need as u32);
-                let permit = tokio::select! {
-                    p = acquire => p,
-                    _ = shared.shutdown.cancelled() => return,
-                };
-                let Ok(permit) = permit else { return };
-                budget = Some(BudgetHold::new(permit, metrics.buffered_bytes().clone()));
-            }
-            buf.reserve(need.saturating_sub(buf.len()));
-        } else {
-            buf.reserve(BASE_BUFFER);
+        buf.drain(..consumed);
+        if buf.is_empty() {
+            frame_deadline = None;
         }
+        // Size the buffer for what has arrived: double it (borrowing from the budget)
+        // only once it is full and the frame needs more; give it back once no large
+        // frame is pending.
+        let need = announced_len(&buf);
+        let capacity = buf.capacity();
+        if need > capacity && buf.len() == capacity {
+            let target = need.min(capacity.saturating_mul(2).max(BASE_BUFFER));
+            let grow = conn.charge.grow_to(target - BASE_BUFFER);
+            let deadline = frame_deadline.unwrap_or_else(|| Instant::now() + frame_timeout);
+            let granted = tokio::select! {
+                g = tokio::time::timeout_at(deadline, grow) => g,
+                _ = shared.shutdown.cancelled() => return,
+            };
+            match granted {
+                Ok(Ok(())) => buf.reserve_exact(target - buf.len()),
+                Ok(Err(over)) => {
+                    // Cannot happen while max_buffered_bytes >= max_frame_bytes (checked
+                    // at load); refuse rather than wait forever.
+                    conn.reject("frame_too_large", &over.to_string());
+                    let _ = tx.send(Reply::Close(error_frame(0, ErrorCode::FrameTooLarge, &over.to_string()))).await;
+                    return;
+                }
+                Err(_) => {
+                    conn.reject("frame_timeout", "a frame did not arrive whole within ingest.frame_timeout_secs");
+                    return;
+                }
+            }
+        } else if need <= BASE_BUFFER && capacity > BASE_BUFFER {
+            buf.shrink_to(BASE_BUFFER);
+            conn.charge.shrink_to(buf.capacity().saturating_sub(BASE_BUFFER));
+        }
+        debug_assert!(buf.capacity() > buf.len(), "a read always has room, so Vec never grows on its own");
+        // A connection that sends nothing for the idle timeout is closed; inside a frame,
+        // the frame's own deadline, which no trickle of bytes moves, applies as well.
+        let idle_deadline = Instant::now() + idle;
+        let frame_expires = frame_deadline.filter(|d| *d < idle_deadline);
         let read = tokio::select! {
-            r = tokio::time::timeout(idle, input.read_buf(&mut buf)) => r,
+            r = tokio::time::timeout_at(frame_expires.unwrap_or(idle_deadline), input.read_buf(&mut buf)) => r,
             _ = shared.shutdown.cancelled() => return,
+            _ = tx.closed() => return,
         };
+        read_at = Instant::now();
         match read {
+            Err(_) if frame_expires.is_some() => {
+                conn.reject("frame_timeout", "a frame did not arrive whole within ingest.frame_timeout_secs");
+                return;
+            }
             Err(_) => {
                 conn.reject("idle_timeout", "connection idle too long");
                 return;
@@ -463,7 +582,11 @@ async fn read_requests(
                 }
                 return;
             }
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => {
+                if frame_deadline.is_none() {
+                    frame_deadline = Some(read_at + frame_timeout);
+                }
+            }
         }
     }
 }

@@ -74,8 +74,16 @@ pub struct IngestConfig {
     pub max_connections: usize,
     /// A connection that sends nothing for this long is closed.
     pub idle_timeout_secs: u64,
+    /// A frame, NDJSON line or HTTP body must arrive whole within this many seconds of
+    /// its first byte (however steadily it trickles), or the connection is cut.
+    pub frame_timeout_secs: u64,
     /// Memory all connections may hold in ingest buffers together.
     pub max_buffered_bytes: usize,
+    /// Largest records section a compressed batch may inflate to; larger batches are
+    /// refused before anything is decompressed.
+    pub max_uncompressed_batch_bytes: usize,
+    /// What the NDJSON listener writes back: nothing, or one line per durable batch.
+    pub ndjson_ack: NdjsonAck,
     /// Compression of batches the server builds (NDJSON, HTTP).
     pub compression: Codec,
 }
@@ -92,10 +100,26 @@ impl Default for IngestConfig {
             max_http_body_bytes: 16 << 20,
             max_connections: 1024,
             idle_timeout_secs: 300,
+            frame_timeout_secs: 30,
             max_buffered_bytes: 256 << 20,
+            max_uncompressed_batch_bytes: 64 << 20,
+            ndjson_ack: NdjsonAck::None,
             compression: Codec::None,
         }
     }
+}
+
+/// `ingest.ndjson_ack`: whether an NDJSON client is told what was stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NdjsonAck {
+    /// The server writes nothing back; a clean close after the client's own close is
+    /// the only signal (`docs/ndjson.md`).
+    #[default]
+    None,
+    /// After every batch is durable the server writes one JSON line naming the last line
+    /// it covers, and one error line per line it refused (`docs/ndjson.md`).
+    Batch,
 }
 
 /// A configuration that cannot be used; the message names the key and, for syntax and
@@ -247,11 +271,20 @@ impl Config {
         if self.ingest.max_line_bytes == 0 {
             return Err(bad("ingest.max_line_bytes", "must be at least 1"));
         }
+        if self.ingest.frame_timeout_secs == 0 {
+            return Err(bad("ingest.frame_timeout_secs", "must be at least 1"));
+        }
+        if self.ingest.max_uncompressed_batch_bytes < 1024 {
+            return Err(bad("ingest.max_uncompressed_batch_bytes", "must be at least 1024"));
+        }
         if self.ingest.max_connections == 0 {
             return Err(bad("ingest.max_connections", "must be at least 1"));
         }
         if self.ingest.max_buffered_bytes < self.ingest.max_frame_bytes as usize {
             return Err(bad("ingest.max_buffered_bytes", "must be at least ingest.max_frame_bytes"));
+        }
+        if self.ingest.max_buffered_bytes < self.ingest.max_line_bytes {
+            return Err(bad("ingest.max_buffered_bytes", "must be at least ingest.max_line_bytes"));
         }
         if flowgate_log::validate_topic_name(&self.ingest.ndjson_topic).is_err() {
             return Err(bad("ingest.ndjson_topic", "is not a valid topic name"));

@@ -18,6 +18,19 @@ pub struct Scratch {
     partition_of: Vec<u32>,
 }
 
+impl Scratch {
+    /// Gives back capacity above `bytes` per buffer, so one large batch does not pin its
+    /// size for the rest of a connection's life.
+    pub fn shrink_to(&mut self, bytes: usize) {
+        for builder in &mut self.builders {
+            builder.shrink_to(bytes);
+        }
+        self.encoded.shrink_to(bytes);
+        self.decompressed.shrink_to(bytes);
+        self.partition_of.shrink_to(bytes / 4);
+    }
+}
+
 /// One partition's share of an appended batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ack {

@@ -6,15 +6,19 @@
 //! - [`binary`], [`ndjson`], [`http`]: the three listeners.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`shared`]: state shared by the listeners.
+//! - [`budget`]: the ingest buffer budget connections borrow from.
+//! - [`parse`]: NDJSON line and HTTP body parsers, free of I/O (shared with `fuzz/`).
 
 #![warn(missing_docs)]
 
 pub mod binary;
+pub mod budget;
 pub mod config;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod ndjson;
+pub mod parse;
 pub mod server;
 pub mod shared;
 

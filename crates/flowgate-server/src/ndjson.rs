@@ -1,33 +1,42 @@
-//! The NDJSON listener: one JSON object per line into one topic.
+//! The NDJSON listener: one JSON object per line into one topic (`docs/ndjson.md`).
 //!
 //! Lines are validated and batched per read, so a batch costs one append however many
 //! lines it holds. A line over the limit or not a JSON object is counted by reason,
-//! logged (rate-limited) and skipped; the connection goes on. When the client shuts its
-//! write side, everything it sent is durable before the server closes the connection.
+//! logged (rate-limited) and skipped; the connection goes on. With `ingest.ndjson_ack =
+//! "batch"` the server writes back one line per durable batch naming the last line it
+//! covers, and one line per refused line, so a client knows exactly what was stored.
+//! When the client shuts its write side, everything it sent is handled (valid lines
+//! durable) before the server closes its own.
+//!
+//! Memory per connection is bounded whatever the client sends: the read buffer grows
+//! past its base only while a long line arrives, borrowing from the ingest budget, and
+//! never past `ingest.max_line_bytes` (the rest of an overlong line is skipped as it
+//! comes); a line must arrive whole within `ingest.frame_timeout_secs` of its first byte.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
 use flowgate_core::BatchBuilder;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
-use crate::ingest::Scratch;
+use crate::config::NdjsonAck;
+use crate::ingest::{Scratch, Written};
 use crate::metrics::IngestPath;
+use crate::parse::{max_events, max_records_len, reason_text, LineSplitter};
 use crate::shared::{warn_bad_input, Shared};
 
+/// Base read buffer per connection, and the most a batch holds from one read.
 const READ_CHUNK: usize = 256 * 1024;
 
-/// True when `line` is one well-formed JSON object.
-pub fn is_json_object(line: &[u8]) -> bool {
-    let first = line.iter().position(|b| !b.is_ascii_whitespace());
-    match first {
-        Some(i) if line[i] == b'{' => serde_json::from_slice::<serde::de::IgnoredAny>(line).is_ok(),
-        _ => false,
-    }
+/// Appends one JSON object to `out` as a line.
+fn reply_line(out: &mut Vec<u8>, value: serde_json::Value) {
+    serde_json::to_writer(&mut *out, &value).expect("writing JSON to a Vec cannot fail");
+    out.push(b'\n');
 }
 
-/// Serves one NDJSON connection until it closes, idles out, or the engine shuts down.
+/// Serves one NDJSON connection until it closes, times out, or the engine shuts down.
 pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let metrics = shared.ingest.metrics().clone();
@@ -39,89 +48,188 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
             return;
         }
     };
+    let ack = shared.config.ndjson_ack == NdjsonAck::Batch;
     let counters = metrics.topic_counters(&topic_name, IngestPath::Ndjson);
     let max_line = shared.config.max_line_bytes;
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let idle = shared.idle_timeout();
+    let line_timeout = shared.frame_timeout();
+    let mut splitter = LineSplitter::new(max_line);
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut charge = shared.charge();
     let mut builder = BatchBuilder::with_capacity(READ_CHUNK);
     let mut scratch = Scratch::default();
-    let mut discarding = false;
-    let idle = shared.idle_timeout();
+    let mut replies: Vec<u8> = Vec::new();
+    let mut acked_through = 0u64;
+    // When the line now at the start of `buf` must be complete; `None` between lines.
+    let mut line_deadline: Option<Instant> = None;
+    let mut clean = false;
     loop {
-        buf.reserve(READ_CHUNK);
+        // Room to read: the base, or (while one long line arrives) double, up to the
+        // line limit plus one read, borrowed from the budget.
+        if buf.len() == buf.capacity() {
+            let target = buf.capacity().saturating_mul(2).min(max_line.saturating_add(READ_CHUNK)).max(READ_CHUNK);
+            let deadline = line_deadline.unwrap_or_else(|| Instant::now() + line_timeout);
+            match tokio::time::timeout_at(deadline, charge.grow_to(target - READ_CHUNK)).await {
+                Ok(Ok(())) => buf.reserve_exact(target - buf.len()),
+                // More than the whole budget cannot happen while max_buffered_bytes >=
+                // max_line_bytes (checked at load); cut rather than wait forever.
+                Ok(Err(_)) => {
+                    metrics.rejected(IngestPath::Ndjson, "over_budget", 1);
+                    break;
+                }
+                Err(_) => {
+                    metrics.rejected(IngestPath::Ndjson, "line_timeout", 1);
+                    break;
+                }
+            }
+        }
+        // Idle for the idle timeout, or inside a line past its own deadline: closed.
+        let idle_deadline = Instant::now() + idle;
+        let line_expires = line_deadline.filter(|d| *d < idle_deadline);
         let read = tokio::select! {
-            r = tokio::time::timeout(idle, stream.read_buf(&mut buf)) => r,
+            r = tokio::time::timeout_at(line_expires.unwrap_or(idle_deadline), stream.read_buf(&mut buf)) => r,
             _ = shared.shutdown.cancelled() => break,
         };
         let eof = match read {
             Err(_) => {
-                metrics.rejected(IngestPath::Ndjson, "idle_timeout", 1);
+                let (reason, what) = if line_expires.is_some() {
+                    ("line_timeout", "a line did not arrive whole within ingest.frame_timeout_secs")
+                } else {
+                    ("idle_timeout", "connection idle too long")
+                };
+                metrics.rejected(IngestPath::Ndjson, reason, 1);
+                warn_bad_input(&shared, "ndjson", &peer, what);
+                if ack {
+                    reply_line(&mut replies, serde_json::json!({"error": what, "reason": reason, "fatal": true}));
+                }
                 break;
             }
             Ok(Err(_)) => break,
             Ok(Ok(0)) => true,
             Ok(Ok(_)) => false,
         };
+        let read_at = Instant::now();
+        // The batch's records and its encoded copy, beyond what the base buffers hold, are
+        // charged before they are allocated, for as many events as the bytes could hold.
+        let buffer_charge = buf.capacity().saturating_sub(READ_CHUNK);
+        let working = max_records_len(buf.len(), max_events(&buf)).saturating_mul(2).saturating_sub(2 * READ_CHUNK);
+        if working > 0 {
+            let wait = charge.grow_to(buffer_charge.saturating_add(working));
+            if !matches!(tokio::time::timeout(line_timeout, wait).await, Ok(Ok(()))) {
+                metrics.rejected(IngestPath::Ndjson, "busy", 1);
+                if ack {
+                    reply_line(
+                        &mut replies,
+                        serde_json::json!({"error": "the server's ingest buffers are full; retry later", "reason": "busy", "fatal": true}),
+                    );
+                }
+                break;
+            }
+        }
         let now = flowgate_core::time::now_ms();
         let mut bytes = 0u64;
-        let mut start = 0usize;
-        let mut handle_line = |line: &[u8], discarding: &mut bool, builder: &mut BatchBuilder| {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if std::mem::take(discarding) {
-                return; // the tail of an overlong line, already counted
-            }
-            if line.len() > max_line {
-                metrics.rejected(IngestPath::Ndjson, "line_too_long", 1);
-                warn_bad_input(&shared, "ndjson", &peer, "line longer than ingest.max_line_bytes");
-            } else if line.iter().all(|b| b.is_ascii_whitespace()) {
-                // Blank lines are not events.
-            } else if is_json_object(line) {
+        let consumed = splitter.split(
+            &buf,
+            eof,
+            |line| {
                 builder.push_payload(now, None, line);
                 bytes += line.len() as u64;
-            } else {
-                metrics.rejected(IngestPath::Ndjson, "invalid_json", 1);
-                warn_bad_input(&shared, "ndjson", &peer, "line is not a JSON object");
-            }
+            },
+            |line, reason| {
+                metrics.rejected(IngestPath::Ndjson, reason, 1);
+                warn_bad_input(&shared, "ndjson", &peer, reason_text(reason));
+                if ack {
+                    reply_line(
+                        &mut replies,
+                        serde_json::json!({"line": line, "error": reason_text(reason), "reason": reason}),
+                    );
+                }
+            },
+        );
+        buf.drain(..consumed);
+        // A line in progress keeps the deadline its first byte set; a new one starts now.
+        line_deadline = if buf.is_empty() && !splitter.discarding() {
+            None
+        } else if consumed > 0 || line_deadline.is_none() {
+            Some(read_at + line_timeout)
+        } else {
+            line_deadline
         };
-        for nl in memchr::memchr_iter(b'\n', &buf) {
-            handle_line(&buf[start..nl], &mut discarding, &mut builder);
-            start = nl + 1;
-        }
-        buf.advance(start);
-        if eof && !buf.is_empty() {
-            // A last line without a newline is still a line.
-            let rest = buf.split();
-            handle_line(&rest, &mut discarding, &mut builder);
-        }
-        if buf.len() > max_line {
-            // A never-ending line: drop what we have and skip up to the next newline.
-            if !discarding {
-                metrics.rejected(IngestPath::Ndjson, "line_too_long", 1);
-                warn_bad_input(&shared, "ndjson", &peer, "line longer than ingest.max_line_bytes");
-                discarding = true;
-            }
-            buf.clear();
-        }
-        if !builder.is_empty() {
-            let events = u64::from(builder.len());
+        let mut stored: Option<Written> = None;
+        let events = builder.len();
+        if events > 0 {
             match shared.ingest.append_built(&topic, &mut builder, &mut scratch) {
                 Ok(written) => {
                     if let Err(e) = written.durable().await {
                         tracing::error!(error = %e, "NDJSON append not durable; closing connection");
-                        return;
+                        if ack {
+                            reply_line(
+                                &mut replies,
+                                serde_json::json!({"error": format!("storage error: {e}"), "reason": "storage_error", "fatal": true}),
+                            );
+                        }
+                        break;
                     }
-                    counters.accepted(events, bytes);
+                    counters.accepted(u64::from(events), bytes);
+                    stored = Some(written);
                 }
                 Err(e) => {
-                    metrics.rejected(IngestPath::Ndjson, "storage_error", events);
+                    metrics.rejected(IngestPath::Ndjson, "storage_error", u64::from(events));
                     tracing::error!(error = %e, "NDJSON append failed; closing connection");
-                    return;
+                    if ack {
+                        reply_line(
+                            &mut replies,
+                            serde_json::json!({"error": format!("storage error: {e}"), "reason": "storage_error", "fatal": true}),
+                        );
+                    }
+                    break;
                 }
             }
         }
+        if ack && splitter.lines > acked_through {
+            acked_through = splitter.lines;
+            let mut line = serde_json::json!({"through_line": acked_through, "stored": events});
+            if let Some(a) = stored.as_ref().and_then(|w| w.acks().first().copied()) {
+                line["partition"] = a.partition.into();
+                line["first_offset"] = a.first_offset.into();
+            }
+            reply_line(&mut replies, line);
+        }
+        if !replies.is_empty() {
+            if !write_replies(&mut stream, &mut replies, idle).await {
+                metrics.rejected(IngestPath::Ndjson, "write_timeout", 1);
+                return;
+            }
+        }
+        // Give back what one long line or large read borrowed.
+        builder.shrink_to(READ_CHUNK);
+        scratch.shrink_to(READ_CHUNK);
+        charge.shrink_to(buffer_charge);
+        if buf.len() < READ_CHUNK && buf.capacity() > READ_CHUNK {
+            buf.shrink_to(READ_CHUNK);
+            charge.shrink_to(buf.capacity().saturating_sub(READ_CHUNK));
+        }
         if eof {
+            clean = true;
             break;
         }
     }
-    // Everything sent is durable now: tell the client by closing our side.
-    let _ = stream.shutdown().await;
+    if !replies.is_empty() {
+        let _ = write_replies(&mut stream, &mut replies, idle).await;
+    }
+    if clean {
+        // Everything sent is handled now: tell the client by closing our side.
+        let _ = stream.shutdown().await;
+    } else {
+        // Stopped early (timeout, storage error, shutdown): reset rather than close, so a
+        // client cannot take this for "everything I sent was handled".
+        let _ = stream.set_zero_linger();
+    }
+}
+
+async fn write_replies(stream: &mut TcpStream, replies: &mut Vec<u8>, timeout: Duration) -> bool {
+    let ok = matches!(tokio::time::timeout(timeout, stream.write_all(replies)).await, Ok(Ok(())));
+    replies.clear();
+    replies.shrink_to(READ_CHUNK);
+    ok
 }

@@ -9,6 +9,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::Charge;
 use crate::config::IngestConfig;
 use crate::ingest::Ingest;
 
@@ -41,6 +42,20 @@ impl Shared {
     /// The idle timeout.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.config.idle_timeout_secs.max(1))
+    }
+
+    /// How long one frame, NDJSON line or HTTP body may take to arrive.
+    pub fn frame_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.frame_timeout_secs.max(1))
+    }
+
+    /// A new, empty charge against the ingest buffer budget.
+    pub fn charge(&self) -> Charge {
+        Charge::new(
+            self.buffer_budget.clone(),
+            self.config.max_buffered_bytes.min(Semaphore::MAX_PERMITS),
+            self.ingest.metrics().buffered_bytes().clone(),
+        )
     }
 
     /// True when serving.

@@ -1,4 +1,4 @@
-//! Connection limit and idle timeout for the HTTP listener.
+//! Connection limit, idle timeout and request deadline for the HTTP listener.
 
 use std::sync::Arc;
 
@@ -6,8 +6,10 @@ use crate::metrics::IngestPath;
 use crate::shared::Shared;
 
 /// The HTTP listener: counts connections against `ingest.max_connections` (refusing
-/// the excess, counted as `too_many_connections`) and closes connections idle for
-/// longer than `ingest.idle_timeout_secs`, like the other listeners.
+/// the excess, counted as `too_many_connections`), closes connections idle for longer
+/// than `ingest.idle_timeout_secs`, like the other listeners, and closes a connection
+/// whose request (headers and body) is still trickling in twice `ingest.frame_timeout_secs`
+/// after its first byte (counted as `request_timeout`).
 pub struct LimitedListener {
     inner: tokio::net::TcpListener,
     shared: Arc<Shared>,
@@ -45,6 +47,11 @@ impl axum::serve::Listener for LimitedListener {
                     stream,
                     idle,
                     deadline: Box::pin(tokio::time::sleep(idle)),
+                    // A backstop for slow headers; the produce handler holds a body to
+                    // `frame_timeout` itself and answers 408.
+                    request_timeout: self.shared.frame_timeout().saturating_mul(2),
+                    request_started: None,
+                    metrics: self.shared.ingest.metrics().clone(),
                     _permit: permit,
                     _open: self.shared.ingest.metrics().connection_opened(IngestPath::Http),
                 },
@@ -58,11 +65,16 @@ impl axum::serve::Listener for LimitedListener {
     }
 }
 
-/// An accepted HTTP connection holding its connection slot, with an idle deadline.
+/// An accepted HTTP connection holding its connection slot, with an idle deadline and a
+/// deadline for each request to arrive.
 pub struct LimitedStream {
     stream: tokio::net::TcpStream,
     idle: std::time::Duration,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    request_timeout: std::time::Duration,
+    /// When the first byte of the request being read arrived; cleared by a response.
+    request_started: Option<std::time::Instant>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
     _permit: tokio::sync::OwnedSemaphorePermit,
     _open: crate::metrics::ConnectionGuard,
 }
@@ -81,9 +93,23 @@ impl tokio::io::AsyncRead for LimitedStream {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         use std::task::Poll;
+        let before = buf.filled().len();
         match std::pin::Pin::new(&mut self.stream).poll_read(cx, buf) {
             Poll::Ready(r) => {
                 self.touch();
+                if r.is_ok() && buf.filled().len() > before {
+                    // Bytes of a request: they must not keep coming past its deadline,
+                    // however steadily they trickle (the idle timer alone would allow it).
+                    let now = std::time::Instant::now();
+                    let started = *self.request_started.get_or_insert(now);
+                    if now.duration_since(started) > self.request_timeout {
+                        self.metrics.rejected(IngestPath::Http, "request_timeout", 1);
+                        return Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "request did not arrive whole within ingest.frame_timeout_secs",
+                        )));
+                    }
+                }
                 Poll::Ready(r)
             }
             Poll::Pending => match std::future::Future::poll(self.deadline.as_mut(), cx) {
@@ -105,6 +131,8 @@ impl tokio::io::AsyncWrite for LimitedStream {
         let r = std::pin::Pin::new(&mut self.stream).poll_write(cx, buf);
         if r.is_ready() {
             self.touch();
+            // A response is going out: the request it answers has arrived.
+            self.request_started = None;
         }
         r
     }

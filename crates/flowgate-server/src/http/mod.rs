@@ -1,13 +1,15 @@
 //! The HTTP API (axum): produce and read events, topics, metrics, health.
 //!
-//! [`listener`] applies the connection limit and idle timeout to HTTP connections.
+//! [`listener`] applies the connection limit and idle timeout to HTTP connections. A
+//! produce body is read into memory charged to the ingest budget as it arrives, and must
+//! arrive whole within `ingest.frame_timeout_secs`.
 
 pub mod listener;
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::body::{Body, HttpBody};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -16,11 +18,11 @@ use flowgate_core::{BatchBuilder, BatchView};
 use flowgate_log::LogError;
 use serde::Deserialize;
 use serde_json::json;
-use serde_json::value::RawValue;
 
+use crate::budget::Charge;
 use crate::ingest::Scratch;
 use crate::metrics::IngestPath;
-use crate::ndjson::is_json_object;
+use crate::parse::parse_body;
 use crate::shared::Shared;
 
 /// The API's routes.
@@ -54,80 +56,114 @@ fn log_error(e: LogError) -> Response {
     error(status, e.to_string())
 }
 
-/// Splits a body into event payloads: a JSON array of objects, or NDJSON. The first
-/// problem is reported with its position; nothing is accepted from a bad body.
-fn parse_body(body: &[u8]) -> Result<Vec<&[u8]>, String> {
-    let first = body.iter().position(|b| !b.is_ascii_whitespace());
-    match first {
-        None => Err("the body holds no events".into()),
-        Some(i) if body[i] == b'[' => {
-            let items: Vec<&RawValue> =
-                serde_json::from_slice(body).map_err(|e| format!("the body is not a valid JSON array: {e}"))?;
-            if items.is_empty() {
-                return Err("the array holds no events".into());
+/// Reads a request body into memory charged to the ingest budget as it arrives, within
+/// `ingest.max_http_body_bytes` and `ingest.frame_timeout_secs` of the handler starting
+/// to read it, whatever length the client announces.
+async fn read_body(shared: &Shared, mut body: Body, charge: &mut Charge) -> Result<Vec<u8>, Response> {
+    let metrics = shared.ingest.metrics();
+    let limit = shared.config.max_http_body_bytes;
+    let too_large = |metrics: &crate::metrics::Metrics| {
+        metrics.rejected(IngestPath::Http, "body_too_large", 1);
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is over {limit} bytes (ingest.max_http_body_bytes); send smaller requests"),
+        )
+    };
+    if usize::try_from(body.size_hint().lower()).map_or(true, |announced| announced > limit) {
+        return Err(too_large(metrics));
+    }
+    let deadline = tokio::time::Instant::now() + shared.frame_timeout();
+    let timed_out = |metrics: &crate::metrics::Metrics| {
+        metrics.rejected(IngestPath::Http, "body_timeout", 1);
+        error(StatusCode::REQUEST_TIMEOUT, "the body did not arrive whole within ingest.frame_timeout_secs")
+    };
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        let next = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx));
+        let frame = match tokio::time::timeout_at(deadline, next).await {
+            Err(_) => return Err(timed_out(metrics)),
+            Ok(None) => return Ok(out),
+            Ok(Some(Err(e))) => {
+                metrics.rejected(IngestPath::Http, "invalid_body", 1);
+                return Err(error(StatusCode::BAD_REQUEST, format!("the body could not be read: {e}")));
             }
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, raw)| {
-                    let text = raw.get().as_bytes();
-                    if text.first() == Some(&b'{') {
-                        Ok(text)
-                    } else {
-                        Err(format!("element {i} is not a JSON object"))
-                    }
-                })
-                .collect()
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        let len = out.len().saturating_add(data.len());
+        if len > limit {
+            return Err(too_large(metrics));
         }
-        Some(_) => {
-            let mut out = Vec::new();
-            for (n, line) in body.split(|&b| b == b'\n').enumerate() {
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                if line.iter().all(|b| b.is_ascii_whitespace()) {
-                    continue;
+        if len > out.capacity() {
+            // Double as bytes arrive (never past the limit), charged before allocating.
+            let target = len.max(out.capacity().saturating_mul(2)).min(limit).max(len);
+            match tokio::time::timeout_at(deadline, charge.grow_to(target)).await {
+                Ok(Ok(())) => out.reserve_exact(target - out.len()),
+                Ok(Err(over)) => {
+                    metrics.rejected(IngestPath::Http, "over_budget", 1);
+                    return Err(error(StatusCode::PAYLOAD_TOO_LARGE, format!("{over}; send smaller requests")));
                 }
-                if !is_json_object(line) {
-                    return Err(format!("line {} is not a JSON object", n + 1));
-                }
-                out.push(line);
+                Err(_) => return Err(timed_out(metrics)),
             }
-            if out.is_empty() {
-                return Err("the body holds no events".into());
-            }
-            Ok(out)
         }
+        out.extend_from_slice(&data);
     }
 }
 
-async fn post_events(State(shared): State<Arc<Shared>>, Path(topic_name): Path<String>, body: Bytes) -> Response {
+async fn post_events(State(shared): State<Arc<Shared>>, Path(topic_name): Path<String>, request: Request) -> Response {
     let metrics = shared.ingest.metrics();
-    let events = match parse_body(&body) {
-        Ok(events) => events,
+    let mut charge = shared.charge();
+    let body = match read_body(&shared, request.into_body(), &mut charge).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    // The batch's records, then its encoded copy while it is appended, are charged
+    // before they are allocated, for as many events as the body could hold.
+    let records = crate::parse::max_records_len(body.len(), crate::parse::max_events(&body));
+    let working = body.capacity().saturating_add(records.saturating_mul(2));
+    match tokio::time::timeout(shared.frame_timeout(), charge.grow_to(working)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(over)) => {
+            metrics.rejected(IngestPath::Http, "over_budget", 1);
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("storing this body needs {over}; send smaller requests"),
+            );
+        }
+        Err(_) => {
+            metrics.rejected(IngestPath::Http, "busy", 1);
+            return error(StatusCode::SERVICE_UNAVAILABLE, "the server's ingest buffers are full; retry later");
+        }
+    }
+    let now = flowgate_core::time::now_ms();
+    let mut builder = BatchBuilder::with_capacity(records);
+    let mut bytes = 0u64;
+    let accepted = match parse_body(&body, |e| {
+        builder.push_payload(now, None, e);
+        bytes += e.len() as u64;
+    }) {
+        Ok(n) => n as u64,
         Err(message) => {
             metrics.rejected(IngestPath::Http, "invalid_body", 1);
             return error(StatusCode::BAD_REQUEST, message);
         }
     };
+    drop(body);
+    // Only a good body may create a topic.
     let topic = match shared.ingest.topic(&topic_name) {
         Ok(t) => t,
         Err(e) => return log_error(e),
     };
-    let now = flowgate_core::time::now_ms();
-    let mut builder = BatchBuilder::with_capacity(body.len() + events.len() * 8);
-    let mut bytes = 0u64;
-    for e in &events {
-        builder.push_payload(now, None, e);
-        bytes += e.len() as u64;
-    }
     let mut scratch = Scratch::default();
     let written = match shared.ingest.append_built(&topic, &mut builder, &mut scratch) {
         Ok(w) => w,
         Err(e) => return log_error(e),
     };
+    drop((builder, scratch, charge));
     if let Err(e) = written.durable().await {
         return log_error(e);
     }
-    metrics.topic_counters(&topic_name, IngestPath::Http).accepted(events.len() as u64, bytes);
+    metrics.topic_counters(&topic_name, IngestPath::Http).accepted(accepted, bytes);
     let ack = written.acks()[0];
     let last = ack.first_offset + u64::from(ack.record_count) - 1;
     Json(json!({"accepted": ack.record_count, "offsets": [ack.first_offset, last], "partition": ack.partition}))
@@ -259,20 +295,4 @@ async fn index() -> Response {
          <li><a href=\"/metrics\">/metrics</a></li><li><a href=\"/health\">/health</a></li></ul>",
     )
         .into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_body;
-
-    #[test]
-    fn bodies_are_arrays_or_ndjson_and_errors_say_where() {
-        assert_eq!(parse_body(br#"[{"a":1}, {"b":[2]}]"#).unwrap(), vec![&br#"{"a":1}"#[..], br#"{"b":[2]}"#]);
-        assert_eq!(parse_body(b"{\"a\":1}\n\n{\"b\":2}\r\n").unwrap().len(), 2);
-        assert!(parse_body(b"{\"a\":1}\n{oops\n").unwrap_err().contains("line 2"));
-        assert!(parse_body(b"[{\"a\":1}, 3]").unwrap_err().contains("element 1"));
-        assert!(parse_body(b"[{\"a\":1}").is_err());
-        assert!(parse_body(b"  ").is_err());
-        assert!(parse_body(b"[]").is_err());
-    }
 }
