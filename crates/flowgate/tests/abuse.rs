@@ -73,17 +73,6 @@ fn bomb(codec: Codec, claimed: u32) -> Vec<u8> {
     batch
 }
 
-/// Resident memory of the engine now (VmRSS), in bytes.
-fn rss(engine: &EngineProcess) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", engine.child.id())).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
 fn produce_ok(engine: &EngineProcess, topic: &str, batch: Bytes) -> u32 {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let addr = engine.binary.to_string();
