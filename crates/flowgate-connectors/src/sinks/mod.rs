@@ -99,30 +99,6 @@ fn normalize(path: &Path) -> PathBuf {
     out
 }
 
-impl Connectors {
-    /// What a sink writes to exclusively, for an engine whose data directory is
-    /// `data_dir` (see [`SinkFactory::output_claim`]): a file sink claims its directory.
-    pub fn output_claim_in(data_dir: &std::path::Path, config: &SinkConfig) -> Option<String> {
-        match &config.kind {
-            SinkKind::File { path, .. } => {
-                // Lexically normal, so `out`, `./out` and `out/` are one claim.
-                let mut dir = PathBuf::new();
-                for part in data_dir.join(path).components() {
-                    match part {
-                        std::path::Component::CurDir => {}
-                        std::path::Component::ParentDir => {
-                            dir.pop();
-                        }
-                        other => dir.push(other),
-                    }
-                }
-                Some(format!("file directory {}", dir.display()))
-            }
-            SinkKind::Topic { .. } | SinkKind::Stdout | SinkKind::Tcp { .. } | SinkKind::Blackhole => None,
-        }
-    }
-}
-
 impl SinkFactory for Connectors {
     fn validate(&self, config: &SinkConfig) -> anyhow::Result<()> {
         Connectors::validate_config(config)

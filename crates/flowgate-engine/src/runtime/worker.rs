@@ -105,8 +105,9 @@ impl Worker {
                         "the checkpoint holds state for a different number of processors; state is restored by position");
                 }
                 for (i, (p, state)) in self.processors.iter_mut().zip(&c.processors).enumerate() {
-                    p.restore(state)
-                        .map_err(|e| self.checkpoint.restore_error(&format!("processor {} ({})", i + 1, p.kind()), e))?;
+                    p.restore(state).map_err(|e| {
+                        self.checkpoint.restore_error(&format!("processor {} ({})", i + 1, p.kind()), e)
+                    })?;
                 }
                 c.offset.max(self.partition.start_offset())
             }
