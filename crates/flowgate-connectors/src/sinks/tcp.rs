@@ -566,6 +566,63 @@ mod tests {
         assert!(huge < MAX_BATCH_LEN, "a batch never exceeds what a decoder accepts");
     }
 
+    fn keyed(key: Option<&str>) -> SinkEvent {
+        SinkEvent {
+            partition: 0,
+            offset: 0,
+            timestamp: 1,
+            key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
+            payload: Bytes::from_static(b"{}"),
+        }
+    }
+
+    #[test]
+    fn a_plan_sends_each_event_to_its_keys_partition_in_batch_order_and_keyless_ones_together() {
+        let keys = [Some("a"), None, Some("b"), Some("c"), None, Some("a"), Some("d"), None];
+        let events: Vec<SinkEvent> = keys.iter().map(|k| keyed(*k)).collect();
+        let plan = Plan::new(&events, 0..events.len(), 3, 2);
+        assert_eq!(plan.entries.len(), events.len(), "every event once");
+        let mut seen: Vec<usize> = plan.entries.iter().map(|&(_, i)| i).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..events.len()).collect::<Vec<_>>());
+        for &(p, i) in &plan.entries {
+            let expected = keys[i].map_or(2, |k| partition_for_key(k.as_bytes(), 3));
+            assert_eq!(p, expected, "event {i}");
+        }
+        // Grouped by partition (so a request goes to one), batch order within each.
+        assert!(plan.entries.windows(2).all(|w| w[0].0 < w[1].0 || (w[0].0 == w[1].0 && w[0].1 < w[1].1)));
+        // A re-plan of what is left keeps only those events.
+        let rest = Plan::new(&events, [1usize, 4, 6].into_iter(), 5, 0);
+        assert_eq!(
+            rest.entries.iter().filter(|&&(p, _)| p == 0).count(),
+            2 + usize::from(partition_for_key(b"d", 5) == 0)
+        );
+        assert_eq!(rest.entries.len(), 3);
+    }
+
+    #[test]
+    fn sequences_count_per_partition_from_zero_and_a_new_producer_starts_over() {
+        let place = SinkPlace { pipeline: "p".into(), topic: "in".into(), partition: 0 };
+        let mut producer = ProducerState::new(&place, "s");
+        let first = producer.id;
+        let seq = |s: ProducerStamp| (s.producer_id, s.sequence);
+        assert_eq!(seq(producer.next_stamp(0, &place, "s")), (first, 0));
+        assert_eq!(seq(producer.next_stamp(0, &place, "s")), (first, 1));
+        assert_eq!(seq(producer.next_stamp(3, &place, "s")), (first, 0), "each partition from 0");
+        assert_eq!(seq(producer.next_stamp(0, &place, "s")), (first, 2));
+        producer.renew(&place, "s");
+        assert_ne!(producer.id, first);
+        assert_eq!(producer.next_stamp(0, &place, "s").sequence, 0);
+        assert_eq!(producer.next_stamp(3, &place, "s").sequence, 0);
+        // The last sequence is used, then a new producer takes over.
+        producer.next_sequence.insert(1, u64::MAX);
+        let last = producer.next_stamp(1, &place, "s");
+        assert_eq!(last.sequence, u64::MAX);
+        let after = producer.next_stamp(1, &place, "s");
+        assert_ne!(after.producer_id, last.producer_id);
+        assert_eq!(after.sequence, 0);
+    }
+
     #[test]
     fn dead_letters_carry_the_event_as_it_was() {
         let place = SinkPlace { pipeline: "p".into(), topic: "in".into(), partition: 3 };
