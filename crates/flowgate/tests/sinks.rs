@@ -44,14 +44,20 @@ fn produce(rt: &tokio::runtime::Runtime, addr: SocketAddr, topic: &str, batches:
 
 /// Every event payload of every partition of `topic`, parsed, partition by partition.
 fn read_topic(rt: &tokio::runtime::Runtime, addr: SocketAddr, topic: &str) -> Vec<serde_json::Value> {
+    read_partitions(rt, addr, topic).into_iter().flatten().collect()
+}
+
+/// Every event payload of `topic`, parsed, per partition.
+fn read_partitions(rt: &tokio::runtime::Runtime, addr: SocketAddr, topic: &str) -> Vec<Vec<serde_json::Value>> {
     rt.block_on(async {
         let client = Client::connect(&addr.to_string()).await.unwrap();
         let Some(info) = client.list_topics().await.unwrap().into_iter().find(|t| t.name == topic) else {
             return Vec::new();
         };
-        let mut out = Vec::new();
+        let mut partitions = Vec::new();
         let mut scratch = Vec::new();
         for p in 0..info.partitions.len() as u32 {
+            let mut out = Vec::new();
             let mut offset = 0;
             loop {
                 let f = client.fetch(topic, p, offset, 8 << 20, 0).await.unwrap();
@@ -70,8 +76,9 @@ fn read_topic(rt: &tokio::runtime::Runtime, addr: SocketAddr, topic: &str) -> Ve
                     rest = tail;
                 }
             }
+            partitions.push(out);
         }
-        out
+        partitions
     })
 }
 
@@ -441,4 +448,115 @@ fn a_peer_that_closes_in_the_middle_of_a_batch_gets_no_duplicates() {
     );
     assert!(proxy.connections.load(Ordering::SeqCst) >= 2, "the sink reconnected");
     assert!(engine_a.metric("flowgate_sink_errors_total{pipeline=\"forward\"") >= 1.0);
+}
+
+#[test]
+fn a_tcp_sink_to_a_partitioned_peer_stores_each_event_once_in_its_keys_partition() {
+    let dir_b = tempfile::tempdir().unwrap();
+    // Four partitions and 256 KiB frames: each write goes out as several requests to
+    // each partition.
+    let engine_b = EngineProcess::start(
+        dir_b.path(),
+        &[("FLOWGATE_INGEST__MAX_FRAME_BYTES", "262144"), ("FLOWGATE_LOG__DEFAULT_PARTITIONS", "4")],
+    );
+    // The first connection passes the handshake, the partition count and one request,
+    // then stores the next request but closes before its answer.
+    let proxy = start_proxy(engine_b.binary, vec![Behaviour::CloseAtReply(4)]);
+    let dir_a = tempfile::tempdir().unwrap();
+    let config = tcp_pipeline(dir_a.path(), proxy.addr, "batch = { max_events = 1000, max_wait_ms = 200 }");
+    let engine_a = EngineProcess::start_with(dir_a.path(), Some(&config), &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    produce(&rt, engine_a.binary, "in", vec![batch_of(0..1000, 1000)]);
+    wait_for("delivery after the reconnect", Duration::from_secs(30), || {
+        read_topic(&rt, engine_b.binary, "copy").len() >= 1000
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let partitions = read_partitions(&rt, engine_b.binary, "copy");
+    assert_eq!(partitions.len(), 4);
+    let all: Vec<serde_json::Value> = partitions.iter().flatten().cloned().collect();
+    assert_eq!(sorted_ids(&all), (0..1000).collect::<Vec<u64>>(), "each event once");
+    for (p, events) in partitions.iter().enumerate() {
+        let ids = ids(events);
+        assert!(!ids.is_empty(), "partition {p} got its keys");
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "partition {p} in order");
+        for id in ids {
+            let key = format!("k{id}");
+            assert_eq!(
+                flowgate_core::partition_for_key(key.as_bytes(), 4),
+                p as u32,
+                "event {id} in its key's partition"
+            );
+        }
+    }
+    assert!(proxy.connections.load(Ordering::SeqCst) >= 2, "the sink reconnected");
+}
+
+/// A proxy that sends new connections to `first` until `switch` is set, then to
+/// `then`; setting `switch` and calling `cut` closes the connections to `first`.
+struct SwitchingProxy {
+    addr: SocketAddr,
+    switch: Arc<std::sync::atomic::AtomicBool>,
+    open: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl SwitchingProxy {
+    fn start(first: SocketAddr, then: SocketAddr) -> SwitchingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let switch = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open: Arc<std::sync::Mutex<Vec<TcpStream>>> = Arc::default();
+        let (switched, kept) = (switch.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let upstream = if switched.load(Ordering::SeqCst) { then } else { first };
+                let server = TcpStream::connect(upstream).unwrap();
+                kept.lock().unwrap().push(client.try_clone().unwrap());
+                let (c, s) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || pump(c, s));
+                std::thread::spawn(move || pump(server, client));
+            }
+        });
+        SwitchingProxy { addr, switch, open }
+    }
+
+    /// From now on, to `then`; the connections open so far are closed.
+    fn cut(&self) {
+        self.switch.store(true, Ordering::SeqCst);
+        for s in self.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn a_tcp_sink_whose_peer_forgot_its_producer_starts_a_new_one_and_stores_each_event_once() {
+    // The peer is replaced by a fresh engine (as if its data were lost) between two
+    // writes: it does not know the sink's producer, whose sequences no longer start at 0.
+    let dir_b1 = tempfile::tempdir().unwrap();
+    let engine_b1 = EngineProcess::start(dir_b1.path(), &[("FLOWGATE_INGEST__MAX_FRAME_BYTES", "262144")]);
+    let dir_b2 = tempfile::tempdir().unwrap();
+    let engine_b2 = EngineProcess::start(dir_b2.path(), &[("FLOWGATE_INGEST__MAX_FRAME_BYTES", "262144")]);
+    let proxy = SwitchingProxy::start(engine_b1.binary, engine_b2.binary);
+    let dir_a = tempfile::tempdir().unwrap();
+    let config = tcp_pipeline(dir_a.path(), proxy.addr, "batch = { max_events = 1000, max_wait_ms = 200 }");
+    let engine_a = EngineProcess::start_with(dir_a.path(), Some(&config), &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    produce(&rt, engine_a.binary, "in", vec![batch_of(0..500, 1000)]);
+    wait_for("the first write at the first peer", Duration::from_secs(30), || {
+        read_topic(&rt, engine_b1.binary, "copy").len() >= 500
+    });
+    proxy.cut();
+    produce(&rt, engine_a.binary, "in", vec![batch_of(500..1000, 1000)]);
+    wait_for("the second write at the new peer", Duration::from_secs(30), || {
+        read_topic(&rt, engine_b2.binary, "copy").len() >= 500
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(ids(&read_topic(&rt, engine_b1.binary, "copy")), (0..500).collect::<Vec<u64>>());
+    assert_eq!(
+        ids(&read_topic(&rt, engine_b2.binary, "copy")),
+        (500..1000).collect::<Vec<u64>>(),
+        "each event once, in order, under the new producer"
+    );
+    assert!(engine_a.log().contains("new producer id"), "the refusal was seen and answered: {}", engine_a.log());
 }
