@@ -59,9 +59,11 @@ impl Connectors {
             SinkKind::Stdout | SinkKind::Blackhole => {}
         }
         anyhow::ensure!(config.batch.max_events > 0, "`batch.max_events` must be positive");
+        // `min_events` bounds only the adaptive target; a fixed `max_events` below its
+        // default is a plain small batch.
         anyhow::ensure!(
-            config.batch.min_events <= config.batch.max_events,
-            "`batch.min_events` exceeds `batch.max_events`"
+            !config.batch.adaptive || config.batch.min_events <= config.batch.max_events,
+            "`batch.min_events` exceeds `batch.max_events` with `adaptive = true`"
         );
         anyhow::ensure!(
             config.batch.max_bytes <= MAX_SINK_BATCH_BYTES,

@@ -200,7 +200,11 @@ pub(super) async fn run_sink(
     let durable = metrics.durable_seconds.get_or_create(&PipelineLabels { pipeline: labels.pipeline.clone() }).clone();
     let mut task = SinkTask { sink, events, end_to_end, durable, uncommitted: Vec::new(), labels, metrics };
     let target_gauge = task.metrics.sink_batch_target.get_or_create(&task.labels).clone();
-    let mut target = if policy.adaptive { (policy.max_events / 4).max(policy.min_events) } else { policy.max_events };
+    let mut target = if policy.adaptive {
+        (policy.max_events / 4).max(policy.min_events).min(policy.max_events)
+    } else {
+        policy.max_events
+    };
     target_gauge.set(i64::try_from(target).unwrap_or(i64::MAX));
     let max_wait = Duration::from_millis(policy.max_wait_ms.max(1));
     let mut buffer = PendingBatch::default();
