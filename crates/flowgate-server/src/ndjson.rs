@@ -195,11 +195,9 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
             }
             reply_line(&mut replies, line);
         }
-        if !replies.is_empty() {
-            if !write_replies(&mut stream, &mut replies, idle).await {
-                metrics.rejected(IngestPath::Ndjson, "write_timeout", 1);
-                return;
-            }
+        if !replies.is_empty() && !write_replies(&mut stream, &mut replies, idle).await {
+            metrics.rejected(IngestPath::Ndjson, "write_timeout", 1);
+            return;
         }
         // Give back what one long line or large read borrowed.
         builder.shrink_to(READ_CHUNK);

@@ -196,7 +196,10 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn run(splitter: &mut LineSplitter, input: &[u8], eof: bool) -> (usize, Vec<Vec<u8>>, Vec<(u64, &'static str)>) {
+    /// Lines consumed, the lines, and the (line number, reason) of refused ones.
+    type Split = (usize, Vec<Vec<u8>>, Vec<(u64, &'static str)>);
+
+    fn run(splitter: &mut LineSplitter, input: &[u8], eof: bool) -> Split {
         let mut events = Vec::new();
         let mut rejects = Vec::new();
         let n = splitter.split(input, eof, |l| events.push(l.to_vec()), |l, r| rejects.push((l, r)));
