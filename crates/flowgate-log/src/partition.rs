@@ -420,6 +420,30 @@ impl Partition {
         Ok(())
     }
 
+    /// Puts every record below `end_offset` on stable storage whatever the fsync policy
+    /// (with `always`, by joining the flusher's group commit). For writers whose own
+    /// progress is fsynced — a pipeline's checkpoint must not get ahead of the outputs it
+    /// accounts for, even under `interval` or `never`.
+    pub async fn make_durable(self: &Arc<Self>, end_offset: u64) -> Result<()> {
+        if self.config.fsync == FsyncPolicy::Always || self.durable_offset() >= end_offset {
+            return self.wait_durable(end_offset).await;
+        }
+        let partition = self.clone();
+        tokio::task::spawn_blocking(move || partition.sync()).await.map_err(|e| LogError::Io {
+            action: "fsync",
+            path: self.dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+        if let Some(reason) = self.sync_failure.lock().clone() {
+            return Err(LogError::Io {
+                action: "fsync",
+                path: self.dir.clone(),
+                source: std::io::Error::other(reason),
+            });
+        }
+        Ok(())
+    }
+
     /// Waits until every record below `end_offset` meets the configured durability:
     /// at once for `interval` and `never` (the write already happened), after the
     /// flusher's next fsync for `always`.

@@ -48,7 +48,19 @@ const COALESCE_BYTES: usize = 1 << 20;
 
 enum Reply {
     Ready(Vec<u8>),
-    Durable { correlation_id: u32, written: Written },
+    Durable {
+        correlation_id: u32,
+        written: Written,
+    },
+    /// An answer that vouches for data already in the log (DUPLICATE_SEQUENCE: "stored
+    /// before"), sent only once the partition is durable up to `until`, as a PRODUCE_OK
+    /// would be: a resend must not be acknowledged ahead of the fsync of its first write.
+    DurableError {
+        partition: Arc<Partition>,
+        until: u64,
+        frame: Vec<u8>,
+        correlation_id: u32,
+    },
     Fetch(FetchReply),
     Close(Vec<u8>),
 }
@@ -155,6 +167,12 @@ async fn write_replies(
                     Ok(()) => buf.extend_from_slice(&produce_ok(correlation_id, &written)),
                     Err(e) => buf.extend_from_slice(&error_frame(correlation_id, error_code(&e), &e.to_string())),
                 },
+                Reply::DurableError { partition, until, frame, correlation_id } => {
+                    match partition.wait_durable(until).await {
+                        Ok(()) => buf.extend_from_slice(&frame),
+                        Err(e) => buf.extend_from_slice(&error_frame(correlation_id, error_code(&e), &e.to_string())),
+                    }
+                }
                 Reply::Fetch(fetch) => {
                     if let Some(wait) = fetch.wait {
                         let _ = wait.await;
@@ -404,8 +422,9 @@ impl Connection<'_> {
             if codec != Codec::None && inflated <= codec.max_inflated_len(compressed) {
                 working = inflated;
             }
-            if topic.partition_count() > 1 {
-                // Splitting by partition re-encodes the records: builders and one sub-batch.
+            if partition.is_none() && topic.partition_count() > 1 {
+                // Splitting by partition re-encodes the records: builders and one sub-batch
+                // (PRODUCE_PARTITION names its partition and is never split).
                 working = working.saturating_add(inflated.saturating_mul(2));
             }
         }
@@ -450,6 +469,17 @@ impl Connection<'_> {
                     }
                     LogError::OutOfOrderSequence { .. } | LogError::UnknownProducer { .. } => {
                         self.shared.ingest.metrics().rejected(IngestPath::Binary, "out_of_order_sequence", 1)
+                    }
+                    LogError::DuplicateSequence { .. } => {
+                        if let Some(p) = partition.and_then(|p| topic.partition(p).ok()) {
+                            let until = p.end_offset();
+                            return Reply::DurableError {
+                                partition: p.clone(),
+                                until,
+                                frame: error_frame(correlation_id, error_code(&e), &e.to_string()),
+                                correlation_id,
+                            };
+                        }
                     }
                     _ => {}
                 }

@@ -22,6 +22,12 @@ impl Scratch {
     /// Gives back capacity above `bytes` per buffer, so one large batch does not pin its
     /// size for the rest of a connection's life.
     pub fn shrink_to(&mut self, bytes: usize) {
+        // One builder per partition a split touched: with many partitions even shrunk
+        // builders add up, so past a few they are dropped and made again when needed.
+        const KEPT_BUILDERS: usize = 16;
+        if self.builders.len() > KEPT_BUILDERS {
+            self.builders = Vec::new();
+        }
         for builder in &mut self.builders {
             builder.shrink_to(bytes);
         }

@@ -111,7 +111,7 @@ impl Sink for TopicSink {
         Box::pin(async move {
             for slot in &mut self.written {
                 if let Some((partition, end)) = slot.take() {
-                    if let Err(e) = partition.wait_durable(end).await {
+                    if let Err(e) = partition.make_durable(end).await {
                         // Keep waiting for it at the next commit rather than forget it.
                         *slot = Some((partition, end));
                         return Err(e.into());

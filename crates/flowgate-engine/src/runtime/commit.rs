@@ -88,7 +88,7 @@ impl Worker {
             self.sink_states.set(&sink.name, state);
         }
         for (partition, end) in self.side_writes.drain(..) {
-            partition.wait_durable(end).await?;
+            partition.make_durable(end).await?;
         }
         let checkpoint = Checkpoint {
             offset,

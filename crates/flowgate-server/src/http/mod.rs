@@ -201,7 +201,12 @@ async fn read_events(
     let mut events = Vec::new();
     let mut next = from;
     let mut scratch = Vec::new();
-    while events.len() < limit && next < partition.end_offset() {
+    // A reply holds at most about one request body's worth of payloads (plus the event
+    // that crosses the line), however large the stored events are; `next_offset` says
+    // where to go on.
+    let max_bytes = shared.config.max_http_body_bytes;
+    let mut bytes = 0usize;
+    while events.len() < limit && bytes < max_bytes && next < partition.end_offset() {
         let read = match partition.read(next, 256 * 1024) {
             Ok(r) => r,
             Err(e) => return log_error(e),
@@ -210,7 +215,7 @@ async fn read_events(
             break;
         }
         let mut rest = &read.batches[..];
-        while !rest.is_empty() && events.len() < limit {
+        while !rest.is_empty() && events.len() < limit && bytes < max_bytes {
             let (view, tail) = match BatchView::parse(rest) {
                 Ok(v) => v,
                 Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("stored batch unreadable: {e}")),
@@ -221,8 +226,8 @@ async fn read_events(
             };
             for record in records {
                 let Ok(record) = record else { break };
-                let offset = view.base_offset() + u64::from(record.offset_delta);
-                if offset < next || events.len() >= limit {
+                let offset = view.base_offset().saturating_add(u64::from(record.offset_delta));
+                if offset < next || events.len() >= limit || bytes >= max_bytes {
                     continue;
                 }
                 let payload = serde_json::from_slice::<serde_json::Value>(record.payload).unwrap_or_else(|_| {
@@ -234,6 +239,7 @@ async fn read_events(
                     "key": record.key.map(|k| String::from_utf8_lossy(k).into_owned()),
                     "payload": payload,
                 }));
+                bytes = bytes.saturating_add(record.payload.len());
                 next = offset + 1;
             }
             rest = tail;
