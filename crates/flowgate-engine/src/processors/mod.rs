@@ -74,8 +74,16 @@ pub trait Processor: Send {
         Vec::new()
     }
 
-    /// Restores checkpointed state (empty: none was saved).
-    fn restore(&mut self, _state: &[u8]) -> anyhow::Result<()> {
+    /// Restores checkpointed state (empty: none was saved). A processor that keeps no
+    /// state refuses any: state in its place belongs to another processor (the config's
+    /// processors were reordered or replaced), and dropping it silently would lose it.
+    fn restore(&mut self, state: &[u8]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            state.is_empty(),
+            "the checkpoint holds {} bytes of state in the place of this stateless processor: processor state is \
+             matched by position, and the processors were reordered or replaced",
+            state.len()
+        );
         Ok(())
     }
 }
@@ -140,5 +148,27 @@ pub fn processor_type(c: &ProcessorConfig) -> &'static str {
         ProcessorConfig::Aggregate(_) => "aggregate",
         ProcessorConfig::Numeric(_) => "numeric",
         ProcessorConfig::Route { .. } => "route",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_in_the_place_of_a_stateless_processor_is_refused_not_dropped() {
+        let configs: Vec<ProcessorConfig> = serde_json::from_str(
+            r#"[{"type": "filter", "condition": "true"}, {"type": "dedup", "by": "id", "ttl_ms": 1000}]"#,
+        )
+        .unwrap();
+        let mut processors = build(&configs, &[]).unwrap();
+        let mut dedup_state = processors[1].snapshot();
+        if dedup_state.is_empty() {
+            dedup_state = vec![0];
+        }
+        // `[filter, dedup]` checkpointed, then the config became `[dedup, filter]`.
+        let err = processors[0].restore(&dedup_state).unwrap_err();
+        assert!(err.to_string().contains("reordered or replaced"), "{err}");
+        processors[0].restore(&[]).unwrap();
     }
 }

@@ -111,10 +111,17 @@ impl Worker {
         }
         let mut offset = match &saved {
             Some(c) => {
-                if c.processors.len() != self.processors.len() {
-                    tracing::warn!(pipeline = %self.config.name, topic = %self.topic, partition = self.partition.id(),
-                        saved = c.processors.len(), configured = self.processors.len(),
-                        "the checkpoint holds state for a different number of processors; state is restored by position");
+                // State is matched by position: state beyond the configured processors
+                // would be dropped by the next checkpoint, so it stops the partition.
+                if let Some(extra) = c.processors.iter().skip(self.processors.len()).position(|s| !s.is_empty()) {
+                    return Err(self.checkpoint.restore_error(
+                        &format!("processor {}", self.processors.len() + extra + 1),
+                        anyhow::anyhow!(
+                            "the checkpoint holds state for {} processors and the config has {}",
+                            c.processors.len(),
+                            self.processors.len()
+                        ),
+                    ));
                 }
                 for (i, (p, state)) in self.processors.iter_mut().zip(&c.processors).enumerate() {
                     p.restore(state).map_err(|e| {
