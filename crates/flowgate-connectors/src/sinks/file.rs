@@ -117,7 +117,9 @@ impl FileSink {
             let path = entry?.path();
             let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
             let Some(rest) = name.strip_prefix(&self.prefix) else { continue };
-            if rest.ends_with(".ndjson.zst.tmp") || rest.ends_with(".ndjson.tmp") {
+            let temporary = rest.strip_suffix(".ndjson.zst.tmp").or_else(|| rest.strip_suffix(".ndjson.tmp"));
+            // Only this partition's own: `a-1-` is also the start of topic `a-1`'s names.
+            if temporary.is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())) {
                 std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
                 continue;
             }
