@@ -20,7 +20,7 @@
 //! then a CRC32C u32 of everything before it. The last stored sequence is the largest of
 //! the n.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 /// Sequences whose offsets are remembered per producer, for answering retries.
 pub const REMEMBERED_SEQUENCES: usize = 5;
@@ -72,13 +72,16 @@ impl ProducerEntry {
 #[derive(Clone, Debug)]
 pub struct ProducerState {
     producers: HashMap<u64, ProducerEntry>,
+    /// `(last_offset, producer_id)` of every producer, so the idlest one is found in
+    /// O(log n) when a new one must make room (under the partition's write lock).
+    idle_order: BTreeSet<(u64, u64)>,
     max_producers: usize,
 }
 
 impl ProducerState {
     /// Empty state remembering at most `max_producers` producers.
     pub fn new(max_producers: usize) -> ProducerState {
-        ProducerState { producers: HashMap::new(), max_producers: max_producers.max(1) }
+        ProducerState { producers: HashMap::new(), idle_order: BTreeSet::new(), max_producers: max_producers.max(1) }
     }
 
     /// Number of producers remembered.
@@ -120,7 +123,7 @@ impl ProducerState {
         }
         if !self.producers.contains_key(&producer_id) && self.producers.len() >= self.max_producers {
             // Forget the producer idle the longest (smallest last offset).
-            if let Some((&victim, _)) = self.producers.iter().min_by_key(|(_, e)| e.last_offset) {
+            if let Some((_, victim)) = self.idle_order.pop_first() {
                 self.producers.remove(&victim);
             }
         }
@@ -135,7 +138,10 @@ impl ProducerState {
             entry.recent.pop_front();
         }
         let last = first_offset.saturating_add(u64::from(record_count).saturating_sub(1));
-        entry.last_offset = entry.last_offset.max(last);
+        let before = entry.last_offset;
+        entry.last_offset = before.max(last);
+        self.idle_order.remove(&(before, producer_id));
+        self.idle_order.insert((entry.last_offset, producer_id));
     }
 
     /// Serializes the state as a snapshot file.
@@ -177,7 +183,10 @@ impl ProducerState {
             for _ in 0..n {
                 entry.recent.push_back((r.u64()?, r.u64()?, r.u32()?));
             }
-            state.producers.insert(pid, entry);
+            if let Some(old) = state.producers.insert(pid, entry) {
+                state.idle_order.remove(&(old.last_offset, pid));
+            }
+            state.idle_order.insert((last_offset, pid));
         }
         (r.pos == body.len()).then_some(state)
     }
