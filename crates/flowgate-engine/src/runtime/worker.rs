@@ -135,6 +135,13 @@ impl Worker {
         };
         tracing::info!(pipeline = %self.config.name, topic = %self.topic, partition = self.partition.id(), offset,
             resumed = saved.is_some(), "pipeline worker started");
+        if saved.is_none() {
+            // A first checkpoint before any output: a crash before the first periodic
+            // one then recovers from it, so sinks cut back what they wrote since (a file
+            // sink without any checkpoint must leave existing files alone, which would
+            // write those events twice).
+            self.commit(offset, &sinks_tx).await?;
+        }
         self.report_committed(offset);
         self.health.set_state(WorkerState::Running);
         let commit_every = Duration::from_millis(self.config.commit_interval_ms.max(10));
