@@ -307,3 +307,21 @@ fn absurd_base_offsets_in_a_damaged_sealed_segment_are_survived() {
     p.append(&mut batch(0, 1, 1_000, ProducerStamp::default())).unwrap();
     assert_eq!(p.end_offset(), end + 1);
 }
+
+#[tokio::test]
+async fn make_durable_fsyncs_whatever_the_policy_and_reports_a_failed_fsync() {
+    for policy in [FsyncPolicy::Never, FsyncPolicy::Interval, FsyncPolicy::Always] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), LogConfig { fsync: policy, ..LogConfig::default() }).unwrap();
+        let p = log.topic_or_create("t").unwrap().partition(0).unwrap().clone();
+        let end = p.append(&mut batch(0, 10, 1_000, ProducerStamp::default())).unwrap().end_offset();
+        p.make_durable(end).await.unwrap();
+        assert!(p.durable_offset() >= end, "{policy:?}: durable {} < {end}", p.durable_offset());
+
+        // A checkpoint must never move past output whose fsync failed.
+        let end = p.append(&mut batch(end, 10, 1_000, ProducerStamp::default())).unwrap().end_offset();
+        p.inject_fsync_failures(true);
+        assert!(p.make_durable(end).await.is_err(), "{policy:?}: a failed fsync must be an error");
+        assert!(p.durable_offset() < end);
+    }
+}
