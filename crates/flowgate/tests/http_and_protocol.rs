@@ -198,3 +198,28 @@ fn large_frames_borrow_from_the_buffer_budget_and_give_it_back() {
     assert!(text.contains("\nflowgate_ingest_buffered_bytes 0\n"), "every borrowed byte is returned");
     assert_eq!(engine.metric("flowgate_ingest_events_total{topic=\"big\""), 10_000.0);
 }
+
+#[test]
+fn an_http_read_holds_at_most_a_body_of_payloads_and_says_where_to_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = EngineProcess::start(dir.path(), &[("FLOWGATE_INGEST__MAX_HTTP_BODY_BYTES", "4096")]);
+    let pad = "x".repeat(80);
+    for chunk in 0..4 {
+        let body: String = (0..25).map(|i| format!("{{\"n\":{},\"pad\":\"{pad}\"}}\n", chunk * 25 + i)).collect();
+        let (status, answer) = engine.http("POST", "/v1/topics/big/events", body.as_bytes());
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (mut from, mut seen) = (0u64, Vec::new());
+    while seen.len() < 100 {
+        let (status, body) = engine.http("GET", &format!("/v1/topics/big/events?from={from}&limit=10000"), b"");
+        assert_eq!(status, 200, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let events = body["events"].as_array().unwrap();
+        let bytes: usize = events.iter().map(|e| e["payload"].to_string().len()).sum();
+        assert!(!events.is_empty() && bytes <= 4096 + 200, "one read held {bytes} bytes of payloads");
+        seen.extend(events.iter().map(|e| e["payload"]["n"].as_u64().unwrap()));
+        from = body["next_offset"].as_u64().unwrap();
+    }
+    assert_eq!(seen, (0..100).collect::<Vec<u64>>(), "paging by next_offset reads every event once, in order");
+    assert!(engine.terminate().success());
+}
