@@ -479,6 +479,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn recovery_removes_only_its_own_partitions_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        // Topic `a-1` partition 0 shares the name prefix `a-1-` with topic `a` partition 1.
+        let others = dir.path().join("a-1-0-00000000000000000001.ndjson.zst.tmp");
+        let own = dir.path().join("a-1-00000000000000000003.ndjson.tmp");
+        std::fs::write(&others, b"being compressed by the other sink").unwrap();
+        std::fs::write(&own, b"left by an interrupted compression").unwrap();
+        let place = SinkPlace { pipeline: "p".into(), topic: "a".into(), partition: 1 };
+        let mut sink = FileSink::new(dir.path().to_path_buf(), &place, 1024, 0, true).unwrap();
+        sink.recover(&serde_json::Value::Null).await.unwrap();
+        assert!(others.exists(), "another sink's temporary must be left alone");
+        assert!(!own.exists(), "this partition's leftover temporary is removed");
+    }
+
+    #[tokio::test]
     async fn rolls_by_size_compresses_and_recovers_exactly_to_the_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let mut sink = FileSink::new(dir.path().to_path_buf(), &place(), 1024, 0, true).unwrap();
