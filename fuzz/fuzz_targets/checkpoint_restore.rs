@@ -4,7 +4,7 @@
 #![no_main]
 
 use flowgate_engine::checkpoint::Checkpoint;
-use flowgate_engine::config::{AggregateConfig, AggregateFunction, ProcessorConfig, WindowConfig};
+use flowgate_engine::config::{AggregateConfig, AggregateFunction, ProcessorConfig, ProcessorKind, WindowConfig};
 use flowgate_engine::processors::{self, Processor};
 use libfuzzer_sys::fuzz_target;
 
@@ -13,7 +13,7 @@ fn function(name: &str, field: Option<&str>, q: Option<f64>) -> AggregateFunctio
 }
 
 fn aggregate(window: WindowConfig) -> ProcessorConfig {
-    ProcessorConfig::Aggregate(AggregateConfig {
+    ProcessorKind::Aggregate(AggregateConfig {
         group_by: Some("k".into()),
         time_field: None,
         window,
@@ -35,11 +35,12 @@ fn aggregate(window: WindowConfig) -> ProcessorConfig {
             function("quantile", Some("v"), Some(0.5)),
         ],
     })
+    .into()
 }
 
 fn stateful() -> Vec<Box<dyn Processor>> {
     let configs = [
-        ProcessorConfig::Dedup { by: "id".into(), ttl_ms: 60_000, max_entries: 1000 },
+        ProcessorKind::Dedup { by: "id".into(), ttl_ms: 60_000, max_entries: 1000 }.into(),
         aggregate(WindowConfig::Tumbling { size_ms: 10 }),
         aggregate(WindowConfig::Session { gap_ms: 10 }),
     ];
@@ -60,9 +61,9 @@ fn restore_all(state: &[u8]) {
 fuzz_target!(|data: &[u8]| {
     if let Ok(checkpoint) = Checkpoint::from_bytes(data) {
         let back = Checkpoint::from_bytes(&checkpoint.to_bytes()).expect("a checkpoint written reads back");
-        assert_eq!((back.offset, &back.processors, &back.sinks), (checkpoint.offset, &checkpoint.processors, &checkpoint.sinks));
-        for state in &checkpoint.processors {
-            restore_all(state);
+        assert_eq!(back, checkpoint);
+        for p in &checkpoint.processors {
+            restore_all(&p.state);
         }
     }
     restore_all(data);

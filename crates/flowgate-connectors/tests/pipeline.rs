@@ -128,7 +128,7 @@ async fn filter_remap_route_and_dead_letters() {
     assert_eq!(read_topic(&log, "rest"), vec![serde_json::json!({"kind":"b","temp":2,"doubled":4.0})]);
     let dlq = read_topic(&log, "_dlq");
     assert_eq!(dlq.len(), 2, "{dlq:?}");
-    assert_eq!(dlq[0]["processor"], "1:filter");
+    assert_eq!(dlq[0]["processor"], "filter-1");
     assert_eq!(dlq[0]["event"], serde_json::json!({"kind":"a","temp":"hot"}));
     assert!(dlq[0]["error"].as_str().unwrap().contains("float"), "{}", dlq[0]["error"]);
     assert_eq!(dlq[1]["event"], "not json at all");

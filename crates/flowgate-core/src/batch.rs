@@ -300,6 +300,11 @@ impl BatchBuilder {
         self.scratch.shrink_to(bytes);
     }
 
+    /// Bytes of buffer capacity the builder holds.
+    pub fn capacity_bytes(&self) -> usize {
+        self.records.capacity().saturating_add(self.scratch.capacity())
+    }
+
     /// Forgets the pushed records, keeping capacity.
     pub fn clear(&mut self) {
         self.records.clear();

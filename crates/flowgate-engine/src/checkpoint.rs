@@ -3,9 +3,13 @@
 //! `<data_dir>/pipelines/<pipeline>/<topic>-<partition>.ckpt`, replaced atomically
 //! (write, fsync, rename, fsync directory).
 //!
-//! Format: one line of JSON — `{"version":1,"offset":N,"sinks":[…],"processor_bytes":[…]}`
-//! — then each processor's state as raw bytes, back to back, of the lengths listed,
-//! then a CRC32C (u32, little-endian) of everything before it.
+//! Format: one line of JSON — `{"version":2,"offset":N,"sinks":[…],"processors":[{"id":…,
+//! "type":…,"settings":{…},"bytes":N},…]}` — then the state of each processor listed, as raw bytes,
+//! back to back, of the lengths listed, then a CRC32C (u32, little-endian) of everything
+//! before it. Processor state is keyed by processor id (its `name`, or `<type>-<n>`) and
+//! type, so reordering processors keeps each one's state; only processors that hold
+//! state are listed. Version 1 (`"processor_bytes":[N,…]`, state by position) is still
+//! read, and rewritten as version 2 at the next checkpoint.
 //!
 //! A checkpoint that cannot be read is never treated as absent: the partition refuses to
 //! start with an error that names the file and what to do (put back what was there, or
@@ -17,18 +21,46 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// The format version this build writes and reads.
-const VERSION: u32 = 1;
+/// The format version this build writes.
+const VERSION: u32 = 2;
+/// The older format this build still reads: processor state by position.
+const VERSION_BY_POSITION: u32 = 1;
 
 /// What is committed.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Checkpoint {
     /// The next offset to read.
     pub offset: u64,
-    /// State of each processor, by position (empty: stateless).
-    pub processors: Vec<Vec<u8>>,
-    /// State of each sink, by position.
+    /// State of the processors that hold any.
+    pub processors: Vec<ProcessorState>,
+    /// State of each sink (`{"sink": <name>, "state": <state>}`).
     pub sinks: Vec<serde_json::Value>,
+}
+
+/// One processor's checkpointed state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessorState {
+    /// Whose it is.
+    pub owner: StateOwner,
+    /// The state, as the processor wrote it.
+    pub state: Vec<u8>,
+}
+
+/// Which processor a checkpointed state belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StateOwner {
+    /// The processor with this id and type.
+    Id {
+        /// Processor id (`name`, or `<type>-<n>`).
+        id: String,
+        /// Processor type.
+        kind: String,
+        /// The settings the state depends on
+        /// ([`crate::config::ProcessorKind::state_settings`]), when recorded.
+        settings: Option<serde_json::Value>,
+    },
+    /// The processor at this position (0-based), as checkpoints of version 1 stored it.
+    Position(usize),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -36,32 +68,53 @@ struct Header {
     version: u32,
     offset: u64,
     sinks: Vec<serde_json::Value>,
-    processor_bytes: Vec<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    processors: Option<Vec<StateEntry>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    processor_bytes: Option<Vec<usize>>,
 }
 
-/// The checkpoint file of one (pipeline, topic, partition).
-#[derive(Clone, Debug)]
-pub struct CheckpointFile {
-    path: PathBuf,
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateEntry {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    settings: Option<serde_json::Value>,
+    bytes: usize,
 }
 
 impl Checkpoint {
     /// Writes the checkpoint in its file format, piece by piece (processor state can be
-    /// large; it is not copied into one buffer first).
+    /// large; it is not copied into one buffer first). State by position is written by
+    /// position as `#<n>` ids, which no configured processor has.
     pub fn write_to(&self, out: &mut impl Write) -> std::io::Result<()> {
+        let entries = self
+            .processors
+            .iter()
+            .map(|p| {
+                let (id, kind, settings) = match &p.owner {
+                    StateOwner::Id { id, kind, settings } => (id.clone(), kind.clone(), settings.clone()),
+                    StateOwner::Position(i) => (format!("#{}", i.saturating_add(1)), String::new(), None),
+                };
+                StateEntry { id, kind, settings, bytes: p.state.len() }
+            })
+            .collect();
         let header = Header {
             version: VERSION,
             offset: self.offset,
             sinks: self.sinks.clone(),
-            processor_bytes: self.processors.iter().map(Vec::len).collect(),
+            processors: Some(entries),
+            processor_bytes: None,
         };
         let mut head = serde_json::to_vec(&header).expect("header serializes");
         head.push(b'\n');
         out.write_all(&head)?;
         let mut crc = crc32c::crc32c(&head);
         for p in &self.processors {
-            out.write_all(p)?;
-            crc = crc32c::crc32c_append(crc, p);
+            out.write_all(&p.state)?;
+            crc = crc32c::crc32c_append(crc, &p.state);
         }
         out.write_all(&crc.to_le_bytes())
     }
@@ -73,7 +126,7 @@ impl Checkpoint {
         out
     }
 
-    /// Parses the file format; the error says what is wrong.
+    /// Parses the file format (this version or version 1); the error says what is wrong.
     pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint, String> {
         if bytes.len() < 5 {
             return Err("too short".into());
@@ -84,19 +137,40 @@ impl Checkpoint {
         }
         let newline = body.iter().position(|&b| b == b'\n').ok_or("no header line")?;
         let header: Header = serde_json::from_slice(&body[..newline]).map_err(|e| format!("header: {e}"))?;
-        if header.version != VERSION {
-            return Err(format!(
-                "format version {} is not the version this build reads ({VERSION}); was it written by another flowgate release?",
-                header.version
-            ));
-        }
+        let owners: Vec<(StateOwner, usize)> = match (header.version, header.processors, header.processor_bytes) {
+            (VERSION, Some(entries), None) => entries
+                .into_iter()
+                .map(|e| {
+                    let owner = match e.id.strip_prefix('#').and_then(|n| n.parse::<usize>().ok()) {
+                        Some(n) if e.kind.is_empty() && e.settings.is_none() && n > 0 => StateOwner::Position(n - 1),
+                        _ => StateOwner::Id { id: e.id, kind: e.kind, settings: e.settings },
+                    };
+                    (owner, e.bytes)
+                })
+                .collect(),
+            (VERSION_BY_POSITION, None, Some(lengths)) => lengths
+                .into_iter()
+                .enumerate()
+                .filter(|(_, len)| *len > 0)
+                .map(|(i, len)| (StateOwner::Position(i), len))
+                .collect(),
+            (VERSION | VERSION_BY_POSITION, _, _) => {
+                return Err(format!("header of version {} lists processor state wrongly", header.version))
+            }
+            (other, _, _) => {
+                return Err(format!(
+                    "format version {other} is not a version this build reads ({VERSION_BY_POSITION} or {VERSION}); \
+                     was it written by another flowgate release?"
+                ))
+            }
+        };
         let mut rest = &body[newline + 1..];
-        let mut processors = Vec::with_capacity(header.processor_bytes.len());
-        for len in header.processor_bytes {
+        let mut processors = Vec::with_capacity(owners.len().min(rest.len()));
+        for (owner, len) in owners {
             if rest.len() < len {
                 return Err("processor state truncated".into());
             }
-            processors.push(rest[..len].to_vec());
+            processors.push(ProcessorState { owner, state: rest[..len].to_vec() });
             rest = &rest[len..];
         }
         if !rest.is_empty() {
@@ -104,6 +178,12 @@ impl Checkpoint {
         }
         Ok(Checkpoint { offset: header.offset, processors, sinks: header.sinks })
     }
+}
+
+/// The checkpoint file of one (pipeline, topic, partition).
+#[derive(Clone, Debug)]
+pub struct CheckpointFile {
+    path: PathBuf,
 }
 
 impl CheckpointFile {
@@ -162,18 +242,26 @@ impl CheckpointFile {
 mod tests {
     use super::*;
 
+    fn named(id: &str, kind: &str, state: &[u8]) -> ProcessorState {
+        ProcessorState {
+            owner: StateOwner::Id { id: id.into(), kind: kind.into(), settings: Some(serde_json::json!({"by": "id"})) },
+            state: state.to_vec(),
+        }
+    }
+
     #[test]
     fn round_trips_and_detects_damage() {
         let c = Checkpoint {
             offset: 42,
-            processors: vec![vec![], vec![1, 2, 3, b'\n'], vec![9; 100]],
+            processors: vec![
+                named("dedup-1", "dedup", &[1, 2, 3, b'\n']),
+                named("hourly", "aggregate", &[9; 100]),
+                ProcessorState { owner: StateOwner::Position(2), state: vec![7] },
+            ],
             sinks: vec![serde_json::json!({"seq": 1, "len": 10}), serde_json::Value::Null],
         };
         let bytes = c.to_bytes();
-        let back = Checkpoint::from_bytes(&bytes).unwrap();
-        assert_eq!(back.offset, 42);
-        assert_eq!(back.processors, c.processors);
-        assert_eq!(back.sinks, c.sinks);
+        assert_eq!(Checkpoint::from_bytes(&bytes).unwrap(), c);
         let mut damaged = bytes.clone();
         damaged[bytes.len() / 2] ^= 1;
         assert!(Checkpoint::from_bytes(&damaged).is_err());
@@ -187,13 +275,33 @@ mod tests {
     }
 
     #[test]
+    fn version_1_state_by_position_is_read_as_positions() {
+        let v1 = sealed(b"{\"version\":1,\"offset\":7,\"sinks\":[],\"processor_bytes\":[0,2,1]}\nabc");
+        let c = Checkpoint::from_bytes(&v1).unwrap();
+        assert_eq!(c.offset, 7);
+        assert_eq!(
+            c.processors,
+            vec![
+                ProcessorState { owner: StateOwner::Position(1), state: b"ab".to_vec() },
+                ProcessorState { owner: StateOwner::Position(2), state: b"c".to_vec() },
+            ]
+        );
+    }
+
+    #[test]
     fn another_version_or_trailing_bytes_are_refused() {
-        let newer = sealed(b"{\"version\":2,\"offset\":1,\"sinks\":[],\"processor_bytes\":[]}\n");
-        assert!(Checkpoint::from_bytes(&newer).unwrap_err().contains("version 2"));
+        let newer = sealed(b"{\"version\":3,\"offset\":1,\"sinks\":[],\"processors\":[]}\n");
+        assert!(Checkpoint::from_bytes(&newer).unwrap_err().contains("version 3"));
+        let mixed = sealed(b"{\"version\":2,\"offset\":1,\"sinks\":[],\"processor_bytes\":[]}\n");
+        assert!(Checkpoint::from_bytes(&mixed).unwrap_err().contains("wrongly"));
         let trailing = sealed(b"{\"version\":1,\"offset\":1,\"sinks\":[],\"processor_bytes\":[1]}\nab");
         assert!(Checkpoint::from_bytes(&trailing).unwrap_err().contains("after the last"));
+        let huge = sealed(
+            b"{\"version\":2,\"offset\":1,\"sinks\":[],\"processors\":[{\"id\":\"a\",\"type\":\"dedup\",\"bytes\":18446744073709551615}]}\n",
+        );
+        assert!(Checkpoint::from_bytes(&huge).unwrap_err().contains("truncated"));
         let file = CheckpointFile::new(Path::new("/data"), "p", "t", 3);
-        let e = file.restore_error("processor 2 (aggregate)", anyhow::anyhow!("boom")).to_string();
+        let e = file.restore_error("processor 'agg' (aggregate)", anyhow::anyhow!("boom")).to_string();
         assert!(e.contains("/data/pipelines/p/t-3.ckpt") && e.contains("move the file away"), "{e}");
     }
 
@@ -201,13 +309,18 @@ mod tests {
         #[test]
         fn any_checkpoint_round_trips(
             offset in proptest::prelude::any::<u64>(),
-            processors in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64), 0..5),
+            states in proptest::collection::vec(
+                ("[a-z#0-9-]{0,8}", "[a-z]{0,6}", proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)),
+                0..5,
+            ),
         ) {
+            let processors = states
+                .into_iter()
+                .map(|(id, kind, state)| ProcessorState { owner: StateOwner::Id { id, kind, settings: None }, state })
+                .filter(|p| !matches!(&p.owner, StateOwner::Id { id, kind, .. } if id.starts_with('#') && kind.is_empty()))
+                .collect();
             let c = Checkpoint { offset, processors, sinks: vec![serde_json::json!({"len": u64::MAX})] };
-            let back = Checkpoint::from_bytes(&c.to_bytes()).unwrap();
-            proptest::prop_assert_eq!(back.offset, c.offset);
-            proptest::prop_assert_eq!(back.processors, c.processors);
-            proptest::prop_assert_eq!(back.sinks, c.sinks);
+            proptest::prop_assert_eq!(Checkpoint::from_bytes(&c.to_bytes()).unwrap(), c);
         }
     }
 }

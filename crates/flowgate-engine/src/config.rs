@@ -26,6 +26,11 @@ pub struct PipelineConfig {
     /// Processors, applied in order.
     #[serde(default)]
     pub processors: Vec<ProcessorConfig>,
+    /// Ids of processors whose checkpointed state is to be dropped at the next start
+    /// (a processor removed for good, or one to restart empty), instead of being carried
+    /// forward or refused.
+    #[serde(default)]
+    pub discard_processor_state: Vec<String>,
     /// Sinks; every sink gets every event unless a `route` processor says otherwise.
     pub sinks: Vec<SinkConfig>,
 }
@@ -97,10 +102,79 @@ impl EventTimePolicy {
     }
 }
 
-/// A processor.
+impl PipelineConfig {
+    /// The id of each processor, in order: its `name`, or `<type>-<n>` for the n-th
+    /// unnamed processor of that type. Checkpointed state and metrics are keyed by it, so
+    /// reordering processors of different types (or named ones) keeps each one's state.
+    pub fn processor_ids(&self) -> Vec<String> {
+        let mut unnamed: Vec<&'static str> = Vec::new();
+        self.processors
+            .iter()
+            .map(|p| match &p.name {
+                Some(name) => name.clone(),
+                None => {
+                    let kind = p.kind.type_name();
+                    unnamed.push(kind);
+                    format!("{kind}-{}", unnamed.iter().filter(|k| **k == kind).count())
+                }
+            })
+            .collect()
+    }
+}
+
+/// A processor: an optional name (its id; see [`PipelineConfig::processor_ids`]) and its
+/// type's settings, side by side in the config.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(try_from = "RawProcessor", into = "RawProcessor")]
+pub struct ProcessorConfig {
+    /// Unique within the pipeline; keys the processor's checkpointed state and metrics.
+    pub name: Option<String>,
+    /// The processor type and its settings.
+    pub kind: ProcessorKind,
+}
+
+impl From<ProcessorKind> for ProcessorConfig {
+    fn from(kind: ProcessorKind) -> ProcessorConfig {
+        ProcessorConfig { name: None, kind }
+    }
+}
+
+/// The processor as written: `name` and the type's own keys side by side, parsed in two
+/// steps so that a misspelt key of the type is still refused by name.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct RawProcessor {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, serde_json::Value>,
+}
+
+impl TryFrom<RawProcessor> for ProcessorConfig {
+    type Error = String;
+
+    fn try_from(raw: RawProcessor) -> Result<Self, Self::Error> {
+        let kind = serde_json::from_value(serde_json::Value::Object(raw.rest)).map_err(|e| match &raw.name {
+            Some(name) => format!("processor '{name}': {e}"),
+            None => e.to_string(),
+        })?;
+        Ok(ProcessorConfig { name: raw.name, kind })
+    }
+}
+
+impl From<ProcessorConfig> for RawProcessor {
+    fn from(p: ProcessorConfig) -> RawProcessor {
+        let rest = match serde_json::to_value(&p.kind) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => Default::default(),
+        };
+        RawProcessor { name: p.name, rest }
+    }
+}
+
+/// Processor types.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-pub enum ProcessorConfig {
+pub enum ProcessorKind {
     /// Keeps events for which a VRL condition is true.
     Filter {
         /// VRL boolean expression, e.g. `.temp > 20`.
@@ -135,6 +209,40 @@ pub enum ProcessorConfig {
         #[serde(default)]
         default: Vec<String>,
     },
+}
+
+impl ProcessorKind {
+    /// For a processor that keeps state, the settings that state depends on (a dedup's
+    /// id source, an aggregate's grouping, window and functions); `None` for a stateless
+    /// one. Stored with the state, so that state is never restored into a processor
+    /// whose settings give it another meaning.
+    pub fn state_settings(&self) -> Option<serde_json::Value> {
+        match self {
+            ProcessorKind::Dedup { by, .. } => Some(serde_json::json!({ "by": by })),
+            ProcessorKind::Aggregate(a) => Some(serde_json::json!({
+                "group_by": a.group_by,
+                "time_field": a.time_field,
+                "window": a.window,
+                "functions": a.functions,
+            })),
+            ProcessorKind::Filter { .. }
+            | ProcessorKind::Remap { .. }
+            | ProcessorKind::Numeric(_)
+            | ProcessorKind::Route { .. } => None,
+        }
+    }
+
+    /// The `type` as written in the config.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ProcessorKind::Filter { .. } => "filter",
+            ProcessorKind::Remap { .. } => "remap",
+            ProcessorKind::Dedup { .. } => "dedup",
+            ProcessorKind::Aggregate(_) => "aggregate",
+            ProcessorKind::Numeric(_) => "numeric",
+            ProcessorKind::Route { .. } => "route",
+        }
+    }
 }
 
 fn default_dedup_ttl() -> u64 {

@@ -47,6 +47,10 @@ pub struct LogConfig {
     pub auto_create_topics: bool,
     /// Idempotent producers remembered per partition; the oldest is forgotten past this.
     pub max_producers_per_partition: usize,
+    /// Partitions of all topics together at most: creating a topic (by hand or by a first
+    /// write) past it is refused, so clients cannot exhaust file descriptors or memory
+    /// by creating topics.
+    pub max_partitions: u64,
 }
 
 impl Default for LogConfig {
@@ -62,6 +66,7 @@ impl Default for LogConfig {
             default_partitions: 1,
             auto_create_topics: true,
             max_producers_per_partition: 10_000,
+            max_partitions: 10_000,
         }
     }
 }

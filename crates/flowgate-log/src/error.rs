@@ -23,6 +23,19 @@ pub enum LogError {
     /// The topic does not exist.
     #[error("topic '{0}' does not exist; create it with `flowgate topics create` or enable auto_create_topics")]
     UnknownTopic(String),
+    /// Creating the topic would pass `log.max_partitions`.
+    #[error(
+        "the log holds {held} partitions and {asked} more would pass log.max_partitions ({max}); delete unused \
+         topics or raise the limit (each partition keeps files open)"
+    )]
+    PartitionLimit {
+        /// Partitions of every topic now.
+        held: u64,
+        /// Partitions of the topic asked for.
+        asked: u32,
+        /// The limit.
+        max: u64,
+    },
     /// The topic already exists.
     #[error("topic '{0}' already exists")]
     TopicExists(String),

@@ -20,6 +20,8 @@
 pub mod check;
 pub mod config;
 pub mod error;
+#[cfg(all(feature = "failpoints", debug_assertions))]
+mod failpoints;
 pub mod flusher;
 pub mod index;
 pub mod log;

@@ -147,6 +147,11 @@ impl Log {
         if self.topic(name).is_some() {
             return Err(LogError::TopicExists(name.to_owned()));
         }
+        let held: u64 = self.inner.topics.read().values().map(|t| u64::from(t.partition_count())).sum();
+        let max = self.inner.config.max_partitions;
+        if held.saturating_add(u64::from(partitions)) > max {
+            return Err(LogError::PartitionLimit { held, asked: partitions, max });
+        }
         let dir = self.inner.topics_dir.join(name);
         if dir.exists() {
             if holds_data(&dir) {

@@ -272,6 +272,8 @@ impl Partition {
 
     /// Fsyncs a segment of this partition; a failure fences the partition.
     fn sync_segment(&self, segment: &Segment) -> Result<()> {
+        #[cfg(all(feature = "failpoints", debug_assertions))]
+        crate::failpoints::before_fsync();
         let result = if self.fail_fsyncs.load(Ordering::Acquire) {
             Err(LogError::Io {
                 action: "fsync",

@@ -302,3 +302,20 @@ fn topics_are_created_listed_reopened_and_deleted() {
     drop(log);
     assert!(Log::open(dir.path(), config).unwrap().topics().is_empty());
 }
+
+#[test]
+fn topics_past_max_partitions_are_refused_whether_created_or_written_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { max_partitions: 10, default_partitions: 3, ..LogConfig::default() };
+    let log = Log::open(dir.path(), config).unwrap();
+    log.create_topic("a", 6).unwrap();
+    log.topic_or_create("b").unwrap();
+    let err = log.create_topic("c", 2).unwrap_err();
+    assert!(matches!(err, LogError::PartitionLimit { held: 9, asked: 2, max: 10 }), "{err}");
+    assert!(err.to_string().contains("log.max_partitions"), "{err}");
+    assert!(matches!(log.topic_or_create("d"), Err(LogError::PartitionLimit { .. })), "auto-creation too");
+    assert!(!dir.path().join("topics/c").exists() && !dir.path().join("topics/d").exists(), "nothing was created");
+    log.create_topic("e", 1).unwrap();
+    log.delete_topic("a").unwrap();
+    log.create_topic("c", 2).unwrap();
+}

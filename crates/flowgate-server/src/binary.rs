@@ -41,6 +41,11 @@ const MAX_IN_FLIGHT: usize = 256;
 /// Base read buffer (and scratch kept between requests) per connection; more is borrowed
 /// from the shared budget for as long as it is needed.
 const BASE_BUFFER: usize = 64 * 1024;
+/// A read buffer grown past its base for large frames keeps its size (and its charge)
+/// while large frames keep coming, and is given back once none has been pending for this
+/// long: a producer streaming large batches does not reallocate its buffer per frame,
+/// and an idle one holds no budget for long.
+const KEEP_LARGE_BUFFER: Duration = Duration::from_millis(250);
 /// Fetch replies stay this far below the frame limit.
 const FETCH_HEADROOM: usize = 1024;
 /// Ready replies are coalesced into one write up to about this size.
@@ -81,7 +86,7 @@ pub fn error_code(e: &LogError) -> ErrorCode {
     match e {
         LogError::UnknownTopic(_) => ErrorCode::UnknownTopic,
         LogError::TopicExists(_) => ErrorCode::TopicExists,
-        LogError::InvalidTopicName { .. } => ErrorCode::InvalidRequest,
+        LogError::InvalidTopicName { .. } | LogError::PartitionLimit { .. } => ErrorCode::InvalidRequest,
         LogError::UnknownPartition { .. } => ErrorCode::UnknownPartition,
         LogError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
         LogError::InvalidBatch(_) => ErrorCode::InvalidBatch,
@@ -351,7 +356,16 @@ impl Connection<'_> {
                             .collect(),
                     })
                     .collect();
-                Reply::Ready(response_frame(correlation_id, &Response::Topics(topics)))
+                // Bounded by log.max_partitions, but it must also fit one frame.
+                let frame = response_frame(correlation_id, &Response::Topics(topics));
+                if frame.len() > shared.config.max_frame_bytes as usize {
+                    return Reply::Ready(error_frame(
+                        correlation_id,
+                        ErrorCode::FrameTooLarge,
+                        "the topic list is over max_frame_bytes; read it over HTTP (GET /v1/topics)",
+                    ));
+                }
+                Reply::Ready(frame)
             }
             Request::CreateTopic { topic, partitions } => match ingest.log().create_topic(topic, partitions) {
                 Ok(_) => Reply::Ready(response_frame(correlation_id, &Response::Created)),
@@ -414,7 +428,7 @@ impl Connection<'_> {
                      (ingest.max_uncompressed_batch_bytes); send smaller batches"
                 );
                 self.reject("uncompressed_too_large", &message);
-                return error(ErrorCode::InvalidBatch, &message);
+                return error(ErrorCode::FrameTooLarge, &message);
             }
             // A header that claims more than its bytes can inflate to is refused by the
             // decoder before it allocates; there is nothing to charge for it.
@@ -430,17 +444,23 @@ impl Connection<'_> {
         }
         let held = self.charge.held();
         if working > 0 {
+            // Never fits: the frame's own buffer and the working memory exceed the budget.
+            let needed = working.saturating_add(batch.len().saturating_sub(BASE_BUFFER));
+            if needed > self.charge.total() {
+                let message = format!(
+                    "this batch needs {needed} bytes of buffers, more than the server may buffer in all ({} bytes, \
+                     ingest.max_buffered_bytes); send smaller batches",
+                    self.charge.total()
+                );
+                self.reject("over_budget", &message);
+                return error(ErrorCode::FrameTooLarge, &message);
+            }
             let wait = self.charge.grow_to(held.saturating_add(working));
             match tokio::time::timeout(shared.frame_timeout(), wait).await {
                 Ok(Ok(())) => {}
-                Ok(Err(over)) => {
-                    let message = format!(
-                        "this batch needs more memory than the server may buffer: {over}; send smaller batches"
-                    );
-                    self.reject("over_budget", &message);
-                    return error(ErrorCode::InvalidBatch, &message);
-                }
-                Err(_) => {
+                // It fits, but not next to a read buffer this connection grew for earlier,
+                // larger frames; that buffer is given back soon.
+                Ok(Err(_)) | Err(_) => {
                     self.reject("busy", "ingest buffers stayed full for ingest.frame_timeout_secs");
                     return error(ErrorCode::Busy, "the server's ingest buffers are full; retry later");
                 }
@@ -523,6 +543,8 @@ async fn read_requests(mut input: OwnedReadHalf, tx: mpsc::Sender<Reply>, shared
     let mut frame_deadline: Option<Instant> = None;
     // When the last read completed: every byte in `buf` had arrived by then.
     let mut read_at = Instant::now();
+    // Until when a buffer grown for large frames is kept.
+    let mut keep_large_until = read_at;
     loop {
         let mut consumed = 0;
         loop {
@@ -556,9 +578,12 @@ async fn read_requests(mut input: OwnedReadHalf, tx: mpsc::Sender<Reply>, shared
         }
         // Size the buffer for what has arrived: double it (borrowing from the budget)
         // only once it is full and the frame needs more; give it back once no large
-        // frame is pending.
+        // frame has been pending for a while.
         let need = announced_len(&buf);
         let capacity = buf.capacity();
+        if need > BASE_BUFFER {
+            keep_large_until = read_at + KEEP_LARGE_BUFFER;
+        }
         if need > capacity && buf.len() == capacity {
             let target = need.min(capacity.saturating_mul(2).max(BASE_BUFFER));
             let grow = conn.charge.grow_to(target - BASE_BUFFER);
@@ -581,7 +606,7 @@ async fn read_requests(mut input: OwnedReadHalf, tx: mpsc::Sender<Reply>, shared
                     return;
                 }
             }
-        } else if need <= BASE_BUFFER && capacity > BASE_BUFFER {
+        } else if need <= BASE_BUFFER && capacity > BASE_BUFFER && Instant::now() >= keep_large_until {
             buf.shrink_to(BASE_BUFFER);
             conn.charge.shrink_to(buf.capacity().saturating_sub(BASE_BUFFER));
         }
@@ -590,11 +615,20 @@ async fn read_requests(mut input: OwnedReadHalf, tx: mpsc::Sender<Reply>, shared
         // the frame's own deadline, which no trickle of bytes moves, applies as well.
         let idle_deadline = Instant::now() + idle;
         let frame_expires = frame_deadline.filter(|d| *d < idle_deadline);
+        let cut_at = frame_expires.unwrap_or(idle_deadline);
+        // A large buffer with no large frame pending is given back when its time is up,
+        // even if nothing more arrives (`read_buf` is cancel safe: nothing is lost).
+        let shrink_at = (buf.capacity() > BASE_BUFFER && announced_len(&buf) <= BASE_BUFFER)
+            .then_some(keep_large_until)
+            .filter(|at| *at < cut_at);
         let read = tokio::select! {
-            r = tokio::time::timeout_at(frame_expires.unwrap_or(idle_deadline), input.read_buf(&mut buf)) => r,
+            r = tokio::time::timeout_at(shrink_at.unwrap_or(cut_at), input.read_buf(&mut buf)) => r,
             _ = shared.shutdown.cancelled() => return,
             _ = tx.closed() => return,
         };
+        if read.is_err() && shrink_at.is_some() {
+            continue;
+        }
         read_at = Instant::now();
         match read {
             Err(_) if frame_expires.is_some() => {

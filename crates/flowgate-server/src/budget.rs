@@ -38,6 +38,11 @@ impl Charge {
         Charge { budget, total, gauge, permit: None }
     }
 
+    /// The whole budget.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
     /// Bytes held now.
     pub fn held(&self) -> usize {
         self.permit.as_ref().map_or(0, OwnedSemaphorePermit::num_permits)

@@ -35,6 +35,14 @@ impl Scratch {
         self.decompressed.shrink_to(bytes);
         self.partition_of.shrink_to(bytes / 4);
     }
+
+    /// Bytes of buffer capacity held.
+    pub fn capacity_bytes(&self) -> usize {
+        self.builders.iter().map(BatchBuilder::capacity_bytes).sum::<usize>()
+            + self.encoded.capacity()
+            + self.decompressed.capacity()
+            + self.partition_of.capacity() * 4
+    }
 }
 
 /// One partition's share of an appended batch.
@@ -304,6 +312,33 @@ mod tests {
         assert_eq!(before, after, "nothing stored in partition 0 either: a retry would duplicate it");
         // A batch for the healthy partition alone still goes in.
         ingest.append_client_batch(&topic, &mut keyed_batch(&[&k0]), &mut scratch).unwrap();
+    }
+
+    #[test]
+    fn scratch_gives_back_what_a_wide_split_grew_and_keeps_few_small_builders() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+        let ingest = Ingest::new(log.clone(), Metrics::new(), Codec::None);
+        let mut scratch = Scratch::default();
+        let big = vec![b'x'; 100 << 10];
+        let split = |partitions: u32, scratch: &mut Scratch| {
+            let topic = log.create_topic(&format!("t{partitions}"), partitions).unwrap();
+            let mut b = BatchBuilder::new();
+            for p in 0..partitions {
+                b.push_payload(1, Some(key_in(p, partitions).as_bytes()), &big);
+            }
+            let mut bytes = b.finish(Codec::None, ProducerStamp::default()).unwrap().bytes;
+            let written = ingest.append_client_batch(&topic, &mut bytes, scratch).unwrap();
+            assert_eq!(written.acks().len(), partitions as usize, "one part per partition");
+        };
+        split(40, &mut scratch);
+        assert!(scratch.capacity_bytes() > 40 * big.len(), "the split grew a builder per partition");
+        scratch.shrink_to(64 << 10);
+        assert!(scratch.capacity_bytes() <= 3 * (64 << 10), "40 builders are dropped: {}", scratch.capacity_bytes());
+        split(4, &mut scratch);
+        scratch.shrink_to(64 << 10);
+        let kept = scratch.capacity_bytes();
+        assert!(kept <= (4 * 2 + 3) * (64 << 10), "4 builders are kept, shrunk: {kept}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`shared`]: state shared by the listeners.
 //! - [`budget`]: the ingest buffer budget connections borrow from.
+//! - [`fd_limit`]: the open-files limit, raised at start and checked against the config.
 //! - [`parse`]: NDJSON line and HTTP body parsers, free of I/O (shared with `fuzz/`).
 
 #![warn(missing_docs)]
@@ -14,6 +15,7 @@
 pub mod binary;
 pub mod budget;
 pub mod config;
+pub mod fd_limit;
 pub mod http;
 pub mod ingest;
 pub mod metrics;

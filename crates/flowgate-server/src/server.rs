@@ -43,6 +43,7 @@ impl Engine {
     /// Opens the log in `config.server.data_dir` and starts every listener. Port 0 in
     /// an address picks a free port; the bound addresses are in the returned engine.
     pub async fn start(config: Config) -> anyhow::Result<Engine> {
+        crate::fd_limit::raise(crate::fd_limit::files_needed(config.log.max_partitions, config.ingest.max_connections));
         let metrics = Metrics::new();
         let fsync_metrics = metrics.clone();
         let observer = LogObserver { on_fsync: Some(Arc::new(move |d| fsync_metrics.fsync(d))) };

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::EngineProcess;
+use common::{poll_until, EngineProcess};
 use flowgate_client::Client;
 use flowgate_core::batch::compute_crc;
 use flowgate_core::{BatchBuilder, Codec, ProducerStamp};
@@ -88,14 +88,6 @@ fn produce_ok(engine: &EngineProcess, topic: &str, batch: Bytes) -> u32 {
     })
 }
 
-fn poll_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn compression_bombs_are_refused_before_inflating_and_others_are_still_served() {
     let dir = tempfile::tempdir().unwrap();
@@ -110,7 +102,7 @@ fn compression_bombs_are_refused_before_inflating_and_others_are_still_served() 
         for corr in 1..=2 {
             send_request(&mut s, corr, &Request::Produce { topic: "t", producer_id: 0, sequence: 0, batch: &lz4_bomb });
             let (code, message) = expect_error(&read_frame(&mut s));
-            assert_eq!(code, ErrorCode::InvalidBatch);
+            assert_eq!(code, ErrorCode::FrameTooLarge);
             assert!(message.contains("max_uncompressed_batch_bytes"), "{message}");
         }
     }
@@ -130,7 +122,7 @@ fn compression_bombs_are_refused_before_inflating_and_others_are_still_served() 
     assert!(real.len() < 1 << 20, "{}", real.len());
     send_request(&mut s, 3, &Request::Produce { topic: "t", producer_id: 0, sequence: 0, batch: &real });
     let (code, message) = expect_error(&read_frame(&mut s));
-    assert_eq!(code, ErrorCode::InvalidBatch);
+    assert_eq!(code, ErrorCode::FrameTooLarge);
     assert!(message.contains("max_uncompressed_batch_bytes"), "{message}");
 
     let grown = engine.peak_rss().saturating_sub(baseline);

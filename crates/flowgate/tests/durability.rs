@@ -106,6 +106,52 @@ fn sequences_out_of_order_are_refused_and_a_never_stored_one_is_never_reported_s
     assert!(engine.metric("flowgate_ingest_rejected_total{path=\"binary\",reason=\"out_of_order_sequence\"}") >= 10.0);
 }
 
+#[test]
+fn a_duplicate_sequence_is_answered_only_once_the_batch_it_vouches_for_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    // Acknowledgements wait for an fsync that takes 500 ms, and so must
+    // DUPLICATE_SEQUENCE, which tells the client its batch is stored.
+    let env = [("FLOWGATE_LOG__FSYNC", "always"), ("FLOWGATE_FAILPOINT_FSYNC_DELAY_MS", "500")];
+    let engine = EngineProcess::start(dir.path(), &env);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let addr = engine.binary.to_string();
+        let first = Client::connect(&addr).await.unwrap();
+        first.create_topic("dup", 1).await.unwrap();
+        let s = |sequence| ProducerStamp { producer_id: 7, sequence };
+        let mut pending = Vec::new();
+        for seq in 0..6 {
+            pending.push(first.produce_to_queued("dup", 0, batch(seq..seq + 1, s(seq)), s(seq)).await.unwrap());
+        }
+        // A resend on another connection, once all six are in the log: sequence 0 is
+        // older than the five the partition remembers.
+        let second = Client::connect(&addr).await.unwrap();
+        while second.fetch("dup", 0, 0, 1 << 20, 0).await.unwrap().log_end_offset < 6 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let acked = tokio::spawn(async move {
+            for p in pending {
+                p.acks().await.unwrap();
+            }
+            std::time::Instant::now()
+        });
+        let asked = std::time::Instant::now();
+        let dup = second.produce_to("dup", 0, batch(0..1, s(0)), s(0)).await;
+        let answered = std::time::Instant::now();
+        assert!(is_server_error(&dup, ErrorCode::DuplicateSequence), "{dup:?}");
+        let acked = acked.await.unwrap();
+        assert!(
+            acked > asked,
+            "the batches were acknowledged before the resend was even sent: the test proves nothing"
+        );
+        assert!(
+            answered + Duration::from_millis(50) >= acked,
+            "DUPLICATE_SEQUENCE came {:?} before the batches it vouches for were durable",
+            acked - answered
+        );
+    });
+}
+
 /// Writes one request frame on a raw socket and reads one response frame.
 fn raw_call(stream: &mut std::net::TcpStream, request: &Request<'_>) -> Vec<u8> {
     let mut out = Vec::new();

@@ -194,6 +194,9 @@ fn bad_pipeline_configs_are_refused_with_the_place_named() {
         ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.processors]]\ntype = \"route\"\nroutes = [{ condition = \"true\", sinks = [\"nowhere\"] }]\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"stdout\"\n", "nowhere"),
         ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"file\"\npaht = \"x\"\n", "paht"),
         ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n", "sinks"),
+        ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.processors]]\nname = \"filter-1\"\ntype = \"filter\"\ncondition = \"true\"\n[[pipelines.processors]]\ntype = \"filter\"\ncondition = \"true\"\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"stdout\"\n", "processor id 'filter-1' is used twice"),
+        ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.processors]]\nname = \"a b\"\ntype = \"filter\"\ncondition = \"true\"\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"stdout\"\n", "processor 1 name 'a b'"),
+        ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.processors]]\nname = \"keep\"\ntype = \"filter\"\nconditoin = \"true\"\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"stdout\"\n", "processor 'keep'"),
     ];
     for (i, (text, expected)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad{i}.toml"));

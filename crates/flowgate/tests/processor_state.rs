@@ -70,9 +70,7 @@ fn wait_for_window(engine: &EngineProcess, dir: &Path, start: i64) -> serde_json
 
 /// The committed offset of the pipeline's checkpoint (its first line is a JSON header).
 fn committed_offset(dir: &Path) -> u64 {
-    let Ok(bytes) = std::fs::read(dir.join("pipelines/windows/readings-0.ckpt")) else { return 0 };
-    let Some(end) = bytes.iter().position(|&b| b == b'\n') else { return 0 };
-    serde_json::from_slice::<serde_json::Value>(&bytes[..end]).map_or(0, |h| h["offset"].as_u64().unwrap_or(0))
+    committed_offset_of(&dir.join("pipelines/windows/readings-0.ckpt"))
 }
 
 #[test]
@@ -133,4 +131,71 @@ fn an_event_stamped_in_microseconds_goes_to_the_dead_letters_and_leaves_the_wind
     assert_eq!(dead["payload"]["event"]["t"], (start + 2) * 1000, "{dead}");
     assert!(engine.metric("flowgate_dlq_events_total") >= 1.0);
     assert!(windows_written(dir.path()).iter().all(|w| w["count"] != 1), "no window was cut short");
+}
+
+fn dedup_config(processors_in_order: &[&str]) -> String {
+    let filter = "[[pipelines.processors]]\ntype = \"filter\"\ncondition = \".keep == true\"\n";
+    let dedup = "[[pipelines.processors]]\ntype = \"dedup\"\nby = \"id\"\nttl_ms = 3600000\n";
+    let processors: String = processors_in_order.iter().map(|p| if *p == "filter" { filter } else { dedup }).collect();
+    format!(
+        "[log]\ndefault_partitions = 1\n[[pipelines]]\nname = \"dd\"\ntopics = [\"ids\"]\ncommit_interval_ms = 50\n\
+         {processors}[[pipelines.sinks]]\nname = \"out\"\ntype = \"file\"\npath = \"dd-out\"\n\
+         batch = {{ max_events = 1, max_wait_ms = 10 }}\n"
+    )
+}
+
+fn ids_written(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir.join("dd-out")) else { return out };
+    for e in entries {
+        let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        out.extend(complete.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].to_string()));
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn reordering_processors_gives_each_its_own_state_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("flowgate.toml");
+    std::fs::write(&config, dedup_config(&["filter", "dedup"])).unwrap();
+    let mut engine = EngineProcess::start_with(dir.path(), Some(&config), &[]);
+    let post = |engine: &EngineProcess, ids: &[&str]| {
+        let lines: Vec<String> = ids.iter().map(|id| format!(r#"{{"id":"{id}","keep":true}}"#)).collect();
+        let (status, body) = engine.http("POST", "/v1/topics/ids/events", lines.join("\n").as_bytes());
+        assert_eq!(status, 200, "{body}");
+    };
+    post(&engine, &["a", "b"]);
+    let ckpt = dir.path().join("pipelines/dd/ids-0.ckpt");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ids_written(dir.path()).len() < 2
+        || !std::fs::read(&ckpt).is_ok_and(|b| b.windows(7).any(|w| w == b"dedup-1"))
+    {
+        assert!(Instant::now() < deadline, "a and b were never written and checkpointed; log:\n{}", engine.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    while committed_offset_of(&ckpt) < 2 {
+        assert!(Instant::now() < deadline, "no checkpoint past a and b; log:\n{}", engine.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    engine.kill9();
+    // The dedup now comes first: under position matching its state would be the
+    // filter's (none) and it would refuse or forget what it had seen.
+    std::fs::write(&config, dedup_config(&["dedup", "filter"])).unwrap();
+    let engine = engine.restart();
+    post(&engine, &["a", "b", "c"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ids_written(dir.path()).contains(&"\"c\"".to_string()) {
+        assert!(Instant::now() < deadline, "c was never written; log:\n{}", engine.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(ids_written(dir.path()), ["\"a\"", "\"b\"", "\"c\""], "a and b were remembered across the reorder");
+}
+
+fn committed_offset_of(path: &Path) -> u64 {
+    let Ok(bytes) = std::fs::read(path) else { return 0 };
+    let Some(end) = bytes.iter().position(|&b| b == b'\n') else { return 0 };
+    serde_json::from_slice::<serde_json::Value>(&bytes[..end]).map_or(0, |h| h["offset"].as_u64().unwrap_or(0))
 }

@@ -1,5 +1,6 @@
 //! Pipeline supervision and shutdown in real engine processes: a peer that never reads,
-//! signals during shutdown, sinks that cannot be built, unreadable stored batches,
+//! signals during shutdown, sinks that cannot be built, unreadable stored batches, events
+//! a processor panics on,
 //! side outputs across SIGKILL, and sink state across renames and reorders.
 
 mod common;
@@ -258,6 +259,84 @@ batch = { max_wait_ms = 5 }
     assert!(dlq[0]["error"].as_str().unwrap().contains("unreadable"), "{dlq:?}");
     assert_eq!(engine.metric("flowgate_pipeline_unreadable_batches_total{pipeline=\"p\""), 1.0);
     assert_eq!(engine.metric("flowgate_pipeline_worker_restarts_total"), 0.0, "skipping needs no restart");
+}
+
+#[test]
+fn an_event_a_processor_panics_on_goes_to_the_dead_letters_and_the_partition_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "poison.toml",
+        r#"
+[log]
+default_partitions = 1
+[[pipelines]]
+name = "p"
+topics = ["in"]
+commit_interval_ms = 50
+[[pipelines.processors]]
+type = "remap"
+source = ".seen = true"
+[[pipelines.processors]]
+name = "keep-all"
+type = "filter"
+condition = "true"
+[[pipelines.sinks]]
+name = "out"
+type = "file"
+path = "out"
+batch = { max_wait_ms = 5 }
+"#,
+    );
+    // Every processor panics on an event that carries the marker, as on a processor bug.
+    let engine = EngineProcess::start_with(dir.path(), Some(&config), &[("FLOWGATE_FAILPOINT_PANIC_ON", "POISON")]);
+    let poison = [4u64, 7, 12];
+    let lines =
+        |range: std::ops::Range<u64>| -> Vec<String> {
+            range
+                .map(|n| {
+                    if poison.contains(&n) {
+                        format!(r#"{{"n":{n},"x":"POISON"}}"#)
+                    } else {
+                        format!(r#"{{"n":{n}}}"#)
+                    }
+                })
+                .collect()
+        };
+    // A batch with two poison events, then one with a third: each is narrowed down to
+    // its event, dead-lettered once, and everything else is delivered once, in order.
+    post(&engine, "in", &lines(0..10));
+    let out = dir.path().join("out");
+    let expected: Vec<u64> = (0..10).filter(|n| !poison.contains(n)).collect();
+    wait_for("every other event of the first batch to be delivered", 60, || {
+        (numbers(&file_lines(&out)) == expected).then_some(())
+    });
+    post(&engine, "in", &lines(10..15));
+    let expected: Vec<u64> = (0..15).filter(|n| !poison.contains(n)).collect();
+    wait_for("every other event of the second batch to be delivered", 60, || {
+        (numbers(&file_lines(&out)) == expected).then_some(())
+    });
+    let dlq = wait_for("the dead letters of the poison events", 10, || {
+        let dlq = topic_payloads(&engine, "_dlq");
+        (dlq.len() >= 3).then_some(dlq)
+    });
+    let offsets: Vec<u64> = dlq.iter().map(|d| d["offset"].as_u64().unwrap()).collect();
+    assert_eq!(offsets, poison, "each poison event dead-lettered once: {dlq:?}");
+    for d in &dlq {
+        assert_eq!(d["processor"], "remap-1", "{d}");
+        assert!(d["error"].as_str().unwrap().contains("panicked"), "{d}");
+        assert_eq!(d["event"]["x"], "POISON", "the event as stored: {d}");
+    }
+    assert!(file_lines(&out).iter().all(|l| l["seen"] == true), "every delivered event went through the remap");
+    // Later events flow as usual once the poison is passed.
+    post(&engine, "in", &(15..20).map(|n| format!(r#"{{"n":{n}}}"#)).collect::<Vec<_>>());
+    let expected: Vec<u64> = (0..20).filter(|n| !poison.contains(n)).collect();
+    wait_for("later events to be delivered", 30, || (numbers(&file_lines(&out)) == expected).then_some(()));
+    assert_eq!(topic_payloads(&engine, "_dlq").len(), 3, "no poison event dead-lettered twice");
+    let restarts = engine.metric("flowgate_pipeline_worker_restarts_total");
+    assert!((3.0..=6.0).contains(&restarts), "a restart to isolate each batch and one per poison event: {restarts}");
+    assert_eq!(engine.metric("flowgate_processor_events_failed_total{pipeline=\"p\",processor=\"remap-1\""), 3.0);
+    wait_for("/ready", 10, || (engine.http("GET", "/ready", b"").0 == 200).then_some(()));
 }
 
 const SIDE_OUTPUTS: &str = r#"

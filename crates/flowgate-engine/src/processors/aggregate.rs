@@ -761,6 +761,10 @@ impl Processor for Aggregate {
         "aggregate"
     }
 
+    fn makes_events(&self) -> bool {
+        true
+    }
+
     fn process(&mut self, events: Vec<PipelineEvent>, out: &mut Outputs) -> Vec<PipelineEvent> {
         if events.is_empty() {
             return Vec::new();

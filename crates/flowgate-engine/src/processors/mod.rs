@@ -11,8 +11,11 @@ mod route;
 pub mod sketch;
 pub mod state;
 
-use crate::config::{EventTimePolicy, PipelineConfig, ProcessorConfig};
+use crate::config::{EventTimePolicy, PipelineConfig, ProcessorConfig, ProcessorKind};
 use crate::event::PipelineEvent;
+
+#[cfg(test)]
+pub(crate) use dedup::tests::events as dedup_test_events;
 
 pub use aggregate::Aggregate;
 pub use dedup::Dedup;
@@ -24,7 +27,7 @@ pub use route::Route;
 /// An event a processor could not handle, and why.
 #[derive(Debug)]
 pub struct DeadLetter {
-    /// Which processor failed (`<index>:<type>`).
+    /// The type of the processor that failed (the dead letter names its id).
     pub processor: String,
     /// What went wrong.
     pub error: String,
@@ -64,6 +67,12 @@ pub trait Processor: Send {
     /// Processes a batch, returning the events that continue.
     fn process(&mut self, events: Vec<PipelineEvent>, out: &mut Outputs) -> Vec<PipelineEvent>;
 
+    /// Whether the events it returns may be ones it made (window results) instead of
+    /// its input: a panic further down is then not the source events' doing.
+    fn makes_events(&self) -> bool {
+        false
+    }
+
     /// Called when time passes without data (wall clock ms); may emit events (windows).
     fn tick(&mut self, _now_ms: i64, _out: &mut Outputs) -> Vec<PipelineEvent> {
         Vec::new()
@@ -75,13 +84,13 @@ pub trait Processor: Send {
     }
 
     /// Restores checkpointed state (empty: none was saved). A processor that keeps no
-    /// state refuses any: state in its place belongs to another processor (the config's
-    /// processors were reordered or replaced), and dropping it silently would lose it.
+    /// state refuses any: state under its id belongs to another processor, and dropping
+    /// it silently would lose it.
     fn restore(&mut self, state: &[u8]) -> anyhow::Result<()> {
         anyhow::ensure!(
             state.is_empty(),
             "the checkpoint holds {} bytes of state in the place of this stateless processor: processor state is \
-             matched by position, and the processors were reordered or replaced",
+             matched by processor id (name, or type and ordinal), and this id now names another type",
             state.len()
         );
         Ok(())
@@ -110,16 +119,19 @@ fn build_with(
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let place = format!("processor {} ({})", i + 1, processor_type(c));
-            let p: anyhow::Result<Box<dyn Processor>> = match c {
-                ProcessorConfig::Filter { condition } => Filter::new(condition).map(|p| Box::new(p) as _),
-                ProcessorConfig::Remap { source } => Remap::new(source).map(|p| Box::new(p) as _),
-                ProcessorConfig::Dedup { by, ttl_ms, max_entries } => {
+            let place = match &c.name {
+                Some(name) => format!("processor {} ('{name}', {})", i + 1, c.kind.type_name()),
+                None => format!("processor {} ({})", i + 1, c.kind.type_name()),
+            };
+            let p: anyhow::Result<Box<dyn Processor>> = match &c.kind {
+                ProcessorKind::Filter { condition } => Filter::new(condition).map(|p| Box::new(p) as _),
+                ProcessorKind::Remap { source } => Remap::new(source).map(|p| Box::new(p) as _),
+                ProcessorKind::Dedup { by, ttl_ms, max_entries } => {
                     Dedup::new(by, *ttl_ms, *max_entries, event_time).map(|p| Box::new(p) as _)
                 }
-                ProcessorConfig::Aggregate(a) => Aggregate::new(a, event_time).map(|p| Box::new(p) as _),
-                ProcessorConfig::Numeric(n) => Numeric::new(n).map(|p| Box::new(p) as _),
-                ProcessorConfig::Route { routes, default } => {
+                ProcessorKind::Aggregate(a) => Aggregate::new(a, event_time).map(|p| Box::new(p) as _),
+                ProcessorKind::Numeric(n) => Numeric::new(n).map(|p| Box::new(p) as _),
+                ProcessorKind::Route { routes, default } => {
                     Route::new(routes, default, sink_names).map(|p| Box::new(p) as _)
                 }
             };
@@ -139,18 +151,6 @@ pub(crate) fn duration_ms(key: &str, ms: u64) -> anyhow::Result<i64> {
         .map_err(|_| anyhow::anyhow!("{key} is {ms}, more than the largest time flowgate represents ({} ms)", i64::MAX))
 }
 
-/// The `type` of a processor config.
-pub fn processor_type(c: &ProcessorConfig) -> &'static str {
-    match c {
-        ProcessorConfig::Filter { .. } => "filter",
-        ProcessorConfig::Remap { .. } => "remap",
-        ProcessorConfig::Dedup { .. } => "dedup",
-        ProcessorConfig::Aggregate(_) => "aggregate",
-        ProcessorConfig::Numeric(_) => "numeric",
-        ProcessorConfig::Route { .. } => "route",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,7 +168,7 @@ mod tests {
         }
         // `[filter, dedup]` checkpointed, then the config became `[dedup, filter]`.
         let err = processors[0].restore(&dedup_state).unwrap_err();
-        assert!(err.to_string().contains("reordered or replaced"), "{err}");
+        assert!(err.to_string().contains("stateless processor"), "{err}");
         processors[0].restore(&[]).unwrap();
     }
 }

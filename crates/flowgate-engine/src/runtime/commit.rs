@@ -92,7 +92,12 @@ impl Worker {
         }
         let checkpoint = Checkpoint {
             offset,
-            processors: self.processors.iter().map(|p| p.snapshot()).collect(),
+            processors: super::processor_states::snapshot(
+                &self.processors,
+                &self.config,
+                &self.processor_ids,
+                &self.unconfigured_states,
+            ),
             sinks: self.sink_states.to_checkpoint(),
         };
         let file = self.checkpoint.clone();

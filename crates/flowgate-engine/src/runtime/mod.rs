@@ -13,7 +13,11 @@
 
 mod commit;
 mod decode;
+#[cfg(all(feature = "failpoints", debug_assertions))]
+mod failpoints;
 mod fan_out;
+mod processor_states;
+mod quarantine;
 mod side_outputs;
 mod sink_driver;
 mod supervisor;
@@ -93,6 +97,26 @@ pub fn validate(pipelines: &[PipelineConfig], sinks: &dyn SinkFactory) -> anyhow
                         "writes to {claim}, which {owner} writes to already; give each sink its own output"
                     )));
                 }
+            }
+        }
+        let ids = p.processor_ids();
+        for (i, (id, c)) in ids.iter().zip(&p.processors).enumerate() {
+            if c.name.is_some()
+                && (id.is_empty()
+                    || id.len() > 64
+                    || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+            {
+                return Err(at(anyhow::anyhow!(
+                    "processor {} name '{id}': up to 64 letters, digits, '-', '_' or '.'",
+                    i + 1
+                )));
+            }
+            if ids[..i].contains(id) {
+                return Err(at(anyhow::anyhow!(
+                    "processor id '{id}' is used twice (ids are `name`s, or `<type>-<n>` for unnamed processors); \
+                     give processor {} another name",
+                    i + 1
+                )));
             }
         }
         processors::build_pipeline(p).map_err(at)?;

@@ -13,7 +13,7 @@ use flowgate_log::Log;
 use super::decode::UnreadableBatch;
 use super::worker::Worker;
 use super::DLQ_TOPIC;
-use crate::config::{PipelineConfig, ProcessorConfig};
+use crate::config::{PipelineConfig, ProcessorKind};
 use crate::event::PipelineEvent;
 use crate::metrics::PipelineLabels;
 use crate::processors::Outputs;
@@ -24,7 +24,7 @@ use crate::processors::Outputs;
 pub(super) fn ensure_topics(log: &Log, config: &PipelineConfig) -> anyhow::Result<()> {
     super::ensure_topic(log, DLQ_TOPIC)?;
     for p in &config.processors {
-        if let ProcessorConfig::Aggregate(a) = p {
+        if let ProcessorKind::Aggregate(a) = &p.kind {
             if let Some(topic) = &a.late_topic {
                 super::ensure_topic(log, topic)?;
             }
@@ -64,7 +64,7 @@ impl Worker {
                     .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&payload).into_owned()));
                 let envelope = serde_json::json!({
                     "pipeline": self.config.name,
-                    "processor": format!("{}:{}", i + 1, dl.processor),
+                    "processor": self.processor_labels[i].processor,
                     "error": dl.error,
                     "topic": self.topic,
                     "partition": dl.event.partition,
@@ -112,6 +112,17 @@ impl Worker {
             b.push(now, None, None, std::iter::empty(), &serde_json::to_vec(&envelope).unwrap_or_default());
         }
         self.append(DLQ_TOPIC, &mut b)
+    }
+
+    /// Makes the next checkpoint wait until the dead-letter topic is durable as far as
+    /// it is written now: for dead letters an earlier run of this worker wrote past the
+    /// last checkpoint, which this run does not write again.
+    pub(super) fn cover_earlier_dead_letters(&mut self) {
+        if let Some(t) = self.shared.log.topic(DLQ_TOPIC) {
+            for p in t.partitions() {
+                self.side_writes.push((p.clone(), p.end_offset()));
+            }
+        }
     }
 
     fn count_dead_letters(&self, n: usize) {

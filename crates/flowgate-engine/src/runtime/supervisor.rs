@@ -1,7 +1,8 @@
 //! Supervision: a worker that fails (an unreadable checkpoint, a sink that cannot be
 //! built or recovered, a side output that cannot be written, a panic) is restarted from
 //! its last checkpoint with exponential backoff. Every failure is counted, logged and
-//! shown in [`PipelineHealth`], which `/ready` and `/v1/stats` read.
+//! shown in [`PipelineHealth`], which `/ready` and `/v1/stats` read. A processor that
+//! panics on an event does not stop its partition: see [`super::quarantine`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use super::quarantine::{InFlight, Learned, Quarantine};
 use super::worker::Worker;
 use super::Shared;
 use crate::config::PipelineConfig;
@@ -149,14 +151,18 @@ pub(super) async fn supervise(
     let restarts = shared.metrics.worker_restarts.get_or_create(&labels).clone();
     let up = shared.metrics.worker_up.get_or_create(&labels).clone();
     let mut backoff = FIRST_BACKOFF;
+    let in_flight = Arc::new(InFlight::default());
+    let mut quarantine = Quarantine::default();
     loop {
         let started = Instant::now();
         health.set_state(WorkerState::Starting);
+        quarantine.forget_before(health.committed.load(Ordering::Acquire));
         let attempt = tokio::spawn({
             let (shared, config, topic, partition, health, cancel) =
                 (shared.clone(), config.clone(), topic.clone(), partition.clone(), health.clone(), cancel.clone());
+            let (in_flight, quarantine) = (in_flight.clone(), quarantine.clone());
             async move {
-                let worker = Worker::new(shared, config, &topic, partition, health)?;
+                let worker = Worker::new(shared, config, &topic, partition, health, in_flight, quarantine)?;
                 worker.run(cancel).await
             }
         });
@@ -164,9 +170,40 @@ pub(super) async fn supervise(
         let error = match attempt.await {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(format!("{e:#}")),
-            Err(e) if e.is_panic() => Some(format!("panicked: {}", panic_message(e.into_panic()))),
+            Err(e) if e.is_panic() => {
+                let message = panic_message(e.into_panic());
+                for offset in in_flight.take_dead_lettered() {
+                    quarantine.dead_lettered(offset);
+                }
+                if let Some(mut blame) = in_flight.take() {
+                    blame.processor = blame.processor.min(config.processors.len().saturating_sub(1));
+                    let (from, to, processor) = (blame.range.start, blame.range.end, blame.processor);
+                    match quarantine.learn(&blame, &message, in_flight.successes()) {
+                        Learned::Suspect => {
+                            // Narrowing down a poison event is progress, not a failure loop.
+                            backoff = FIRST_BACKOFF;
+                            tracing::error!(place, from, to, processor, error = %message,
+                                "a processor panicked on these events; processing them one at a time");
+                        }
+                        Learned::Poison => {
+                            backoff = FIRST_BACKOFF;
+                            tracing::error!(place, offset = from, processor, error = %message,
+                                "a processor panicked on this event alone; it goes to the dead-letter topic");
+                        }
+                        Learned::Nothing => {}
+                        Learned::GaveUp => tracing::error!(place, offset = from, processor, error = %message,
+                            "a processor panicked on every one of several events in a row: its state, not the \
+                             events, is taken to be at fault; restarting with backoff instead"),
+                    }
+                }
+                Some(format!("panicked: {message}"))
+            }
             Err(e) => Some(e.to_string()),
         };
+        in_flight.take();
+        for offset in in_flight.take_dead_lettered() {
+            quarantine.dead_lettered(offset);
+        }
         up.set(0);
         if cancel.is_cancelled() {
             if let Some(error) = error {

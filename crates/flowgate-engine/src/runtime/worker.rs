@@ -1,6 +1,7 @@
 //! The worker of one (pipeline, source partition): reads the log, runs the processors,
 //! hands batches to the sinks and commits at every interval.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,14 +14,15 @@ use tokio_util::sync::CancellationToken;
 use super::commit::SinkStates;
 use super::decode::decode;
 use super::fan_out::fan_out;
+use super::quarantine::{InFlight, Quarantine};
 use super::sink_driver::run_sink;
 use super::supervisor::{WorkerHealth, WorkerState};
 use super::Shared;
-use crate::checkpoint::CheckpointFile;
+use crate::checkpoint::{CheckpointFile, ProcessorState};
 use crate::config::PipelineConfig;
 use crate::event::PipelineEvent;
 use crate::metrics::{PipelineLabels, ProcessorLabels, SinkLabels, SourceLabels};
-use crate::processors::{self, Outputs, Processor};
+use crate::processors::{self, DeadLetter, Outputs, Processor};
 use crate::sink::SinkPlace;
 
 pub(super) struct Worker {
@@ -29,7 +31,11 @@ pub(super) struct Worker {
     pub(super) topic: String,
     pub(super) partition: Arc<Partition>,
     pub(super) processors: Vec<Box<dyn Processor>>,
+    /// Processor ids, which key their state and label their metrics.
+    pub(super) processor_ids: Vec<String>,
     pub(super) processor_labels: Vec<ProcessorLabels>,
+    /// Checkpointed state of processors that are not configured (carried forward).
+    pub(super) unconfigured_states: Vec<ProcessorState>,
     pub(super) checkpoint: CheckpointFile,
     pub(super) health: Arc<WorkerHealth>,
     /// Side-output appends (dead letters, late events) since the last checkpoint: the
@@ -39,6 +45,12 @@ pub(super) struct Worker {
     /// Sink state of the checkpoint, by sink name, with entries of sinks no longer
     /// configured (carried forward, never dropped).
     pub(super) sink_states: SinkStates,
+    /// What is being processed now, for the supervisor to find poison events.
+    pub(super) in_flight: Arc<InFlight>,
+    /// Events to process one at a time, or to dead-letter unprocessed.
+    pub(super) quarantine: Quarantine,
+    /// Checkpoint before reading on (set once quarantined events are passed).
+    pub(super) commit_soon: bool,
     /// `flowgate_pipeline_committed_offset` of this partition.
     pub(super) committed_offset: prometheus_client::metrics::gauge::Gauge,
 }
@@ -50,15 +62,14 @@ impl Worker {
         topic: &str,
         partition: Arc<Partition>,
         health: Arc<WorkerHealth>,
+        in_flight: Arc<InFlight>,
+        quarantine: Quarantine,
     ) -> anyhow::Result<Worker> {
         let processors = processors::build_pipeline(&config)?;
-        let processor_labels = processors
+        let processor_ids = config.processor_ids();
+        let processor_labels = processor_ids
             .iter()
-            .enumerate()
-            .map(|(i, p)| ProcessorLabels {
-                pipeline: config.name.clone(),
-                processor: format!("{}:{}", i + 1, p.kind()),
-            })
+            .map(|id| ProcessorLabels { pipeline: config.name.clone(), processor: id.clone() })
             .collect();
         let checkpoint = CheckpointFile::new(&shared.data_dir, &config.name, topic, partition.id());
         let committed_offset = shared
@@ -76,11 +87,16 @@ impl Worker {
             topic: topic.to_owned(),
             partition,
             processors,
+            processor_ids,
             processor_labels,
+            unconfigured_states: Vec::new(),
             checkpoint,
             health,
             side_writes: Vec::new(),
             sink_states: SinkStates::default(),
+            in_flight,
+            quarantine,
+            commit_soon: false,
             committed_offset,
         })
     }
@@ -111,23 +127,13 @@ impl Worker {
         }
         let mut offset = match &saved {
             Some(c) => {
-                // State is matched by position: state beyond the configured processors
-                // would be dropped by the next checkpoint, so it stops the partition.
-                if let Some(extra) = c.processors.iter().skip(self.processors.len()).position(|s| !s.is_empty()) {
-                    return Err(self.checkpoint.restore_error(
-                        &format!("processor {}", self.processors.len() + extra + 1),
-                        anyhow::anyhow!(
-                            "the checkpoint holds state for {} processors and the config has {}",
-                            c.processors.len(),
-                            self.processors.len()
-                        ),
-                    ));
-                }
-                for (i, (p, state)) in self.processors.iter_mut().zip(&c.processors).enumerate() {
-                    p.restore(state).map_err(|e| {
-                        self.checkpoint.restore_error(&format!("processor {} ({})", i + 1, p.kind()), e)
-                    })?;
-                }
+                self.unconfigured_states = super::processor_states::restore(
+                    c,
+                    &mut self.processors,
+                    &self.config,
+                    &self.processor_ids,
+                    &self.checkpoint,
+                )?;
                 c.offset.max(self.partition.start_offset())
             }
             None if self.config.start == "latest" => self.partition.end_offset(),
@@ -164,8 +170,9 @@ impl Worker {
             if cancel.is_cancelled() {
                 break;
             }
-            if Instant::now() >= next_commit {
+            if self.commit_soon || Instant::now() >= next_commit {
                 self.commit(offset, &sinks_tx).await?;
+                self.commit_soon = false;
                 next_commit = Instant::now() + commit_every;
             }
             let read = match self.partition.read(offset, self.config.read.max_bytes) {
@@ -189,9 +196,10 @@ impl Worker {
                 let decoded = decode(&buffer, self.partition.id(), offset, &mut scratch)?;
                 read_counter.inc_by(decoded.events.len() as u64);
                 unreadable.inc_by(decoded.unreadable.len() as u64);
+                let range = offset..decoded.next;
                 offset = decoded.next;
                 self.dead_letter_unreadable(decoded.unreadable)?;
-                self.process(decoded.events)?
+                self.process(decoded.events, range)?
             };
             if !events.is_empty() {
                 fan_out(events, &sinks_tx).await?;
@@ -232,9 +240,45 @@ impl Worker {
         Ok(())
     }
 
-    /// Runs events through every processor, handling dead letters and late events.
-    fn process(&mut self, events: Vec<PipelineEvent>) -> anyhow::Result<Vec<PipelineEvent>> {
-        self.run_from(0, events)
+    /// Runs the events of source offsets `range` through every processor, handling dead
+    /// letters and late events; where a processor panicked before, one event at a time
+    /// (see [`super::quarantine`]).
+    fn process(&mut self, events: Vec<PipelineEvent>, range: Range<u64>) -> anyhow::Result<Vec<PipelineEvent>> {
+        if !self.quarantine.covers(&range) {
+            self.in_flight.start(range, false);
+            let out = self.run_from(0, events);
+            self.in_flight.done();
+            return out;
+        }
+        let mut out = Vec::new();
+        for event in events {
+            if let Some(poison) = self.quarantine.poison(event.offset).cloned() {
+                let i = poison.processor;
+                if !poison.dead_lettered {
+                    let mut outputs = Outputs::default();
+                    let offset = event.offset;
+                    outputs.dead_letters.push(DeadLetter {
+                        processor: self.processors[i].kind().into(),
+                        error: format!("the processor panicked on this event: {}", poison.message),
+                        event,
+                    });
+                    self.shared.metrics.processor_failed.get_or_create(&self.processor_labels[i]).inc();
+                    self.handle_outputs(i, outputs)?;
+                    self.quarantine.dead_lettered(offset);
+                    self.in_flight.dead_lettered(offset);
+                } else {
+                    self.cover_earlier_dead_letters();
+                }
+                continue;
+            }
+            self.in_flight.start(event.offset..event.offset.saturating_add(1), true);
+            out.extend(self.run_from(0, vec![event])?);
+            self.in_flight.done();
+        }
+        // Checkpoint past the quarantined events at once: a later restart must not reach
+        // back before them (and dead-letter a poison event twice).
+        self.commit_soon = true;
+        Ok(out)
     }
 
     /// Lets time-driven processors emit (windows on an idle stream).
@@ -254,7 +298,13 @@ impl Worker {
     }
 
     fn run_from(&mut self, first: usize, mut events: Vec<PipelineEvent>) -> anyhow::Result<Vec<PipelineEvent>> {
+        // Source events can be blamed for a panic until a processor makes events of its
+        // own (window results); `tick` hands on only such events.
+        let mut source_events = first == 0;
         for i in first..self.processors.len() {
+            self.in_flight.at_processor(i, source_events);
+            #[cfg(all(feature = "failpoints", debug_assertions))]
+            super::failpoints::before_processor(&mut events);
             let n_in = events.len() as u64;
             let mut outputs = Outputs::default();
             events = self.processors[i].process(events, &mut outputs);
@@ -265,6 +315,8 @@ impl Worker {
             m.processor_out.get_or_create(labels).inc_by(events.len() as u64);
             m.processor_dropped.get_or_create(labels).inc_by(n_in.saturating_sub(events.len() as u64 + failed));
             m.processor_failed.get_or_create(labels).inc_by(failed);
+            source_events &= !self.processors[i].makes_events();
+            self.in_flight.writing_side_outputs();
             self.handle_outputs(i, outputs)?;
         }
         Ok(events)

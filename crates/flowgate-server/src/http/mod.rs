@@ -51,6 +51,8 @@ fn log_error(e: LogError) -> Response {
             StatusCode::BAD_REQUEST
         }
         LogError::TopicExists(_) => StatusCode::CONFLICT,
+        // A limit the operator set: retrying does not help until topics are deleted.
+        LogError::PartitionLimit { .. } => StatusCode::INSUFFICIENT_STORAGE,
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(status, e.to_string())

@@ -15,6 +15,15 @@ pub fn flowgate_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_flowgate"))
 }
 
+/// Polls `done` every 50 ms until it holds; fails the test after `timeout`.
+pub fn poll_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A running engine process.
 pub struct EngineProcess {
     pub child: Child,
