@@ -452,6 +452,132 @@ fn adapt(current: usize, took: Duration, policy: &BatchPolicy) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sink::{BoxFuture, WriteOutcome};
+
+    /// A sink that answers each write from a script, and records what it was given.
+    struct Scripted {
+        answers: std::collections::VecDeque<anyhow::Result<WriteOutcome>>,
+        seen: Arc<parking_lot::Mutex<Vec<Vec<u64>>>>,
+    }
+
+    impl Sink for Scripted {
+        fn write<'a>(&'a mut self, events: &'a [SinkEvent]) -> BoxFuture<'a, anyhow::Result<WriteOutcome>> {
+            self.seen.lock().push(events.iter().map(|e| e.offset).collect());
+            let answer = self.answers.pop_front().unwrap_or_else(|| Ok(WriteOutcome::delivered()));
+            Box::pin(async move { answer })
+        }
+
+        fn commit(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
+            Box::pin(async { Ok(serde_json::Value::Null) })
+        }
+
+        fn recover<'a>(&'a mut self, _state: &'a serde_json::Value) -> BoxFuture<'a, anyhow::Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn failure(index: usize, retryable: bool, code: &str) -> EventFailure {
+        EventFailure { index, retryable, reason: format!("status {code}"), code: Some(code.into()) }
+    }
+
+    /// Runs one flush of events with offsets 0..n through a scripted sink; returns what
+    /// the sink was given per attempt and the dead letters written.
+    async fn flush_through(
+        n: u64,
+        answers: Vec<anyhow::Result<WriteOutcome>>,
+        retry: RetryPolicy,
+    ) -> (Vec<Vec<u64>>, Vec<serde_json::Value>) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = flowgate_log::Log::open(dir.path(), flowgate_log::LogConfig::default()).unwrap();
+        log.create_topic(super::super::DLQ_TOPIC, 1).unwrap();
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let sink = Scripted { answers: answers.into(), seen: seen.clone() };
+        let metrics = Arc::new(PipelineMetrics::new());
+        let labels = SinkLabels { pipeline: "p".into(), sink: "out".into() };
+        let mut task = SinkTask {
+            sink: Box::new(sink),
+            events: metrics.sink_events.get_or_create(&labels).clone(),
+            end_to_end: metrics.end_to_end_seconds.get_or_create(&PipelineLabels { pipeline: "p".into() }).clone(),
+            durable: metrics.durable_seconds.get_or_create(&PipelineLabels { pipeline: "p".into() }).clone(),
+            uncommitted: Vec::new(),
+            labels,
+            metrics,
+            retry,
+            topic: "in".into(),
+            side: SideWriter::new(log.clone()),
+            broken: None,
+        };
+        let mut batch = PendingBatch::default();
+        for offset in 0..n {
+            let payload = bytes::Bytes::from(format!("{{\"n\":{offset}}}"));
+            batch.push(&SinkEvent { partition: 0, offset, timestamp: 1, key: None, payload });
+        }
+        task.flush(&mut batch, Reason::Size).await;
+        task.commit().await.unwrap();
+        let read = log.topic(super::super::DLQ_TOPIC).unwrap().partition(0).unwrap().read(0, 1 << 20).unwrap();
+        let mut dead = Vec::new();
+        let mut scratch = Vec::new();
+        let mut rest = &read.batches[..];
+        while !rest.is_empty() {
+            let (view, tail) = flowgate_core::BatchView::parse(rest).unwrap();
+            for r in view.records(&mut scratch).unwrap() {
+                dead.push(serde_json::from_slice(r.unwrap().payload).unwrap());
+            }
+            rest = tail;
+        }
+        let seen = seen.lock().clone();
+        (seen, dead)
+    }
+
+    fn quick() -> RetryPolicy {
+        RetryPolicy { initial_backoff_ms: 1, max_backoff_ms: 2, ..RetryPolicy::default() }
+    }
+
+    #[tokio::test]
+    async fn refused_events_are_dead_lettered_and_only_retryable_ones_are_sent_again() {
+        let first = WriteOutcome { failures: vec![failure(1, false, "400"), failure(2, true, "503")], retry_after: None };
+        let (seen, dead) = flush_through(4, vec![Ok(first)], quick()).await;
+        assert_eq!(seen, vec![vec![0, 1, 2, 3], vec![2]], "the retry carries only the retryable event");
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!((dead[0]["offset"].as_u64(), dead[0]["category"].as_str()), (Some(1), Some("rejected")));
+        assert_eq!((dead[0]["sink"].as_str(), dead[0]["code"].as_str()), (Some("out"), Some("400")));
+        assert_eq!(dead[0]["event"], serde_json::json!({"n": 1}));
+    }
+
+    #[tokio::test]
+    async fn a_whole_batch_failure_is_retried_whole_until_the_attempts_run_out() {
+        let retry = RetryPolicy { max_attempts: 3, ..quick() };
+        let answers = (0..5).map(|_| Err(anyhow::anyhow!("connection refused"))).collect();
+        let (seen, dead) = flush_through(2, answers, retry).await;
+        assert_eq!(seen, vec![vec![0, 1]; 3], "the same batch, three attempts");
+        assert_eq!(dead.len(), 2);
+        assert!(dead.iter().all(|d| d["category"] == "retries_exhausted" && d["attempts"] == 3), "{dead:?}");
+        assert!(dead[0]["error"].as_str().unwrap().contains("connection refused"), "{dead:?}");
+    }
+
+    #[tokio::test]
+    async fn a_sink_naming_an_event_twice_or_out_of_range_is_not_believed_beyond_that() {
+        let odd = WriteOutcome {
+            failures: vec![failure(0, false, "400"), failure(0, true, "503"), failure(9, false, "400")],
+            retry_after: None,
+        };
+        let (seen, dead) = flush_through(2, vec![Ok(odd)], quick()).await;
+        assert_eq!(seen, vec![vec![0, 1]], "nothing left to retry");
+        assert_eq!(dead.len(), 1, "{dead:?}");
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_doubling_cap() {
+        let policy = RetryPolicy { initial_backoff_ms: 100, max_backoff_ms: 1000, ..RetryPolicy::default() };
+        for attempt in [1u32, 2, 4, 30, u32::MAX] {
+            let cap = (100u64 << (attempt.min(10) - 1).min(9)).min(1000);
+            for _ in 0..200 {
+                assert!(backoff(&policy, attempt) <= Duration::from_millis(cap), "attempt {attempt}");
+            }
+        }
+        let spread: std::collections::HashSet<Duration> = (0..200).map(|_| backoff(&policy, 5)).collect();
+        assert!(spread.len() > 50, "the waits are spread, not all the same");
+    }
 
     #[test]
     fn adaptive_batching_moves_toward_the_target_latency_within_bounds() {
