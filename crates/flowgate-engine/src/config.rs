@@ -401,6 +401,8 @@ pub struct SinkConfig {
     pub kind: SinkKind,
     /// Batching toward the sink.
     pub batch: BatchPolicy,
+    /// Retries of events the sink could not deliver for now.
+    pub retry: RetryPolicy,
 }
 
 /// The sink as written: `name`, `batch`, and the type's own keys side by side. Parsed in
@@ -410,6 +412,8 @@ struct RawSink {
     name: String,
     #[serde(default)]
     batch: BatchPolicy,
+    #[serde(default)]
+    retry: RetryPolicy,
     #[serde(flatten)]
     rest: serde_json::Map<String, serde_json::Value>,
 }
@@ -420,7 +424,7 @@ impl TryFrom<RawSink> for SinkConfig {
     fn try_from(raw: RawSink) -> Result<Self, Self::Error> {
         let kind = serde_json::from_value(serde_json::Value::Object(raw.rest))
             .map_err(|e| format!("sink '{}': {e}", raw.name))?;
-        Ok(SinkConfig { name: raw.name, kind, batch: raw.batch })
+        Ok(SinkConfig { name: raw.name, kind, batch: raw.batch, retry: raw.retry })
     }
 }
 
@@ -430,7 +434,7 @@ impl From<SinkConfig> for RawSink {
             Ok(serde_json::Value::Object(m)) => m,
             _ => Default::default(),
         };
-        RawSink { name: s.name, batch: s.batch, rest }
+        RawSink { name: s.name, batch: s.batch, retry: s.retry, rest }
     }
 }
 
@@ -492,6 +496,30 @@ fn default_rotate_bytes() -> u64 {
 
 fn default_none() -> String {
     "none".into()
+}
+
+/// How a sink's undelivered events are retried: exponential backoff with full jitter
+/// (each wait is drawn uniformly from zero to the current step, which doubles from
+/// `initial_backoff_ms` up to `max_backoff_ms`), and a target's own hint (Retry-After)
+/// when it asks for longer. Events whose retries run out go to the dead-letter topic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    /// Attempts per event, the first included, before it is dead-lettered (0: no limit).
+    pub max_attempts: u32,
+    /// Time from an event's first failure after which it is not retried again, but
+    /// dead-lettered (0: no limit).
+    pub max_elapsed_ms: u64,
+    /// The first backoff step.
+    pub initial_backoff_ms: u64,
+    /// The largest backoff step.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { max_attempts: 0, max_elapsed_ms: 0, initial_backoff_ms: 50, max_backoff_ms: 5_000 }
+    }
 }
 
 /// When a sink's batch is flushed.

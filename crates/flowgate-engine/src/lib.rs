@@ -26,4 +26,4 @@ pub mod sink;
 pub use config::PipelineConfig;
 pub use metrics::PipelineMetrics;
 pub use runtime::{validate, PipelineHealth, Pipelines, WorkerState, WorkerStatus, DLQ_TOPIC};
-pub use sink::{Sink, SinkEvent, SinkFactory, SinkPlace};
+pub use sink::{EventFailure, Sink, SinkEvent, SinkFactory, SinkPlace, WriteOutcome};

@@ -85,6 +85,8 @@ pub struct PipelineMetrics {
     pub sink_events: Family<SinkLabels, Counter>,
     /// Failed sink writes (retried).
     pub sink_errors: Family<SinkLabels, Counter>,
+    /// Events a sink sent to the dead-letter topic (refused, or out of retries).
+    pub sink_dead_letters: Family<SinkLabels, Counter>,
     /// Flushes by reason.
     pub sink_flushes: Family<FlushLabels, Counter>,
     /// Events per sink write.
@@ -136,6 +138,7 @@ impl PipelineMetrics {
             late_events: Family::default(),
             sink_events: Family::default(),
             sink_errors: Family::default(),
+            sink_dead_letters: Family::default(),
             sink_flushes: Family::default(),
             sink_batch_events: Family::new_with_constructor(batch_histogram as fn() -> Histogram),
             sink_write_seconds: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
@@ -186,7 +189,12 @@ impl PipelineMetrics {
         );
         registry.register("flowgate_processor_late_events", "Events later than their windows", m.late_events.clone());
         registry.register("flowgate_sink_events", "Events written by a sink", m.sink_events.clone());
-        registry.register("flowgate_sink_errors", "Failed sink writes (retried)", m.sink_errors.clone());
+        registry.register("flowgate_sink_errors", "Sink writes that left events undelivered", m.sink_errors.clone());
+        registry.register(
+            "flowgate_sink_dead_letters",
+            "Events a sink sent to the dead-letter topic (refused, or out of retries)",
+            m.sink_dead_letters.clone(),
+        );
         registry.register("flowgate_sink_flushes", "Sink batch flushes by reason", m.sink_flushes.clone());
         registry.register("flowgate_sink_batch_events", "Events per sink write", m.sink_batch_events.clone());
         registry.register(

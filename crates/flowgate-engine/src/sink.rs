@@ -1,12 +1,14 @@
 //! What the engine asks of a sink, and the batching in front of every sink.
 //!
-//! A sink receives batches of [`SinkEvent`]s. It may write them anywhere, but after
+//! A sink receives batches of [`SinkEvent`]s and reports, per event, whether it was
+//! delivered ([`WriteOutcome`]). It may write them anywhere, but after
 //! [`Sink::commit`] returns, everything written must be durable, and the state it returns
 //! is checkpointed with the pipeline's offsets; after a crash [`Sink::recover`] gets that
 //! state back (a file sink truncates its file to it, which makes it exactly-once).
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -31,10 +33,51 @@ pub struct SinkEvent {
     pub payload: Bytes,
 }
 
+/// What became of the events of one write: every event not named in `failures` was
+/// delivered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// Events not delivered, by their index in the batch written.
+    pub failures: Vec<EventFailure>,
+    /// How long the target asked to be left alone before the next attempt (an HTTP
+    /// Retry-After, say), if it did.
+    pub retry_after: Option<Duration>,
+}
+
+impl WriteOutcome {
+    /// Every event delivered.
+    pub fn delivered() -> WriteOutcome {
+        WriteOutcome::default()
+    }
+}
+
+/// One event a write did not deliver, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventFailure {
+    /// The event's index in the batch written.
+    pub index: usize,
+    /// Whether a later attempt may succeed (the target was busy or failed for now);
+    /// `false` when the target refused the event for good (it goes to the dead-letter
+    /// topic at once).
+    pub retryable: bool,
+    /// What went wrong, for the operator.
+    pub reason: String,
+    /// The target's own code for it (an HTTP status, an error name), if it has one.
+    pub code: Option<String>,
+}
+
 /// A destination for a pipeline's events.
+///
+/// The engine's sink driver, below every sink, batches events, retries what a write did
+/// not deliver (per [`crate::config::RetryPolicy`]) and sends what is refused for good or
+/// runs out of retries to the dead-letter topic; a sink only says what became of each
+/// event.
 pub trait Sink: Send {
-    /// Writes a batch.
-    fn write<'a>(&'a mut self, events: &'a [SinkEvent]) -> BoxFuture<'a, anyhow::Result<()>>;
+    /// Writes a batch. `Err` means that nothing can be said of any event (the target was
+    /// unreachable, say): the driver retries the same batch, which a sink may resume
+    /// where the failed attempt stopped. `Ok` names the events not delivered; the driver
+    /// retries the retryable ones as a new, smaller batch.
+    fn write<'a>(&'a mut self, events: &'a [SinkEvent]) -> BoxFuture<'a, anyhow::Result<WriteOutcome>>;
 
     /// Makes everything written durable and returns the state to checkpoint.
     fn commit(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>>;

@@ -46,6 +46,11 @@ enum Command {
         #[command(subcommand)]
         command: commands::topics::Command,
     },
+    /// Inspect the dead-letter topic: entries and counts.
+    Dlq {
+        #[command(subcommand)]
+        command: commands::dlq::Command,
+    },
     /// Inspect the log on disk.
     Log {
         #[command(subcommand)]
@@ -89,6 +94,7 @@ fn main() -> ExitCode {
         Command::Config(args) => commands::config::run(args),
         Command::Validate { config } => commands::validate::run(&config),
         Command::Topics { command } => commands::topics::run(command),
+        Command::Dlq { command } => commands::dlq::run(command),
         Command::Log { command: LogCommand::Check { data_dir, json } } => commands::log_check::run(&data_dir, json),
     };
     match result {

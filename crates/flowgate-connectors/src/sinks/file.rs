@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use flowgate_engine::sink::BoxFuture;
-use flowgate_engine::{Sink, SinkEvent, SinkPlace};
+use flowgate_engine::{Sink, SinkEvent, SinkPlace, WriteOutcome};
 
 use super::resume::Unfinished;
 
@@ -389,7 +389,7 @@ fn compress_file(path: &Path) -> anyhow::Result<()> {
 }
 
 impl Sink for FileSink {
-    fn write<'a>(&'a mut self, events: &'a [SinkEvent]) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn write<'a>(&'a mut self, events: &'a [SinkEvent]) -> BoxFuture<'a, anyhow::Result<WriteOutcome>> {
         Box::pin(async move {
             let mut done = match self.unfinished.take() {
                 Some(u) => u.resume(events, &self.prefix).unwrap_or(0),
@@ -399,7 +399,7 @@ impl Sink for FileSink {
             if result.is_err() && done > 0 {
                 self.unfinished = Some(Unfinished::new(events, done));
             }
-            result
+            result.map(|()| WriteOutcome::delivered())
         })
     }
 

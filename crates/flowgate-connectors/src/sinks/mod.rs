@@ -125,7 +125,7 @@ impl SinkFactory for Connectors {
                     connect_timeout: Duration::from_millis(*connect_timeout_ms),
                     request_timeout: Duration::from_millis(*request_timeout_ms),
                 };
-                Box::new(TcpSink::new(settings, self.log.clone(), place, &config.name))
+                Box::new(TcpSink::new(settings, place, &config.name))
             }
             SinkKind::Blackhole => Box::new(BlackholeSink),
         })

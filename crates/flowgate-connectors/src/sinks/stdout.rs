@@ -3,14 +3,14 @@
 use std::io::Write;
 
 use flowgate_engine::sink::BoxFuture;
-use flowgate_engine::{Sink, SinkEvent};
+use flowgate_engine::{Sink, SinkEvent, WriteOutcome};
 
 /// Prints events.
 #[derive(Debug)]
 pub struct StdoutSink;
 
 impl Sink for StdoutSink {
-    fn write<'a>(&'a mut self, events: &'a [SinkEvent]) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn write<'a>(&'a mut self, events: &'a [SinkEvent]) -> BoxFuture<'a, anyhow::Result<WriteOutcome>> {
         Box::pin(async move {
             let mut buf = Vec::with_capacity(events.iter().map(|e| e.payload.len() + 1).sum());
             for e in events {
@@ -19,7 +19,7 @@ impl Sink for StdoutSink {
             }
             // One locked write per batch, so lines of concurrent partitions never interleave.
             std::io::stdout().lock().write_all(&buf)?;
-            Ok(())
+            Ok(WriteOutcome::delivered())
         })
     }
 

@@ -8,10 +8,9 @@
 //!   is sent with PRODUCE_PARTITION, in batch order, so order per key holds.
 //! - **Requests fit the peer.** A share is cut into requests by bytes, against the frame
 //!   limit the peer announces in its handshake (`HELLO_OK`), so a request is never
-//!   refused for its size. An event that cannot fit any request of that peer goes to the
-//!   local dead-letter topic `_dlq` (as `{pipeline, sink, error, topic, partition, offset,
-//!   timestamp, event}`, durable before the checkpoint that moves past it) instead of
-//!   being retried forever.
+//!   refused for its size. An event that cannot fit any request of that peer is reported
+//!   refused for good (code `too_large`), and the runtime sends it to the dead-letter
+//!   topic instead of retrying it forever.
 //! - **Retries are idempotent.** Requests carry the sink instance's producer id and a
 //!   sequence number counted per destination partition from 0, as the peer requires
 //!   (it stores a producer's batches to a partition only in sequence order). A request
@@ -29,7 +28,6 @@
 //!   backoff.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -38,8 +36,7 @@ use flowgate_client::{Client, ClientError, ErrorCode};
 use flowgate_core::batch::{HEADER_LEN, MAX_BATCH_LEN};
 use flowgate_core::{partition_for_key, BatchBuilder, Codec, ProducerStamp};
 use flowgate_engine::sink::BoxFuture;
-use flowgate_engine::{Sink, SinkEvent, SinkPlace, DLQ_TOPIC};
-use flowgate_log::{Log, Partition};
+use flowgate_engine::{EventFailure, Sink, SinkEvent, SinkPlace, WriteOutcome};
 
 /// Where and how a TCP sink connects.
 #[derive(Clone, Debug)]
@@ -138,7 +135,6 @@ impl ProducerState {
 /// Sends to a remote engine.
 pub struct TcpSink {
     settings: TcpSinkSettings,
-    log: Log,
     place: SinkPlace,
     name: String,
     client: Option<Client>,
@@ -153,9 +149,8 @@ pub struct TcpSink {
     batch: Vec<SinkEvent>,
     /// Its destinations and progress, once the peer's partition count is known.
     plan: Option<Plan>,
-    /// Per partition of the dead-letter topic, the end of what this sink appended since
-    /// the last commit.
-    dead_letters: Vec<Option<(Arc<Partition>, u64)>>,
+    /// Events of the unfinished write the peer can never take (reported as refused).
+    refused: Vec<EventFailure>,
 }
 
 fn new_producer_id(place: &SinkPlace, name: &str) -> u64 {
@@ -197,12 +192,11 @@ enum Step {
 impl TcpSink {
     /// A sink named `name`, running at `place`, to `settings.topic` on the engine at
     /// `settings.addr` (connects on first write); events too large for that engine are
-    /// dead-lettered into `log`.
-    pub fn new(settings: TcpSinkSettings, log: Log, place: &SinkPlace, name: &str) -> TcpSink {
+    /// reported refused (the runtime dead-letters them).
+    pub fn new(settings: TcpSinkSettings, place: &SinkPlace, name: &str) -> TcpSink {
         let producer = ProducerState::new(place, name);
         TcpSink {
             settings,
-            log,
             place: place.clone(),
             name: name.to_owned(),
             client: None,
@@ -213,7 +207,7 @@ impl TcpSink {
             builder: BatchBuilder::new(),
             batch: Vec::new(),
             plan: None,
-            dead_letters: Vec::new(),
+            refused: Vec::new(),
         }
     }
 
@@ -349,9 +343,9 @@ impl TcpSink {
         }
     }
 
-    async fn write_batch(&mut self, events: &[SinkEvent]) -> anyhow::Result<()> {
+    async fn write_batch(&mut self, events: &[SinkEvent]) -> anyhow::Result<Vec<EventFailure>> {
         if events.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         if self.batch.is_empty() || !super::resume::same_events(&self.batch, events) {
             if !self.batch.is_empty() {
@@ -365,6 +359,7 @@ impl TcpSink {
             // way (its future dropped) resumes rather than repeats.
             self.batch.clear();
             self.batch.extend_from_slice(events);
+            self.refused.clear();
         }
         while !self.plan.as_ref().is_some_and(Plan::finished) {
             let (client, partitions) = self.connected().await?;
@@ -381,7 +376,7 @@ impl TcpSink {
             let (partition, start, end, stamp, resend) = match self.next_step(events, budget) {
                 Step::Finished => break,
                 Step::DeadLetter(i) => {
-                    self.dead_letter(&events[i], budget)?;
+                    self.refuse(i, &events[i], budget);
                     if let Some(plan) = self.plan.as_mut() {
                         plan.done += 1;
                     }
@@ -461,7 +456,7 @@ impl TcpSink {
         self.plan = None;
         // Let go of the runtime's buffers.
         self.batch.clear();
-        Ok(())
+        Ok(std::mem::take(&mut self.refused))
     }
 
     /// Forgets the request in doubt, known not stored (or not to be trusted as stored),
@@ -473,76 +468,29 @@ impl TcpSink {
         self.producer.renew(&self.place, &self.name);
     }
 
-    /// Appends an event the peer can never take to the local dead-letter topic.
-    fn dead_letter(&mut self, event: &SinkEvent, budget: usize) -> anyhow::Result<()> {
-        let error = format!(
+    /// Reports the event at `index`, which no request to this peer can carry, as refused
+    /// for good: the runtime sends it to the dead-letter topic instead of retrying it.
+    fn refuse(&mut self, index: usize, event: &SinkEvent, budget: usize) {
+        let reason = format!(
             "event of {} bytes does not fit a request to {} (at most {budget} bytes of records; its \
              ingest.max_frame_bytes sets that)",
             event.payload.len(),
             self.settings.addr
         );
-        tracing::warn!(pipeline = %self.place.pipeline, sink = %self.name, offset = event.offset, %error,
-            "event sent to the dead-letter topic");
-        let envelope = dead_letter_envelope(&self.place, &self.name, &error, event);
-        let mut builder = BatchBuilder::with_capacity(envelope.len() + RECORD_OVERHEAD);
-        builder.push(event.timestamp, event.key.as_deref(), None, std::iter::empty(), &envelope);
-        let mut batch = builder.finish(Codec::None, ProducerStamp::default())?;
-        let topic = self.log.topic_or_create(DLQ_TOPIC)?;
-        let p = topic.next_round_robin();
-        let partition = topic.partition(p)?.clone();
-        let outcome = partition.append(&mut batch.bytes)?;
-        if self.dead_letters.len() <= p as usize {
-            self.dead_letters.resize_with(p as usize + 1, || None);
-        }
-        let slot = &mut self.dead_letters[p as usize];
-        let end = slot.as_ref().map_or(outcome.end_offset(), |(_, e)| outcome.end_offset().max(*e));
-        *slot = Some((partition, end));
-        Ok(())
+        self.refused.push(EventFailure { index, retryable: false, reason, code: Some("too_large".into()) });
     }
-}
-
-/// `{pipeline, sink, error, topic, partition, offset, timestamp, event}`, with the event
-/// as it was if it is JSON and as a string if not; the payload is not parsed into a tree.
-fn dead_letter_envelope(place: &SinkPlace, sink: &str, error: &str, event: &SinkEvent) -> Vec<u8> {
-    let head = serde_json::json!({
-        "pipeline": place.pipeline,
-        "sink": sink,
-        "error": error,
-        "topic": place.topic,
-        "partition": event.partition,
-        "offset": event.offset,
-        "timestamp": event.timestamp,
-    });
-    let mut out = serde_json::to_vec(&head).unwrap_or_else(|_| b"{}".to_vec());
-    out.pop(); // the closing brace
-    out.extend_from_slice(b",\"event\":");
-    if serde_json::from_slice::<serde::de::IgnoredAny>(&event.payload).is_ok() {
-        out.extend_from_slice(&event.payload);
-    } else {
-        let text = String::from_utf8_lossy(&event.payload);
-        out.extend_from_slice(&serde_json::to_vec(&text).unwrap_or_default());
-    }
-    out.push(b'}');
-    out
 }
 
 impl Sink for TcpSink {
-    fn write<'a>(&'a mut self, events: &'a [SinkEvent]) -> BoxFuture<'a, anyhow::Result<()>> {
-        Box::pin(self.write_batch(events))
+    fn write<'a>(&'a mut self, events: &'a [SinkEvent]) -> BoxFuture<'a, anyhow::Result<WriteOutcome>> {
+        Box::pin(async move {
+            let failures = self.write_batch(events).await?;
+            Ok(WriteOutcome { failures, retry_after: None })
+        })
     }
 
     fn commit(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
-        Box::pin(async move {
-            for slot in &mut self.dead_letters {
-                if let Some((partition, end)) = slot.take() {
-                    if let Err(e) = partition.wait_durable(end).await {
-                        *slot = Some((partition, end));
-                        return Err(e.into());
-                    }
-                }
-            }
-            Ok(serde_json::Value::Null)
-        })
+        Box::pin(async { Ok(serde_json::Value::Null) })
     }
 
     fn recover<'a>(&'a mut self, _state: &'a serde_json::Value) -> BoxFuture<'a, anyhow::Result<()>> {
@@ -621,24 +569,5 @@ mod tests {
         let after = producer.next_stamp(1, &place, "s");
         assert_ne!(after.producer_id, last.producer_id);
         assert_eq!(after.sequence, 0);
-    }
-
-    #[test]
-    fn dead_letters_carry_the_event_as_it_was() {
-        let place = SinkPlace { pipeline: "p".into(), topic: "in".into(), partition: 3 };
-        let event = |payload: &'static [u8]| SinkEvent {
-            partition: 3,
-            offset: 9,
-            timestamp: 5,
-            key: None,
-            payload: Bytes::from_static(payload),
-        };
-        let v: serde_json::Value =
-            serde_json::from_slice(&dead_letter_envelope(&place, "s", "too big", &event(b"{\"a\": [1, 2]}"))).unwrap();
-        assert_eq!(v["event"], serde_json::json!({"a": [1, 2]}));
-        assert_eq!((v["sink"].as_str(), v["offset"].as_u64(), v["pipeline"].as_str()), (Some("s"), Some(9), Some("p")));
-        let v: serde_json::Value =
-            serde_json::from_slice(&dead_letter_envelope(&place, "s", "too big", &event(b"not json\""))).unwrap();
-        assert_eq!(v["event"], "not json\"");
     }
 }

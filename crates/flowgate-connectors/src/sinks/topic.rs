@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use flowgate_core::{partition_for_key, BatchBuilder, Codec, ProducerStamp};
 use flowgate_engine::sink::BoxFuture;
-use flowgate_engine::{Sink, SinkEvent};
+use flowgate_engine::{Sink, SinkEvent, WriteOutcome};
 use flowgate_log::{Log, Partition};
 
 use super::resume::Unfinished;
@@ -103,8 +103,8 @@ impl TopicSink {
 }
 
 impl Sink for TopicSink {
-    fn write<'a>(&'a mut self, events: &'a [SinkEvent]) -> BoxFuture<'a, anyhow::Result<()>> {
-        Box::pin(async move { self.write_batch(events) })
+    fn write<'a>(&'a mut self, events: &'a [SinkEvent]) -> BoxFuture<'a, anyhow::Result<WriteOutcome>> {
+        Box::pin(async move { self.write_batch(events).map(|()| WriteOutcome::delivered()) })
     }
 
     fn commit(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {

@@ -87,9 +87,7 @@ impl Worker {
                 .map_err(|e| anyhow::anyhow!("sink '{}' commit: {e:#}", sink.name))?;
             self.sink_states.set(&sink.name, state);
         }
-        for (partition, end) in self.side_writes.drain(..) {
-            partition.make_durable(end).await?;
-        }
+        self.side.make_durable().await?;
         let checkpoint = Checkpoint {
             offset,
             processors: super::processor_states::snapshot(

@@ -12,6 +12,7 @@
 //! bounded and ingest is untouched (the log is the buffer).
 
 mod commit;
+pub mod dead_letters;
 mod decode;
 #[cfg(all(feature = "failpoints", debug_assertions))]
 mod failpoints;

@@ -1,4 +1,5 @@
-//! Side outputs: dead letters (to [`DLQ_TOPIC`]) and late events (to their topic).
+//! The worker's side outputs: dead letters of processors and of unreadable batches (to
+//! [`DLQ_TOPIC`], see [`super::dead_letters`]) and late events (to their topic).
 //!
 //! They are appended to the log before the batch that produced them goes on, and the
 //! next checkpoint waits until they are durable: a checkpoint never moves past an event
@@ -7,9 +8,10 @@
 
 use std::collections::HashMap;
 
-use flowgate_core::{BatchBuilder, Codec, ProducerStamp};
+use flowgate_core::BatchBuilder;
 use flowgate_log::Log;
 
+use super::dead_letters::{Category, Entry, FailedAt};
 use super::decode::UnreadableBatch;
 use super::worker::Worker;
 use super::DLQ_TOPIC;
@@ -52,37 +54,69 @@ impl Worker {
                     let payload = e.payload().clone();
                     b.push(e.timestamp, e.key.as_deref(), e.client_id.as_deref(), std::iter::empty(), &payload);
                 }
-                self.append(&topic, &mut b)?;
+                self.side.append(&topic, &mut b)?;
             }
         }
         if !outputs.dead_letters.is_empty() {
             self.count_dead_letters(outputs.dead_letters.len());
-            let mut b = BatchBuilder::new();
-            for mut dl in outputs.dead_letters {
-                let payload = dl.event.payload().clone();
-                let original = serde_json::from_slice::<serde_json::Value>(&payload)
-                    .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&payload).into_owned()));
-                let envelope = serde_json::json!({
-                    "pipeline": self.config.name,
-                    "processor": self.processor_labels[i].processor,
-                    "error": dl.error,
-                    "topic": self.topic,
-                    "partition": dl.event.partition,
-                    "offset": dl.event.offset,
-                    "timestamp": dl.event.timestamp,
-                    "event": original,
-                });
-                b.push(
-                    dl.event.timestamp,
-                    dl.event.key.as_deref(),
-                    None,
-                    std::iter::empty(),
-                    &serde_json::to_vec(&envelope).unwrap_or_default(),
-                );
-            }
-            self.append(DLQ_TOPIC, &mut b)?;
+            let now = flowgate_core::time::now_ms();
+            let mut dead = outputs.dead_letters;
+            let payloads: Vec<bytes::Bytes> = dead.iter_mut().map(|dl| dl.event.payload().clone()).collect();
+            let (pipeline, processor, topic) = (&self.config.name, &self.processor_labels[i].processor, &self.topic);
+            let entries = dead.iter().zip(&payloads).map(|(dl, payload)| {
+                let entry = Entry {
+                    pipeline,
+                    at: FailedAt::Processor(processor),
+                    category: Category::ProcessingError,
+                    error: &dl.error,
+                    code: None,
+                    attempts: 1,
+                    first_failure_ms: now,
+                    last_failure_ms: now,
+                    topic,
+                    partition: dl.event.partition,
+                    offset: dl.event.offset,
+                    last_offset: None,
+                    timestamp: dl.event.timestamp,
+                    event: Some(&payload[..]),
+                };
+                (entry, dl.event.key.as_deref())
+            });
+            self.side.dead_letters(entries)?;
         }
         Ok(())
+    }
+
+    /// Sends an event processor `i` panicked on, alone, to the dead-letter topic,
+    /// unprocessed.
+    pub(super) fn dead_letter_poison(
+        &mut self,
+        i: usize,
+        mut event: PipelineEvent,
+        message: &str,
+    ) -> anyhow::Result<()> {
+        self.count_dead_letters(1);
+        self.shared.metrics.processor_failed.get_or_create(&self.processor_labels[i]).inc();
+        let now = flowgate_core::time::now_ms();
+        let payload = event.payload().clone();
+        let error = format!("the processor panicked on this event: {message}");
+        let entry = Entry {
+            pipeline: &self.config.name,
+            at: FailedAt::Processor(&self.processor_labels[i].processor),
+            category: Category::Panicked,
+            error: &error,
+            code: None,
+            attempts: 2,
+            first_failure_ms: now,
+            last_failure_ms: now,
+            topic: &self.topic,
+            partition: event.partition,
+            offset: event.offset,
+            last_offset: None,
+            timestamp: event.timestamp,
+            event: Some(&payload[..]),
+        };
+        self.side.dead_letters([(entry, event.key.as_deref())])
     }
 
     /// Sends one dead letter per stored batch that cannot be decoded: its offsets and
@@ -93,36 +127,41 @@ impl Worker {
         }
         self.count_dead_letters(batches.len());
         let now = flowgate_core::time::now_ms();
-        let mut b = BatchBuilder::new();
-        for batch in batches {
+        let errors: Vec<String> =
+            batches.iter().map(|b| format!("the stored batch is unreadable: {}", b.error)).collect();
+        for batch in &batches {
             tracing::error!(pipeline = %self.config.name, topic = %self.topic, partition = self.partition.id(),
                 first_offset = batch.first_offset, last_offset = batch.last_offset, error = %batch.error,
                 "skipping an unreadable stored batch; it is recorded in the dead-letter topic");
-            let envelope = serde_json::json!({
-                "pipeline": self.config.name,
-                "processor": null,
-                "error": format!("the stored batch is unreadable: {}", batch.error),
-                "topic": self.topic,
-                "partition": self.partition.id(),
-                "offset": batch.first_offset,
-                "last_offset": batch.last_offset,
-                "timestamp": now,
-                "event": null,
-            });
-            b.push(now, None, None, std::iter::empty(), &serde_json::to_vec(&envelope).unwrap_or_default());
         }
-        self.append(DLQ_TOPIC, &mut b)
+        let partition = self.partition.id();
+        let entries = batches.iter().zip(&errors).map(|(batch, error)| {
+            let entry = Entry {
+                pipeline: &self.config.name,
+                at: FailedAt::Source,
+                category: Category::Unreadable,
+                error,
+                code: None,
+                attempts: 1,
+                first_failure_ms: now,
+                last_failure_ms: now,
+                topic: &self.topic,
+                partition,
+                offset: batch.first_offset,
+                last_offset: Some(batch.last_offset),
+                timestamp: now,
+                event: None,
+            };
+            (entry, None)
+        });
+        self.side.dead_letters(entries)
     }
 
     /// Makes the next checkpoint wait until the dead-letter topic is durable as far as
     /// it is written now: for dead letters an earlier run of this worker wrote past the
     /// last checkpoint, which this run does not write again.
     pub(super) fn cover_earlier_dead_letters(&mut self) {
-        if let Some(t) = self.shared.log.topic(DLQ_TOPIC) {
-            for p in t.partitions() {
-                self.side_writes.push((p.clone(), p.end_offset()));
-            }
-        }
+        self.side.cover(DLQ_TOPIC);
     }
 
     fn count_dead_letters(&self, n: usize) {
@@ -131,27 +170,5 @@ impl Worker {
             .dead_letters
             .get_or_create(&PipelineLabels { pipeline: self.config.name.clone() })
             .inc_by(n as u64);
-    }
-
-    /// Appends a side-output batch and remembers it for the next checkpoint to wait on.
-    fn append(&mut self, topic: &str, builder: &mut BatchBuilder) -> anyhow::Result<()> {
-        if builder.is_empty() {
-            return Ok(());
-        }
-        let mut batch = builder.finish(Codec::None, ProducerStamp::default())?;
-        let written =
-            self.shared.log.topic(topic).ok_or_else(|| {
-                anyhow::anyhow!("side topic '{topic}' does not exist (deleted while the pipeline runs?)")
-            });
-        let written = written.and_then(|t| {
-            let partition = t.partition(t.next_round_robin())?.clone();
-            let outcome = partition.append(&mut batch.bytes)?;
-            Ok((partition, outcome.end_offset()))
-        });
-        let (partition, end) = written.map_err(|e: anyhow::Error| {
-            anyhow::anyhow!("cannot write to side topic '{topic}': {e:#}; the worker restarts from its last checkpoint")
-        })?;
-        self.side_writes.push((partition, end));
-        Ok(())
     }
 }

@@ -1,4 +1,7 @@
-//! The sink task: batching, adaptive batch sizes, retries, sink metrics.
+//! The sink task: batching, adaptive batch sizes, per-event outcomes, retries with
+//! backoff and jitter, dead letters of what is refused or runs out of retries, sink
+//! metrics. This is the machinery every sink shares; a sink only writes and says what
+//! became of each event ([`crate::sink::WriteOutcome`]).
 //!
 //! Events wait for their flush in a [`PendingBatch`], which copies their key and payload
 //! into storage of its own. Events arrive as slices of the worker's log reads (about
@@ -13,11 +16,12 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
+use super::dead_letters::{Category, Entry, FailedAt, SideWriter};
 use super::fan_out::SinkMsg;
-use crate::config::BatchPolicy;
+use crate::config::{BatchPolicy, RetryPolicy};
 use crate::event::ALL_SINKS;
 use crate::metrics::{FlushLabels, PipelineLabels, PipelineMetrics, SinkLabels};
-use crate::sink::{Sink, SinkEvent};
+use crate::sink::{EventFailure, Sink, SinkEvent};
 
 /// Why a batch was flushed.
 #[derive(Clone, Copy)]
@@ -124,33 +128,131 @@ struct SinkTask {
     /// the commit succeeds; at most [`MAX_UNCOMMITTED_SAMPLES`] (the earliest, which wait
     /// longest, are kept).
     uncommitted: Vec<i64>,
+    retry: RetryPolicy,
+    /// The source topic, for dead letters.
+    topic: String,
+    /// Dead letters of this sink, which its commit waits for.
+    side: SideWriter,
+    /// Why dead letters could not be written, reported at the next commit (which fails,
+    /// so that the worker restarts from its last checkpoint and they are written again).
+    broken: Option<String>,
 }
 
 /// Bound of [`SinkTask::uncommitted`]: 8 MiB of timestamps between two commits.
 const MAX_UNCOMMITTED_SAMPLES: usize = 1 << 20;
 
+/// The wait before attempt `attempt + 1` (`attempt` ≥ 1): full jitter, a uniform draw
+/// from zero to the step, which doubles from the initial backoff up to the largest.
+fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
+    let step = policy
+        .initial_backoff_ms
+        .max(1)
+        .saturating_mul(1u64.checked_shl(attempt.saturating_sub(1)).unwrap_or(u64::MAX))
+        .min(policy.max_backoff_ms.max(1));
+    Duration::from_millis(fastrand::u64(0..=step))
+}
+
+/// An event the sink did not deliver, on its way to the dead-letter topic.
+struct Undelivered {
+    event: SinkEvent,
+    category: Category,
+    error: String,
+    code: Option<String>,
+}
+
 impl SinkTask {
-    /// Writes the batch (retrying with backoff until it succeeds), records metrics, and
-    /// returns how long the successful write took.
+    /// Writes the batch until every event is delivered or dead-lettered: events the
+    /// target refuses for good go to the dead-letter topic at once; the rest are retried
+    /// (the whole batch when the write failed as a whole, which a sink may resume; only
+    /// the undelivered ones when it said which) with backoff until they are delivered or
+    /// [`RetryPolicy`] gives up on them. Returns how long the last write took.
     async fn flush(&mut self, batch: &mut PendingBatch, reason: Reason) -> Option<Duration> {
         if batch.is_empty() {
             return None;
         }
         let events = batch.seal();
-        let mut backoff = Duration::from_millis(50);
+        let mut retrying: Option<Vec<SinkEvent>> = None;
+        let mut undelivered: Vec<Undelivered> = Vec::new();
+        let mut attempts = 0u32;
+        let mut first_failure: Option<i64> = None;
+        let mut last_error = String::new();
         let took = loop {
+            let current: &[SinkEvent] = retrying.as_deref().unwrap_or(events);
+            attempts = attempts.saturating_add(1);
             let started = Instant::now();
-            match self.sink.write(events).await {
-                Ok(()) => break started.elapsed(),
-                Err(e) => {
-                    self.metrics.sink_errors.get_or_create(&self.labels).inc();
-                    tracing::warn!(pipeline = %self.labels.pipeline, sink = %self.labels.sink, error = %format!("{e:#}"),
-                        "sink write failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
+            let result = self.sink.write(current).await;
+            let took = started.elapsed();
+            // The retryable failures; `None` when the write failed as a whole.
+            let (failed, retry_after): (Option<Vec<EventFailure>>, Option<Duration>) = match result {
+                Ok(outcome) => {
+                    let mut again = Vec::new();
+                    let mut seen = vec![false; current.len()];
+                    for f in outcome.failures {
+                        // A sink naming an event twice or out of range is not trusted
+                        // beyond the events it names once.
+                        let Some(slot) = seen.get_mut(f.index).filter(|s| !**s) else { continue };
+                        *slot = true;
+                        if f.retryable {
+                            again.push(f);
+                        } else {
+                            undelivered.push(Undelivered {
+                                event: current[f.index].clone(),
+                                category: Category::Rejected,
+                                error: f.reason,
+                                code: f.code,
+                            });
+                        }
+                    }
+                    (Some(again), outcome.retry_after)
                 }
+                Err(e) => {
+                    last_error = format!("{e:#}");
+                    tracing::warn!(pipeline = %self.labels.pipeline, sink = %self.labels.sink, error = %last_error,
+                        attempt = attempts, "sink write failed; retrying");
+                    (None, None)
+                }
+            };
+            let whole = failed.is_none();
+            let failed = match failed {
+                Some(f) if f.is_empty() => break took,
+                Some(f) => f,
+                None => Vec::new(),
+            };
+            self.metrics.sink_errors.get_or_create(&self.labels).inc();
+            let now = flowgate_core::time::now_ms();
+            let first = *first_failure.get_or_insert(now);
+            let exhausted = (self.retry.max_attempts > 0 && attempts >= self.retry.max_attempts)
+                || (self.retry.max_elapsed_ms > 0
+                    && u64::try_from(now.saturating_sub(first)).unwrap_or(0) >= self.retry.max_elapsed_ms);
+            if exhausted {
+                if whole {
+                    undelivered.extend(current.iter().map(|e| Undelivered {
+                        event: e.clone(),
+                        category: Category::RetriesExhausted,
+                        error: last_error.clone(),
+                        code: None,
+                    }));
+                } else {
+                    undelivered.extend(failed.into_iter().map(|f| Undelivered {
+                        event: current[f.index].clone(),
+                        category: Category::RetriesExhausted,
+                        error: f.reason,
+                        code: f.code,
+                    }));
+                }
+                break took;
             }
+            if !whole {
+                tracing::warn!(pipeline = %self.labels.pipeline, sink = %self.labels.sink, events = failed.len(),
+                    error = %failed[0].reason, attempt = attempts, "the sink did not deliver some events; retrying them");
+                retrying = Some(failed.iter().map(|f| current[f.index].clone()).collect());
+            }
+            let wait = backoff(&self.retry, attempts).max(retry_after.unwrap_or_default());
+            tokio::time::sleep(wait).await;
         };
+        if !undelivered.is_empty() {
+            self.dead_letter(&undelivered, attempts, first_failure.unwrap_or_else(flowgate_core::time::now_ms));
+        }
         let now = flowgate_core::time::now_ms();
         let room = MAX_UNCOMMITTED_SAMPLES.saturating_sub(self.uncommitted.len());
         for e in events {
@@ -158,7 +260,8 @@ impl SinkTask {
             self.end_to_end.observe(now.saturating_sub(e.timestamp).max(0) as f64 / 1000.0);
         }
         self.uncommitted.extend(events.iter().take(room).map(|e| e.timestamp));
-        self.events.inc_by(events.len() as u64);
+        let delivered = events.len().saturating_sub(undelivered.len());
+        self.events.inc_by(delivered as u64);
         self.metrics.sink_batch_events.get_or_create(&self.labels).observe(events.len() as f64);
         self.metrics.sink_write_seconds.get_or_create(&self.labels).observe(took.as_secs_f64());
         let flush_labels = FlushLabels {
@@ -170,9 +273,58 @@ impl SinkTask {
         batch.clear();
         Some(took)
     }
+
+    /// Appends the undelivered events to the dead-letter topic; a failure is kept for
+    /// the next commit to report.
+    fn dead_letter(&mut self, undelivered: &[Undelivered], attempts: u32, first_failure_ms: i64) {
+        let now = flowgate_core::time::now_ms();
+        let (pipeline, sink, topic) = (&self.labels.pipeline, &self.labels.sink, &self.topic);
+        for u in undelivered.iter().take(1) {
+            tracing::warn!(pipeline = %pipeline, sink = %sink, events = undelivered.len(), category = ?u.category,
+                error = %u.error, "events sent to the dead-letter topic");
+        }
+        let entries = undelivered.iter().map(|u| {
+            let entry = Entry {
+                pipeline,
+                at: FailedAt::Sink(sink),
+                category: u.category,
+                error: &u.error,
+                code: u.code.as_deref(),
+                attempts: if u.category == Category::Rejected { 1 } else { attempts },
+                first_failure_ms,
+                last_failure_ms: now,
+                topic,
+                partition: u.event.partition,
+                offset: u.event.offset,
+                last_offset: None,
+                timestamp: u.event.timestamp,
+                event: Some(&u.event.payload[..]),
+            };
+            (entry, u.event.key.as_deref())
+        });
+        match self.side.dead_letters(entries) {
+            Ok(()) => {
+                let labels = PipelineLabels { pipeline: pipeline.clone() };
+                self.metrics.dead_letters.get_or_create(&labels).inc_by(undelivered.len() as u64);
+                let by = SinkLabels { pipeline: pipeline.clone(), sink: sink.clone() };
+                self.metrics.sink_dead_letters.get_or_create(&by).inc_by(undelivered.len() as u64);
+            }
+            Err(e) => self.broken = Some(format!("{e:#}")),
+        }
+    }
 }
 
 impl SinkTask {
+    /// Makes the sink's output and its dead letters durable and returns the state to
+    /// checkpoint; fails while dead letters could not be written.
+    async fn commit(&mut self) -> anyhow::Result<serde_json::Value> {
+        if let Some(broken) = &self.broken {
+            anyhow::bail!("dead letters could not be written ({broken}); the worker restarts from its last checkpoint");
+        }
+        self.side.make_durable().await?;
+        self.sink.commit().await
+    }
+
     /// Observes how long the events written since the last commit took to become durable.
     fn observe_durable(&mut self) {
         let now = flowgate_core::time::now_ms();
@@ -186,19 +338,39 @@ impl SinkTask {
 /// target latency when asked; retries failed writes with backoff (the queue in front
 /// fills meanwhile, which slows the pipeline, not ingest). `bit` is the sink's bit in
 /// route masks.
-pub(super) async fn run_sink(
-    sink: Box<dyn Sink>,
-    mut rx: mpsc::Receiver<SinkMsg>,
-    policy: BatchPolicy,
-    bit: u64,
-    labels: SinkLabels,
-    metrics: Arc<PipelineMetrics>,
-) {
+/// What a sink task needs besides its sink: where its events come from and where its
+/// dead letters go.
+pub(super) struct SinkSetup {
+    pub(super) batch: BatchPolicy,
+    pub(super) retry: RetryPolicy,
+    /// The sink's bit in route masks.
+    pub(super) bit: u64,
+    pub(super) labels: SinkLabels,
+    pub(super) metrics: Arc<PipelineMetrics>,
+    /// The source topic.
+    pub(super) topic: String,
+    pub(super) side: SideWriter,
+}
+
+pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg>, setup: SinkSetup) {
+    let SinkSetup { batch: policy, retry, bit, labels, metrics, topic, side } = setup;
     let events = metrics.sink_events.get_or_create(&labels).clone();
     let end_to_end =
         metrics.end_to_end_seconds.get_or_create(&PipelineLabels { pipeline: labels.pipeline.clone() }).clone();
     let durable = metrics.durable_seconds.get_or_create(&PipelineLabels { pipeline: labels.pipeline.clone() }).clone();
-    let mut task = SinkTask { sink, events, end_to_end, durable, uncommitted: Vec::new(), labels, metrics };
+    let mut task = SinkTask {
+        sink,
+        events,
+        end_to_end,
+        durable,
+        uncommitted: Vec::new(),
+        labels,
+        metrics,
+        retry,
+        topic,
+        side,
+        broken: None,
+    };
     let target_gauge = task.metrics.sink_batch_target.get_or_create(&task.labels).clone();
     let mut target = if policy.adaptive {
         (policy.max_events / 4).max(policy.min_events).min(policy.max_events)
@@ -247,7 +419,7 @@ pub(super) async fn run_sink(
             Some(SinkMsg::Commit(reply)) => {
                 task.flush(&mut buffer, Reason::Commit).await;
                 oldest = None;
-                let committed = task.sink.commit().await;
+                let committed = task.commit().await;
                 if committed.is_ok() {
                     task.observe_durable();
                 }
@@ -255,7 +427,7 @@ pub(super) async fn run_sink(
             }
             None => {
                 task.flush(&mut buffer, Reason::Commit).await;
-                let _ = task.sink.commit().await;
+                let _ = task.commit().await;
                 return;
             }
         }
@@ -280,6 +452,132 @@ fn adapt(current: usize, took: Duration, policy: &BatchPolicy) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sink::{BoxFuture, WriteOutcome};
+
+    /// A sink that answers each write from a script, and records what it was given.
+    struct Scripted {
+        answers: std::collections::VecDeque<anyhow::Result<WriteOutcome>>,
+        seen: Arc<parking_lot::Mutex<Vec<Vec<u64>>>>,
+    }
+
+    impl Sink for Scripted {
+        fn write<'a>(&'a mut self, events: &'a [SinkEvent]) -> BoxFuture<'a, anyhow::Result<WriteOutcome>> {
+            self.seen.lock().push(events.iter().map(|e| e.offset).collect());
+            let answer = self.answers.pop_front().unwrap_or_else(|| Ok(WriteOutcome::delivered()));
+            Box::pin(async move { answer })
+        }
+
+        fn commit(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
+            Box::pin(async { Ok(serde_json::Value::Null) })
+        }
+
+        fn recover<'a>(&'a mut self, _state: &'a serde_json::Value) -> BoxFuture<'a, anyhow::Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn failure(index: usize, retryable: bool, code: &str) -> EventFailure {
+        EventFailure { index, retryable, reason: format!("status {code}"), code: Some(code.into()) }
+    }
+
+    /// Runs one flush of events with offsets 0..n through a scripted sink; returns what
+    /// the sink was given per attempt and the dead letters written.
+    async fn flush_through(
+        n: u64,
+        answers: Vec<anyhow::Result<WriteOutcome>>,
+        retry: RetryPolicy,
+    ) -> (Vec<Vec<u64>>, Vec<serde_json::Value>) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = flowgate_log::Log::open(dir.path(), flowgate_log::LogConfig::default()).unwrap();
+        log.create_topic(super::super::DLQ_TOPIC, 1).unwrap();
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let sink = Scripted { answers: answers.into(), seen: seen.clone() };
+        let metrics = Arc::new(PipelineMetrics::new());
+        let labels = SinkLabels { pipeline: "p".into(), sink: "out".into() };
+        let mut task = SinkTask {
+            sink: Box::new(sink),
+            events: metrics.sink_events.get_or_create(&labels).clone(),
+            end_to_end: metrics.end_to_end_seconds.get_or_create(&PipelineLabels { pipeline: "p".into() }).clone(),
+            durable: metrics.durable_seconds.get_or_create(&PipelineLabels { pipeline: "p".into() }).clone(),
+            uncommitted: Vec::new(),
+            labels,
+            metrics,
+            retry,
+            topic: "in".into(),
+            side: SideWriter::new(log.clone()),
+            broken: None,
+        };
+        let mut batch = PendingBatch::default();
+        for offset in 0..n {
+            let payload = bytes::Bytes::from(format!("{{\"n\":{offset}}}"));
+            batch.push(&SinkEvent { partition: 0, offset, timestamp: 1, key: None, payload });
+        }
+        task.flush(&mut batch, Reason::Size).await;
+        task.commit().await.unwrap();
+        let read = log.topic(super::super::DLQ_TOPIC).unwrap().partition(0).unwrap().read(0, 1 << 20).unwrap();
+        let mut dead = Vec::new();
+        let mut scratch = Vec::new();
+        let mut rest = &read.batches[..];
+        while !rest.is_empty() {
+            let (view, tail) = flowgate_core::BatchView::parse(rest).unwrap();
+            for r in view.records(&mut scratch).unwrap() {
+                dead.push(serde_json::from_slice(r.unwrap().payload).unwrap());
+            }
+            rest = tail;
+        }
+        let seen = seen.lock().clone();
+        (seen, dead)
+    }
+
+    fn quick() -> RetryPolicy {
+        RetryPolicy { initial_backoff_ms: 1, max_backoff_ms: 2, ..RetryPolicy::default() }
+    }
+
+    #[tokio::test]
+    async fn refused_events_are_dead_lettered_and_only_retryable_ones_are_sent_again() {
+        let first = WriteOutcome { failures: vec![failure(1, false, "400"), failure(2, true, "503")], retry_after: None };
+        let (seen, dead) = flush_through(4, vec![Ok(first)], quick()).await;
+        assert_eq!(seen, vec![vec![0, 1, 2, 3], vec![2]], "the retry carries only the retryable event");
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!((dead[0]["offset"].as_u64(), dead[0]["category"].as_str()), (Some(1), Some("rejected")));
+        assert_eq!((dead[0]["sink"].as_str(), dead[0]["code"].as_str()), (Some("out"), Some("400")));
+        assert_eq!(dead[0]["event"], serde_json::json!({"n": 1}));
+    }
+
+    #[tokio::test]
+    async fn a_whole_batch_failure_is_retried_whole_until_the_attempts_run_out() {
+        let retry = RetryPolicy { max_attempts: 3, ..quick() };
+        let answers = (0..5).map(|_| Err(anyhow::anyhow!("connection refused"))).collect();
+        let (seen, dead) = flush_through(2, answers, retry).await;
+        assert_eq!(seen, vec![vec![0, 1]; 3], "the same batch, three attempts");
+        assert_eq!(dead.len(), 2);
+        assert!(dead.iter().all(|d| d["category"] == "retries_exhausted" && d["attempts"] == 3), "{dead:?}");
+        assert!(dead[0]["error"].as_str().unwrap().contains("connection refused"), "{dead:?}");
+    }
+
+    #[tokio::test]
+    async fn a_sink_naming_an_event_twice_or_out_of_range_is_not_believed_beyond_that() {
+        let odd = WriteOutcome {
+            failures: vec![failure(0, false, "400"), failure(0, true, "503"), failure(9, false, "400")],
+            retry_after: None,
+        };
+        let (seen, dead) = flush_through(2, vec![Ok(odd)], quick()).await;
+        assert_eq!(seen, vec![vec![0, 1]], "nothing left to retry");
+        assert_eq!(dead.len(), 1, "{dead:?}");
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_doubling_cap() {
+        let policy = RetryPolicy { initial_backoff_ms: 100, max_backoff_ms: 1000, ..RetryPolicy::default() };
+        for attempt in [1u32, 2, 4, 30, u32::MAX] {
+            let cap = (100u64 << (attempt.min(10) - 1).min(9)).min(1000);
+            for _ in 0..200 {
+                assert!(backoff(&policy, attempt) <= Duration::from_millis(cap), "attempt {attempt}");
+            }
+        }
+        let spread: std::collections::HashSet<Duration> = (0..200).map(|_| backoff(&policy, 5)).collect();
+        assert!(spread.len() > 50, "the waits are spread, not all the same");
+    }
 
     #[test]
     fn adaptive_batching_moves_toward_the_target_latency_within_bounds() {

@@ -12,17 +12,18 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::commit::SinkStates;
+use super::dead_letters::SideWriter;
 use super::decode::decode;
 use super::fan_out::fan_out;
 use super::quarantine::{InFlight, Quarantine};
-use super::sink_driver::run_sink;
+use super::sink_driver::{run_sink, SinkSetup};
 use super::supervisor::{WorkerHealth, WorkerState};
 use super::Shared;
 use crate::checkpoint::{CheckpointFile, ProcessorState};
 use crate::config::PipelineConfig;
 use crate::event::PipelineEvent;
 use crate::metrics::{PipelineLabels, ProcessorLabels, SinkLabels, SourceLabels};
-use crate::processors::{self, DeadLetter, Outputs, Processor};
+use crate::processors::{self, Outputs, Processor};
 use crate::sink::SinkPlace;
 
 pub(super) struct Worker {
@@ -38,10 +39,9 @@ pub(super) struct Worker {
     pub(super) unconfigured_states: Vec<ProcessorState>,
     pub(super) checkpoint: CheckpointFile,
     pub(super) health: Arc<WorkerHealth>,
-    /// Side-output appends (dead letters, late events) since the last checkpoint: the
-    /// partition and the offset after the append. The next checkpoint waits until they
-    /// are as durable as the log's policy makes acknowledged events.
-    pub(super) side_writes: Vec<(Arc<Partition>, u64)>,
+    /// Side-output appends (dead letters, late events), which the next checkpoint waits
+    /// for.
+    pub(super) side: SideWriter,
     /// Sink state of the checkpoint, by sink name, with entries of sinks no longer
     /// configured (carried forward, never dropped).
     pub(super) sink_states: SinkStates,
@@ -81,6 +81,7 @@ impl Worker {
                 partition: partition.id().to_string(),
             })
             .clone();
+        let side = SideWriter::new(shared.log.clone());
         Ok(Worker {
             shared,
             config,
@@ -92,7 +93,7 @@ impl Worker {
             unconfigured_states: Vec::new(),
             checkpoint,
             health,
-            side_writes: Vec::new(),
+            side,
             sink_states: SinkStates::default(),
             in_flight,
             quarantine,
@@ -123,7 +124,16 @@ impl Worker {
             let labels = SinkLabels { pipeline: self.config.name.clone(), sink: sink_config.name.clone() };
             // `validate` allows at most 64 sinks, so every sink has a mask bit.
             let bit = u32::try_from(i).ok().and_then(|i| 1u64.checked_shl(i)).unwrap_or(0);
-            sink_tasks.spawn(run_sink(sink, rx, sink_config.batch.clone(), bit, labels, self.shared.metrics.clone()));
+            let setup = SinkSetup {
+                batch: sink_config.batch.clone(),
+                retry: sink_config.retry.clone(),
+                bit,
+                labels,
+                metrics: self.shared.metrics.clone(),
+                topic: self.topic.clone(),
+                side: SideWriter::new(self.shared.log.clone()),
+            };
+            sink_tasks.spawn(run_sink(sink, rx, setup));
         }
         let mut offset = match &saved {
             Some(c) => {
@@ -255,15 +265,8 @@ impl Worker {
             if let Some(poison) = self.quarantine.poison(event.offset).cloned() {
                 let i = poison.processor;
                 if !poison.dead_lettered {
-                    let mut outputs = Outputs::default();
                     let offset = event.offset;
-                    outputs.dead_letters.push(DeadLetter {
-                        processor: self.processors[i].kind().into(),
-                        error: format!("the processor panicked on this event: {}", poison.message),
-                        event,
-                    });
-                    self.shared.metrics.processor_failed.get_or_create(&self.processor_labels[i]).inc();
-                    self.handle_outputs(i, outputs)?;
+                    self.dead_letter_poison(i, event, &poison.message)?;
                     self.quarantine.dead_lettered(offset);
                     self.in_flight.dead_lettered(offset);
                 } else {

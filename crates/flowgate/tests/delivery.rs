@@ -1,0 +1,213 @@
+//! Delivery control against real engine processes and a real HTTP target the test
+//! controls: per-event outcomes, retries, and the dead-letter topic with `flowgate dlq`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{cli, poll_until, EngineProcess};
+
+/// What the target does with one request: the events it got (payload `n`s, in order) and
+/// the answer (status, body).
+type Decide = dyn Fn(u64, &[u64]) -> (u16, String) + Send + Sync;
+
+/// A small HTTP/1.1 server (keep-alive) that records the events of the requests it
+/// accepts and answers as `decide` says.
+struct Target {
+    port: u16,
+    delivered: Arc<Mutex<Vec<u64>>>,
+    requests: Arc<AtomicU64>,
+}
+
+impl Target {
+    fn start(decide: Arc<Decide>) -> Target {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let delivered = Arc::new(Mutex::new(Vec::new()));
+        let requests = Arc::new(AtomicU64::new(0));
+        let (d, r) = (delivered.clone(), requests.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let (decide, delivered, requests) = (decide.clone(), d.clone(), r.clone());
+                std::thread::spawn(move || serve(stream, &*decide, &delivered, &requests));
+            }
+        });
+        Target { port, delivered, requests }
+    }
+}
+
+fn serve(stream: TcpStream, decide: &Decide, delivered: &Mutex<Vec<u64>>, requests: &AtomicU64) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut out = stream;
+    loop {
+        let mut length = 0usize;
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body).unwrap();
+        let events: Vec<u64> = body
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice::<serde_json::Value>(l).unwrap()["n"].as_u64().unwrap())
+            .collect();
+        let nth = requests.fetch_add(1, Ordering::SeqCst);
+        let (status, answer) = decide(nth, &events);
+        if status < 300 {
+            let refused: Vec<usize> = serde_json::from_str::<serde_json::Value>(&answer)
+                .ok()
+                .and_then(|v| v["results"].as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .map(|r| r["index"].as_u64().unwrap() as usize)
+                .collect();
+            let mut d = delivered.lock().unwrap();
+            d.extend(events.iter().enumerate().filter(|(i, _)| !refused.contains(i)).map(|(_, n)| *n));
+        }
+        let reason = if status < 300 { "OK" } else { "Failed" };
+        let response = format!(
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+            answer.len()
+        );
+        if out.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn write_config(dir: &Path, port: u16) -> std::path::PathBuf {
+    let path = dir.join("delivery.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[log]
+default_partitions = 1
+[[pipelines]]
+name = "p"
+topics = ["in"]
+commit_interval_ms = 50
+[[pipelines.sinks]]
+name = "api"
+type = "http"
+url = "http://127.0.0.1:{port}/ingest"
+per_event_results = true
+batch = {{ max_events = 20, max_wait_ms = 10 }}
+retry = {{ initial_backoff_ms = 10, max_backoff_ms = 100 }}
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn a_target_refusing_some_events_for_good_gets_every_other_once_in_order_and_the_rest_are_dead_letters() {
+    // Every event whose n ends in 3 is refused for good; the first request fails whole
+    // with a 503, so the batch is retried whole before anything is delivered.
+    let decide: Arc<Decide> = Arc::new(|nth, events: &[u64]| {
+        if nth == 0 {
+            return (503, "{}".to_owned());
+        }
+        let results: Vec<serde_json::Value> = events
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| *n % 10 == 3)
+            .map(|(i, n)| serde_json::json!({"index": i, "status": 400, "error": format!("n={n} is not allowed")}))
+            .collect();
+        (200, serde_json::json!({ "results": results }).to_string())
+    });
+    let target = Target::start(decide);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), target.port);
+    let engine = EngineProcess::start_with(dir.path(), Some(&config), &[]);
+    let lines: Vec<String> = (0..100).map(|n| format!(r#"{{"n":{n}}}"#)).collect();
+    let (status, body) = engine.http("POST", "/v1/topics/in/events", lines.join("\n").as_bytes());
+    assert_eq!(status, 200, "{body}");
+    let expected: Vec<u64> = (0..100).filter(|n| n % 10 != 3).collect();
+    poll_until("every accepted event to reach the target", Duration::from_secs(30), || {
+        target.delivered.lock().unwrap().len() >= expected.len()
+    });
+    assert_eq!(*target.delivered.lock().unwrap(), expected, "each once, in order");
+    let dead = poll_until_dlq(&engine, 10);
+    let offsets: Vec<u64> = dead.iter().map(|d| d["offset"].as_u64().unwrap()).collect();
+    assert_eq!(offsets, (0..100).filter(|n| n % 10 == 3).collect::<Vec<u64>>());
+    for d in &dead {
+        assert_eq!((d["sink"].as_str(), d["category"].as_str(), d["code"].as_str()), (Some("api"), Some("rejected"), Some("400")), "{d}");
+        assert!(d["error"].as_str().unwrap().contains("is not allowed"), "{d}");
+        assert_eq!(d["event"]["n"].as_u64(), d["offset"].as_u64(), "the event as it was: {d}");
+    }
+    let (code, out, err) = cli(&["dlq", "stats", "--json", "--addr", &engine.binary.to_string()], None);
+    assert_eq!(code, 0, "{err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats["total"], 10, "{stats}");
+    assert_eq!(stats["groups"][0]["stage"], "sink api", "{stats}");
+    assert_eq!(engine.metric("flowgate_sink_dead_letters_total{pipeline=\"p\",sink=\"api\""), 10.0);
+}
+
+/// The `flowgate dlq list` entries once there are `n` of them.
+fn poll_until_dlq(engine: &EngineProcess, n: usize) -> Vec<serde_json::Value> {
+    let mut entries = Vec::new();
+    poll_until("the dead letters", Duration::from_secs(30), || {
+        let (code, out, _) = cli(&["dlq", "list", "--pipeline", "p", "--addr", &engine.binary.to_string()], None);
+        entries = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        code == 0 && entries.len() >= n
+    });
+    assert_eq!(entries.len(), n, "{entries:?}");
+    entries
+}
+
+#[test]
+fn events_a_target_keeps_failing_go_to_the_dead_letters_once_retries_run_out() {
+    let decide: Arc<Decide> = Arc::new(|_, events: &[u64]| {
+        if events.contains(&7) {
+            (503, "{}".to_owned())
+        } else {
+            (200, "{}".to_owned())
+        }
+    });
+    let target = Target::start(decide);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), target.port);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "retry = { initial_backoff_ms = 10, max_backoff_ms = 100 }",
+        "retry = { max_attempts = 3, initial_backoff_ms = 10, max_backoff_ms = 100 }",
+    );
+    std::fs::write(&config, text).unwrap();
+    let engine = EngineProcess::start_with(dir.path(), Some(&config), &[]);
+    let lines: Vec<String> = (0..5).map(|n| format!(r#"{{"n":{n}}}"#)).collect();
+    engine.http("POST", "/v1/topics/in/events", lines.join("\n").as_bytes());
+    poll_until("the first batch", Duration::from_secs(30), || target.delivered.lock().unwrap().len() == 5);
+    let requests_before = target.requests.load(Ordering::SeqCst);
+    engine.http("POST", "/v1/topics/in/events", br#"{"n":7}"#);
+    let dead = poll_until_dlq(&engine, 1);
+    assert_eq!((dead[0]["category"].as_str(), dead[0]["attempts"].as_u64()), (Some("retries_exhausted"), Some(3)));
+    assert_eq!(dead[0]["code"], "503", "{dead:?}");
+    assert_eq!(target.requests.load(Ordering::SeqCst) - requests_before, 3, "three attempts, no more");
+    engine.http("POST", "/v1/topics/in/events", br#"{"n":8}"#);
+    poll_until("later events to flow", Duration::from_secs(30), || {
+        target.delivered.lock().unwrap().last() == Some(&8)
+    });
+}
