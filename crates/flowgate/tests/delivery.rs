@@ -155,7 +155,11 @@ fn a_target_refusing_some_events_for_good_gets_every_other_once_in_order_and_the
     let offsets: Vec<u64> = dead.iter().map(|d| d["offset"].as_u64().unwrap()).collect();
     assert_eq!(offsets, (0..100).filter(|n| n % 10 == 3).collect::<Vec<u64>>());
     for d in &dead {
-        assert_eq!((d["sink"].as_str(), d["category"].as_str(), d["code"].as_str()), (Some("api"), Some("rejected"), Some("400")), "{d}");
+        assert_eq!(
+            (d["sink"].as_str(), d["category"].as_str(), d["code"].as_str()),
+            (Some("api"), Some("rejected"), Some("400")),
+            "{d}"
+        );
         assert!(d["error"].as_str().unwrap().contains("is not allowed"), "{d}");
         assert_eq!(d["event"]["n"].as_u64(), d["offset"].as_u64(), "the event as it was: {d}");
     }
@@ -181,13 +185,8 @@ fn poll_until_dlq(engine: &EngineProcess, n: usize) -> Vec<serde_json::Value> {
 
 #[test]
 fn events_a_target_keeps_failing_go_to_the_dead_letters_once_retries_run_out() {
-    let decide: Arc<Decide> = Arc::new(|_, events: &[u64]| {
-        if events.contains(&7) {
-            (503, "{}".to_owned())
-        } else {
-            (200, "{}".to_owned())
-        }
-    });
+    let decide: Arc<Decide> =
+        Arc::new(|_, events: &[u64]| if events.contains(&7) { (503, "{}".to_owned()) } else { (200, "{}".to_owned()) });
     let target = Target::start(decide);
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), target.port);
@@ -207,7 +206,5 @@ fn events_a_target_keeps_failing_go_to_the_dead_letters_once_retries_run_out() {
     assert_eq!(dead[0]["code"], "503", "{dead:?}");
     assert_eq!(target.requests.load(Ordering::SeqCst) - requests_before, 3, "three attempts, no more");
     engine.http("POST", "/v1/topics/in/events", br#"{"n":8}"#);
-    poll_until("later events to flow", Duration::from_secs(30), || {
-        target.delivered.lock().unwrap().last() == Some(&8)
-    });
+    poll_until("later events to flow", Duration::from_secs(30), || target.delivered.lock().unwrap().last() == Some(&8));
 }

@@ -494,11 +494,14 @@ mod tests {
         let sink = Scripted { answers: answers.into(), seen: seen.clone() };
         let metrics = Arc::new(PipelineMetrics::new());
         let labels = SinkLabels { pipeline: "p".into(), sink: "out".into() };
+        let events = metrics.sink_events.get_or_create(&labels).clone();
+        let end_to_end = metrics.end_to_end_seconds.get_or_create(&PipelineLabels { pipeline: "p".into() }).clone();
+        let durable = metrics.durable_seconds.get_or_create(&PipelineLabels { pipeline: "p".into() }).clone();
         let mut task = SinkTask {
             sink: Box::new(sink),
-            events: metrics.sink_events.get_or_create(&labels).clone(),
-            end_to_end: metrics.end_to_end_seconds.get_or_create(&PipelineLabels { pipeline: "p".into() }).clone(),
-            durable: metrics.durable_seconds.get_or_create(&PipelineLabels { pipeline: "p".into() }).clone(),
+            events,
+            end_to_end,
+            durable,
             uncommitted: Vec::new(),
             labels,
             metrics,
@@ -535,7 +538,8 @@ mod tests {
 
     #[tokio::test]
     async fn refused_events_are_dead_lettered_and_only_retryable_ones_are_sent_again() {
-        let first = WriteOutcome { failures: vec![failure(1, false, "400"), failure(2, true, "503")], retry_after: None };
+        let first =
+            WriteOutcome { failures: vec![failure(1, false, "400"), failure(2, true, "503")], retry_after: None };
         let (seen, dead) = flush_through(4, vec![Ok(first)], quick()).await;
         assert_eq!(seen, vec![vec![0, 1, 2, 3], vec![2]], "the retry carries only the retryable event");
         assert_eq!(dead.len(), 1, "{dead:?}");
