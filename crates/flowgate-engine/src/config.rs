@@ -403,6 +403,8 @@ pub struct SinkConfig {
     pub batch: BatchPolicy,
     /// Retries of events the sink could not deliver for now.
     pub retry: RetryPolicy,
+    /// When to stop writing to a target that keeps failing.
+    pub breaker: BreakerPolicy,
 }
 
 /// The sink as written: `name`, `batch`, and the type's own keys side by side. Parsed in
@@ -414,6 +416,8 @@ struct RawSink {
     batch: BatchPolicy,
     #[serde(default)]
     retry: RetryPolicy,
+    #[serde(default)]
+    breaker: BreakerPolicy,
     #[serde(flatten)]
     rest: serde_json::Map<String, serde_json::Value>,
 }
@@ -424,7 +428,7 @@ impl TryFrom<RawSink> for SinkConfig {
     fn try_from(raw: RawSink) -> Result<Self, Self::Error> {
         let kind = serde_json::from_value(serde_json::Value::Object(raw.rest))
             .map_err(|e| format!("sink '{}': {e}", raw.name))?;
-        Ok(SinkConfig { name: raw.name, kind, batch: raw.batch, retry: raw.retry })
+        Ok(SinkConfig { name: raw.name, kind, batch: raw.batch, retry: raw.retry, breaker: raw.breaker })
     }
 }
 
@@ -434,7 +438,7 @@ impl From<SinkConfig> for RawSink {
             Ok(serde_json::Value::Object(m)) => m,
             _ => Default::default(),
         };
-        RawSink { name: s.name, batch: s.batch, retry: s.retry, rest }
+        RawSink { name: s.name, batch: s.batch, retry: s.retry, breaker: s.breaker, rest }
     }
 }
 
@@ -519,6 +523,26 @@ pub struct RetryPolicy {
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy { max_attempts: 0, max_elapsed_ms: 0, initial_backoff_ms: 50, max_backoff_ms: 5_000 }
+    }
+}
+
+/// A sink's circuit breaker (see the engine's `runtime/breaker.rs`): open after
+/// `consecutive_failures` writes in a row that delivered nothing (0: never), stay open
+/// `open_ms`, doubling after each failed probe up to `max_open_ms`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerPolicy {
+    /// Failed writes in a row that open the breaker (0: it never opens).
+    pub consecutive_failures: u32,
+    /// How long it stays open the first time.
+    pub open_ms: u64,
+    /// The longest it stays open.
+    pub max_open_ms: u64,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy { consecutive_failures: 5, open_ms: 1_000, max_open_ms: 60_000 }
     }
 }
 

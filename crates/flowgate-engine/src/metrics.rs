@@ -25,6 +25,17 @@ pub struct SinkLabels {
     pub sink: String,
 }
 
+/// Labels of a circuit-breaker transition.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerLabels {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Sink name.
+    pub sink: String,
+    /// The state entered: `open`, `half_open` or `closed`.
+    pub to: String,
+}
+
 /// Labels of a flush.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FlushLabels {
@@ -87,6 +98,10 @@ pub struct PipelineMetrics {
     pub sink_errors: Family<SinkLabels, Counter>,
     /// Events a sink sent to the dead-letter topic (refused, or out of retries).
     pub sink_dead_letters: Family<SinkLabels, Counter>,
+    /// The sink's circuit breaker: 0 closed, 1 half-open, 2 open.
+    pub sink_breaker_state: Family<SinkLabels, Gauge>,
+    /// Circuit-breaker transitions, by the state entered.
+    pub sink_breaker_transitions: Family<BreakerLabels, Counter>,
     /// Flushes by reason.
     pub sink_flushes: Family<FlushLabels, Counter>,
     /// Events per sink write.
@@ -139,6 +154,8 @@ impl PipelineMetrics {
             sink_events: Family::default(),
             sink_errors: Family::default(),
             sink_dead_letters: Family::default(),
+            sink_breaker_state: Family::default(),
+            sink_breaker_transitions: Family::default(),
             sink_flushes: Family::default(),
             sink_batch_events: Family::new_with_constructor(batch_histogram as fn() -> Histogram),
             sink_write_seconds: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
@@ -190,6 +207,16 @@ impl PipelineMetrics {
         registry.register("flowgate_processor_late_events", "Events later than their windows", m.late_events.clone());
         registry.register("flowgate_sink_events", "Events written by a sink", m.sink_events.clone());
         registry.register("flowgate_sink_errors", "Sink writes that left events undelivered", m.sink_errors.clone());
+        registry.register(
+            "flowgate_sink_breaker_state",
+            "A sink's circuit breaker: 0 closed, 1 half-open, 2 open",
+            m.sink_breaker_state.clone(),
+        );
+        registry.register(
+            "flowgate_sink_breaker_transitions",
+            "Circuit-breaker transitions by the state entered",
+            m.sink_breaker_transitions.clone(),
+        );
         registry.register(
             "flowgate_sink_dead_letters",
             "Events a sink sent to the dead-letter topic (refused, or out of retries)",

@@ -142,6 +142,7 @@ mod tests {
             kind: SinkKind::File { path: path.into(), rotate_bytes: 1 << 20, rotate_ms: 0, compression: "none".into() },
             batch: Default::default(),
             retry: Default::default(),
+            breaker: Default::default(),
         }
     }
 
@@ -158,6 +159,7 @@ mod tests {
             kind: SinkKind::Topic { topic: "t".into() },
             batch: Default::default(),
             retry: Default::default(),
+            breaker: Default::default(),
         };
         assert_eq!(Connectors::output_claim_in(data, &topic), None);
     }

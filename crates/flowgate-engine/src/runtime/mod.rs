@@ -11,6 +11,7 @@
 //! A slow sink fills its queue, which stops the worker reading the log: memory stays
 //! bounded and ingest is untouched (the log is the buffer).
 
+mod breaker;
 mod commit;
 pub mod dead_letters;
 mod decode;

@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
+use super::breaker::{Breaker, State as BreakerState};
 use super::dead_letters::{Category, Entry, FailedAt, SideWriter};
 use super::fan_out::SinkMsg;
-use crate::config::{BatchPolicy, RetryPolicy};
+use crate::config::{BatchPolicy, BreakerPolicy, RetryPolicy};
 use crate::event::ALL_SINKS;
 use crate::metrics::{FlushLabels, PipelineLabels, PipelineMetrics, SinkLabels};
 use crate::sink::{EventFailure, Sink, SinkEvent};
@@ -136,6 +137,7 @@ struct SinkTask {
     /// Why dead letters could not be written, reported at the next commit (which fails,
     /// so that the worker restarts from its last checkpoint and they are written again).
     broken: Option<String>,
+    breaker: Breaker,
 }
 
 /// Bound of [`SinkTask::uncommitted`]: 8 MiB of timestamps between two commits.
@@ -178,6 +180,7 @@ impl SinkTask {
         let mut last_error = String::new();
         let took = loop {
             let current: &[SinkEvent] = retrying.as_deref().unwrap_or(events);
+            self.breaker.admit().await;
             attempts = attempts.saturating_add(1);
             let started = Instant::now();
             let result = self.sink.write(current).await;
@@ -213,11 +216,23 @@ impl SinkTask {
                 }
             };
             let whole = failed.is_none();
+            // The target took something unless the whole write failed or every event of
+            // it came back retryable.
+            let took_some = failed.as_ref().is_some_and(|f| f.len() < current.len());
             let failed = match failed {
-                Some(f) if f.is_empty() => break took,
+                Some(f) if f.is_empty() => {
+                    self.breaker.delivered();
+                    break took;
+                }
                 Some(f) => f,
                 None => Vec::new(),
             };
+            if took_some {
+                self.breaker.delivered();
+            } else {
+                let why = if whole { last_error.as_str() } else { failed[0].reason.as_str() };
+                self.breaker.failed(why);
+            }
             self.metrics.sink_errors.get_or_create(&self.labels).inc();
             let now = flowgate_core::time::now_ms();
             let first = *first_failure.get_or_insert(now);
@@ -247,8 +262,11 @@ impl SinkTask {
                     error = %failed[0].reason, attempt = attempts, "the sink did not deliver some events; retrying them");
                 retrying = Some(failed.iter().map(|f| current[f.index].clone()).collect());
             }
-            let wait = backoff(&self.retry, attempts).max(retry_after.unwrap_or_default());
-            tokio::time::sleep(wait).await;
+            // An open breaker makes the next attempt wait for its probe instead.
+            if self.breaker.state() != BreakerState::Open {
+                let wait = backoff(&self.retry, attempts).max(retry_after.unwrap_or_default());
+                tokio::time::sleep(wait).await;
+            }
         };
         if !undelivered.is_empty() {
             self.dead_letter(&undelivered, attempts, first_failure.unwrap_or_else(flowgate_core::time::now_ms));
@@ -343,6 +361,7 @@ impl SinkTask {
 pub(super) struct SinkSetup {
     pub(super) batch: BatchPolicy,
     pub(super) retry: RetryPolicy,
+    pub(super) breaker: BreakerPolicy,
     /// The sink's bit in route masks.
     pub(super) bit: u64,
     pub(super) labels: SinkLabels,
@@ -353,7 +372,8 @@ pub(super) struct SinkSetup {
 }
 
 pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg>, setup: SinkSetup) {
-    let SinkSetup { batch: policy, retry, bit, labels, metrics, topic, side } = setup;
+    let SinkSetup { batch: policy, retry, breaker, bit, labels, metrics, topic, side } = setup;
+    let breaker = Breaker::new(breaker, labels.clone(), &metrics);
     let events = metrics.sink_events.get_or_create(&labels).clone();
     let end_to_end =
         metrics.end_to_end_seconds.get_or_create(&PipelineLabels { pipeline: labels.pipeline.clone() }).clone();
@@ -370,6 +390,7 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
         topic,
         side,
         broken: None,
+        breaker,
     };
     let target_gauge = task.metrics.sink_batch_target.get_or_create(&task.labels).clone();
     let mut target = if policy.adaptive {
@@ -458,11 +479,13 @@ mod tests {
     struct Scripted {
         answers: std::collections::VecDeque<anyhow::Result<WriteOutcome>>,
         seen: Arc<parking_lot::Mutex<Vec<Vec<u64>>>>,
+        at: Arc<parking_lot::Mutex<Vec<Instant>>>,
     }
 
     impl Sink for Scripted {
         fn write<'a>(&'a mut self, events: &'a [SinkEvent]) -> BoxFuture<'a, anyhow::Result<WriteOutcome>> {
             self.seen.lock().push(events.iter().map(|e| e.offset).collect());
+            self.at.lock().push(Instant::now());
             let answer = self.answers.pop_front().unwrap_or_else(|| Ok(WriteOutcome::delivered()));
             Box::pin(async move { answer })
         }
@@ -487,13 +510,27 @@ mod tests {
         answers: Vec<anyhow::Result<WriteOutcome>>,
         retry: RetryPolicy,
     ) -> (Vec<Vec<u64>>, Vec<serde_json::Value>) {
+        flush_with_breaker(n, answers, retry, BreakerPolicy { consecutive_failures: 0, ..BreakerPolicy::default() })
+            .await
+            .0
+    }
+
+    /// As [`flush_through`], with a breaker; also returns when each write was made.
+    async fn flush_with_breaker(
+        n: u64,
+        answers: Vec<anyhow::Result<WriteOutcome>>,
+        retry: RetryPolicy,
+        breaker: BreakerPolicy,
+    ) -> ((Vec<Vec<u64>>, Vec<serde_json::Value>), Vec<Instant>) {
         let dir = tempfile::tempdir().unwrap();
         let log = flowgate_log::Log::open(dir.path(), flowgate_log::LogConfig::default()).unwrap();
         log.create_topic(super::super::DLQ_TOPIC, 1).unwrap();
         let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
-        let sink = Scripted { answers: answers.into(), seen: seen.clone() };
+        let written_at = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let sink = Scripted { answers: answers.into(), seen: seen.clone(), at: written_at.clone() };
         let metrics = Arc::new(PipelineMetrics::new());
         let labels = SinkLabels { pipeline: "p".into(), sink: "out".into() };
+        let (labels_for_breaker, metrics_for_breaker) = (labels.clone(), metrics.clone());
         let events = metrics.sink_events.get_or_create(&labels).clone();
         let end_to_end = metrics.end_to_end_seconds.get_or_create(&PipelineLabels { pipeline: "p".into() }).clone();
         let durable = metrics.durable_seconds.get_or_create(&PipelineLabels { pipeline: "p".into() }).clone();
@@ -509,6 +546,7 @@ mod tests {
             topic: "in".into(),
             side: SideWriter::new(log.clone()),
             broken: None,
+            breaker: Breaker::new(breaker, labels_for_breaker, &metrics_for_breaker),
         };
         let mut batch = PendingBatch::default();
         for offset in 0..n {
@@ -529,7 +567,8 @@ mod tests {
             rest = tail;
         }
         let seen = seen.lock().clone();
-        (seen, dead)
+        let at = written_at.lock().clone();
+        ((seen, dead), at)
     }
 
     fn quick() -> RetryPolicy {
@@ -568,6 +607,23 @@ mod tests {
         let (seen, dead) = flush_through(2, vec![Ok(odd)], quick()).await;
         assert_eq!(seen, vec![vec![0, 1]], "nothing left to retry");
         assert_eq!(dead.len(), 1, "{dead:?}");
+    }
+
+    #[tokio::test]
+    async fn an_open_breaker_makes_no_writes_until_its_probe() {
+        // Retries back off 1-2 ms; the breaker opens after 3 failures for 200 ms.
+        let answers = (0..4).map(|_| Err(anyhow::anyhow!("connection refused"))).collect();
+        let breaker = BreakerPolicy { consecutive_failures: 3, open_ms: 200, max_open_ms: 1000 };
+        let ((seen, dead), at) = flush_with_breaker(1, answers, quick(), breaker).await;
+        assert_eq!(seen.len(), 5, "4 failures, then the delivery");
+        assert!(dead.is_empty());
+        assert!(at[3] - at[2] >= Duration::from_millis(190), "no write while open: {:?}", at[3] - at[2]);
+        assert!(
+            at[4] - at[3] >= Duration::from_millis(390),
+            "the failed probe doubled the opening: {:?}",
+            at[4] - at[3]
+        );
+        assert!(at[2] - at[0] < Duration::from_millis(150), "before it opened, plain backoff");
     }
 
     #[test]

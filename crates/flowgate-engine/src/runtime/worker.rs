@@ -127,6 +127,7 @@ impl Worker {
             let setup = SinkSetup {
                 batch: sink_config.batch.clone(),
                 retry: sink_config.retry.clone(),
+                breaker: sink_config.breaker.clone(),
                 bit,
                 labels,
                 metrics: self.shared.metrics.clone(),
