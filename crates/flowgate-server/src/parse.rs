@@ -85,9 +85,10 @@ impl LineSplitter {
             if std::mem::take(&mut this.discarding) {
                 return; // the tail of an overlong line, already reported
             }
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            // `judge_line` ignores the one trailing `\r` that the slack for a partial line
+            // allows; stripping one here too would judge a complete line by other rules.
             match judge_line(line, this.max_line) {
-                LineVerdict::Event => on_event(line),
+                LineVerdict::Event => on_event(line.strip_suffix(b"\r").unwrap_or(line)),
                 LineVerdict::Blank => {}
                 LineVerdict::Rejected(reason) => on_reject(this.lines, reason),
             }
@@ -180,7 +181,8 @@ pub fn parse_body<'b>(body: &'b [u8], mut on_event: impl FnMut(&'b [u8])) -> Res
                 if !is_json_object(line) {
                     return Err(format!("line {} is not a JSON object", number + 1));
                 }
-                on_event(line);
+                // From its `{`, as the array form hands events out.
+                on_event(line.trim_ascii_start());
                 n += 1;
             }
             if n == 0 {
@@ -216,6 +218,21 @@ mod tests {
         assert_eq!(s.lines, 4);
         let (n, events, _) = run(&mut s, b"{\"partial\":3}", true);
         assert_eq!((n, events.len(), s.lines), (13, 1, 5));
+    }
+
+    #[test]
+    fn only_one_trailing_cr_is_ignored_so_a_cut_line_is_judged_as_the_whole_one() {
+        // Found by the ndjson_lines fuzz target: a line ending in two `\r` was an event
+        // when its newline arrived in the same read and too long when it did not.
+        let input = b"{}\r\r\n";
+        let mut whole = LineSplitter::new(2);
+        let (n, events, rejects) = run(&mut whole, input, true);
+        assert_eq!((n, events.len(), rejects), (5, 0, vec![(1, "line_too_long")]));
+        let mut cut = LineSplitter::new(2);
+        let (n, events, rejects) = run(&mut cut, &input[..4], false);
+        assert_eq!((n, events.len(), rejects), (4, 0, vec![(1, "line_too_long")]));
+        let (n, events, rejects) = run(&mut cut, &input[4..], true);
+        assert_eq!((n, events.len(), rejects.len(), cut.lines), (1, 0, 0, 1));
     }
 
     #[test]
@@ -281,6 +298,12 @@ mod tests {
         assert!(parse(b"[{\"a\":1}").is_err());
         assert!(parse(b"  ").is_err());
         assert!(parse(b"[]").is_err());
+    }
+
+    #[test]
+    fn an_ndjson_event_is_handed_out_from_its_opening_brace() {
+        // Found by the http_body fuzz target: leading blanks were part of the event.
+        assert_eq!(parse(b" \t{\"a\":1}\n  {}\r\n").unwrap(), vec![&br#"{"a":1}"#[..], b"{}"]);
     }
 
     proptest! {
