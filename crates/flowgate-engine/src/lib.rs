@@ -25,5 +25,5 @@ pub mod sink;
 
 pub use config::PipelineConfig;
 pub use metrics::PipelineMetrics;
-pub use runtime::{validate, PipelineHealth, Pipelines, WorkerState, WorkerStatus, DLQ_TOPIC};
+pub use runtime::{validate, PipelineHealth, Pipelines, SinkStatus, WorkerState, WorkerStatus, DLQ_TOPIC};
 pub use sink::{EventFailure, Sink, SinkEvent, SinkFactory, SinkPlace, WriteOutcome};

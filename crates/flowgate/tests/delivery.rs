@@ -239,6 +239,14 @@ fn a_target_that_is_down_gets_probes_not_a_storm_and_everything_is_delivered_onc
     poll_until("the breaker to open", Duration::from_secs(10), || {
         engine.metric("flowgate_sink_breaker_state{pipeline=\"p\",sink=\"api\"}") == 2.0
     });
+    // `/v1/stats` shows what the sink is doing while the target is down.
+    let (_, stats) = engine.http("GET", "/v1/stats", b"");
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    let sink = &stats["pipeline_sinks"][0];
+    assert_eq!((sink["pipeline"].as_str(), sink["sink"].as_str()), (Some("p"), Some("api")), "{stats}");
+    assert_ne!(sink["breaker"], "closed", "{sink}");
+    assert!(sink["retrying_events"].as_u64().unwrap() > 0, "{sink}");
+    assert!(sink["last_error"].as_str().unwrap().contains("503"), "{sink}");
     poll_until("everything to be delivered once the target is back", Duration::from_secs(30), || {
         target.delivered.lock().unwrap().len() >= 100
     });

@@ -51,6 +51,8 @@ pub(super) struct Breaker {
     open_until: Instant,
     /// How long the next opening lasts.
     open_for: Duration,
+    /// When the current state was entered (ms since the epoch).
+    since_ms: i64,
     labels: SinkLabels,
     gauge: Gauge,
     transitions: Family<BreakerLabels, prometheus_client::metrics::counter::Counter>,
@@ -67,6 +69,7 @@ impl Breaker {
             failures_in_a_row: 0,
             open_until: Instant::now(),
             open_for,
+            since_ms: flowgate_core::time::now_ms(),
             labels,
             gauge,
             transitions: metrics.sink_breaker_transitions.clone(),
@@ -77,12 +80,18 @@ impl Breaker {
         self.state
     }
 
+    /// The state's name and when it was entered (ms since the epoch).
+    pub(super) fn shown(&self) -> (&'static str, i64) {
+        (self.state.as_str(), self.since_ms)
+    }
+
     fn move_to(&mut self, to: State, why: &str) {
         if self.state == to {
             return;
         }
         let from = self.state;
         self.state = to;
+        self.since_ms = flowgate_core::time::now_ms();
         self.gauge.set(to.gauge_value());
         let labels = BreakerLabels {
             pipeline: self.labels.pipeline.clone(),

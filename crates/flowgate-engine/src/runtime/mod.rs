@@ -22,6 +22,7 @@ mod processor_states;
 mod quarantine;
 mod side_outputs;
 mod sink_driver;
+mod sink_status;
 mod supervisor;
 mod worker;
 
@@ -36,6 +37,7 @@ use crate::config::PipelineConfig;
 use crate::metrics::{PipelineMetrics, SourceLabels};
 use crate::processors;
 use crate::sink::SinkFactory;
+pub use sink_status::{SinkStatus, SinkStatuses};
 use supervisor::{supervise, WorkerHealth};
 pub use supervisor::{PipelineHealth, WorkerState, WorkerStatus};
 
@@ -162,6 +164,8 @@ pub(crate) struct Shared {
     pub(crate) factory: Arc<dyn SinkFactory>,
     /// Names of every configured pipeline (to tell a renamed one from a new one).
     pub(crate) pipeline_names: Vec<String>,
+    /// What every sink task is doing.
+    pub(crate) sink_statuses: SinkStatuses,
 }
 
 impl Pipelines {
@@ -175,7 +179,9 @@ impl Pipelines {
     ) -> anyhow::Result<Pipelines> {
         validate(&configs, factory.as_ref())?;
         let pipeline_names = configs.iter().map(|c| c.name.clone()).collect();
-        let shared = Arc::new(Shared { log, data_dir, metrics, factory, pipeline_names });
+        let sink_statuses = SinkStatuses::default();
+        let shared =
+            Arc::new(Shared { log, data_dir, metrics, factory, pipeline_names, sink_statuses: sink_statuses.clone() });
         let cancel = CancellationToken::new();
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -231,7 +237,12 @@ impl Pipelines {
                 }
             }
         });
-        Ok(Pipelines { cancel, supervisors, health: PipelineHealth::new(healths), runtime: Some(runtime) })
+        Ok(Pipelines {
+            cancel,
+            supervisors,
+            health: PipelineHealth::new(healths, sink_statuses),
+            runtime: Some(runtime),
+        })
     }
 
     /// The health of every worker (for readiness and stats); stays valid after shutdown.

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use super::breaker::{Breaker, State as BreakerState};
 use super::dead_letters::{Category, Entry, FailedAt, SideWriter};
 use super::fan_out::SinkMsg;
+use super::sink_status::{SinkStatus, SinkStatuses};
 use crate::config::{BatchPolicy, BreakerPolicy, RetryPolicy};
 use crate::event::ALL_SINKS;
 use crate::metrics::{FlushLabels, PipelineLabels, PipelineMetrics, SinkLabels};
@@ -138,6 +139,9 @@ struct SinkTask {
     /// so that the worker restarts from its last checkpoint and they are written again).
     broken: Option<String>,
     breaker: Breaker,
+    /// What `/v1/stats` shows of this task.
+    status: SinkStatus,
+    statuses: SinkStatuses,
 }
 
 /// Bound of [`SinkTask::uncommitted`]: 8 MiB of timestamps between two commits.
@@ -257,6 +261,8 @@ impl SinkTask {
                 }
                 break took;
             }
+            let shown_error = if whole { last_error.clone() } else { failed[0].reason.clone() };
+            self.show(if whole { current.len() } else { failed.len() }, Some(shown_error));
             if !whole {
                 tracing::warn!(pipeline = %self.labels.pipeline, sink = %self.labels.sink, events = failed.len(),
                     error = %failed[0].reason, attempt = attempts, "the sink did not deliver some events; retrying them");
@@ -270,6 +276,10 @@ impl SinkTask {
         };
         if !undelivered.is_empty() {
             self.dead_letter(&undelivered, attempts, first_failure.unwrap_or_else(flowgate_core::time::now_ms));
+        }
+        if attempts > 1 || !undelivered.is_empty() || self.status.retrying_events > 0 {
+            let error = undelivered.first().map(|u| u.error.clone());
+            self.show(0, error);
         }
         let now = flowgate_core::time::now_ms();
         let room = MAX_UNCOMMITTED_SAMPLES.saturating_sub(self.uncommitted.len());
@@ -290,6 +300,17 @@ impl SinkTask {
         self.metrics.sink_flushes.get_or_create(&flush_labels).inc();
         batch.clear();
         Some(took)
+    }
+
+    /// Publishes the task's status (once per write that left events undelivered, and
+    /// once when it is resolved).
+    fn show(&mut self, retrying_events: usize, last_error: Option<String>) {
+        let (breaker, since) = self.breaker.shown();
+        self.status.breaker = breaker;
+        self.status.breaker_since_ms = since;
+        self.status.retrying_events = retrying_events;
+        self.status.last_error = last_error;
+        self.statuses.set(&self.status);
     }
 
     /// Appends the undelivered events to the dead-letter topic; a failure is kept for
@@ -359,6 +380,9 @@ impl SinkTask {
 /// What a sink task needs besides its sink: where its events come from and where its
 /// dead letters go.
 pub(super) struct SinkSetup {
+    pub(super) statuses: SinkStatuses,
+    /// The source partition.
+    pub(super) partition: u32,
     pub(super) batch: BatchPolicy,
     pub(super) retry: RetryPolicy,
     pub(super) breaker: BreakerPolicy,
@@ -372,8 +396,20 @@ pub(super) struct SinkSetup {
 }
 
 pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg>, setup: SinkSetup) {
-    let SinkSetup { batch: policy, retry, breaker, bit, labels, metrics, topic, side } = setup;
+    let SinkSetup { statuses, partition, batch: policy, retry, breaker, bit, labels, metrics, topic, side } = setup;
     let breaker = Breaker::new(breaker, labels.clone(), &metrics);
+    let (state, since) = breaker.shown();
+    let status = SinkStatus {
+        pipeline: labels.pipeline.clone(),
+        sink: labels.sink.clone(),
+        topic: topic.clone(),
+        partition,
+        breaker: state,
+        breaker_since_ms: since,
+        batch_target: policy.max_events,
+        retrying_events: 0,
+        last_error: None,
+    };
     let events = metrics.sink_events.get_or_create(&labels).clone();
     let end_to_end =
         metrics.end_to_end_seconds.get_or_create(&PipelineLabels { pipeline: labels.pipeline.clone() }).clone();
@@ -391,6 +427,8 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
         side,
         broken: None,
         breaker,
+        status,
+        statuses,
     };
     let target_gauge = task.metrics.sink_batch_target.get_or_create(&task.labels).clone();
     let mut target = if policy.adaptive {
@@ -399,6 +437,8 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
         policy.max_events
     };
     target_gauge.set(i64::try_from(target).unwrap_or(i64::MAX));
+    task.status.batch_target = target;
+    task.statuses.set(&task.status);
     let max_wait = Duration::from_millis(policy.max_wait_ms.max(1));
     let mut buffer = PendingBatch::default();
     let mut oldest: Option<Instant> = None;
@@ -434,6 +474,7 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
                     if let (true, Some(took)) = (policy.adaptive, took) {
                         target = adapt(target, took, &policy);
                         target_gauge.set(i64::try_from(target).unwrap_or(i64::MAX));
+                        task.status.batch_target = target;
                     }
                 }
             }
@@ -531,6 +572,7 @@ mod tests {
         let metrics = Arc::new(PipelineMetrics::new());
         let labels = SinkLabels { pipeline: "p".into(), sink: "out".into() };
         let (labels_for_breaker, metrics_for_breaker) = (labels.clone(), metrics.clone());
+        let statuses = SinkStatuses::default();
         let events = metrics.sink_events.get_or_create(&labels).clone();
         let end_to_end = metrics.end_to_end_seconds.get_or_create(&PipelineLabels { pipeline: "p".into() }).clone();
         let durable = metrics.durable_seconds.get_or_create(&PipelineLabels { pipeline: "p".into() }).clone();
@@ -547,6 +589,18 @@ mod tests {
             side: SideWriter::new(log.clone()),
             broken: None,
             breaker: Breaker::new(breaker, labels_for_breaker, &metrics_for_breaker),
+            status: SinkStatus {
+                pipeline: "p".into(),
+                sink: "out".into(),
+                topic: "in".into(),
+                partition: 0,
+                breaker: "closed",
+                breaker_since_ms: 0,
+                batch_target: 1,
+                retrying_events: 0,
+                last_error: None,
+            },
+            statuses: statuses.clone(),
         };
         let mut batch = PendingBatch::default();
         for offset in 0..n {

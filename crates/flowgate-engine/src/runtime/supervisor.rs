@@ -14,6 +14,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::quarantine::{InFlight, Learned, Quarantine};
+use super::sink_status::{SinkStatus, SinkStatuses};
 use super::worker::Worker;
 use super::Shared;
 use crate::config::PipelineConfig;
@@ -110,11 +111,17 @@ impl WorkerHealth {
 #[derive(Clone, Debug, Default)]
 pub struct PipelineHealth {
     workers: Arc<Vec<Arc<WorkerHealth>>>,
+    sinks: SinkStatuses,
 }
 
 impl PipelineHealth {
-    pub(super) fn new(workers: Vec<Arc<WorkerHealth>>) -> PipelineHealth {
-        PipelineHealth { workers: Arc::new(workers) }
+    pub(super) fn new(workers: Vec<Arc<WorkerHealth>>, sinks: SinkStatuses) -> PipelineHealth {
+        PipelineHealth { workers: Arc::new(workers), sinks }
+    }
+
+    /// Every sink instance's status (breaker, batch target, retries).
+    pub fn sinks(&self) -> Vec<SinkStatus> {
+        self.sinks.all()
     }
 
     /// Every worker's status, in configuration order.

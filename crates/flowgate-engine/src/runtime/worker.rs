@@ -125,6 +125,8 @@ impl Worker {
             // `validate` allows at most 64 sinks, so every sink has a mask bit.
             let bit = u32::try_from(i).ok().and_then(|i| 1u64.checked_shl(i)).unwrap_or(0);
             let setup = SinkSetup {
+                statuses: self.shared.sink_statuses.clone(),
+                partition: self.partition.id(),
                 batch: sink_config.batch.clone(),
                 retry: sink_config.retry.clone(),
                 breaker: sink_config.breaker.clone(),

@@ -265,6 +265,7 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
     let topics = shared.ingest.log().topic_infos();
     let reasons = shared.not_ready_reasons();
     let workers = shared.pipelines.get().map(|h| h.workers()).unwrap_or_default();
+    let sinks = shared.pipelines.get().map(|h| h.sinks()).unwrap_or_default();
     Json(json!({
         "uptime_secs": shared.started.elapsed().as_secs(),
         "ready": reasons.is_empty(),
@@ -273,6 +274,7 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
         "topics": topics,
         "retention": {"unread_deleted_events": shared.ingest.log().unread_deleted_events()},
         "pipeline_workers": workers,
+        "pipeline_sinks": sinks,
     }))
     .into_response()
 }
