@@ -98,8 +98,8 @@ pub struct PipelineMetrics {
     pub sink_errors: Family<SinkLabels, Counter>,
     /// Events a sink sent to the dead-letter topic (refused, or out of retries).
     pub sink_dead_letters: Family<SinkLabels, Counter>,
-    /// The sink's circuit breaker: 0 closed, 1 half-open, 2 open.
-    pub sink_breaker_state: Family<SinkLabels, Gauge>,
+    /// Open circuit breakers of a sink's instances (one per source partition).
+    pub sink_breakers_open: Family<SinkLabels, Gauge>,
     /// Circuit-breaker transitions, by the state entered.
     pub sink_breaker_transitions: Family<BreakerLabels, Counter>,
     /// Flushes by reason.
@@ -154,7 +154,7 @@ impl PipelineMetrics {
             sink_events: Family::default(),
             sink_errors: Family::default(),
             sink_dead_letters: Family::default(),
-            sink_breaker_state: Family::default(),
+            sink_breakers_open: Family::default(),
             sink_breaker_transitions: Family::default(),
             sink_flushes: Family::default(),
             sink_batch_events: Family::new_with_constructor(batch_histogram as fn() -> Histogram),
@@ -208,9 +208,9 @@ impl PipelineMetrics {
         registry.register("flowgate_sink_events", "Events written by a sink", m.sink_events.clone());
         registry.register("flowgate_sink_errors", "Sink writes that left events undelivered", m.sink_errors.clone());
         registry.register(
-            "flowgate_sink_breaker_state",
-            "A sink's circuit breaker: 0 closed, 1 half-open, 2 open",
-            m.sink_breaker_state.clone(),
+            "flowgate_sink_breakers_open",
+            "Open circuit breakers of a sink's instances (one per source partition)",
+            m.sink_breakers_open.clone(),
         );
         registry.register(
             "flowgate_sink_breaker_transitions",

@@ -211,11 +211,13 @@ fn events_a_target_keeps_failing_go_to_the_dead_letters_once_retries_run_out() {
 
 #[test]
 fn a_target_that_is_down_gets_probes_not_a_storm_and_everything_is_delivered_once_it_is_back() {
-    let down_until = std::time::Instant::now() + Duration::from_secs(3);
+    // Down for 3 s from the first request it gets.
+    let first_request = Arc::new(std::sync::OnceLock::new());
     let refused = Arc::new(AtomicU64::new(0));
     let counted = refused.clone();
     let decide: Arc<Decide> = Arc::new(move |_, _: &[u64]| {
-        if std::time::Instant::now() < down_until {
+        let since = *first_request.get_or_init(std::time::Instant::now);
+        if since.elapsed() < Duration::from_secs(3) {
             counted.fetch_add(1, Ordering::SeqCst);
             (503, "{}".to_owned())
         } else {
@@ -237,7 +239,7 @@ fn a_target_that_is_down_gets_probes_not_a_storm_and_everything_is_delivered_onc
         assert_eq!(status, 200, "{body}");
     }
     poll_until("the breaker to open", Duration::from_secs(10), || {
-        engine.metric("flowgate_sink_breaker_state{pipeline=\"p\",sink=\"api\"}") == 2.0
+        engine.metric("flowgate_sink_breakers_open{pipeline=\"p\",sink=\"api\"}") == 1.0
     });
     // `/v1/stats` shows what the sink is doing while the target is down.
     let (_, stats) = engine.http("GET", "/v1/stats", b"");
@@ -256,7 +258,7 @@ fn a_target_that_is_down_gets_probes_not_a_storm_and_everything_is_delivered_onc
     let failed_requests = refused.load(Ordering::SeqCst);
     assert!((3..=10).contains(&failed_requests), "{failed_requests} requests while the target was down");
     assert!(engine.metric("flowgate_sink_breaker_transitions_total{pipeline=\"p\",sink=\"api\",to=\"open\"}") >= 1.0);
-    assert_eq!(engine.metric("flowgate_sink_breaker_state{pipeline=\"p\",sink=\"api\"}"), 0.0, "closed again");
+    assert_eq!(engine.metric("flowgate_sink_breakers_open{pipeline=\"p\",sink=\"api\"}"), 0.0, "closed again");
     assert!(topic_is_empty_or_missing(&engine, "_dlq"), "nothing was dead-lettered");
 }
 

@@ -194,6 +194,8 @@ fn bad_pipeline_configs_are_refused_with_the_place_named() {
         ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.processors]]\ntype = \"route\"\nroutes = [{ condition = \"true\", sinks = [\"nowhere\"] }]\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"stdout\"\n", "nowhere"),
         ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"file\"\npaht = \"x\"\n", "paht"),
         ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n", "sinks"),
+        ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"stdout\"\nbreaker = { open_ms = 0 }\n", "breaker.open_ms"),
+        ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"stdout\"\nretry = { initial_backoff_ms = 10000, max_backoff_ms = 10 }\n", "retry.initial_backoff_ms"),
         ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.processors]]\nname = \"filter-1\"\ntype = \"filter\"\ncondition = \"true\"\n[[pipelines.processors]]\ntype = \"filter\"\ncondition = \"true\"\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"stdout\"\n", "processor id 'filter-1' is used twice"),
         ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.processors]]\nname = \"a b\"\ntype = \"filter\"\ncondition = \"true\"\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"stdout\"\n", "processor 1 name 'a b'"),
         ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.processors]]\nname = \"keep\"\ntype = \"filter\"\nconditoin = \"true\"\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"stdout\"\n", "processor 'keep'"),

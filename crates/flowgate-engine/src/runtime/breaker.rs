@@ -4,9 +4,10 @@
 //! delivered nothing, it opens: no writes at all for `open_ms` (the sink's queue fills,
 //! its pipeline stops reading, and the log holds the backlog). Then it is half-open: one
 //! write probes the target; if it delivers anything the breaker closes, else it opens
-//! again for twice as long, up to `max_open_ms`. Every transition is logged and counted
-//! (`flowgate_sink_breaker_transitions_total{to}`), and the state is a gauge
-//! (`flowgate_sink_breaker_state`: 0 closed, 1 half-open, 2 open).
+//! again for twice as long, up to `max_open_ms`, and never shorter than a target's
+//! Retry-After. Every transition is logged and counted
+//! (`flowgate_sink_breaker_transitions_total{to}`); `flowgate_sink_breakers_open` counts
+//! the open breakers of a sink's instances (one per source partition).
 
 use std::time::{Duration, Instant};
 
@@ -32,14 +33,6 @@ impl State {
             State::Open => "open",
         }
     }
-
-    fn gauge_value(self) -> i64 {
-        match self {
-            State::Closed => 0,
-            State::HalfOpen => 1,
-            State::Open => 2,
-        }
-    }
 }
 
 /// One sink's breaker.
@@ -60,8 +53,7 @@ pub(super) struct Breaker {
 
 impl Breaker {
     pub(super) fn new(policy: BreakerPolicy, labels: SinkLabels, metrics: &PipelineMetrics) -> Breaker {
-        let gauge = metrics.sink_breaker_state.get_or_create(&labels).clone();
-        gauge.set(State::Closed.gauge_value());
+        let gauge = metrics.sink_breakers_open.get_or_create(&labels).clone();
         let open_for = Duration::from_millis(policy.open_ms.max(1));
         Breaker {
             policy,
@@ -92,7 +84,13 @@ impl Breaker {
         let from = self.state;
         self.state = to;
         self.since_ms = flowgate_core::time::now_ms();
-        self.gauge.set(to.gauge_value());
+        // One gauge counts the open breakers of a sink's instances (one per source
+        // partition).
+        if to == State::Open {
+            self.gauge.inc();
+        } else if from == State::Open {
+            self.gauge.dec();
+        }
         let labels = BreakerLabels {
             pipeline: self.labels.pipeline.clone(),
             sink: self.labels.sink.clone(),
@@ -116,6 +114,13 @@ impl Breaker {
         if self.state == State::Open {
             tokio::time::sleep_until(self.open_until.into()).await;
             self.move_to(State::HalfOpen, "probe");
+        }
+    }
+
+    /// The target asked to be left alone for `hint`: an opening lasts at least that long.
+    pub(super) fn hold_for(&mut self, hint: Duration) {
+        if self.state == State::Open {
+            self.open_until = self.open_until.max(Instant::now() + hint);
         }
     }
 
@@ -144,6 +149,14 @@ impl Breaker {
             }
             self.open_until = Instant::now() + self.open_for;
             self.move_to(State::Open, why);
+        }
+    }
+}
+
+impl Drop for Breaker {
+    fn drop(&mut self) {
+        if self.state == State::Open {
+            self.gauge.dec();
         }
     }
 }
@@ -194,7 +207,17 @@ mod tests {
             (transitions(&metrics, "open"), transitions(&metrics, "half_open"), transitions(&metrics, "closed")),
             (3, 3, 1)
         );
-        assert_eq!(metrics.sink_breaker_state.get_or_create(&b.labels).get(), 0);
+        assert_eq!(metrics.sink_breakers_open.get_or_create(&b.labels).get(), 0);
+        b.failed("503");
+        b.failed("503");
+        b.failed("503");
+        assert_eq!(metrics.sink_breakers_open.get_or_create(&b.labels).get(), 1);
+        drop(b);
+        assert_eq!(
+            metrics.sink_breakers_open.get_or_create(&SinkLabels { pipeline: "p".into(), sink: "s".into() }).get(),
+            0,
+            "a breaker that goes away is not counted open"
+        );
     }
 
     #[tokio::test]

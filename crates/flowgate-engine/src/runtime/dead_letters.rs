@@ -178,8 +178,16 @@ impl SideWriter {
         let (partition, end) = written.map_err(|e| {
             anyhow::anyhow!("cannot write to side topic '{topic}': {e:#}; the worker restarts from its last checkpoint")
         })?;
-        self.pending.push((partition, end));
+        self.remember(partition, end);
         Ok(())
+    }
+
+    /// Notes that `partition` must be durable up to `end`: one entry per partition.
+    fn remember(&mut self, partition: Arc<Partition>, end: u64) {
+        match self.pending.iter_mut().find(|(p, _)| Arc::ptr_eq(p, &partition)) {
+            Some(entry) => entry.1 = entry.1.max(end),
+            None => self.pending.push((partition, end)),
+        }
     }
 
     /// Appends dead-letter entries as one batch.
@@ -189,7 +197,9 @@ impl SideWriter {
     ) -> anyhow::Result<()> {
         let mut b = BatchBuilder::new();
         for (entry, key) in entries {
-            b.push(entry.timestamp, key, None, std::iter::empty(), &entry.encode());
+            // Stamped with when it failed, not the event's own time: `flowgate dlq
+            // --since` finds entries by when they were written.
+            b.push(entry.last_failure_ms, key, None, std::iter::empty(), &entry.encode());
         }
         self.append(DLQ_TOPIC, &mut b)
     }
@@ -200,7 +210,7 @@ impl SideWriter {
     pub(super) fn cover(&mut self, topic: &str) {
         if let Some(t) = self.log.topic(topic) {
             for p in t.partitions() {
-                self.pending.push((p.clone(), p.end_offset()));
+                self.remember(p.clone(), p.end_offset());
             }
         }
     }

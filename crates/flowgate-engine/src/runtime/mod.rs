@@ -94,6 +94,7 @@ pub fn validate(pipelines: &[PipelineConfig], sinks: &dyn SinkFactory) -> anyhow
                     "`batch.max_wait_ms` and `batch.target_latency_ms` must be at most {MAX_INTERVAL_MS}"
                 )));
             }
+            validate_delivery(s).map_err(at_sink)?;
             sinks.validate(s).map_err(at_sink)?;
             if let Some(claim) = sinks.output_claim(s) {
                 if let Some(owner) = claims.insert(claim.clone(), format!("pipeline '{}' sink '{}'", p.name, s.name)) {
@@ -125,6 +126,30 @@ pub fn validate(pipelines: &[PipelineConfig], sinks: &dyn SinkFactory) -> anyhow
         }
         processors::build_pipeline(p).map_err(at)?;
     }
+    Ok(())
+}
+
+/// Checks a sink's `retry` and `breaker`: every duration at least 1 ms and at most a day
+/// (`max_elapsed_ms` at most 30 days), and each bound at least its start.
+fn validate_delivery(s: &crate::config::SinkConfig) -> anyhow::Result<()> {
+    let (r, b) = (&s.retry, &s.breaker);
+    for (key, ms) in [
+        ("retry.initial_backoff_ms", r.initial_backoff_ms),
+        ("retry.max_backoff_ms", r.max_backoff_ms),
+        ("breaker.open_ms", b.open_ms),
+        ("breaker.max_open_ms", b.max_open_ms),
+    ] {
+        anyhow::ensure!((1..=MAX_INTERVAL_MS).contains(&ms), "`{key}` must be from 1 to {MAX_INTERVAL_MS} (one day)");
+    }
+    anyhow::ensure!(
+        r.max_elapsed_ms <= 30 * MAX_INTERVAL_MS,
+        "`retry.max_elapsed_ms` must be at most 30 days (0: no limit)"
+    );
+    anyhow::ensure!(
+        r.initial_backoff_ms <= r.max_backoff_ms,
+        "`retry.initial_backoff_ms` exceeds `retry.max_backoff_ms`"
+    );
+    anyhow::ensure!(b.open_ms <= b.max_open_ms, "`breaker.open_ms` exceeds `breaker.max_open_ms`");
     Ok(())
 }
 

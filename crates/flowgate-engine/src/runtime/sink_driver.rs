@@ -164,6 +164,8 @@ struct Undelivered {
     category: Category,
     error: String,
     code: Option<String>,
+    /// Attempts made when it was given up.
+    attempts: u32,
 }
 
 impl SinkTask {
@@ -180,25 +182,34 @@ impl SinkTask {
         let mut retrying: Option<Vec<SinkEvent>> = None;
         let mut undelivered: Vec<Undelivered> = Vec::new();
         let mut attempts = 0u32;
-        let mut first_failure: Option<i64> = None;
+        let mut first_failure: Option<(Instant, i64)> = None;
         let mut last_error = String::new();
         let took = loop {
             let current: &[SinkEvent] = retrying.as_deref().unwrap_or(events);
             self.breaker.admit().await;
+            self.show_breaker();
             attempts = attempts.saturating_add(1);
             let started = Instant::now();
             let result = self.sink.write(current).await;
             let took = started.elapsed();
-            // The retryable failures; `None` when the write failed as a whole.
+            // The retryable failures, in batch order; `None` when the write failed as a whole.
             let (failed, retry_after): (Option<Vec<EventFailure>>, Option<Duration>) = match result {
-                Ok(outcome) => {
-                    let mut again = Vec::new();
-                    let mut seen = vec![false; current.len()];
+                Ok(outcome) if outcome.failures.is_empty() => (Some(Vec::new()), None),
+                Ok(mut outcome) => {
+                    self.metrics.sink_errors.get_or_create(&self.labels).inc();
+                    // Batch order, so that a retry keeps the order of a key's events.
+                    outcome.failures.sort_by_key(|f| f.index);
+                    let mut again: Vec<EventFailure> = Vec::new();
+                    let mut last_index = None;
                     for f in outcome.failures {
                         // A sink naming an event twice or out of range is not trusted
                         // beyond the events it names once.
-                        let Some(slot) = seen.get_mut(f.index).filter(|s| !**s) else { continue };
-                        *slot = true;
+                        if f.index >= current.len() || last_index == Some(f.index) {
+                            tracing::warn!(pipeline = %self.labels.pipeline, sink = %self.labels.sink, index = f.index,
+                                "the sink named an event twice or one outside the batch; ignored");
+                            continue;
+                        }
+                        last_index = Some(f.index);
                         if f.retryable {
                             again.push(f);
                         } else {
@@ -207,12 +218,14 @@ impl SinkTask {
                                 category: Category::Rejected,
                                 error: f.reason,
                                 code: f.code,
+                                attempts,
                             });
                         }
                     }
                     (Some(again), outcome.retry_after)
                 }
                 Err(e) => {
+                    self.metrics.sink_errors.get_or_create(&self.labels).inc();
                     last_error = format!("{e:#}");
                     tracing::warn!(pipeline = %self.labels.pipeline, sink = %self.labels.sink, error = %last_error,
                         attempt = attempts, "sink write failed; retrying");
@@ -220,9 +233,9 @@ impl SinkTask {
                 }
             };
             let whole = failed.is_none();
-            // The target took something unless the whole write failed or every event of
-            // it came back retryable.
-            let took_some = failed.as_ref().is_some_and(|f| f.len() < current.len());
+            // The target answered for some events unless the whole write failed or every
+            // event of it came back retryable.
+            let answered = failed.as_ref().is_some_and(|f| f.len() < current.len());
             let failed = match failed {
                 Some(f) if f.is_empty() => {
                     self.breaker.delivered();
@@ -231,34 +244,28 @@ impl SinkTask {
                 Some(f) => f,
                 None => Vec::new(),
             };
-            if took_some {
+            if answered {
                 self.breaker.delivered();
             } else {
                 let why = if whole { last_error.as_str() } else { failed[0].reason.as_str() };
                 self.breaker.failed(why);
             }
-            self.metrics.sink_errors.get_or_create(&self.labels).inc();
-            let now = flowgate_core::time::now_ms();
-            let first = *first_failure.get_or_insert(now);
-            let exhausted = (self.retry.max_attempts > 0 && attempts >= self.retry.max_attempts)
-                || (self.retry.max_elapsed_ms > 0
-                    && u64::try_from(now.saturating_sub(first)).unwrap_or(0) >= self.retry.max_elapsed_ms);
+            let first = *first_failure.get_or_insert((Instant::now(), flowgate_core::time::now_ms()));
+            // A write that failed as a whole is retried until it succeeds, whatever the
+            // bounds: the sink may have stored part of it, which only its own resume of
+            // the same batch can tell, so none of it may go to the dead letters.
+            let exhausted = !whole
+                && ((self.retry.max_attempts > 0 && attempts >= self.retry.max_attempts)
+                    || (self.retry.max_elapsed_ms > 0
+                        && first.0.elapsed() >= Duration::from_millis(self.retry.max_elapsed_ms)));
             if exhausted {
-                if whole {
-                    undelivered.extend(current.iter().map(|e| Undelivered {
-                        event: e.clone(),
-                        category: Category::RetriesExhausted,
-                        error: last_error.clone(),
-                        code: None,
-                    }));
-                } else {
-                    undelivered.extend(failed.into_iter().map(|f| Undelivered {
-                        event: current[f.index].clone(),
-                        category: Category::RetriesExhausted,
-                        error: f.reason,
-                        code: f.code,
-                    }));
-                }
+                undelivered.extend(failed.into_iter().map(|f| Undelivered {
+                    event: current[f.index].clone(),
+                    category: Category::RetriesExhausted,
+                    error: f.reason,
+                    code: f.code,
+                    attempts,
+                }));
                 break took;
             }
             let shown_error = if whole { last_error.clone() } else { failed[0].reason.clone() };
@@ -268,14 +275,18 @@ impl SinkTask {
                     error = %failed[0].reason, attempt = attempts, "the sink did not deliver some events; retrying them");
                 retrying = Some(failed.iter().map(|f| current[f.index].clone()).collect());
             }
+            // A target's hint is honoured up to the largest backoff step, so that no
+            // answer can park a sink (and its checkpoints) for long.
+            let hint = retry_after.unwrap_or_default().min(Duration::from_millis(self.retry.max_backoff_ms.max(1)));
+            self.breaker.hold_for(hint);
             // An open breaker makes the next attempt wait for its probe instead.
             if self.breaker.state() != BreakerState::Open {
-                let wait = backoff(&self.retry, attempts).max(retry_after.unwrap_or_default());
-                tokio::time::sleep(wait).await;
+                tokio::time::sleep(backoff(&self.retry, attempts).max(hint)).await;
             }
         };
         if !undelivered.is_empty() {
-            self.dead_letter(&undelivered, attempts, first_failure.unwrap_or_else(flowgate_core::time::now_ms));
+            let first_ms = first_failure.map_or_else(flowgate_core::time::now_ms, |f| f.1);
+            self.dead_letter(&undelivered, first_ms);
         }
         if attempts > 1 || !undelivered.is_empty() || self.status.retrying_events > 0 {
             let error = undelivered.first().map(|u| u.error.clone());
@@ -302,6 +313,14 @@ impl SinkTask {
         Some(took)
     }
 
+    /// Publishes the breaker's state if it changed.
+    fn show_breaker(&mut self) {
+        if self.breaker.shown().0 != self.status.breaker {
+            let (retrying, error) = (self.status.retrying_events, self.status.last_error.take());
+            self.show(retrying, error);
+        }
+    }
+
     /// Publishes the task's status (once per write that left events undelivered, and
     /// once when it is resolved).
     fn show(&mut self, retrying_events: usize, last_error: Option<String>) {
@@ -315,7 +334,7 @@ impl SinkTask {
 
     /// Appends the undelivered events to the dead-letter topic; a failure is kept for
     /// the next commit to report.
-    fn dead_letter(&mut self, undelivered: &[Undelivered], attempts: u32, first_failure_ms: i64) {
+    fn dead_letter(&mut self, undelivered: &[Undelivered], first_failure_ms: i64) {
         let now = flowgate_core::time::now_ms();
         let (pipeline, sink, topic) = (&self.labels.pipeline, &self.labels.sink, &self.topic);
         for u in undelivered.iter().take(1) {
@@ -329,7 +348,7 @@ impl SinkTask {
                 category: u.category,
                 error: &u.error,
                 code: u.code.as_deref(),
-                attempts: if u.category == Category::Rejected { 1 } else { attempts },
+                attempts: u.attempts,
                 first_failure_ms,
                 last_failure_ms: now,
                 topic,
@@ -449,6 +468,9 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
                 _ = tokio::time::sleep_until((o + max_wait).into()) => {
                     task.flush(&mut buffer, Reason::Time).await;
                     oldest = None;
+                    if task.broken.is_some() {
+                        return;
+                    }
                     continue;
                 }
             },
@@ -471,10 +493,19 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
                     };
                     let took = task.flush(&mut buffer, reason).await;
                     oldest = None;
+                    if task.broken.is_some() {
+                        // Dead letters could not be written: stop, so that the worker
+                        // restarts from its last checkpoint now rather than at its next
+                        // commit, and nothing more is written meanwhile.
+                        return;
+                    }
                     if let (true, Some(took)) = (policy.adaptive, took) {
                         target = adapt(target, took, &policy);
                         target_gauge.set(i64::try_from(target).unwrap_or(i64::MAX));
-                        task.status.batch_target = target;
+                        if task.status.batch_target != target {
+                            task.status.batch_target = target;
+                            task.statuses.set(&task.status);
+                        }
                     }
                 }
             }
@@ -642,14 +673,45 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_whole_batch_failure_is_retried_whole_until_the_attempts_run_out() {
+    async fn a_whole_batch_failure_is_retried_whole_whatever_the_bounds() {
+        // The sink may have stored part of the batch: none of it may be dead-lettered.
         let retry = RetryPolicy { max_attempts: 3, ..quick() };
         let answers = (0..5).map(|_| Err(anyhow::anyhow!("connection refused"))).collect();
         let (seen, dead) = flush_through(2, answers, retry).await;
-        assert_eq!(seen, vec![vec![0, 1]; 3], "the same batch, three attempts");
-        assert_eq!(dead.len(), 2);
-        assert!(dead.iter().all(|d| d["category"] == "retries_exhausted" && d["attempts"] == 3), "{dead:?}");
-        assert!(dead[0]["error"].as_str().unwrap().contains("connection refused"), "{dead:?}");
+        assert_eq!(seen, vec![vec![0, 1]; 6], "the same batch until it went through");
+        assert!(dead.is_empty(), "{dead:?}");
+    }
+
+    #[tokio::test]
+    async fn events_the_sink_keeps_failing_are_dead_lettered_once_the_attempts_run_out() {
+        let retry = RetryPolicy { max_attempts: 3, ..quick() };
+        let busy = |index| Ok(WriteOutcome { failures: vec![failure(index, true, "503")], retry_after: None });
+        let (seen, dead) = flush_through(3, vec![busy(1), busy(0), busy(0), busy(0)], retry).await;
+        assert_eq!(seen, vec![vec![0, 1, 2], vec![1], vec![1]], "three attempts of event 1");
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!((dead[0]["category"].as_str(), dead[0]["attempts"].as_u64()), (Some("retries_exhausted"), Some(3)));
+        assert_eq!(dead[0]["code"], "503");
+    }
+
+    #[tokio::test]
+    async fn a_retry_keeps_batch_order_whatever_order_the_sink_names_events_in() {
+        let out_of_order =
+            WriteOutcome { failures: vec![failure(3, true, "503"), failure(1, true, "503")], retry_after: None };
+        let (seen, _) = flush_through(4, vec![Ok(out_of_order)], quick()).await;
+        assert_eq!(seen, vec![vec![0, 1, 2, 3], vec![1, 3]]);
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_hint_is_honoured_up_to_the_largest_backoff_step() {
+        let retry = RetryPolicy { initial_backoff_ms: 1, max_backoff_ms: 300, ..RetryPolicy::default() };
+        let hinted =
+            WriteOutcome { failures: vec![failure(0, true, "429")], retry_after: Some(Duration::from_secs(86_400)) };
+        let breaker = BreakerPolicy { consecutive_failures: 0, ..BreakerPolicy::default() };
+        let started = Instant::now();
+        let ((seen, _), at) = flush_with_breaker(1, vec![Ok(hinted)], retry, breaker).await;
+        assert_eq!(seen.len(), 2);
+        assert!(at[1] - at[0] >= Duration::from_millis(290), "the hint was honoured");
+        assert!(started.elapsed() < Duration::from_secs(5), "but not for a day");
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 //! `flowgate dlq`: the dead-letter topic `_dlq`, read through the binary protocol.
 //!
 //! Entries are read partition by partition, oldest first; `--since` starts each
-//! partition at the first entry written at or after that time (the log's time index).
+//! partition at the first entry written at or after that time (entries are stamped with
+//! when they failed, and the log's time index finds them).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -126,6 +127,9 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
                 let stdout = std::io::stdout();
                 let mut out = std::io::BufWriter::new(stdout.lock());
                 let (mut printed, limit) = (0u64, limit.unwrap_or(u64::MAX));
+                if limit == 0 {
+                    return Ok(ExitCode::SUCCESS);
+                }
                 let mut failed = None;
                 each_entry(&filter, |entry| {
                     if let Err(e) = serde_json::to_writer(&mut out, &entry)
