@@ -141,6 +141,7 @@ mod tests {
             name: name.into(),
             kind: SinkKind::File { path: path.into(), rotate_bytes: 1 << 20, rotate_ms: 0, compression: "none".into() },
             batch: Default::default(),
+            retry: Default::default(),
         }
     }
 
@@ -152,8 +153,12 @@ mod tests {
         assert_eq!(claim("out"), claim("/data/out"));
         assert_eq!(claim("out"), claim("x/../out"));
         assert_ne!(claim("out"), claim("out2"));
-        let topic =
-            SinkConfig { name: "t".into(), kind: SinkKind::Topic { topic: "t".into() }, batch: Default::default() };
+        let topic = SinkConfig {
+            name: "t".into(),
+            kind: SinkKind::Topic { topic: "t".into() },
+            batch: Default::default(),
+            retry: Default::default(),
+        };
         assert_eq!(Connectors::output_claim_in(data, &topic), None);
     }
 }
