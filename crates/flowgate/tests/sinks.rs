@@ -568,13 +568,16 @@ fn a_tcp_sink_whose_peer_forgot_its_producer_starts_a_new_one_and_stores_each_ev
 /// it came.
 struct HttpEndpoint {
     addr: SocketAddr,
-    requests: Arc<Mutex<Vec<(Instant, Vec<u64>)>>>,
+    requests: Requests,
 }
+
+/// Each request's arrival and the ids in its body.
+type Requests = Arc<Mutex<Vec<(Instant, Vec<u64>)>>>;
 
 fn start_http_endpoint() -> HttpEndpoint {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let requests = Arc::new(Mutex::new(Vec::new()));
+    let requests: Requests = Arc::new(Mutex::new(Vec::new()));
     let seen = requests.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
@@ -586,7 +589,7 @@ fn start_http_endpoint() -> HttpEndpoint {
     HttpEndpoint { addr, requests }
 }
 
-fn serve_http(mut conn: TcpStream, seen: Arc<Mutex<Vec<(Instant, Vec<u64>)>>>) {
+fn serve_http(mut conn: TcpStream, seen: Requests) {
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 64 << 10];
     loop {
