@@ -1,5 +1,7 @@
 //! Pipeline configuration: `[[pipelines]]` in the engine's TOML.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// One pipeline: source topics → processors in order → sinks (fan-out).
@@ -482,8 +484,95 @@ pub enum SinkKind {
         #[serde(default = "default_request_timeout")]
         request_timeout_ms: u64,
     },
+    /// An HTTP(S) endpoint: one request per batch.
+    Http {
+        /// `http://…` or `https://…`.
+        url: String,
+        /// `POST` or `PUT`.
+        #[serde(default = "default_http_method")]
+        method: String,
+        /// `ndjson` (one payload per line) or `json_array` (the payloads as one JSON
+        /// array).
+        #[serde(default = "default_http_encoding")]
+        encoding: String,
+        /// Headers sent with every request.
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+        /// Credentials sent with every request.
+        #[serde(default)]
+        auth: Option<HttpAuth>,
+        /// A request not answered (body included) within this long fails the write,
+        /// which is retried.
+        #[serde(default = "default_http_timeout")]
+        timeout_ms: u64,
+        /// A connection (with its TLS handshake) not made within this long fails the
+        /// write, which is retried.
+        #[serde(default = "default_connect_timeout")]
+        connect_timeout_ms: u64,
+        /// TLS settings beyond the built-in (webpki) roots.
+        #[serde(default)]
+        tls: Option<HttpTls>,
+        /// `none` or `gzip` for request bodies.
+        #[serde(default = "default_none")]
+        compression: String,
+        /// Whether a 2xx response body may name events the endpoint did not take.
+        #[serde(default)]
+        per_event_results: bool,
+    },
     /// Discards everything (for benchmarks).
     Blackhole,
+}
+
+/// Credentials of an HTTP sink: `bearer` alone, or `user` with `password` (basic).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpAuth {
+    /// A bearer token (`Authorization: Bearer …`).
+    #[serde(default)]
+    pub bearer: Option<String>,
+    /// Basic auth user.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Basic auth password.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+// Configs are logged with `{:?}`; credentials must not be.
+impl std::fmt::Debug for HttpAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |o: &Option<String>| o.as_ref().map(|_| "<hidden>");
+        f.debug_struct("HttpAuth")
+            .field("bearer", &hidden(&self.bearer))
+            .field("user", &self.user)
+            .field("password", &hidden(&self.password))
+            .finish()
+    }
+}
+
+/// TLS settings of an HTTP sink.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTls {
+    /// A PEM file of CA certificates trusted besides the built-in roots.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// Accept any server certificate (tests only: anyone on the path can read and
+    /// change the traffic).
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+fn default_http_method() -> String {
+    "POST".into()
+}
+
+fn default_http_encoding() -> String {
+    "ndjson".into()
+}
+
+fn default_http_timeout() -> u64 {
+    30_000
 }
 
 fn default_connect_timeout() -> u64 {

@@ -1,6 +1,7 @@
 //! Sinks in real engine processes, under faults: a destination partition that fails,
 //! a checkpoint that went missing, two sinks on one path, a peer with a small frame
-//! limit, a peer that never answers, a peer that closes in the middle of a batch.
+//! limit, a peer that never answers, a peer that closes in the middle of a batch, an
+//! HTTP endpoint that is busy and then refuses an event.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -559,4 +560,128 @@ fn a_tcp_sink_whose_peer_forgot_its_producer_starts_a_new_one_and_stores_each_ev
         "each event once, in order, under the new producer"
     );
     assert!(engine_a.log().contains("new producer id"), "the refusal was seen and answered: {}", engine_a.log());
+}
+
+/// A real HTTP/1.1 endpoint for the http sink: its first request is answered 503 with
+/// `Retry-After: 1`, every later one 200 with per-event statuses (an array in batch
+/// order) that refuse the event with id 7 (400). Records each request's ids and when
+/// it came.
+struct HttpEndpoint {
+    addr: SocketAddr,
+    requests: Requests,
+}
+
+/// Each request's arrival and the ids in its body.
+type Requests = Arc<Mutex<Vec<(Instant, Vec<u64>)>>>;
+
+fn start_http_endpoint() -> HttpEndpoint {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests: Requests = Arc::new(Mutex::new(Vec::new()));
+    let seen = requests.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let seen = seen.clone();
+            std::thread::spawn(move || serve_http(conn, seen));
+        }
+    });
+    HttpEndpoint { addr, requests }
+}
+
+fn serve_http(mut conn: TcpStream, seen: Requests) {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match conn.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let len: usize =
+            head.lines().find_map(|l| l.strip_prefix("content-length:")).map_or(0, |v| v.trim().parse().unwrap());
+        while buf.len() < head_end + len {
+            match conn.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body: Vec<u8> = buf.drain(..head_end + len).skip(head_end).collect();
+        let ids: Vec<u64> = body
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice::<serde_json::Value>(l).unwrap()["id"].as_u64().unwrap())
+            .collect();
+        let first = {
+            let mut seen = seen.lock().unwrap();
+            seen.push((Instant::now(), ids.clone()));
+            seen.len() == 1
+        };
+        let reply = if first {
+            "HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n".to_owned()
+        } else {
+            let statuses: Vec<u16> = ids.iter().map(|&id| if id == 7 { 400 } else { 200 }).collect();
+            let body = serde_json::to_string(&statuses).unwrap();
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+        };
+        if conn.write_all(reply.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn an_http_sink_waits_out_a_busy_endpoint_and_dead_letters_the_event_it_refuses() {
+    let endpoint = start_http_endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+[[pipelines]]
+name = "hook"
+topics = ["in"]
+commit_interval_ms = 100
+[[pipelines.sinks]]
+name = "web"
+type = "http"
+url = "http://{}/ingest"
+per_event_results = true
+timeout_ms = 5000
+batch = {{ max_events = 1000, max_wait_ms = 20 }}
+"#,
+            endpoint.addr
+        ),
+    );
+    let engine = EngineProcess::start_with(dir.path(), Some(&config), &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    produce(&rt, engine.binary, "in", vec![batch_of(0..50, 10)]);
+    // Every id in a request answered 200 (all but the first request), each once.
+    let answered = |requests: &[(Instant, Vec<u64>)]| {
+        let mut ids: Vec<u64> = requests.iter().skip(1).flat_map(|(_, ids)| ids.iter().copied()).collect();
+        ids.sort_unstable();
+        ids
+    };
+    wait_for("every event answered 200", Duration::from_secs(30), || {
+        answered(&endpoint.requests.lock().unwrap()).len() >= 50
+    });
+    wait_for("the dead letter", Duration::from_secs(20), || !read_topic(&rt, engine.binary, "_dlq").is_empty());
+    std::thread::sleep(Duration::from_millis(300));
+    let requests = endpoint.requests.lock().unwrap().clone();
+    assert_eq!(answered(&requests), (0..50).collect::<Vec<u64>>(), "each event once past the 503");
+    // The batch answered 503 was sent again whole, no sooner than its Retry-After.
+    let (busy_at, busy_ids) = &requests[0];
+    let (again_at, _) = requests[1..].iter().find(|(_, ids)| ids == busy_ids).expect("the 503'd batch again");
+    assert!(again_at.duration_since(*busy_at) >= Duration::from_millis(950), "{:?}", again_at.duration_since(*busy_at));
+    let dlq = read_topic(&rt, engine.binary, "_dlq");
+    assert_eq!(dlq.len(), 1, "only the refused event is dead-lettered: {dlq:?}");
+    assert_eq!((dlq[0]["pipeline"].as_str(), dlq[0]["sink"].as_str()), (Some("hook"), Some("web")));
+    assert_eq!((dlq[0]["category"].as_str(), dlq[0]["code"].as_str()), (Some("rejected"), Some("400")));
+    assert_eq!(dlq[0]["event"]["id"], 7);
+    assert!(dlq[0]["error"].as_str().unwrap().contains("status 400"), "{}", dlq[0]["error"]);
 }

@@ -2,6 +2,7 @@
 
 mod blackhole;
 mod file;
+mod http;
 mod resume;
 mod stdout;
 mod tcp;
@@ -16,6 +17,7 @@ use flowgate_log::Log;
 
 pub use blackhole::BlackholeSink;
 pub use file::FileSink;
+pub use http::{HttpCredentials, HttpEncoding, HttpSink, HttpSinkSettings};
 pub use stdout::StdoutSink;
 pub use tcp::{TcpSink, TcpSinkSettings};
 pub use topic::TopicSink;
@@ -55,6 +57,9 @@ impl Connectors {
                 {
                     anyhow::ensure!((1..=3_600_000).contains(ms), "`{key}` must be between 1 and 3600000 (one hour)");
                 }
+            }
+            SinkKind::Http { .. } => {
+                HttpSinkSettings::from_config(&config.kind)?;
             }
             SinkKind::Stdout | SinkKind::Blackhole => {}
         }
@@ -126,6 +131,9 @@ impl SinkFactory for Connectors {
                     request_timeout: Duration::from_millis(*request_timeout_ms),
                 };
                 Box::new(TcpSink::new(settings, place, &config.name))
+            }
+            SinkKind::Http { .. } => {
+                Box::new(HttpSink::new(HttpSinkSettings::from_config(&config.kind)?, place, &config.name)?)
             }
             SinkKind::Blackhole => Box::new(BlackholeSink),
         })
