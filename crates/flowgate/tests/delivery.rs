@@ -266,3 +266,57 @@ fn topic_is_empty_or_missing(engine: &EngineProcess, topic: &str) -> bool {
     let (status, body) = engine.http("GET", &format!("/v1/topics/{topic}/events?from=0&limit=10"), b"");
     status != 200 || serde_json::from_str::<serde_json::Value>(&body).unwrap()["events"].as_array().unwrap().is_empty()
 }
+
+#[test]
+fn the_batch_size_adaptive_batching_learned_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("adaptive.toml");
+    std::fs::write(
+        &config,
+        r#"
+[log]
+default_partitions = 1
+[[pipelines]]
+name = "p"
+topics = ["in"]
+commit_interval_ms = 50
+[[pipelines.sinks]]
+name = "out"
+type = "file"
+path = "out"
+batch = { adaptive = true, max_events = 100000, min_events = 10, target_latency_ms = 1000, max_wait_ms = 5 }
+"#,
+    )
+    .unwrap();
+    let mut engine = EngineProcess::start_with(dir.path(), Some(&config), &[]);
+    let target = |engine: &EngineProcess| -> Option<u64> {
+        let (_, stats) = engine.http("GET", "/v1/stats", b"");
+        serde_json::from_str::<serde_json::Value>(&stats).ok()?["pipeline_sinks"][0]["batch_target"].as_u64()
+    };
+    poll_until("the sink to start", Duration::from_secs(30), || target(&engine).is_some());
+    assert_eq!(target(&engine), Some(25_000), "a quarter of max_events to begin with");
+    // Fast writes of full batches grow the target by a quarter each.
+    let lines: Vec<String> = (0..10_000).map(|n| format!(r#"{{"n":{n}}}"#)).collect();
+    for _ in 0..12 {
+        engine.http("POST", "/v1/topics/in/events", lines.join("\n").as_bytes());
+    }
+    poll_until("the target to grow", Duration::from_secs(30), || target(&engine).is_some_and(|t| t > 25_000));
+    let ckpt = dir.path().join("pipelines/p/in-0.ckpt");
+    // (offset, batch target) of the checkpoint.
+    let checkpointed = || -> Option<(u64, u64)> {
+        let bytes = std::fs::read(&ckpt).ok()?;
+        let header: serde_json::Value =
+            serde_json::from_slice(&bytes[..bytes.iter().position(|&b| b == b'\n')?]).ok()?;
+        Some((header["offset"].as_u64()?, header["sinks"][0]["batch_target"].as_u64()?))
+    };
+    // Everything written and checkpointed: a restart has nothing to replay, so nothing
+    // moves the target before it is read back.
+    poll_until("a checkpoint past every event, with the grown target", Duration::from_secs(30), || {
+        checkpointed().is_some_and(|(offset, t)| offset == 120_000 && t > 25_000)
+    });
+    engine.kill9();
+    let learned = checkpointed().unwrap().1;
+    let engine = engine.restart();
+    poll_until("the sink to start", Duration::from_secs(30), || target(&engine).is_some());
+    assert_eq!(target(&engine), Some(learned), "starts from what it learned, not from a quarter of max_events");
+}

@@ -10,7 +10,17 @@ use crate::sink::SinkEvent;
 /// What a worker sends its sink tasks.
 pub(super) enum SinkMsg {
     Events(Arc<Vec<SinkEvent>>, Arc<Vec<u64>>),
-    Commit(oneshot::Sender<anyhow::Result<serde_json::Value>>),
+    Commit(oneshot::Sender<anyhow::Result<Committed>>),
+}
+
+/// What a sink task hands back at a commit: its sink's state and what its driver has
+/// learned, both checkpointed.
+pub(super) struct Committed {
+    /// The sink's own state ([`crate::sink::Sink::commit`]).
+    pub(super) state: serde_json::Value,
+    /// The batch size the driver flushes at now (moved by adaptive batching), so that a
+    /// restart starts from it instead of from scratch.
+    pub(super) batch_target: usize,
 }
 
 pub(super) async fn fan_out(mut events: Vec<PipelineEvent>, sinks: &[mpsc::Sender<SinkMsg>]) -> anyhow::Result<()> {

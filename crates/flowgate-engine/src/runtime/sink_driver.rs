@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::breaker::{Breaker, State as BreakerState};
 use super::dead_letters::{Category, Entry, FailedAt, SideWriter};
-use super::fan_out::SinkMsg;
+use super::fan_out::{Committed, SinkMsg};
 use super::sink_status::{SinkStatus, SinkStatuses};
 use crate::config::{BatchPolicy, BreakerPolicy, RetryPolicy};
 use crate::event::ALL_SINKS;
@@ -403,6 +403,8 @@ pub(super) struct SinkSetup {
     /// The source partition.
     pub(super) partition: u32,
     pub(super) batch: BatchPolicy,
+    /// The adaptive batch target the last checkpoint holds, if any.
+    pub(super) learned_target: Option<usize>,
     pub(super) retry: RetryPolicy,
     pub(super) breaker: BreakerPolicy,
     /// The sink's bit in route masks.
@@ -415,7 +417,19 @@ pub(super) struct SinkSetup {
 }
 
 pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg>, setup: SinkSetup) {
-    let SinkSetup { statuses, partition, batch: policy, retry, breaker, bit, labels, metrics, topic, side } = setup;
+    let SinkSetup {
+        statuses,
+        partition,
+        batch: policy,
+        learned_target,
+        retry,
+        breaker,
+        bit,
+        labels,
+        metrics,
+        topic,
+        side,
+    } = setup;
     let breaker = Breaker::new(breaker, labels.clone(), &metrics);
     let (state, since) = breaker.shown();
     let status = SinkStatus {
@@ -450,10 +464,13 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
         statuses,
     };
     let target_gauge = task.metrics.sink_batch_target.get_or_create(&task.labels).clone();
-    let mut target = if policy.adaptive {
-        (policy.max_events / 4).max(policy.min_events).min(policy.max_events)
-    } else {
-        policy.max_events
+    let mut target = match (policy.adaptive, learned_target) {
+        // Where the last run left it, within today's bounds.
+        (true, Some(learned)) => {
+            learned.min(policy.max_events.max(1)).max(policy.min_events.max(1).min(policy.max_events.max(1)))
+        }
+        (true, None) => (policy.max_events / 4).max(policy.min_events).min(policy.max_events),
+        (false, _) => policy.max_events,
     };
     target_gauge.set(i64::try_from(target).unwrap_or(i64::MAX));
     task.status.batch_target = target;
@@ -516,7 +533,8 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
                 if committed.is_ok() {
                     task.observe_durable();
                 }
-                let _ = reply.send(committed);
+                let batch_target = task.status.batch_target;
+                let _ = reply.send(committed.map(|state| Committed { state, batch_target }));
             }
             None => {
                 task.flush(&mut buffer, Reason::Commit).await;

@@ -128,6 +128,7 @@ impl Worker {
                 statuses: self.shared.sink_statuses.clone(),
                 partition: self.partition.id(),
                 batch: sink_config.batch.clone(),
+                learned_target: self.sink_states.batch_target(&sink_config.name),
                 retry: sink_config.retry.clone(),
                 breaker: sink_config.breaker.clone(),
                 bit,
