@@ -169,6 +169,18 @@ fn a_target_refusing_some_events_for_good_gets_every_other_once_in_order_and_the
     assert_eq!(stats["total"], 10, "{stats}");
     assert_eq!(stats["groups"][0]["stage"], "sink api", "{stats}");
     assert_eq!(engine.metric("flowgate_sink_dead_letters_total{pipeline=\"p\",sink=\"api\""), 10.0);
+    // The same over HTTP.
+    let (status, body) = engine.http("GET", "/v1/dlq?pipeline=p&category=rejected&limit=4", b"");
+    assert_eq!(status, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let offsets: Vec<u64> =
+        listed["entries"].as_array().unwrap().iter().map(|e| e["offset"].as_u64().unwrap()).collect();
+    assert_eq!((offsets, listed["truncated"].as_bool()), (vec![3, 13, 23, 33], Some(true)), "{listed}");
+    let (_, body) = engine.http("GET", "/v1/dlq?pipeline=other", b"");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["entries"], serde_json::json!([]));
+    let (_, body) = engine.http("GET", "/v1/dlq/stats", b"");
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((stats["total"].as_u64(), stats["top_errors"].as_array().map(Vec::len)), (Some(10), Some(5)), "{stats}");
 }
 
 /// The `flowgate dlq list` entries once there are `n` of them.

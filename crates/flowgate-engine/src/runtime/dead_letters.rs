@@ -14,6 +14,7 @@
 //! checkpoint that moves past their events, and [`SideWriter::make_durable`] makes that
 //! checkpoint wait until they are on stable storage.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use flowgate_core::{BatchBuilder, Codec, ProducerStamp};
@@ -226,6 +227,110 @@ impl SideWriter {
     }
 }
 
+/// Messages are grouped by their first characters: the rest often carries an offset or
+/// a value that differs per event.
+const MESSAGE_KEY_CHARS: usize = 120;
+
+/// Distinct error messages counted apart; the rest count as "(other errors)", so that
+/// counting a huge dead-letter topic takes bounded memory.
+pub const MAX_ERROR_KEYS: usize = 10_000;
+
+/// Which entries to look at.
+#[derive(Clone, Debug, Default)]
+pub struct EntryFilter {
+    /// Only entries of this pipeline.
+    pub pipeline: Option<String>,
+    /// Only entries of this category.
+    pub category: Option<String>,
+}
+
+impl EntryFilter {
+    /// Whether `entry` (a decoded dead-letter entry) passes.
+    pub fn matches(&self, entry: &serde_json::Value) -> bool {
+        self.pipeline.as_deref().is_none_or(|p| entry["pipeline"] == p)
+            && self.category.as_deref().is_none_or(|c| entry["category"] == c)
+    }
+}
+
+/// Counts of dead-letter entries: by pipeline, stage and category, the most frequent
+/// errors (at most [`MAX_ERROR_KEYS`] distinct ones are told apart), the oldest entry.
+#[derive(Debug, Default)]
+pub struct Stats {
+    total: u64,
+    by_group: HashMap<(String, String, String), u64>,
+    by_error: HashMap<String, u64>,
+    oldest_ms: Option<i64>,
+}
+
+impl Stats {
+    /// Counts one entry.
+    pub fn add(&mut self, entry: &serde_json::Value) {
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
+        let stage = match (entry["processor"].as_str(), entry["sink"].as_str()) {
+            (Some(p), _) => format!("processor {p}"),
+            (None, Some(s)) => format!("sink {s}"),
+            (None, None) => "source".to_owned(),
+        };
+        let category = entry["category"].as_str().unwrap_or("processing_error").to_owned();
+        self.total += 1;
+        *self.by_group.entry((text(&entry["pipeline"]), stage, category)).or_default() += 1;
+        let mut error: String = text(&entry["error"]).chars().take(MESSAGE_KEY_CHARS).collect();
+        if !self.by_error.contains_key(&error) && self.by_error.len() >= MAX_ERROR_KEYS {
+            error = "(other errors)".to_owned();
+        }
+        *self.by_error.entry(error).or_default() += 1;
+        let at = entry["first_failure_ms"].as_i64().or_else(|| entry["timestamp"].as_i64());
+        if let Some(at) = at {
+            self.oldest_ms = Some(self.oldest_ms.map_or(at, |o| o.min(at)));
+        }
+    }
+
+    fn top_errors(&self) -> Vec<(&String, u64)> {
+        let mut errors: Vec<(&String, u64)> = self.by_error.iter().map(|(e, n)| (e, *n)).collect();
+        errors.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        errors.truncate(5);
+        errors
+    }
+
+    fn groups(&self) -> Vec<(&(String, String, String), u64)> {
+        let mut groups: Vec<_> = self.by_group.iter().map(|(k, n)| (k, *n)).collect();
+        groups.sort();
+        groups
+    }
+
+    /// The counts as one JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "total": self.total,
+            "oldest_ms": self.oldest_ms,
+            "groups": self.groups().into_iter().map(|((pipeline, stage, category), n)| serde_json::json!({
+                "pipeline": pipeline, "stage": stage, "category": category, "entries": n,
+            })).collect::<Vec<_>>(),
+            "top_errors": self.top_errors().into_iter().map(|(e, n)| serde_json::json!({"error": e, "entries": n}))
+                .collect::<Vec<_>>(),
+        })
+    }
+
+    /// The counts as text for a terminal.
+    pub fn to_text(&self) -> String {
+        let mut out = format!("{} dead-letter entries", self.total);
+        if let Some(oldest) = self.oldest_ms {
+            out.push_str(&format!(", the oldest from {oldest} (ms since the epoch)"));
+        }
+        out.push('\n');
+        for ((pipeline, stage, category), n) in self.groups() {
+            out.push_str(&format!("{n:>10}  pipeline {pipeline}, {stage}, {category}\n"));
+        }
+        if !self.by_error.is_empty() {
+            out.push_str("most frequent errors:\n");
+            for (error, n) in self.top_errors() {
+                out.push_str(&format!("{n:>10}  {error}\n"));
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,5 +369,27 @@ mod tests {
         assert_eq!(v["event"], "not json \u{fffd}");
         let v: serde_json::Value = serde_json::from_slice(&entry(None).encode()).unwrap();
         assert_eq!(v["event"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn stats_count_by_group_and_error_and_find_the_oldest() {
+        let mut stats = Stats::default();
+        let entry = |pipeline: &str, sink: Option<&str>, category: &str, error: &str, at: i64| {
+            serde_json::json!({"pipeline": pipeline, "processor": if sink.is_none() { serde_json::json!("dedup-1") } else { serde_json::Value::Null },
+                "sink": sink, "category": category, "error": error, "first_failure_ms": at})
+        };
+        stats.add(&entry("p", Some("out"), "rejected", "400 bad", 30));
+        stats.add(&entry("p", Some("out"), "rejected", "400 bad", 10));
+        stats.add(&entry("p", None, "processing_error", "not JSON", 20));
+        let v = stats.to_json();
+        assert_eq!(v["total"], 3);
+        assert_eq!(v["oldest_ms"], 10);
+        assert_eq!(v["top_errors"][0], serde_json::json!({"error": "400 bad", "entries": 2}));
+        assert_eq!(v["groups"].as_array().unwrap().len(), 2);
+        assert!(stats.to_text().contains("pipeline p, sink out, rejected"), "{}", stats.to_text());
+        let filter = EntryFilter { pipeline: Some("p".into()), category: Some("rejected".into()) };
+        assert!(filter.matches(&entry("p", Some("out"), "rejected", "x", 1)));
+        assert!(!filter.matches(&entry("q", Some("out"), "rejected", "x", 1)));
+        assert!(!filter.matches(&entry("p", None, "processing_error", "x", 1)));
     }
 }

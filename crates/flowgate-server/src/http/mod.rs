@@ -1,9 +1,11 @@
-//! The HTTP API (axum): produce and read events, topics, metrics, health.
+//! The HTTP API (axum): produce and read events, topics, the dead-letter topic
+//! ([`dlq`]), metrics, health.
 //!
 //! [`listener`] applies the connection limit and idle timeout to HTTP connections. A
 //! produce body is read into memory charged to the ingest budget as it arrives, and must
 //! arrive whole within `ingest.frame_timeout_secs`.
 
+pub mod dlq;
 pub mod listener;
 
 use std::sync::Arc;
@@ -32,6 +34,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/topics/{topic}/events", get(read_events).post(post_events))
         .route("/v1/topics", get(list_topics))
         .route("/v1/stats", get(stats))
+        .route("/v1/dlq", get(dlq::list))
+        .route("/v1/dlq/stats", get(dlq::stats))
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))

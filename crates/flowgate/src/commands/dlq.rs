@@ -4,12 +4,12 @@
 //! partition at the first entry written at or after that time (entries are stamped with
 //! when they failed, and the log's time index finds them).
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::process::ExitCode;
 
 use flowgate_client::Client;
 use flowgate_core::BatchView;
+use flowgate_engine::runtime::dead_letters::{EntryFilter, Stats};
 use flowgate_engine::DLQ_TOPIC;
 
 /// `flowgate dlq` subcommands.
@@ -55,8 +55,7 @@ pub struct Filter {
 
 impl Filter {
     fn matches(&self, entry: &serde_json::Value) -> bool {
-        self.pipeline.as_deref().is_none_or(|p| entry["pipeline"] == p)
-            && self.category.as_deref().is_none_or(|c| entry["category"] == c)
+        EntryFilter { pipeline: self.pipeline.clone(), category: self.category.clone() }.matches(entry)
     }
 
     fn since_ms(&self) -> anyhow::Result<Option<i64>> {
@@ -164,107 +163,4 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
-}
-
-/// Messages are grouped by their first characters: the rest often carries an offset or
-/// a value that differs per event.
-const MESSAGE_KEY_CHARS: usize = 120;
-
-#[derive(Default)]
-struct Stats {
-    total: u64,
-    by_group: HashMap<(String, String, String), u64>,
-    by_error: HashMap<String, u64>,
-    oldest_ms: Option<i64>,
-}
-
-impl Stats {
-    fn add(&mut self, entry: &serde_json::Value) {
-        let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
-        let stage = match (entry["processor"].as_str(), entry["sink"].as_str()) {
-            (Some(p), _) => format!("processor {p}"),
-            (None, Some(s)) => format!("sink {s}"),
-            (None, None) => "source".to_owned(),
-        };
-        let category = entry["category"].as_str().unwrap_or("processing_error").to_owned();
-        self.total += 1;
-        *self.by_group.entry((text(&entry["pipeline"]), stage, category)).or_default() += 1;
-        let error: String = text(&entry["error"]).chars().take(MESSAGE_KEY_CHARS).collect();
-        *self.by_error.entry(error).or_default() += 1;
-        let at = entry["first_failure_ms"].as_i64().or_else(|| entry["timestamp"].as_i64());
-        if let Some(at) = at {
-            self.oldest_ms = Some(self.oldest_ms.map_or(at, |o| o.min(at)));
-        }
-    }
-
-    fn top_errors(&self) -> Vec<(&String, u64)> {
-        let mut errors: Vec<(&String, u64)> = self.by_error.iter().map(|(e, n)| (e, *n)).collect();
-        errors.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
-        errors.truncate(5);
-        errors
-    }
-
-    fn groups(&self) -> Vec<(&(String, String, String), u64)> {
-        let mut groups: Vec<_> = self.by_group.iter().map(|(k, n)| (k, *n)).collect();
-        groups.sort();
-        groups
-    }
-
-    fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "total": self.total,
-            "oldest_ms": self.oldest_ms,
-            "groups": self.groups().into_iter().map(|((pipeline, stage, category), n)| serde_json::json!({
-                "pipeline": pipeline, "stage": stage, "category": category, "entries": n,
-            })).collect::<Vec<_>>(),
-            "top_errors": self.top_errors().into_iter().map(|(e, n)| serde_json::json!({"error": e, "entries": n}))
-                .collect::<Vec<_>>(),
-        })
-    }
-
-    fn to_text(&self) -> String {
-        let mut out = format!("{} dead-letter entries", self.total);
-        if let Some(oldest) = self.oldest_ms {
-            out.push_str(&format!(", the oldest from {oldest} (ms since the epoch)"));
-        }
-        out.push('\n');
-        for ((pipeline, stage, category), n) in self.groups() {
-            out.push_str(&format!("{n:>10}  pipeline {pipeline}, {stage}, {category}\n"));
-        }
-        if !self.by_error.is_empty() {
-            out.push_str("most frequent errors:\n");
-            for (error, n) in self.top_errors() {
-                out.push_str(&format!("{n:>10}  {error}\n"));
-            }
-        }
-        out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stats_count_by_group_and_error_and_find_the_oldest() {
-        let mut stats = Stats::default();
-        let entry = |pipeline: &str, sink: Option<&str>, category: &str, error: &str, at: i64| {
-            serde_json::json!({"pipeline": pipeline, "processor": if sink.is_none() { serde_json::json!("dedup-1") } else { serde_json::Value::Null },
-                "sink": sink, "category": category, "error": error, "first_failure_ms": at})
-        };
-        stats.add(&entry("p", Some("out"), "rejected", "400 bad", 30));
-        stats.add(&entry("p", Some("out"), "rejected", "400 bad", 10));
-        stats.add(&entry("p", None, "processing_error", "not JSON", 20));
-        let v = stats.to_json();
-        assert_eq!(v["total"], 3);
-        assert_eq!(v["oldest_ms"], 10);
-        assert_eq!(v["top_errors"][0], serde_json::json!({"error": "400 bad", "entries": 2}));
-        assert_eq!(v["groups"].as_array().unwrap().len(), 2);
-        assert!(stats.to_text().contains("pipeline p, sink out, rejected"), "{}", stats.to_text());
-        let filter =
-            Filter { pipeline: Some("p".into()), category: Some("rejected".into()), since: None, addr: String::new() };
-        assert!(filter.matches(&entry("p", Some("out"), "rejected", "x", 1)));
-        assert!(!filter.matches(&entry("q", Some("out"), "rejected", "x", 1)));
-        assert!(!filter.matches(&entry("p", None, "processing_error", "x", 1)));
-    }
 }
