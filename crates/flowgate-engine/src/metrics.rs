@@ -12,7 +12,7 @@ use prometheus_client::registry::Registry;
 pub struct ProcessorLabels {
     /// Pipeline name.
     pub pipeline: String,
-    /// `<position>:<type>`, e.g. `2:dedup`.
+    /// The processor id: its `name`, or `<type>-<n>`, e.g. `dedup-1`.
     pub processor: String,
 }
 

@@ -216,3 +216,28 @@ fn send_takes_keys_and_times_from_fields() {
     assert!(err.contains("line 1") && err.contains("time field"), "{err}");
     assert!(engine.terminate().success());
 }
+
+/// The two numbers after `label` in a line of the demo report, e.g. "sent 10  removed 10".
+fn report_pair(report: &str, first: &str, second: &str) -> (u64, u64) {
+    let line = report.lines().find(|l| l.contains(first) && l.contains(second)).unwrap_or_else(|| panic!("{report}"));
+    let after = |word: &str| -> u64 {
+        let rest = &line[line.find(word).unwrap() + word.len()..];
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    (after(first), after(second))
+}
+
+#[test]
+fn the_demo_reports_what_its_pipeline_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo");
+    let (code, out, err) = cli(
+        &["demo", "--duration", "2", "--rate", "20000", "--devices", "50", "--data-dir", data.to_str().unwrap()],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let (sent, removed) = report_pair(&out, "duplicates sent ", "removed ");
+    assert!(sent > 0 && removed == sent, "every duplicate removed by the dedup:\n{out}");
+    let (emitted, written) = report_pair(&out, "windows emitted ", "written to files ");
+    assert!(emitted > 0 && written == emitted, "every window emitted reaches the files:\n{out}");
+}

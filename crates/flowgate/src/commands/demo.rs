@@ -249,8 +249,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let sent = counters.sent.load(Ordering::Relaxed);
         let acked = counters.acked.load(Ordering::Relaxed);
         let read = metric_sum(&text, "flowgate_pipeline_events_read_total{pipeline=\"demo\"}");
-        let dup_removed = metric_sum(&text, "flowgate_processor_events_dropped_total{pipeline=\"demo\",processor=\"1:dedup\"}");
-        let windows = metric_sum(&text, "flowgate_processor_events_out_total{pipeline=\"demo\",processor=\"3:aggregate\"}");
+        let dup_removed = metric_sum(&text, "flowgate_processor_events_dropped_total{pipeline=\"demo\",processor=\"dedup-1\"}");
+        let windows = metric_sum(&text, "flowgate_processor_events_out_total{pipeline=\"demo\",processor=\"aggregate-1\"}");
         let late = metric_sum(&text, "flowgate_processor_late_events_total{pipeline=\"demo\"");
         let dlq = metric_sum(&text, "flowgate_dlq_events_total{pipeline=\"demo\"}");
         let file_events = metric_sum(&text, "flowgate_sink_events_total{pipeline=\"demo\",sink=\"files\"}");
