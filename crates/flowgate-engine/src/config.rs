@@ -616,7 +616,8 @@ impl Default for RetryPolicy {
 }
 
 /// A sink's circuit breaker (see the engine's `runtime/breaker.rs`): open after
-/// `consecutive_failures` writes in a row that delivered nothing (0: never), stay open
+/// `consecutive_failures` writes in a row that failed as a whole or came back with every
+/// event retryable (0: never), stay open
 /// `open_ms`, doubling after each failed probe up to `max_open_ms`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -1,9 +1,10 @@
 //! The circuit breaker of one sink.
 //!
-//! Closed: writes go through. After `consecutive_failures` attempts in a row that
-//! delivered nothing, it opens: no writes at all for `open_ms` (the sink's queue fills,
-//! its pipeline stops reading, and the log holds the backlog). Then it is half-open: one
-//! write probes the target; if it delivers anything the breaker closes, else it opens
+//! Closed: writes go through. After `consecutive_failures` writes in a row that failed as
+//! a whole or came back with every event retryable, it opens: no writes at all for
+//! `open_ms` (the sink's queue fills, its pipeline stops reading, and the log holds the
+//! backlog). Then it is half-open: one write probes the target; if the target answers for
+//! any event (delivered, or refused for good) the breaker closes, else it opens
 //! again for twice as long, up to `max_open_ms`, and never shorter than a target's
 //! Retry-After. Every transition is logged and counted
 //! (`flowgate_sink_breaker_transitions_total{to}`); `flowgate_sink_breakers_open` counts
@@ -124,14 +125,14 @@ impl Breaker {
         }
     }
 
-    /// A write delivered something (or everything).
+    /// The target answered for some event of a write (delivered or refused for good).
     pub(super) fn delivered(&mut self) {
         self.failures_in_a_row = 0;
         self.open_for = Duration::from_millis(self.policy.open_ms.max(1));
         self.move_to(State::Closed, "delivered");
     }
 
-    /// A write delivered nothing and failed retryably; `why` says how.
+    /// A write failed as a whole or every event of it came back retryable; `why` says how.
     pub(super) fn failed(&mut self, why: &str) {
         self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
         let trip = match self.state {

@@ -294,11 +294,15 @@ impl SinkTask {
         }
         let now = flowgate_core::time::now_ms();
         let room = MAX_UNCOMMITTED_SAMPLES.saturating_sub(self.uncommitted.len());
-        for e in events {
+        // Latencies are of delivered events only (dead letters are counted apart).
+        let dead: std::collections::HashSet<(u32, u64)> =
+            undelivered.iter().map(|u| (u.event.partition, u.event.offset)).collect();
+        let delivered_events = events.iter().filter(|e| dead.is_empty() || !dead.contains(&(e.partition, e.offset)));
+        for e in delivered_events.clone() {
             // Event times come from clients: any i64 may be here.
             self.end_to_end.observe(now.saturating_sub(e.timestamp).max(0) as f64 / 1000.0);
         }
-        self.uncommitted.extend(events.iter().take(room).map(|e| e.timestamp));
+        self.uncommitted.extend(delivered_events.take(room).map(|e| e.timestamp));
         let delivered = events.len().saturating_sub(undelivered.len());
         self.events.inc_by(delivered as u64);
         self.metrics.sink_batch_events.get_or_create(&self.labels).observe(events.len() as f64);
