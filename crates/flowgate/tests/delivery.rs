@@ -181,6 +181,20 @@ fn a_target_refusing_some_events_for_good_gets_every_other_once_in_order_and_the
     let (_, body) = engine.http("GET", "/v1/dlq/stats", b"");
     let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!((stats["total"].as_u64(), stats["top_errors"].as_array().map(Vec::len)), (Some(10), Some(5)), "{stats}");
+    // Purging takes a --yes, empties the dead-letter topic, and the pipeline goes on
+    // writing dead letters into it.
+    let addr = engine.binary.to_string();
+    let (code, _, err) = cli(&["dlq", "purge", "--addr", &addr], None);
+    assert!(code != 0 && err.contains("--yes"), "{err}");
+    let (code, out, err) = cli(&["dlq", "purge", "--yes", "--addr", &addr], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("purged 10"), "{out}");
+    let (_, out, _) = cli(&["dlq", "list", "--addr", &addr], None);
+    assert_eq!(out, "", "nothing left after the purge");
+    let lines: Vec<String> = (100..110).map(|n| format!(r#"{{"n":{n}}}"#)).collect();
+    engine.http("POST", "/v1/topics/in/events", lines.join("\n").as_bytes());
+    let dead = poll_until_dlq(&engine, 1);
+    assert_eq!(dead[0]["offset"], 103, "{dead:?}");
 }
 
 /// The `flowgate dlq list` entries once there are `n` of them.

@@ -23,6 +23,16 @@ pub enum Command {
         #[arg(long)]
         limit: Option<u64>,
     },
+    /// Delete every dead-letter entry (the `_dlq` topic is deleted and made again, empty,
+    /// with as many partitions). Entries written while it runs may go too.
+    Purge {
+        /// Really delete them.
+        #[arg(long)]
+        yes: bool,
+        /// Engine address (binary protocol).
+        #[arg(long, default_value = super::DEFAULT_ADDR)]
+        addr: String,
+    },
     /// Count entries by pipeline, stage and category; the most frequent errors; the
     /// oldest entry.
     Stats {
@@ -146,6 +156,28 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
                     return Err(e.into());
                 }
                 out.flush()?;
+            }
+            Command::Purge { yes, addr } => {
+                anyhow::ensure!(yes, "`flowgate dlq purge` deletes every dead-letter entry; add --yes to do it");
+                let client =
+                    Client::connect(&addr).await.map_err(|e| anyhow::anyhow!("cannot connect to {addr}: {e}"))?;
+                let topics = client.list_topics().await?;
+                let Some(info) = topics.into_iter().find(|t| t.name == DLQ_TOPIC) else {
+                    println!("no dead-letter topic: nothing to purge");
+                    return Ok(ExitCode::SUCCESS);
+                };
+                let entries: u64 = info.partitions.iter().map(|p| p.end_offset.saturating_sub(p.start_offset)).sum();
+                client.delete_topic(DLQ_TOPIC).await?;
+                // Pipelines make it again when they next write a dead letter (their worker
+                // restarts from its last checkpoint if one was written in between).
+                match client.create_topic(DLQ_TOPIC, info.partitions.len() as u32).await {
+                    Ok(())
+                    | Err(flowgate_client::ClientError::Server {
+                        code: flowgate_client::ErrorCode::TopicExists, ..
+                    }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                println!("purged {entries} dead-letter entries");
             }
             Command::Stats { filter, json } => {
                 let mut stats = Stats::default();
