@@ -79,11 +79,17 @@ pub trait Sink: Send {
     /// retries the retryable ones as a new, smaller batch.
     fn write<'a>(&'a mut self, events: &'a [SinkEvent]) -> BoxFuture<'a, anyhow::Result<WriteOutcome>>;
 
-    /// Makes everything written durable and returns the state to checkpoint.
-    fn commit(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>>;
+    /// Makes everything written durable and returns the state to checkpoint. By default
+    /// nothing: for a sink whose writes are done when they return and that keeps no state.
+    fn commit(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
+        Box::pin(async { Ok(serde_json::Value::Null) })
+    }
 
-    /// Restores the checkpointed state at start (`Null` when there is none).
-    fn recover<'a>(&'a mut self, state: &'a serde_json::Value) -> BoxFuture<'a, anyhow::Result<()>>;
+    /// Restores the checkpointed state at start (`Null` when there is none). By default
+    /// nothing, for a sink that keeps no state.
+    fn recover<'a>(&'a mut self, _state: &'a serde_json::Value) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Where a sink instance runs: one instance per sink per source partition.

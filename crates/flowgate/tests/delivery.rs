@@ -330,9 +330,7 @@ batch = { adaptive = true, max_events = 100000, min_events = 10, target_latency_
     let ckpt = dir.path().join("pipelines/p/in-0.ckpt");
     // (offset, batch target) of the checkpoint.
     let checkpointed = || -> Option<(u64, u64)> {
-        let bytes = std::fs::read(&ckpt).ok()?;
-        let header: serde_json::Value =
-            serde_json::from_slice(&bytes[..bytes.iter().position(|&b| b == b'\n')?]).ok()?;
+        let header = common::checkpoint_header(&ckpt)?;
         Some((header["offset"].as_u64()?, header["sinks"][0]["batch_target"].as_u64()?))
     };
     // Everything written and checkpointed: a restart has nothing to replay, so nothing

@@ -195,7 +195,5 @@ fn reordering_processors_gives_each_its_own_state_back() {
 }
 
 fn committed_offset_of(path: &Path) -> u64 {
-    let Ok(bytes) = std::fs::read(path) else { return 0 };
-    let Some(end) = bytes.iter().position(|&b| b == b'\n') else { return 0 };
-    serde_json::from_slice::<serde_json::Value>(&bytes[..end]).map_or(0, |h| h["offset"].as_u64().unwrap_or(0))
+    common::checkpoint_header(path).and_then(|h| h["offset"].as_u64()).unwrap_or(0)
 }

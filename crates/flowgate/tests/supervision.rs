@@ -363,9 +363,7 @@ batch = { max_wait_ms = 5 }
 
 /// The offset in a checkpoint file (its first line is a JSON header).
 fn checkpoint_offset(path: &Path) -> Option<u64> {
-    let bytes = std::fs::read(path).ok()?;
-    let line = &bytes[..bytes.iter().position(|&b| b == b'\n')?];
-    serde_json::from_slice::<serde_json::Value>(line).ok()?["offset"].as_u64()
+    common::checkpoint_header(path)?["offset"].as_u64()
 }
 
 #[test]

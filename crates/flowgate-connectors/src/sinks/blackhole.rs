@@ -12,12 +12,4 @@ impl Sink for BlackholeSink {
         std::hint::black_box(events);
         Box::pin(async { Ok(WriteOutcome::delivered()) })
     }
-
-    fn commit(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
-        Box::pin(async { Ok(serde_json::Value::Null) })
-    }
-
-    fn recover<'a>(&'a mut self, _state: &'a serde_json::Value) -> BoxFuture<'a, anyhow::Result<()>> {
-        Box::pin(async { Ok(()) })
-    }
 }

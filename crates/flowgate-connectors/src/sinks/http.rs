@@ -636,15 +636,6 @@ impl Sink for HttpSink {
     fn write<'a>(&'a mut self, events: &'a [SinkEvent]) -> BoxFuture<'a, anyhow::Result<WriteOutcome>> {
         Box::pin(self.write_batch(events))
     }
-
-    fn commit(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
-        // Every write was answered before it returned: nothing is buffered.
-        Box::pin(async { Ok(serde_json::Value::Null) })
-    }
-
-    fn recover<'a>(&'a mut self, _state: &'a serde_json::Value) -> BoxFuture<'a, anyhow::Result<()>> {
-        Box::pin(async { Ok(()) })
-    }
 }
 
 #[cfg(test)]

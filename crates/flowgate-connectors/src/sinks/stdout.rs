@@ -29,8 +29,4 @@ impl Sink for StdoutSink {
             Ok(serde_json::Value::Null)
         })
     }
-
-    fn recover<'a>(&'a mut self, _state: &'a serde_json::Value) -> BoxFuture<'a, anyhow::Result<()>> {
-        Box::pin(async { Ok(()) })
-    }
 }

@@ -488,14 +488,6 @@ impl Sink for TcpSink {
             Ok(WriteOutcome { failures, retry_after: None })
         })
     }
-
-    fn commit(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
-        Box::pin(async { Ok(serde_json::Value::Null) })
-    }
-
-    fn recover<'a>(&'a mut self, _state: &'a serde_json::Value) -> BoxFuture<'a, anyhow::Result<()>> {
-        Box::pin(async { Ok(()) })
-    }
 }
 
 #[cfg(test)]

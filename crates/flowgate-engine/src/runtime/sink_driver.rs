@@ -435,18 +435,7 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
         side,
     } = setup;
     let breaker = Breaker::new(breaker, labels.clone(), &metrics);
-    let (state, since) = breaker.shown();
-    let status = SinkStatus {
-        pipeline: labels.pipeline.clone(),
-        sink: labels.sink.clone(),
-        topic: topic.clone(),
-        partition,
-        breaker: state,
-        breaker_since_ms: since,
-        batch_target: policy.max_events,
-        retrying_events: 0,
-        last_error: None,
-    };
+    let status = SinkStatus::starting(&labels, &topic, partition, policy.max_events);
     let events = metrics.sink_events.get_or_create(&labels).clone();
     let end_to_end =
         metrics.end_to_end_seconds.get_or_create(&PipelineLabels { pipeline: labels.pipeline.clone() }).clone();
@@ -641,18 +630,8 @@ mod tests {
             topic: "in".into(),
             side: SideWriter::new(log.clone()),
             broken: None,
+            status: SinkStatus::starting(&labels_for_breaker, "in", 0, 1),
             breaker: Breaker::new(breaker, labels_for_breaker, &metrics_for_breaker),
-            status: SinkStatus {
-                pipeline: "p".into(),
-                sink: "out".into(),
-                topic: "in".into(),
-                partition: 0,
-                breaker: "closed",
-                breaker_since_ms: 0,
-                batch_target: 1,
-                retrying_events: 0,
-                last_error: None,
-            },
             statuses: statuses.clone(),
         };
         let mut batch = PendingBatch::default();

@@ -31,6 +31,28 @@ pub struct SinkStatus {
     pub last_error: Option<String>,
 }
 
+impl SinkStatus {
+    /// A sink instance that has written nothing yet: breaker closed, nothing retried.
+    pub(super) fn starting(
+        labels: &crate::metrics::SinkLabels,
+        topic: &str,
+        partition: u32,
+        batch_target: usize,
+    ) -> Self {
+        SinkStatus {
+            pipeline: labels.pipeline.clone(),
+            sink: labels.sink.clone(),
+            topic: topic.to_owned(),
+            partition,
+            breaker: "closed",
+            breaker_since_ms: flowgate_core::time::now_ms(),
+            batch_target,
+            retrying_events: 0,
+            last_error: None,
+        }
+    }
+}
+
 type Key = (String, String, u32, String);
 
 /// Every sink's status; cheap to clone.

@@ -24,6 +24,12 @@ pub fn poll_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool)
     }
 }
 
+/// The JSON header (first line) of a pipeline checkpoint file, if it can be read.
+pub fn checkpoint_header(path: &Path) -> Option<serde_json::Value> {
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice(&bytes[..bytes.iter().position(|&b| b == b'\n')?]).ok()
+}
+
 /// A running engine process.
 pub struct EngineProcess {
     pub child: Child,
