@@ -344,3 +344,43 @@ batch = { adaptive = true, max_events = 100000, min_events = 10, target_latency_
     poll_until("the sink to start", Duration::from_secs(30), || target(&engine).is_some());
     assert_eq!(target(&engine), Some(learned), "starts from what it learned, not from a quarter of max_events");
 }
+
+#[test]
+fn dead_letters_of_a_sink_survive_sigkill_right_after_the_checkpoint_and_nothing_is_sent_again() {
+    let decide: Arc<Decide> = Arc::new(|_, events: &[u64]| {
+        let results: Vec<serde_json::Value> = events
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| *n % 10 == 3)
+            .map(|(i, _)| serde_json::json!({"index": i, "status": 422, "error": "unprocessable"}))
+            .collect();
+        (200, serde_json::json!({ "results": results }).to_string())
+    });
+    let target = Target::start(decide);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), target.port);
+    let mut engine = EngineProcess::start_with(dir.path(), Some(&config), &[("FLOWGATE_LOG__FSYNC", "never")]);
+    let lines: Vec<String> = (0..100).map(|n| format!(r#"{{"n":{n}}}"#)).collect();
+    engine.http("POST", "/v1/topics/in/events", lines.join("\n").as_bytes());
+    let ckpt = dir.path().join("pipelines/p/in-0.ckpt");
+    poll_until("a checkpoint past every event", Duration::from_secs(30), || {
+        common::checkpoint_header(&ckpt).is_some_and(|h| h["offset"] == 100)
+    });
+    // The worst moment for dead letters: the checkpoint that counts them is written, and
+    // the process dies before anything else happens.
+    engine.kill9();
+    let engine = engine.restart();
+    let refused: Vec<u64> = (0..100).filter(|n| n % 10 == 3).collect();
+    let dead = poll_until_dlq(&engine, refused.len());
+    let offsets: Vec<u64> = dead.iter().map(|d| d["offset"].as_u64().unwrap()).collect();
+    assert_eq!(offsets, refused, "every dead letter the checkpoint counted is there, once");
+    // The restarted pipeline goes on from the checkpoint: nothing below it is sent again.
+    let more: Vec<String> = (100..110).map(|n| format!(r#"{{"n":{n}}}"#)).collect();
+    engine.http("POST", "/v1/topics/in/events", more.join("\n").as_bytes());
+    let expected: Vec<u64> = (0..110).filter(|n| n % 10 != 3).collect();
+    poll_until("the later events", Duration::from_secs(30), || {
+        target.delivered.lock().unwrap().len() >= expected.len()
+    });
+    assert_eq!(*target.delivered.lock().unwrap(), expected, "each once, in order, across the SIGKILL");
+    let _ = poll_until_dlq(&engine, refused.len() + 1);
+}
