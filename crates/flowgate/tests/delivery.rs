@@ -384,3 +384,25 @@ fn dead_letters_of_a_sink_survive_sigkill_right_after_the_checkpoint_and_nothing
     assert_eq!(*target.delivered.lock().unwrap(), expected, "each once, in order, across the SIGKILL");
     let _ = poll_until_dlq(&engine, refused.len() + 1);
 }
+
+#[test]
+fn sigterm_while_a_sink_breaker_is_open_for_a_long_time_ends_within_grace_plus_flush() {
+    let decide: Arc<Decide> = Arc::new(|_, _: &[u64]| (503, "{}".to_owned()));
+    let target = Target::start(decide);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), target.port);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "retry = { initial_backoff_ms = 10, max_backoff_ms = 100 }",
+        "retry = { initial_backoff_ms = 10, max_backoff_ms = 100 }\nbreaker = { consecutive_failures = 1, open_ms = 3600000, max_open_ms = 3600000 }",
+    );
+    std::fs::write(&config, text).unwrap();
+    let env = [("FLOWGATE_SERVER__SHUTDOWN_GRACE_MS", "1000"), ("FLOWGATE_SERVER__SHUTDOWN_FLUSH_MS", "1000")];
+    let mut engine = EngineProcess::start_with(dir.path(), Some(&config), &env);
+    engine.http("POST", "/v1/topics/in/events", br#"{"n":1}"#);
+    poll_until("the breaker to open for an hour", Duration::from_secs(10), || {
+        engine.metric("flowgate_sink_breakers_open{pipeline=\"p\",sink=\"api\"}") == 1.0
+    });
+    let started = std::time::Instant::now();
+    engine.terminate();
+    assert!(started.elapsed() < Duration::from_secs(6), "shutdown took {:?}", started.elapsed());
+}
