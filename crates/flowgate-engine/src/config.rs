@@ -407,6 +407,8 @@ pub struct SinkConfig {
     pub retry: RetryPolicy,
     /// When to stop writing to a target that keeps failing.
     pub breaker: BreakerPolicy,
+    /// Writes in flight at once.
+    pub concurrency: ConcurrencyPolicy,
 }
 
 /// The sink as written: `name`, `batch`, and the type's own keys side by side. Parsed in
@@ -420,6 +422,8 @@ struct RawSink {
     retry: RetryPolicy,
     #[serde(default)]
     breaker: BreakerPolicy,
+    #[serde(default)]
+    concurrency: ConcurrencyPolicy,
     #[serde(flatten)]
     rest: serde_json::Map<String, serde_json::Value>,
 }
@@ -430,7 +434,14 @@ impl TryFrom<RawSink> for SinkConfig {
     fn try_from(raw: RawSink) -> Result<Self, Self::Error> {
         let kind = serde_json::from_value(serde_json::Value::Object(raw.rest))
             .map_err(|e| format!("sink '{}': {e}", raw.name))?;
-        Ok(SinkConfig { name: raw.name, kind, batch: raw.batch, retry: raw.retry, breaker: raw.breaker })
+        Ok(SinkConfig {
+            name: raw.name,
+            kind,
+            batch: raw.batch,
+            retry: raw.retry,
+            breaker: raw.breaker,
+            concurrency: raw.concurrency,
+        })
     }
 }
 
@@ -440,7 +451,7 @@ impl From<SinkConfig> for RawSink {
             Ok(serde_json::Value::Object(m)) => m,
             _ => Default::default(),
         };
-        RawSink { name: s.name, batch: s.batch, retry: s.retry, breaker: s.breaker, rest }
+        RawSink { name: s.name, batch: s.batch, retry: s.retry, breaker: s.breaker, concurrency: s.concurrency, rest }
     }
 }
 
@@ -617,13 +628,17 @@ impl Default for RetryPolicy {
 
 /// A sink's circuit breaker (see the engine's `runtime/breaker.rs`): open after
 /// `consecutive_failures` writes in a row that failed as a whole or came back with every
-/// event retryable (0: never), stay open
+/// event retryable (0: never), or when the last 20 writes failed at a rate of at least
+/// `failure_rate_percent` (raised for a sink whose writes normally fail often); stay open
 /// `open_ms`, doubling after each failed probe up to `max_open_ms`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerPolicy {
     /// Failed writes in a row that open the breaker (0: it never opens).
     pub consecutive_failures: u32,
+    /// The smallest failure rate, in percent of the last 20 writes, that opens the
+    /// breaker (100: only failures in a row do).
+    pub failure_rate_percent: u32,
     /// How long it stays open the first time.
     pub open_ms: u64,
     /// The longest it stays open.
@@ -632,7 +647,32 @@ pub struct BreakerPolicy {
 
 impl Default for BreakerPolicy {
     fn default() -> Self {
-        BreakerPolicy { consecutive_failures: 5, open_ms: 1_000, max_open_ms: 60_000 }
+        BreakerPolicy { consecutive_failures: 5, failure_rate_percent: 50, open_ms: 1_000, max_open_ms: 60_000 }
+    }
+}
+
+/// How many writes a sink has in flight at once, across its instances (one per source
+/// partition, each writing one batch at a time in order): a fixed `limit`, or, by
+/// default, a limit the sink's controller learns from write latency (see the engine's
+/// `runtime/controller.rs`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConcurrencyPolicy {
+    /// A fixed limit; unset: adaptive.
+    pub limit: Option<u32>,
+    /// The adaptive limit at the first start (later starts resume from the limit the
+    /// last checkpoint holds).
+    pub initial: u32,
+    /// The largest adaptive limit.
+    pub max: u32,
+    /// How far above its floor (the lowest recent latency) write latency may rise, as a
+    /// fraction of the floor, before the adaptive limit falls.
+    pub latency_tolerance: f64,
+}
+
+impl Default for ConcurrencyPolicy {
+    fn default() -> Self {
+        ConcurrencyPolicy { limit: None, initial: 1, max: 64, latency_tolerance: 0.3 }
     }
 }
 

@@ -98,7 +98,7 @@ pub struct PipelineMetrics {
     pub sink_errors: Family<SinkLabels, Counter>,
     /// Events a sink sent to the dead-letter topic (refused, or out of retries).
     pub sink_dead_letters: Family<SinkLabels, Counter>,
-    /// Open circuit breakers of a sink's instances (one per source partition).
+    /// 1 while a sink's circuit breaker is open.
     pub sink_breakers_open: Family<SinkLabels, Gauge>,
     /// Circuit-breaker transitions, by the state entered.
     pub sink_breaker_transitions: Family<BreakerLabels, Counter>,
@@ -110,6 +110,14 @@ pub struct PipelineMetrics {
     pub sink_write_seconds: Family<SinkLabels, Histogram, fn() -> Histogram>,
     /// Current batch size target (moves with adaptive batching).
     pub sink_batch_target: Family<SinkLabels, Gauge>,
+    /// Writes a sink may have in flight at once (its controller's limit).
+    pub sink_concurrency_limit: Family<SinkLabels, Gauge>,
+    /// Writes a sink has in flight now.
+    pub sink_in_flight: Family<SinkLabels, Gauge>,
+    /// A sink's recent write latency, as its controller averages it.
+    pub sink_latency_seconds: Family<SinkLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// The lowest recent write latency of a sink, which its controller compares with.
+    pub sink_latency_floor_seconds: Family<SinkLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// From the event's timestamp (ingest time unless the client set one) to its sink write.
     pub end_to_end_seconds: Family<PipelineLabels, Histogram, fn() -> Histogram>,
     /// From the event's timestamp to the commit that made its sink output durable.
@@ -160,6 +168,10 @@ impl PipelineMetrics {
             sink_batch_events: Family::new_with_constructor(batch_histogram as fn() -> Histogram),
             sink_write_seconds: Family::new_with_constructor(seconds_histogram as fn() -> Histogram),
             sink_batch_target: Family::default(),
+            sink_concurrency_limit: Family::default(),
+            sink_in_flight: Family::default(),
+            sink_latency_seconds: Family::default(),
+            sink_latency_floor_seconds: Family::default(),
             end_to_end_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             durable_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             lag: Family::default(),
@@ -209,7 +221,7 @@ impl PipelineMetrics {
         registry.register("flowgate_sink_errors", "Sink writes that left events undelivered", m.sink_errors.clone());
         registry.register(
             "flowgate_sink_breakers_open",
-            "Open circuit breakers of a sink's instances (one per source partition)",
+            "1 while a sink's circuit breaker is open",
             m.sink_breakers_open.clone(),
         );
         registry.register(
@@ -233,6 +245,22 @@ impl PipelineMetrics {
             "flowgate_sink_batch_target_events",
             "Current sink batch size target",
             m.sink_batch_target.clone(),
+        );
+        registry.register(
+            "flowgate_sink_concurrency_limit",
+            "Writes a sink may have in flight at once",
+            m.sink_concurrency_limit.clone(),
+        );
+        registry.register("flowgate_sink_in_flight", "Writes a sink has in flight", m.sink_in_flight.clone());
+        registry.register(
+            "flowgate_sink_latency_seconds",
+            "Recent write latency of a sink, as its controller averages it",
+            m.sink_latency_seconds.clone(),
+        );
+        registry.register(
+            "flowgate_sink_latency_floor_seconds",
+            "Lowest recent write latency of a sink",
+            m.sink_latency_floor_seconds.clone(),
         );
         registry.register(
             "flowgate_pipeline_end_to_end_latency_seconds",

@@ -406,3 +406,94 @@ fn sigterm_while_a_sink_breaker_is_open_for_a_long_time_ends_within_grace_plus_f
     engine.terminate();
     assert!(started.elapsed() < Duration::from_secs(6), "shutdown took {:?}", started.elapsed());
 }
+
+/// A target with `workers` workers, each taking `service` per request; more requests
+/// wait for a worker, so past `workers` in flight latency grows and throughput does not.
+/// Counts the requests in flight at once.
+struct QueueingTarget {
+    free: Mutex<usize>,
+    freed: std::sync::Condvar,
+    service: Duration,
+    in_flight: AtomicU64,
+    most_in_flight: AtomicU64,
+}
+
+impl QueueingTarget {
+    fn handle(&self) -> (u16, String) {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        let mut free = self.freed.wait_while(self.free.lock().unwrap(), |f| *f == 0).unwrap();
+        *free -= 1;
+        drop(free);
+        std::thread::sleep(self.service);
+        *self.free.lock().unwrap() += 1;
+        self.freed.notify_one();
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        (200, "{}".to_owned())
+    }
+}
+
+#[test]
+fn the_concurrency_limit_settles_near_the_targets_knee_and_a_restart_starts_from_it() {
+    // 2 workers of 25 ms: more than 2 requests in flight only wait in its queue.
+    let queueing = Arc::new(QueueingTarget {
+        free: Mutex::new(2),
+        freed: std::sync::Condvar::new(),
+        service: Duration::from_millis(25),
+        in_flight: AtomicU64::new(0),
+        most_in_flight: AtomicU64::new(0),
+    });
+    let q = queueing.clone();
+    let target = Target::start(Arc::new(move |_, _: &[u64]| q.handle()));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), target.port);
+    // 8 source partitions: up to 8 writes could be in flight.
+    let text = std::fs::read_to_string(&config).unwrap().replace("default_partitions = 1", "default_partitions = 8");
+    std::fs::write(&config, text).unwrap();
+    let mut engine = EngineProcess::start_with(dir.path(), Some(&config), &[]);
+    let controller = |engine: &EngineProcess| -> Option<serde_json::Value> {
+        let (_, stats) = engine.http("GET", "/v1/stats", b"");
+        let stats: serde_json::Value = serde_json::from_str(&stats).ok()?;
+        let c = stats["sink_controllers"][0].clone();
+        (c["sink"] == "api").then_some(c)
+    };
+    poll_until("the sink's controller", Duration::from_secs(30), || controller(&engine).is_some());
+    assert_eq!(controller(&engine).unwrap()["concurrency_limit"], 1, "a first start begins at 1");
+    // 16 000 events, about 10 s of the target's capacity (80 requests of 20 a second,
+    // 1600 events/s) at 1 in flight, 5 s at 2: a backlog on every partition.
+    let lines: Vec<String> = (0..500).map(|n| format!(r#"{{"n":{n}}}"#)).collect();
+    let body = lines.join("\n");
+    for _ in 0..32 {
+        let (status, answer) = engine.http("POST", "/v1/topics/in/events", body.as_bytes());
+        assert_eq!(status, 200, "{answer}");
+    }
+    poll_until("the limit to grow", Duration::from_secs(20), || {
+        controller(&engine).is_some_and(|c| c["concurrency_limit"].as_u64().unwrap() >= 2)
+    });
+    let mut limits = Vec::new();
+    for _ in 0..20 {
+        limits.push(controller(&engine).unwrap()["concurrency_limit"].as_u64().unwrap());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    limits.sort_unstable();
+    let (median, p90) = (limits[limits.len() / 2], limits[limits.len() * 9 / 10]);
+    assert!((2..=4).contains(&median) && p90 <= 5, "the limit stays near the knee of 2 (of 8 possible): {limits:?}");
+    let c = controller(&engine).unwrap();
+    assert!(c["latency_floor_ms"].as_f64().unwrap() >= 25.0, "{c}");
+    assert!(engine.metric("flowgate_sink_concurrency_limit{pipeline=\"p\",sink=\"api\"}") >= 1.0);
+    poll_until("every event delivered", Duration::from_secs(60), || target.delivered.lock().unwrap().len() >= 16_000);
+    // Restart from a checkpoint that holds the learned limit. With nothing left to
+    // write, only the checkpoint can move the limit of the restarted engine.
+    let ckpt = dir.path().join("pipelines/p/in-0.ckpt");
+    let checkpointed =
+        || -> Option<u64> { common::checkpoint_header(&ckpt)?["sinks"][0]["concurrency_limit"].as_u64() };
+    let live = controller(&engine).unwrap()["concurrency_limit"].as_u64().unwrap();
+    assert!(live >= 2, "learned more than the first 1: {live}");
+    poll_until("a checkpoint with the learned limit", Duration::from_secs(10), || checkpointed() == Some(live));
+    engine.kill9();
+    let engine = engine.restart();
+    poll_until("the learned limit to be resumed", Duration::from_secs(30), || {
+        controller(&engine).is_some_and(|c| c["concurrency_limit"].as_u64() == Some(live))
+    });
+    assert!(queueing.most_in_flight.load(Ordering::SeqCst) >= 2);
+}

@@ -151,6 +151,7 @@ mod tests {
             batch: Default::default(),
             retry: Default::default(),
             breaker: Default::default(),
+            concurrency: Default::default(),
         }
     }
 
@@ -168,6 +169,7 @@ mod tests {
             batch: Default::default(),
             retry: Default::default(),
             breaker: Default::default(),
+            concurrency: Default::default(),
         };
         assert_eq!(Connectors::output_claim_in(data, &topic), None);
     }

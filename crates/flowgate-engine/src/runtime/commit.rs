@@ -2,9 +2,9 @@
 //! then the offset and the processors' and sinks' state are stored together.
 //!
 //! Sink state is stored by sink name — each entry of the checkpoint's `sinks` list is
-//! `{"sink": <name>, "state": <state>, "batch_target": <n>}`, the last being what
-//! adaptive batching learned, so that a restart starts from it — so reordering sinks gives each its own state
-//! back. Entries of sinks that are no longer configured are carried into every later
+//! `{"sink": <name>, "state": <state>, "batch_target": <n>, "concurrency_limit": <n>}`,
+//! the last two being what the sink's controller learned, so that a restart starts from
+//! them — so reordering sinks gives each its own state back. Entries of sinks that are no longer configured are carried into every later
 //! checkpoint (and reported at start), never dropped: adding the sink back finds them.
 //! A checkpoint written before names were stored holds bare states by position; it is
 //! read by position once and rewritten by name.
@@ -17,31 +17,51 @@ use super::worker::Worker;
 use crate::checkpoint::Checkpoint;
 use crate::config::PipelineConfig;
 
+/// One sink's entry of a checkpoint.
+#[derive(Debug)]
+struct Entry {
+    name: String,
+    state: Value,
+    learned: Learned,
+}
+
+/// What a sink's controller had learned at a checkpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Learned {
+    /// The batch target.
+    pub(super) batch_target: Option<usize>,
+    /// The concurrency limit.
+    pub(super) concurrency_limit: Option<u32>,
+}
+
 /// Sink states of a checkpoint, by sink name.
 #[derive(Debug, Default)]
 pub(super) struct SinkStates {
-    /// `(name, state, batch target)` in checkpoint order.
-    entries: Vec<(String, Value, Option<usize>)>,
+    /// In checkpoint order.
+    entries: Vec<Entry>,
+}
+
+/// One entry of the named format, or `None` when it is not one.
+fn named_entry(entry: &Value) -> Option<Entry> {
+    let Value::Object(m) = entry else { return None };
+    let mut learned = Learned::default();
+    for (key, value) in m {
+        match key.as_str() {
+            "sink" | "state" => {}
+            // A learned value out of range is forgotten, not trusted.
+            "batch_target" => learned.batch_target = value.as_u64().and_then(|v| usize::try_from(v).ok()),
+            "concurrency_limit" => learned.concurrency_limit = value.as_u64().and_then(|v| u32::try_from(v).ok()),
+            _ => return None,
+        }
+    }
+    Some(Entry { name: m.get("sink")?.as_str()?.to_owned(), state: m.get("state")?.clone(), learned })
 }
 
 impl SinkStates {
     /// Reads the sink states of `saved`, reporting states of sinks `config` lacks.
     pub(super) fn from_checkpoint(saved: Option<&Checkpoint>, config: &PipelineConfig) -> SinkStates {
         let Some(saved) = saved else { return SinkStates::default() };
-        let named: Option<Vec<(String, Value, Option<usize>)>> = saved
-            .sinks
-            .iter()
-            .map(|entry| match entry {
-                Value::Object(m) if (2..=3).contains(&m.len()) => {
-                    let target = m.get("batch_target").and_then(Value::as_u64).and_then(|t| usize::try_from(t).ok());
-                    if m.len() == 3 && target.is_none() {
-                        return None;
-                    }
-                    Some((m.get("sink")?.as_str()?.to_owned(), m.get("state")?.clone(), target))
-                }
-                _ => None,
-            })
-            .collect();
+        let named: Option<Vec<Entry>> = saved.sinks.iter().map(named_entry).collect();
         let entries = match named {
             Some(entries) => entries,
             None => {
@@ -52,13 +72,13 @@ impl SinkStates {
                     .iter()
                     .map(|s| s.name.clone())
                     .zip(saved.sinks.iter().cloned())
-                    .map(|(n, s)| (n, s, None))
+                    .map(|(name, state)| Entry { name, state, learned: Learned::default() })
                     .collect()
             }
         };
-        for (name, _, _) in &entries {
-            if !config.sinks.iter().any(|s| &s.name == name) {
-                tracing::warn!(pipeline = %config.name, sink = %name,
+        for e in &entries {
+            if !config.sinks.iter().any(|s| s.name == e.name) {
+                tracing::warn!(pipeline = %config.name, sink = %e.name,
                     "the checkpoint holds state of a sink that is not configured; it is kept for when the sink returns");
             }
         }
@@ -67,31 +87,39 @@ impl SinkStates {
 
     /// The state of sink `name` (`Null`: none was checkpointed).
     pub(super) fn get(&self, name: &str) -> Value {
-        self.entries.iter().find(|(n, _, _)| n == name).map_or(Value::Null, |(_, s, _)| s.clone())
+        self.entries.iter().find(|e| e.name == name).map_or(Value::Null, |e| e.state.clone())
     }
 
-    /// The adaptive batch target of sink `name` at the checkpoint, if one was stored.
-    pub(super) fn batch_target(&self, name: &str) -> Option<usize> {
-        self.entries.iter().find(|(n, _, _)| n == name).and_then(|(_, _, t)| *t)
+    /// What sink `name`'s controller had learned at the checkpoint.
+    pub(super) fn learned(&self, name: &str) -> Learned {
+        self.entries.iter().find(|e| e.name == name).map(|e| e.learned).unwrap_or_default()
     }
 
     /// Records the state of sink `name`.
-    fn set(&mut self, name: &str, state: Value, batch_target: usize) {
-        match self.entries.iter_mut().find(|(n, _, _)| n == name) {
+    fn set(&mut self, name: &str, state: Value, learned: Learned) {
+        match self.entries.iter_mut().find(|e| e.name == name) {
             Some(entry) => {
-                entry.1 = state;
-                entry.2 = Some(batch_target);
+                entry.state = state;
+                entry.learned = learned;
             }
-            None => self.entries.push((name.to_owned(), state, Some(batch_target))),
+            None => self.entries.push(Entry { name: name.to_owned(), state, learned }),
         }
     }
 
     fn to_checkpoint(&self) -> Vec<Value> {
         self.entries
             .iter()
-            .map(|(name, state, target)| match target {
-                Some(t) => serde_json::json!({"sink": name, "state": state, "batch_target": t}),
-                None => serde_json::json!({"sink": name, "state": state}),
+            .map(|e| {
+                let mut m = serde_json::Map::new();
+                m.insert("sink".into(), Value::from(e.name.clone()));
+                m.insert("state".into(), e.state.clone());
+                if let Some(t) = e.learned.batch_target {
+                    m.insert("batch_target".into(), Value::from(t));
+                }
+                if let Some(l) = e.learned.concurrency_limit {
+                    m.insert("concurrency_limit".into(), Value::from(l));
+                }
+                Value::Object(m)
             })
             .collect()
     }
@@ -110,7 +138,11 @@ impl Worker {
                 .await
                 .map_err(|_| anyhow::anyhow!("sink '{}' stopped", sink.name))?
                 .map_err(|e| anyhow::anyhow!("sink '{}' commit: {e:#}", sink.name))?;
-            self.sink_states.set(&sink.name, committed.state, committed.batch_target);
+            let learned = Learned {
+                batch_target: Some(committed.batch_target),
+                concurrency_limit: Some(committed.concurrency_limit),
+            };
+            self.sink_states.set(&sink.name, committed.state, learned);
         }
         self.side.make_durable().await?;
         let checkpoint = Checkpoint {
@@ -152,23 +184,34 @@ mod tests {
         Checkpoint { offset: 1, processors: Vec::new(), sinks }
     }
 
+    fn learned(batch_target: usize, concurrency_limit: u32) -> Learned {
+        Learned { batch_target: Some(batch_target), concurrency_limit: Some(concurrency_limit) }
+    }
+
     #[test]
-    fn sink_state_and_learned_batch_targets_come_back_by_name() {
+    fn sink_state_and_what_controllers_learned_come_back_by_name() {
         let mut states = SinkStates::default();
-        states.set("a", serde_json::json!({"seq": 1}), 3125);
-        states.set("b", Value::Null, 40);
+        states.set("a", serde_json::json!({"seq": 1}), learned(3125, 7));
+        states.set("b", Value::Null, learned(40, 1));
         let saved = checkpoint(states.to_checkpoint());
         let back = SinkStates::from_checkpoint(Some(&saved), &config(&["b", "a"]));
-        assert_eq!((back.get("a"), back.batch_target("a")), (serde_json::json!({"seq": 1}), Some(3125)));
-        assert_eq!(back.batch_target("b"), Some(40));
-        assert_eq!(back.batch_target("c"), None);
+        assert_eq!((back.get("a"), back.learned("a")), (serde_json::json!({"seq": 1}), learned(3125, 7)));
+        assert_eq!(back.learned("b"), learned(40, 1));
+        assert_eq!(back.learned("c"), Learned::default());
+    }
+
+    #[test]
+    fn a_learned_value_out_of_range_is_forgotten() {
+        let absurd = checkpoint(vec![serde_json::json!({"sink": "a", "state": 1, "concurrency_limit": u64::MAX})]);
+        let back = SinkStates::from_checkpoint(Some(&absurd), &config(&["a"]));
+        assert_eq!((back.get("a"), back.learned("a")), (serde_json::json!(1), Learned::default()));
     }
 
     #[test]
     fn older_checkpoints_without_targets_or_names_still_read() {
         let by_name = checkpoint(vec![serde_json::json!({"sink": "a", "state": 7})]);
         let back = SinkStates::from_checkpoint(Some(&by_name), &config(&["a"]));
-        assert_eq!((back.get("a"), back.batch_target("a")), (serde_json::json!(7), None));
+        assert_eq!((back.get("a"), back.learned("a")), (serde_json::json!(7), Learned::default()));
         let by_position = checkpoint(vec![serde_json::json!({"seq": 2, "len": 9})]);
         let back = SinkStates::from_checkpoint(Some(&by_position), &config(&["a"]));
         assert_eq!(back.get("a"), serde_json::json!({"seq": 2, "len": 9}));

@@ -18,9 +18,11 @@ pub(super) enum SinkMsg {
 pub(super) struct Committed {
     /// The sink's own state ([`crate::sink::Sink::commit`]).
     pub(super) state: serde_json::Value,
-    /// The batch size the driver flushes at now (moved by adaptive batching), so that a
-    /// restart starts from it instead of from scratch.
+    /// The batch size the sink's controller has set now (moved by adaptive batching),
+    /// so that a restart starts from it instead of from scratch.
     pub(super) batch_target: usize,
+    /// The concurrency limit the sink's controller has learned, for the same reason.
+    pub(super) concurrency_limit: u32,
 }
 
 pub(super) async fn fan_out(mut events: Vec<PipelineEvent>, sinks: &[mpsc::Sender<SinkMsg>]) -> anyhow::Result<()> {

@@ -13,6 +13,7 @@
 
 mod breaker;
 mod commit;
+mod controller;
 pub mod dead_letters;
 mod decode;
 #[cfg(all(feature = "failpoints", debug_assertions))]
@@ -37,6 +38,7 @@ use crate::config::PipelineConfig;
 use crate::metrics::{PipelineMetrics, SourceLabels};
 use crate::processors;
 use crate::sink::SinkFactory;
+pub use controller::{ControllerStatus, SinkControllers};
 pub use sink_status::{SinkStatus, SinkStatuses};
 use supervisor::{supervise, WorkerHealth};
 pub use supervisor::{PipelineHealth, WorkerState, WorkerStatus};
@@ -129,7 +131,10 @@ pub fn validate(pipelines: &[PipelineConfig], sinks: &dyn SinkFactory) -> anyhow
     Ok(())
 }
 
-/// Checks a sink's `retry` and `breaker`: every duration at least 1 ms and at most a day
+/// The largest concurrency limit a sink may have.
+const MAX_CONCURRENCY: u32 = 1024;
+
+/// Checks a sink's `retry`, `breaker` and `concurrency`: every duration at least 1 ms and at most a day
 /// (`max_elapsed_ms` at most 30 days), and each bound at least its start.
 fn validate_delivery(s: &crate::config::SinkConfig) -> anyhow::Result<()> {
     let (r, b) = (&s.retry, &s.breaker);
@@ -150,6 +155,20 @@ fn validate_delivery(s: &crate::config::SinkConfig) -> anyhow::Result<()> {
         "`retry.initial_backoff_ms` exceeds `retry.max_backoff_ms`"
     );
     anyhow::ensure!(b.open_ms <= b.max_open_ms, "`breaker.open_ms` exceeds `breaker.max_open_ms`");
+    anyhow::ensure!(b.failure_rate_percent <= 100, "`breaker.failure_rate_percent` must be at most 100");
+    let c = &s.concurrency;
+    for (key, n) in
+        [("concurrency.initial", Some(c.initial)), ("concurrency.max", Some(c.max)), ("concurrency.limit", c.limit)]
+    {
+        if let Some(n) = n {
+            anyhow::ensure!((1..=MAX_CONCURRENCY).contains(&n), "`{key}` must be from 1 to {MAX_CONCURRENCY}");
+        }
+    }
+    anyhow::ensure!(c.initial <= c.max, "`concurrency.initial` exceeds `concurrency.max`");
+    anyhow::ensure!(
+        c.latency_tolerance.is_finite() && (0.0..=100.0).contains(&c.latency_tolerance),
+        "`concurrency.latency_tolerance` must be a number from 0 to 100"
+    );
     Ok(())
 }
 
@@ -191,6 +210,8 @@ pub(crate) struct Shared {
     pub(crate) pipeline_names: Vec<String>,
     /// What every sink task is doing.
     pub(crate) sink_statuses: SinkStatuses,
+    /// Every sink's controller.
+    pub(crate) controllers: SinkControllers,
 }
 
 impl Pipelines {
@@ -205,8 +226,28 @@ impl Pipelines {
         validate(&configs, factory.as_ref())?;
         let pipeline_names = configs.iter().map(|c| c.name.clone()).collect();
         let sink_statuses = SinkStatuses::default();
-        let shared =
-            Arc::new(Shared { log, data_dir, metrics, factory, pipeline_names, sink_statuses: sink_statuses.clone() });
+        let controllers = SinkControllers::default();
+        for p in &configs {
+            for s in &p.sinks {
+                let labels = crate::metrics::SinkLabels { pipeline: p.name.clone(), sink: s.name.clone() };
+                controllers.insert(controller::SinkController::new(
+                    labels,
+                    s.concurrency.clone(),
+                    s.batch.clone(),
+                    s.breaker.clone(),
+                    &metrics,
+                ));
+            }
+        }
+        let shared = Arc::new(Shared {
+            log,
+            data_dir,
+            metrics,
+            factory,
+            pipeline_names,
+            sink_statuses: sink_statuses.clone(),
+            controllers: controllers.clone(),
+        });
         let cancel = CancellationToken::new();
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -265,7 +306,7 @@ impl Pipelines {
         Ok(Pipelines {
             cancel,
             supervisors,
-            health: PipelineHealth::new(healths, sink_statuses),
+            health: PipelineHealth::new(healths, sink_statuses, controllers),
             runtime: Some(runtime),
         })
     }

@@ -1,7 +1,9 @@
-//! The sink task: batching, adaptive batch sizes, per-event outcomes, retries with
-//! backoff and jitter, dead letters of what is refused or runs out of retries, sink
-//! metrics. This is the machinery every sink shares; a sink only writes and says what
-//! became of each event ([`crate::sink::WriteOutcome`]).
+//! The sink task: batching, per-event outcomes, retries with backoff and jitter, dead
+//! letters of what is refused or runs out of retries, sink metrics. Every write is let
+//! through and reported to the sink's controller ([`super::controller`]), which sets the
+//! batch size, the writes in flight and the circuit breaker. This is the machinery every
+//! sink shares; a sink only writes and says what became of each event
+//! ([`crate::sink::WriteOutcome`]).
 //!
 //! Events wait for their flush in a [`PendingBatch`], which copies their key and payload
 //! into storage of its own. Events arrive as slices of the worker's log reads (about
@@ -16,11 +18,11 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
-use super::breaker::{Breaker, State as BreakerState};
+use super::controller::{Outcome, SinkController};
 use super::dead_letters::{Category, Entry, FailedAt, SideWriter};
 use super::fan_out::{Committed, SinkMsg};
 use super::sink_status::{SinkStatus, SinkStatuses};
-use crate::config::{BatchPolicy, BreakerPolicy, RetryPolicy};
+use crate::config::{BatchPolicy, RetryPolicy};
 use crate::event::ALL_SINKS;
 use crate::metrics::{FlushLabels, PipelineLabels, PipelineMetrics, SinkLabels};
 use crate::sink::{EventFailure, Sink, SinkEvent};
@@ -138,7 +140,7 @@ struct SinkTask {
     /// Why dead letters could not be written, reported at the next commit (which fails,
     /// so that the worker restarts from its last checkpoint and they are written again).
     broken: Option<String>,
-    breaker: Breaker,
+    controller: Arc<SinkController>,
     /// What `/v1/stats` shows of this task.
     status: SinkStatus,
     statuses: SinkStatuses,
@@ -186,12 +188,10 @@ impl SinkTask {
         let mut last_error = String::new();
         let took = loop {
             let current: &[SinkEvent] = retrying.as_deref().unwrap_or(events);
-            self.breaker.admit().await;
+            let permit = self.controller.acquire().await;
             self.show_breaker();
             attempts = attempts.saturating_add(1);
-            let started = Instant::now();
             let result = self.sink.write(current).await;
-            let took = started.elapsed();
             // The retryable failures, in batch order; `None` when the write failed as a whole.
             let (failed, retry_after): (Option<Vec<EventFailure>>, Option<Duration>) = match result {
                 Ok(outcome) if outcome.failures.is_empty() => (Some(Vec::new()), None),
@@ -238,18 +238,17 @@ impl SinkTask {
             let answered = failed.as_ref().is_some_and(|f| f.len() < current.len());
             let failed = match failed {
                 Some(f) if f.is_empty() => {
-                    self.breaker.delivered();
-                    break took;
+                    break permit.finish(Outcome::Answered { pushback: retry_after.is_some() });
                 }
                 Some(f) => f,
                 None => Vec::new(),
             };
-            if answered {
-                self.breaker.delivered();
+            let took = if answered {
+                permit.finish(Outcome::Answered { pushback: true })
             } else {
                 let why = if whole { last_error.as_str() } else { failed[0].reason.as_str() };
-                self.breaker.failed(why);
-            }
+                permit.finish(Outcome::Failed { why })
+            };
             let first = *first_failure.get_or_insert((Instant::now(), flowgate_core::time::now_ms()));
             // A write that failed as a whole is retried until it succeeds, whatever the
             // bounds: the sink may have stored part of it, which only its own resume of
@@ -278,9 +277,9 @@ impl SinkTask {
             // A target's hint is honoured up to the largest backoff step, so that no
             // answer can park a sink (and its checkpoints) for long.
             let hint = retry_after.unwrap_or_default().min(Duration::from_millis(self.retry.max_backoff_ms.max(1)));
-            self.breaker.hold_for(hint);
+            self.controller.hold_for(hint);
             // An open breaker makes the next attempt wait for its probe instead.
-            if self.breaker.state() != BreakerState::Open {
+            if !self.controller.breaker_open() {
                 tokio::time::sleep(backoff(&self.retry, attempts).max(hint)).await;
             }
         };
@@ -319,7 +318,7 @@ impl SinkTask {
 
     /// Publishes the breaker's state if it changed.
     fn show_breaker(&mut self) {
-        if self.breaker.shown().0 != self.status.breaker {
+        if self.controller.breaker_shown().0 != self.status.breaker {
             let (retrying, error) = (self.status.retrying_events, self.status.last_error.take());
             self.show(retrying, error);
         }
@@ -328,7 +327,7 @@ impl SinkTask {
     /// Publishes the task's status (once per write that left events undelivered, and
     /// once when it is resolved).
     fn show(&mut self, retrying_events: usize, last_error: Option<String>) {
-        let (breaker, since) = self.breaker.shown();
+        let (breaker, since) = self.controller.breaker_shown();
         self.status.breaker = breaker;
         self.status.breaker_since_ms = since;
         self.status.retrying_events = retrying_events;
@@ -396,21 +395,16 @@ impl SinkTask {
     }
 }
 
-/// The sink task: batches by count, bytes and wait; adapts the batch size toward the
-/// target latency when asked; retries failed writes with backoff (the queue in front
-/// fills meanwhile, which slows the pipeline, not ingest). `bit` is the sink's bit in
-/// route masks.
-/// What a sink task needs besides its sink: where its events come from and where its
-/// dead letters go.
+/// What a sink task needs besides its sink: where its events come from, its sink's
+/// controller, and where its dead letters go.
 pub(super) struct SinkSetup {
     pub(super) statuses: SinkStatuses,
     /// The source partition.
     pub(super) partition: u32,
     pub(super) batch: BatchPolicy,
-    /// The adaptive batch target the last checkpoint holds, if any.
-    pub(super) learned_target: Option<usize>,
     pub(super) retry: RetryPolicy,
-    pub(super) breaker: BreakerPolicy,
+    /// The sink's controller, shared with its instances of the other partitions.
+    pub(super) controller: Arc<SinkController>,
     /// The sink's bit in route masks.
     pub(super) bit: u64,
     pub(super) labels: SinkLabels,
@@ -420,22 +414,12 @@ pub(super) struct SinkSetup {
     pub(super) side: SideWriter,
 }
 
+/// The sink task: batches by count (the controller's batch target), bytes and wait;
+/// retries failed writes with backoff (the queue in front fills meanwhile, which slows
+/// the pipeline, not ingest).
 pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg>, setup: SinkSetup) {
-    let SinkSetup {
-        statuses,
-        partition,
-        batch: policy,
-        learned_target,
-        retry,
-        breaker,
-        bit,
-        labels,
-        metrics,
-        topic,
-        side,
-    } = setup;
-    let breaker = Breaker::new(breaker, labels.clone(), &metrics);
-    let status = SinkStatus::starting(&labels, &topic, partition, policy.max_events);
+    let SinkSetup { statuses, partition, batch: policy, retry, controller, bit, labels, metrics, topic, side } = setup;
+    let status = SinkStatus::starting(&labels, &topic, partition, controller.batch_target());
     let events = metrics.sink_events.get_or_create(&labels).clone();
     let end_to_end =
         metrics.end_to_end_seconds.get_or_create(&PipelineLabels { pipeline: labels.pipeline.clone() }).clone();
@@ -452,21 +436,10 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
         topic,
         side,
         broken: None,
-        breaker,
+        controller,
         status,
         statuses,
     };
-    let target_gauge = task.metrics.sink_batch_target.get_or_create(&task.labels).clone();
-    let mut target = match (policy.adaptive, learned_target) {
-        // Where the last run left it, within today's bounds.
-        (true, Some(learned)) => {
-            learned.min(policy.max_events.max(1)).max(policy.min_events.max(1).min(policy.max_events.max(1)))
-        }
-        (true, None) => (policy.max_events / 4).max(policy.min_events).min(policy.max_events),
-        (false, _) => policy.max_events,
-    };
-    target_gauge.set(i64::try_from(target).unwrap_or(i64::MAX));
-    task.status.batch_target = target;
     task.statuses.set(&task.status);
     let max_wait = Duration::from_millis(policy.max_wait_ms.max(1));
     let mut buffer = PendingBatch::default();
@@ -488,6 +461,8 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
         };
         match msg {
             Some(SinkMsg::Events(events, masks)) => {
+                // Read once per message, not per event; it moves once per write.
+                let mut target = task.controller.batch_target();
                 for (e, m) in events.iter().zip(masks.iter()) {
                     if *m != ALL_SINKS && *m & bit == 0 {
                         continue;
@@ -501,7 +476,7 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
                     } else {
                         continue;
                     };
-                    let took = task.flush(&mut buffer, reason).await;
+                    task.flush(&mut buffer, reason).await;
                     oldest = None;
                     if task.broken.is_some() {
                         // Dead letters could not be written: stop, so that the worker
@@ -509,13 +484,10 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
                         // commit, and nothing more is written meanwhile.
                         return;
                     }
-                    if let (true, Some(took)) = (policy.adaptive, took) {
-                        target = adapt(target, took, &policy);
-                        target_gauge.set(i64::try_from(target).unwrap_or(i64::MAX));
-                        if task.status.batch_target != target {
-                            task.status.batch_target = target;
-                            task.statuses.set(&task.status);
-                        }
+                    target = task.controller.batch_target();
+                    if task.status.batch_target != target {
+                        task.status.batch_target = target;
+                        task.statuses.set(&task.status);
                     }
                 }
             }
@@ -526,8 +498,8 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
                 if committed.is_ok() {
                     task.observe_durable();
                 }
-                let batch_target = task.status.batch_target;
-                let _ = reply.send(committed.map(|state| Committed { state, batch_target }));
+                let (batch_target, concurrency_limit) = (task.controller.batch_target(), task.controller.limit());
+                let _ = reply.send(committed.map(|state| Committed { state, batch_target, concurrency_limit }));
             }
             None => {
                 task.flush(&mut buffer, Reason::Commit).await;
@@ -538,24 +510,10 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
     }
 }
 
-/// The next batch size target: grow by a quarter while writes are faster than the
-/// target latency, shrink by a quarter when slower, within [min_events, max_events].
-fn adapt(current: usize, took: Duration, policy: &BatchPolicy) -> usize {
-    let target = Duration::from_millis(policy.target_latency_ms.max(1));
-    let next = if took < target.saturating_mul(8) / 10 {
-        current.saturating_add(current / 4).saturating_add(1)
-    } else if took > target {
-        current - current / 4
-    } else {
-        current
-    };
-    // `min` then `max`, not `clamp`: a config with min above max must not panic here.
-    next.min(policy.max_events.max(1)).max(policy.min_events.max(1).min(policy.max_events.max(1)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::BreakerPolicy;
     use crate::sink::{BoxFuture, WriteOutcome};
 
     /// A sink that answers each write from a script, and records what it was given.
@@ -631,7 +589,13 @@ mod tests {
             side: SideWriter::new(log.clone()),
             broken: None,
             status: SinkStatus::starting(&labels_for_breaker, "in", 0, 1),
-            breaker: Breaker::new(breaker, labels_for_breaker, &metrics_for_breaker),
+            controller: Arc::new(SinkController::new(
+                labels_for_breaker,
+                crate::config::ConcurrencyPolicy::default(),
+                BatchPolicy::default(),
+                breaker,
+                &metrics_for_breaker,
+            )),
             statuses: statuses.clone(),
         };
         let mut batch = PendingBatch::default();
@@ -730,7 +694,8 @@ mod tests {
     async fn an_open_breaker_makes_no_writes_until_its_probe() {
         // Retries back off 1-2 ms; the breaker opens after 3 failures for 200 ms.
         let answers = (0..4).map(|_| Err(anyhow::anyhow!("connection refused"))).collect();
-        let breaker = BreakerPolicy { consecutive_failures: 3, open_ms: 200, max_open_ms: 1000 };
+        let breaker =
+            BreakerPolicy { consecutive_failures: 3, open_ms: 200, max_open_ms: 1000, ..BreakerPolicy::default() };
         let ((seen, dead), at) = flush_with_breaker(1, answers, quick(), breaker).await;
         assert_eq!(seen.len(), 5, "4 failures, then the delivery");
         assert!(dead.is_empty());
@@ -754,29 +719,6 @@ mod tests {
         }
         let spread: std::collections::HashSet<Duration> = (0..200).map(|_| backoff(&policy, 5)).collect();
         assert!(spread.len() > 50, "the waits are spread, not all the same");
-    }
-
-    #[test]
-    fn adaptive_batching_moves_toward_the_target_latency_within_bounds() {
-        let policy = BatchPolicy {
-            max_events: 10_000,
-            min_events: 100,
-            target_latency_ms: 10,
-            adaptive: true,
-            ..BatchPolicy::default()
-        };
-        let mut n = 1000;
-        for _ in 0..50 {
-            n = adapt(n, Duration::from_millis(1), &policy);
-        }
-        assert_eq!(n, 10_000, "fast writes grow the batch up to the bound");
-        for _ in 0..50 {
-            n = adapt(n, Duration::from_millis(50), &policy);
-        }
-        assert_eq!(n, 100, "slow writes shrink it down to the bound");
-        assert_eq!(adapt(500, Duration::from_millis(9), &policy), 500, "near the target it stays");
-        let unbounded = BatchPolicy { max_events: usize::MAX, ..policy };
-        assert_eq!(adapt(usize::MAX, Duration::ZERO, &unbounded), usize::MAX, "growth saturates");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use super::controller::{ControllerStatus, SinkControllers};
 use super::quarantine::{InFlight, Learned, Quarantine};
 use super::sink_status::{SinkStatus, SinkStatuses};
 use super::worker::Worker;
@@ -112,11 +113,27 @@ impl WorkerHealth {
 pub struct PipelineHealth {
     workers: Arc<Vec<Arc<WorkerHealth>>>,
     sinks: SinkStatuses,
+    controllers: SinkControllers,
 }
 
 impl PipelineHealth {
-    pub(super) fn new(workers: Vec<Arc<WorkerHealth>>, sinks: SinkStatuses) -> PipelineHealth {
-        PipelineHealth { workers: Arc::new(workers), sinks }
+    pub(super) fn new(
+        workers: Vec<Arc<WorkerHealth>>,
+        sinks: SinkStatuses,
+        controllers: SinkControllers,
+    ) -> PipelineHealth {
+        PipelineHealth { workers: Arc::new(workers), sinks, controllers }
+    }
+
+    /// Every sink's controller: concurrency limit, in flight, batch target, latency and
+    /// its floor, breaker.
+    pub fn controllers(&self) -> Vec<ControllerStatus> {
+        self.controllers.all()
+    }
+
+    /// Every sink's controller, to set memory pressure on.
+    pub fn sink_controllers(&self) -> SinkControllers {
+        self.controllers.clone()
     }
 
     /// Every sink instance's status (breaker, batch target, retries).

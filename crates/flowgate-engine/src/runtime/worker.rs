@@ -124,13 +124,19 @@ impl Worker {
             let labels = SinkLabels { pipeline: self.config.name.clone(), sink: sink_config.name.clone() };
             // `validate` allows at most 64 sinks, so every sink has a mask bit.
             let bit = u32::try_from(i).ok().and_then(|i| 1u64.checked_shl(i)).unwrap_or(0);
+            let controller = self
+                .shared
+                .controllers
+                .get(&self.config.name, &sink_config.name)
+                .ok_or_else(|| at(anyhow::anyhow!("the sink has no controller")))?;
+            let learned = self.sink_states.learned(&sink_config.name);
+            controller.resume(learned.concurrency_limit, learned.batch_target);
             let setup = SinkSetup {
                 statuses: self.shared.sink_statuses.clone(),
                 partition: self.partition.id(),
                 batch: sink_config.batch.clone(),
-                learned_target: self.sink_states.batch_target(&sink_config.name),
                 retry: sink_config.retry.clone(),
-                breaker: sink_config.breaker.clone(),
+                controller,
                 bit,
                 labels,
                 metrics: self.shared.metrics.clone(),

@@ -270,6 +270,7 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
     let reasons = shared.not_ready_reasons();
     let workers = shared.pipelines.get().map(|h| h.workers()).unwrap_or_default();
     let sinks = shared.pipelines.get().map(|h| h.sinks()).unwrap_or_default();
+    let controllers = shared.pipelines.get().map(|h| h.controllers()).unwrap_or_default();
     Json(json!({
         "uptime_secs": shared.started.elapsed().as_secs(),
         "ready": reasons.is_empty(),
@@ -279,6 +280,7 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
         "retention": {"unread_deleted_events": shared.ingest.log().unread_deleted_events()},
         "pipeline_workers": workers,
         "pipeline_sinks": sinks,
+        "sink_controllers": controllers,
     }))
     .into_response()
 }
