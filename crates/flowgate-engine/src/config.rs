@@ -637,7 +637,7 @@ pub struct BreakerPolicy {
     /// Failed writes in a row that open the breaker (0: it never opens).
     pub consecutive_failures: u32,
     /// The smallest failure rate, in percent of the last 20 writes, that opens the
-    /// breaker (100: only failures in a row do).
+    /// breaker (1 to 100; 100: only failures in a row do).
     pub failure_rate_percent: u32,
     /// How long it stays open the first time.
     pub open_ms: u64,
@@ -652,27 +652,30 @@ impl Default for BreakerPolicy {
 }
 
 /// How many writes a sink has in flight at once, across its instances (one per source
-/// partition, each writing one batch at a time in order): a fixed `limit`, or, by
-/// default, a limit the sink's controller learns from write latency (see the engine's
-/// `runtime/controller.rs`).
+/// partition, each writing one batch at a time in order): a fixed `limit`; a limit the
+/// sink's controller learns from write latency (`adaptive`, the default of sinks that
+/// write to another system: `http`, `tcp`); or no limit but the number of instances (the
+/// default of local sinks). See the engine's `runtime/controller.rs`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConcurrencyPolicy {
-    /// A fixed limit; unset: adaptive.
+    /// A fixed limit; overrides `adaptive`.
     pub limit: Option<u32>,
+    /// Whether the limit is learned; unset: the sink type's default.
+    pub adaptive: Option<bool>,
     /// The adaptive limit at the first start (later starts resume from the limit the
     /// last checkpoint holds).
     pub initial: u32,
     /// The largest adaptive limit.
     pub max: u32,
-    /// How far above its floor (the lowest recent latency) write latency may rise, as a
+    /// How far above its floor (the lowest latency seen) write latency may rise, as a
     /// fraction of the floor, before the adaptive limit falls.
     pub latency_tolerance: f64,
 }
 
 impl Default for ConcurrencyPolicy {
     fn default() -> Self {
-        ConcurrencyPolicy { limit: None, initial: 1, max: 64, latency_tolerance: 0.3 }
+        ConcurrencyPolicy { limit: None, adaptive: None, initial: 1, max: 64, latency_tolerance: 0.3 }
     }
 }
 

@@ -119,6 +119,13 @@ pub trait SinkFactory: Send + Sync {
         None
     }
 
+    /// Whether the sink writes to another system, whose capacity its controller should
+    /// learn (adaptive concurrency by default), rather than to local storage (no limit
+    /// but the number of instances by default).
+    fn remote(&self, _config: &SinkConfig) -> bool {
+        false
+    }
+
     /// Builds the sink instance for one place.
     fn build(&self, config: &SinkConfig, place: &SinkPlace) -> anyhow::Result<Box<dyn Sink>>;
 }

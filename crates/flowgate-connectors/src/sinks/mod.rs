@@ -115,6 +115,10 @@ impl SinkFactory for Connectors {
         Connectors::output_claim_in(&self.data_dir, config)
     }
 
+    fn remote(&self, config: &SinkConfig) -> bool {
+        matches!(config.kind, SinkKind::Http { .. } | SinkKind::Tcp { .. })
+    }
+
     fn build(&self, config: &SinkConfig, place: &SinkPlace) -> anyhow::Result<Box<dyn Sink>> {
         Ok(match &config.kind {
             SinkKind::File { path, rotate_bytes, rotate_ms, compression } => {

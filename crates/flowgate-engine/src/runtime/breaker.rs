@@ -3,7 +3,7 @@
 //!
 //! Closed: writes go through. A write "fails" when it failed as a whole or came back with
 //! every event retryable. After `consecutive_failures` failed writes in a row, or when
-//! the last 20 writes failed at a rate of at least `failure_rate_percent` (raised for a
+//! the last 20 writes failed at a rate of at least `failure_rate_percent` (below 100; raised for a
 //! sink whose writes normally fail often: twice its long-run failure rate plus 10
 //! points, at most 95%), it opens: no writes at all for `open_ms` (the sink's queues
 //! fill, its pipeline stops reading, and the log holds the backlog). Then it is
@@ -193,7 +193,8 @@ impl Breaker {
             State::Closed => {
                 let failing = self.recent.iter().filter(|f| **f).count();
                 self.failures_in_a_row >= self.policy.consecutive_failures
-                    || (self.recent.len() == RATE_WINDOW
+                    || (self.policy.failure_rate_percent < 100
+                        && self.recent.len() == RATE_WINDOW
                         && failing as f64 / RATE_WINDOW as f64 >= self.rate_threshold())
             }
             State::Open => false,

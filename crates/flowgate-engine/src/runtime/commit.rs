@@ -51,7 +51,8 @@ fn named_entry(entry: &Value) -> Option<Entry> {
             // A learned value out of range is forgotten, not trusted.
             "batch_target" => learned.batch_target = value.as_u64().and_then(|v| usize::try_from(v).ok()),
             "concurrency_limit" => learned.concurrency_limit = value.as_u64().and_then(|v| u32::try_from(v).ok()),
-            _ => return None,
+            // What a later version learns is left to it.
+            _ => {}
         }
     }
     Some(Entry { name: m.get("sink")?.as_str()?.to_owned(), state: m.get("state")?.clone(), learned })

@@ -20,11 +20,17 @@
 //! - **Memory pressure** ([`SinkController::set_memory_pressure`]) makes both the limit
 //!   and the batch size fall at each window, however fast the target is.
 //!
+//! Without a fixed limit, a sink that writes to another system (`http`, `tcp`) is
+//! adaptive and a local one (`file`, `topic`, ...) unlimited (as many writes in flight
+//! as instances), unless `concurrency.adaptive` says otherwise.
+//!
 //! The controller is asked once per write, never per event. What it decides is in
 //! `/v1/stats` (`sink_controllers`) and in the metrics `flowgate_sink_concurrency_limit`,
 //! `flowgate_sink_in_flight`, `flowgate_sink_latency_seconds`,
 //! `flowgate_sink_latency_floor_seconds` and `flowgate_sink_batch_target_events`.
 
+#[cfg(test)]
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,12 +52,45 @@ const DECREASE_RATIO: f64 = 0.9;
 /// Weight of the newest window in the latency average.
 const LATENCY_ALPHA: f64 = 0.4;
 
+/// How a sink's writes in flight are limited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// At most this many.
+    Fixed(u32),
+    /// A limit learned from latency.
+    Adaptive,
+    /// No limit but the number of instances.
+    Unlimited,
+}
+
+impl Mode {
+    /// The mode a sink's policy asks for; `adaptive` is the policy's own, or the sink
+    /// type's default.
+    pub(super) fn of(policy: &ConcurrencyPolicy, adaptive: bool) -> Mode {
+        match (policy.limit, adaptive) {
+            (Some(limit), _) => Mode::Fixed(limit.max(1)),
+            (None, true) => Mode::Adaptive,
+            (None, false) => Mode::Unlimited,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Fixed(_) => "fixed",
+            Mode::Adaptive => "adaptive",
+            Mode::Unlimited => "unlimited",
+        }
+    }
+}
+
 /// What a write's outcome tells the controller.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Outcome<'a> {
     /// The target answered for some event (delivered, or refused for good);
-    /// `pushback` when it also sent some back as retryable or asked to wait.
-    Answered { pushback: bool },
+    /// `pushback` when it also sent some back as retryable or asked to wait; `full` when
+    /// the batch was a full one (flushed for its size), whose latency is comparable
+    /// with other full ones.
+    Answered { pushback: bool, full: bool },
     /// The write failed as a whole, or every event came back retryable.
     Failed { why: &'a str },
 }
@@ -95,10 +134,11 @@ struct Inner {
     resumed: bool,
 }
 
-/// One sink's controller. Cheap to share: writes lock it twice (before and after), for
-/// a few hundred nanoseconds each.
+/// One sink's controller. Cheap to share: a write locks it a few times (before and
+/// after), for well under a microsecond each.
 pub(super) struct SinkController {
     labels: SinkLabels,
+    mode: Mode,
     policy: ConcurrencyPolicy,
     batch: BatchPolicy,
     inner: Mutex<Inner>,
@@ -121,10 +161,10 @@ pub struct ControllerStatus {
     pub pipeline: String,
     /// Sink name.
     pub sink: String,
-    /// Writes allowed in flight at once.
-    pub concurrency_limit: u32,
-    /// Whether the limit is learned (`false`: fixed by `concurrency.limit`).
-    pub adaptive: bool,
+    /// Writes allowed in flight at once (`None`: unlimited).
+    pub concurrency_limit: Option<u32>,
+    /// `adaptive`, `fixed` or `unlimited`.
+    pub concurrency: &'static str,
     /// Writes in flight now.
     pub in_flight: u32,
     /// Events per batch the sink's instances flush at.
@@ -155,13 +195,18 @@ impl SinkController {
     /// A controller for `labels`'s sink, starting from its configured initial limit.
     pub(super) fn new(
         labels: SinkLabels,
+        mode: Mode,
         concurrency: ConcurrencyPolicy,
         batch: BatchPolicy,
         breaker: BreakerPolicy,
         metrics: &PipelineMetrics,
     ) -> SinkController {
         let now = Instant::now();
-        let limit = concurrency.limit.unwrap_or(concurrency.initial).clamp(1, concurrency.max.max(1));
+        let limit = match mode {
+            Mode::Fixed(limit) => limit,
+            Mode::Adaptive => concurrency.initial.clamp(1, concurrency.max.max(1)),
+            Mode::Unlimited => Semaphore::MAX_PERMITS.try_into().unwrap_or(u32::MAX),
+        };
         let target = if batch.adaptive {
             (batch.max_events / 4).max(batch.min_events).min(batch.max_events).max(1)
         } else {
@@ -186,6 +231,7 @@ impl SinkController {
                 resumed: false,
             }),
             labels,
+            mode,
             policy: concurrency,
             batch,
             changed: Notify::new(),
@@ -199,7 +245,7 @@ impl SinkController {
     }
 
     fn adaptive(&self) -> bool {
-        self.policy.limit.is_none()
+        self.mode == Mode::Adaptive
     }
 
     /// Starts from what a checkpoint learned, unless this process has learned (or
@@ -209,11 +255,14 @@ impl SinkController {
         if inner.resumed {
             return;
         }
-        inner.resumed = true;
+        // An instance with nothing learned (a partition that never checkpointed) leaves
+        // it to the next one.
         if let (true, Some(limit)) = (self.adaptive(), limit) {
+            inner.resumed = true;
             self.move_limit(&mut inner, limit.clamp(1, self.policy.max.max(1)));
         }
         if let (true, Some(target)) = (self.batch.adaptive, batch_target) {
+            inner.resumed = true;
             self.set_batch_target(clamp_target(target, &self.batch));
         }
     }
@@ -290,14 +339,20 @@ impl SinkController {
                     continue;
                 }
             };
-            if self.slots.available_permits() == 0 {
-                self.inner.lock().window.limited = true;
-            }
-            let slot = self.slots.clone().acquire_owned().await.expect("the slots are never closed");
+            let slot = if self.mode == Mode::Unlimited {
+                None
+            } else {
+                if self.slots.available_permits() == 0 {
+                    self.inner.lock().window.limited = true;
+                }
+                Some(self.slots.clone().acquire_owned().await.expect("the slots are never closed"))
+            };
             let mut inner = self.inner.lock();
             if probe.controller.is_none() && inner.breaker.state() != BreakerState::Closed {
                 // The breaker opened while this write waited for a slot.
-                give_back(&mut inner, slot);
+                if let Some(slot) = slot {
+                    give_back(&mut inner, slot);
+                }
                 continue;
             }
             inner.in_flight = inner.in_flight.saturating_add(1);
@@ -305,7 +360,7 @@ impl SinkController {
             return Permit {
                 controller: self.clone(),
                 probe: probe.defuse(),
-                slot: Some(slot),
+                slot,
                 started: Instant::now(),
                 finished: false,
             };
@@ -350,18 +405,25 @@ impl SinkController {
         }
         self.in_flight_gauge.set(i64::from(inner.in_flight));
         match outcome {
-            Some(Outcome::Answered { pushback }) => {
+            Some(Outcome::Answered { pushback, full }) => {
                 inner.breaker.delivered();
                 let took = took.as_secs_f64();
-                // A write granted before the limit last moved says nothing of the new limit.
-                if started >= inner.limit_moved_at {
+                // A write granted before the limit last moved says nothing of the new
+                // limit, and a small batch (flushed by time or for a checkpoint) nothing
+                // of the latency of full ones.
+                if started >= inner.limit_moved_at && full {
                     inner.window.latency_sum += took;
                     inner.window.answered = inner.window.answered.saturating_add(1);
                 }
                 inner.window.pushback |= pushback;
                 if !pushback && self.batch.adaptive && !self.memory_pressure.load(Ordering::Relaxed) {
-                    let next = adapt(self.batch_target(), Duration::from_secs_f64(took), &self.batch);
-                    self.set_batch_target(next);
+                    let before = self.batch_target();
+                    let next = adapt(before, Duration::from_secs_f64(took), &self.batch);
+                    if next != before {
+                        self.set_batch_target(next);
+                        // Latency follows the batch size: the floor is learned anew for it.
+                        inner.floor = None;
+                    }
                 }
             }
             Some(Outcome::Failed { why }) => {
@@ -374,7 +436,8 @@ impl SinkController {
         let span = Duration::from_secs_f64(inner.latency.unwrap_or(0.0)).max(Duration::from_millis(1));
         // A window holds a round of writes at the current limit: ending it at the first
         // one back would judge the limit by its fastest writes, which waited least.
-        let full = inner.window.answered >= inner.limit
+        let round = if self.mode == Mode::Unlimited { 1 } else { inner.limit };
+        let full = inner.window.answered >= round
             || inner.window.pushback
             || (inner.window.answered > 0 && self.memory_pressure.load(Ordering::Relaxed));
         if now.duration_since(inner.window.start) >= span && full {
@@ -433,8 +496,8 @@ impl SinkController {
         ControllerStatus {
             pipeline: self.labels.pipeline.clone(),
             sink: self.labels.sink.clone(),
-            concurrency_limit: inner.limit,
-            adaptive: self.adaptive(),
+            concurrency_limit: (self.mode != Mode::Unlimited).then_some(inner.limit),
+            concurrency: self.mode.as_str(),
             in_flight: inner.in_flight,
             batch_target: self.batch_target(),
             latency_ms: inner.latency.map(|s| s * 1000.0),
@@ -559,33 +622,38 @@ mod tests {
     fn controller(concurrency: ConcurrencyPolicy, batch: BatchPolicy) -> Arc<SinkController> {
         let metrics = PipelineMetrics::new();
         let labels = SinkLabels { pipeline: "p".into(), sink: "s".into() };
-        Arc::new(SinkController::new(labels, concurrency, batch, BreakerPolicy::default(), &metrics))
+        let mode = Mode::of(&concurrency, true);
+        Arc::new(SinkController::new(labels, mode, concurrency, batch, BreakerPolicy::default(), &metrics))
     }
 
     /// `writers` instances writing as fast as they can for `secs` (of tokio's paused
     /// clock) to a target with `workers` workers, each taking `service` per request
     /// (more requests wait in its queue). Returns the writes done in the last half and
-    /// the limit sampled every 100 ms of the last half.
+    /// the limit sampled every 100 ms of the last half, and the most writes in flight.
     async fn drive(
         c: &Arc<SinkController>,
         writers: usize,
         workers: usize,
         service: Duration,
         secs: u64,
-    ) -> (u64, Vec<u32>) {
+    ) -> (u64, Vec<u32>, u64) {
+        let (now, most) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let target = Arc::new(tokio::sync::Semaphore::new(workers));
         let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let stop = Instant::now() + Duration::from_secs(secs);
         let mut tasks = Vec::new();
         for _ in 0..writers {
             let (c, target, done) = (c.clone(), target.clone(), done.clone());
+            let (now, most) = (now.clone(), most.clone());
             tasks.push(tokio::spawn(async move {
                 while Instant::now() < stop {
                     let permit = c.acquire().await;
+                    most.fetch_max(now.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
                     let worker = target.acquire().await.unwrap();
                     tokio::time::sleep(service).await;
                     drop(worker);
-                    permit.finish(Outcome::Answered { pushback: false });
+                    now.fetch_sub(1, Ordering::SeqCst);
+                    permit.finish(Outcome::Answered { pushback: false, full: true });
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             }));
@@ -600,7 +668,7 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
-        (done.load(Ordering::Relaxed) - before, limits)
+        (done.load(Ordering::Relaxed) - before, limits, most.load(Ordering::SeqCst))
     }
 
     #[tokio::test(start_paused = true)]
@@ -608,7 +676,7 @@ mod tests {
         let c = controller(ConcurrencyPolicy::default(), BatchPolicy::default());
         // 4 workers of 20 ms: 200 writes/s at most, reached from 4 in flight on; more
         // in flight only queue.
-        let (writes, limits) = drive(&c, 16, 4, Duration::from_millis(20), 120).await;
+        let (writes, limits, _) = drive(&c, 16, 4, Duration::from_millis(20), 120).await;
         // With 30% latency tolerance it may go to 5 (25 ms) and overshoots by one or two
         // before a window shows the queue; 16 writers without a limit would make 80 ms.
         let near = limits.iter().filter(|l| (3..=7).contains(*l)).count();
@@ -624,8 +692,9 @@ mod tests {
     async fn a_fixed_limit_is_never_exceeded_nor_moved() {
         let c =
             controller(ConcurrencyPolicy { limit: Some(3), ..ConcurrencyPolicy::default() }, BatchPolicy::default());
-        let (_, limits) = drive(&c, 8, 1, Duration::from_millis(5), 4).await;
+        let (_, limits, most) = drive(&c, 8, 1, Duration::from_millis(5), 4).await;
         assert!(limits.iter().all(|l| *l == 3), "{limits:?}");
+        assert_eq!(most, 3, "8 writers, at most 3 writes in flight");
         let mut held = Vec::new();
         for _ in 0..3 {
             held.push(c.acquire().await);
@@ -635,6 +704,59 @@ mod tests {
         drop(held.pop());
         let fourth = tokio::time::timeout(Duration::from_secs(1), c.acquire()).await;
         assert!(fourth.is_ok(), "until one is given back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_limit_that_falls_while_writes_are_in_flight_takes_their_slots_back() {
+        let c = controller(ConcurrencyPolicy::default(), BatchPolicy::default());
+        c.resume(Some(20), None);
+        let mut held = acquire_n(&c, 20).await;
+        let blocked = |c: &Arc<SinkController>| {
+            let c = c.clone();
+            async move { tokio::time::timeout(Duration::from_secs(1), c.acquire()).await.is_err() }
+        };
+        // A pushback moves the limit from 20 to 18 while 19 writes are still in flight.
+        tokio::time::advance(Duration::from_millis(5)).await;
+        held.pop().unwrap().finish(Outcome::Answered { pushback: true, full: true });
+        assert_eq!(c.limit(), 18);
+        assert!(blocked(&c).await, "19 in flight, 18 allowed");
+        drop(held.pop());
+        assert!(blocked(&c).await, "18 in flight: the slot given back was taken out of use");
+        drop(held.pop());
+        let one = tokio::time::timeout(Duration::from_secs(1), c.acquire()).await.expect("17 in flight: one more");
+        assert!(blocked(&c).await);
+        drop(one);
+        drop(held);
+        let all = acquire_n(&c, 18).await;
+        assert!(blocked(&c).await, "with nothing else in flight, exactly the limit is free again");
+        drop(all);
+    }
+
+    async fn acquire_n(c: &Arc<SinkController>, n: usize) -> Vec<Permit> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(tokio::time::timeout(Duration::from_secs(1), c.acquire()).await.expect("a free slot"));
+        }
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unlimited_sink_lets_every_instance_write_at_once() {
+        let metrics = PipelineMetrics::new();
+        let labels = SinkLabels { pipeline: "p".into(), sink: "s".into() };
+        let policy = ConcurrencyPolicy::default();
+        let c = Arc::new(SinkController::new(
+            labels,
+            Mode::of(&policy, false),
+            policy,
+            BatchPolicy::default(),
+            BreakerPolicy::default(),
+            &metrics,
+        ));
+        let held = acquire_n(&c, 100).await;
+        assert_eq!(c.status().in_flight, 100);
+        assert_eq!((c.status().concurrency, c.status().concurrency_limit), ("unlimited", None));
+        drop(held);
     }
 
     #[tokio::test(start_paused = true)]
@@ -659,7 +781,7 @@ mod tests {
         for _ in 0..5 {
             let p = c.acquire().await;
             tokio::time::sleep(Duration::from_millis(5)).await;
-            p.finish(Outcome::Answered { pushback: true });
+            p.finish(Outcome::Answered { pushback: true, full: true });
         }
         let after_pushback = c.limit();
         assert!(after_pushback < 20, "{after_pushback}");
@@ -667,7 +789,7 @@ mod tests {
         for _ in 0..5 {
             let p = c.acquire().await;
             tokio::time::sleep(Duration::from_millis(5)).await;
-            p.finish(Outcome::Answered { pushback: false });
+            p.finish(Outcome::Answered { pushback: false, full: true });
         }
         assert!(c.limit() < after_pushback, "pressure lowers it further");
         assert!(c.batch_target() < 1000, "and the batch size: {}", c.batch_target());
@@ -682,6 +804,7 @@ mod tests {
             BreakerPolicy { consecutive_failures: 2, open_ms: 1000, max_open_ms: 1000, ..BreakerPolicy::default() };
         let c = Arc::new(SinkController::new(
             labels,
+            Mode::Fixed(8),
             ConcurrencyPolicy { limit: Some(8), ..ConcurrencyPolicy::default() },
             BatchPolicy::default(),
             breaker,
@@ -696,7 +819,7 @@ mod tests {
         assert!(opened.elapsed() >= Duration::from_millis(999), "no write while open");
         let second = tokio::time::timeout(Duration::from_secs(5), c.acquire()).await;
         assert!(second.is_err(), "one probe at a time");
-        probe.finish(Outcome::Answered { pushback: false });
+        probe.finish(Outcome::Answered { pushback: false, full: true });
         assert_eq!(c.status().breaker, "closed");
         let (a, b) = (c.acquire().await, c.acquire().await);
         assert_eq!(c.status().in_flight, 2, "closed again: writes go through side by side");

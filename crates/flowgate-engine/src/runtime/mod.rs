@@ -155,7 +155,10 @@ fn validate_delivery(s: &crate::config::SinkConfig) -> anyhow::Result<()> {
         "`retry.initial_backoff_ms` exceeds `retry.max_backoff_ms`"
     );
     anyhow::ensure!(b.open_ms <= b.max_open_ms, "`breaker.open_ms` exceeds `breaker.max_open_ms`");
-    anyhow::ensure!(b.failure_rate_percent <= 100, "`breaker.failure_rate_percent` must be at most 100");
+    anyhow::ensure!(
+        (1..=100).contains(&b.failure_rate_percent),
+        "`breaker.failure_rate_percent` must be from 1 to 100 (100: only failures in a row open it)"
+    );
     let c = &s.concurrency;
     for (key, n) in
         [("concurrency.initial", Some(c.initial)), ("concurrency.max", Some(c.max)), ("concurrency.limit", c.limit)]
@@ -230,8 +233,10 @@ impl Pipelines {
         for p in &configs {
             for s in &p.sinks {
                 let labels = crate::metrics::SinkLabels { pipeline: p.name.clone(), sink: s.name.clone() };
+                let adaptive = s.concurrency.adaptive.unwrap_or_else(|| factory.remote(s));
                 controllers.insert(controller::SinkController::new(
                     labels,
+                    controller::Mode::of(&s.concurrency, adaptive),
                     s.concurrency.clone(),
                     s.batch.clone(),
                     s.breaker.clone(),

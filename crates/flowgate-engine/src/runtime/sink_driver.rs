@@ -188,6 +188,9 @@ impl SinkTask {
         let mut last_error = String::new();
         let took = loop {
             let current: &[SinkEvent] = retrying.as_deref().unwrap_or(events);
+            // Latencies of full batches are compared with each other; retries of a few
+            // events and flushes by time are not full.
+            let full = retrying.is_none() && matches!(reason, Reason::Size | Reason::Bytes);
             let permit = self.controller.acquire().await;
             self.show_breaker();
             attempts = attempts.saturating_add(1);
@@ -238,13 +241,13 @@ impl SinkTask {
             let answered = failed.as_ref().is_some_and(|f| f.len() < current.len());
             let failed = match failed {
                 Some(f) if f.is_empty() => {
-                    break permit.finish(Outcome::Answered { pushback: retry_after.is_some() });
+                    break permit.finish(Outcome::Answered { pushback: retry_after.is_some(), full });
                 }
                 Some(f) => f,
                 None => Vec::new(),
             };
             let took = if answered {
-                permit.finish(Outcome::Answered { pushback: true })
+                permit.finish(Outcome::Answered { pushback: true, full })
             } else {
                 let why = if whole { last_error.as_str() } else { failed[0].reason.as_str() };
                 permit.finish(Outcome::Failed { why })
@@ -591,6 +594,7 @@ mod tests {
             status: SinkStatus::starting(&labels_for_breaker, "in", 0, 1),
             controller: Arc::new(SinkController::new(
                 labels_for_breaker,
+                super::super::controller::Mode::Unlimited,
                 crate::config::ConcurrencyPolicy::default(),
                 BatchPolicy::default(),
                 breaker,
