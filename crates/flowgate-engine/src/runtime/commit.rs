@@ -141,7 +141,7 @@ impl Worker {
                 .map_err(|e| anyhow::anyhow!("sink '{}' commit: {e:#}", sink.name))?;
             let learned = Learned {
                 batch_target: Some(committed.batch_target),
-                concurrency_limit: Some(committed.concurrency_limit),
+                concurrency_limit: committed.concurrency_limit,
             };
             self.sink_states.set(&sink.name, committed.state, learned);
         }

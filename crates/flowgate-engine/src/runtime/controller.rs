@@ -273,8 +273,14 @@ impl SinkController {
     }
 
     /// The concurrency limit now.
-    pub(super) fn limit(&self) -> u32 {
+    #[cfg(test)]
+    fn limit(&self) -> u32 {
         self.inner.lock().limit
+    }
+
+    /// The limit to checkpoint: what an adaptive controller has learned.
+    pub(super) fn learned_limit(&self) -> Option<u32> {
+        self.adaptive().then(|| self.inner.lock().limit)
     }
 
     fn set_batch_target(&self, target: usize) {

@@ -21,8 +21,9 @@ pub(super) struct Committed {
     /// The batch size the sink's controller has set now (moved by adaptive batching),
     /// so that a restart starts from it instead of from scratch.
     pub(super) batch_target: usize,
-    /// The concurrency limit the sink's controller has learned, for the same reason.
-    pub(super) concurrency_limit: u32,
+    /// The concurrency limit the sink's controller has learned (adaptive sinks only),
+    /// for the same reason.
+    pub(super) concurrency_limit: Option<u32>,
 }
 
 pub(super) async fn fan_out(mut events: Vec<PipelineEvent>, sinks: &[mpsc::Sender<SinkMsg>]) -> anyhow::Result<()> {
