@@ -184,6 +184,14 @@ impl Processor for Dedup {
         kept
     }
 
+    /// The id map (id, time and a control byte a slot) and the arrival queue.
+    fn state_bytes(&self) -> usize {
+        self.seen
+            .capacity()
+            .saturating_mul(std::mem::size_of::<(u128, i64)>() + 1)
+            .saturating_add(self.order.capacity().saturating_mul(std::mem::size_of::<(i64, u128)>()))
+    }
+
     /// Binary: max_ts i64, dropped u64, count u64, then count × (id u128, ts i64), LE:
     /// the arrival order as it is (an id seen again after expiry appears twice; restoring
     /// in order keeps the later time, as the live state does).

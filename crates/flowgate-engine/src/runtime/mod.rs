@@ -9,7 +9,9 @@
 //! truncates to its checkpointed length) and for duplicates a dedup processor removes.
 //!
 //! A slow sink fills its queue, which stops the worker reading the log: memory stays
-//! bounded and ingest is untouched (the log is the buffer).
+//! bounded and ingest is untouched (the log is the buffer). What a worker holds is
+//! charged to the process's memory budget ([`memory`]); at the limit it stops reading
+//! too.
 
 mod breaker;
 mod commit;
@@ -18,6 +20,7 @@ mod decode;
 #[cfg(all(feature = "failpoints", debug_assertions))]
 mod failpoints;
 mod fan_out;
+mod memory;
 mod processor_states;
 mod quarantine;
 mod side_outputs;
@@ -191,22 +194,33 @@ pub(crate) struct Shared {
     pub(crate) pipeline_names: Vec<String>,
     /// What every sink task is doing.
     pub(crate) sink_statuses: SinkStatuses,
+    /// The process's memory budget.
+    pub(crate) memory: flowgate_memory::MemoryGovernor,
 }
 
 impl Pipelines {
-    /// Starts every pipeline: one supervised worker per source partition.
+    /// Starts every pipeline: one supervised worker per source partition, charging what
+    /// it holds to `memory`.
     pub fn start(
         log: Log,
         data_dir: PathBuf,
         configs: Vec<PipelineConfig>,
         factory: Arc<dyn SinkFactory>,
         metrics: Arc<PipelineMetrics>,
+        memory: flowgate_memory::MemoryGovernor,
     ) -> anyhow::Result<Pipelines> {
         validate(&configs, factory.as_ref())?;
         let pipeline_names = configs.iter().map(|c| c.name.clone()).collect();
         let sink_statuses = SinkStatuses::default();
-        let shared =
-            Arc::new(Shared { log, data_dir, metrics, factory, pipeline_names, sink_statuses: sink_statuses.clone() });
+        let shared = Arc::new(Shared {
+            log,
+            data_dir,
+            metrics,
+            factory,
+            pipeline_names,
+            sink_statuses: sink_statuses.clone(),
+            memory,
+        });
         let cancel = CancellationToken::new();
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         let runtime = tokio::runtime::Builder::new_multi_thread()

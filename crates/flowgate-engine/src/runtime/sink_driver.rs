@@ -418,6 +418,8 @@ pub(super) struct SinkSetup {
     /// The source topic.
     pub(super) topic: String,
     pub(super) side: SideWriter,
+    /// The memory budget, whose pressure shrinks batches.
+    pub(super) memory: flowgate_memory::MemoryGovernor,
 }
 
 pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg>, setup: SinkSetup) {
@@ -433,6 +435,7 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
         metrics,
         topic,
         side,
+        memory,
     } = setup;
     let breaker = Breaker::new(breaker, labels.clone(), &metrics);
     let status = SinkStatus::starting(&labels, &topic, partition, policy.max_events);
@@ -510,7 +513,7 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
                         return;
                     }
                     if let (true, Some(took)) = (policy.adaptive, took) {
-                        target = adapt(target, took, &policy);
+                        target = super::memory::batch_target(&memory, target, adapt(target, took, &policy), &policy);
                         target_gauge.set(i64::try_from(target).unwrap_or(i64::MAX));
                         if task.status.batch_target != target {
                             task.status.batch_target = target;
