@@ -614,10 +614,13 @@ async fn read_requests(mut input: OwnedReadHalf, tx: mpsc::Sender<Reply>, shared
             buf.shrink_to(BASE_BUFFER);
             conn.charge.shrink_to(buf.capacity().saturating_sub(BASE_BUFFER));
         }
-        debug_assert!(buf.capacity() > buf.len(), "a read always has room, so Vec never grows on its own");
-        if conn.charge.held() == 0 {
-            // Memory pressure: stop reading (the client's sends back up in TCP). Not
-            // while borrowing buffer, which is part of the budget this would wait on.
+        if crate::memory::should_pause(shared) && crate::memory::may_pause(shared, conn.charge.held()) {
+            // Memory pressure: stop reading (the client's sends back up in TCP), giving
+            // back first a large buffer the bytes in it do not need.
+            if buf.len() < BASE_BUFFER && buf.capacity() > BASE_BUFFER {
+                buf.shrink_to(BASE_BUFFER);
+                conn.charge.shrink_to(buf.capacity().saturating_sub(BASE_BUFFER));
+            }
             let paused = crate::memory::pause_while_pressed(shared, IngestPath::Binary).await;
             if shared.shutdown.is_cancelled() {
                 return;
@@ -625,6 +628,7 @@ async fn read_requests(mut input: OwnedReadHalf, tx: mpsc::Sender<Reply>, shared
             // Time the server spent not reading is not the client's to make up.
             frame_deadline = frame_deadline.map(|d| d + paused);
         }
+        debug_assert!(buf.capacity() > buf.len(), "a read always has room, so Vec never grows on its own");
         // A connection that sends nothing for the idle timeout is closed; inside a frame,
         // the frame's own deadline, which no trickle of bytes moves, applies as well.
         let idle_deadline = Instant::now() + idle;

@@ -5,8 +5,10 @@
 //! in TCP); at the limit, with `memory_policy = "block"` it goes on not reading, and
 //! with `"reject"` it reads and refuses produce requests with a retryable error, so a
 //! producer hears why instead of waiting. A listener pauses only between frames, lines
-//! or requests, never while it holds borrowed buffer: that buffer is part of the budget,
-//! and waiting on it would wait on itself.
+//! or requests. One that holds borrowed buffer (a large frame under way) pauses only
+//! while the listeners together hold less than half the soft threshold: their buffers
+//! are part of the budget, and if they alone kept it under pressure, waiting on it would
+//! wait on themselves.
 
 use std::time::Duration;
 
@@ -25,10 +27,9 @@ pub fn governor(server: &ServerConfig, ingest: &IngestConfig) -> MemoryGovernor 
         (server.memory_limit_bytes, "server.memory_limit_bytes".to_owned())
     } else {
         match flowgate_memory::limit::available() {
-            Some(a) => (
-                flowgate_memory::limit::default_limit(a.bytes),
-                format!("half of {} bytes ({})", a.bytes, a.source),
-            ),
+            Some(a) => {
+                (flowgate_memory::limit::default_limit(a.bytes), format!("half of {} bytes ({})", a.bytes, a.source))
+            }
             None => {
                 tracing::warn!(
                     "cannot read the cgroup memory limit nor /proc/meminfo; set server.memory_limit_bytes. Until then \
@@ -40,8 +41,11 @@ pub fn governor(server: &ServerConfig, ingest: &IngestConfig) -> MemoryGovernor 
     };
     let limit = limit.max(crate::config::MIN_MEMORY_LIMIT_BYTES);
     if (ingest.max_buffered_bytes as u64) > limit {
-        tracing::warn!(limit, max_buffered_bytes = ingest.max_buffered_bytes,
-            "ingest.max_buffered_bytes is over the memory budget; listeners hold back once the budget is used");
+        tracing::warn!(
+            limit,
+            max_buffered_bytes = ingest.max_buffered_bytes,
+            "ingest.max_buffered_bytes is over the memory budget; listeners hold back once the budget is used"
+        );
     }
     let governor = MemoryGovernor::new(limit, server.memory_soft_percent);
     tracing::info!(limit, soft_limit = governor.soft_limit(), policy = ?server.memory_policy, %source, "memory budget");
@@ -56,6 +60,12 @@ pub fn should_pause(shared: &Shared) -> bool {
         Level::Soft => true,
         Level::Hard => shared.memory_policy == MemoryPolicy::Block,
     }
+}
+
+/// True when a connection holding `holding` bytes of borrowed buffer may pause now (see
+/// the module's documentation).
+pub fn may_pause(shared: &Shared, holding: usize) -> bool {
+    holding == 0 || shared.memory.component(flowgate_memory::Component::Ingest) < shared.memory.soft_limit() / 2
 }
 
 /// True when a produce request is to be refused now: the limit under `reject`.

@@ -169,7 +169,11 @@ impl Metrics {
             memory_soft_limit.clone(),
         );
         let memory_peak = Gauge::default();
-        registry.register("flowgate_memory_peak_bytes", "The most ever charged to the memory budget", memory_peak.clone());
+        registry.register(
+            "flowgate_memory_peak_bytes",
+            "The most ever charged to the memory budget",
+            memory_peak.clone(),
+        );
         let memory_pressure = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "flowgate_memory_pressure",

@@ -83,10 +83,9 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
                 }
             }
         }
-        if charge.held() == 0 {
+        if crate::memory::may_pause(&shared, charge.held()) {
             // Memory pressure: stop reading (the client's sends back up in TCP), under
-            // either policy: a line has no retryable refusal. Not while borrowing buffer,
-            // which is part of the budget this would wait on.
+            // either policy: a line has no retryable refusal.
             let paused = crate::memory::pause_while_pressed_fully(&shared, IngestPath::Ndjson).await;
             if shared.shutdown.is_cancelled() {
                 break;

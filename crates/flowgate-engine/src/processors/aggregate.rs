@@ -964,6 +964,31 @@ mod tests {
     }
 
     #[test]
+    fn shedding_drops_events_that_would_open_windows_and_the_state_estimate_follows_the_windows() {
+        let mut agg = build(&config(WindowConfig::Tumbling { size_ms: 1000 }, 0, 0));
+        let empty = agg.state_bytes();
+        run(&mut agg, &[("a", 1, 1.0), ("b", 1, 1.0)]);
+        let two = agg.state_bytes();
+        assert!(two > empty + 2 * 1024, "two windows with a sketch each: {empty} -> {two}");
+        agg.shed_new_state(true);
+        let (_, out) = run(&mut agg, &[("a", 2, 1.0), ("c", 3, 1.0)]);
+        assert_eq!(out.bounds.memory_dropped, 1, "c would open a window");
+        assert!(out.dead_letters.is_empty(), "dropped, not dead-lettered");
+        assert_eq!((agg.open.len(), agg.open[&(1000, "a".to_owned(), 0)].count), (2, 2), "a's window still counts");
+        agg.shed_new_state(false);
+        run(&mut agg, &[("c", 3, 1.0)]);
+        assert_eq!(agg.open.len(), 3);
+        let (emitted, _) = run(&mut agg, &[("d", 5000, 1.0)]);
+        assert_eq!(emitted.len(), 3);
+        assert!(agg.state_bytes() < two, "closed windows give their estimate back");
+        let mut sessions = build(&config(WindowConfig::Session { gap_ms: 10 }, 0, 0));
+        run(&mut sessions, &[("a", 1, 1.0)]);
+        sessions.shed_new_state(true);
+        let (_, out) = run(&mut sessions, &[("a", 5, 1.0), ("b", 5, 1.0)]);
+        assert_eq!((out.bounds.memory_dropped, sessions.open.len()), (1, 1), "a's session extends, b's is not opened");
+    }
+
+    #[test]
     fn tumbling_windows_with_out_of_order_and_late_events() {
         let mut agg = build(&config(WindowConfig::Tumbling { size_ms: 10 }, 5, 0));
         // Window [0,10) for key a gets 1@1, 3@3, and 2@8 arriving out of order after 12.

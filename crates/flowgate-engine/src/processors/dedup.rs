@@ -261,6 +261,16 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_state_estimate_covers_every_id_held() {
+        let mut d = Dedup::new("id", 1_000_000, 1_000_000, &EventTimePolicy::default()).unwrap();
+        let json: Vec<String> = (0..5000).map(|i| format!(r#"{{"id":{i}}}"#)).collect();
+        let items: Vec<(i64, &str)> = json.iter().map(|j| (1, j.as_str())).collect();
+        d.process(events(&items), &mut Outputs::default());
+        assert_eq!(d.len(), 5000);
+        assert!(d.state_bytes() >= 5000 * (24 + 1 + 32), "{}", d.state_bytes());
+    }
+
+    #[test]
     fn drops_repeats_within_the_ttl_and_lets_them_through_after() {
         let mut d = Dedup::new("id", 1000, 100, &EventTimePolicy::default()).unwrap();
         let mut out = Outputs::default();

@@ -137,11 +137,16 @@ impl WorkerMemory {
         }
         self.stalls.inc();
         self.stalled = true;
-        tracing::error!(pipeline, used = self.governor.used(), limit = self.governor.limit(),
-            state = self.state.held(), waited_s = STALL_AFTER.as_secs(),
+        tracing::error!(
+            pipeline,
+            used = self.governor.used(),
+            limit = self.governor.limit(),
+            state = self.state.held(),
+            waited_s = STALL_AFTER.as_secs(),
             "the memory budget is used up and waiting freed nothing: the pipelines' state alone fills it. Reading on, \
              bounded by the processors' own limits (max_open_windows, max_groups, max_entries); lower those or raise \
-             server.memory_limit_bytes");
+             server.memory_limit_bytes"
+        );
         true
     }
 }
