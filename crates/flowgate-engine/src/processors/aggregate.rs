@@ -860,11 +860,14 @@ impl Processor for Aggregate {
     /// counts and (sessions) the session index. An estimate, never a walk.
     fn state_bytes(&self) -> usize {
         const SKETCH_BYTES: usize = 1024;
-        let entry = std::mem::size_of::<((i64, String, i64), Window)>() * 3 / 2;
+        // B-tree nodes are about half full after the inserts and removals of a moving
+        // window front; measured against resident memory, not just the entries' sizes.
+        let entry = std::mem::size_of::<((i64, String, i64), Window)>() * 2;
         let fields = self.outputs.len() * std::mem::size_of::<FieldAcc>()
             + self.outputs.iter().filter(|o| matches!(o.func, Func::Quantile(_))).count() * SKETCH_BYTES;
-        // Every heap block costs at least a small size class.
-        let per_window = entry + fields + 2 * 16;
+        // Every heap block (the key's name, the fields, the group's name and map slot)
+        // costs at least a small size class and its share of allocator pages.
+        let per_window = entry + fields + 8 * 16;
         let sessions = if matches!(self.window, WindowConfig::Session { .. }) {
             self.sessions.len() * (std::mem::size_of::<((String, i64), i64)>() * 3 / 2 + 16)
         } else {

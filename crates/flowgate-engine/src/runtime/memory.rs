@@ -79,6 +79,16 @@ impl WorkerMemory {
         &self.governor
     }
 
+    /// How much to read at once: `read.max_bytes`, or an eighth of it (at least 64 KiB)
+    /// under pressure, so that one read past the limit adds little state.
+    pub(super) fn read_bytes(&self, max_bytes: usize) -> usize {
+        if self.level() == Level::Normal {
+            max_bytes
+        } else {
+            (max_bytes / 8).max(64 << 10).min(max_bytes)
+        }
+    }
+
     /// Charges a log read of `bytes` holding `events` events.
     pub(super) fn charge_read(&self, bytes: usize, events: usize) -> Charge {
         let total = bytes.saturating_add(events.saturating_mul(EVENT_OVERHEAD));

@@ -200,7 +200,7 @@ impl Worker {
                 self.wait_for_memory(&sinks_tx, &cancel).await?;
                 continue;
             }
-            let read = match self.partition.read(offset, self.config.read.max_bytes) {
+            let read = match self.partition.read(offset, self.memory.read_bytes(self.config.read.max_bytes)) {
                 Ok(r) => r,
                 Err(flowgate_log::LogError::OffsetOutOfRange { start, .. }) if offset < start => {
                     tracing::warn!(pipeline = %self.config.name, from = offset, to = start, "offsets deleted by retention were skipped");
