@@ -240,7 +240,8 @@ fn many_open_windows_and_a_slow_sink_under_max_ingest_stay_within_the_budget_and
     let (_dir, engine, produced) = run("reject");
     assert!(produced.busy.load(Ordering::Relaxed) > 0, "producers were refused: {produced:?}");
     let refused = engine.metric("flowgate_ingest_rejected_total{path=\"binary\",reason=\"memory_pressure\"}");
-    assert_eq!(refused as u64, produced.busy.load(Ordering::Relaxed));
+    // At least: a request refused as the producers stopped was never read back.
+    assert!(refused as u64 >= produced.busy.load(Ordering::Relaxed), "{refused} refusals counted, {produced:?}");
 }
 
 #[test]
