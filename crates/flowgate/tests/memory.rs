@@ -163,9 +163,9 @@ fn produce(addr: std::net::SocketAddr, connections: usize) -> Arc<Produced> {
                             let n: u64 = acks.iter().map(|a| u64::from(a.record_count)).sum();
                             produced.acked.fetch_add(n, Ordering::Relaxed);
                         }
-                        Err(flowgate_client::ClientError::Server { code, .. })
-                            if code == flowgate_protocol::ErrorCode::Busy =>
-                        {
+                        Err(flowgate_client::ClientError::Server {
+                            code: flowgate_protocol::ErrorCode::Busy, ..
+                        }) => {
                             produced.busy.fetch_add(1, Ordering::Relaxed);
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         }
