@@ -110,7 +110,15 @@ async fn filter_remap_route_and_dead_letters() {
     append(&log, "in", &lines);
     let metrics = Arc::new(PipelineMetrics::new());
     let factory = Arc::new(Connectors::new(log.clone(), dir.path().to_path_buf()));
-    let running = Pipelines::start(log.clone(), dir.path().to_path_buf(), configs, factory, metrics).unwrap();
+    let running = Pipelines::start(
+        log.clone(),
+        dir.path().to_path_buf(),
+        configs,
+        factory,
+        metrics,
+        flowgate_engine::MemoryGovernor::unlimited(),
+    )
+    .unwrap();
     let out_a = dir.path().join("out-a");
     wait_until(|| {
         read_dir_lines(&out_a).len() >= 2 && !read_topic(&log, "rest").is_empty() && read_topic(&log, "_dlq").len() >= 2
@@ -162,6 +170,7 @@ async fn offsets_and_state_are_committed_and_resumed() {
             pipelines(toml_text),
             factory,
             Arc::new(PipelineMetrics::new()),
+            flowgate_engine::MemoryGovernor::unlimited(),
         )
         .unwrap()
     };

@@ -35,6 +35,23 @@ pub struct PipelineConfig {
     pub discard_processor_state: Vec<String>,
     /// Sinks; every sink gets every event unless a `route` processor says otherwise.
     pub sinks: Vec<SinkConfig>,
+    /// What the pipeline does at the memory limit (`docs/memory.md`).
+    #[serde(default)]
+    pub memory_policy: PipelineMemoryPolicy,
+}
+
+/// `memory_policy` of a pipeline: what it does once the process's memory budget is used
+/// up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PipelineMemoryPolicy {
+    /// Stop reading the log until memory is freed (the log is the buffer); nothing is
+    /// lost, the pipeline falls behind.
+    #[default]
+    Block,
+    /// Read on, but aggregates drop events that would open a new window or group
+    /// (counted in `flowgate_memory_dropped_events_total`) instead of growing state.
+    DropNewest,
 }
 
 fn default_start() -> String {

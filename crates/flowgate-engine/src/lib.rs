@@ -24,6 +24,7 @@ pub mod runtime;
 pub mod sink;
 
 pub use config::PipelineConfig;
+pub use flowgate_memory::MemoryGovernor;
 pub use metrics::PipelineMetrics;
 pub use runtime::{validate, PipelineHealth, Pipelines, SinkStatus, WorkerState, WorkerStatus, DLQ_TOPIC};
 pub use sink::{EventFailure, Sink, SinkEvent, SinkFactory, SinkPlace, WriteOutcome};

@@ -141,6 +141,14 @@ pub struct PipelineMetrics {
     pub worker_restarts: Family<SourceLabels, Counter>,
     /// 1 while a worker runs, 0 while it waits to be restarted or has stopped.
     pub worker_up: Family<SourceLabels, Gauge>,
+    /// Events a processor dropped instead of growing its state at the memory limit
+    /// (`memory_policy = "drop_newest"`).
+    pub memory_dropped: Family<ProcessorLabels, Counter>,
+    /// Times a worker stopped reading its log at the memory limit.
+    pub memory_waits: Family<PipelineLabels, Counter>,
+    /// Times a worker waited at the memory limit for long with nothing freed, and read
+    /// on under its processors' own bounds.
+    pub memory_stalls: Family<PipelineLabels, Counter>,
 }
 
 impl Default for PipelineMetrics {
@@ -183,6 +191,9 @@ impl PipelineMetrics {
             unreadable_batches: Family::default(),
             worker_restarts: Family::default(),
             worker_up: Family::default(),
+            memory_dropped: Family::default(),
+            memory_waits: Family::default(),
+            memory_stalls: Family::default(),
         }
     }
 
@@ -193,6 +204,7 @@ impl PipelineMetrics {
             (&self.event_time_rejected, bounds.event_time_out_of_bounds),
             (&self.state_over_limit, bounds.state_over_limit),
             (&self.sketch_buckets_collapsed, bounds.sketch_buckets_collapsed),
+            (&self.memory_dropped, bounds.memory_dropped),
         ] {
             if n > 0 {
                 family.get_or_create(labels).inc_by(n);
@@ -288,6 +300,21 @@ impl PipelineMetrics {
             "flowgate_aggregate_events_over_limit",
             "Events refused at an aggregate's max_groups or max_open_windows (sent to _dlq)",
             m.state_over_limit.clone(),
+        );
+        registry.register(
+            "flowgate_memory_dropped_events",
+            "Events a processor dropped at the memory limit instead of growing its state (memory_policy = drop_newest)",
+            m.memory_dropped.clone(),
+        );
+        registry.register(
+            "flowgate_memory_pipeline_waits",
+            "Times a pipeline worker stopped reading its log at the memory limit",
+            m.memory_waits.clone(),
+        );
+        registry.register(
+            "flowgate_memory_pipeline_stalls",
+            "Times a pipeline worker waited at the memory limit with nothing freed and read on under its processors' own bounds",
+            m.memory_stalls.clone(),
         );
         registry.register(
             "flowgate_aggregate_sketch_buckets_collapsed",

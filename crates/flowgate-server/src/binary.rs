@@ -405,6 +405,10 @@ impl Connection<'_> {
         let shared = self.shared;
         let ingest = &shared.ingest;
         let error = |code: ErrorCode, message: &str| Reply::Ready(error_frame(correlation_id, code, message));
+        if crate::memory::should_refuse(shared) {
+            ingest.metrics().rejected(IngestPath::Binary, "memory_pressure", 1);
+            return error(ErrorCode::Busy, crate::memory::REFUSED);
+        }
         let topic = match ingest.topic(topic_name) {
             Ok(t) => t,
             Err(e) => return error(error_code(&e), &e.to_string()),
@@ -609,6 +613,20 @@ async fn read_requests(mut input: OwnedReadHalf, tx: mpsc::Sender<Reply>, shared
         } else if need <= BASE_BUFFER && capacity > BASE_BUFFER && Instant::now() >= keep_large_until {
             buf.shrink_to(BASE_BUFFER);
             conn.charge.shrink_to(buf.capacity().saturating_sub(BASE_BUFFER));
+        }
+        if crate::memory::should_pause(shared) && crate::memory::may_pause(shared, conn.charge.held()) {
+            // Memory pressure: stop reading (the client's sends back up in TCP), giving
+            // back first a large buffer the bytes in it do not need.
+            if buf.len() < BASE_BUFFER && buf.capacity() > BASE_BUFFER {
+                buf.shrink_to(BASE_BUFFER);
+                conn.charge.shrink_to(buf.capacity().saturating_sub(BASE_BUFFER));
+            }
+            let paused = crate::memory::pause_while_pressed(shared, IngestPath::Binary).await;
+            if shared.shutdown.is_cancelled() {
+                return;
+            }
+            // Time the server spent not reading is not the client's to make up.
+            frame_deadline = frame_deadline.map(|d| d + paused);
         }
         debug_assert!(buf.capacity() > buf.len(), "a read always has room, so Vec never grows on its own");
         // A connection that sends nothing for the idle timeout is closed; inside a frame,

@@ -6,6 +6,9 @@
 //! memory is given back. A charge never asks for more than the whole budget, so a valid
 //! config cannot wait forever on itself; waits for budget are bounded by the caller's
 //! deadline (the frame deadline), which cuts a connection rather than let it stall others.
+//!
+//! What a charge holds is charged to the process's memory budget too
+//! ([`flowgate_memory`]), as the `ingest` component.
 
 use std::sync::Arc;
 
@@ -30,12 +33,13 @@ pub struct Charge {
     total: usize,
     gauge: Gauge,
     permit: Option<OwnedSemaphorePermit>,
+    memory: flowgate_memory::Charge,
 }
 
 impl Charge {
     /// An empty charge against `budget`, which holds `total` permits when nothing is borrowed.
-    pub fn new(budget: Arc<Semaphore>, total: usize, gauge: Gauge) -> Charge {
-        Charge { budget, total, gauge, permit: None }
+    pub fn new(budget: Arc<Semaphore>, total: usize, gauge: Gauge, memory: flowgate_memory::Charge) -> Charge {
+        Charge { budget, total, gauge, permit: None, memory }
     }
 
     /// The whole budget.
@@ -50,6 +54,7 @@ impl Charge {
 
     fn add(&mut self, permit: OwnedSemaphorePermit) {
         self.gauge.inc_by(permit.num_permits() as i64);
+        self.memory.grow(permit.num_permits() as u64);
         match &mut self.permit {
             Some(held) => held.merge(permit),
             None => self.permit = Some(permit),
@@ -106,6 +111,7 @@ impl Charge {
             drop(permit.split(give_back));
         }
         self.gauge.dec_by(give_back as i64);
+        self.memory.set(bytes as u64);
     }
 }
 
@@ -119,34 +125,42 @@ impl Drop for Charge {
 mod tests {
     use super::*;
 
+    fn memory() -> flowgate_memory::MemoryGovernor {
+        flowgate_memory::MemoryGovernor::new(1000, 80)
+    }
+
     #[tokio::test]
     async fn charges_grow_shrink_and_return_everything_on_drop() {
         let budget = Arc::new(Semaphore::new(100));
         let gauge = Gauge::default();
-        let mut a = Charge::new(budget.clone(), 100, gauge.clone());
+        let memory = memory();
+        let ingest = || memory.empty(flowgate_memory::Component::Ingest);
+        let mut a = Charge::new(budget.clone(), 100, gauge.clone(), ingest());
         a.grow_to(60).await.unwrap();
-        assert_eq!((a.held(), budget.available_permits(), gauge.get()), (60, 40, 60));
-        let mut b = Charge::new(budget.clone(), 100, gauge.clone());
+        assert_eq!((a.held(), budget.available_permits(), gauge.get(), memory.used()), (60, 40, 60, 60));
+        let mut b = Charge::new(budget.clone(), 100, gauge.clone(), ingest());
         assert_eq!(b.try_grow_to(50), Ok(false), "only 40 are left");
         assert_eq!(b.try_grow_to(101), Err(OverBudget { wanted: 101, total: 100 }));
         a.shrink_to(10);
-        assert_eq!((a.held(), budget.available_permits(), gauge.get()), (10, 90, 10));
+        assert_eq!((a.held(), budget.available_permits(), gauge.get(), memory.used()), (10, 90, 10, 10));
         assert_eq!(b.try_grow_to(90), Ok(true));
+        assert_eq!(memory.used(), 100);
         drop(b);
         a.shrink_to(0);
         assert_eq!((a.held(), budget.available_permits(), gauge.get()), (0, 100, 0));
         a.grow_to(100).await.unwrap();
         drop(a);
-        assert_eq!((budget.available_permits(), gauge.get()), (100, 0));
+        assert_eq!((budget.available_permits(), gauge.get(), memory.used(), memory.peak()), (100, 0, 0, 100));
     }
 
     #[tokio::test]
     async fn a_waiting_charge_is_granted_when_another_gives_back() {
         let budget = Arc::new(Semaphore::new(100));
         let gauge = Gauge::default();
-        let mut a = Charge::new(budget.clone(), 100, gauge.clone());
+        let memory = memory();
+        let mut a = Charge::new(budget.clone(), 100, gauge.clone(), memory.empty(flowgate_memory::Component::Ingest));
         a.grow_to(100).await.unwrap();
-        let mut b = Charge::new(budget.clone(), 100, gauge.clone());
+        let mut b = Charge::new(budget.clone(), 100, gauge.clone(), memory.empty(flowgate_memory::Component::Ingest));
         let waiter = tokio::spawn(async move {
             b.grow_to(30).await.unwrap();
             b.held()

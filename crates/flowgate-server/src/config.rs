@@ -44,12 +44,43 @@ pub struct ServerConfig {
     /// After the grace period, how long the final fsync and close of the log may take
     /// (ms). Shutdown ends within `shutdown_grace_ms + shutdown_flush_ms`.
     pub shutdown_flush_ms: u64,
+    /// The memory budget (bytes) charged by everything that holds events or state
+    /// (`docs/memory.md`); 0 derives it from the cgroup limit or the machine's memory.
+    pub memory_limit_bytes: u64,
+    /// Soft pressure starts at this percentage of the budget: listeners stop reading,
+    /// sinks shrink their batches.
+    pub memory_soft_percent: u8,
+    /// What producers meet at the limit: they wait, or are refused with a retryable error.
+    pub memory_policy: MemoryPolicy,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { data_dir: PathBuf::from("./flowgate-data"), shutdown_grace_ms: 10_000, shutdown_flush_ms: 5_000 }
+        ServerConfig {
+            data_dir: PathBuf::from("./flowgate-data"),
+            shutdown_grace_ms: 10_000,
+            shutdown_flush_ms: 5_000,
+            memory_limit_bytes: 0,
+            memory_soft_percent: 80,
+            memory_policy: MemoryPolicy::Block,
+        }
     }
+}
+
+/// Smallest `server.memory_limit_bytes`: below it the fixed reservations of one sink
+/// alone would keep the engine under pressure.
+pub const MIN_MEMORY_LIMIT_BYTES: u64 = 16 << 20;
+
+/// `server.memory_policy`: what producers meet once the memory budget is used up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryPolicy {
+    /// Listeners stop reading: producers wait (TCP pushes back).
+    #[default]
+    Block,
+    /// Listeners read and refuse produce requests with a retryable error (binary
+    /// `BUSY`, HTTP 503 with `Retry-After`); nothing refused is stored.
+    Reject,
 }
 
 /// `[ingest]`.
@@ -256,6 +287,20 @@ impl Config {
         if self.server.shutdown_flush_ms > 86_400_000 {
             return Err(bad("server.shutdown_flush_ms", "must be at most 86400000 (one day)"));
         }
+        if self.server.memory_limit_bytes != 0 {
+            if self.server.memory_limit_bytes < MIN_MEMORY_LIMIT_BYTES {
+                return Err(bad("server.memory_limit_bytes", "must be 0 (derived) or at least 16777216 (16 MiB)"));
+            }
+            if self.ingest.max_buffered_bytes as u64 > self.server.memory_limit_bytes {
+                return Err(bad(
+                    "ingest.max_buffered_bytes",
+                    "must be at most server.memory_limit_bytes (ingest buffers are part of that budget)",
+                ));
+            }
+        }
+        if !(1..=100).contains(&self.server.memory_soft_percent) {
+            return Err(bad("server.memory_soft_percent", "must be from 1 to 100"));
+        }
         if self.log.segment_bytes < 1024 {
             return Err(bad("log.segment_bytes", "must be at least 1024"));
         }
@@ -342,6 +387,29 @@ mod tests {
         assert!(err.contains("log.segment_bytes"), "{err}");
         let err = Config::parse("[log\n", "f.toml").unwrap_err().to_string();
         assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn memory_settings_are_checked() {
+        let c = Config::embedded_default();
+        assert_eq!((c.server.memory_limit_bytes, c.server.memory_soft_percent), (0, 80));
+        assert_eq!(c.server.memory_policy, MemoryPolicy::Block);
+        let ok = "[server]\nmemory_limit_bytes = 134217728\nmemory_policy = \"reject\"\n[ingest]\nmax_buffered_bytes = 33554432\n";
+        let c = Config::parse(ok, "f.toml").unwrap();
+        assert_eq!((c.server.memory_limit_bytes, c.server.memory_policy), (128 << 20, MemoryPolicy::Reject));
+        for (text, key) in [
+            ("[server]\nmemory_limit_bytes = 1000\n", "server.memory_limit_bytes"),
+            ("[server]\nmemory_limit_bytes = 67108864\n", "ingest.max_buffered_bytes"),
+            ("[server]\nmemory_soft_percent = 0\n", "server.memory_soft_percent"),
+            ("[server]\nmemory_soft_percent = 101\n", "server.memory_soft_percent"),
+        ] {
+            let err = Config::parse(text, "f.toml").unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        let err = Config::parse("[server]\nmemory_policy = \"drop\"\n", "f.toml").unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("drop"), "{err}");
+        let err = Config::parse("[server]\nmemory_soft_percent = 300\n", "f.toml").unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
     }
 
     #[test]

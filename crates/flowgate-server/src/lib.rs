@@ -7,6 +7,7 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`shared`]: state shared by the listeners.
 //! - [`budget`]: the ingest buffer budget connections borrow from.
+//! - [`memory`]: the memory budget's limit at start, and how listeners hold back under it.
 //! - [`fd_limit`]: the open-files limit, raised at start and checked against the config.
 //! - [`parse`]: NDJSON line and HTTP body parsers, free of I/O (shared with `fuzz/`).
 
@@ -18,6 +19,7 @@ pub mod config;
 pub mod fd_limit;
 pub mod http;
 pub mod ingest;
+pub mod memory;
 pub mod metrics;
 pub mod ndjson;
 pub mod parse;

@@ -54,6 +54,11 @@ struct PathLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ComponentLabels {
+    component: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TopicLabels {
     topic: String,
 }
@@ -73,6 +78,14 @@ pub struct Metrics {
     log_end_offset: Family<TopicLabels, Gauge>,
     retention_unread_deleted: Family<TopicLabels, Counter>,
     buffered_bytes: Gauge,
+    memory_paused: Family<PathLabels, Counter>,
+    memory_used: Gauge,
+    memory_limit: Gauge,
+    memory_soft_limit: Gauge,
+    memory_peak: Gauge,
+    memory_pressure: Gauge<f64, std::sync::atomic::AtomicU64>,
+    memory_level: Gauge,
+    memory_components: Family<ComponentLabels, Gauge>,
     /// Pipeline, processor and sink metrics.
     pub pipelines: Arc<flowgate_engine::PipelineMetrics>,
 }
@@ -139,8 +152,56 @@ impl Metrics {
         );
         let buffered_bytes = Gauge::default();
         registry.register("flowgate_ingest_buffered_bytes", "Bytes held in ingest buffers", buffered_bytes.clone());
+        let memory_paused = Family::<PathLabels, Counter>::default();
+        registry.register(
+            "flowgate_memory_ingest_pauses",
+            "Times a connection stopped reading because of memory pressure, by path",
+            memory_paused.clone(),
+        );
+        let memory_used = Gauge::default();
+        registry.register("flowgate_memory_used_bytes", "Bytes charged to the memory budget", memory_used.clone());
+        let memory_limit = Gauge::default();
+        registry.register("flowgate_memory_limit_bytes", "The memory budget", memory_limit.clone());
+        let memory_soft_limit = Gauge::default();
+        registry.register(
+            "flowgate_memory_soft_limit_bytes",
+            "Where soft memory pressure starts",
+            memory_soft_limit.clone(),
+        );
+        let memory_peak = Gauge::default();
+        registry.register(
+            "flowgate_memory_peak_bytes",
+            "The most ever charged to the memory budget",
+            memory_peak.clone(),
+        );
+        let memory_pressure = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "flowgate_memory_pressure",
+            "Bytes charged over the memory budget (1 = at the limit)",
+            memory_pressure.clone(),
+        );
+        let memory_level = Gauge::default();
+        registry.register(
+            "flowgate_memory_pressure_level",
+            "Memory pressure: 0 normal, 1 soft, 2 hard (at the limit)",
+            memory_level.clone(),
+        );
+        let memory_components = Family::<ComponentLabels, Gauge>::default();
+        registry.register(
+            "flowgate_memory_component_bytes",
+            "Bytes charged to the memory budget, by what holds them",
+            memory_components.clone(),
+        );
         let pipelines = Arc::new(flowgate_engine::PipelineMetrics::register(&mut registry));
         Arc::new(Metrics {
+            memory_paused,
+            memory_used,
+            memory_limit,
+            memory_soft_limit,
+            memory_peak,
+            memory_pressure,
+            memory_level,
+            memory_components,
             pipelines,
             registry,
             events,
@@ -203,6 +264,32 @@ impl Metrics {
     /// Tracks bytes held in ingest buffers.
     pub fn buffered_bytes(&self) -> &Gauge {
         &self.buffered_bytes
+    }
+
+    /// Counts a connection that stopped reading for memory pressure.
+    pub fn memory_paused(&self, path: IngestPath) {
+        self.memory_paused.get_or_create(&PathLabels { path: path.as_str().to_owned() }).inc();
+    }
+
+    /// Times connections of `path` stopped reading for memory pressure.
+    pub fn memory_paused_count(&self, path: IngestPath) -> u64 {
+        self.memory_paused.get_or_create(&PathLabels { path: path.as_str().to_owned() }).get()
+    }
+
+    /// Copies the memory budget's state into its gauges.
+    pub fn observe_memory(&self, memory: &flowgate_memory::MemoryGovernor) {
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.memory_used.set(as_i64(memory.used()));
+        self.memory_limit.set(as_i64(memory.limit()));
+        self.memory_soft_limit.set(as_i64(memory.soft_limit()));
+        self.memory_peak.set(as_i64(memory.peak()));
+        self.memory_pressure.set(memory.pressure());
+        self.memory_level.set(memory.level().as_number());
+        for c in flowgate_memory::Component::ALL {
+            self.memory_components
+                .get_or_create(&ComponentLabels { component: c.as_str().to_owned() })
+                .set(as_i64(memory.component(c)));
+        }
     }
 
     /// Prometheus text exposition, with log sizes read fresh.

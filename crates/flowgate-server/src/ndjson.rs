@@ -83,6 +83,16 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
                 }
             }
         }
+        if crate::memory::may_pause(&shared, charge.held()) {
+            // Memory pressure: stop reading (the client's sends back up in TCP), under
+            // either policy: a line has no retryable refusal.
+            let paused = crate::memory::pause_while_pressed_fully(&shared, IngestPath::Ndjson).await;
+            if shared.shutdown.is_cancelled() {
+                break;
+            }
+            // Time the server spent not reading is not the client's to make up.
+            line_deadline = line_deadline.map(|d| d + paused);
+        }
         // Idle for the idle timeout, or inside a line past its own deadline: closed.
         let idle_deadline = Instant::now() + idle;
         let line_expires = line_deadline.filter(|d| *d < idle_deadline);

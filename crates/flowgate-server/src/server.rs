@@ -52,6 +52,7 @@ impl Engine {
         let log = tokio::task::spawn_blocking(move || Log::open_with(&data_dir, log_config, observer))
             .await?
             .map_err(|e| anyhow::anyhow!("cannot open the log in {}: {e}", config.server.data_dir.display()))?;
+        let memory = crate::memory::governor(&config.server, &config.ingest);
         let ingest_config = config.ingest.clone();
         let binary = bind(ingest_config.binary_addr, "the binary protocol").await?;
         let http = bind(ingest_config.http_addr, "HTTP").await?;
@@ -67,6 +68,8 @@ impl Engine {
             started: Instant::now(),
             bad_input_log: RateLimit::new(Duration::from_secs(1)),
             pipelines: Default::default(),
+            memory: memory.clone(),
+            memory_policy: config.server.memory_policy,
         });
         let mut engine = Engine {
             binary_addr: binary.local_addr()?,
@@ -100,6 +103,7 @@ impl Engine {
                 config.pipelines.clone(),
                 factory,
                 shared.ingest.metrics().pipelines.clone(),
+                memory,
             )?;
             tracing::info!(pipelines = config.pipelines.len(), "pipelines started");
             let _ = shared.pipelines.set(pipelines.health());
@@ -117,6 +121,11 @@ impl Engine {
     /// The log.
     pub fn log(&self) -> &Log {
         self.shared.ingest.log()
+    }
+
+    /// The memory budget.
+    pub fn memory(&self) -> &flowgate_memory::MemoryGovernor {
+        &self.shared.memory
     }
 
     /// The metrics.

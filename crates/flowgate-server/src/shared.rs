@@ -36,6 +36,10 @@ pub struct Shared {
     pub bad_input_log: RateLimit,
     /// Health of the pipeline workers, once pipelines have started.
     pub pipelines: std::sync::OnceLock<flowgate_engine::PipelineHealth>,
+    /// The process's memory budget.
+    pub memory: flowgate_memory::MemoryGovernor,
+    /// What producers meet at the memory limit.
+    pub memory_policy: crate::config::MemoryPolicy,
 }
 
 impl Shared {
@@ -55,6 +59,7 @@ impl Shared {
             self.buffer_budget.clone(),
             self.config.max_buffered_bytes.min(Semaphore::MAX_PERMITS),
             self.ingest.metrics().buffered_bytes().clone(),
+            self.memory.empty(flowgate_memory::Component::Ingest),
         )
     }
 

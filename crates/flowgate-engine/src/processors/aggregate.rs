@@ -110,6 +110,8 @@ enum Placement {
     /// At `max_groups` or `max_open_windows`; the error says which.
     OverLimit(String),
     Unrepresentable(String),
+    /// Would create state while shedding at the memory limit.
+    Shed,
 }
 
 /// Why an event was refused before it reached a window.
@@ -129,6 +131,9 @@ struct Restored {
     windows_emitted: u64,
     open: OpenWindows,
 }
+
+/// Most window results one call emits (see `emit_closed`).
+const MAX_EMIT_PER_CALL: usize = 16_384;
 
 /// Magic and version of the binary state (earlier versions wrote JSON, starting `{`).
 const STATE_MAGIC: &[u8] = b"FGAGG\x02";
@@ -158,6 +163,12 @@ pub struct Aggregate {
     watermark: i64,
     last_event_wall: i64,
     partition: u32,
+    /// Bytes of group names held by the keys of open windows (and of sessions).
+    window_key_bytes: usize,
+    /// Bytes of group names held by `groups`.
+    group_key_bytes: usize,
+    /// At the memory limit under `drop_newest`: events that need a new window are dropped.
+    shedding: bool,
     /// Events that arrived after their windows were emitted.
     pub late_events: u64,
     /// Windows emitted.
@@ -257,6 +268,9 @@ impl Aggregate {
             watermark: i64::MIN,
             last_event_wall: flowgate_core::time::now_ms(),
             partition: 0,
+            window_key_bytes: 0,
+            group_key_bytes: 0,
+            shedding: false,
             late_events: 0,
             windows_emitted: 0,
         })
@@ -430,6 +444,7 @@ impl Aggregate {
         match self.groups.get_mut(group) {
             Some(n) => *n += 1,
             None => {
+                self.group_key_bytes = self.group_key_bytes.saturating_add(group.len());
                 self.groups.insert(group.to_owned(), 1);
             }
         }
@@ -440,6 +455,7 @@ impl Aggregate {
             *n -= 1;
             if *n == 0 {
                 self.groups.remove(group);
+                self.group_key_bytes = self.group_key_bytes.saturating_sub(group.len());
             }
         }
     }
@@ -462,13 +478,17 @@ impl Aggregate {
         None
     }
 
+    /// Emits closed windows, oldest first, at most [`MAX_EMIT_PER_CALL`]: the rest stay
+    /// in the state (and its checkpoint) for the next call, so that a watermark jump
+    /// over many windows does not build all their results at once.
     fn emit_closed(&mut self) -> Vec<PipelineEvent> {
         let mut out = Vec::new();
         while let Some(((end, _, _), _)) = self.open.first_key_value() {
-            if !self.closed(*end) {
+            if !self.closed(*end) || out.len() >= MAX_EMIT_PER_CALL {
                 break;
             }
             let ((end, group, start), window) = self.open.pop_first().expect("non-empty");
+            self.window_key_bytes = self.window_key_bytes.saturating_sub(group.len());
             self.release_group(&group);
             if matches!(self.window, WindowConfig::Session { .. }) {
                 self.sessions.remove(&(group.clone(), start));
@@ -534,6 +554,9 @@ impl Aggregate {
         if let Some(error) = self.over_limit(&group, new_windows) {
             return Placement::OverLimit(error);
         }
+        if self.shedding && open.iter().any(|&(start, end)| !self.open.contains_key(&(end, group.clone(), start))) {
+            return Placement::Shed;
+        }
         for (start, end) in open {
             match self.open.entry((end, group.clone(), start)) {
                 Entry::Occupied(mut window) => *collapsed += Self::accumulate(&self.outputs, window.get_mut(), ts, doc),
@@ -541,6 +564,7 @@ impl Aggregate {
                     let mut window = Self::empty_window(&self.outputs, self.sketch_max_buckets, start, end);
                     *collapsed += Self::accumulate(&self.outputs, &mut window, ts, doc);
                     slot.insert(window);
+                    self.window_key_bytes = self.window_key_bytes.saturating_add(group.len());
                     self.hold_group(&group);
                 }
             }
@@ -568,10 +592,14 @@ impl Aggregate {
         if let Some(error) = self.over_limit(&group, usize::from(touching.is_empty())) {
             return Placement::OverLimit(error);
         }
+        if self.shedding && touching.is_empty() {
+            return Placement::Shed;
+        }
         let mut window = Self::empty_window(&self.outputs, self.sketch_max_buckets, ts, end);
         for k in touching {
             self.sessions.remove(&(k.1.clone(), k.2));
             if let Some(w) = self.open.remove(&k) {
+                self.window_key_bytes = self.window_key_bytes.saturating_sub(k.1.len());
                 self.release_group(&k.1);
                 *collapsed += Self::merge(&mut window, w);
             }
@@ -579,6 +607,7 @@ impl Aggregate {
         *collapsed += Self::accumulate(&self.outputs, &mut window, ts, doc);
         self.hold_group(&group);
         self.sessions.insert((group.clone(), window.start), window.end);
+        self.window_key_bytes = self.window_key_bytes.saturating_add(group.len());
         self.open.insert((window.end, group, window.start), window);
         Placement::Accepted
     }
@@ -808,6 +837,7 @@ impl Processor for Aggregate {
                 Placement::Unrepresentable(error) => {
                     out.dead_letters.push(DeadLetter { processor: "aggregate".into(), error, event });
                 }
+                Placement::Shed => out.bounds.memory_dropped += 1,
             }
         }
         out.bounds.sketch_buckets_collapsed += collapsed;
@@ -823,6 +853,38 @@ impl Processor for Aggregate {
             }
         }
         self.emit_closed()
+    }
+
+    /// Per open window: its map entry with the B-tree's slack, its fields, and a
+    /// sketch's typical size for each quantile; plus the group names, the per-group
+    /// counts and (sessions) the session index. An estimate, never a walk.
+    fn state_bytes(&self) -> usize {
+        const SKETCH_BYTES: usize = 1024;
+        // B-tree nodes are about half full after the inserts and removals of a moving
+        // window front; measured against resident memory, not just the entries' sizes.
+        let entry = std::mem::size_of::<((i64, String, i64), Window)>() * 2;
+        let fields = self.outputs.len() * std::mem::size_of::<FieldAcc>()
+            + self.outputs.iter().filter(|o| matches!(o.func, Func::Quantile(_))).count() * SKETCH_BYTES;
+        // Every heap block (the key's name, the fields, the group's name and map slot)
+        // costs at least a small size class and its share of allocator pages.
+        let per_window = entry + fields + 8 * 16;
+        let sessions = if matches!(self.window, WindowConfig::Session { .. }) {
+            self.sessions.len() * (std::mem::size_of::<((String, i64), i64)>() * 3 / 2 + 16)
+        } else {
+            0
+        };
+        let groups = self.groups.capacity() * (std::mem::size_of::<(String, usize)>() + 1 + 16);
+        self.open
+            .len()
+            .saturating_mul(per_window)
+            .saturating_add(self.window_key_bytes.saturating_mul(if sessions > 0 { 2 } else { 1 }))
+            .saturating_add(sessions)
+            .saturating_add(groups)
+            .saturating_add(self.group_key_bytes)
+    }
+
+    fn shed_new_state(&mut self, on: bool) {
+        self.shedding = on;
     }
 
     /// Binary (see [`StateWriter`]): `FGAGG\x02`, max event time, watermark, late and
@@ -843,7 +905,9 @@ impl Processor for Aggregate {
         self.late_events = late_events;
         self.windows_emitted = windows_emitted;
         self.groups.clear();
+        self.group_key_bytes = 0;
         self.sessions.clear();
+        self.window_key_bytes = open.keys().map(|(_, group, _)| group.len()).sum();
         let sessions = matches!(self.window, WindowConfig::Session { .. });
         for (end, group, start) in open.keys() {
             self.hold_group(group);
@@ -900,6 +964,31 @@ mod tests {
         let mut out = Outputs::default();
         let emitted = agg.process(super::super::dedup::tests::events(&refs), &mut out);
         (emitted.into_iter().map(|mut e| serde_json::from_slice(e.payload()).unwrap()).collect(), out)
+    }
+
+    #[test]
+    fn shedding_drops_events_that_would_open_windows_and_the_state_estimate_follows_the_windows() {
+        let mut agg = build(&config(WindowConfig::Tumbling { size_ms: 1000 }, 0, 0));
+        let empty = agg.state_bytes();
+        run(&mut agg, &[("a", 1, 1.0), ("b", 1, 1.0)]);
+        let two = agg.state_bytes();
+        assert!(two > empty + 2 * 1024, "two windows with a sketch each: {empty} -> {two}");
+        agg.shed_new_state(true);
+        let (_, out) = run(&mut agg, &[("a", 2, 1.0), ("c", 3, 1.0)]);
+        assert_eq!(out.bounds.memory_dropped, 1, "c would open a window");
+        assert!(out.dead_letters.is_empty(), "dropped, not dead-lettered");
+        assert_eq!((agg.open.len(), agg.open[&(1000, "a".to_owned(), 0)].count), (2, 2), "a's window still counts");
+        agg.shed_new_state(false);
+        run(&mut agg, &[("c", 3, 1.0)]);
+        assert_eq!(agg.open.len(), 3);
+        let (emitted, _) = run(&mut agg, &[("d", 5000, 1.0)]);
+        assert_eq!(emitted.len(), 3);
+        assert!(agg.state_bytes() < two, "closed windows give their estimate back");
+        let mut sessions = build(&config(WindowConfig::Session { gap_ms: 10 }, 0, 0));
+        run(&mut sessions, &[("a", 1, 1.0)]);
+        sessions.shed_new_state(true);
+        let (_, out) = run(&mut sessions, &[("a", 5, 1.0), ("b", 5, 1.0)]);
+        assert_eq!((out.bounds.memory_dropped, sessions.open.len()), (1, 1), "a's session extends, b's is not opened");
     }
 
     #[test]

@@ -184,6 +184,14 @@ impl Processor for Dedup {
         kept
     }
 
+    /// The id map (id, time and a control byte a slot) and the arrival queue.
+    fn state_bytes(&self) -> usize {
+        self.seen
+            .capacity()
+            .saturating_mul(std::mem::size_of::<(u128, i64)>() + 1)
+            .saturating_add(self.order.capacity().saturating_mul(std::mem::size_of::<(i64, u128)>()))
+    }
+
     /// Binary: max_ts i64, dropped u64, count u64, then count × (id u128, ts i64), LE:
     /// the arrival order as it is (an id seen again after expiry appears twice; restoring
     /// in order keeps the later time, as the live state does).
@@ -250,6 +258,16 @@ pub(crate) mod tests {
 
     fn ids(events: &mut [PipelineEvent]) -> Vec<String> {
         events.iter_mut().map(|e| String::from_utf8(e.payload().to_vec()).unwrap()).collect()
+    }
+
+    #[test]
+    fn the_state_estimate_covers_every_id_held() {
+        let mut d = Dedup::new("id", 1_000_000, 1_000_000, &EventTimePolicy::default()).unwrap();
+        let json: Vec<String> = (0..5000).map(|i| format!(r#"{{"id":{i}}}"#)).collect();
+        let items: Vec<(i64, &str)> = json.iter().map(|j| (1, j.as_str())).collect();
+        d.process(events(&items), &mut Outputs::default());
+        assert_eq!(d.len(), 5000);
+        assert!(d.state_bytes() >= 5000 * (24 + 1 + 32), "{}", d.state_bytes());
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub struct BoundCounts {
     pub state_over_limit: u64,
     /// Quantile sketch buckets merged to stay within `sketch_max_buckets`.
     pub sketch_buckets_collapsed: u64,
+    /// Events dropped instead of creating state while shedding at the memory limit
+    /// ([`Processor::shed_new_state`]); not in the dead letters.
+    pub memory_dropped: u64,
 }
 
 /// One processing step.
@@ -77,6 +80,17 @@ pub trait Processor: Send {
     fn tick(&mut self, _now_ms: i64, _out: &mut Outputs) -> Vec<PipelineEvent> {
         Vec::new()
     }
+
+    /// An estimate of the bytes its state holds, charged to the memory budget once per
+    /// batch; must be cheap (no walk over the state).
+    fn state_bytes(&self) -> usize {
+        0
+    }
+
+    /// At the memory limit with `memory_policy = "drop_newest"`, `true` until the
+    /// pressure falls: events that would create new state are dropped (counted in
+    /// [`BoundCounts::memory_dropped`]) while events for existing state go on as usual.
+    fn shed_new_state(&mut self, _on: bool) {}
 
     /// State to checkpoint with the pipeline's offsets (empty: none).
     fn snapshot(&self) -> Vec<u8> {

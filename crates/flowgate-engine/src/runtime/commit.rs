@@ -139,10 +139,8 @@ impl Worker {
                 .await
                 .map_err(|_| anyhow::anyhow!("sink '{}' stopped", sink.name))?
                 .map_err(|e| anyhow::anyhow!("sink '{}' commit: {e:#}", sink.name))?;
-            let learned = Learned {
-                batch_target: Some(committed.batch_target),
-                concurrency_limit: committed.concurrency_limit,
-            };
+            let learned =
+                Learned { batch_target: Some(committed.batch_target), concurrency_limit: committed.concurrency_limit };
             self.sink_states.set(&sink.name, committed.state, learned);
         }
         self.side.make_durable().await?;

@@ -26,7 +26,12 @@ pub(super) struct Committed {
     pub(super) concurrency_limit: Option<u32>,
 }
 
-pub(super) async fn fan_out(mut events: Vec<PipelineEvent>, sinks: &[mpsc::Sender<SinkMsg>]) -> anyhow::Result<()> {
+/// Hands `events` to every sink task; returns the batch as the sinks share it, so that
+/// its memory stays charged until they have all let go of it.
+pub(super) async fn fan_out(
+    mut events: Vec<PipelineEvent>,
+    sinks: &[mpsc::Sender<SinkMsg>],
+) -> anyhow::Result<std::sync::Weak<Vec<SinkEvent>>> {
     let masks: Vec<u64> = events.iter().map(|e| e.sinks).collect();
     let out: Vec<SinkEvent> = events
         .iter_mut()
@@ -39,10 +44,11 @@ pub(super) async fn fan_out(mut events: Vec<PipelineEvent>, sinks: &[mpsc::Sende
         })
         .collect();
     let (out, masks) = (Arc::new(out), Arc::new(masks));
+    let shared = Arc::downgrade(&out);
     for tx in sinks {
         tx.send(SinkMsg::Events(out.clone(), masks.clone()))
             .await
             .map_err(|_| anyhow::anyhow!("a sink task stopped"))?;
     }
-    Ok(())
+    Ok(shared)
 }

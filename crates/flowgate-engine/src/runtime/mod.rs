@@ -9,7 +9,9 @@
 //! truncates to its checkpointed length) and for duplicates a dedup processor removes.
 //!
 //! A slow sink fills its queue, which stops the worker reading the log: memory stays
-//! bounded and ingest is untouched (the log is the buffer).
+//! bounded and ingest is untouched (the log is the buffer). What a worker holds is
+//! charged to the process's memory budget ([`memory`]); at the limit it stops reading
+//! too.
 
 mod breaker;
 mod commit;
@@ -19,6 +21,7 @@ mod decode;
 #[cfg(all(feature = "failpoints", debug_assertions))]
 mod failpoints;
 mod fan_out;
+mod memory;
 mod processor_states;
 mod quarantine;
 mod side_outputs;
@@ -215,16 +218,20 @@ pub(crate) struct Shared {
     pub(crate) sink_statuses: SinkStatuses,
     /// Every sink's controller.
     pub(crate) controllers: SinkControllers,
+    /// The process's memory budget.
+    pub(crate) memory: flowgate_memory::MemoryGovernor,
 }
 
 impl Pipelines {
-    /// Starts every pipeline: one supervised worker per source partition.
+    /// Starts every pipeline: one supervised worker per source partition, charging what
+    /// it holds to `memory`.
     pub fn start(
         log: Log,
         data_dir: PathBuf,
         configs: Vec<PipelineConfig>,
         factory: Arc<dyn SinkFactory>,
         metrics: Arc<PipelineMetrics>,
+        memory: flowgate_memory::MemoryGovernor,
     ) -> anyhow::Result<Pipelines> {
         validate(&configs, factory.as_ref())?;
         let pipeline_names = configs.iter().map(|c| c.name.clone()).collect();
@@ -252,6 +259,7 @@ impl Pipelines {
             pipeline_names,
             sink_statuses: sink_statuses.clone(),
             controllers: controllers.clone(),
+            memory,
         });
         let cancel = CancellationToken::new();
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -262,7 +270,8 @@ impl Pipelines {
             .build()?;
         let mut supervisors = Vec::new();
         let mut healths = Vec::new();
-        // Lag is refreshed apart from the workers, so a stalled worker still shows it.
+        // Lag (and memory pressure on the sinks) is refreshed apart from the workers, so a
+        // stalled worker still shows it.
         let mut lags: Vec<(Arc<Partition>, Arc<WorkerHealth>, prometheus_client::metrics::gauge::Gauge)> = Vec::new();
         for config in configs {
             side_outputs::ensure_topics(&shared.log, &config)?;
@@ -296,12 +305,16 @@ impl Pipelines {
             }
         }
         let lag_cancel = cancel.clone();
+        let (memory, pressured) = (shared.memory.clone(), controllers.clone());
         runtime.spawn(async move {
             loop {
                 for (partition, health, gauge) in &lags {
                     let committed = health.committed.load(std::sync::atomic::Ordering::Acquire);
                     gauge.set(i64::try_from(partition.end_offset().saturating_sub(committed)).unwrap_or(i64::MAX));
                 }
+                // Past the soft threshold, every sink's controller lowers its concurrency
+                // and batch size.
+                pressured.set_memory_pressure(memory.level() != flowgate_memory::Level::Normal);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                     _ = lag_cancel.cancelled() => return,

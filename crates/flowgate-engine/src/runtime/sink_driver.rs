@@ -501,7 +501,8 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
                 if committed.is_ok() {
                     task.observe_durable();
                 }
-                let (batch_target, concurrency_limit) = (task.controller.batch_target(), task.controller.learned_limit());
+                let (batch_target, concurrency_limit) =
+                    (task.controller.batch_target(), task.controller.learned_limit());
                 let _ = reply.send(committed.map(|state| Committed { state, batch_target, concurrency_limit }));
             }
             None => {

@@ -15,6 +15,7 @@ use super::commit::SinkStates;
 use super::dead_letters::SideWriter;
 use super::decode::decode;
 use super::fan_out::fan_out;
+use super::memory::{handed_bytes, WorkerMemory, TICK_WHILE_BLOCKED};
 use super::quarantine::{InFlight, Quarantine};
 use super::sink_driver::{run_sink, SinkSetup};
 use super::supervisor::{WorkerHealth, WorkerState};
@@ -53,6 +54,8 @@ pub(super) struct Worker {
     pub(super) commit_soon: bool,
     /// `flowgate_pipeline_committed_offset` of this partition.
     pub(super) committed_offset: prometheus_client::metrics::gauge::Gauge,
+    /// What this worker holds against the memory budget.
+    pub(super) memory: WorkerMemory,
 }
 
 impl Worker {
@@ -82,7 +85,9 @@ impl Worker {
             })
             .clone();
         let side = SideWriter::new(shared.log.clone());
+        let memory = WorkerMemory::new(shared.memory.clone(), &config, &shared.metrics);
         Ok(Worker {
+            memory,
             shared,
             config,
             topic: topic.to_owned(),
@@ -195,7 +200,12 @@ impl Worker {
                 self.commit_soon = false;
                 next_commit = Instant::now() + commit_every;
             }
-            let read = match self.partition.read(offset, self.config.read.max_bytes) {
+            self.memory.release_delivered();
+            if self.memory.must_wait(&mut self.processors) {
+                self.wait_for_memory(&sinks_tx, &cancel).await?;
+                continue;
+            }
+            let read = match self.partition.read(offset, self.memory.read_bytes(self.config.read.max_bytes)) {
                 Ok(r) => r,
                 Err(flowgate_log::LogError::OffsetOutOfRange { start, .. }) if offset < start => {
                     tracing::warn!(pipeline = %self.config.name, from = offset, to = start, "offsets deleted by retention were skipped");
@@ -204,6 +214,7 @@ impl Worker {
                 }
                 Err(e) => return Err(e.into()),
             };
+            let mut read_charge = None;
             let events = if read.batches.is_empty() {
                 let wait = next_commit.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
                 tokio::select! {
@@ -214,6 +225,7 @@ impl Worker {
             } else {
                 let buffer = Bytes::from(read.batches);
                 let decoded = decode(&buffer, self.partition.id(), offset, &mut scratch)?;
+                read_charge = Some(self.memory.charge_read(buffer.len(), decoded.events.len()));
                 read_counter.inc_by(decoded.events.len() as u64);
                 unreadable.inc_by(decoded.unreadable.len() as u64);
                 let range = offset..decoded.next;
@@ -221,14 +233,55 @@ impl Worker {
                 self.dead_letter_unreadable(decoded.unreadable)?;
                 self.process(decoded.events, range)?
             };
+            self.memory.set_state(&self.processors);
             if !events.is_empty() {
-                fan_out(events, &sinks_tx).await?;
+                let handed = fan_out(events, &sinks_tx).await?;
+                let bytes = handed.upgrade().map_or(0, |b| handed_bytes(&b));
+                self.memory.handed(handed, bytes, read_charge);
             }
         }
         self.commit(offset, &sinks_tx).await?;
         drop(sinks_tx);
         while sink_tasks.join_next().await.is_some() {}
         tracing::info!(pipeline = %self.config.name, topic = %self.topic, partition = self.partition.id(), offset, "pipeline worker stopped cleanly");
+        Ok(())
+    }
+
+    /// At the memory limit: reads nothing, but lets time pass through the processors
+    /// (so windows close and give back their state) until the pressure falls below the
+    /// limit, the worker is cancelled, or nothing is freed for long (a stall, see
+    /// [`super::memory`]).
+    async fn wait_for_memory(
+        &mut self,
+        sinks_tx: &[mpsc::Sender<super::fan_out::SinkMsg>],
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        self.memory.waiting();
+        let mut lowest = self.memory.governor().used();
+        let mut progress_at = Instant::now();
+        while self.memory.must_wait(&mut self.processors) && !cancel.is_cancelled() {
+            let events = self.tick()?;
+            self.memory.set_state(&self.processors);
+            if !events.is_empty() {
+                let handed = fan_out(events, sinks_tx).await?;
+                let bytes = handed.upgrade().map_or(0, |b| handed_bytes(&b));
+                self.memory.handed(handed, bytes, None);
+            }
+            self.memory.release_delivered();
+            let used = self.memory.governor().used();
+            if used < lowest {
+                lowest = used;
+                progress_at = Instant::now();
+            }
+            if self.memory.check_stall(&self.config.name, progress_at) {
+                break;
+            }
+            let governor = self.memory.governor().clone();
+            tokio::select! {
+                _ = governor.wait_until(TICK_WHILE_BLOCKED, |l| l != flowgate_memory::Level::Hard) => {}
+                _ = cancel.cancelled() => {}
+            }
+        }
         Ok(())
     }
 

@@ -118,6 +118,19 @@ async fn read_body(shared: &Shared, mut body: Body, charge: &mut Charge) -> Resu
 
 async fn post_events(State(shared): State<Arc<Shared>>, Path(topic_name): Path<String>, request: Request) -> Response {
     let metrics = shared.ingest.metrics();
+    // Under pressure the body is not read until there is room again (or, at the limit
+    // under `reject`, the request is refused unread).
+    crate::memory::pause_while_pressed(&shared, IngestPath::Http).await;
+    if crate::memory::should_refuse(&shared) {
+        metrics.rejected(IngestPath::Http, "memory_pressure", 1);
+        let mut response = error(StatusCode::SERVICE_UNAVAILABLE, crate::memory::REFUSED);
+        response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return response;
+    }
+    if shared.shutdown.is_cancelled() && crate::memory::should_pause(&shared) {
+        // The pause ended with the shutdown, not with room.
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down");
+    }
     let mut charge = shared.charge();
     let body = match read_body(&shared, request.into_body(), &mut charge).await {
         Ok(body) => body,
@@ -281,11 +294,13 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
         "pipeline_workers": workers,
         "pipeline_sinks": sinks,
         "sink_controllers": controllers,
+        "memory": shared.memory.stats(),
     }))
     .into_response()
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    shared.ingest.metrics().observe_memory(&shared.memory);
     let text = shared.ingest.metrics().render(shared.ingest.log());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
