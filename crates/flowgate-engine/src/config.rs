@@ -35,6 +35,29 @@ pub struct PipelineConfig {
     pub discard_processor_state: Vec<String>,
     /// Sinks; every sink gets every event unless a `route` processor says otherwise.
     pub sinks: Vec<SinkConfig>,
+    /// What becomes of this pipeline's dead letters (`[pipelines.dlq]`).
+    #[serde(default)]
+    pub dlq: DlqPolicy,
+}
+
+/// Automatic reprocessing of a pipeline's sink dead letters (off unless
+/// `reprocess_after_ms` is set).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DlqPolicy {
+    /// Replay the pipeline's sink dead letters (`rejected`, `retries_exhausted`) this
+    /// long (ms) after they last failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reprocess_after_ms: Option<u64>,
+    /// Replay each original event at most this many times (a replay that fails again
+    /// makes an entry that counts its replays).
+    pub reprocess_max_times: u32,
+}
+
+impl Default for DlqPolicy {
+    fn default() -> Self {
+        DlqPolicy { reprocess_after_ms: None, reprocess_max_times: 3 }
+    }
 }
 
 fn default_start() -> String {

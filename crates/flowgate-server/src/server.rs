@@ -67,6 +67,7 @@ impl Engine {
             started: Instant::now(),
             bad_input_log: RateLimit::new(Duration::from_secs(1)),
             pipelines: Default::default(),
+            replayer: Default::default(),
         });
         let mut engine = Engine {
             binary_addr: binary.local_addr()?,
@@ -103,6 +104,7 @@ impl Engine {
             )?;
             tracing::info!(pipelines = config.pipelines.len(), "pipelines started");
             let _ = shared.pipelines.set(pipelines.health());
+            let _ = shared.replayer.set(pipelines.replayer());
             engine.pipelines = Some(pipelines);
         }
         shared.ready.store(true, Ordering::Release);

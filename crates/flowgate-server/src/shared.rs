@@ -36,6 +36,8 @@ pub struct Shared {
     pub bad_input_log: RateLimit,
     /// Health of the pipeline workers, once pipelines have started.
     pub pipelines: std::sync::OnceLock<flowgate_engine::PipelineHealth>,
+    /// Replays dead letters into the pipelines, once they have started.
+    pub replayer: std::sync::OnceLock<Arc<flowgate_engine::runtime::replay::Replayer>>,
 }
 
 impl Shared {

@@ -20,6 +20,10 @@ mod failpoints;
 mod fan_out;
 mod processor_states;
 mod quarantine;
+pub mod replay;
+pub mod replay_marks;
+pub mod replay_record;
+mod replay_worker;
 mod side_outputs;
 mod sink_driver;
 mod sink_status;
@@ -51,6 +55,9 @@ const MAX_INTERVAL_MS: u64 = 86_400_000;
 /// The dead-letter topic.
 pub const DLQ_TOPIC: &str = "_dlq";
 
+/// Longest pipeline name: its replay topic (`_replay.<name>`) is a topic.
+const MAX_PIPELINE_NAME: usize = 192;
+
 /// Checks every pipeline: unique names, processors that compile, sinks the factory
 /// accepts. The error names the pipeline and the place.
 pub fn validate(pipelines: &[PipelineConfig], sinks: &dyn SinkFactory) -> anyhow::Result<()> {
@@ -63,6 +70,18 @@ pub fn validate(pipelines: &[PipelineConfig], sinks: &dyn SinkFactory) -> anyhow
         }
         if p.name.is_empty() || !p.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
             return Err(at(anyhow::anyhow!("name must be letters, digits, '-', '_' or '.'")));
+        }
+        // Its replay topic's name must be a topic name.
+        if p.name.len() > MAX_PIPELINE_NAME {
+            return Err(at(anyhow::anyhow!("name must be at most {MAX_PIPELINE_NAME} characters")));
+        }
+        if let Some(after) = p.dlq.reprocess_after_ms {
+            if !(100..=30 * MAX_INTERVAL_MS).contains(&after) {
+                return Err(at(anyhow::anyhow!("`dlq.reprocess_after_ms` must be from 100 to 30 days")));
+            }
+            if !(1..=100).contains(&p.dlq.reprocess_max_times) {
+                return Err(at(anyhow::anyhow!("`dlq.reprocess_max_times` must be from 1 to 100")));
+            }
         }
         if p.topics.is_empty() {
             return Err(at(anyhow::anyhow!("`topics` is empty")));
@@ -164,6 +183,7 @@ pub struct Pipelines {
     cancel: CancellationToken,
     supervisors: Vec<tokio::task::JoinHandle<()>>,
     health: PipelineHealth,
+    replayer: Arc<replay::Replayer>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -218,10 +238,19 @@ impl Pipelines {
         let mut healths = Vec::new();
         // Lag is refreshed apart from the workers, so a stalled worker still shows it.
         let mut lags: Vec<(Arc<Partition>, Arc<WorkerHealth>, prometheus_client::metrics::gauge::Gauge)> = Vec::new();
+        let mut all = Vec::new();
         for config in configs {
             side_outputs::ensure_topics(&shared.log, &config)?;
             let config = Arc::new(config);
-            for topic_name in &config.topics {
+            all.push(config.clone());
+            let replays = replay::replay_topic(&config.name);
+            if shared.log.topic(&replays).is_none() {
+                match shared.log.create_topic(&replays, 1) {
+                    Ok(_) | Err(flowgate_log::LogError::TopicExists(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            for topic_name in config.topics.iter().chain(std::iter::once(&replays)) {
                 // A pipeline's source topics exist once it is configured, whatever
                 // `auto_create_topics` says about clients' writes.
                 let topic = ensure_topic(&shared.log, topic_name)?;
@@ -262,17 +291,21 @@ impl Pipelines {
                 }
             }
         });
-        Ok(Pipelines {
-            cancel,
-            supervisors,
-            health: PipelineHealth::new(healths, sink_statuses),
-            runtime: Some(runtime),
-        })
+        let health = PipelineHealth::new(healths, sink_statuses);
+        let replayer =
+            Arc::new(replay::Replayer::new(shared.log.clone(), shared.data_dir.clone(), all, health.clone()));
+        runtime.spawn(replayer.clone().reprocess(cancel.clone()));
+        Ok(Pipelines { cancel, supervisors, health, replayer, runtime: Some(runtime) })
     }
 
     /// The health of every worker (for readiness and stats); stays valid after shutdown.
     pub fn health(&self) -> PipelineHealth {
         self.health.clone()
+    }
+
+    /// Replays dead letters into these pipelines ([`replay`]).
+    pub fn replayer(&self) -> Arc<replay::Replayer> {
+        self.replayer.clone()
     }
 
     /// Stops reading, flushes and commits every worker, however long that takes.

@@ -16,6 +16,7 @@ use super::dead_letters::SideWriter;
 use super::decode::decode;
 use super::fan_out::fan_out;
 use super::quarantine::{InFlight, Quarantine};
+use super::replay_worker::ReplayIndex;
 use super::sink_driver::{run_sink, SinkSetup};
 use super::supervisor::{WorkerHealth, WorkerState};
 use super::Shared;
@@ -53,6 +54,8 @@ pub(super) struct Worker {
     pub(super) commit_soon: bool,
     /// `flowgate_pipeline_committed_offset` of this partition.
     pub(super) committed_offset: prometheus_client::metrics::gauge::Gauge,
+    /// Set when the topic is the pipeline's replay topic: what each event replays.
+    pub(super) replay: Option<Arc<ReplayIndex>>,
 }
 
 impl Worker {
@@ -81,7 +84,9 @@ impl Worker {
                 partition: partition.id().to_string(),
             })
             .clone();
-        let side = SideWriter::new(shared.log.clone());
+        let replay =
+            (topic == super::replay::replay_topic(&config.name)).then(|| Arc::new(ReplayIndex::new(topic)));
+        let side = SideWriter::new(shared.log.clone()).with_replays(replay.clone());
         Ok(Worker {
             shared,
             config,
@@ -99,6 +104,7 @@ impl Worker {
             quarantine,
             commit_soon: false,
             committed_offset,
+            replay,
         })
     }
 
@@ -135,7 +141,7 @@ impl Worker {
                 labels,
                 metrics: self.shared.metrics.clone(),
                 topic: self.topic.clone(),
-                side: SideWriter::new(self.shared.log.clone()),
+                side: SideWriter::new(self.shared.log.clone()).with_replays(self.replay.clone()),
             };
             sink_tasks.spawn(run_sink(sink, rx, setup));
         }
@@ -150,7 +156,8 @@ impl Worker {
                 )?;
                 c.offset.max(self.partition.start_offset())
             }
-            None if self.config.start == "latest" => self.partition.end_offset(),
+            // Replays are read whatever `start` says: they were written for this pipeline.
+            None if self.config.start == "latest" && self.replay.is_none() => self.partition.end_offset(),
             None => self.partition.start_offset(),
         };
         tracing::info!(pipeline = %self.config.name, topic = %self.topic, partition = self.partition.id(), offset,
@@ -213,7 +220,11 @@ impl Worker {
                 let range = offset..decoded.next;
                 offset = decoded.next;
                 self.dead_letter_unreadable(decoded.unreadable)?;
-                self.process(decoded.events, range)?
+                if self.replay.is_some() {
+                    self.process_replay(decoded.events, range)?
+                } else {
+                    self.process(decoded.events, range)?
+                }
             };
             if !events.is_empty() {
                 fan_out(events, &sinks_tx).await?;
@@ -304,10 +315,21 @@ impl Worker {
         Ok(out)
     }
 
-    fn run_from(&mut self, first: usize, mut events: Vec<PipelineEvent>) -> anyhow::Result<Vec<PipelineEvent>> {
-        // Source events can be blamed for a panic until a processor makes events of its
+    fn run_from(&mut self, first: usize, events: Vec<PipelineEvent>) -> anyhow::Result<Vec<PipelineEvent>> {
+        self.run_from_blaming(first, events, first == 0)
+    }
+
+    /// Runs `events` through processors `first..`; `blameable` says they are stored
+    /// events (a panic can be blamed on them).
+    pub(super) fn run_from_blaming(
+        &mut self,
+        first: usize,
+        mut events: Vec<PipelineEvent>,
+        blameable: bool,
+    ) -> anyhow::Result<Vec<PipelineEvent>> {
+        // Stored events can be blamed for a panic until a processor makes events of its
         // own (window results); `tick` hands on only such events.
-        let mut source_events = first == 0;
+        let mut source_events = blameable;
         for i in first..self.processors.len() {
             self.in_flight.at_processor(i, source_events);
             #[cfg(all(feature = "failpoints", debug_assertions))]
