@@ -576,6 +576,73 @@ mod tests {
         assert!(!auto.picks(&entry(None, "processing_error", 1, None)), "not a sink's");
     }
 
+    fn append(log: &Log, topic: &str, records: &[(Option<&[u8]>, Vec<u8>)]) {
+        let mut b = BatchBuilder::new();
+        for (key, payload) in records {
+            b.push(1, *key, None, std::iter::empty(), payload);
+        }
+        let mut batch = b.finish(Codec::None, ProducerStamp::default()).unwrap();
+        log.topic(topic).unwrap().partition(0).unwrap().append(&mut batch.bytes).unwrap();
+    }
+
+    fn replayer(log: &Log, dir: &std::path::Path) -> Arc<Replayer> {
+        let config: PipelineConfig = serde_json::from_value(serde_json::json!({
+            "name": "p", "topics": ["in"], "sinks": [{"name": "api", "type": "stdout"}]
+        }))
+        .unwrap();
+        Arc::new(Replayer::new(log.clone(), dir.to_path_buf(), vec![Arc::new(config)], PipelineHealth::default()))
+    }
+
+    #[tokio::test]
+    async fn entries_replayed_but_not_marked_before_a_crash_are_marked_and_not_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path().join("log"), flowgate_log::LogConfig::default()).unwrap();
+        log.create_topic(DLQ_TOPIC, 1).unwrap();
+        log.create_topic(&replay_topic("p"), 1).unwrap();
+        let entry = |pipeline: &str, category: &str, event: &str| {
+            format!(r#"{{"pipeline":"{pipeline}","processor":null,"sink":"api","category":"{category}","topic":"in","partition":0,"offset":5,"timestamp":9,"event":{event}}}"#).into_bytes()
+        };
+        append(&log, DLQ_TOPIC, &[
+            (Some(b"k"), entry("p", "rejected", r#"{"n": 1.50}"#)),
+            (None, entry("p", "retries_exhausted", r#""not json""#)),
+            (None, entry("p", "unreadable", "null")),
+            (None, entry("p", "rejected", "null")),
+            (None, entry("gone", "rejected", "{}")),
+        ]);
+        let now = ReplayRequest { wait_ms: Some(0), ..ReplayRequest::default() };
+        let dry = replayer(&log, dir.path()).replay(&ReplayRequest { dry_run: true, ..now.clone() }).await.unwrap();
+        assert_eq!((dry.matched, dry.reinjected), (5, 2), "{dry:?}");
+        let skipped: Vec<(&str, u64)> = dry.skipped.iter().map(|(k, v)| (*k, *v)).collect();
+        assert_eq!(skipped, vec![("no_event", 1), ("pipeline_not_configured", 1), ("unreadable", 1)]);
+        let replays = log.topic(&replay_topic("p")).unwrap().partition(0).unwrap().clone();
+        assert_eq!(replays.end_offset(), 0, "a dry run appends nothing");
+
+        let report = replayer(&log, dir.path()).replay(&now).await.unwrap();
+        assert_eq!(report.reinjected, 2, "{report:?}");
+        let mut records = Vec::new();
+        each_record(&replays, 0, replays.end_offset(), |_, r| {
+            let (head, at) = ReplayHead::parse(r.payload).unwrap();
+            records.push((head.entry.offset, head.resume, head.replays, r.key.map(<[u8]>::to_vec), r.payload[at..].to_vec(), r.timestamp));
+            true
+        })
+        .unwrap();
+        assert_eq!(records, vec![
+            (0, Resume::Sink("api".into()), 1, Some(b"k".to_vec()), br#"{"n": 1.50}"#.to_vec(), 9),
+            (1, Resume::Sink("api".into()), 1, None, b"not json".to_vec(), 9),
+        ]);
+
+        // A kill -9 after the appends, before the marks: the next replay marks them from
+        // the replay topic and sends nothing again.
+        std::fs::remove_file(dir.path().join("dlq/replayed")).unwrap();
+        let report = replayer(&log, dir.path()).replay(&now).await.unwrap();
+        assert_eq!((report.reinjected, report.skipped.get("already_replayed")), (0, Some(&2)), "{report:?}");
+        assert_eq!(replays.end_offset(), 2);
+        let again = replayer(&log, dir.path());
+        let stored = entry("p", "rejected", r#"{"n": 1.50}"#);
+        assert!(again.is_replayed(0, 0, &stored).unwrap());
+        assert!(!again.is_replayed(0, 0, b"another entry at the same place").unwrap());
+    }
+
     #[test]
     fn events_come_back_as_they_were_stored() {
         assert_eq!(event_bytes(br#"{"a":1,"event":{"z":1, "a":[2.50]}}"#).unwrap(), br#"{"z":1, "a":[2.50]}"#);

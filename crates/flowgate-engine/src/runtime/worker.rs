@@ -268,7 +268,7 @@ impl Worker {
     /// Runs the events of source offsets `range` through every processor, handling dead
     /// letters and late events; where a processor panicked before, one event at a time
     /// (see [`super::quarantine`]).
-    fn process(&mut self, events: Vec<PipelineEvent>, range: Range<u64>) -> anyhow::Result<Vec<PipelineEvent>> {
+    pub(super) fn process(&mut self, events: Vec<PipelineEvent>, range: Range<u64>) -> anyhow::Result<Vec<PipelineEvent>> {
         if !self.quarantine.covers(&range) {
             self.in_flight.start(range, false);
             let out = self.run_from(0, events);

@@ -154,11 +154,15 @@ pub async fn stats(State(shared): State<Arc<Shared>>, Query(q): Query<DlqQuery>)
 
 /// `POST /v1/dlq/replay`: the filters as a JSON body (`pipeline`, `category`,
 /// `dry_run`, `wait_ms`, `limit`) or, without a body, as the query.
-pub async fn replay(State(shared): State<Arc<Shared>>, query: Option<Query<ReplayRequest>>, body: Bytes) -> Response {
+pub async fn replay(
+    State(shared): State<Arc<Shared>>,
+    query: Result<Query<ReplayRequest>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> Response {
     let request = if body.iter().all(u8::is_ascii_whitespace) {
         match query {
-            Some(Query(q)) => q,
-            None => return error(StatusCode::BAD_REQUEST, "the query is not a replay request"),
+            Ok(Query(q)) => q,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("the query is not a replay request: {e}")),
         }
     } else {
         match serde_json::from_slice::<ReplayRequest>(&body) {

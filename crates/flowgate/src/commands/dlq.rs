@@ -94,9 +94,10 @@ pub struct Filter {
     /// Engine address (binary protocol).
     #[arg(long, default_value = super::DEFAULT_ADDR)]
     addr: String,
-    /// The engine's HTTP API, which knows which entries were replayed.
-    #[arg(long, default_value = super::http::DEFAULT_HTTP_ADDR)]
-    http_addr: String,
+    /// The engine's HTTP API, which knows which entries were replayed (default: the
+    /// host of --addr, port 7071).
+    #[arg(long)]
+    http_addr: Option<String>,
 }
 
 impl Filter {
@@ -151,7 +152,11 @@ async fn each_entry(
         return Ok(());
     };
     let since = filter.since_ms()?;
-    let marks = replayed_marks(&filter.http_addr).await;
+    let http_addr = filter.http_addr.clone().unwrap_or_else(|| match filter.addr.rsplit_once(':') {
+        Some((host, _)) => format!("{host}:7071"),
+        None => super::http::DEFAULT_HTTP_ADDR.to_owned(),
+    });
+    let marks = replayed_marks(&http_addr).await;
     let mut scratch = Vec::new();
     for (p, partition) in info.partitions.iter().enumerate() {
         let p = p as u32;
