@@ -64,7 +64,13 @@ impl PipelineEvent {
     }
 
     /// An event from its parts (a replayed event: the bytes it had when it failed).
-    pub fn from_parts(partition: u32, offset: u64, timestamp: i64, key: Option<Bytes>, payload: Bytes) -> PipelineEvent {
+    pub fn from_parts(
+        partition: u32,
+        offset: u64,
+        timestamp: i64,
+        key: Option<Bytes>,
+        payload: Bytes,
+    ) -> PipelineEvent {
         PipelineEvent {
             partition,
             offset,

@@ -230,9 +230,10 @@ impl Replayer {
     fn with_marks<R>(&self, f: impl FnOnce(&mut Marks) -> std::io::Result<R>) -> anyhow::Result<R> {
         let mut marks = self.marks.lock();
         if marks.is_none() {
-            *marks = Some(Marks::open(&self.marks_dir).map_err(|e| {
-                anyhow::anyhow!("cannot open the replayed marks in {}: {e}", self.marks_dir.display())
-            })?);
+            *marks =
+                Some(Marks::open(&self.marks_dir).map_err(|e| {
+                    anyhow::anyhow!("cannot open the replayed marks in {}: {e}", self.marks_dir.display())
+                })?);
         }
         let marks = marks.as_mut().expect("opened above");
         f(marks).map_err(|e| anyhow::anyhow!("replayed marks in {}: {e}", self.marks_dir.display()))
@@ -302,7 +303,8 @@ impl Replayer {
         }
         report.completed = self.wait_for(&targets, wait).await;
         if report.completed {
-            let replayed: HashSet<(u32, u64)> = planned.iter().map(|p| (p.head.entry.partition, p.head.entry.offset)).collect();
+            let replayed: HashSet<(u32, u64)> =
+                planned.iter().map(|p| (p.head.entry.partition, p.head.entry.offset)).collect();
             let me = self.clone();
             let failed = tokio::task::spawn_blocking(move || me.failed_again(&dlq_ends, &replayed)).await??;
             report.failed = Some(failed);
@@ -458,9 +460,9 @@ impl Replayer {
             let workers = self.health.workers();
             let done = targets.iter().all(|(pipeline, &end)| {
                 let topic = replay_topic(pipeline);
-                workers
-                    .iter()
-                    .any(|w| &w.pipeline == pipeline && w.topic == topic && w.partition == 0 && w.committed_offset >= end)
+                workers.iter().any(|w| {
+                    &w.pipeline == pipeline && w.topic == topic && w.partition == 0 && w.committed_offset >= end
+                })
             });
             if done {
                 return true;
@@ -567,8 +569,7 @@ mod tests {
         assert!(!rejected.picks(&entry(Some("api"), "retries_exhausted", 5, None)));
         let other = Selection { filter: EntryFilter { pipeline: Some("q".into()), category: None }, ..all.clone() };
         assert!(!other.picks(&entry(Some("api"), "rejected", 5, None)));
-        let auto =
-            Selection { sinks_only: true, failed_by_ms: Some(10), max_replays: Some(2), ..Selection::default() };
+        let auto = Selection { sinks_only: true, failed_by_ms: Some(10), max_replays: Some(2), ..Selection::default() };
         assert!(auto.picks(&entry(Some("api"), "rejected", 10, None)), "old enough, never replayed");
         assert!(auto.picks(&entry(Some("api"), "rejected", 10, Some(1))), "replayed once of twice");
         assert!(!auto.picks(&entry(Some("api"), "rejected", 10, Some(2))), "replayed as often as allowed");
@@ -602,13 +603,17 @@ mod tests {
         let entry = |pipeline: &str, category: &str, event: &str| {
             format!(r#"{{"pipeline":"{pipeline}","processor":null,"sink":"api","category":"{category}","topic":"in","partition":0,"offset":5,"timestamp":9,"event":{event}}}"#).into_bytes()
         };
-        append(&log, DLQ_TOPIC, &[
-            (Some(b"k"), entry("p", "rejected", r#"{"n": 1.50}"#)),
-            (None, entry("p", "retries_exhausted", r#""not json""#)),
-            (None, entry("p", "unreadable", "null")),
-            (None, entry("p", "rejected", "null")),
-            (None, entry("gone", "rejected", "{}")),
-        ]);
+        append(
+            &log,
+            DLQ_TOPIC,
+            &[
+                (Some(b"k"), entry("p", "rejected", r#"{"n": 1.50}"#)),
+                (None, entry("p", "retries_exhausted", r#""not json""#)),
+                (None, entry("p", "unreadable", "null")),
+                (None, entry("p", "rejected", "null")),
+                (None, entry("gone", "rejected", "{}")),
+            ],
+        );
         let now = ReplayRequest { wait_ms: Some(0), ..ReplayRequest::default() };
         let dry = replayer(&log, dir.path()).replay(&ReplayRequest { dry_run: true, ..now.clone() }).await.unwrap();
         assert_eq!((dry.matched, dry.reinjected), (5, 2), "{dry:?}");
@@ -622,14 +627,24 @@ mod tests {
         let mut records = Vec::new();
         each_record(&replays, 0, replays.end_offset(), |_, r| {
             let (head, at) = ReplayHead::parse(r.payload).unwrap();
-            records.push((head.entry.offset, head.resume, head.replays, r.key.map(<[u8]>::to_vec), r.payload[at..].to_vec(), r.timestamp));
+            records.push((
+                head.entry.offset,
+                head.resume,
+                head.replays,
+                r.key.map(<[u8]>::to_vec),
+                r.payload[at..].to_vec(),
+                r.timestamp,
+            ));
             true
         })
         .unwrap();
-        assert_eq!(records, vec![
-            (0, Resume::Sink("api".into()), 1, Some(b"k".to_vec()), br#"{"n": 1.50}"#.to_vec(), 9),
-            (1, Resume::Sink("api".into()), 1, None, b"not json".to_vec(), 9),
-        ]);
+        assert_eq!(
+            records,
+            vec![
+                (0, Resume::Sink("api".into()), 1, Some(b"k".to_vec()), br#"{"n": 1.50}"#.to_vec(), 9),
+                (1, Resume::Sink("api".into()), 1, None, b"not json".to_vec(), 9),
+            ]
+        );
 
         // A kill -9 after the appends, before the marks: the next replay marks them from
         // the replay topic and sends nothing again.

@@ -84,8 +84,7 @@ impl Worker {
                 partition: partition.id().to_string(),
             })
             .clone();
-        let replay =
-            (topic == super::replay::replay_topic(&config.name)).then(|| Arc::new(ReplayIndex::new(topic)));
+        let replay = (topic == super::replay::replay_topic(&config.name)).then(|| Arc::new(ReplayIndex::new(topic)));
         let side = SideWriter::new(shared.log.clone()).with_replays(replay.clone());
         Ok(Worker {
             shared,
@@ -268,7 +267,11 @@ impl Worker {
     /// Runs the events of source offsets `range` through every processor, handling dead
     /// letters and late events; where a processor panicked before, one event at a time
     /// (see [`super::quarantine`]).
-    pub(super) fn process(&mut self, events: Vec<PipelineEvent>, range: Range<u64>) -> anyhow::Result<Vec<PipelineEvent>> {
+    pub(super) fn process(
+        &mut self,
+        events: Vec<PipelineEvent>,
+        range: Range<u64>,
+    ) -> anyhow::Result<Vec<PipelineEvent>> {
         if !self.quarantine.covers(&range) {
             self.in_flight.start(range, false);
             let out = self.run_from(0, events);

@@ -260,7 +260,11 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
                     super::http::request(&http_addr, "POST", "/v1/dlq/replay", &serde_json::to_vec(&request)?).await?;
                 let report: serde_json::Value = serde_json::from_slice(&body)
                     .map_err(|e| anyhow::anyhow!("{http_addr} answered {status} with something else than JSON: {e}"))?;
-                anyhow::ensure!(status == 200, "replay failed: {}", report["error"].as_str().unwrap_or("(no reason given)"));
+                anyhow::ensure!(
+                    status == 200,
+                    "replay failed: {}",
+                    report["error"].as_str().unwrap_or("(no reason given)")
+                );
                 if json {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
@@ -312,7 +316,9 @@ fn replay_text(report: &serde_json::Value, wait_secs: u64) -> String {
         if report["completed"] == true {
             out.push_str(&format!("delivered {}, failed again {}\n", n("delivered"), n("failed")));
         } else if wait_secs > 0 {
-            out.push_str(&format!("not yet processed within {wait_secs} s; `flowgate dlq list` shows what fails again\n"));
+            out.push_str(&format!(
+                "not yet processed within {wait_secs} s; `flowgate dlq list` shows what fails again\n"
+            ));
         }
     }
     out
