@@ -113,6 +113,9 @@ struct Selection {
     max_replays: Option<u64>,
 }
 
+/// Where each `_dlq` partition ended when a replay picked its entries.
+type Ends = Vec<(u32, u64)>;
+
 /// One entry to re-inject.
 struct Planned {
     pipeline: String,
@@ -320,7 +323,7 @@ impl Replayer {
         selection: &Selection,
         dry_run: bool,
         limit: usize,
-    ) -> anyhow::Result<(ReplayReport, Vec<Planned>, Vec<(u32, u64)>)> {
+    ) -> anyhow::Result<(ReplayReport, Vec<Planned>, Ends)> {
         self.reconcile()?;
         let mut report = ReplayReport::default();
         let mut planned = Vec::new();
