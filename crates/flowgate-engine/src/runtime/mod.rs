@@ -267,14 +267,30 @@ impl Pipelines {
                         .clone();
                     lags.push((partition.clone(), health.clone(), gauge));
                     healths.push(health.clone());
-                    supervisors.push(runtime.spawn(supervise(
+                    let worker = supervise(
                         shared.clone(),
                         config.clone(),
                         topic_name.clone(),
                         partition.clone(),
                         health,
                         cancel.clone(),
-                    )));
+                    );
+                    if *topic_name != replays {
+                        supervisors.push(runtime.spawn(worker));
+                        continue;
+                    }
+                    // The replay worker starts once something was ever replayed: until
+                    // then the pipeline's sinks run no second instance for it.
+                    let (partition, cancel) = (partition.clone(), cancel.clone());
+                    supervisors.push(runtime.spawn(async move {
+                        while partition.end_offset() == 0 {
+                            tokio::select! {
+                                _ = partition.wait_for_data(0, Duration::from_secs(1)) => {}
+                                _ = cancel.cancelled() => return,
+                            }
+                        }
+                        worker.await;
+                    }));
                 }
             }
         }
