@@ -38,6 +38,9 @@ pub struct PipelineConfig {
     /// What the pipeline does at the memory limit (`docs/memory.md`).
     #[serde(default)]
     pub memory_policy: PipelineMemoryPolicy,
+    /// What becomes of this pipeline's dead letters (`[pipelines.dlq]`).
+    #[serde(default)]
+    pub dlq: DlqPolicy,
 }
 
 /// `memory_policy` of a pipeline: what it does once the process's memory budget is used
@@ -52,6 +55,26 @@ pub enum PipelineMemoryPolicy {
     /// Read on, but aggregates drop events that would open a new window or group
     /// (counted in `flowgate_memory_dropped_events_total`) instead of growing state.
     DropNewest,
+}
+
+/// Automatic reprocessing of a pipeline's sink dead letters (off unless
+/// `reprocess_after_ms` is set).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DlqPolicy {
+    /// Replay the pipeline's sink dead letters (`rejected`, `retries_exhausted`) this
+    /// long (ms) after they last failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reprocess_after_ms: Option<u64>,
+    /// Replay each original event at most this many times (a replay that fails again
+    /// makes an entry that counts its replays).
+    pub reprocess_max_times: u32,
+}
+
+impl Default for DlqPolicy {
+    fn default() -> Self {
+        DlqPolicy { reprocess_after_ms: None, reprocess_max_times: 3 }
+    }
 }
 
 fn default_start() -> String {

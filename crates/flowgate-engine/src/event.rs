@@ -63,6 +63,27 @@ impl PipelineEvent {
         }
     }
 
+    /// An event from its parts (a replayed event: the bytes it had when it failed).
+    pub fn from_parts(
+        partition: u32,
+        offset: u64,
+        timestamp: i64,
+        key: Option<Bytes>,
+        payload: Bytes,
+    ) -> PipelineEvent {
+        PipelineEvent {
+            partition,
+            offset,
+            timestamp,
+            key,
+            client_id: None,
+            sinks: ALL_SINKS,
+            payload,
+            doc: None,
+            dirty: false,
+        }
+    }
+
     /// An event a processor creates from a document.
     pub fn from_document(partition: u32, timestamp: i64, key: Option<Bytes>, doc: Value) -> PipelineEvent {
         PipelineEvent {

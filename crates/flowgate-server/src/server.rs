@@ -70,6 +70,7 @@ impl Engine {
             pipelines: Default::default(),
             memory: memory.clone(),
             memory_policy: config.server.memory_policy,
+            replayer: Default::default(),
         });
         let mut engine = Engine {
             binary_addr: binary.local_addr()?,
@@ -107,6 +108,7 @@ impl Engine {
             )?;
             tracing::info!(pipelines = config.pipelines.len(), "pipelines started");
             let _ = shared.pipelines.set(pipelines.health());
+            let _ = shared.replayer.set(pipelines.replayer());
             engine.pipelines = Some(pipelines);
         }
         shared.ready.store(true, Ordering::Release);

@@ -40,6 +40,8 @@ pub struct Shared {
     pub memory: flowgate_memory::MemoryGovernor,
     /// What producers meet at the memory limit.
     pub memory_policy: crate::config::MemoryPolicy,
+    /// Replays dead letters into the pipelines, once they have started.
+    pub replayer: std::sync::OnceLock<Arc<flowgate_engine::runtime::replay::Replayer>>,
 }
 
 impl Shared {

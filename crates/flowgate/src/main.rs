@@ -46,7 +46,7 @@ enum Command {
         #[command(subcommand)]
         command: commands::topics::Command,
     },
-    /// Inspect the dead-letter topic: entries and counts.
+    /// Inspect and reprocess the dead-letter topic: entries, counts, replay, purge.
     Dlq {
         #[command(subcommand)]
         command: commands::dlq::Command,

@@ -158,6 +158,9 @@ impl Worker {
         tokio::task::spawn_blocking(move || file.store(&checkpoint)).await??;
         self.health.committed.store(offset, std::sync::atomic::Ordering::Release);
         self.report_committed(offset);
+        if let Some(replay) = &self.replay {
+            replay.forget_before(offset);
+        }
         Ok(())
     }
 

@@ -10,7 +10,10 @@
 //! ```
 //!
 //! `event` is the event as it was (a JSON payload embedded as is, anything else as a
-//! string; never parsed into a tree). Entries are appended to the log before the
+//! string; never parsed into a tree). The entry of a replayed event that failed again
+//! (see [`super::replay`]) also carries `"replay_of": {"partition": P, "offset": O}`, the
+//! `_dlq` entry it replays, and `"replays": N`, how many times the original event has
+//! been replayed; its topic, partition and offset are the original event's. Entries are appended to the log before the
 //! checkpoint that moves past their events, and [`SideWriter::make_durable`] makes that
 //! checkpoint wait until they are on stable storage.
 
@@ -21,6 +24,8 @@ use flowgate_core::{BatchBuilder, Codec, ProducerStamp};
 use flowgate_log::{Log, Partition};
 use serde::Serialize;
 
+use super::replay_record::ReplayHead;
+use super::replay_worker::ReplayIndex;
 use super::DLQ_TOPIC;
 
 /// Why an event is in the dead-letter topic.
@@ -101,11 +106,27 @@ struct Head<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     last_offset: Option<u64>,
     timestamp: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replay_of: Option<ReplayOf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replays: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct ReplayOf {
+    partition: u32,
+    offset: u64,
 }
 
 impl Entry<'_> {
     /// The entry as the JSON object stored in the dead-letter topic.
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_replayed(None)
+    }
+
+    /// The entry as stored, of an event that `replay` re-injected (if any): it names the
+    /// original event's place and the entry replayed.
+    pub fn encode_replayed(&self, replay: Option<&ReplayHead>) -> Vec<u8> {
         let (processor, sink) = match self.at {
             FailedAt::Processor(p) => (Some(p), None),
             FailedAt::Sink(s) => (None, Some(s)),
@@ -121,11 +142,13 @@ impl Entry<'_> {
             attempts: self.attempts,
             first_failure_ms: self.first_failure_ms,
             last_failure_ms: self.last_failure_ms,
-            topic: self.topic,
-            partition: self.partition,
-            offset: self.offset,
+            topic: replay.map_or(self.topic, |r| r.topic.as_str()),
+            partition: replay.map_or(self.partition, |r| r.partition),
+            offset: replay.map_or(self.offset, |r| r.offset),
             last_offset: self.last_offset,
             timestamp: self.timestamp,
+            replay_of: replay.map(|r| ReplayOf { partition: r.entry.partition, offset: r.entry.offset }),
+            replays: replay.map(|r| r.replays),
         };
         let mut out = serde_json::to_vec(&head).expect("a dead-letter head serializes");
         out.pop(); // its closing brace
@@ -150,6 +173,9 @@ impl Entry<'_> {
 #[derive(Debug)]
 pub(super) struct SideWriter {
     log: Log,
+    /// For the worker of a replay topic: what each replayed event replays, so that its
+    /// dead letter says so.
+    replays: Option<Arc<ReplayIndex>>,
     /// Partitions appended to since the last [`SideWriter::make_durable`], and the end
     /// offset each must be durable up to.
     pending: Vec<(Arc<Partition>, u64)>,
@@ -157,7 +183,13 @@ pub(super) struct SideWriter {
 
 impl SideWriter {
     pub(super) fn new(log: Log) -> SideWriter {
-        SideWriter { log, pending: Vec::new() }
+        SideWriter { log, replays: None, pending: Vec::new() }
+    }
+
+    /// The writer of a replay topic's worker, whose dead letters name what they replay.
+    pub(super) fn with_replays(mut self, replays: Option<Arc<ReplayIndex>>) -> SideWriter {
+        self.replays = replays;
+        self
     }
 
     /// Appends the built batch to `topic` (round robin over its partitions). An error
@@ -200,7 +232,8 @@ impl SideWriter {
         for (entry, key) in entries {
             // Stamped with when it failed, not the event's own time: `flowgate dlq
             // --since` finds entries by when they were written.
-            b.push(entry.last_failure_ms, key, None, std::iter::empty(), &entry.encode());
+            let replay = self.replays.as_ref().and_then(|r| r.get(entry.topic, entry.partition, entry.offset));
+            b.push(entry.last_failure_ms, key, None, std::iter::empty(), &entry.encode_replayed(replay.as_deref()));
         }
         self.append(DLQ_TOPIC, &mut b)
     }
@@ -257,6 +290,8 @@ impl EntryFilter {
 #[derive(Debug, Default)]
 pub struct Stats {
     total: u64,
+    /// Entries known to be replayed (`None`: not known).
+    replayed: Option<u64>,
     by_group: HashMap<(String, String, String), u64>,
     by_error: HashMap<String, u64>,
     oldest_ms: Option<i64>,
@@ -285,6 +320,12 @@ impl Stats {
         }
     }
 
+    /// Counts one entry that has been replayed (once [`Stats::add`] counted it); once
+    /// called, the counts show how many were.
+    pub fn add_replayed(&mut self, replayed: bool) {
+        *self.replayed.get_or_insert(0) += u64::from(replayed);
+    }
+
     fn top_errors(&self) -> Vec<(&String, u64)> {
         let mut errors: Vec<(&String, u64)> = self.by_error.iter().map(|(e, n)| (e, *n)).collect();
         errors.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
@@ -302,6 +343,7 @@ impl Stats {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "total": self.total,
+            "replayed": self.replayed,
             "oldest_ms": self.oldest_ms,
             "groups": self.groups().into_iter().map(|((pipeline, stage, category), n)| serde_json::json!({
                 "pipeline": pipeline, "stage": stage, "category": category, "entries": n,
@@ -314,6 +356,9 @@ impl Stats {
     /// The counts as text for a terminal.
     pub fn to_text(&self) -> String {
         let mut out = format!("{} dead-letter entries", self.total);
+        if let Some(replayed) = self.replayed {
+            out.push_str(&format!(" ({replayed} replayed)"));
+        }
         if let Some(oldest) = self.oldest_ms {
             out.push_str(&format!(", the oldest from {oldest} (ms since the epoch)"));
         }

@@ -24,6 +24,10 @@ mod fan_out;
 mod memory;
 mod processor_states;
 mod quarantine;
+pub mod replay;
+pub mod replay_marks;
+pub mod replay_record;
+mod replay_worker;
 mod side_outputs;
 mod sink_driver;
 mod sink_status;
@@ -56,6 +60,9 @@ const MAX_INTERVAL_MS: u64 = 86_400_000;
 /// The dead-letter topic.
 pub const DLQ_TOPIC: &str = "_dlq";
 
+/// Longest pipeline name: its replay topic (`_replay.<name>`) is a topic.
+const MAX_PIPELINE_NAME: usize = 192;
+
 /// Checks every pipeline: unique names, processors that compile, sinks the factory
 /// accepts. The error names the pipeline and the place.
 pub fn validate(pipelines: &[PipelineConfig], sinks: &dyn SinkFactory) -> anyhow::Result<()> {
@@ -68,6 +75,18 @@ pub fn validate(pipelines: &[PipelineConfig], sinks: &dyn SinkFactory) -> anyhow
         }
         if p.name.is_empty() || !p.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
             return Err(at(anyhow::anyhow!("name must be letters, digits, '-', '_' or '.'")));
+        }
+        // Its replay topic's name must be a topic name.
+        if p.name.len() > MAX_PIPELINE_NAME {
+            return Err(at(anyhow::anyhow!("name must be at most {MAX_PIPELINE_NAME} characters")));
+        }
+        if let Some(after) = p.dlq.reprocess_after_ms {
+            if !(100..=30 * MAX_INTERVAL_MS).contains(&after) {
+                return Err(at(anyhow::anyhow!("`dlq.reprocess_after_ms` must be from 100 to 30 days")));
+            }
+            if !(1..=100).contains(&p.dlq.reprocess_max_times) {
+                return Err(at(anyhow::anyhow!("`dlq.reprocess_max_times` must be from 1 to 100")));
+            }
         }
         if p.topics.is_empty() {
             return Err(at(anyhow::anyhow!("`topics` is empty")));
@@ -189,6 +208,7 @@ pub struct Pipelines {
     cancel: CancellationToken,
     supervisors: Vec<tokio::task::JoinHandle<()>>,
     health: PipelineHealth,
+    replayer: Arc<replay::Replayer>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -273,10 +293,19 @@ impl Pipelines {
         // Lag (and memory pressure on the sinks) is refreshed apart from the workers, so a
         // stalled worker still shows it.
         let mut lags: Vec<(Arc<Partition>, Arc<WorkerHealth>, prometheus_client::metrics::gauge::Gauge)> = Vec::new();
+        let mut all = Vec::new();
         for config in configs {
             side_outputs::ensure_topics(&shared.log, &config)?;
             let config = Arc::new(config);
-            for topic_name in &config.topics {
+            all.push(config.clone());
+            let replays = replay::replay_topic(&config.name);
+            if shared.log.topic(&replays).is_none() {
+                match shared.log.create_topic(&replays, 1) {
+                    Ok(_) | Err(flowgate_log::LogError::TopicExists(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            for topic_name in config.topics.iter().chain(std::iter::once(&replays)) {
                 // A pipeline's source topics exist once it is configured, whatever
                 // `auto_create_topics` says about clients' writes.
                 let topic = ensure_topic(&shared.log, topic_name)?;
@@ -287,20 +316,36 @@ impl Pipelines {
                         .lag
                         .get_or_create(&SourceLabels {
                             pipeline: config.name.clone(),
-                            topic: topic_name.clone(),
+                            topic: topic_name.to_string(),
                             partition: partition.id().to_string(),
                         })
                         .clone();
                     lags.push((partition.clone(), health.clone(), gauge));
                     healths.push(health.clone());
-                    supervisors.push(runtime.spawn(supervise(
+                    let worker = supervise(
                         shared.clone(),
                         config.clone(),
-                        topic_name.clone(),
+                        topic_name.to_string(),
                         partition.clone(),
                         health,
                         cancel.clone(),
-                    )));
+                    );
+                    if *topic_name != replays {
+                        supervisors.push(runtime.spawn(worker));
+                        continue;
+                    }
+                    // The replay worker starts once something was ever replayed: until
+                    // then the pipeline's sinks run no second instance for it.
+                    let (partition, cancel) = (partition.clone(), cancel.clone());
+                    supervisors.push(runtime.spawn(async move {
+                        while partition.end_offset() == 0 {
+                            tokio::select! {
+                                _ = partition.wait_for_data(0, Duration::from_secs(1)) => {}
+                                _ = cancel.cancelled() => return,
+                            }
+                        }
+                        worker.await;
+                    }));
                 }
             }
         }
@@ -321,17 +366,21 @@ impl Pipelines {
                 }
             }
         });
-        Ok(Pipelines {
-            cancel,
-            supervisors,
-            health: PipelineHealth::new(healths, sink_statuses, controllers),
-            runtime: Some(runtime),
-        })
+        let health = PipelineHealth::new(healths, sink_statuses, controllers);
+        let replayer =
+            Arc::new(replay::Replayer::new(shared.log.clone(), shared.data_dir.clone(), all, health.clone()));
+        runtime.spawn(replayer.clone().reprocess(cancel.clone()));
+        Ok(Pipelines { cancel, supervisors, health, replayer, runtime: Some(runtime) })
     }
 
     /// The health of every worker (for readiness and stats); stays valid after shutdown.
     pub fn health(&self) -> PipelineHealth {
         self.health.clone()
+    }
+
+    /// Replays dead letters into these pipelines ([`replay`]).
+    pub fn replayer(&self) -> Arc<replay::Replayer> {
+        self.replayer.clone()
     }
 
     /// Stops reading, flushes and commits every worker, however long that takes.

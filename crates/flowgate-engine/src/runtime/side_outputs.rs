@@ -164,7 +164,7 @@ impl Worker {
         self.side.cover(DLQ_TOPIC);
     }
 
-    fn count_dead_letters(&self, n: usize) {
+    pub(super) fn count_dead_letters(&self, n: usize) {
         self.shared
             .metrics
             .dead_letters

@@ -17,6 +17,7 @@ use super::decode::decode;
 use super::fan_out::fan_out;
 use super::memory::{handed_bytes, WorkerMemory, TICK_WHILE_BLOCKED};
 use super::quarantine::{InFlight, Quarantine};
+use super::replay_worker::ReplayIndex;
 use super::sink_driver::{run_sink, SinkSetup};
 use super::supervisor::{WorkerHealth, WorkerState};
 use super::Shared;
@@ -56,6 +57,8 @@ pub(super) struct Worker {
     pub(super) committed_offset: prometheus_client::metrics::gauge::Gauge,
     /// What this worker holds against the memory budget.
     pub(super) memory: WorkerMemory,
+    /// Set when the topic is the pipeline's replay topic: what each event replays.
+    pub(super) replay: Option<Arc<ReplayIndex>>,
 }
 
 impl Worker {
@@ -84,8 +87,9 @@ impl Worker {
                 partition: partition.id().to_string(),
             })
             .clone();
-        let side = SideWriter::new(shared.log.clone());
         let memory = WorkerMemory::new(shared.memory.clone(), &config, &shared.metrics);
+        let replay = (topic == super::replay::replay_topic(&config.name)).then(|| Arc::new(ReplayIndex::new(topic)));
+        let side = SideWriter::new(shared.log.clone()).with_replays(replay.clone());
         Ok(Worker {
             memory,
             shared,
@@ -104,6 +108,7 @@ impl Worker {
             quarantine,
             commit_soon: false,
             committed_offset,
+            replay,
         })
     }
 
@@ -146,7 +151,7 @@ impl Worker {
                 labels,
                 metrics: self.shared.metrics.clone(),
                 topic: self.topic.clone(),
-                side: SideWriter::new(self.shared.log.clone()),
+                side: SideWriter::new(self.shared.log.clone()).with_replays(self.replay.clone()),
             };
             sink_tasks.spawn(run_sink(sink, rx, setup));
         }
@@ -161,7 +166,8 @@ impl Worker {
                 )?;
                 c.offset.max(self.partition.start_offset())
             }
-            None if self.config.start == "latest" => self.partition.end_offset(),
+            // Replays are read whatever `start` says: they were written for this pipeline.
+            None if self.config.start == "latest" && self.replay.is_none() => self.partition.end_offset(),
             None => self.partition.start_offset(),
         };
         tracing::info!(pipeline = %self.config.name, topic = %self.topic, partition = self.partition.id(), offset,
@@ -231,7 +237,11 @@ impl Worker {
                 let range = offset..decoded.next;
                 offset = decoded.next;
                 self.dead_letter_unreadable(decoded.unreadable)?;
-                self.process(decoded.events, range)?
+                if self.replay.is_some() {
+                    self.process_replay(decoded.events, range)?
+                } else {
+                    self.process(decoded.events, range)?
+                }
             };
             self.memory.set_state(&self.processors);
             if !events.is_empty() {
@@ -316,7 +326,11 @@ impl Worker {
     /// Runs the events of source offsets `range` through every processor, handling dead
     /// letters and late events; where a processor panicked before, one event at a time
     /// (see [`super::quarantine`]).
-    fn process(&mut self, events: Vec<PipelineEvent>, range: Range<u64>) -> anyhow::Result<Vec<PipelineEvent>> {
+    pub(super) fn process(
+        &mut self,
+        events: Vec<PipelineEvent>,
+        range: Range<u64>,
+    ) -> anyhow::Result<Vec<PipelineEvent>> {
         if !self.quarantine.covers(&range) {
             self.in_flight.start(range, false);
             let out = self.run_from(0, events);
@@ -363,10 +377,21 @@ impl Worker {
         Ok(out)
     }
 
-    fn run_from(&mut self, first: usize, mut events: Vec<PipelineEvent>) -> anyhow::Result<Vec<PipelineEvent>> {
-        // Source events can be blamed for a panic until a processor makes events of its
+    fn run_from(&mut self, first: usize, events: Vec<PipelineEvent>) -> anyhow::Result<Vec<PipelineEvent>> {
+        self.run_from_blaming(first, events, first == 0)
+    }
+
+    /// Runs `events` through processors `first..`; `blameable` says they are stored
+    /// events (a panic can be blamed on them).
+    pub(super) fn run_from_blaming(
+        &mut self,
+        first: usize,
+        mut events: Vec<PipelineEvent>,
+        blameable: bool,
+    ) -> anyhow::Result<Vec<PipelineEvent>> {
+        // Stored events can be blamed for a panic until a processor makes events of its
         // own (window results); `tick` hands on only such events.
-        let mut source_events = first == 0;
+        let mut source_events = blameable;
         for i in first..self.processors.len() {
             self.in_flight.at_processor(i, source_events);
             #[cfg(all(feature = "failpoints", debug_assertions))]

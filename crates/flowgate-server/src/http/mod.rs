@@ -36,6 +36,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/stats", get(dlq::stats))
+        .route("/v1/dlq/replay", axum::routing::post(dlq::replay))
+        .route("/v1/dlq/replayed", get(dlq::replayed_marks))
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))

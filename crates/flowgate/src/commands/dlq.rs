@@ -1,15 +1,18 @@
-//! `flowgate dlq`: the dead-letter topic `_dlq`, read through the binary protocol.
+//! `flowgate dlq`: the dead-letter topic `_dlq`, read through the binary protocol;
+//! which entries were replayed, and `replay`, through the HTTP API.
 //!
 //! Entries are read partition by partition, oldest first; `--since` starts each
 //! partition at the first entry written at or after that time (entries are stamped with
 //! when they failed, and the log's time index finds them).
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::process::ExitCode;
 
 use flowgate_client::Client;
 use flowgate_core::BatchView;
 use flowgate_engine::runtime::dead_letters::{EntryFilter, Stats};
+use flowgate_engine::runtime::replay_record::{fingerprint, EntryRef};
 use flowgate_engine::DLQ_TOPIC;
 
 /// `flowgate dlq` subcommands.
@@ -33,8 +36,38 @@ pub enum Command {
         #[arg(long, default_value = super::DEFAULT_ADDR)]
         addr: String,
     },
+    /// Send entries' events through their pipeline again: an entry a sink failed goes to
+    /// that sink alone, one a processor failed re-enters at that processor. Each entry is
+    /// replayed once (later replays skip it); `unreadable` entries cannot be. Prints how
+    /// many matched, were re-injected and skipped, and — once the pipelines have
+    /// processed them — how many were delivered and how many failed again (their new
+    /// entries name the entry they replay in `replay_of`).
+    Replay {
+        /// Only entries of this pipeline.
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// Only entries of this category (processing_error, panicked, rejected,
+        /// retries_exhausted).
+        #[arg(long)]
+        category: Option<String>,
+        /// Report what would be replayed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Seconds to wait for the pipelines to process the replay (0: do not wait).
+        #[arg(long, default_value_t = 30)]
+        wait_secs: u64,
+        /// Entries to replay at most (default 10,000); run again for the rest.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// The engine's HTTP API.
+        #[arg(long, default_value = super::http::DEFAULT_HTTP_ADDR)]
+        http_addr: String,
+    },
     /// Count entries by pipeline, stage and category; the most frequent errors; the
-    /// oldest entry.
+    /// oldest entry; how many were replayed.
     Stats {
         #[command(flatten)]
         filter: Filter,
@@ -61,6 +94,10 @@ pub struct Filter {
     /// Engine address (binary protocol).
     #[arg(long, default_value = super::DEFAULT_ADDR)]
     addr: String,
+    /// The engine's HTTP API, which knows which entries were replayed (default: the
+    /// host of --addr, port 7071).
+    #[arg(long)]
+    http_addr: Option<String>,
 }
 
 impl Filter {
@@ -81,8 +118,32 @@ impl Filter {
     }
 }
 
-/// Calls `visit` with every entry that passes `filter`, until it returns false.
-async fn each_entry(filter: &Filter, mut visit: impl FnMut(serde_json::Value) -> bool) -> anyhow::Result<()> {
+/// The entries marked replayed; `None` (with a note) when the HTTP API does not answer.
+async fn replayed_marks(http_addr: &str) -> Option<HashSet<EntryRef>> {
+    let fetched = async {
+        let (status, body) = super::http::request(http_addr, "GET", "/v1/dlq/replayed", b"").await?;
+        anyhow::ensure!(status == 200, "HTTP {status}");
+        #[derive(serde::Deserialize)]
+        struct Marks {
+            replayed: Vec<EntryRef>,
+        }
+        Ok(serde_json::from_slice::<Marks>(&body)?.replayed.into_iter().collect())
+    };
+    match fetched.await {
+        Ok(marks) => Some(marks),
+        Err(e) => {
+            eprintln!("which entries were replayed is not shown ({http_addr}: {e:#}; see --http-addr)");
+            None
+        }
+    }
+}
+
+/// Calls `visit` with every entry that passes `filter` and whether it was replayed (if
+/// known), until it returns false.
+async fn each_entry(
+    filter: &Filter,
+    mut visit: impl FnMut(serde_json::Value, Option<bool>) -> bool,
+) -> anyhow::Result<()> {
     let client =
         Client::connect(&filter.addr).await.map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", filter.addr))?;
     let topics = client.list_topics().await?;
@@ -91,6 +152,11 @@ async fn each_entry(filter: &Filter, mut visit: impl FnMut(serde_json::Value) ->
         return Ok(());
     };
     let since = filter.since_ms()?;
+    let http_addr = filter.http_addr.clone().unwrap_or_else(|| match filter.addr.rsplit_once(':') {
+        Some((host, _)) => format!("{host}:7071"),
+        None => super::http::DEFAULT_HTTP_ADDR.to_owned(),
+    });
+    let marks = replayed_marks(&http_addr).await;
     let mut scratch = Vec::new();
     for (p, partition) in info.partitions.iter().enumerate() {
         let p = p as u32;
@@ -117,7 +183,10 @@ async fn each_entry(filter: &Filter, mut visit: impl FnMut(serde_json::Value) ->
                     }
                     offset = at + 1;
                     let Ok(entry) = serde_json::from_slice::<serde_json::Value>(record.payload) else { continue };
-                    if filter.matches(&entry) && !visit(entry) {
+                    let replayed = marks.as_ref().map(|m| {
+                        m.contains(&EntryRef { partition: p, offset: at, fingerprint: fingerprint(record.payload) })
+                    });
+                    if filter.matches(&entry) && !visit(entry, replayed) {
                         return Ok(());
                     }
                 }
@@ -140,7 +209,10 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::SUCCESS);
                 }
                 let mut failed = None;
-                each_entry(&filter, |entry| {
+                each_entry(&filter, |mut entry, replayed| {
+                    if let Some(replayed) = replayed {
+                        entry["replayed"] = replayed.into();
+                    }
                     if let Err(e) = serde_json::to_writer(&mut out, &entry)
                         .map_err(std::io::Error::from)
                         .and_then(|()| out.write_all(b"\n"))
@@ -179,10 +251,33 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 println!("purged {entries} dead-letter entries");
             }
+            Command::Replay { pipeline, category, dry_run, json, wait_secs, limit, http_addr } => {
+                let request = serde_json::json!({
+                    "pipeline": pipeline, "category": category, "dry_run": dry_run,
+                    "wait_ms": wait_secs.saturating_mul(1000), "limit": limit,
+                });
+                let (status, body) =
+                    super::http::request(&http_addr, "POST", "/v1/dlq/replay", &serde_json::to_vec(&request)?).await?;
+                let report: serde_json::Value = serde_json::from_slice(&body)
+                    .map_err(|e| anyhow::anyhow!("{http_addr} answered {status} with something else than JSON: {e}"))?;
+                anyhow::ensure!(
+                    status == 200,
+                    "replay failed: {}",
+                    report["error"].as_str().unwrap_or("(no reason given)")
+                );
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{}", replay_text(&report, wait_secs));
+                }
+            }
             Command::Stats { filter, json } => {
                 let mut stats = Stats::default();
-                each_entry(&filter, |entry| {
+                each_entry(&filter, |entry, replayed| {
                     stats.add(&entry);
+                    if let Some(replayed) = replayed {
+                        stats.add_replayed(replayed);
+                    }
                     true
                 })
                 .await?;
@@ -195,4 +290,36 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// A replay report as text for a terminal.
+fn replay_text(report: &serde_json::Value, wait_secs: u64) -> String {
+    let n = |key: &str| report[key].as_u64().unwrap_or(0);
+    let skipped: Vec<String> = report["skipped"]
+        .as_object()
+        .map(|m| m.iter().map(|(why, k)| format!("{} {}", k, why.replace('_', " "))).collect())
+        .unwrap_or_default();
+    let skipped_n: u64 = report["skipped"].as_object().map_or(0, |m| m.values().filter_map(|v| v.as_u64()).sum());
+    let mut out = if report["dry_run"] == true {
+        format!("dry run: {} of {} matching entries would be replayed", n("reinjected"), n("matched"))
+    } else {
+        format!("replayed {} of {} matching entries", n("reinjected"), n("matched"))
+    };
+    if skipped_n > 0 {
+        out.push_str(&format!("; skipped {skipped_n}: {}", skipped.join(", ")));
+    }
+    out.push('\n');
+    if report["more"] == true {
+        out.push_str("more entries match: run it again for the rest\n");
+    }
+    if report["dry_run"] != true && n("reinjected") > 0 {
+        if report["completed"] == true {
+            out.push_str(&format!("delivered {}, failed again {}\n", n("delivered"), n("failed")));
+        } else if wait_secs > 0 {
+            out.push_str(&format!(
+                "not yet processed within {wait_secs} s; `flowgate dlq list` shows what fails again\n"
+            ));
+        }
+    }
+    out
 }

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod dlq;
+pub mod http;
 pub mod log_check;
 pub mod run;
 pub mod send;

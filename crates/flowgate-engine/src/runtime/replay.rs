@@ -1,0 +1,672 @@
+//! Replaying dead letters: `flowgate dlq replay` and `POST /v1/dlq/replay`, and the
+//! automatic reprocessing of `[pipelines.dlq]`.
+//!
+//! Every pipeline also reads its own replay topic, [`replay_topic`] (`_replay.<name>`,
+//! one partition), whose worker routes each record where its head says
+//! ([`super::replay_worker`]). A replay:
+//!
+//! 1. marks, from the replay topics, entries an earlier replay appended but did not get
+//!    to mark (a crash between the two);
+//! 2. picks the matching `_dlq` entries that are not marked replayed — `unreadable`
+//!    ones, ones without an event and ones of pipelines not configured are skipped, with
+//!    the reason;
+//! 3. appends one replay record per entry to its pipeline's replay topic and waits until
+//!    that is durable, then marks the entries replayed ([`super::replay_marks`]);
+//! 4. waits (bounded) until each pipeline's checkpoint of its replay topic passes those
+//!    appends, and counts the dead letters that name a replayed entry in `replay_of`:
+//!    those failed again, the rest were delivered.
+//!
+//! Each entry is re-injected once: a crash before the appends are durable leaves the
+//! entries unmarked (a later replay sends them), a crash after leaves them in the replay
+//! topic (the next replay marks them before it picks any). Replayed events are then
+//! delivered as the pipeline delivers anything: at least once.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flowgate_core::{BatchBuilder, BatchView, Codec, ProducerStamp, RecordRef};
+use flowgate_log::{Log, Partition};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::dead_letters::EntryFilter;
+use super::replay_marks::Marks;
+use super::replay_record::{fingerprint, EntryRef, ReplayHead, Resume};
+use super::supervisor::PipelineHealth;
+use super::DLQ_TOPIC;
+use crate::config::PipelineConfig;
+
+/// The replay topic of pipeline `pipeline`.
+pub fn replay_topic(pipeline: &str) -> String {
+    format!("_replay.{pipeline}")
+}
+
+/// Entries one replay takes at most (the rest wait for the next; the report says so).
+pub const MAX_ENTRIES: usize = 100_000;
+/// Default of [`ReplayRequest::limit`].
+const DEFAULT_ENTRIES: usize = 10_000;
+/// Bytes of events one replay holds at most.
+const MAX_BYTES: usize = 64 << 20;
+/// Default and largest wait for the pipelines to process the replay.
+const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+const MAX_WAIT: Duration = Duration::from_secs(600);
+/// Bytes of one appended batch of replay records (about).
+const BATCH_BYTES: usize = 256 << 10;
+
+/// What to replay (`POST /v1/dlq/replay`'s body or query).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayRequest {
+    /// Only entries of this pipeline.
+    #[serde(default)]
+    pub pipeline: Option<String>,
+    /// Only entries of this category.
+    #[serde(default)]
+    pub category: Option<String>,
+    /// Report what would be replayed; change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// How long to wait for the pipelines to process the replay (ms; default 30 s, at
+    /// most 10 min; 0 does not wait).
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+    /// Entries to take at most (default 10,000, at most [`MAX_ENTRIES`]).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// What a replay did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReplayReport {
+    /// Nothing was changed.
+    pub dry_run: bool,
+    /// Entries that passed the filters.
+    pub matched: u64,
+    /// Entries re-injected into their pipeline (with `dry_run`: that would be).
+    pub reinjected: u64,
+    /// Entries not re-injected, by reason (`already_replayed`, `unreadable`, `no_event`,
+    /// `pipeline_not_configured`).
+    pub skipped: BTreeMap<&'static str, u64>,
+    /// More entries matched than one replay takes: run it again for the rest.
+    pub more: bool,
+    /// Every pipeline checkpointed past the re-injected events within the wait.
+    pub completed: bool,
+    /// Re-injected events that did not come back as dead letters (once `completed`).
+    pub delivered: Option<u64>,
+    /// Re-injected events that failed again: new entries name them in `replay_of`
+    /// (once `completed`).
+    pub failed: Option<u64>,
+}
+
+/// Which entries a replay picks, beyond a request's filters.
+#[derive(Clone, Debug, Default)]
+struct Selection {
+    filter: EntryFilter,
+    /// Only entries a sink failed.
+    sinks_only: bool,
+    /// Only entries that last failed at or before this time.
+    failed_by_ms: Option<i64>,
+    /// Only entries whose event was replayed fewer times than this.
+    max_replays: Option<u64>,
+}
+
+/// Where each `_dlq` partition ended when a replay picked its entries.
+type Ends = Vec<(u32, u64)>;
+
+/// One entry to re-inject.
+struct Planned {
+    pipeline: String,
+    head: ReplayHead,
+    key: Option<Vec<u8>>,
+    timestamp: i64,
+    event: Vec<u8>,
+}
+
+/// Replays dead letters into the running pipelines; one replay at a time.
+pub struct Replayer {
+    log: Log,
+    marks_dir: PathBuf,
+    /// Opened on first use.
+    marks: Mutex<Option<Marks>>,
+    pipelines: Vec<Arc<PipelineConfig>>,
+    health: PipelineHealth,
+    running: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Replayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replayer").field("marks_dir", &self.marks_dir).finish()
+    }
+}
+
+/// Calls `visit` with each record of `partition` from `from` up to `to`, until it
+/// returns false.
+fn each_record(
+    partition: &Partition,
+    from: u64,
+    to: u64,
+    mut visit: impl FnMut(u64, &RecordRef<'_>) -> bool,
+) -> anyhow::Result<()> {
+    let mut next = from.max(partition.start_offset());
+    let mut scratch = Vec::new();
+    while next < to {
+        let read = partition.read(next, 1 << 20)?;
+        if read.batches.is_empty() {
+            break;
+        }
+        let mut rest = &read.batches[..];
+        let before = next;
+        while !rest.is_empty() {
+            let (view, tail) = BatchView::parse(rest)?;
+            for record in view.records(&mut scratch)? {
+                let record = record?;
+                let offset = view.base_offset().saturating_add(u64::from(record.offset_delta));
+                if offset < next {
+                    continue;
+                }
+                if offset >= to {
+                    return Ok(());
+                }
+                next = offset.saturating_add(1);
+                if !visit(offset, &record) {
+                    return Ok(());
+                }
+            }
+            rest = tail;
+        }
+        if next == before {
+            break;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct StoredEvent<'a> {
+    #[serde(borrow)]
+    event: Option<&'a serde_json::value::RawValue>,
+}
+
+/// The event bytes of a stored entry: a JSON event as it was, a string (how a payload
+/// that was not JSON is stored) as its text; `None` when the entry holds none.
+fn event_bytes(stored: &[u8]) -> Option<Vec<u8>> {
+    let raw = serde_json::from_slice::<StoredEvent<'_>>(stored).ok()?.event?;
+    let text = raw.get();
+    if text == "null" {
+        return None;
+    }
+    if text.starts_with('"') {
+        return serde_json::from_str::<String>(text).ok().map(String::into_bytes);
+    }
+    Some(text.as_bytes().to_vec())
+}
+
+impl Selection {
+    fn picks(&self, entry: &serde_json::Value) -> bool {
+        self.filter.matches(entry)
+            && (!self.sinks_only || entry["sink"].is_string())
+            && self.failed_by_ms.is_none_or(|t| entry["last_failure_ms"].as_i64().is_some_and(|at| at <= t))
+            && self.max_replays.is_none_or(|max| entry["replays"].as_u64().unwrap_or(0) < max)
+    }
+}
+
+impl Replayer {
+    pub(super) fn new(
+        log: Log,
+        data_dir: PathBuf,
+        pipelines: Vec<Arc<PipelineConfig>>,
+        health: PipelineHealth,
+    ) -> Replayer {
+        Replayer {
+            log,
+            marks_dir: data_dir.join("dlq"),
+            marks: Mutex::new(None),
+            pipelines,
+            health,
+            running: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn with_marks<R>(&self, f: impl FnOnce(&mut Marks) -> std::io::Result<R>) -> anyhow::Result<R> {
+        let mut marks = self.marks.lock();
+        if marks.is_none() {
+            *marks =
+                Some(Marks::open(&self.marks_dir).map_err(|e| {
+                    anyhow::anyhow!("cannot open the replayed marks in {}: {e}", self.marks_dir.display())
+                })?);
+        }
+        let marks = marks.as_mut().expect("opened above");
+        f(marks).map_err(|e| anyhow::anyhow!("replayed marks in {}: {e}", self.marks_dir.display()))
+    }
+
+    /// Whether the stored `_dlq` entry at (`partition`, `offset`) with bytes `entry` has
+    /// been replayed.
+    pub fn is_replayed(&self, partition: u32, offset: u64, entry: &[u8]) -> anyhow::Result<bool> {
+        let r = EntryRef { partition, offset, fingerprint: fingerprint(entry) };
+        self.with_marks(|m| Ok(m.contains(&r)))
+    }
+
+    /// Every entry marked replayed.
+    pub fn replayed(&self) -> anyhow::Result<Vec<EntryRef>> {
+        self.with_marks(|m| {
+            let mut all: Vec<EntryRef> = m.all().copied().collect();
+            all.sort();
+            Ok(all)
+        })
+    }
+
+    /// Replays what `request` asks for.
+    pub async fn replay(self: &Arc<Self>, request: &ReplayRequest) -> anyhow::Result<ReplayReport> {
+        let selection = Selection {
+            filter: EntryFilter { pipeline: request.pipeline.clone(), category: request.category.clone() },
+            ..Selection::default()
+        };
+        let limit = request.limit.unwrap_or(DEFAULT_ENTRIES).clamp(1, MAX_ENTRIES);
+        let wait = request.wait_ms.map_or(DEFAULT_WAIT, Duration::from_millis).min(MAX_WAIT);
+        self.run(selection, request.dry_run, limit, wait).await
+    }
+
+    async fn run(
+        self: &Arc<Self>,
+        selection: Selection,
+        dry_run: bool,
+        limit: usize,
+        wait: Duration,
+    ) -> anyhow::Result<ReplayReport> {
+        let _one_at_a_time = self.running.lock().await;
+        let me = self.clone();
+        let (mut report, planned, dlq_ends) =
+            tokio::task::spawn_blocking(move || me.plan(&selection, dry_run, limit)).await??;
+        report.dry_run = dry_run;
+        if dry_run || planned.is_empty() {
+            report.completed = !dry_run;
+            if !dry_run {
+                (report.delivered, report.failed) = (Some(0), Some(0));
+            }
+            return Ok(report);
+        }
+        let refs: Vec<EntryRef> = planned.iter().map(|p| p.head.entry).collect();
+        let mut targets: BTreeMap<String, u64> = BTreeMap::new();
+        let mut by_pipeline: BTreeMap<&str, Vec<&Planned>> = BTreeMap::new();
+        for p in &planned {
+            by_pipeline.entry(p.pipeline.as_str()).or_default().push(p);
+        }
+        for (pipeline, entries) in by_pipeline {
+            let end = self.append(pipeline, &entries).await?;
+            targets.insert(pipeline.to_owned(), end);
+        }
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.with_marks(|m| m.add(&refs))).await??;
+        report.reinjected = planned.len() as u64;
+        if wait.is_zero() {
+            return Ok(report);
+        }
+        report.completed = self.wait_for(&targets, wait).await;
+        if report.completed {
+            let replayed: HashSet<(u32, u64)> =
+                planned.iter().map(|p| (p.head.entry.partition, p.head.entry.offset)).collect();
+            let me = self.clone();
+            let failed = tokio::task::spawn_blocking(move || me.failed_again(&dlq_ends, &replayed)).await??;
+            report.failed = Some(failed);
+            report.delivered = Some(report.reinjected.saturating_sub(failed));
+        }
+        Ok(report)
+    }
+
+    /// Steps 1 and 2: reconciles the marks, then picks the entries. Returns the report so
+    /// far, the entries, and where each `_dlq` partition ended.
+    fn plan(
+        &self,
+        selection: &Selection,
+        dry_run: bool,
+        limit: usize,
+    ) -> anyhow::Result<(ReplayReport, Vec<Planned>, Ends)> {
+        self.reconcile()?;
+        let mut report = ReplayReport::default();
+        let mut planned = Vec::new();
+        let Some(dlq) = self.log.topic(DLQ_TOPIC) else { return Ok((report, planned, Vec::new())) };
+        let ends: Vec<(u32, u64)> = dlq.partitions().iter().map(|p| (p.id(), p.end_offset())).collect();
+        let mut bytes = 0usize;
+        let mut failure = None;
+        'partitions: for (partition, &(id, end)) in dlq.partitions().iter().zip(&ends) {
+            let mut full = false;
+            each_record(partition, 0, end, |offset, record| {
+                let Ok(entry) = serde_json::from_slice::<serde_json::Value>(record.payload) else { return true };
+                if !selection.picks(&entry) {
+                    return true;
+                }
+                if report.matched >= limit as u64 || bytes >= MAX_BYTES {
+                    report.more = true;
+                    full = true;
+                    return false;
+                }
+                report.matched += 1;
+                let r = EntryRef { partition: id, offset, fingerprint: fingerprint(record.payload) };
+                match self.with_marks(|m| Ok(m.contains(&r))) {
+                    Ok(true) => return skip(&mut report, "already_replayed"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        failure = Some(e);
+                        return false;
+                    }
+                }
+                if entry["category"] == "unreadable" {
+                    return skip(&mut report, "unreadable");
+                }
+                let pipeline = entry["pipeline"].as_str().unwrap_or_default();
+                if !self.pipelines.iter().any(|p| p.name == pipeline) {
+                    return skip(&mut report, "pipeline_not_configured");
+                }
+                let Some(event) = event_bytes(record.payload) else { return skip(&mut report, "no_event") };
+                let resume = match (entry["sink"].as_str(), entry["processor"].as_str()) {
+                    (Some(s), _) => Resume::Sink(s.to_owned()),
+                    (None, Some(p)) => Resume::Processor(p.to_owned()),
+                    (None, None) => Resume::Start,
+                };
+                let replays = entry["replays"].as_u64().unwrap_or(0).saturating_add(1);
+                let head = ReplayHead {
+                    entry: r,
+                    resume,
+                    topic: entry["topic"].as_str().unwrap_or_default().to_owned(),
+                    partition: entry["partition"].as_u64().and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
+                    offset: entry["offset"].as_u64().unwrap_or(u64::MAX),
+                    replays: u32::try_from(replays).unwrap_or(u32::MAX),
+                };
+                report.reinjected += 1;
+                if dry_run {
+                    return true;
+                }
+                bytes = bytes.saturating_add(event.len()).saturating_add(record.key.map_or(0, <[u8]>::len));
+                planned.push(Planned {
+                    pipeline: pipeline.to_owned(),
+                    head,
+                    key: record.key.map(<[u8]>::to_vec),
+                    timestamp: entry["timestamp"].as_i64().unwrap_or_else(flowgate_core::time::now_ms),
+                    event,
+                });
+                true
+            })?;
+            if let Some(e) = failure.take() {
+                return Err(e);
+            }
+            if full {
+                break 'partitions;
+            }
+        }
+        if !dry_run {
+            report.reinjected = 0;
+        }
+        Ok((report, planned, ends))
+    }
+
+    /// Marks the entries every replay topic holds: appended by a replay that did not get
+    /// to mark them.
+    fn reconcile(&self) -> anyhow::Result<()> {
+        let mut found = Vec::new();
+        for p in &self.pipelines {
+            let Some(topic) = self.log.topic(&replay_topic(&p.name)) else { continue };
+            for partition in topic.partitions() {
+                each_record(partition, 0, partition.end_offset(), |_, record| {
+                    if let Ok((head, _)) = ReplayHead::parse(record.payload) {
+                        found.push(head.entry);
+                    }
+                    true
+                })?;
+            }
+        }
+        let missing: Vec<EntryRef> = self.with_marks(|m| Ok(found.into_iter().filter(|r| !m.contains(r)).collect()))?;
+        if !missing.is_empty() {
+            tracing::warn!(entries = missing.len(),
+                "dead-letter entries in replay topics were not marked replayed (a crash during an earlier replay); marking them");
+            self.with_marks(|m| m.add(&missing))?;
+        }
+        Ok(())
+    }
+
+    /// Step 3 for one pipeline: appends its records durably; returns the end offset.
+    async fn append(&self, pipeline: &str, entries: &[&Planned]) -> anyhow::Result<u64> {
+        let name = replay_topic(pipeline);
+        let topic = self.log.topic_or_create(&name)?;
+        let partition = topic.partition(0)?.clone();
+        let mut builder = BatchBuilder::new();
+        let mut pending = 0usize;
+        let mut end = partition.end_offset();
+        let mut flush = |builder: &mut BatchBuilder| -> anyhow::Result<()> {
+            if builder.is_empty() {
+                return Ok(());
+            }
+            let mut batch = builder.finish(Codec::None, ProducerStamp::default())?;
+            end = partition.append(&mut batch.bytes)?.end_offset();
+            Ok(())
+        };
+        for p in entries {
+            let record = p.head.encode(&p.event);
+            builder.push(p.timestamp, p.key.as_deref(), None, std::iter::empty(), &record);
+            pending = pending.saturating_add(record.len());
+            if pending >= BATCH_BYTES {
+                flush(&mut builder).map_err(|e| anyhow::anyhow!("cannot append to {name}: {e:#}"))?;
+                pending = 0;
+            }
+        }
+        flush(&mut builder).map_err(|e| anyhow::anyhow!("cannot append to {name}: {e:#}"))?;
+        partition.make_durable(end).await.map_err(|e| anyhow::anyhow!("cannot make {name} durable: {e}"))?;
+        Ok(end)
+    }
+
+    /// Step 4: waits until every pipeline's replay worker checkpointed past its target.
+    async fn wait_for(&self, targets: &BTreeMap<String, u64>, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        loop {
+            let workers = self.health.workers();
+            let done = targets.iter().all(|(pipeline, &end)| {
+                let topic = replay_topic(pipeline);
+                workers.iter().any(|w| {
+                    &w.pipeline == pipeline && w.topic == topic && w.partition == 0 && w.committed_offset >= end
+                })
+            });
+            if done {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Dead letters written since `ends` that replay one of `replayed`, counted once per
+    /// replayed entry.
+    fn failed_again(&self, ends: &[(u32, u64)], replayed: &HashSet<(u32, u64)>) -> anyhow::Result<u64> {
+        let Some(dlq) = self.log.topic(DLQ_TOPIC) else { return Ok(0) };
+        let mut failed = HashSet::new();
+        for partition in dlq.partitions() {
+            let from = ends.iter().find(|(id, _)| *id == partition.id()).map_or(0, |(_, end)| *end);
+            each_record(partition, from, partition.end_offset(), |_, record| {
+                if let Ok(entry) = serde_json::from_slice::<serde_json::Value>(record.payload) {
+                    let of = &entry["replay_of"];
+                    if let (Some(p), Some(o)) = (of["partition"].as_u64(), of["offset"].as_u64()) {
+                        if let Ok(p) = u32::try_from(p) {
+                            if replayed.contains(&(p, o)) {
+                                failed.insert((p, o));
+                            }
+                        }
+                    }
+                }
+                true
+            })?;
+        }
+        Ok(failed.len() as u64)
+    }
+
+    /// Automatic reprocessing: every pipeline with `dlq.reprocess_after_ms` has its sink
+    /// dead letters that failed at least that long ago replayed, until each original
+    /// event was replayed `dlq.reprocess_max_times` times.
+    pub(super) async fn reprocess(self: Arc<Self>, cancel: CancellationToken) {
+        let policies: Vec<(String, u64, u32)> = self
+            .pipelines
+            .iter()
+            .filter_map(|p| Some((p.name.clone(), p.dlq.reprocess_after_ms?, p.dlq.reprocess_max_times)))
+            .collect();
+        let Some(shortest) = policies.iter().map(|(_, after, _)| *after).min() else { return };
+        // Often enough that an entry waits little past its delay, without scanning the
+        // dead letters more than a few times a second.
+        let period = Duration::from_millis((shortest / 4).clamp(100, 10_000));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = cancel.cancelled() => return,
+            }
+            for (pipeline, after, max_times) in &policies {
+                let selection = Selection {
+                    filter: EntryFilter { pipeline: Some(pipeline.clone()), category: None },
+                    sinks_only: true,
+                    failed_by_ms: Some(
+                        flowgate_core::time::now_ms().saturating_sub(i64::try_from(*after).unwrap_or(i64::MAX)),
+                    ),
+                    max_replays: Some(u64::from(*max_times)),
+                };
+                match self.run(selection, false, DEFAULT_ENTRIES, Duration::ZERO).await {
+                    Ok(report) if report.reinjected > 0 => {
+                        tracing::info!(pipeline = %pipeline, entries = report.reinjected,
+                            "dead letters reprocessed automatically");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(pipeline = %pipeline, error = %format!("{e:#}"),
+                        "automatic reprocessing of dead letters failed; trying again later"),
+                }
+            }
+        }
+    }
+}
+
+fn skip(report: &mut ReplayReport, why: &'static str) -> bool {
+    *report.skipped.entry(why).or_default() += 1;
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(sink: Option<&str>, category: &str, failed_ms: i64, replays: Option<u64>) -> serde_json::Value {
+        let mut e = serde_json::json!({"pipeline": "p", "sink": sink, "processor": if sink.is_some() { None } else { Some("f") },
+            "category": category, "last_failure_ms": failed_ms});
+        if let Some(n) = replays {
+            e["replays"] = n.into();
+        }
+        e
+    }
+
+    #[test]
+    fn selections_filter_by_pipeline_category_stage_age_and_replays() {
+        let all = Selection::default();
+        assert!(all.picks(&entry(None, "processing_error", 5, None)));
+        let rejected = Selection {
+            filter: EntryFilter { pipeline: Some("p".into()), category: Some("rejected".into()) },
+            ..Selection::default()
+        };
+        assert!(rejected.picks(&entry(Some("api"), "rejected", 5, None)));
+        assert!(!rejected.picks(&entry(Some("api"), "retries_exhausted", 5, None)));
+        let other = Selection { filter: EntryFilter { pipeline: Some("q".into()), category: None }, ..all.clone() };
+        assert!(!other.picks(&entry(Some("api"), "rejected", 5, None)));
+        let auto = Selection { sinks_only: true, failed_by_ms: Some(10), max_replays: Some(2), ..Selection::default() };
+        assert!(auto.picks(&entry(Some("api"), "rejected", 10, None)), "old enough, never replayed");
+        assert!(auto.picks(&entry(Some("api"), "rejected", 10, Some(1))), "replayed once of twice");
+        assert!(!auto.picks(&entry(Some("api"), "rejected", 10, Some(2))), "replayed as often as allowed");
+        assert!(!auto.picks(&entry(Some("api"), "rejected", 11, None)), "too recent");
+        assert!(!auto.picks(&entry(None, "processing_error", 1, None)), "not a sink's");
+    }
+
+    fn append(log: &Log, topic: &str, records: &[(Option<&[u8]>, Vec<u8>)]) {
+        let mut b = BatchBuilder::new();
+        for (key, payload) in records {
+            b.push(1, *key, None, std::iter::empty(), payload);
+        }
+        let mut batch = b.finish(Codec::None, ProducerStamp::default()).unwrap();
+        log.topic(topic).unwrap().partition(0).unwrap().append(&mut batch.bytes).unwrap();
+    }
+
+    fn replayer(log: &Log, dir: &std::path::Path) -> Arc<Replayer> {
+        let config: PipelineConfig = serde_json::from_value(serde_json::json!({
+            "name": "p", "topics": ["in"], "sinks": [{"name": "api", "type": "stdout"}]
+        }))
+        .unwrap();
+        Arc::new(Replayer::new(log.clone(), dir.to_path_buf(), vec![Arc::new(config)], PipelineHealth::default()))
+    }
+
+    #[tokio::test]
+    async fn entries_replayed_but_not_marked_before_a_crash_are_marked_and_not_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path().join("log"), flowgate_log::LogConfig::default()).unwrap();
+        log.create_topic(DLQ_TOPIC, 1).unwrap();
+        log.create_topic(&replay_topic("p"), 1).unwrap();
+        let entry = |pipeline: &str, category: &str, event: &str| {
+            format!(r#"{{"pipeline":"{pipeline}","processor":null,"sink":"api","category":"{category}","topic":"in","partition":0,"offset":5,"timestamp":9,"event":{event}}}"#).into_bytes()
+        };
+        append(
+            &log,
+            DLQ_TOPIC,
+            &[
+                (Some(b"k"), entry("p", "rejected", r#"{"n": 1.50}"#)),
+                (None, entry("p", "retries_exhausted", r#""not json""#)),
+                (None, entry("p", "unreadable", "null")),
+                (None, entry("p", "rejected", "null")),
+                (None, entry("gone", "rejected", "{}")),
+            ],
+        );
+        let now = ReplayRequest { wait_ms: Some(0), ..ReplayRequest::default() };
+        let dry = replayer(&log, dir.path()).replay(&ReplayRequest { dry_run: true, ..now.clone() }).await.unwrap();
+        assert_eq!((dry.matched, dry.reinjected), (5, 2), "{dry:?}");
+        let skipped: Vec<(&str, u64)> = dry.skipped.iter().map(|(k, v)| (*k, *v)).collect();
+        assert_eq!(skipped, vec![("no_event", 1), ("pipeline_not_configured", 1), ("unreadable", 1)]);
+        let replays = log.topic(&replay_topic("p")).unwrap().partition(0).unwrap().clone();
+        assert_eq!(replays.end_offset(), 0, "a dry run appends nothing");
+
+        let report = replayer(&log, dir.path()).replay(&now).await.unwrap();
+        assert_eq!(report.reinjected, 2, "{report:?}");
+        let mut records = Vec::new();
+        each_record(&replays, 0, replays.end_offset(), |_, r| {
+            let (head, at) = ReplayHead::parse(r.payload).unwrap();
+            records.push((
+                head.entry.offset,
+                head.resume,
+                head.replays,
+                r.key.map(<[u8]>::to_vec),
+                r.payload[at..].to_vec(),
+                r.timestamp,
+            ));
+            true
+        })
+        .unwrap();
+        assert_eq!(
+            records,
+            vec![
+                (0, Resume::Sink("api".into()), 1, Some(b"k".to_vec()), br#"{"n": 1.50}"#.to_vec(), 9),
+                (1, Resume::Sink("api".into()), 1, None, b"not json".to_vec(), 9),
+            ]
+        );
+
+        // A kill -9 after the appends, before the marks: the next replay marks them from
+        // the replay topic and sends nothing again.
+        std::fs::remove_file(dir.path().join("dlq/replayed")).unwrap();
+        let report = replayer(&log, dir.path()).replay(&now).await.unwrap();
+        assert_eq!((report.reinjected, report.skipped.get("already_replayed")), (0, Some(&2)), "{report:?}");
+        assert_eq!(replays.end_offset(), 2);
+        let again = replayer(&log, dir.path());
+        let stored = entry("p", "rejected", r#"{"n": 1.50}"#);
+        assert!(again.is_replayed(0, 0, &stored).unwrap());
+        assert!(!again.is_replayed(0, 0, b"another entry at the same place").unwrap());
+    }
+
+    #[test]
+    fn events_come_back_as_they_were_stored() {
+        assert_eq!(event_bytes(br#"{"a":1,"event":{"z":1, "a":[2.50]}}"#).unwrap(), br#"{"z":1, "a":[2.50]}"#);
+        assert_eq!(event_bytes(br#"{"event":"not json \u00ff"}"#).unwrap(), "not json \u{ff}".as_bytes());
+        assert_eq!(event_bytes(br#"{"event":null}"#), None);
+        assert_eq!(event_bytes(br#"{"pipeline":"p"}"#), None);
+        assert_eq!(event_bytes(b"garbage"), None);
+    }
+}

@@ -1,0 +1,163 @@
+//! Which dead-letter entries have been replayed: `<data dir>/dlq/replayed`, an
+//! append-only file of fixed 24-byte records — `_dlq` partition (u32), offset (u64) and
+//! the entry's fingerprint (u64), little endian, then a CRC-32C of those 20 bytes.
+//!
+//! A record is written and synced after the replay records it accounts for are durable
+//! in the replay topic, so a crash in between leaves entries replayed but not marked;
+//! [`super::replay`] marks them from the replay topic before it replays anything. A torn
+//! or corrupt tail (a crash during a write) is cut off when the file is opened: the
+//! entries it named are found again in the replay topic the same way.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::replay_record::EntryRef;
+
+/// Bytes per record.
+const RECORD: usize = 24;
+
+/// The replayed marks, in memory and on disk.
+#[derive(Debug)]
+pub struct Marks {
+    path: PathBuf,
+    file: File,
+    marked: HashSet<EntryRef>,
+}
+
+fn encode(r: &EntryRef) -> [u8; RECORD] {
+    let mut out = [0u8; RECORD];
+    out[..4].copy_from_slice(&r.partition.to_le_bytes());
+    out[4..12].copy_from_slice(&r.offset.to_le_bytes());
+    out[12..20].copy_from_slice(&r.fingerprint.to_le_bytes());
+    let crc = crc32c::crc32c(&out[..20]);
+    out[20..].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+fn decode(bytes: &[u8]) -> Option<EntryRef> {
+    let bytes: &[u8; RECORD] = bytes.try_into().ok()?;
+    let crc = u32::from_le_bytes(bytes[20..].try_into().ok()?);
+    if crc32c::crc32c(&bytes[..20]) != crc {
+        return None;
+    }
+    Some(EntryRef {
+        partition: u32::from_le_bytes(bytes[..4].try_into().ok()?),
+        offset: u64::from_le_bytes(bytes[4..12].try_into().ok()?),
+        fingerprint: u64::from_le_bytes(bytes[12..20].try_into().ok()?),
+    })
+}
+
+impl Marks {
+    /// Opens (or creates) the file in `dir`, cutting off a torn or corrupt tail.
+    pub fn open(dir: &Path) -> std::io::Result<Marks> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("replayed");
+        let mut file = OpenOptions::new().read(true).append(true).create(true).open(&path)?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        let mut marked = HashSet::new();
+        let mut good = 0usize;
+        for chunk in bytes.chunks(RECORD) {
+            let Some(r) = decode(chunk) else { break };
+            marked.insert(r);
+            good = good.saturating_add(RECORD);
+        }
+        if good < bytes.len() {
+            tracing::warn!(path = %path.display(), kept = good, cut = bytes.len() - good,
+                "the replayed-marks file has a torn or corrupt tail; cut back to its last good record \
+                 (entries it named are marked again from the replay topics)");
+            file.set_len(good as u64)?;
+            file.sync_all()?;
+        }
+        Ok(Marks { path, file, marked })
+    }
+
+    /// Whether the entry has been replayed.
+    pub fn contains(&self, r: &EntryRef) -> bool {
+        self.marked.contains(r)
+    }
+
+    /// Every mark.
+    pub fn all(&self) -> impl Iterator<Item = &EntryRef> {
+        self.marked.iter()
+    }
+
+    /// Marks entries durably (one write, then a sync); on an error none counts as
+    /// marked here, and whatever reached the disk is found at the next open.
+    pub fn add(&mut self, refs: &[EntryRef]) -> std::io::Result<()> {
+        let fresh: Vec<&EntryRef> = refs.iter().filter(|r| !self.marked.contains(r)).collect();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let mut bytes = Vec::with_capacity(fresh.len().saturating_mul(RECORD));
+        for r in &fresh {
+            bytes.extend_from_slice(&encode(r));
+        }
+        let written = self.file.write_all(&bytes).and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            // A partial write would put later records out of step: reopen, which cuts it.
+            if let Ok(again) = Marks::open(self.path.parent().unwrap_or(Path::new("."))) {
+                *self = again;
+            }
+            return Err(e);
+        }
+        self.marked.extend(fresh.into_iter().copied());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(offset: u64) -> EntryRef {
+        EntryRef { partition: 1, offset, fingerprint: offset.wrapping_mul(31) }
+    }
+
+    #[test]
+    fn marks_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut marks = Marks::open(dir.path()).unwrap();
+        marks.add(&[r(1), r(2)]).unwrap();
+        marks.add(&[r(2), r(3)]).unwrap();
+        let marks = Marks::open(dir.path()).unwrap();
+        assert!(marks.contains(&r(1)) && marks.contains(&r(2)) && marks.contains(&r(3)));
+        assert!(!marks.contains(&r(4)));
+        assert!(!marks.contains(&EntryRef { fingerprint: 0, ..r(1) }), "another entry at the same place");
+        assert_eq!(std::fs::metadata(dir.path().join("replayed")).unwrap().len(), 3 * RECORD as u64, "no duplicates");
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_writing_goes_on_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        Marks::open(dir.path()).unwrap().add(&[r(1), r(2)]).unwrap();
+        let path = dir.path().join("replayed");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(&encode(&r(3))[..10]);
+        std::fs::write(&path, &bytes).unwrap();
+        let mut marks = Marks::open(dir.path()).unwrap();
+        assert!(marks.contains(&r(2)) && !marks.contains(&r(3)));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 * RECORD as u64);
+        marks.add(&[r(4)]).unwrap();
+        let marks = Marks::open(dir.path()).unwrap();
+        assert!(marks.contains(&r(4)), "records after the cut are read");
+    }
+
+    #[test]
+    fn a_corrupt_record_ends_what_is_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        Marks::open(dir.path()).unwrap().add(&[r(1), r(2), r(3)]).unwrap();
+        let path = dir.path().join("replayed");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[RECORD + 5] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let marks = Marks::open(dir.path()).unwrap();
+        assert!(marks.contains(&r(1)));
+        assert!(!marks.contains(&r(2)) && !marks.contains(&r(3)), "nothing after a bad checksum is believed");
+        let empty = tempfile::tempdir().unwrap();
+        std::fs::write(empty.path().join("replayed"), [0u8; 7]).unwrap();
+        assert_eq!(Marks::open(empty.path()).unwrap().all().count(), 0);
+    }
+}

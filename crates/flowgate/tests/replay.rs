@@ -1,0 +1,226 @@
+//! Replaying dead letters against real engine processes and a real HTTP target the test
+//! controls: `flowgate dlq replay` (dry runs, exactly one re-injection per entry, events
+//! that fail again) and automatic reprocessing.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::target::{Decide, Target};
+use common::{cli, poll_until, EngineProcess};
+
+fn write_config(dir: &Path, port: u16, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("replay.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[log]
+default_partitions = 1
+[[pipelines]]
+name = "p"
+topics = ["in"]
+commit_interval_ms = 50
+{extra}
+[[pipelines.sinks]]
+name = "api"
+type = "http"
+url = "http://127.0.0.1:{port}/ingest"
+per_event_results = true
+batch = {{ max_events = 20, max_wait_ms = 10 }}
+retry = {{ initial_backoff_ms = 10, max_backoff_ms = 100 }}
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// An answer refusing for good (400) the events `refuse` picks.
+fn refusing(events: &[u64], refuse: impl Fn(u64) -> bool) -> (u16, String) {
+    let results: Vec<serde_json::Value> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| refuse(**n))
+        .map(|(i, n)| serde_json::json!({"index": i, "status": 400, "error": format!("n={n} is not allowed")}))
+        .collect();
+    (200, serde_json::json!({ "results": results }).to_string())
+}
+
+fn send(engine: &EngineProcess, ns: impl Iterator<Item = u64>) {
+    let lines: Vec<String> = ns.map(|n| format!(r#"{{"n":{n}}}"#)).collect();
+    let (status, body) = engine.http("POST", "/v1/topics/in/events", lines.join("\n").as_bytes());
+    assert_eq!(status, 200, "{body}");
+}
+
+/// `flowgate dlq list` once it holds `n` entries.
+fn dead_letters(engine: &EngineProcess, n: usize) -> Vec<serde_json::Value> {
+    let mut entries = Vec::new();
+    poll_until("the dead letters", Duration::from_secs(30), || {
+        entries = list(engine);
+        entries.len() >= n
+    });
+    assert_eq!(entries.len(), n, "{entries:?}");
+    entries
+}
+
+fn list(engine: &EngineProcess) -> Vec<serde_json::Value> {
+    let (code, out, err) =
+        cli(&["dlq", "list", "--addr", &engine.binary.to_string(), "--http-addr", &engine.http.to_string()], None);
+    assert_eq!(code, 0, "{err}");
+    out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn replay(engine: &EngineProcess, args: &[&str]) -> serde_json::Value {
+    let http = engine.http.to_string();
+    let mut all = vec!["dlq", "replay", "--json", "--http-addr", &http];
+    all.extend_from_slice(args);
+    let (code, out, err) = cli(&all, None);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn sorted(mut v: Vec<u64>) -> Vec<u64> {
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn replay_after_the_target_is_fixed_delivers_each_dead_letter_once_and_a_second_replay_sends_nothing() {
+    let fixed = Arc::new(AtomicBool::new(false));
+    let is_fixed = fixed.clone();
+    let decide: Arc<Decide> =
+        Arc::new(move |_, events: &[u64]| refusing(events, |n| !is_fixed.load(Ordering::SeqCst) && n % 10 == 3));
+    let target = Target::start(decide);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), target.port, "");
+    let engine = EngineProcess::start_with(dir.path(), Some(&config), &[]);
+    send(&engine, 0..50);
+    let refused: Vec<u64> = (0..50).filter(|n| n % 10 == 3).collect();
+    let dead = dead_letters(&engine, refused.len());
+    assert!(dead.iter().all(|d| d["replayed"] == false), "{dead:?}");
+    poll_until("every other event", Duration::from_secs(30), || target.delivered.lock().unwrap().len() >= 45);
+
+    // A dry run reports and changes nothing.
+    let report = replay(&engine, &["--dry-run"]);
+    assert_eq!((report["matched"].as_u64(), report["reinjected"].as_u64()), (Some(5), Some(5)), "{report}");
+    assert_eq!(report["dry_run"], true, "{report}");
+    assert!(list(&engine).iter().all(|d| d["replayed"] == false));
+
+    fixed.store(true, Ordering::SeqCst);
+    let report = replay(&engine, &["--pipeline", "p", "--category", "rejected"]);
+    assert_eq!((report["matched"].as_u64(), report["reinjected"].as_u64()), (Some(5), Some(5)), "{report}");
+    assert_eq!(report["completed"], true, "{report}");
+    assert_eq!((report["delivered"].as_u64(), report["failed"].as_u64()), (Some(5), Some(0)), "{report}");
+    assert_eq!(sorted(target.delivered.lock().unwrap().clone()), (0..50).collect::<Vec<u64>>(), "each event once");
+    let dead = list(&engine);
+    assert_eq!(dead.len(), 5, "no new dead letters: {dead:?}");
+    assert!(dead.iter().all(|d| d["replayed"] == true), "{dead:?}");
+    let (code, out, err) = cli(
+        &["dlq", "stats", "--json", "--addr", &engine.binary.to_string(), "--http-addr", &engine.http.to_string()],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((stats["total"].as_u64(), stats["replayed"].as_u64()), (Some(5), Some(5)), "{stats}");
+
+    // A second replay finds them replayed and sends nothing.
+    let requests = target.requests.load(Ordering::SeqCst);
+    let report = replay(&engine, &[]);
+    assert_eq!((report["matched"].as_u64(), report["reinjected"].as_u64()), (Some(5), Some(0)), "{report}");
+    assert_eq!(report["skipped"]["already_replayed"], 5, "{report}");
+    assert_eq!(target.requests.load(Ordering::SeqCst), requests, "nothing sent");
+    // The same over HTTP, and the text a terminal gets.
+    let (status, body) = engine.http("POST", "/v1/dlq/replay?dry_run=true&pipeline=p", b"");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["skipped"]["already_replayed"], 5);
+    let (status, body) = engine.http("POST", "/v1/dlq/replay", br#"{"dry_run": true, "nonsense": 1}"#);
+    assert_eq!(status, 400, "{body}");
+    let (code, out, err) = cli(&["dlq", "replay", "--http-addr", &engine.http.to_string()], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("replayed 0 of 5 matching entries; skipped 5: 5 already replayed"), "{out}");
+
+    // Replays survive a restart: the marks are durable.
+    drop(engine);
+    let engine = EngineProcess::start_with(dir.path(), Some(&config), &[]);
+    let report = replay(&engine, &[]);
+    assert_eq!(report["reinjected"], 0, "{report}");
+    assert_eq!(sorted(target.delivered.lock().unwrap().clone()), (0..50).collect::<Vec<u64>>());
+}
+
+#[test]
+fn events_that_fail_again_are_reported_and_their_new_entries_name_the_entry_they_replay() {
+    let decide: Arc<Decide> = Arc::new(|_, events: &[u64]| refusing(events, |n| n % 10 == 3));
+    let target = Target::start(decide);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), target.port, "");
+    let engine = EngineProcess::start_with(dir.path(), Some(&config), &[]);
+    send(&engine, 0..30);
+    let first = dead_letters(&engine, 3);
+    let report = replay(&engine, &[]);
+    assert_eq!((report["reinjected"].as_u64(), report["completed"].as_bool()), (Some(3), Some(true)), "{report}");
+    assert_eq!((report["delivered"].as_u64(), report["failed"].as_u64()), (Some(0), Some(3)), "{report}");
+    let all = list(&engine);
+    assert_eq!(all.len(), 6, "{all:?}");
+    // The `_dlq` offset of each first entry, by the event's source offset.
+    let first_at: HashMap<u64, u64> =
+        first.iter().enumerate().map(|(i, d)| (d["offset"].as_u64().unwrap(), i as u64)).collect();
+    let again: Vec<&serde_json::Value> = all.iter().filter(|d| !d["replay_of"].is_null()).collect();
+    assert_eq!(again.len(), 3, "{all:?}");
+    for d in &again {
+        let source = d["offset"].as_u64().unwrap();
+        assert_eq!(d["replay_of"], serde_json::json!({"partition": 0, "offset": first_at[&source]}), "{d}");
+        assert_eq!((d["replays"].as_u64(), d["topic"].as_str()), (Some(1), Some("in")), "{d}");
+        assert_eq!((d["sink"].as_str(), d["category"].as_str()), (Some("api"), Some("rejected")), "{d}");
+        assert_eq!(d["event"]["n"].as_u64(), Some(source), "the event as it was: {d}");
+        assert_eq!(d["replayed"], false);
+    }
+    // Replaying again takes the new entries only, and counts the chain on.
+    let report = replay(&engine, &["--category", "rejected"]);
+    assert_eq!((report["matched"].as_u64(), report["reinjected"].as_u64()), (Some(6), Some(3)), "{report}");
+    assert_eq!(report["failed"], 3, "{report}");
+    let all = list(&engine);
+    assert_eq!(all.iter().filter(|d| d["replays"] == 2).count(), 3, "{all:?}");
+    assert_eq!(sorted(target.delivered.lock().unwrap().clone()), (0..30).filter(|n| n % 10 != 3).collect::<Vec<_>>());
+}
+
+#[test]
+fn automatic_reprocessing_replays_sink_dead_letters_after_the_delay_at_most_the_configured_times() {
+    // 13 is refused the first time only; 3 always.
+    let seen: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
+    let decide: Arc<Decide> = Arc::new(move |_, events: &[u64]| {
+        let mut seen = seen.lock().unwrap();
+        let mut refuse = Vec::new();
+        for n in events {
+            let times = seen.entry(*n).or_default();
+            *times += 1;
+            if *n == 3 || (*n == 13 && *times == 1) {
+                refuse.push(*n);
+            }
+        }
+        refusing(events, |n| refuse.contains(&n))
+    });
+    let target = Target::start(decide);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), target.port, "dlq = { reprocess_after_ms = 200, reprocess_max_times = 2 }");
+    let engine = EngineProcess::start_with(dir.path(), Some(&config), &[]);
+    send(&engine, 0..20);
+    poll_until("13 delivered by a reprocessing", Duration::from_secs(30), || {
+        target.delivered.lock().unwrap().contains(&13)
+    });
+    let of_3 = |engine: &EngineProcess| list(engine).into_iter().filter(|d| d["offset"] == 3).collect::<Vec<_>>();
+    poll_until("3 replayed twice", Duration::from_secs(30), || of_3(&engine).len() >= 3);
+    let replays: Vec<u64> = of_3(&engine).iter().map(|d| d["replays"].as_u64().unwrap_or(0)).collect();
+    assert_eq!(replays, vec![0, 1, 2], "the original, then two replays");
+    // Several reprocessing rounds later, it was not replayed a third time.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(of_3(&engine).len(), 3);
+    let delivered = sorted(target.delivered.lock().unwrap().clone());
+    assert_eq!(delivered, (0..20).filter(|n| *n != 3).collect::<Vec<_>>(), "13 once, after its replay");
+    let all = list(&engine);
+    assert_eq!(all.iter().filter(|d| d["offset"] == 13).count(), 1, "{all:?}");
+}
