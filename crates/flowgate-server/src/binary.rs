@@ -308,7 +308,9 @@ impl Connection<'_> {
                 let (topic, batch) = (topic.to_owned(), batch_range(frame, batch));
                 self.produce(correlation_id, &topic, Some(partition), producer_id, sequence, &mut frame[batch]).await
             }
-            Request::Metadata { topic } => match ingest.topic(topic) {
+            // The engine's own topics have metadata (consumers read them), but only
+            // `topic` creates topics.
+            Request::Metadata { topic } => match ingest.log().topic(topic).map_or_else(|| ingest.topic(topic), Ok) {
                 Ok(t) => Reply::Ready(response_frame(
                     correlation_id,
                     &Response::Metadata { partitions: t.partition_count() },

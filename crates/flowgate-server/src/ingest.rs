@@ -114,8 +114,16 @@ impl Ingest {
         &self.metrics
     }
 
-    /// The topic, created on first write if the config allows.
+    /// The topic, created on first write if the config allows. The engine's own topics
+    /// (the dead-letter topic `_dlq` and the replay topics `_replay.<pipeline>`) take no
+    /// writes from producers: a forged entry there would be replayed into a sink.
     pub fn topic(&self, name: &str) -> Result<Arc<Topic>, LogError> {
+        if name == "_dlq" || name.starts_with("_replay.") {
+            return Err(LogError::InvalidTopicName {
+                name: name.to_owned(),
+                reason: "it is written by the engine only (dead letters and their replays)",
+            });
+        }
         self.log.topic_or_create(name)
     }
 

@@ -294,6 +294,7 @@ impl Pipelines {
         // stalled worker still shows it.
         let mut lags: Vec<(Arc<Partition>, Arc<WorkerHealth>, prometheus_client::metrics::gauge::Gauge)> = Vec::new();
         let mut all = Vec::new();
+        reservations_fit(&shared, &configs)?;
         for config in configs {
             side_outputs::ensure_topics(&shared.log, &config)?;
             let config = Arc::new(config);
@@ -422,6 +423,31 @@ impl Pipelines {
         }
         finished
     }
+}
+
+/// Refuses a config whose sink batch reservations (`batch.max_bytes` per sink and source
+/// partition, the replay topic's one included), which are held for as long as pipelines
+/// run, take more than half of the memory budget's soft threshold: with them, pressure
+/// would never end and listeners would stay paused.
+fn reservations_fit(shared: &Shared, configs: &[PipelineConfig]) -> anyhow::Result<()> {
+    let mut reserved = 0u64;
+    for p in configs {
+        let per_partition = p.sinks.iter().fold(0u64, |sum, s| sum.saturating_add(s.batch.max_bytes as u64));
+        let partitions = p.topics.iter().fold(1u64, |sum, t| {
+            let n = shared.log.topic(t).map_or(shared.log.config().default_partitions, |t| t.partition_count());
+            sum.saturating_add(u64::from(n))
+        });
+        reserved = reserved.saturating_add(per_partition.saturating_mul(partitions));
+    }
+    let room = shared.memory.soft_limit() / 2;
+    anyhow::ensure!(
+        reserved <= room,
+        "the pipelines' sink batches reserve {reserved} bytes (batch.max_bytes per sink and source partition), \
+         more than half of the memory budget's soft threshold ({room} bytes of {}): lower batch.max_bytes or \
+         raise server.memory_limit_bytes",
+        shared.memory.soft_limit()
+    );
+    Ok(())
 }
 
 /// The topic, created with the default partition count if it does not exist.

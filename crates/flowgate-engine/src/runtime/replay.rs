@@ -330,6 +330,8 @@ impl Replayer {
         let Some(dlq) = self.log.topic(DLQ_TOPIC) else { return Ok((report, planned, Vec::new())) };
         let ends: Vec<(u32, u64)> = dlq.partitions().iter().map(|p| (p.id(), p.end_offset())).collect();
         let mut bytes = 0usize;
+        // Entries taken toward the limit (those not replayed before).
+        let mut taken = 0u64;
         let mut failure = None;
         'partitions: for (partition, &(id, end)) in dlq.partitions().iter().zip(&ends) {
             let mut full = false;
@@ -338,21 +340,27 @@ impl Replayer {
                 if !selection.picks(&entry) {
                     return true;
                 }
-                if report.matched >= limit as u64 || bytes >= MAX_BYTES {
-                    report.more = true;
-                    full = true;
-                    return false;
-                }
-                report.matched += 1;
                 let r = EntryRef { partition: id, offset, fingerprint: fingerprint(record.payload) };
+                // Entries replayed before do not count toward the limit: they would
+                // otherwise fill it on every run and hide every later entry.
                 match self.with_marks(|m| Ok(m.contains(&r))) {
-                    Ok(true) => return skip(&mut report, "already_replayed"),
+                    Ok(true) => {
+                        report.matched += 1;
+                        return skip(&mut report, "already_replayed");
+                    }
                     Ok(false) => {}
                     Err(e) => {
                         failure = Some(e);
                         return false;
                     }
                 }
+                if taken >= limit as u64 || bytes >= MAX_BYTES {
+                    report.more = true;
+                    full = true;
+                    return false;
+                }
+                taken += 1;
+                report.matched += 1;
                 if entry["category"] == "unreadable" {
                     return skip(&mut report, "unreadable");
                 }

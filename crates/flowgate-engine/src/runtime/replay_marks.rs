@@ -5,8 +5,9 @@
 //! A record is written and synced after the replay records it accounts for are durable
 //! in the replay topic, so a crash in between leaves entries replayed but not marked;
 //! [`super::replay`] marks them from the replay topic before it replays anything. A torn
-//! or corrupt tail (a crash during a write) is cut off when the file is opened: the
-//! entries it named are found again in the replay topic the same way.
+//! tail (a crash during a write) is cut off when the file is opened, and a damaged record
+//! (a bad checksum) is skipped: the entries they named are found again in the replay
+//! topic the same way, while it still holds them.
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -50,7 +51,8 @@ fn decode(bytes: &[u8]) -> Option<EntryRef> {
 }
 
 impl Marks {
-    /// Opens (or creates) the file in `dir`, cutting off a torn or corrupt tail.
+    /// Opens (or creates) the file in `dir`, cutting off a torn tail and skipping
+    /// damaged records.
     pub fn open(dir: &Path) -> std::io::Result<Marks> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("replayed");
@@ -58,17 +60,27 @@ impl Marks {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
         let mut marked = HashSet::new();
-        let mut good = 0usize;
-        for chunk in bytes.chunks(RECORD) {
-            let Some(r) = decode(chunk) else { break };
-            marked.insert(r);
-            good = good.saturating_add(RECORD);
+        // Records are of one size: a damaged one is skipped (the marks after it stand),
+        // and only a torn tail, shorter than a record, is cut.
+        let whole = bytes.len() - bytes.len() % RECORD;
+        let mut damaged = 0usize;
+        for chunk in bytes[..whole].chunks(RECORD) {
+            match decode(chunk) {
+                Some(r) => {
+                    marked.insert(r);
+                }
+                None => damaged += 1,
+            }
         }
-        if good < bytes.len() {
-            tracing::warn!(path = %path.display(), kept = good, cut = bytes.len() - good,
-                "the replayed-marks file has a torn or corrupt tail; cut back to its last good record \
-                 (entries it named are marked again from the replay topics)");
-            file.set_len(good as u64)?;
+        if damaged > 0 {
+            tracing::warn!(path = %path.display(), damaged,
+                "the replayed-marks file has damaged records; skipped (entries they named are marked \
+                 again from the replay topics while those still hold them)");
+        }
+        if whole < bytes.len() {
+            tracing::warn!(path = %path.display(), cut = bytes.len() - whole,
+                "the replayed-marks file has a torn tail; cut back to its last whole record");
+            file.set_len(whole as u64)?;
             file.sync_all()?;
         }
         Ok(Marks { path, file, marked })
@@ -146,7 +158,7 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_record_ends_what_is_trusted() {
+    fn a_corrupt_record_is_skipped_and_the_marks_after_it_stand() {
         let dir = tempfile::tempdir().unwrap();
         Marks::open(dir.path()).unwrap().add(&[r(1), r(2), r(3)]).unwrap();
         let path = dir.path().join("replayed");
@@ -154,8 +166,8 @@ mod tests {
         bytes[RECORD + 5] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
         let marks = Marks::open(dir.path()).unwrap();
-        assert!(marks.contains(&r(1)));
-        assert!(!marks.contains(&r(2)) && !marks.contains(&r(3)), "nothing after a bad checksum is believed");
+        assert!(marks.contains(&r(1)) && marks.contains(&r(3)));
+        assert!(!marks.contains(&r(2)), "a record with a bad checksum is not believed");
         let empty = tempfile::tempdir().unwrap();
         std::fs::write(empty.path().join("replayed"), [0u8; 7]).unwrap();
         assert_eq!(Marks::open(empty.path()).unwrap().all().count(), 0);
