@@ -136,3 +136,16 @@ fn too_many_connections_are_refused_and_counted() {
         client.produce("t", good_batch(3), ProducerStamp::default()).await.unwrap();
     });
 }
+
+#[test]
+fn producers_cannot_write_the_engines_own_dead_letter_and_replay_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = EngineProcess::start(dir.path(), &[]);
+    for topic in ["_dlq", "_replay.p"] {
+        let (status, body) = engine.http("POST", &format!("/v1/topics/{topic}/events"), br#"{"sink":"s"}"#);
+        assert!((400..500).contains(&status), "{topic}: {status} {body}");
+        assert!(body.contains("written by the engine only"), "{body}");
+    }
+    let (status, body) = engine.http("POST", "/v1/topics/ordinary/events", br#"{"n":1}"#);
+    assert_eq!(status, 200, "{body}");
+}

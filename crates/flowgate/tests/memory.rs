@@ -263,3 +263,35 @@ fn validate_checks_the_memory_settings() {
     let (code, _, err) = check(&pipeline.replace("{}", "sometimes"));
     assert!(code != 0 && err.contains("sometimes"), "{err}");
 }
+
+#[test]
+fn pipelines_whose_sink_batches_would_hold_the_budget_for_good_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    // 256 MiB budget, soft at 204.8 MiB; 8 partitions + the replay topic's one, each with
+    // a 16 MiB batch reservation: 144 MiB held for as long as the pipeline runs.
+    std::fs::write(
+        &config,
+        "[server]\nmemory_limit_bytes = 268435456\n[log]\ndefault_partitions = 8\n[[pipelines]]\nname = \"p\"\n\
+         topics = [\"t\"]\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"blackhole\"\nbatch = { max_bytes = 16777216 }\n",
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(common::flowgate_bin())
+        .args(["run", "--config", config.to_str().unwrap(), "--data-dir", dir.path().join("data").to_str().unwrap()])
+        .env("FLOWGATE_INGEST__BINARY_ADDR", "127.0.0.1:0")
+        .env("FLOWGATE_INGEST__HTTP_ADDR", "127.0.0.1:0")
+        .env("FLOWGATE_INGEST__NDJSON_ADDR", "127.0.0.1:0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    poll_until("the engine to refuse the config", Duration::from_secs(30), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(!status.unwrap().success(), "{err}");
+    assert!(err.contains("batch.max_bytes") && err.contains("server.memory_limit_bytes"), "{err}");
+}

@@ -281,20 +281,24 @@ impl Pipelines {
             controllers: controllers.clone(),
             memory,
         });
+        reservations_fit(&shared, &configs)?;
         let cancel = CancellationToken::new();
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .thread_name("flowgate-pipeline")
-            .enable_all()
-            .build()?;
+        // Dropped on an error below, it shuts down in the background: a runtime dropped
+        // in the caller's async context would panic.
+        let runtime = StartingRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("flowgate-pipeline")
+                .enable_all()
+                .build()?,
+        ));
         let mut supervisors = Vec::new();
         let mut healths = Vec::new();
         // Lag (and memory pressure on the sinks) is refreshed apart from the workers, so a
         // stalled worker still shows it.
         let mut lags: Vec<(Arc<Partition>, Arc<WorkerHealth>, prometheus_client::metrics::gauge::Gauge)> = Vec::new();
         let mut all = Vec::new();
-        reservations_fit(&shared, &configs)?;
         for config in configs {
             side_outputs::ensure_topics(&shared.log, &config)?;
             let config = Arc::new(config);
@@ -371,7 +375,7 @@ impl Pipelines {
         let replayer =
             Arc::new(replay::Replayer::new(shared.log.clone(), shared.data_dir.clone(), all, health.clone()));
         runtime.spawn(replayer.clone().reprocess(cancel.clone()));
-        Ok(Pipelines { cancel, supervisors, health, replayer, runtime: Some(runtime) })
+        Ok(Pipelines { cancel, supervisors, health, replayer, runtime: Some(runtime.started()) })
     }
 
     /// The health of every worker (for readiness and stats); stays valid after shutdown.
@@ -422,6 +426,31 @@ impl Pipelines {
             runtime.shutdown_background();
         }
         finished
+    }
+}
+
+/// The pipelines' runtime while [`Pipelines::start`] may still fail.
+struct StartingRuntime(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for StartingRuntime {
+    type Target = tokio::runtime::Runtime;
+
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("taken only when started")
+    }
+}
+
+impl StartingRuntime {
+    fn started(mut self) -> tokio::runtime::Runtime {
+        self.0.take().expect("taken once")
+    }
+}
+
+impl Drop for StartingRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
