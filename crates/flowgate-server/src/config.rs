@@ -164,6 +164,45 @@ fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     }
 }
 
+/// Where each sink's table is in the text, found by a second pass over it that reads
+/// nothing else.
+#[derive(Deserialize)]
+struct SinkSpans {
+    #[serde(default)]
+    pipelines: Vec<PipelineSpans>,
+}
+
+#[derive(Deserialize)]
+struct PipelineSpans {
+    #[serde(default)]
+    sinks: Vec<toml::Spanned<toml::Table>>,
+}
+
+/// Checks each sink's options as its type does, so that a misspelt option is reported
+/// with its sink's line: the engine parses options only as a table (it knows no sink
+/// type), and its own check names the sink but cannot name a line.
+fn check_sink_options(config: &Config, text: &str, origin: &str) -> Result<(), ConfigError> {
+    let spans = toml::from_str::<SinkSpans>(text).ok();
+    for (pi, p) in config.pipelines.iter().enumerate() {
+        for (si, s) in p.sinks.iter().enumerate() {
+            if let Err(e) = flowgate_connectors::Connectors::validate_config(s) {
+                let span = spans.as_ref().and_then(|x| Some(x.pipelines.get(pi)?.sinks.get(si)?.span()));
+                return Err(ConfigError::Parse {
+                    origin: origin.to_owned(),
+                    message: format!(
+                        "{}pipeline '{}': sink {} ('{}'): {e:#}",
+                        line_of(text, span),
+                        p.name,
+                        si + 1,
+                        s.name
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Config {
     /// The embedded default.
     pub fn embedded_default() -> Config {
@@ -237,6 +276,9 @@ impl Config {
                 message: e.message().to_owned(),
             })?
         };
+        if overridden.is_empty() {
+            check_sink_options(&config, text, origin)?;
+        }
         config.validate(origin)?;
         Ok(config)
     }
@@ -367,6 +409,7 @@ mod tests {
             err.contains("pipeline 'p'") && err.contains("'out'") && err.contains("unknown field `rotate_byte`"),
             "{err}"
         );
+        assert!(err.contains("line 5") || err.contains("line 6"), "the sink's table is named: {err}");
         let err = Config::parse(&format!("{PIPELINE}type = \"files\"\n"), "f.toml").unwrap_err().to_string();
         assert!(err.contains("unknown sink type 'files'") && err.contains("file, http"), "{err}");
         let err = Config::parse(&format!("{PIPELINE}type = \"file\"\n"), "f.toml").unwrap_err().to_string();
