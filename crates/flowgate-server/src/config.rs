@@ -421,7 +421,10 @@ mod tests {
         let text = format!("{PIPELINE}type = \"http\"\nurl = \"http://127.0.0.1:9/x\"\n");
         let c = Config::parse(&text, "f.toml").unwrap().with_sink_defaults();
         let options = &c.pipelines[0].sinks[0].options;
-        assert_eq!((&options["method"], &options["timeout_ms"]), (&serde_json::json!("POST"), &serde_json::json!(30_000)));
+        assert_eq!(
+            (&options["method"], &options["timeout_ms"]),
+            (&serde_json::json!("POST"), &serde_json::json!(30_000))
+        );
         let printed = toml::to_string_pretty(&c).unwrap();
         let again = Config::parse(&printed, "printed").unwrap();
         assert_eq!(&again.pipelines[0].sinks[0].options, options);

@@ -176,7 +176,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown field `rotate_byte`") && e.contains("rotate_bytes"), "{e}");
-        let e = Connectors::validate_config(&sink("name = \"s\"\ntype = \"stdout\"\nlevel = 1")).unwrap_err().to_string();
+        let e =
+            Connectors::validate_config(&sink("name = \"s\"\ntype = \"stdout\"\nlevel = 1")).unwrap_err().to_string();
         assert!(e.contains("unknown field `level`"), "{e}");
         let c = sink(
             "name = \"s\"\ntype = \"topic\"\ntopic = \"t\"\nbatch = { max_events = 7 }\nretry = { max_attempts = 3 }\n\

@@ -221,14 +221,15 @@ impl TopicSink {
                 Some(sequence) => ProducerStamp { producer_id, sequence },
                 None => ProducerStamp::default(),
             };
-            let appended = self.builder.finish(Codec::None, stamp).map_err(anyhow::Error::from).and_then(|mut batch| {
-                match partition.append_with(&mut batch.bytes, SequenceRule::Monotonic) {
-                    Ok(outcome) => Ok(Some(outcome.end_offset())),
-                    // Stored before (by an instance this one replaced): delivered.
-                    Err(LogError::DuplicateSequence { .. }) => Ok(None),
-                    Err(e) => Err(e.into()),
-                }
-            });
+            let appended =
+                self.builder.finish(Codec::None, stamp).map_err(anyhow::Error::from).and_then(|mut batch| {
+                    match partition.append_with(&mut batch.bytes, SequenceRule::Monotonic) {
+                        Ok(outcome) => Ok(Some(outcome.end_offset())),
+                        // Stored before (by an instance this one replaced): delivered.
+                        Err(LogError::DuplicateSequence { .. }) => Ok(None),
+                        Err(e) => Err(e.into()),
+                    }
+                });
             match appended {
                 Ok(end) => {
                     if let Some(end) = end {
@@ -388,7 +389,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::open(dir.path(), LogConfig::default()).unwrap();
         log.create_topic("out", 3).unwrap();
-        let unfiltered = |r: std::ops::Range<u64>| events(r).into_iter().filter(|e| e.offset % 7 != 3).collect::<Vec<_>>();
+        let unfiltered =
+            |r: std::ops::Range<u64>| events(r).into_iter().filter(|e| e.offset % 7 != 3).collect::<Vec<_>>();
         let mut first = TopicSink::new(log.clone(), "out", &place(), "s");
         for chunk in unfiltered(0..100).chunks(30) {
             first.write(chunk).await.unwrap();
