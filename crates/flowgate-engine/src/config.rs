@@ -1,7 +1,5 @@
 //! Pipeline configuration: `[[pipelines]]` in the engine's TOML.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 /// One pipeline: source topics → processors in order → sinks (fan-out).
@@ -433,213 +431,79 @@ fn default_stats() -> Vec<String> {
     ["count", "sum", "min", "max", "mean"].map(String::from).to_vec()
 }
 
-/// A sink: its name, its type's settings, and its batching.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(try_from = "RawSink", into = "RawSink")]
+/// A sink: the parts every sink has (its name, batching, retries, breaker), its `type`,
+/// and that type's own settings.
+///
+/// The engine knows no sink type: `type` and `options` are handed to the
+/// [`crate::SinkFactory`] (the connectors), which owns each type's settings, checks
+/// them (a misspelt option is refused by name) and builds the sink. In the config they
+/// are written side by side in one table:
+///
+/// ```toml
+/// [[pipelines.sinks]]
+/// name = "out"
+/// type = "file"
+/// path = "out"            # an option of the `file` type
+/// batch = { max_events = 500 }
+/// ```
+#[derive(Clone, Serialize, Deserialize)]
 pub struct SinkConfig {
     /// Unique within the pipeline; routes refer to it.
     pub name: String,
-    /// The sink type and its settings.
-    pub kind: SinkKind,
+    /// The sink type (`file`, `topic`, …), as the connectors register it.
+    #[serde(rename = "type")]
+    pub kind: String,
     /// Batching toward the sink.
+    #[serde(default)]
     pub batch: BatchPolicy,
     /// Retries of events the sink could not deliver for now.
+    #[serde(default)]
     pub retry: RetryPolicy,
     /// When to stop writing to a target that keeps failing.
+    #[serde(default)]
     pub breaker: BreakerPolicy,
     /// Writes in flight at once.
+    #[serde(default)]
     pub concurrency: ConcurrencyPolicy,
-}
-
-/// The sink as written: `name`, `batch`, and the type's own keys side by side. Parsed in
-/// two steps so that a misspelt key of the sink type is still refused by name.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct RawSink {
-    name: String,
-    #[serde(default)]
-    batch: BatchPolicy,
-    #[serde(default)]
-    retry: RetryPolicy,
-    #[serde(default)]
-    breaker: BreakerPolicy,
-    #[serde(default)]
-    concurrency: ConcurrencyPolicy,
+    /// Every other key of the sink's table: the settings of its type, checked by the
+    /// connector of that type.
     #[serde(flatten)]
-    rest: serde_json::Map<String, serde_json::Value>,
+    pub options: serde_json::Map<String, serde_json::Value>,
 }
 
-impl TryFrom<RawSink> for SinkConfig {
-    type Error = String;
-
-    fn try_from(raw: RawSink) -> Result<Self, Self::Error> {
-        let kind = serde_json::from_value(serde_json::Value::Object(raw.rest))
-            .map_err(|e| format!("sink '{}': {e}", raw.name))?;
-        Ok(SinkConfig {
-            name: raw.name,
-            kind,
-            batch: raw.batch,
-            retry: raw.retry,
-            breaker: raw.breaker,
-            concurrency: raw.concurrency,
-        })
-    }
-}
-
-impl From<SinkConfig> for RawSink {
-    fn from(s: SinkConfig) -> RawSink {
-        let rest = match serde_json::to_value(&s.kind) {
-            Ok(serde_json::Value::Object(m)) => m,
-            _ => Default::default(),
+impl SinkConfig {
+    /// A sink of type `kind` with these options and the default batching, retries and
+    /// breaker.
+    pub fn new(name: &str, kind: &str, options: serde_json::Value) -> SinkConfig {
+        let options = match options {
+            serde_json::Value::Object(map) => map,
+            _ => serde_json::Map::new(),
         };
-        RawSink { name: s.name, batch: s.batch, retry: s.retry, breaker: s.breaker, concurrency: s.concurrency, rest }
+        SinkConfig {
+            name: name.to_owned(),
+            kind: kind.to_owned(),
+            batch: BatchPolicy::default(),
+            retry: RetryPolicy::default(),
+            breaker: BreakerPolicy::default(),
+            concurrency: ConcurrencyPolicy::default(),
+            options,
+        }
     }
 }
 
-/// Sink types.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-pub enum SinkKind {
-    /// NDJSON files, one directory per pipeline sink, one file series per partition.
-    File {
-        /// Directory (relative paths are under the data directory).
-        path: String,
-        /// Roll to a new file past this size.
-        #[serde(default = "default_rotate_bytes")]
-        rotate_bytes: u64,
-        /// Roll to a new file after this long (0 = never).
-        #[serde(default)]
-        rotate_ms: u64,
-        /// `none` or `zstd` for closed files.
-        #[serde(default = "default_none")]
-        compression: String,
-    },
-    /// Another flowgate topic of this engine.
-    Topic {
-        /// The topic.
-        topic: String,
-    },
-    /// Standard output, one JSON payload per line.
-    Stdout,
-    /// Another flowgate over the binary protocol.
-    Tcp {
-        /// Its address.
-        addr: String,
-        /// Topic there.
-        topic: String,
-        /// A connection (with its handshake) not made within this long fails the write,
-        /// which is retried.
-        #[serde(default = "default_connect_timeout")]
-        connect_timeout_ms: u64,
-        /// A request not answered within this long fails the write; the connection is
-        /// dropped and the write retried on a new one (idempotently: stored once).
-        #[serde(default = "default_request_timeout")]
-        request_timeout_ms: u64,
-    },
-    /// An HTTP(S) endpoint: one request per batch.
-    Http {
-        /// `http://…` or `https://…`.
-        url: String,
-        /// `POST` or `PUT`.
-        #[serde(default = "default_http_method")]
-        method: String,
-        /// `ndjson` (one payload per line) or `json_array` (the payloads as one JSON
-        /// array).
-        #[serde(default = "default_http_encoding")]
-        encoding: String,
-        /// Headers sent with every request.
-        #[serde(default)]
-        headers: BTreeMap<String, String>,
-        /// Credentials sent with every request.
-        #[serde(default)]
-        auth: Option<HttpAuth>,
-        /// A request not answered (body included) within this long fails the write,
-        /// which is retried.
-        #[serde(default = "default_http_timeout")]
-        timeout_ms: u64,
-        /// A connection (with its TLS handshake) not made within this long fails the
-        /// write, which is retried.
-        #[serde(default = "default_connect_timeout")]
-        connect_timeout_ms: u64,
-        /// TLS settings beyond the built-in (webpki) roots.
-        #[serde(default)]
-        tls: Option<HttpTls>,
-        /// `none` or `gzip` for request bodies.
-        #[serde(default = "default_none")]
-        compression: String,
-        /// Whether a 2xx response body may name events the endpoint did not take.
-        #[serde(default)]
-        per_event_results: bool,
-    },
-    /// Discards everything (for benchmarks).
-    Blackhole,
-}
-
-/// Credentials of an HTTP sink: `bearer` alone, or `user` with `password` (basic).
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpAuth {
-    /// A bearer token (`Authorization: Bearer …`).
-    #[serde(default)]
-    pub bearer: Option<String>,
-    /// Basic auth user.
-    #[serde(default)]
-    pub user: Option<String>,
-    /// Basic auth password.
-    #[serde(default)]
-    pub password: Option<String>,
-}
-
-// Configs are logged with `{:?}`; credentials must not be.
-impl std::fmt::Debug for HttpAuth {
+// Configs are logged with `{:?}`, and options may hold credentials (an HTTP sink's
+// `auth`): only their keys are shown.
+impl std::fmt::Debug for SinkConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let hidden = |o: &Option<String>| o.as_ref().map(|_| "<hidden>");
-        f.debug_struct("HttpAuth")
-            .field("bearer", &hidden(&self.bearer))
-            .field("user", &self.user)
-            .field("password", &hidden(&self.password))
+        f.debug_struct("SinkConfig")
+            .field("name", &self.name)
+            .field("type", &self.kind)
+            .field("batch", &self.batch)
+            .field("retry", &self.retry)
+            .field("breaker", &self.breaker)
+            .field("options", &self.options.keys().collect::<Vec<_>>())
             .finish()
     }
-}
-
-/// TLS settings of an HTTP sink.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpTls {
-    /// A PEM file of CA certificates trusted besides the built-in roots.
-    #[serde(default)]
-    pub ca_file: Option<String>,
-    /// Accept any server certificate (tests only: anyone on the path can read and
-    /// change the traffic).
-    #[serde(default)]
-    pub insecure_skip_verify: bool,
-}
-
-fn default_http_method() -> String {
-    "POST".into()
-}
-
-fn default_http_encoding() -> String {
-    "ndjson".into()
-}
-
-fn default_http_timeout() -> u64 {
-    30_000
-}
-
-fn default_connect_timeout() -> u64 {
-    5_000
-}
-
-fn default_request_timeout() -> u64 {
-    10_000
-}
-
-fn default_rotate_bytes() -> u64 {
-    128 << 20
-}
-
-fn default_none() -> String {
-    "none".into()
 }
 
 /// How a sink's undelivered events are retried: exponential backoff with full jitter

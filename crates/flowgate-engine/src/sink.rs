@@ -104,10 +104,12 @@ pub struct SinkPlace {
 }
 
 /// Builds sinks from their config. Implemented by `flowgate-connectors`: the engine
-/// names the sink types in its config ([`crate::config::SinkKind`]) but holds no sink's
-/// code; it writes only through this trait.
+/// neither names the sink types nor holds any sink's code ([`SinkConfig::kind`] and
+/// [`SinkConfig::options`] are the connectors' to read); it writes only through this
+/// trait.
 pub trait SinkFactory: Send + Sync {
-    /// Checks a sink config without building it.
+    /// Checks a sink config without building it: its type is known and its options
+    /// are that type's, well formed.
     fn validate(&self, config: &SinkConfig) -> anyhow::Result<()>;
 
     /// What the sink writes to exclusively, as a string that is equal for two configs

@@ -36,4 +36,5 @@ pub use config::{FsyncPolicy, LogConfig};
 pub use error::{LogError, Result};
 pub use log::{Log, LogObserver};
 pub use partition::{AppendOutcome, Partition, PartitionInfo, ReadResult};
+pub use producers::SequenceRule;
 pub use topic::{validate_topic_name, Topic, TopicInfo};

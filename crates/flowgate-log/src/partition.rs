@@ -19,7 +19,7 @@ use crate::config::{FsyncPolicy, LogConfig};
 use crate::error::{LogError, Result};
 use crate::flusher::Flusher;
 use crate::index::write_file_atomic;
-use crate::producers::{ProducerState, SequenceCheck};
+use crate::producers::{ProducerState, SequenceCheck, SequenceRule};
 use crate::segment::{file_stem, IndexCursor, Segment};
 
 /// Where an appended batch landed.
@@ -322,6 +322,11 @@ impl Partition {
     /// A batch from an idempotent producer whose sequence is already stored is not
     /// written again: the outcome carries the offsets it got the first time.
     pub fn append(&self, batch: &mut [u8]) -> Result<AppendOutcome> {
+        self.append_with(batch, SequenceRule::Contiguous)
+    }
+
+    /// [`Partition::append`], checking an idempotent producer's sequence by `rule`.
+    pub fn append_with(&self, batch: &mut [u8], rule: SequenceRule) -> Result<AppendOutcome> {
         let header = BatchHeader::parse(batch)?;
         if header.total_len() != batch.len() {
             return Err(LogError::InvalidBatch(flowgate_core::BatchError::BadLength(batch.len() as u64)));
@@ -332,7 +337,7 @@ impl Partition {
         self.check_writable()?;
         if producer.producer_id != 0 {
             let (producer_id, sequence, partition) = (producer.producer_id, producer.sequence, self.id);
-            match w.producers.check(producer_id, sequence) {
+            match w.producers.check_with(producer_id, sequence, rule) {
                 SequenceCheck::New => {}
                 SequenceCheck::Duplicate { first_offset, record_count } => {
                     return Ok(AppendOutcome { first_offset, record_count, duplicate: true });
@@ -370,6 +375,12 @@ impl Partition {
         drop(w);
         self.data_notify.notify_waiters();
         Ok(AppendOutcome { first_offset: base, record_count: header.record_count, duplicate: false })
+    }
+
+    /// The last sequence this partition stored from idempotent producer `producer_id`,
+    /// if it remembers the producer (see `log.max_producers_per_partition`).
+    pub fn producer_last_sequence(&self, producer_id: u64) -> Option<u64> {
+        self.writer.lock().producers.last_sequence(producer_id)
     }
 
     fn maybe_roll(&self, w: &mut Writer, incoming: u64) -> Result<()> {

@@ -10,6 +10,14 @@
 //! connection), so it is refused as out of order and the client resends in order. Nothing
 //! that was not stored is ever reported as stored.
 //!
+//! A producer inside the engine may instead ask for [`SequenceRule::Monotonic`] per
+//! append: its sequences need only grow, gaps allowed, and any sequence from a producer
+//! not known here is new. The topic sink uses it with source offsets as sequences
+//! (a filter leaves gaps); what a sequence at or below the last one means is then the
+//! producer's to say (for the topic sink: that source offset was delivered). The rule is
+//! the appender's choice, not stored: batches, recovery and snapshots are the same for
+//! both rules.
+//!
 //! The state is rebuilt on start from the batches themselves (each batch carries its
 //! producer id and sequence) and from a snapshot taken when a segment rolls
 //! (`<base>.producers`: the state as of that segment's start), so producers whose last
@@ -24,6 +32,18 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 /// Sequences whose offsets are remembered per producer, for answering retries.
 pub const REMEMBERED_SEQUENCES: usize = 5;
+
+/// How a producer's sequences must follow each other in a partition.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SequenceRule {
+    /// From 0, each next batch the last stored sequence + 1 (clients of the binary
+    /// protocol): a gap means a batch is missing and is refused.
+    #[default]
+    Contiguous,
+    /// Each next batch above the last stored sequence, gaps allowed; a producer not known
+    /// here may start anywhere. Nothing is ever refused as out of order or unknown.
+    Monotonic,
+}
 
 /// What the state says about an incoming (producer, sequence).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,10 +114,24 @@ impl ProducerState {
         self.producers.is_empty()
     }
 
-    /// Classifies an incoming sequence.
+    /// Classifies an incoming sequence under [`SequenceRule::Contiguous`].
     pub fn check(&self, producer_id: u64, sequence: u64) -> SequenceCheck {
+        self.check_with(producer_id, sequence, SequenceRule::Contiguous)
+    }
+
+    /// The last sequence stored from `producer_id`, if the producer is remembered.
+    pub fn last_sequence(&self, producer_id: u64) -> Option<u64> {
+        self.producers.get(&producer_id).and_then(ProducerEntry::last_sequence)
+    }
+
+    /// Classifies an incoming sequence under `rule`.
+    pub fn check_with(&self, producer_id: u64, sequence: u64, rule: SequenceRule) -> SequenceCheck {
         let Some(last) = self.producers.get(&producer_id).and_then(|e| e.last_sequence().map(|l| (e, l))) else {
-            return if sequence == 0 { SequenceCheck::New } else { SequenceCheck::UnknownProducer };
+            return if sequence == 0 || rule == SequenceRule::Monotonic {
+                SequenceCheck::New
+            } else {
+                SequenceCheck::UnknownProducer
+            };
         };
         let (entry, last_sequence) = last;
         if let Some(&(_, first_offset, record_count)) = entry.recent.iter().find(|(s, _, _)| *s == sequence) {
@@ -105,6 +139,9 @@ impl ProducerState {
         }
         if sequence <= last_sequence {
             return SequenceCheck::StoredLongAgo { last_sequence };
+        }
+        if rule == SequenceRule::Monotonic {
+            return SequenceCheck::New;
         }
         match last_sequence.checked_add(1) {
             Some(expected) if expected == sequence => SequenceCheck::New,
@@ -245,6 +282,25 @@ mod tests {
         let mut damaged = s.to_snapshot();
         damaged[5] ^= 1;
         assert!(ProducerState::from_snapshot(&damaged, 100).is_none());
+    }
+
+    #[test]
+    fn monotonic_sequences_may_skip_but_never_go_back() {
+        let mut s = ProducerState::new(100);
+        let m = SequenceRule::Monotonic;
+        assert_eq!(s.check_with(7, 41, m), SequenceCheck::New, "an unknown producer starts anywhere");
+        assert_eq!(s.last_sequence(7), None);
+        s.record(7, 41, 0, 3);
+        assert_eq!(s.check_with(7, 100, m), SequenceCheck::New, "a gap is allowed");
+        s.record(7, 100, 3, 2);
+        assert_eq!(s.last_sequence(7), Some(100));
+        assert_eq!(s.check_with(7, 41, m), SequenceCheck::Duplicate { first_offset: 0, record_count: 3 });
+        assert_eq!(s.check_with(7, 60, m), SequenceCheck::StoredLongAgo { last_sequence: 100 });
+        assert_eq!(s.check_with(7, 101, SequenceRule::Contiguous), SequenceCheck::New);
+        assert_eq!(s.check_with(7, 102, SequenceRule::Contiguous), SequenceCheck::OutOfOrder { expected: 101 });
+        let back = ProducerState::from_snapshot(&s.to_snapshot(), 100).unwrap();
+        assert_eq!(back.last_sequence(7), Some(100), "the snapshot format holds monotonic producers as is");
+        assert_eq!(back.check_with(7, 99, m), SequenceCheck::StoredLongAgo { last_sequence: 100 });
     }
 
     #[test]

@@ -57,6 +57,7 @@ pub struct Topic {
     dir: PathBuf,
     partitions: Vec<Arc<Partition>>,
     round_robin: AtomicU32,
+    created_ms: i64,
 }
 
 impl Topic {
@@ -88,7 +89,13 @@ impl Topic {
         let partitions = (0..meta.partitions)
             .map(|p| Partition::open(p, dir.join(p.to_string()), config.clone(), flusher.clone()).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Topic { name: name.to_owned(), dir, partitions, round_robin: AtomicU32::new(0) })
+        Ok(Topic {
+            name: name.to_owned(),
+            dir,
+            partitions,
+            round_robin: AtomicU32::new(0),
+            created_ms: meta.created_ms,
+        })
     }
 
     /// The topic's name.
@@ -99,6 +106,12 @@ impl Topic {
     /// The topic's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// When the topic was created (ms since the epoch): tells a topic from one deleted
+    /// and created again under its name, whose offsets start over.
+    pub fn created_ms(&self) -> i64 {
+        self.created_ms
     }
 
     /// Number of partitions.

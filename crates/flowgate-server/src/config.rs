@@ -195,6 +195,45 @@ fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     }
 }
 
+/// Where each sink's table is in the text, found by a second pass over it that reads
+/// nothing else.
+#[derive(Deserialize)]
+struct SinkSpans {
+    #[serde(default)]
+    pipelines: Vec<PipelineSpans>,
+}
+
+#[derive(Deserialize)]
+struct PipelineSpans {
+    #[serde(default)]
+    sinks: Vec<toml::Spanned<toml::Table>>,
+}
+
+/// Checks each sink's options as its type does, so that a misspelt option is reported
+/// with its sink's line: the engine parses options only as a table (it knows no sink
+/// type), and its own check names the sink but cannot name a line.
+fn check_sink_options(config: &Config, text: &str, origin: &str) -> Result<(), ConfigError> {
+    let spans = toml::from_str::<SinkSpans>(text).ok();
+    for (pi, p) in config.pipelines.iter().enumerate() {
+        for (si, s) in p.sinks.iter().enumerate() {
+            if let Err(e) = flowgate_connectors::Connectors::validate_config(s) {
+                let span = spans.as_ref().and_then(|x| Some(x.pipelines.get(pi)?.sinks.get(si)?.span()));
+                return Err(ConfigError::Parse {
+                    origin: origin.to_owned(),
+                    message: format!(
+                        "{}pipeline '{}': sink {} ('{}'): {e:#}",
+                        line_of(text, span),
+                        p.name,
+                        si + 1,
+                        s.name
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Config {
     /// The embedded default.
     pub fn embedded_default() -> Config {
@@ -268,6 +307,9 @@ impl Config {
                 message: e.message().to_owned(),
             })?
         };
+        if overridden.is_empty() {
+            check_sink_options(&config, text, origin)?;
+        }
         config.validate(origin)?;
         Ok(config)
     }
@@ -337,6 +379,17 @@ impl Config {
         self.validate_pipelines(origin)
     }
 
+    /// The same config with each sink's options completed by its type's defaults (what
+    /// the sinks run with); a sink whose options do not parse is left as written.
+    pub fn with_sink_defaults(mut self) -> Config {
+        for sink in self.pipelines.iter_mut().flat_map(|p| p.sinks.iter_mut()) {
+            if let Ok(full) = flowgate_connectors::Connectors::complete_config(sink) {
+                *sink = full;
+            }
+        }
+        self
+    }
+
     /// Checks every pipeline: processors compile (VRL), sinks are well formed, names unique.
     pub fn validate_pipelines(&self, origin: &str) -> Result<(), ConfigError> {
         struct Checker<'a>(&'a std::path::Path);
@@ -387,6 +440,39 @@ mod tests {
         assert!(err.contains("log.segment_bytes"), "{err}");
         let err = Config::parse("[log\n", "f.toml").unwrap_err().to_string();
         assert!(err.contains("line 1"), "{err}");
+    }
+
+    const PIPELINE: &str = "[[pipelines]]\nname = \"p\"\ntopics = [\"in\"]\n\n[[pipelines.sinks]]\nname = \"out\"\n";
+
+    #[test]
+    fn sink_options_are_checked_by_their_type_and_errors_name_pipeline_sink_and_key() {
+        let ok = format!("{PIPELINE}type = \"file\"\npath = \"out\"\nbatch = {{ max_events = 5 }}\n");
+        let c = Config::parse(&ok, "f.toml").unwrap();
+        assert_eq!(c.pipelines[0].sinks[0].batch.max_events, 5);
+        let err = Config::parse(&format!("{ok}rotate_byte = 4096\n"), "f.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("pipeline 'p'") && err.contains("'out'") && err.contains("unknown field `rotate_byte`"),
+            "{err}"
+        );
+        assert!(err.contains("line 5") || err.contains("line 6"), "the sink's table is named: {err}");
+        let err = Config::parse(&format!("{PIPELINE}type = \"files\"\n"), "f.toml").unwrap_err().to_string();
+        assert!(err.contains("unknown sink type 'files'") && err.contains("file, http"), "{err}");
+        let err = Config::parse(&format!("{PIPELINE}type = \"file\"\n"), "f.toml").unwrap_err().to_string();
+        assert!(err.contains("missing field `path`"), "{err}");
+    }
+
+    #[test]
+    fn sink_defaults_are_filled_in_and_the_result_parses_again() {
+        let text = format!("{PIPELINE}type = \"http\"\nurl = \"http://127.0.0.1:9/x\"\n");
+        let c = Config::parse(&text, "f.toml").unwrap().with_sink_defaults();
+        let options = &c.pipelines[0].sinks[0].options;
+        assert_eq!(
+            (&options["method"], &options["timeout_ms"]),
+            (&serde_json::json!("POST"), &serde_json::json!(30_000))
+        );
+        let printed = toml::to_string_pretty(&c).unwrap();
+        let again = Config::parse(&printed, "printed").unwrap();
+        assert_eq!(&again.pipelines[0].sinks[0].options, options);
     }
 
     #[test]

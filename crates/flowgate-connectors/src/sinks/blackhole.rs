@@ -2,6 +2,23 @@
 
 use flowgate_engine::sink::BoxFuture;
 use flowgate_engine::{Sink, SinkEvent, WriteOutcome};
+use serde::{Deserialize, Serialize};
+
+use super::registry::{BuildContext, SinkConnector};
+
+/// `type = "blackhole"`: no options.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlackholeConfig {}
+
+impl SinkConnector for BlackholeSink {
+    const TYPE: &'static str = "blackhole";
+    type Config = BlackholeConfig;
+
+    fn build(_: BlackholeConfig, _: &BuildContext<'_>) -> anyhow::Result<Box<dyn Sink>> {
+        Ok(Box::new(BlackholeSink))
+    }
+}
 
 /// Discards events.
 #[derive(Debug)]

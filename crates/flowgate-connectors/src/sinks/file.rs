@@ -28,7 +28,59 @@ use anyhow::Context;
 use flowgate_engine::sink::BoxFuture;
 use flowgate_engine::{Sink, SinkEvent, SinkPlace, WriteOutcome};
 
+use serde::{Deserialize, Serialize};
+
+use super::registry::{BuildContext, SinkConnector};
 use super::resume::Unfinished;
+
+/// `type = "file"`: NDJSON files, one directory per pipeline sink, one file series per
+/// source partition.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Directory (relative paths are under the data directory).
+    pub path: String,
+    /// Roll to a new file past this size (at least 1024).
+    #[serde(default = "default_rotate_bytes")]
+    pub rotate_bytes: u64,
+    /// Roll to a new file after this long (0 = never).
+    #[serde(default)]
+    pub rotate_ms: u64,
+    /// `none` or `zstd` for closed files.
+    #[serde(default = "default_compression")]
+    pub compression: String,
+}
+
+fn default_rotate_bytes() -> u64 {
+    128 << 20
+}
+
+fn default_compression() -> String {
+    "none".into()
+}
+
+impl SinkConnector for FileSink {
+    const TYPE: &'static str = "file";
+    type Config = FileConfig;
+
+    fn validate(c: &FileConfig) -> anyhow::Result<()> {
+        anyhow::ensure!(!c.path.is_empty(), "`path` is empty");
+        anyhow::ensure!(c.rotate_bytes >= 1024, "`rotate_bytes` must be at least 1024");
+        anyhow::ensure!(matches!(c.compression.as_str(), "none" | "zstd"), "`compression` must be none or zstd");
+        Ok(())
+    }
+
+    /// The directory, normalized so that `out`, `./out/` and `<data_dir>/out` are one
+    /// claim: two sinks writing one series would cut each other's files on recovery.
+    fn output_claim(c: &FileConfig, data_dir: &Path) -> Option<String> {
+        Some(format!("directory {}", super::normalize(&data_dir.join(&c.path)).display()))
+    }
+
+    fn build(c: FileConfig, cx: &BuildContext<'_>) -> anyhow::Result<Box<dyn Sink>> {
+        let dir = cx.data_dir.join(&c.path);
+        Ok(Box::new(FileSink::new(dir, cx.place, c.rotate_bytes, c.rotate_ms, c.compression == "zstd")?))
+    }
+}
 
 /// Buffered lines are written to the file past this many bytes.
 const FLUSH_BYTES: usize = 256 * 1024;

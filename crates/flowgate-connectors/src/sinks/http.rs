@@ -37,18 +37,131 @@
 //! so a commit has nothing to flush. One client per sink instance keeps its connections
 //! (HTTP/1.1, keep-alive) across writes.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use bytes::{BufMut, Bytes, BytesMut};
-use flowgate_engine::config::SinkKind;
 use flowgate_engine::sink::BoxFuture;
 use flowgate_engine::{EventFailure, Sink, SinkEvent, SinkPlace, WriteOutcome};
 use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+use super::registry::{BuildContext, SinkConnector};
+
+/// `type = "http"`: an HTTP(S) endpoint, one request per batch.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `http://…` or `https://…`.
+    pub url: String,
+    /// `POST` or `PUT`.
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// `ndjson` (one payload per line) or `json_array` (the payloads as one JSON array).
+    #[serde(default = "default_encoding")]
+    pub encoding: String,
+    /// Headers sent with every request.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Credentials sent with every request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<HttpAuth>,
+    /// A request not answered (body included) within this long fails the write, which
+    /// is retried.
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    /// A connection (with its TLS handshake) not made within this long fails the write,
+    /// which is retried.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// TLS settings beyond the built-in (webpki) roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<HttpTls>,
+    /// `none` or `gzip` for request bodies.
+    #[serde(default = "default_compression")]
+    pub compression: String,
+    /// Whether a 2xx response body may name events the endpoint did not take.
+    #[serde(default)]
+    pub per_event_results: bool,
+}
+
+fn default_method() -> String {
+    "POST".into()
+}
+
+fn default_encoding() -> String {
+    "ndjson".into()
+}
+
+fn default_timeout() -> u64 {
+    30_000
+}
+
+fn default_connect_timeout() -> u64 {
+    5_000
+}
+
+fn default_compression() -> String {
+    "none".into()
+}
+
+/// Credentials of an HTTP sink: `bearer` alone, or `user` with `password` (basic).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpAuth {
+    /// A bearer token (`Authorization: Bearer …`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer: Option<String>,
+    /// Basic auth user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Basic auth password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+// Configs are logged with `{:?}`; credentials must not be.
+impl std::fmt::Debug for HttpAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |o: &Option<String>| o.as_ref().map(|_| "<hidden>");
+        f.debug_struct("HttpAuth")
+            .field("bearer", &hidden(&self.bearer))
+            .field("user", &self.user)
+            .field("password", &hidden(&self.password))
+            .finish()
+    }
+}
+
+/// TLS settings of an HTTP sink.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTls {
+    /// A PEM file of CA certificates trusted besides the built-in roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// Accept any server certificate (tests only: anyone on the path can read and
+    /// change the traffic).
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+impl SinkConnector for HttpSink {
+    const TYPE: &'static str = "http";
+    const REMOTE: bool = true;
+    type Config = HttpConfig;
+
+    fn validate(c: &HttpConfig) -> anyhow::Result<()> {
+        HttpSinkSettings::from_config(c).map(drop)
+    }
+
+    fn build(c: HttpConfig, cx: &BuildContext<'_>) -> anyhow::Result<Box<dyn Sink>> {
+        Ok(Box::new(HttpSink::new(HttpSinkSettings::from_config(&c)?, cx.place, &cx.sink.name)?))
+    }
+}
 
 /// Bytes of a response body read at most; the rest is not read (the connection is
 /// closed instead of drained).
@@ -137,8 +250,8 @@ const RESERVED_HEADERS: [&str; 5] = ["content-length", "transfer-encoding", "hos
 impl HttpSinkSettings {
     /// Checks an `http` sink config and turns it into settings; touches no file and no
     /// network (the CA file is read when the sink is built).
-    pub fn from_config(kind: &SinkKind) -> anyhow::Result<HttpSinkSettings> {
-        let SinkKind::Http {
+    pub fn from_config(config: &HttpConfig) -> anyhow::Result<HttpSinkSettings> {
+        let HttpConfig {
             url,
             method,
             encoding,
@@ -149,10 +262,7 @@ impl HttpSinkSettings {
             tls,
             compression,
             per_event_results,
-        } = kind
-        else {
-            anyhow::bail!("not an http sink");
-        };
+        } = config;
         let url = Url::parse(url).with_context(|| format!("`url` '{url}' is not a URL"))?;
         anyhow::ensure!(
             matches!(url.scheme(), "http" | "https"),
@@ -647,6 +757,8 @@ mod tests {
     use std::time::Instant;
 
     use flowgate_engine::config::SinkConfig;
+
+    use crate::sinks::registry::SinkConnector as _;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::mpsc;
@@ -776,9 +888,13 @@ mod tests {
         toml::from_str(&format!("name = \"h\"\ntype = \"http\"\nurl = \"{url}\"\n{extra}")).unwrap()
     }
 
+    fn options(c: &SinkConfig) -> HttpConfig {
+        serde_json::from_value(serde_json::Value::Object(c.options.clone())).unwrap()
+    }
+
     fn sink(url: &str, extra: &str) -> HttpSink {
         let config = config(url, extra);
-        let settings = HttpSinkSettings::from_config(&config.kind).unwrap();
+        let settings = HttpSinkSettings::from_config(&options(&config)).unwrap();
         let place = SinkPlace { pipeline: "p".into(), topic: "in".into(), partition: 0 };
         HttpSink::new(settings, &place, &config.name).unwrap()
     }
@@ -1001,17 +1117,16 @@ mod tests {
     #[test]
     fn configs_take_defaults_and_refuse_what_cannot_work() {
         let c = config("https://example.com/in", "");
-        let SinkKind::Http { method, encoding, timeout_ms, connect_timeout_ms, compression, per_event_results, .. } =
-            &c.kind
-        else {
-            panic!("{c:?}")
-        };
+        let HttpConfig { method, encoding, timeout_ms, connect_timeout_ms, compression, per_event_results, .. } =
+            options(&c);
         assert_eq!((method.as_str(), encoding.as_str(), compression.as_str()), ("POST", "ndjson", "none"));
-        assert_eq!((*timeout_ms, *connect_timeout_ms, *per_event_results), (30_000, 5_000, false));
+        assert_eq!((timeout_ms, connect_timeout_ms, per_event_results), (30_000, 5_000, false));
         crate::Connectors::validate_config(&c).unwrap();
+        assert_eq!(HttpSink::TYPE, c.kind);
 
-        let misspelt = "name = \"h\"\ntype = \"http\"\nurl = \"http://x/\"\ntimeout = 5";
-        assert!(toml::from_str::<SinkConfig>(misspelt).is_err());
+        let misspelt = toml::from_str::<SinkConfig>("name = \"h\"\ntype = \"http\"\nurl = \"http://x/\"\ntimeout = 5");
+        let e = crate::Connectors::validate_config(&misspelt.unwrap()).unwrap_err().to_string();
+        assert!(e.contains("unknown field `timeout`") && e.contains("timeout_ms"), "{e}");
 
         let refused = |url: &str, extra: &str, says: &str| {
             let e = crate::Connectors::validate_config(&config(url, extra)).unwrap_err().to_string();
@@ -1039,7 +1154,7 @@ mod tests {
         // Credentials stay out of debug output.
         let c = config(ok, "auth = { user = \"u\", password = \"hunter2\" }");
         assert!(!format!("{c:?}").contains("hunter2"));
-        let s = HttpSinkSettings::from_config(&c.kind).unwrap();
+        let s = HttpSinkSettings::from_config(&options(&c)).unwrap();
         assert!(!format!("{s:?}").contains("hunter2"));
     }
 
@@ -1049,12 +1164,12 @@ mod tests {
         let place = SinkPlace { pipeline: "p".into(), topic: "in".into(), partition: 0 };
         let missing = dir.path().join("missing.pem");
         let c = config("https://h/x", &format!("tls = {{ ca_file = \"{}\" }}", missing.display()));
-        let e = HttpSink::new(HttpSinkSettings::from_config(&c.kind).unwrap(), &place, "h").err().unwrap();
+        let e = HttpSink::new(HttpSinkSettings::from_config(&options(&c)).unwrap(), &place, "h").err().unwrap();
         assert!(format!("{e:#}").contains("missing.pem"), "{e:#}");
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "no certificates here\n").unwrap();
         let c = config("https://h/x", &format!("tls = {{ ca_file = \"{}\" }}", empty.display()));
-        let e = HttpSink::new(HttpSinkSettings::from_config(&c.kind).unwrap(), &place, "h").err().unwrap();
+        let e = HttpSink::new(HttpSinkSettings::from_config(&options(&c)).unwrap(), &place, "h").err().unwrap();
         assert!(format!("{e:#}").contains("no PEM certificate"), "{e:#}");
     }
 }

@@ -1,26 +1,52 @@
 //! Sinks, one module each, and the factory the engine builds them with.
+//!
+//! Each sink module owns its options (a serde struct refusing unknown keys), their
+//! checks and docs, and implements [`SinkConnector`]; [`SINKS`] lists them. Adding a
+//! sink type is a new module and one line there: the engine's config, `flowgate
+//! validate` and the server know sinks only as `type` plus options.
 
 mod blackhole;
 mod file;
 mod http;
+mod registry;
 mod resume;
 mod stdout;
 mod tcp;
 mod topic;
 
 use std::path::{Component, Path, PathBuf};
-use std::time::Duration;
 
-use flowgate_engine::config::{SinkConfig, SinkKind};
+use flowgate_engine::config::SinkConfig;
 use flowgate_engine::{Sink, SinkFactory, SinkPlace};
 use flowgate_log::Log;
 
-pub use blackhole::BlackholeSink;
-pub use file::FileSink;
-pub use http::{HttpCredentials, HttpEncoding, HttpSink, HttpSinkSettings};
-pub use stdout::StdoutSink;
-pub use tcp::{TcpSink, TcpSinkSettings};
-pub use topic::TopicSink;
+pub use blackhole::{BlackholeConfig, BlackholeSink};
+pub use file::{FileConfig, FileSink};
+pub use http::{HttpAuth, HttpConfig, HttpCredentials, HttpEncoding, HttpSink, HttpSinkSettings, HttpTls};
+pub use registry::{BuildContext, Registration, SinkConnector};
+pub use stdout::{StdoutConfig, StdoutSink};
+pub use tcp::{TcpConfig, TcpSink, TcpSinkSettings};
+pub use topic::{TopicConfig, TopicSink};
+
+/// Every sink type. A plain list rather than link-time registration (`inventory`):
+/// the compiler sees every entry, nothing depends on the linker keeping a module's
+/// constructors, and the order of the types in messages is fixed.
+pub static SINKS: &[Registration] = &[
+    Registration::of::<BlackholeSink>(),
+    Registration::of::<FileSink>(),
+    Registration::of::<HttpSink>(),
+    Registration::of::<StdoutSink>(),
+    Registration::of::<TcpSink>(),
+    Registration::of::<TopicSink>(),
+];
+
+/// The registration of sink type `kind`; the error lists the known types.
+pub fn registration(kind: &str) -> anyhow::Result<&'static Registration> {
+    SINKS.iter().find(|r| r.kind == kind).ok_or_else(|| {
+        let known: Vec<&str> = SINKS.iter().map(|r| r.kind).collect();
+        anyhow::anyhow!("unknown sink type '{kind}'; the sink types are {}", known.join(", "))
+    })
+}
 
 /// Builds sinks for pipelines of one engine.
 #[derive(Clone, Debug)]
@@ -40,29 +66,10 @@ impl Connectors {
 const MAX_SINK_BATCH_BYTES: usize = 64 << 20;
 
 impl Connectors {
-    /// Checks a sink config without an engine (for `flowgate validate`).
+    /// Checks a sink config without an engine (for `flowgate validate`): its type is
+    /// known, its options are that type's and well formed, its batching fits.
     pub fn validate_config(config: &SinkConfig) -> anyhow::Result<()> {
-        match &config.kind {
-            SinkKind::File { path, rotate_bytes, compression, .. } => {
-                anyhow::ensure!(!path.is_empty(), "`path` is empty");
-                anyhow::ensure!(*rotate_bytes >= 1024, "`rotate_bytes` must be at least 1024");
-                anyhow::ensure!(matches!(compression.as_str(), "none" | "zstd"), "`compression` must be none or zstd");
-            }
-            SinkKind::Topic { topic } => flowgate_log::validate_topic_name(topic)?,
-            SinkKind::Tcp { addr, topic, connect_timeout_ms, request_timeout_ms } => {
-                anyhow::ensure!(addr.contains(':'), "`addr` must be host:port");
-                flowgate_log::validate_topic_name(topic)?;
-                for (key, ms) in
-                    [("connect_timeout_ms", connect_timeout_ms), ("request_timeout_ms", request_timeout_ms)]
-                {
-                    anyhow::ensure!((1..=3_600_000).contains(ms), "`{key}` must be between 1 and 3600000 (one hour)");
-                }
-            }
-            SinkKind::Http { .. } => {
-                HttpSinkSettings::from_config(&config.kind)?;
-            }
-            SinkKind::Stdout | SinkKind::Blackhole => {}
-        }
+        registration(&config.kind)?.validate(config)?;
         anyhow::ensure!(config.batch.max_events > 0, "`batch.max_events` must be positive");
         // `min_events` bounds only the adaptive target; a fixed `max_events` below its
         // default is a plain small batch.
@@ -78,14 +85,16 @@ impl Connectors {
     }
 
     /// The output a sink claims for itself, with relative paths under `data_dir` (see
-    /// [`SinkFactory::output_claim`]): a file sink's directory, normalized so that
-    /// `out`, `./out/` and `<data_dir>/out` are one claim. Other sinks claim nothing:
-    /// topics and remote engines take writers side by side.
+    /// [`SinkFactory::output_claim`]), as its type says; `None` for an unknown type.
     pub fn output_claim_in(data_dir: &Path, config: &SinkConfig) -> Option<String> {
-        match &config.kind {
-            SinkKind::File { path, .. } => Some(format!("directory {}", normalize(&data_dir.join(path)).display())),
-            _ => None,
-        }
+        registration(&config.kind).ok()?.output_claim(config, data_dir)
+    }
+
+    /// `config` with every option its type defaults filled in: what the sink runs with
+    /// (for `flowgate config`).
+    pub fn complete_config(config: &SinkConfig) -> anyhow::Result<SinkConfig> {
+        let options = registration(&config.kind)?.complete(config)?;
+        Ok(SinkConfig { options, ..config.clone() })
     }
 }
 
@@ -116,31 +125,12 @@ impl SinkFactory for Connectors {
     }
 
     fn remote(&self, config: &SinkConfig) -> bool {
-        matches!(config.kind, SinkKind::Http { .. } | SinkKind::Tcp { .. })
+        registration(&config.kind).is_ok_and(|r| r.remote)
     }
 
     fn build(&self, config: &SinkConfig, place: &SinkPlace) -> anyhow::Result<Box<dyn Sink>> {
-        Ok(match &config.kind {
-            SinkKind::File { path, rotate_bytes, rotate_ms, compression } => {
-                let dir = self.data_dir.join(path);
-                Box::new(FileSink::new(dir, place, *rotate_bytes, *rotate_ms, compression == "zstd")?)
-            }
-            SinkKind::Topic { topic } => Box::new(TopicSink::new(self.log.clone(), topic, &config.name)),
-            SinkKind::Stdout => Box::new(StdoutSink),
-            SinkKind::Tcp { addr, topic, connect_timeout_ms, request_timeout_ms } => {
-                let settings = TcpSinkSettings {
-                    addr: addr.clone(),
-                    topic: topic.clone(),
-                    connect_timeout: Duration::from_millis(*connect_timeout_ms),
-                    request_timeout: Duration::from_millis(*request_timeout_ms),
-                };
-                Box::new(TcpSink::new(settings, place, &config.name))
-            }
-            SinkKind::Http { .. } => {
-                Box::new(HttpSink::new(HttpSinkSettings::from_config(&config.kind)?, place, &config.name)?)
-            }
-            SinkKind::Blackhole => Box::new(BlackholeSink),
-        })
+        let cx = BuildContext { log: &self.log, data_dir: &self.data_dir, sink: config, place };
+        registration(&config.kind)?.build(config, &cx)
     }
 }
 
@@ -148,33 +138,79 @@ impl SinkFactory for Connectors {
 mod tests {
     use super::*;
 
-    fn file_sink(name: &str, path: &str) -> SinkConfig {
-        SinkConfig {
-            name: name.into(),
-            kind: SinkKind::File { path: path.into(), rotate_bytes: 1 << 20, rotate_ms: 0, compression: "none".into() },
-            batch: Default::default(),
-            retry: Default::default(),
-            breaker: Default::default(),
-            concurrency: Default::default(),
-        }
+    fn sink(toml: &str) -> SinkConfig {
+        toml::from_str(toml).unwrap()
     }
 
     #[test]
     fn one_directory_is_one_claim_however_it_is_spelt() {
         let data = Path::new("/data");
-        let claim = |p: &str| Connectors::output_claim_in(data, &file_sink("s", p)).unwrap();
+        let claim = |p: &str| {
+            let config = SinkConfig::new("s", "file", serde_json::json!({ "path": p }));
+            Connectors::output_claim_in(data, &config).unwrap()
+        };
         assert_eq!(claim("out"), claim("./out/"));
         assert_eq!(claim("out"), claim("/data/out"));
         assert_eq!(claim("out"), claim("x/../out"));
         assert_ne!(claim("out"), claim("out2"));
-        let topic = SinkConfig {
-            name: "t".into(),
-            kind: SinkKind::Topic { topic: "t".into() },
-            batch: Default::default(),
-            retry: Default::default(),
-            breaker: Default::default(),
-            concurrency: Default::default(),
-        };
+        let topic = SinkConfig::new("t", "topic", serde_json::json!({ "topic": "t" }));
         assert_eq!(Connectors::output_claim_in(data, &topic), None);
+    }
+
+    #[test]
+    fn every_type_is_registered_once() {
+        let mut kinds: Vec<&str> = SINKS.iter().map(|r| r.kind).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        assert_eq!(kinds.len(), SINKS.len());
+    }
+
+    #[test]
+    fn an_unknown_type_is_refused_with_the_known_ones() {
+        let e = Connectors::validate_config(&sink("name = \"s\"\ntype = \"kafka\"")).unwrap_err().to_string();
+        assert!(e.contains("'kafka'"), "{e}");
+        for r in SINKS {
+            assert!(e.contains(r.kind), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_misspelt_option_is_refused_by_name_and_shared_keys_are_not_options() {
+        let e = Connectors::validate_config(&sink("name = \"s\"\ntype = \"file\"\npath = \"out\"\nrotate_byte = 4096"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `rotate_byte`") && e.contains("rotate_bytes"), "{e}");
+        let e =
+            Connectors::validate_config(&sink("name = \"s\"\ntype = \"stdout\"\nlevel = 1")).unwrap_err().to_string();
+        assert!(e.contains("unknown field `level`"), "{e}");
+        let c = sink(
+            "name = \"s\"\ntype = \"topic\"\ntopic = \"t\"\nbatch = { max_events = 7 }\nretry = { max_attempts = 3 }\n\
+             breaker = { consecutive_failures = 0 }",
+        );
+        assert_eq!((c.batch.max_events, c.retry.max_attempts, c.breaker.consecutive_failures), (7, 3, 0));
+        assert_eq!(c.options.keys().collect::<Vec<_>>(), ["topic"]);
+        Connectors::validate_config(&c).unwrap();
+    }
+
+    #[test]
+    fn the_complete_config_holds_the_defaults_and_parses_again() {
+        let c = sink("name = \"s\"\ntype = \"file\"\npath = \"out\"");
+        let full = Connectors::complete_config(&c).unwrap();
+        assert_eq!(full.options["rotate_bytes"], 128 << 20);
+        assert_eq!(full.options["compression"], "none");
+        let text = toml::to_string(&full).unwrap();
+        let again: SinkConfig = toml::from_str(&text).unwrap();
+        assert_eq!(again.options, full.options);
+        for text in [
+            "name = \"h\"\ntype = \"http\"\nurl = \"http://127.0.0.1:1/\"",
+            "name = \"t\"\ntype = \"tcp\"\naddr = \"127.0.0.1:1\"\ntopic = \"t\"",
+            "name = \"o\"\ntype = \"stdout\"",
+            "name = \"b\"\ntype = \"blackhole\"",
+            "name = \"t\"\ntype = \"topic\"\ntopic = \"t\"",
+        ] {
+            let full = Connectors::complete_config(&sink(text)).unwrap();
+            let printed = toml::to_string(&full).unwrap();
+            Connectors::validate_config(&toml::from_str(&printed).unwrap()).unwrap();
+        }
     }
 }

@@ -4,6 +4,23 @@ use std::io::Write;
 
 use flowgate_engine::sink::BoxFuture;
 use flowgate_engine::{Sink, SinkEvent, WriteOutcome};
+use serde::{Deserialize, Serialize};
+
+use super::registry::{BuildContext, SinkConnector};
+
+/// `type = "stdout"`: no options.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdoutConfig {}
+
+impl SinkConnector for StdoutSink {
+    const TYPE: &'static str = "stdout";
+    type Config = StdoutConfig;
+
+    fn build(_: StdoutConfig, _: &BuildContext<'_>) -> anyhow::Result<Box<dyn Sink>> {
+        Ok(Box::new(StdoutSink))
+    }
+}
 
 /// Prints events.
 #[derive(Debug)]

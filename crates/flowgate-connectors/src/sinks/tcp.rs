@@ -37,6 +37,60 @@ use flowgate_core::batch::{HEADER_LEN, MAX_BATCH_LEN};
 use flowgate_core::{partition_for_key, BatchBuilder, Codec, ProducerStamp};
 use flowgate_engine::sink::BoxFuture;
 use flowgate_engine::{EventFailure, Sink, SinkEvent, SinkPlace, WriteOutcome};
+use serde::{Deserialize, Serialize};
+
+use super::registry::{BuildContext, SinkConnector};
+
+/// `type = "tcp"`: another flowgate over the binary protocol.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpConfig {
+    /// Its address, `host:port`.
+    pub addr: String,
+    /// Topic there.
+    pub topic: String,
+    /// A connection (with its handshake) not made within this long fails the write,
+    /// which is retried.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// A request not answered within this long fails the write; the connection is
+    /// dropped and the write retried on a new one (idempotently: stored once).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+}
+
+fn default_connect_timeout() -> u64 {
+    5_000
+}
+
+fn default_request_timeout() -> u64 {
+    10_000
+}
+
+impl SinkConnector for TcpSink {
+    const TYPE: &'static str = "tcp";
+    const REMOTE: bool = true;
+    type Config = TcpConfig;
+
+    fn validate(c: &TcpConfig) -> anyhow::Result<()> {
+        anyhow::ensure!(c.addr.contains(':'), "`addr` must be host:port");
+        flowgate_log::validate_topic_name(&c.topic)?;
+        for (key, ms) in [("connect_timeout_ms", c.connect_timeout_ms), ("request_timeout_ms", c.request_timeout_ms)] {
+            anyhow::ensure!((1..=3_600_000).contains(&ms), "`{key}` must be between 1 and 3600000 (one hour)");
+        }
+        Ok(())
+    }
+
+    fn build(c: TcpConfig, cx: &BuildContext<'_>) -> anyhow::Result<Box<dyn Sink>> {
+        let settings = TcpSinkSettings {
+            addr: c.addr,
+            topic: c.topic,
+            connect_timeout: Duration::from_millis(c.connect_timeout_ms),
+            request_timeout: Duration::from_millis(c.request_timeout_ms),
+        };
+        Ok(Box::new(TcpSink::new(settings, cx.place, &cx.sink.name)))
+    }
+}
 
 /// Where and how a TCP sink connects.
 #[derive(Clone, Debug)]

@@ -1,5 +1,6 @@
 //! `flowgate config [--config F] [--data-dir D]`: the effective configuration — the
-//! embedded default or the file, with `FLOWGATE_*` overrides applied — as TOML.
+//! embedded default or the file, with `FLOWGATE_*` overrides applied and each sink's
+//! options completed by its type's defaults — as TOML.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,7 +23,7 @@ pub struct Args {
 
 /// Prints the configuration `flowgate run` would use with the same arguments.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let mut config = Config::load(args.config.as_deref())?;
+    let mut config = Config::load(args.config.as_deref())?.with_sink_defaults();
     if let Some(dir) = args.data_dir {
         config.server.data_dir = dir;
     }
