@@ -138,6 +138,10 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
         }
         let now = flowgate_core::time::now_ms();
         let mut bytes = 0u64;
+        // Refusals of lines past this many reply bytes per read are counted, not
+        // answered one by one: 2-byte lines must not make ~40 times their size in
+        // replies a client may never read.
+        let mut unanswered = 0u64;
         let consumed = splitter.split(
             &buf,
             eof,
@@ -148,14 +152,22 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
             |line, reason| {
                 metrics.rejected(IngestPath::Ndjson, reason, 1);
                 warn_bad_input(&shared, "ndjson", &peer, reason_text(reason));
-                if ack {
+                if ack && replies.len() < MAX_REFUSAL_REPLY_BYTES {
                     reply_line(
                         &mut replies,
                         serde_json::json!({"line": line, "error": reason_text(reason), "reason": reason}),
                     );
+                } else if ack {
+                    unanswered += 1;
                 }
             },
         );
+        if unanswered > 0 {
+            reply_line(
+                &mut replies,
+                serde_json::json!({"error": "more lines were refused", "reason": "many_refused", "count": unanswered}),
+            );
+        }
         buf.drain(..consumed);
         // A line in progress keeps the deadline its first byte set; a new one starts now.
         line_deadline = if buf.is_empty() && !splitter.discarding() {
@@ -234,6 +246,9 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
         let _ = stream.set_zero_linger();
     }
 }
+
+/// Reply bytes of refused lines per read past which refusals are only counted.
+const MAX_REFUSAL_REPLY_BYTES: usize = 64 << 10;
 
 async fn write_replies(stream: &mut TcpStream, replies: &mut Vec<u8>, timeout: Duration) -> bool {
     let ok = matches!(tokio::time::timeout(timeout, stream.write_all(replies)).await, Ok(Ok(())));

@@ -432,3 +432,38 @@ fn a_trickling_http_body_times_out_and_an_oversized_one_is_refused_unread() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(stored_payloads(&engine, "web"), vec!["{\"fine\":1}".to_owned()]);
 }
+
+#[test]
+fn a_flood_of_tiny_bad_ndjson_lines_gets_bounded_replies_that_still_count_every_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = EngineProcess::start(dir.path(), &[("FLOWGATE_INGEST__NDJSON_ACK", "batch")]);
+    let stream = TcpStream::connect(engine.ndjson).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    // 200 000 two-byte lines that are not JSON objects; one good line at the end.
+    let n = 200_000u64;
+    let mut flood = "1\n".repeat(n as usize);
+    flood.push_str("{\"ok\":true}\n");
+    let sender = std::thread::spawn(move || {
+        writer.write_all(flood.as_bytes()).unwrap();
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut replies = String::new();
+    BufReader::new(stream).read_to_string(&mut replies).unwrap();
+    sender.join().unwrap();
+    // One error line each would be about 75 bytes a line: 15 MB.
+    assert!(replies.len() < 2 << 20, "{} bytes of replies", replies.len());
+    let mut reported = 0u64;
+    for line in replies.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        match v["reason"].as_str() {
+            Some("invalid_json") => reported += 1,
+            Some("many_refused") => reported += v["count"].as_u64().unwrap(),
+            _ => {}
+        }
+    }
+    assert_eq!(reported, n, "every refused line is reported, one by one or counted");
+    assert_eq!(engine.metric("flowgate_ingest_rejected_total{path=\"ndjson\",reason=\"invalid_json\"}"), n as f64);
+    let last: serde_json::Value = serde_json::from_str(replies.lines().last().unwrap()).unwrap();
+    assert_eq!(last["through_line"].as_u64(), Some(n + 1), "{last}");
+}
