@@ -3,99 +3,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::target::{Decide, Target};
 use common::{cli, poll_until, EngineProcess};
-
-/// What the target does with one request: the events it got (payload `n`s, in order) and
-/// the answer (status, body).
-type Decide = dyn Fn(u64, &[u64]) -> (u16, String) + Send + Sync;
-
-/// A small HTTP/1.1 server (keep-alive) that records the events of the requests it
-/// accepts and answers as `decide` says.
-struct Target {
-    port: u16,
-    delivered: Arc<Mutex<Vec<u64>>>,
-    requests: Arc<AtomicU64>,
-}
-
-impl Target {
-    fn start(decide: Arc<Decide>) -> Target {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let delivered = Arc::new(Mutex::new(Vec::new()));
-        let requests = Arc::new(AtomicU64::new(0));
-        let (d, r) = (delivered.clone(), requests.clone());
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { return };
-                let (decide, delivered, requests) = (decide.clone(), d.clone(), r.clone());
-                std::thread::spawn(move || serve(stream, &*decide, &delivered, &requests));
-            }
-        });
-        Target { port, delivered, requests }
-    }
-}
-
-fn serve(stream: TcpStream, decide: &Decide, delivered: &Mutex<Vec<u64>>, requests: &AtomicU64) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut out = stream;
-    loop {
-        let mut length = 0usize;
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        loop {
-            line.clear();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value.trim().parse().unwrap();
-                }
-            }
-        }
-        let mut body = vec![0u8; length];
-        reader.read_exact(&mut body).unwrap();
-        let events: Vec<u64> = body
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .map(|l| serde_json::from_slice::<serde_json::Value>(l).unwrap()["n"].as_u64().unwrap())
-            .collect();
-        let nth = requests.fetch_add(1, Ordering::SeqCst);
-        let (status, answer) = decide(nth, &events);
-        if status < 300 {
-            let refused: Vec<usize> = serde_json::from_str::<serde_json::Value>(&answer)
-                .ok()
-                .and_then(|v| v["results"].as_array().cloned())
-                .unwrap_or_default()
-                .iter()
-                .map(|r| r["index"].as_u64().unwrap() as usize)
-                .collect();
-            let mut d = delivered.lock().unwrap();
-            d.extend(events.iter().enumerate().filter(|(i, _)| !refused.contains(i)).map(|(_, n)| *n));
-        }
-        let reason = if status < 300 { "OK" } else { "Failed" };
-        let response = format!(
-            "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
-            answer.len()
-        );
-        if out.write_all(response.as_bytes()).is_err() {
-            return;
-        }
-    }
-}
 
 fn write_config(dir: &Path, port: u16) -> std::path::PathBuf {
     let path = dir.join("delivery.toml");
