@@ -181,6 +181,11 @@ fn a_target_that_is_down_gets_probes_not_a_storm_and_everything_is_delivered_onc
     poll_until("the breaker to open", Duration::from_secs(10), || {
         engine.metric("flowgate_sink_breakers_open{pipeline=\"p\",sink=\"api\"}") == 1.0
     });
+    poll_until("the opening to be logged", Duration::from_secs(5), || engine.log().contains("circuit breaker opened"));
+    // Nothing is committed while the target is down: the backlog shows as lag.
+    poll_until("lag to show the backlog", Duration::from_secs(5), || {
+        engine.metric("flowgate_pipeline_lag{pipeline=\"p\",topic=\"in\",partition=\"0\"}") > 0.0
+    });
     // `/v1/stats` shows what the sink is doing while the target is down.
     let (_, stats) = engine.http("GET", "/v1/stats", b"");
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
