@@ -276,7 +276,9 @@ impl Replayer {
         limit: usize,
         wait: Duration,
     ) -> anyhow::Result<ReplayReport> {
-        let _one_at_a_time = self.running.lock().await;
+        // Held from choosing entries until they are marked (so no entry is replayed
+        // twice), not while the pipelines process them: a long wait blocks no other replay.
+        let one_at_a_time = self.running.lock().await;
         let me = self.clone();
         let (mut report, planned, dlq_ends) =
             tokio::task::spawn_blocking(move || me.plan(&selection, dry_run, limit)).await??;
@@ -300,6 +302,7 @@ impl Replayer {
         }
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.with_marks(|m| m.add(&refs))).await??;
+        drop(one_at_a_time);
         report.reinjected = planned.len() as u64;
         if wait.is_zero() {
             return Ok(report);
