@@ -12,29 +12,7 @@ use common::target::{Decide, Target};
 use common::{cli, poll_until, EngineProcess};
 
 fn write_config(dir: &Path, port: u16) -> std::path::PathBuf {
-    let path = dir.join("delivery.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[log]
-default_partitions = 1
-[[pipelines]]
-name = "p"
-topics = ["in"]
-commit_interval_ms = 50
-[[pipelines.sinks]]
-name = "api"
-type = "http"
-url = "http://127.0.0.1:{port}/ingest"
-per_event_results = true
-batch = {{ max_events = 20, max_wait_ms = 10 }}
-retry = {{ initial_backoff_ms = 10, max_backoff_ms = 100 }}
-"#
-        ),
-    )
-    .unwrap();
-    path
+    common::target::http_pipeline_config(dir, "delivery.toml", port, "")
 }
 
 #[test]

@@ -5,40 +5,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::target::{Decide, Target};
 use common::{cli, poll_until, EngineProcess};
-
-fn write_config(dir: &Path, port: u16, extra: &str) -> std::path::PathBuf {
-    let path = dir.join("replay.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[log]
-default_partitions = 1
-[[pipelines]]
-name = "p"
-topics = ["in"]
-commit_interval_ms = 50
-{extra}
-[[pipelines.sinks]]
-name = "api"
-type = "http"
-url = "http://127.0.0.1:{port}/ingest"
-per_event_results = true
-batch = {{ max_events = 20, max_wait_ms = 10 }}
-retry = {{ initial_backoff_ms = 10, max_backoff_ms = 100 }}
-"#
-        ),
-    )
-    .unwrap();
-    path
-}
 
 /// An answer refusing for good (400) the events `refuse` picks.
 fn refusing(events: &[u64], refuse: impl Fn(u64) -> bool) -> (u16, String) {
@@ -97,7 +69,7 @@ fn replay_after_the_target_is_fixed_delivers_each_dead_letter_once_and_a_second_
         Arc::new(move |_, events: &[u64]| refusing(events, |n| !is_fixed.load(Ordering::SeqCst) && n % 10 == 3));
     let target = Target::start(decide);
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), target.port, "");
+    let config = common::target::http_pipeline_config(dir.path(), "replay.toml", target.port, "");
     let engine = EngineProcess::start_with(dir.path(), Some(&config), &[]);
     send(&engine, 0..50);
     let refused: Vec<u64> = (0..50).filter(|n| n % 10 == 3).collect();
@@ -157,7 +129,7 @@ fn events_that_fail_again_are_reported_and_their_new_entries_name_the_entry_they
     let decide: Arc<Decide> = Arc::new(|_, events: &[u64]| refusing(events, |n| n % 10 == 3));
     let target = Target::start(decide);
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), target.port, "");
+    let config = common::target::http_pipeline_config(dir.path(), "replay.toml", target.port, "");
     let engine = EngineProcess::start_with(dir.path(), Some(&config), &[]);
     send(&engine, 0..30);
     let first = dead_letters(&engine, 3);
@@ -206,7 +178,12 @@ fn automatic_reprocessing_replays_sink_dead_letters_after_the_delay_at_most_the_
     });
     let target = Target::start(decide);
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), target.port, "dlq = { reprocess_after_ms = 200, reprocess_max_times = 2 }");
+    let config = common::target::http_pipeline_config(
+        dir.path(),
+        "replay.toml",
+        target.port,
+        "dlq = { reprocess_after_ms = 200, reprocess_max_times = 2 }",
+    );
     let engine = EngineProcess::start_with(dir.path(), Some(&config), &[]);
     send(&engine, 0..20);
     poll_until("13 delivered by a reprocessing", Duration::from_secs(30), || {

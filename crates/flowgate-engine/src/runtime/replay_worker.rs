@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::dead_letters::{Category, Entry, FailedAt};
+use super::dead_letters::{Category, FailedAt};
 use super::replay_record::{ReplayHead, Resume};
 use super::worker::Worker;
 use crate::event::PipelineEvent;
@@ -117,26 +117,9 @@ impl Worker {
 
     /// A replayed event for a sink the pipeline no longer has goes back to the
     /// dead-letter topic, naming the entry it replays.
-    fn dead_letter_unknown_sink(&mut self, sink: &str, mut event: PipelineEvent) -> anyhow::Result<()> {
+    fn dead_letter_unknown_sink(&mut self, sink: &str, event: PipelineEvent) -> anyhow::Result<()> {
         self.count_dead_letters(1);
-        let now = flowgate_core::time::now_ms();
-        let payload = event.payload().clone();
-        let entry = Entry {
-            pipeline: &self.config.name,
-            at: FailedAt::Sink(sink),
-            category: Category::Rejected,
-            error: "the pipeline has no sink of this name any more",
-            code: None,
-            attempts: 0,
-            first_failure_ms: now,
-            last_failure_ms: now,
-            topic: &self.topic,
-            partition: event.partition,
-            offset: event.offset,
-            last_offset: None,
-            timestamp: event.timestamp,
-            event: Some(&payload[..]),
-        };
-        self.side.dead_letters([(entry, event.key.as_deref())])
+        let error = "the pipeline has no sink of this name any more";
+        self.dead_letter_one(FailedAt::Sink(sink), Category::Rejected, error, 0, event)
     }
 }

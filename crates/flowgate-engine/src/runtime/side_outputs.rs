@@ -89,24 +89,32 @@ impl Worker {
 
     /// Sends an event processor `i` panicked on, alone, to the dead-letter topic,
     /// unprocessed.
-    pub(super) fn dead_letter_poison(
-        &mut self,
-        i: usize,
-        mut event: PipelineEvent,
-        message: &str,
-    ) -> anyhow::Result<()> {
+    pub(super) fn dead_letter_poison(&mut self, i: usize, event: PipelineEvent, message: &str) -> anyhow::Result<()> {
         self.count_dead_letters(1);
         self.shared.metrics.processor_failed.get_or_create(&self.processor_labels[i]).inc();
+        let error = format!("the processor panicked on this event: {message}");
+        let processor = self.processor_labels[i].processor.clone();
+        self.dead_letter_one(FailedAt::Processor(&processor), Category::Panicked, &error, 2, event)
+    }
+
+    /// Sends one event, failed now, to the dead-letter topic (the caller counts it).
+    pub(super) fn dead_letter_one(
+        &mut self,
+        at: FailedAt<'_>,
+        category: Category,
+        error: &str,
+        attempts: u32,
+        mut event: PipelineEvent,
+    ) -> anyhow::Result<()> {
         let now = flowgate_core::time::now_ms();
         let payload = event.payload().clone();
-        let error = format!("the processor panicked on this event: {message}");
         let entry = Entry {
             pipeline: &self.config.name,
-            at: FailedAt::Processor(&self.processor_labels[i].processor),
-            category: Category::Panicked,
-            error: &error,
+            at,
+            category,
+            error,
             code: None,
-            attempts: 2,
+            attempts,
             first_failure_ms: now,
             last_failure_ms: now,
             topic: &self.topic,

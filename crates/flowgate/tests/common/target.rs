@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -89,4 +90,33 @@ fn serve(stream: TcpStream, decide: &Decide, delivered: &Mutex<Vec<u64>>, reques
             return;
         }
     }
+}
+
+/// A config with pipeline `p` from topic `in` (1 partition) to an http sink `api` at the
+/// target on `port`, with `extra` lines in the pipeline's table, written to `dir/name`.
+pub fn http_pipeline_config(dir: &Path, name: &str, port: u16, extra: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[log]
+default_partitions = 1
+[[pipelines]]
+name = "p"
+topics = ["in"]
+commit_interval_ms = 50
+{extra}
+[[pipelines.sinks]]
+name = "api"
+type = "http"
+url = "http://127.0.0.1:{port}/ingest"
+per_event_results = true
+batch = {{ max_events = 20, max_wait_ms = 10 }}
+retry = {{ initial_backoff_ms = 10, max_backoff_ms = 100 }}
+"#
+        ),
+    )
+    .unwrap();
+    path
 }
