@@ -213,10 +213,11 @@ struct PipelineSpans {
 /// with its sink's line: the engine parses options only as a table (it knows no sink
 /// type), and its own check names the sink but cannot name a line.
 fn check_sink_options(config: &Config, text: &str, origin: &str) -> Result<(), ConfigError> {
-    let spans = toml::from_str::<SinkSpans>(text).ok();
     for (pi, p) in config.pipelines.iter().enumerate() {
         for (si, s) in p.sinks.iter().enumerate() {
             if let Err(e) = flowgate_connectors::Connectors::validate_config(s) {
+                // The text is parsed again for spans only when there is an error to place.
+                let spans = toml::from_str::<SinkSpans>(text).ok();
                 let span = spans.as_ref().and_then(|x| Some(x.pipelines.get(pi)?.sinks.get(si)?.span()));
                 return Err(ConfigError::Parse {
                     origin: origin.to_owned(),

@@ -118,7 +118,7 @@ impl Ingest {
     /// (the dead-letter topic `_dlq` and the replay topics `_replay.<pipeline>`) take no
     /// writes from producers: a forged entry there would be replayed into a sink.
     pub fn topic(&self, name: &str) -> Result<Arc<Topic>, LogError> {
-        if name == "_dlq" || name.starts_with("_replay.") {
+        if flowgate_engine::runtime::replay::is_engine_topic(name) {
             return Err(LogError::InvalidTopicName {
                 name: name.to_owned(),
                 reason: "it is written by the engine only (dead letters and their replays)",

@@ -55,10 +55,16 @@ pub fn governor(server: &ServerConfig, ingest: &IngestConfig) -> MemoryGovernor 
 /// True when this listener should not read now: soft pressure, or the limit under
 /// `block`.
 pub fn should_pause(shared: &Shared) -> bool {
-    match shared.memory.level() {
+    pressed(shared.memory.level(), shared.memory_policy == MemoryPolicy::Reject)
+}
+
+/// Whether a listener waits at `level`: under any pressure, except at the limit when it
+/// reads on there to refuse (`read_at_hard`).
+fn pressed(level: Level, read_at_hard: bool) -> bool {
+    match level {
         Level::Normal => false,
         Level::Soft => true,
-        Level::Hard => shared.memory_policy == MemoryPolicy::Block,
+        Level::Hard => !read_at_hard,
     }
 }
 
@@ -87,18 +93,13 @@ pub async fn pause_while_pressed_fully(shared: &Shared, path: IngestPath) -> Dur
 }
 
 async fn pause(shared: &Shared, path: IngestPath, read_at_hard: bool) -> Duration {
-    let pressed = move |level: Level| match level {
-        Level::Normal => false,
-        Level::Soft => true,
-        Level::Hard => !read_at_hard,
-    };
-    if !pressed(shared.memory.level()) {
+    if !pressed(shared.memory.level(), read_at_hard) {
         return Duration::ZERO;
     }
     shared.ingest.metrics().memory_paused(path);
     let started = tokio::time::Instant::now();
     tokio::select! {
-        _ = shared.memory.wait_until(RECHECK, move |level| !pressed(level)) => {}
+        _ = shared.memory.wait_until(RECHECK, move |level| !pressed(level, read_at_hard)) => {}
         _ = shared.shutdown.cancelled() => {}
     }
     started.elapsed()

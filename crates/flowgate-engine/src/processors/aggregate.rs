@@ -545,8 +545,9 @@ impl Aggregate {
             return Placement::Late;
         }
         let open: Vec<(i64, i64)> = open.collect();
-        // Counting the windows an event would add costs a lookup each: only near the bound.
-        let new_windows = if self.open.len().saturating_add(open.len()) > self.max_open_windows {
+        // Counting the windows an event would add costs a lookup each: only near the bound,
+        // or while shedding (which drops events that would add one).
+        let new_windows = if self.shedding || self.open.len().saturating_add(open.len()) > self.max_open_windows {
             open.iter().filter(|&&(start, end)| !self.open.contains_key(&(end, group.clone(), start))).count()
         } else {
             0
@@ -554,7 +555,7 @@ impl Aggregate {
         if let Some(error) = self.over_limit(&group, new_windows) {
             return Placement::OverLimit(error);
         }
-        if self.shedding && open.iter().any(|&(start, end)| !self.open.contains_key(&(end, group.clone(), start))) {
+        if self.shedding && new_windows > 0 {
             return Placement::Shed;
         }
         for (start, end) in open {

@@ -39,9 +39,18 @@ use super::supervisor::PipelineHealth;
 use super::DLQ_TOPIC;
 use crate::config::PipelineConfig;
 
+/// What every pipeline's replay topic is named with, before the pipeline's name.
+pub const REPLAY_TOPIC_PREFIX: &str = "_replay.";
+
 /// The replay topic of pipeline `pipeline`.
 pub fn replay_topic(pipeline: &str) -> String {
-    format!("_replay.{pipeline}")
+    format!("{REPLAY_TOPIC_PREFIX}{pipeline}")
+}
+
+/// Whether the engine alone writes `topic` (the dead-letter topic and the replay
+/// topics): producers may not, or a forged entry would be replayed into a sink.
+pub fn is_engine_topic(topic: &str) -> bool {
+    topic == super::DLQ_TOPIC || topic.starts_with(REPLAY_TOPIC_PREFIX)
 }
 
 /// Entries one replay takes at most (the rest wait for the next; the report says so).
