@@ -409,6 +409,9 @@ impl HttpSink {
             .timeout(settings.timeout)
             .connect_timeout(settings.connect_timeout)
             .default_headers(settings.headers.clone())
+            // A batch's last segment leaves at once, not after the target's delayed ACK
+            // (reqwest's default too; said here because write latency drives the limit).
+            .tcp_nodelay(true)
             // Following a redirect would turn a POST into a GET (301/302/303) or send the
             // body somewhere not configured; a 3xx is reported instead.
             .redirect(reqwest::redirect::Policy::none());
