@@ -201,3 +201,47 @@ fn automatic_reprocessing_replays_sink_dead_letters_after_the_delay_at_most_the_
     let all = list(&engine);
     assert_eq!(all.iter().filter(|d| d["offset"] == 13).count(), 1, "{all:?}");
 }
+
+#[test]
+fn a_crash_between_the_replay_append_and_its_marks_delivers_each_dead_letter_once_and_a_second_replay_sends_nothing() {
+    let fixed = Arc::new(AtomicBool::new(false));
+    let is_fixed = fixed.clone();
+    let decide: Arc<Decide> =
+        Arc::new(move |_, events: &[u64]| refusing(events, |n| !is_fixed.load(Ordering::SeqCst) && n % 10 == 7));
+    let target = Target::start(decide);
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::target::http_pipeline_config(dir.path(), "replay.toml", target.port, "");
+    let crash = [("FLOWGATE_FAILPOINT_CRASH_AFTER_REPLAY_APPEND", "1")];
+    let mut engine = EngineProcess::start_with(dir.path(), Some(&config), &crash);
+    send(&engine, 0..40);
+    dead_letters(&engine, 4);
+    poll_until("every other event", Duration::from_secs(30), || target.delivered.lock().unwrap().len() >= 36);
+    // The http sink delivers at least once: what the last checkpoint does not cover is
+    // sent again after a crash, so the crash comes after a checkpoint covers it all.
+    poll_until("a checkpoint of every event", Duration::from_secs(30), || {
+        engine.metric("flowgate_pipeline_committed_offset{pipeline=\"p\"") >= 40.0
+    });
+
+    // The replay's records are durable when the engine dies; no entry is marked yet.
+    fixed.store(true, Ordering::SeqCst);
+    let http = engine.http.to_string();
+    let (code, _, _) = cli(&["dlq", "replay", "--json", "--http-addr", &http], None);
+    assert_ne!(code, 0, "the engine died during the replay");
+    let status = engine.child.wait().expect("reap");
+    assert!(!status.success(), "{status:?}");
+    assert!(engine.log().contains("failpoint: crashing between a replay's append and its marks"), "{}", engine.log());
+
+    // Restarted, the engine delivers what the replay topic holds, once, and a new replay
+    // finds every entry replayed.
+    let engine = EngineProcess::start_with(dir.path(), Some(&config), &[]);
+    poll_until("the replayed events", Duration::from_secs(30), || target.delivered.lock().unwrap().len() >= 40);
+    let report = replay(&engine, &[]);
+    assert_eq!((report["matched"].as_u64(), report["reinjected"].as_u64()), (Some(4), Some(0)), "{report}");
+    assert_eq!(report["skipped"]["already_replayed"], 4, "{report}");
+    let requests = target.requests.load(Ordering::SeqCst);
+    let report = replay(&engine, &[]);
+    assert_eq!(report["reinjected"], 0, "{report}");
+    assert_eq!(target.requests.load(Ordering::SeqCst), requests, "nothing sent");
+    assert_eq!(sorted(target.delivered.lock().unwrap().clone()), (0..40).collect::<Vec<u64>>(), "each event once");
+    assert!(list(&engine).iter().all(|d| d["replayed"] == true));
+}

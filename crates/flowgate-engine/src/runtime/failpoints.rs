@@ -5,6 +5,11 @@
 //! `FLOWGATE_FAILPOINT_PANIC_ON=<text>` in the engine's environment makes every
 //! processor panic on an event whose payload contains `<text>`, as a processor bug
 //! would: the tests of poison-event handling need a panic they can aim.
+//!
+//! `FLOWGATE_FAILPOINT_CRASH_AFTER_REPLAY_APPEND=1` makes the process abort (no
+//! destructors, no flush: what a SIGKILL leaves on disk) once a replay's records are
+//! durable in its replay topic and before its entries are marked replayed, the window a
+//! second replay must not send twice.
 
 use std::sync::OnceLock;
 
@@ -19,5 +24,13 @@ pub(super) fn before_processor(events: &mut [PipelineEvent]) {
         if event.payload().windows(marker.len()).any(|w| w == marker) {
             panic!("failpoint: the event at offset {} carries the panic marker", event.offset);
         }
+    }
+}
+
+/// Aborts the process if `FLOWGATE_FAILPOINT_CRASH_AFTER_REPLAY_APPEND` is set.
+pub(super) fn after_replay_append() {
+    if std::env::var_os("FLOWGATE_FAILPOINT_CRASH_AFTER_REPLAY_APPEND").is_some_and(|v| !v.is_empty()) {
+        eprintln!("failpoint: crashing between a replay's append and its marks");
+        std::process::abort();
     }
 }

@@ -309,6 +309,8 @@ impl Replayer {
             let end = self.append(pipeline, &entries).await?;
             targets.insert(pipeline.to_owned(), end);
         }
+        #[cfg(all(feature = "failpoints", debug_assertions))]
+        super::failpoints::after_replay_append();
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.with_marks(|m| m.add(&refs))).await??;
         drop(one_at_a_time);
