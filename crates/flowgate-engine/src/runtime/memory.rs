@@ -161,16 +161,48 @@ impl WorkerMemory {
     }
 }
 
-/// Bytes a batch handed to the sinks holds beside any read buffer it slices.
-pub(super) fn handed_bytes(events: &Arc<Vec<SinkEvent>>) -> usize {
+/// Bytes a batch handed to the sinks holds beside `read`, the log read it came from
+/// (charged already): keys and payloads that slice `read` (events that passed through
+/// unchanged) cost nothing more; those a processor made are counted.
+pub(super) fn handed_bytes(events: &Arc<Vec<SinkEvent>>, read: Option<&[u8]>) -> usize {
+    let read = read.map_or(0..0, |r| {
+        let start = r.as_ptr() as usize;
+        start..start.saturating_add(r.len())
+    });
+    let own = |b: &[u8]| {
+        let start = b.as_ptr() as usize;
+        if b.is_empty() || (read.start <= start && start.saturating_add(b.len()) <= read.end) {
+            0
+        } else {
+            b.len()
+        }
+    };
     events.iter().fold(events.len().saturating_mul(std::mem::size_of::<SinkEvent>()), |sum, e| {
-        sum.saturating_add(e.payload.len()).saturating_add(e.key.as_ref().map_or(0, |k| k.len()))
+        sum.saturating_add(own(&e.payload)).saturating_add(e.key.as_deref().map_or(0, own))
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payloads_that_slice_the_read_are_not_charged_twice() {
+        let read = bytes::Bytes::from_static(b"....{\"a\":1}....");
+        let event = |payload: bytes::Bytes, key: Option<bytes::Bytes>| SinkEvent {
+            partition: 0,
+            offset: 0,
+            timestamp: 0,
+            key,
+            payload,
+        };
+        let passed = Arc::new(vec![event(read.slice(4..11), Some(read.slice(0..4)))]);
+        let overhead = std::mem::size_of::<SinkEvent>();
+        assert_eq!(handed_bytes(&passed, Some(&read)), overhead, "slices of the read are charged with it");
+        assert_eq!(handed_bytes(&passed, None), overhead + 7 + 4);
+        let made = Arc::new(vec![event(bytes::Bytes::from(b"{\"made\":true}".to_vec()), None)]);
+        assert_eq!(handed_bytes(&made, Some(&read)), overhead + 13, "a processor's own payload is charged");
+    }
 
     #[test]
     fn handed_batches_are_charged_until_every_sink_lets_go() {
@@ -192,7 +224,7 @@ mod tests {
             key: None,
             payload: bytes::Bytes::from_static(b"{}"),
         }]);
-        let bytes = handed_bytes(&batch);
+        let bytes = handed_bytes(&batch, None);
         worker.handed(Arc::downgrade(&batch), bytes, Some(read));
         let queued = batch.clone();
         drop(batch);

@@ -221,6 +221,7 @@ impl Worker {
                 Err(e) => return Err(e.into()),
             };
             let mut read_charge = None;
+            let mut read_buffer = None;
             let events = if read.batches.is_empty() {
                 let wait = next_commit.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
                 tokio::select! {
@@ -232,6 +233,7 @@ impl Worker {
                 let buffer = Bytes::from(read.batches);
                 let decoded = decode(&buffer, self.partition.id(), offset, &mut scratch)?;
                 read_charge = Some(self.memory.charge_read(buffer.len(), decoded.events.len()));
+                read_buffer = Some(buffer.clone());
                 read_counter.inc_by(decoded.events.len() as u64);
                 unreadable.inc_by(decoded.unreadable.len() as u64);
                 let range = offset..decoded.next;
@@ -246,7 +248,7 @@ impl Worker {
             self.memory.set_state(&self.processors);
             if !events.is_empty() {
                 let handed = fan_out(events, &sinks_tx).await?;
-                let bytes = handed.upgrade().map_or(0, |b| handed_bytes(&b));
+                let bytes = handed.upgrade().map_or(0, |b| handed_bytes(&b, read_buffer.as_deref()));
                 self.memory.handed(handed, bytes, read_charge);
             }
         }
@@ -274,7 +276,7 @@ impl Worker {
             self.memory.set_state(&self.processors);
             if !events.is_empty() {
                 let handed = fan_out(events, sinks_tx).await?;
-                let bytes = handed.upgrade().map_or(0, |b| handed_bytes(&b));
+                let bytes = handed.upgrade().map_or(0, |b| handed_bytes(&b, None));
                 self.memory.handed(handed, bytes, None);
             }
             self.memory.release_delivered();
