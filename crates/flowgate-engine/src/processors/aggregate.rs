@@ -120,6 +120,44 @@ struct Refusal {
     out_of_time: bool,
 }
 
+/// Memory of one sketch bucket: a B-tree entry (an `i32` and a `u64`) in nodes about
+/// half full.
+const SKETCH_BUCKET_BYTES: usize = 32;
+
+/// Heap bytes a window's fields hold beyond their fixed size: first and last values
+/// (any JSON value an event carried) and quantile sketches' buckets.
+fn held_bytes(window: &Window) -> usize {
+    window.fields.iter().fold(0, |sum, f| {
+        sum.saturating_add(match f {
+            FieldAcc::First(Some((_, v))) | FieldAcc::Last(Some((_, v))) => value_bytes(v),
+            FieldAcc::Quantile(s) => s.buckets() * SKETCH_BUCKET_BYTES,
+            _ => 0,
+        })
+    })
+}
+
+/// Heap bytes of a value: its strings and bytes, and a slot per element or entry.
+fn value_bytes(v: &Value) -> usize {
+    const SLOT: usize = std::mem::size_of::<Value>() + 16;
+    match v {
+        Value::Bytes(b) => b.len(),
+        Value::String(s) => s.len(),
+        Value::Regex(r) => r.as_str().len(),
+        Value::Array(items) => items.iter().fold(0, |sum, i| sum.saturating_add(SLOT).saturating_add(value_bytes(i))),
+        Value::Object(map) => {
+            map.iter().fold(0, |sum, (k, i)| sum.saturating_add(SLOT + k.len()).saturating_add(value_bytes(i)))
+        }
+        _ => 0,
+    }
+}
+
+/// Sets a first/last field to `(ts, v)`, keeping `held` in step.
+fn replace_value(field: &mut Option<(i64, Value)>, ts: i64, v: &Value, held: &mut usize) {
+    let before = field.as_ref().map_or(0, |(_, old)| value_bytes(old));
+    *held = held.saturating_sub(before).saturating_add(value_bytes(v));
+    *field = Some((ts, v.clone()));
+}
+
 /// Open windows by (end, group, start).
 type OpenWindows = BTreeMap<(i64, String, i64), Window>;
 
@@ -165,6 +203,9 @@ pub struct Aggregate {
     partition: u32,
     /// Bytes of group names held by the keys of open windows (and of sessions).
     window_key_bytes: usize,
+    /// What open windows' fields hold beyond their fixed size ([`held_bytes`]): first
+    /// and last values, sketch buckets.
+    held_bytes: usize,
     /// Bytes of group names held by `groups`.
     group_key_bytes: usize,
     /// At the memory limit under `drop_newest`: events that need a new window are dropped.
@@ -269,6 +310,7 @@ impl Aggregate {
             last_event_wall: flowgate_core::time::now_ms(),
             partition: 0,
             window_key_bytes: 0,
+            held_bytes: 0,
             group_key_bytes: 0,
             shedding: false,
             late_events: 0,
@@ -322,8 +364,10 @@ impl Aggregate {
         }
     }
 
-    /// Adds an event to its window's fields; returns the sketch buckets collapsed.
-    fn accumulate(outputs: &[Output], window: &mut Window, ts: i64, doc: &Value) -> u64 {
+    /// Adds an event to its window's fields; returns the sketch buckets collapsed. `held`
+    /// (the processor's [`held_bytes`] of every open window) follows what the window's
+    /// fields hold now.
+    fn accumulate(outputs: &[Output], window: &mut Window, ts: i64, doc: &Value, held: &mut usize) -> u64 {
         let mut collapsed = 0;
         window.count = window.count.saturating_add(1);
         for (acc, out) in window.fields.iter_mut().zip(outputs) {
@@ -355,20 +399,24 @@ impl Aggregate {
                 FieldAcc::First(f) => {
                     if let Some(v) = value {
                         if f.as_ref().is_none_or(|(t, _)| ts < *t) {
-                            *f = Some((ts, v.clone()));
+                            replace_value(f, ts, v, held);
                         }
                     }
                 }
                 FieldAcc::Last(l) => {
                     if let Some(v) = value {
                         if l.as_ref().is_none_or(|(t, _)| ts >= *t) {
-                            *l = Some((ts, v.clone()));
+                            replace_value(l, ts, v, held);
                         }
                     }
                 }
                 FieldAcc::Quantile(s) => {
                     if let Some(x) = number {
+                        let before = s.buckets();
                         collapsed += s.add(x);
+                        *held = held
+                            .saturating_sub(before * SKETCH_BUCKET_BYTES)
+                            .saturating_add(s.buckets() * SKETCH_BUCKET_BYTES);
                     }
                 }
             }
@@ -489,6 +537,7 @@ impl Aggregate {
             }
             let ((end, group, start), window) = self.open.pop_first().expect("non-empty");
             self.window_key_bytes = self.window_key_bytes.saturating_sub(group.len());
+            self.held_bytes = self.held_bytes.saturating_sub(held_bytes(&window));
             self.release_group(&group);
             if matches!(self.window, WindowConfig::Session { .. }) {
                 self.sessions.remove(&(group.clone(), start));
@@ -560,10 +609,12 @@ impl Aggregate {
         }
         for (start, end) in open {
             match self.open.entry((end, group.clone(), start)) {
-                Entry::Occupied(mut window) => *collapsed += Self::accumulate(&self.outputs, window.get_mut(), ts, doc),
+                Entry::Occupied(mut window) => {
+                    *collapsed += Self::accumulate(&self.outputs, window.get_mut(), ts, doc, &mut self.held_bytes);
+                }
                 Entry::Vacant(slot) => {
                     let mut window = Self::empty_window(&self.outputs, self.sketch_max_buckets, start, end);
-                    *collapsed += Self::accumulate(&self.outputs, &mut window, ts, doc);
+                    *collapsed += Self::accumulate(&self.outputs, &mut window, ts, doc, &mut self.held_bytes);
                     slot.insert(window);
                     self.window_key_bytes = self.window_key_bytes.saturating_add(group.len());
                     self.hold_group(&group);
@@ -601,11 +652,13 @@ impl Aggregate {
             self.sessions.remove(&(k.1.clone(), k.2));
             if let Some(w) = self.open.remove(&k) {
                 self.window_key_bytes = self.window_key_bytes.saturating_sub(k.1.len());
+                self.held_bytes = self.held_bytes.saturating_sub(held_bytes(&w));
                 self.release_group(&k.1);
                 *collapsed += Self::merge(&mut window, w);
             }
         }
-        *collapsed += Self::accumulate(&self.outputs, &mut window, ts, doc);
+        self.held_bytes = self.held_bytes.saturating_add(held_bytes(&window));
+        *collapsed += Self::accumulate(&self.outputs, &mut window, ts, doc, &mut self.held_bytes);
         self.hold_group(&group);
         self.sessions.insert((group.clone(), window.start), window.end);
         self.window_key_bytes = self.window_key_bytes.saturating_add(group.len());
@@ -860,12 +913,12 @@ impl Processor for Aggregate {
     /// sketch's typical size for each quantile; plus the group names, the per-group
     /// counts and (sessions) the session index. An estimate, never a walk.
     fn state_bytes(&self) -> usize {
-        const SKETCH_BYTES: usize = 1024;
         // B-tree nodes are about half full after the inserts and removals of a moving
         // window front; measured against resident memory, not just the entries' sizes.
         let entry = std::mem::size_of::<((i64, String, i64), Window)>() * 2;
         let fields = self.outputs.len() * std::mem::size_of::<FieldAcc>()
-            + self.outputs.iter().filter(|o| matches!(o.func, Func::Quantile(_))).count() * SKETCH_BYTES;
+            + self.outputs.iter().filter(|o| matches!(o.func, Func::Quantile(_))).count()
+                * std::mem::size_of::<DdSketch>();
         // Every heap block (the key's name, the fields, the group's name and map slot)
         // costs at least a small size class and its share of allocator pages.
         let per_window = entry + fields + 8 * 16;
@@ -882,6 +935,7 @@ impl Processor for Aggregate {
             .saturating_add(sessions)
             .saturating_add(groups)
             .saturating_add(self.group_key_bytes)
+            .saturating_add(self.held_bytes)
     }
 
     fn shed_new_state(&mut self, on: bool) {
@@ -909,6 +963,7 @@ impl Processor for Aggregate {
         self.group_key_bytes = 0;
         self.sessions.clear();
         self.window_key_bytes = open.keys().map(|(_, group, _)| group.len()).sum();
+        self.held_bytes = open.values().map(held_bytes).fold(0, usize::saturating_add);
         let sessions = matches!(self.window, WindowConfig::Session { .. });
         for (end, group, start) in open.keys() {
             self.hold_group(group);
@@ -967,13 +1022,66 @@ mod tests {
         (emitted.into_iter().map(|mut e| serde_json::from_slice(e.payload()).unwrap()).collect(), out)
     }
 
+    /// Events whose `v` is a string of `len` bytes.
+    fn run_text(agg: &mut Aggregate, items: &[(&str, i64, usize)]) {
+        let json: Vec<String> =
+            items.iter().map(|(k, t, len)| format!(r#"{{"k":"{k}","t":{t},"v":"{}"}}"#, "x".repeat(*len))).collect();
+        let refs: Vec<(i64, &str)> = json.iter().map(|j| (0, j.as_str())).collect();
+        let mut out = Outputs::default();
+        agg.process(super::super::dedup::tests::events(&refs), &mut out);
+        assert!(out.dead_letters.is_empty(), "{:?}", out.dead_letters.first().map(|d| &d.error));
+    }
+
+    #[test]
+    fn first_and_last_values_and_sketch_buckets_count_in_the_state_estimate() {
+        for window in [WindowConfig::Tumbling { size_ms: 1000 }, WindowConfig::Session { gap_ms: 100 }] {
+            let mut agg = build(&config(window.clone(), 0, 0));
+            run(&mut agg, &[("a", 1, 1.0)]);
+            let small = agg.state_bytes();
+            // First and last hold a 100 KB value each.
+            run_text(&mut agg, &[("a", 2, 100_000)]);
+            assert!(agg.state_bytes() >= small + 100_000, "{window:?}: last holds 100 KB: {}", agg.state_bytes());
+            run_text(&mut agg, &[("a", 0, 100_000)]);
+            assert!(agg.state_bytes() >= small + 200_000, "{window:?}: first and last: {}", agg.state_bytes());
+            // A later, short value replaces the large last one.
+            run(&mut agg, &[("a", 3, 1.0)]);
+            let replaced = agg.state_bytes();
+            assert!(replaced < small + 110_000, "{window:?}: {replaced}");
+            // Many distinct values make many buckets.
+            let many: Vec<(&str, i64, f64)> = (0..1000).map(|i| ("a", 4, 1.5f64.powi(i % 60) + f64::from(i))).collect();
+            run(&mut agg, &many);
+            let buckets: usize = agg
+                .open
+                .values()
+                .flat_map(|w| &w.fields)
+                .map(|f| match f {
+                    FieldAcc::Quantile(s) => s.buckets(),
+                    _ => 0,
+                })
+                .sum();
+            assert!(buckets > 100, "{buckets}");
+            assert!(agg.state_bytes() >= replaced + buckets * SKETCH_BUCKET_BYTES - 64, "{window:?}");
+            // The running count is what the windows hold, after merges and closes too.
+            run(&mut agg, &[("b", 50, 1.0), ("a", 60, 2.0)]);
+            let recount: usize = agg.open.values().map(held_bytes).sum();
+            assert_eq!(agg.held_bytes, recount, "{window:?}");
+            run(&mut agg, &[("c", 100_000, 1.0)]);
+            let recount: usize = agg.open.values().map(held_bytes).sum();
+            assert_eq!(agg.held_bytes, recount, "{window:?}: after closing");
+            let state = agg.snapshot();
+            let mut restored = build(&config(window.clone(), 0, 0));
+            restored.restore(&state).unwrap();
+            assert_eq!(restored.held_bytes, agg.held_bytes, "{window:?}: restored");
+        }
+    }
+
     #[test]
     fn shedding_drops_events_that_would_open_windows_and_the_state_estimate_follows_the_windows() {
         let mut agg = build(&config(WindowConfig::Tumbling { size_ms: 1000 }, 0, 0));
         let empty = agg.state_bytes();
         run(&mut agg, &[("a", 1, 1.0), ("b", 1, 1.0)]);
         let two = agg.state_bytes();
-        assert!(two > empty + 2 * 1024, "two windows with a sketch each: {empty} -> {two}");
+        assert!(two > empty + 2 * 200, "two windows with a sketch each: {empty} -> {two}");
         agg.shed_new_state(true);
         let (_, out) = run(&mut agg, &[("a", 2, 1.0), ("c", 3, 1.0)]);
         assert_eq!(out.bounds.memory_dropped, 1, "c would open a window");
