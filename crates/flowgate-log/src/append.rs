@@ -208,8 +208,9 @@ impl Appender {
     /// otherwise ([`Route::ByKey`]) it is split, each part encoded with the batch's own
     /// codec.
     ///
-    /// An idempotent batch must name its partition ([`Route::Partition`]): its sequence
-    /// is checked per partition. A batch the route writes whole is stored whole or not at
+    /// An idempotent batch must name its partition ([`Route::Partition`], else
+    /// [`LogError::IdempotentBatchNeedsPartition`]): its sequence is checked per
+    /// partition. A batch the route writes whole is stored whole or not at
     /// all. A split one fails before anything is written when a target partition refuses
     /// appends (they are all checked first); should a write fail after another part was
     /// stored, the error is [`LogError::PartiallyStored`], which names what was stored.
@@ -236,7 +237,12 @@ impl Appender {
                 target
             }
             Route::RoundRobin => {
-                parse_whole(batch)?.validate_records(&mut scratch.decompressed)?;
+                let view = parse_whole(batch)?;
+                let producer_id = view.header.producer.producer_id;
+                if producer_id != 0 {
+                    return Err(LogError::IdempotentBatchNeedsPartition { producer_id });
+                }
+                view.validate_records(&mut scratch.decompressed)?;
                 topic.partition(topic.next_round_robin())?
             }
             Route::ByKey => {
@@ -256,11 +262,12 @@ impl Appender {
     }
 
     /// Encodes the records in `builder` as one batch stamped `stamp` (with this
-    /// appender's codec), appends it where `route` says and clears the builder. Under
-    /// [`Route::RoundRobin`] and [`Route::Partition`] it is one write, so the batch is
-    /// stored whole or not at all; keys are not checked against a named partition (the
-    /// caller routed them). [`Route::ByKey`] splits it as [`Appender::append_encoded`]
-    /// does.
+    /// appender's codec; the builder is cleared once encoded) and appends it where
+    /// `route` says. Under [`Route::RoundRobin`] and [`Route::Partition`] it is one
+    /// write, so the batch is stored whole or not at all; keys are not checked against a
+    /// named partition (the caller routed them). A `stamp` of an idempotent producer
+    /// needs [`Route::Partition`], as in [`Appender::append_encoded`]. [`Route::ByKey`]
+    /// splits it as [`Appender::append_encoded`] does.
     pub fn append_built(
         &self,
         topic: &Topic,
@@ -271,6 +278,10 @@ impl Appender {
     ) -> Result<Written> {
         let target = match route {
             Route::Partition(p) => topic.partition(p)?,
+            // A sequence is checked per partition: one that moves would look out of order.
+            Route::RoundRobin if stamp.producer_id != 0 => {
+                return Err(LogError::IdempotentBatchNeedsPartition { producer_id: stamp.producer_id })
+            }
             Route::RoundRobin => topic.partition(topic.next_round_robin())?,
             Route::ByKey => {
                 // The split encodes its parts into `scratch.encoded`: the whole batch
@@ -519,6 +530,12 @@ mod tests {
         let mut bytes = b.finish(Codec::None, stamp).unwrap().bytes;
         let err = appender.append_encoded(&topic, Route::ByKey, &mut bytes.clone(), &mut scratch).unwrap_err();
         assert!(matches!(err, LogError::IdempotentBatchNeedsPartition { .. }), "{err}");
+        let err = appender.append_encoded(&topic, Route::RoundRobin, &mut bytes.clone(), &mut scratch).unwrap_err();
+        assert!(matches!(err, LogError::IdempotentBatchNeedsPartition { .. }), "{err}");
+        b.push_payload(1, None, b"{}");
+        let err = appender.append_built(&topic, Route::RoundRobin, &mut b, stamp, &mut scratch).unwrap_err();
+        assert!(matches!(err, LogError::IdempotentBatchNeedsPartition { .. }), "{err}");
+        b.clear();
         let err = appender.append_encoded(&topic, Route::Partition(0), &mut bytes.clone(), &mut scratch).unwrap_err();
         assert!(matches!(err, LogError::KeyInWrongPartition { partition: 0, expected: 1 }), "{err}");
         let err = appender.append_encoded(&topic, Route::Partition(2), &mut bytes.clone(), &mut scratch).unwrap_err();

@@ -120,7 +120,7 @@ mod tests {
     }
 
     #[test]
-    fn every_partition_written_is_timed_and_a_partial_split_is_counted() {
+    fn each_partition_a_split_writes_is_timed_once() {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::open(dir.path(), LogConfig::default()).unwrap();
         let topic = log.create_topic("t", 2).unwrap();
@@ -136,6 +136,10 @@ mod tests {
         assert_eq!(written.events(), 3);
         let text = metrics.render(&log);
         assert!(text.contains("flowgate_append_batch_events_count 2"), "one observation per partition:\n{text}");
-        assert_eq!(metrics.rejected_count(IngestPath::Binary, "partially_stored"), 0);
+        assert_eq!(
+            metrics.rejected_count(IngestPath::Binary, "partially_stored"),
+            0,
+            "a whole split is no partial one"
+        );
     }
 }
