@@ -12,11 +12,14 @@
 //!   index rebuilds and `flowgate log check`.
 //! - [`producers`]: idempotent-producer state, so a retried request is stored once.
 //! - [`partition`]: append (one write per batch), reads by offset and time, retention.
+//! - [`append`]: the one append path of every writer: routing records to partitions,
+//!   splitting a batch, encoding, producer rules, waiting for durability.
 //! - [`flusher`]: the background thread that fsyncs: group commit for `always`, a timer
 //!   for `interval`.
 //! - [`topic`] and [`log`]: topic metadata, creation, deletion, opening a data directory.
 //! - [`check`]: the read-only verification behind `flowgate log check`.
 
+pub mod append;
 pub mod check;
 pub mod config;
 pub mod error;
@@ -31,6 +34,7 @@ pub mod scan;
 pub mod segment;
 pub mod topic;
 
+pub use append::{Appender, Route, Scratch, Written};
 pub use check::{check_data_dir, CheckReport, CorruptRange};
 pub use config::{FsyncPolicy, LogConfig};
 pub use error::{LogError, Result};

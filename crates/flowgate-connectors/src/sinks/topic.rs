@@ -38,6 +38,7 @@ use std::sync::Arc;
 use flowgate_core::{partition_for_key, BatchBuilder, Codec, ProducerStamp};
 use flowgate_engine::sink::BoxFuture;
 use flowgate_engine::{Sink, SinkEvent, SinkPlace, WriteOutcome};
+use flowgate_log::append::{Appender, Route, Scratch};
 use flowgate_log::{Log, LogError, Partition, SequenceRule};
 use serde::{Deserialize, Serialize};
 
@@ -92,6 +93,9 @@ pub struct TopicSink {
     /// Per destination partition, the indices of the write's events that go there.
     routed: Vec<Vec<usize>>,
     builder: BatchBuilder,
+    /// Appends under the monotonic rule: the sequence is a source offset, gaps allowed.
+    appender: Appender,
+    scratch: Scratch,
     /// Per destination partition, the end offset of the last append since the last
     /// commit: what [`Sink::commit`] waits to be durable. One entry per partition, so it
     /// stays bounded however many writes happen between commits.
@@ -118,6 +122,8 @@ impl TopicSink {
             source_partition: place.partition,
             routed: Vec::new(),
             builder: BatchBuilder::new(),
+            appender: Appender::new(Codec::None).with_rule(SequenceRule::Monotonic),
+            scratch: Scratch::default(),
             written: Vec::new(),
             unfinished: None,
         }
@@ -221,15 +227,18 @@ impl TopicSink {
                 Some(sequence) => ProducerStamp { producer_id, sequence },
                 None => ProducerStamp::default(),
             };
-            let appended =
-                self.builder.finish(Codec::None, stamp).map_err(anyhow::Error::from).and_then(|mut batch| {
-                    match partition.append_with(&mut batch.bytes, SequenceRule::Monotonic) {
-                        Ok(outcome) => Ok(Some(outcome.end_offset())),
-                        // Stored before (by an instance this one replaced): delivered.
-                        Err(LogError::DuplicateSequence { .. }) => Ok(None),
-                        Err(e) => Err(e.into()),
-                    }
-                });
+            let appended = match self.appender.append_built(
+                topic,
+                Route::Partition(p),
+                &mut self.builder,
+                stamp,
+                &mut self.scratch,
+            ) {
+                Ok(written) => Ok(written.parts().iter().map(|part| part.outcome.end_offset()).max()),
+                // Stored before (by an instance this one replaced): delivered.
+                Err(LogError::DuplicateSequence { .. }) => Ok(None),
+                Err(e) => Err(anyhow::Error::from(e)),
+            };
             match appended {
                 Ok(end) => {
                     if let Some(end) = end {

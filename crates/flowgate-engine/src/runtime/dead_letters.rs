@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use flowgate_core::{BatchBuilder, Codec, ProducerStamp};
+use flowgate_log::append::{Appender, Route, Scratch};
 use flowgate_log::{Log, Partition};
 use serde::Serialize;
 
@@ -168,11 +169,16 @@ impl Entry<'_> {
     }
 }
 
+/// Bytes of encoding buffer a [`SideWriter`] keeps between appends.
+const SCRATCH_KEPT_BYTES: usize = 1 << 20;
+
 /// Appends side outputs (dead letters, late events) to their topics and remembers how
 /// far, so that a checkpoint can wait until they are durable.
 #[derive(Debug)]
 pub(super) struct SideWriter {
     log: Log,
+    appender: Appender,
+    scratch: Scratch,
     /// For the worker of a replay topic: what each replayed event replays, so that its
     /// dead letter says so.
     replays: Option<Arc<ReplayIndex>>,
@@ -183,7 +189,13 @@ pub(super) struct SideWriter {
 
 impl SideWriter {
     pub(super) fn new(log: Log) -> SideWriter {
-        SideWriter { log, replays: None, pending: Vec::new() }
+        SideWriter {
+            log,
+            appender: Appender::new(Codec::None),
+            scratch: Scratch::default(),
+            replays: None,
+            pending: Vec::new(),
+        }
     }
 
     /// The writer of a replay topic's worker, whose dead letters name what they replay.
@@ -198,20 +210,25 @@ impl SideWriter {
         if builder.is_empty() {
             return Ok(());
         }
-        let written = (|| {
-            let mut batch = builder.finish(Codec::None, ProducerStamp::default())?;
-            let t = self
-                .log
-                .topic(topic)
-                .ok_or_else(|| anyhow::anyhow!("it does not exist (deleted while the pipeline runs?)"))?;
-            let partition = t.partition(t.next_round_robin())?.clone();
-            let outcome = partition.append(&mut batch.bytes)?;
-            anyhow::Ok((partition, outcome.end_offset()))
-        })();
-        let (partition, end) = written.map_err(|e| {
+        let written = match self.log.topic(topic) {
+            Some(t) => self
+                .appender
+                .append_built(&t, Route::RoundRobin, builder, ProducerStamp::default(), &mut self.scratch)
+                .map_err(anyhow::Error::from),
+            None => {
+                builder.clear();
+                Err(anyhow::anyhow!("it does not exist (deleted while the pipeline runs?)"))
+            }
+        };
+        // Side outputs come in bursts (a failing sink, a late partition): what one grew is
+        // not kept for the worker's life.
+        self.scratch.shrink_to(SCRATCH_KEPT_BYTES);
+        let written = written.map_err(|e| {
             anyhow::anyhow!("cannot write to side topic '{topic}': {e:#}; the worker restarts from its last checkpoint")
         })?;
-        self.remember(partition, end);
+        for part in written.parts() {
+            self.remember(part.partition.clone(), part.outcome.end_offset());
+        }
         Ok(())
     }
 

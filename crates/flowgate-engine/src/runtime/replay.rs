@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flowgate_core::{BatchBuilder, BatchView, Codec, ProducerStamp, RecordRef};
+use flowgate_log::append::{Appender, Route, Scratch};
 use flowgate_log::{Log, Partition};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -453,6 +454,9 @@ impl Replayer {
         let name = replay_topic(pipeline);
         let topic = self.log.topic_or_create(&name)?;
         let partition = topic.partition(0)?.clone();
+        // Replay topics have one partition: the replay worker reads them in order.
+        let appender = Appender::new(Codec::None);
+        let mut scratch = Scratch::default();
         let mut builder = BatchBuilder::new();
         let mut pending = 0usize;
         let mut end = partition.end_offset();
@@ -460,8 +464,9 @@ impl Replayer {
             if builder.is_empty() {
                 return Ok(());
             }
-            let mut batch = builder.finish(Codec::None, ProducerStamp::default())?;
-            end = partition.append(&mut batch.bytes)?.end_offset();
+            let written =
+                appender.append_built(&topic, Route::Partition(0), builder, ProducerStamp::default(), &mut scratch)?;
+            end = written.parts().iter().map(|p| p.outcome.end_offset()).max().unwrap_or(end);
             Ok(())
         };
         for p in entries {
