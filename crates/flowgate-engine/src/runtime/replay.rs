@@ -21,7 +21,7 @@
 //! topic (the next replay marks them before it picks any). Replayed events are then
 //! delivered as the pipeline delivers anything: at least once.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -121,6 +121,10 @@ struct Selection {
     failed_by_ms: Option<i64>,
     /// Only entries whose event was replayed fewer times than this.
     max_replays: Option<u64>,
+    /// Remember, under this name, how far each `_dlq` partition holds nothing more for
+    /// this selection, and start there next time (automatic reprocessing, which runs
+    /// the same selection every few seconds, so each run reads only what is new).
+    cursor: Option<String>,
 }
 
 /// Where each `_dlq` partition ended when a replay picked its entries.
@@ -144,6 +148,11 @@ pub struct Replayer {
     pipelines: Vec<Arc<PipelineConfig>>,
     health: PipelineHealth,
     running: tokio::sync::Mutex<()>,
+    /// Per [`Selection::cursor`] name, per `_dlq` partition: the offset before which
+    /// that selection has nothing left to take.
+    cursors: Mutex<HashMap<String, HashMap<u32, u64>>>,
+    /// Per replay topic partition: the offset up to which its records are known marked.
+    reconciled: Mutex<HashMap<(String, u32), u64>>,
 }
 
 impl std::fmt::Debug for Replayer {
@@ -214,12 +223,28 @@ fn event_bytes(stored: &[u8]) -> Option<Vec<u8>> {
     Some(text.as_bytes().to_vec())
 }
 
+/// Whether a selection takes an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pick {
+    Yes,
+    /// Not now: it failed too recently.
+    NotYet,
+    /// Never: another pipeline, category or stage, or replayed often enough.
+    Never,
+}
+
 impl Selection {
-    fn picks(&self, entry: &serde_json::Value) -> bool {
-        self.filter.matches(entry)
+    fn picks(&self, entry: &serde_json::Value) -> Pick {
+        let fits = self.filter.matches(entry)
             && (!self.sinks_only || entry["sink"].is_string())
-            && self.failed_by_ms.is_none_or(|t| entry["last_failure_ms"].as_i64().is_some_and(|at| at <= t))
-            && self.max_replays.is_none_or(|max| entry["replays"].as_u64().unwrap_or(0) < max)
+            && self.max_replays.is_none_or(|max| entry["replays"].as_u64().unwrap_or(0) < max);
+        if !fits {
+            Pick::Never
+        } else if self.failed_by_ms.is_none_or(|t| entry["last_failure_ms"].as_i64().is_some_and(|at| at <= t)) {
+            Pick::Yes
+        } else {
+            Pick::NotYet
+        }
     }
 }
 
@@ -237,6 +262,8 @@ impl Replayer {
             pipelines,
             health,
             running: tokio::sync::Mutex::new(()),
+            cursors: Mutex::new(HashMap::new()),
+            reconciled: Mutex::new(HashMap::new()),
         }
     }
 
@@ -290,10 +317,18 @@ impl Replayer {
         // twice), not while the pipelines process them: a long wait blocks no other replay.
         let one_at_a_time = self.running.lock().await;
         let me = self.clone();
-        let (mut report, planned, dlq_ends) =
+        let cursor = selection.cursor.clone();
+        let (mut report, planned, dlq_ends, settled) =
             tokio::task::spawn_blocking(move || me.plan(&selection, dry_run, limit)).await??;
+        // Entries below `settled` are taken now (and marked below) or never will be.
+        let keep_cursor = |settled| {
+            if let (Some(name), false) = (&cursor, dry_run) {
+                self.cursors.lock().insert(name.clone(), settled);
+            }
+        };
         report.dry_run = dry_run;
         if dry_run || planned.is_empty() {
+            keep_cursor(settled);
             report.completed = !dry_run;
             if !dry_run {
                 (report.delivered, report.failed) = (Some(0), Some(0));
@@ -314,6 +349,7 @@ impl Replayer {
         super::failpoints::after_replay_append();
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.with_marks(|m| m.add(&refs))).await??;
+        keep_cursor(settled);
         drop(one_at_a_time);
         report.reinjected = planned.len() as u64;
         if wait.is_zero() {
@@ -332,17 +368,25 @@ impl Replayer {
     }
 
     /// Steps 1 and 2: reconciles the marks, then picks the entries. Returns the report so
-    /// far, the entries, and where each `_dlq` partition ended.
+    /// far, the entries, where each `_dlq` partition ended, and where the selection's
+    /// cursor may move once the entries are marked.
     fn plan(
         &self,
         selection: &Selection,
         dry_run: bool,
         limit: usize,
-    ) -> anyhow::Result<(ReplayReport, Vec<Planned>, Ends)> {
+    ) -> anyhow::Result<(ReplayReport, Vec<Planned>, Ends, HashMap<u32, u64>)> {
         self.reconcile()?;
         let mut report = ReplayReport::default();
         let mut planned = Vec::new();
-        let Some(dlq) = self.log.topic(DLQ_TOPIC) else { return Ok((report, planned, Vec::new())) };
+        let mut settled: HashMap<u32, u64> = HashMap::new();
+        let Some(dlq) = self.log.topic(DLQ_TOPIC) else { return Ok((report, planned, Vec::new(), settled)) };
+        let from: HashMap<u32, u64> = match &selection.cursor {
+            Some(name) => self.cursors.lock().get(name).cloned().unwrap_or_default(),
+            None => HashMap::new(),
+        };
+        // Partitions a run does not reach (it took its limit before) keep their place.
+        settled.clone_from(&from);
         let ends: Vec<(u32, u64)> = dlq.partitions().iter().map(|p| (p.id(), p.end_offset())).collect();
         let mut bytes = 0usize;
         // Entries taken toward the limit (those not replayed before).
@@ -350,10 +394,32 @@ impl Replayer {
         let mut failure = None;
         'partitions: for (partition, &(id, end)) in dlq.partitions().iter().zip(&ends) {
             let mut full = false;
-            each_record(partition, 0, end, |offset, record| {
-                let Ok(entry) = serde_json::from_slice::<serde_json::Value>(record.payload) else { return true };
-                if !selection.picks(&entry) {
+            // Past the end: the topic was deleted and made again.
+            let start = from.get(&id).copied().filter(|&f| f <= end).unwrap_or(0);
+            // Every entry before it is taken now or never will be; it stops at the first
+            // that a later run may take.
+            let mut settled_to = start;
+            let mut open = false;
+            each_record(partition, start, end, |offset, record| {
+                let settle = |open: bool, settled_to: &mut u64| {
+                    if !open {
+                        *settled_to = offset.saturating_add(1);
+                    }
+                };
+                let Ok(entry) = serde_json::from_slice::<serde_json::Value>(record.payload) else {
+                    settle(open, &mut settled_to);
                     return true;
+                };
+                match selection.picks(&entry) {
+                    Pick::Yes => {}
+                    Pick::Never => {
+                        settle(open, &mut settled_to);
+                        return true;
+                    }
+                    Pick::NotYet => {
+                        open = true;
+                        return true;
+                    }
                 }
                 let r = EntryRef { partition: id, offset, fingerprint: fingerprint(record.payload) };
                 // Entries replayed before do not count toward the limit: they would
@@ -361,6 +427,7 @@ impl Replayer {
                 match self.with_marks(|m| Ok(m.contains(&r))) {
                     Ok(true) => {
                         report.matched += 1;
+                        settle(open, &mut settled_to);
                         return skip(&mut report, "already_replayed");
                     }
                     Ok(false) => {}
@@ -376,6 +443,8 @@ impl Replayer {
                 }
                 taken += 1;
                 report.matched += 1;
+                // Taken now (marked once appended), or skipped for good below.
+                settle(open, &mut settled_to);
                 if entry["category"] == "unreadable" {
                     return skip(&mut report, "unreadable");
                 }
@@ -415,6 +484,7 @@ impl Replayer {
             if let Some(e) = failure.take() {
                 return Err(e);
             }
+            settled.insert(id, settled_to);
             if full {
                 break 'partitions;
             }
@@ -422,22 +492,28 @@ impl Replayer {
         if !dry_run {
             report.reinjected = 0;
         }
-        Ok((report, planned, ends))
+        Ok((report, planned, ends, settled))
     }
 
     /// Marks the entries every replay topic holds: appended by a replay that did not get
     /// to mark them.
     fn reconcile(&self) -> anyhow::Result<()> {
         let mut found = Vec::new();
+        let mut reached = Vec::new();
         for p in &self.pipelines {
-            let Some(topic) = self.log.topic(&replay_topic(&p.name)) else { continue };
+            let name = replay_topic(&p.name);
+            let Some(topic) = self.log.topic(&name) else { continue };
             for partition in topic.partitions() {
-                each_record(partition, 0, partition.end_offset(), |_, record| {
+                let key = (name.clone(), partition.id());
+                let end = partition.end_offset();
+                let from = self.reconciled.lock().get(&key).copied().filter(|&f| f <= end).unwrap_or(0);
+                each_record(partition, from, end, |_, record| {
                     if let Ok((head, _)) = ReplayHead::parse(record.payload) {
                         found.push(head.entry);
                     }
                     true
                 })?;
+                reached.push((key, end));
             }
         }
         let missing: Vec<EntryRef> = self.with_marks(|m| Ok(found.into_iter().filter(|r| !m.contains(r)).collect()))?;
@@ -446,6 +522,7 @@ impl Replayer {
                 "dead-letter entries in replay topics were not marked replayed (a crash during an earlier replay); marking them");
             self.with_marks(|m| m.add(&missing))?;
         }
+        self.reconciled.lock().extend(reached);
         Ok(())
     }
 
@@ -554,6 +631,7 @@ impl Replayer {
                         flowgate_core::time::now_ms().saturating_sub(i64::try_from(*after).unwrap_or(i64::MAX)),
                     ),
                     max_replays: Some(u64::from(*max_times)),
+                    cursor: Some(pipeline.clone()),
                 };
                 match self.run(selection, false, DEFAULT_ENTRIES, Duration::ZERO).await {
                     Ok(report) if report.reinjected > 0 => {
@@ -589,22 +667,23 @@ mod tests {
 
     #[test]
     fn selections_filter_by_pipeline_category_stage_age_and_replays() {
+        use Pick::{Never, NotYet, Yes};
         let all = Selection::default();
-        assert!(all.picks(&entry(None, "processing_error", 5, None)));
+        assert_eq!(all.picks(&entry(None, "processing_error", 5, None)), Yes);
         let rejected = Selection {
             filter: EntryFilter { pipeline: Some("p".into()), category: Some("rejected".into()) },
             ..Selection::default()
         };
-        assert!(rejected.picks(&entry(Some("api"), "rejected", 5, None)));
-        assert!(!rejected.picks(&entry(Some("api"), "retries_exhausted", 5, None)));
+        assert_eq!(rejected.picks(&entry(Some("api"), "rejected", 5, None)), Yes);
+        assert_eq!(rejected.picks(&entry(Some("api"), "retries_exhausted", 5, None)), Never);
         let other = Selection { filter: EntryFilter { pipeline: Some("q".into()), category: None }, ..all.clone() };
-        assert!(!other.picks(&entry(Some("api"), "rejected", 5, None)));
+        assert_eq!(other.picks(&entry(Some("api"), "rejected", 5, None)), Never);
         let auto = Selection { sinks_only: true, failed_by_ms: Some(10), max_replays: Some(2), ..Selection::default() };
-        assert!(auto.picks(&entry(Some("api"), "rejected", 10, None)), "old enough, never replayed");
-        assert!(auto.picks(&entry(Some("api"), "rejected", 10, Some(1))), "replayed once of twice");
-        assert!(!auto.picks(&entry(Some("api"), "rejected", 10, Some(2))), "replayed as often as allowed");
-        assert!(!auto.picks(&entry(Some("api"), "rejected", 11, None)), "too recent");
-        assert!(!auto.picks(&entry(None, "processing_error", 1, None)), "not a sink's");
+        assert_eq!(auto.picks(&entry(Some("api"), "rejected", 10, None)), Yes, "old enough, never replayed");
+        assert_eq!(auto.picks(&entry(Some("api"), "rejected", 10, Some(1))), Yes, "replayed once of twice");
+        assert_eq!(auto.picks(&entry(Some("api"), "rejected", 10, Some(2))), Never, "replayed as often as allowed");
+        assert_eq!(auto.picks(&entry(Some("api"), "rejected", 11, None)), NotYet, "too recent");
+        assert_eq!(auto.picks(&entry(None, "processing_error", 1, None)), Never, "not a sink's");
     }
 
     fn append(log: &Log, topic: &str, records: &[(Option<&[u8]>, Vec<u8>)]) {
@@ -686,6 +765,50 @@ mod tests {
         let stored = entry("p", "rejected", r#"{"n": 1.50}"#);
         assert!(again.is_replayed(0, 0, &stored).unwrap());
         assert!(!again.is_replayed(0, 0, b"another entry at the same place").unwrap());
+    }
+
+    #[tokio::test]
+    async fn automatic_runs_start_where_the_last_left_nothing_to_take() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path().join("log"), flowgate_log::LogConfig::default()).unwrap();
+        log.create_topic(DLQ_TOPIC, 1).unwrap();
+        let entry = |pipeline: &str, failed_ms: i64| {
+            format!(r#"{{"pipeline":"{pipeline}","processor":null,"sink":"api","category":"rejected","topic":"in","partition":0,"offset":5,"timestamp":9,"last_failure_ms":{failed_ms},"event":{{}}}}"#).into_bytes()
+        };
+        // Offsets: 0 another pipeline's, 1 old, 2 too recent at first, 3 old.
+        append(
+            &log,
+            DLQ_TOPIC,
+            &[(None, entry("q", 1)), (None, entry("p", 1)), (None, entry("p", 50)), (None, entry("p", 1))],
+        );
+        let r = replayer(&log, dir.path());
+        let auto = |failed_by_ms| Selection {
+            filter: EntryFilter { pipeline: Some("p".into()), category: None },
+            sinks_only: true,
+            failed_by_ms: Some(failed_by_ms),
+            max_replays: Some(3),
+            cursor: Some("p".into()),
+        };
+        let report = r.run(auto(10), false, 100, Duration::ZERO).await.unwrap();
+        assert_eq!(report.reinjected, 2, "{report:?}");
+        assert_eq!(r.cursors.lock()["p"][&0], 2, "stops at the entry a later run may take");
+        let report = r.run(auto(10), false, 100, Duration::ZERO).await.unwrap();
+        assert_eq!((report.reinjected, report.matched), (0, 1), "only offset 3, replayed, is read again: {report:?}");
+        let report = r.run(auto(100), false, 100, Duration::ZERO).await.unwrap();
+        assert_eq!(report.reinjected, 1, "{report:?}");
+        assert_eq!(r.cursors.lock()["p"][&0], 4);
+        append(&log, DLQ_TOPIC, &[(None, entry("p", 1))]);
+        let report = r.run(auto(100), false, 100, Duration::ZERO).await.unwrap();
+        assert_eq!((report.reinjected, report.matched), (1, 1), "only the new entry is read: {report:?}");
+        // A run that takes up to its limit stops the cursor at the first entry left.
+        append(&log, DLQ_TOPIC, &[(None, entry("p", 1)), (None, entry("p", 1))]);
+        let report = r.run(auto(100), false, 1, Duration::ZERO).await.unwrap();
+        assert!(report.more && report.reinjected == 1, "{report:?}");
+        assert_eq!(r.cursors.lock()["p"][&0], 6);
+        // A request without a cursor reads everything and moves none.
+        let report = r.replay(&ReplayRequest { wait_ms: Some(0), ..ReplayRequest::default() }).await.unwrap();
+        assert_eq!((report.matched, report.reinjected), (7, 1), "{report:?}");
+        assert_eq!(r.cursors.lock()["p"][&0], 6);
     }
 
     #[test]
