@@ -120,6 +120,11 @@ impl PipelineEvent {
         self.dirty = true;
     }
 
+    /// Whether a processor changed the document since the payload was last written.
+    pub fn is_changed(&self) -> bool {
+        self.dirty
+    }
+
     /// Forgets the parsed document and any change to it; the payload is as stored.
     pub fn discard_doc(&mut self) {
         self.doc = None;

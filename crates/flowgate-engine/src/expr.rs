@@ -56,30 +56,29 @@ impl Vrl {
 
     /// Runs the program on `document` (taken and given back in the output).
     pub fn run(&mut self, document: Value) -> Result<VrlOutput, String> {
+        let (result, document) = self.resolve(document);
+        result.map(|value| VrlOutput { value, document })
+    }
+
+    /// Runs a condition: true only for a boolean `true` result. `document` is given
+    /// back whatever the outcome, so an event whose condition failed leaves as it came.
+    pub fn test(&mut self, document: &mut Value) -> Result<bool, String> {
+        let (result, given_back) = self.resolve(std::mem::replace(document, Value::Null));
+        *document = given_back;
+        match result? {
+            Value::Boolean(b) => Ok(b),
+            other => Err(format!("condition returned {} instead of a boolean", other.kind_str())),
+        }
+    }
+
+    /// The program's result and the document after it ran (after a failure: as far as
+    /// the program got).
+    fn resolve(&mut self, document: Value) -> (Result<Value, String>, Value) {
         let mut target =
             TargetValue { value: document, metadata: Value::Object(Default::default()), secrets: Secrets::default() };
         let result = self.runtime.resolve(&mut target, &self.program, &self.timezone);
         self.runtime.clear();
-        match result {
-            Ok(value) => Ok(VrlOutput { value, document: target.value }),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
-    /// Runs a condition: true only for a boolean `true` result.
-    pub fn test(&mut self, document: &mut Value) -> Result<bool, String> {
-        let doc = std::mem::replace(document, Value::Null);
-        let out = self.run(doc);
-        match out {
-            Ok(out) => {
-                *document = out.document;
-                match out.value {
-                    Value::Boolean(b) => Ok(b),
-                    other => Err(format!("condition returned {} instead of a boolean", other.kind_str())),
-                }
-            }
-            Err(e) => Err(e),
-        }
+        (result.map_err(|e| e.to_string()), target.value)
     }
 }
 

@@ -245,3 +245,50 @@ fn a_crash_between_the_replay_append_and_its_marks_delivers_each_dead_letter_onc
     assert_eq!(sorted(target.delivered.lock().unwrap().clone()), (0..40).collect::<Vec<u64>>(), "each event once");
     assert!(list(&engine).iter().all(|d| d["replayed"] == true));
 }
+
+#[test]
+fn processor_dead_letters_replay_from_the_processor_that_failed_not_from_the_start() {
+    let target = Target::start(Arc::new(|_, _: &[u64]| (200, "{}".to_owned())));
+    let dir = tempfile::tempdir().unwrap();
+    // `tag` is not idempotent (it adds 1000 to `n` each time it runs): a replay that
+    // went through it again would deliver n + 2000.
+    let pipeline = |div: &str| {
+        format!(
+            r#"[[pipelines.processors]]
+type = "remap"
+name = "tag"
+source = '.n = to_int!(.n) + 1000'
+[[pipelines.processors]]
+type = "remap"
+name = "div"
+source = '{div}'"#
+        )
+    };
+    let broken =
+        common::target::http_pipeline_config(dir.path(), "broken.toml", target.port, &pipeline(".q = to_int!(.d)"));
+    let engine = EngineProcess::start_with(dir.path(), Some(&broken), &[]);
+    let lines: Vec<String> = (0..30)
+        .map(|n| if n % 5 == 2 { format!(r#"{{"n":{n},"d":"x"}}"#) } else { format!(r#"{{"n":{n},"d":1}}"#) })
+        .collect();
+    let (status, body) = engine.http("POST", "/v1/topics/in/events", lines.join("\n").as_bytes());
+    assert_eq!(status, 200, "{body}");
+    let dead = dead_letters(&engine, 6);
+    assert!(dead.iter().all(|d| d["processor"] == "div" && d["category"] == "processing_error"), "{dead:?}");
+    poll_until("the other events", Duration::from_secs(30), || target.delivered.lock().unwrap().len() >= 24);
+    // A clean stop checkpoints what was delivered (the http sink sends again what no
+    // checkpoint covers).
+    let mut engine = engine;
+    assert!(engine.terminate().success());
+
+    let fixed =
+        common::target::http_pipeline_config(dir.path(), "fixed.toml", target.port, &pipeline(".q = to_int(.d) ?? 0"));
+    let engine = EngineProcess::start_with(dir.path(), Some(&fixed), &[]);
+    let report = replay(&engine, &[]);
+    assert_eq!((report["reinjected"].as_u64(), report["completed"].as_bool()), (Some(6), Some(true)), "{report}");
+    assert_eq!((report["delivered"].as_u64(), report["failed"].as_u64()), (Some(6), Some(0)), "{report}");
+    assert_eq!(
+        sorted(target.delivered.lock().unwrap().clone()),
+        (1000..1030).collect::<Vec<u64>>(),
+        "each event once, tagged once"
+    );
+}

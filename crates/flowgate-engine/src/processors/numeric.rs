@@ -42,9 +42,10 @@ impl Numeric {
     }
 
     fn apply(&mut self, event: &mut PipelineEvent) -> Result<(), String> {
-        let doc = event.doc_mut().map_err(|e| e.to_string())?;
         self.values.clear();
-        match get_path(doc, &self.field) {
+        // Read first: an event refused here leaves as it came (its dead letter holds it
+        // as this processor got it, earlier processors' changes included).
+        match get_path(event.doc().map_err(|e| e.to_string())?, &self.field) {
             Some(Value::Array(items)) => {
                 for item in items.iter() {
                     self.values.push(as_f64(item).ok_or_else(|| format!("{} holds a non-number", self.field))?);
@@ -53,6 +54,7 @@ impl Numeric {
             Some(_) => return Err(format!("{} is not an array", self.field)),
             None => return Err(format!("{} is missing", self.field)),
         }
+        let doc = event.doc_mut().map_err(|e| e.to_string())?;
         let data: &[f64] = if let Some((scale, offset)) = self.scale {
             flowgate_kernels::scale_offset(&self.values, scale, offset, &mut self.scaled);
             let array = self.scaled.iter().map(|&x| float_value(x)).collect();
@@ -93,10 +95,7 @@ impl Processor for Numeric {
         for mut event in events {
             match self.apply(&mut event) {
                 Ok(()) => kept.push(event),
-                Err(error) => {
-                    event.discard_doc();
-                    out.dead_letters.push(DeadLetter { processor: "numeric".into(), error, event });
-                }
+                Err(error) => out.dead_letters.push(DeadLetter { processor: "numeric".into(), error, event }),
             }
         }
         kept

@@ -57,6 +57,11 @@ impl Worker {
         let Some(index) = self.replay.clone() else { return self.process(events, range) };
         let quarantined = self.quarantine.covers(&range);
         let mut out = Vec::new();
+        // Consecutive events that resume at the same processor go through together (one
+        // at a time only where a panic was seen: a quarantined range); a run ends where
+        // the next event resumes elsewhere, so output keeps the topic's order.
+        let mut run: Vec<PipelineEvent> = Vec::new();
+        let mut run_first = 0;
         for event in events {
             let (head, at) = match ReplayHead::parse(event.raw_payload()) {
                 Ok(parsed) => parsed,
@@ -80,6 +85,7 @@ impl Worker {
                         .position(|s| &s.name == name)
                         .and_then(|i| u32::try_from(i).ok())
                         .and_then(|i| 1u64.checked_shl(i));
+                    self.run_replayed(run_first, &mut run, &mut out)?;
                     match bit {
                         Some(bit) => {
                             replayed.sinks = bit;
@@ -105,14 +111,38 @@ impl Worker {
                     continue;
                 }
             }
+            if !quarantined {
+                if first != run_first {
+                    self.run_replayed(run_first, &mut run, &mut out)?;
+                    run_first = first;
+                }
+                run.push(replayed);
+                continue;
+            }
             self.in_flight.start(event.offset..event.offset.saturating_add(1), true);
             out.extend(self.run_from_blaming(first, vec![replayed], true)?);
             self.in_flight.done();
         }
+        self.run_replayed(run_first, &mut run, &mut out)?;
         if quarantined {
             self.commit_soon = true;
         }
         Ok(out)
+    }
+
+    /// Runs `run` (replayed events of consecutive offsets that resume at processor
+    /// `first`) through the processors as one batch, its output onto `out`.
+    fn run_replayed(
+        &mut self,
+        first: usize,
+        run: &mut Vec<PipelineEvent>,
+        out: &mut Vec<PipelineEvent>,
+    ) -> anyhow::Result<()> {
+        let (Some(head), Some(last)) = (run.first(), run.last()) else { return Ok(()) };
+        self.in_flight.start(head.offset..last.offset.saturating_add(1), false);
+        out.extend(self.run_from_blaming(first, std::mem::take(run), true)?);
+        self.in_flight.done();
+        Ok(())
     }
 
     /// A replayed event for a sink the pipeline no longer has goes back to the
