@@ -9,8 +9,12 @@
 //!  "topic": "in", "partition": 0, "offset": 42, "timestamp": T, "event": {…}}
 //! ```
 //!
-//! `event` is the event as it was (a JSON payload embedded as is, anything else as a
-//! string; never parsed into a tree). The entry of a replayed event that failed again
+//! `event` is the event as the failing stage got it (a processor: as it came to that
+//! processor, earlier processors' changes included; a sink: as the pipeline made it). A
+//! JSON payload is embedded as is (never parsed into a tree); text as a JSON string when
+//! escaping at most doubles it; anything else (bytes that are not UTF-8, text of control
+//! characters) as base64 with `"event_encoding": "base64"`, so an entry is never more
+//! than about twice its event and a replay gets the bytes back exactly. The entry of a replayed event that failed again
 //! (see [`super::replay`]) also carries `"replay_of": {"partition": P, "offset": O}`, the
 //! `_dlq` entry it replays, and `"replays": N`, how many times the original event has
 //! been replayed; its topic, partition and offset are the original event's. Entries are appended to the log before the
@@ -153,21 +157,39 @@ impl Entry<'_> {
         };
         let mut out = serde_json::to_vec(&head).expect("a dead-letter head serializes");
         out.pop(); // its closing brace
-        out.extend_from_slice(b",\"event\":");
         match self.event {
-            None => out.extend_from_slice(b"null"),
+            None => out.extend_from_slice(b",\"event\":null"),
             Some(payload) if serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok() => {
+                out.extend_from_slice(b",\"event\":");
                 out.extend_from_slice(payload);
             }
             Some(payload) => {
-                let text = String::from_utf8_lossy(payload);
-                out.extend_from_slice(&serde_json::to_vec(&text).expect("a string serializes"));
+                let text = std::str::from_utf8(payload)
+                    .ok()
+                    .map(|t| serde_json::to_vec(t).expect("a string serializes"))
+                    .filter(|escaped| escaped.len() <= payload.len().saturating_mul(2).saturating_add(2));
+                match text {
+                    Some(escaped) => {
+                        out.extend_from_slice(b",\"event\":");
+                        out.extend_from_slice(&escaped);
+                    }
+                    None => {
+                        use base64::Engine as _;
+                        out.extend_from_slice(b",\"event_encoding\":\"base64\",\"event\":\"");
+                        out.extend_from_slice(base64::engine::general_purpose::STANDARD.encode(payload).as_bytes());
+                        out.push(b'"');
+                    }
+                }
             }
         }
         out.push(b'}');
         out
     }
 }
+
+/// Bytes of side outputs (dead letters, late events) appended as one batch, about: a
+/// batch is appended once it holds this much.
+pub(super) const SIDE_BATCH_BYTES: usize = 1 << 20;
 
 /// Bytes of encoding buffer a [`SideWriter`] keeps between appends.
 const SCRATCH_KEPT_BYTES: usize = 1 << 20;
@@ -204,16 +226,16 @@ impl SideWriter {
         self
     }
 
-    /// Appends the built batch to `topic` (round robin over its partitions). An error
-    /// says the worker restarts from its last checkpoint and writes it again.
-    pub(super) fn append(&mut self, topic: &str, builder: &mut BatchBuilder) -> anyhow::Result<()> {
+    /// Appends the built batch to `topic`, routed by `route`. An error says the worker
+    /// restarts from its last checkpoint and writes it again.
+    pub(super) fn append(&mut self, topic: &str, route: Route, builder: &mut BatchBuilder) -> anyhow::Result<()> {
         if builder.is_empty() {
             return Ok(());
         }
         let written = match self.log.topic(topic) {
             Some(t) => self
                 .appender
-                .append_built(&t, Route::RoundRobin, builder, ProducerStamp::default(), &mut self.scratch)
+                .append_built(&t, route, builder, ProducerStamp::default(), &mut self.scratch)
                 .map_err(anyhow::Error::from),
             None => {
                 builder.clear();
@@ -240,7 +262,8 @@ impl SideWriter {
         }
     }
 
-    /// Appends dead-letter entries as one batch.
+    /// Appends dead-letter entries, in batches of about [`SIDE_BATCH_BYTES`]: one read
+    /// whose every event fails may make far more entry bytes than one batch may hold.
     pub(super) fn dead_letters<'a>(
         &mut self,
         entries: impl IntoIterator<Item = (Entry<'a>, Option<&'a [u8]>)>,
@@ -251,8 +274,11 @@ impl SideWriter {
             // --since` finds entries by when they were written.
             let replay = self.replays.as_ref().and_then(|r| r.get(entry.topic, entry.partition, entry.offset));
             b.push(entry.last_failure_ms, key, None, std::iter::empty(), &entry.encode_replayed(replay.as_deref()));
+            if b.records_len() >= SIDE_BATCH_BYTES {
+                self.append(DLQ_TOPIC, Route::RoundRobin, &mut b)?;
+            }
         }
-        self.append(DLQ_TOPIC, &mut b)
+        self.append(DLQ_TOPIC, Route::RoundRobin, &mut b)
     }
 
     /// Makes the checkpoint wait for everything in `topic` as written now, too: for side
@@ -416,6 +442,29 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn many_dead_letters_of_one_read_are_appended_in_batches_of_bounded_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), flowgate_log::LogConfig::default()).unwrap();
+        log.create_topic(DLQ_TOPIC, 1).unwrap();
+        let mut side = SideWriter::new(log.clone());
+        let event = vec![b'x'; 10_000];
+        let json = format!("\"{}\"", String::from_utf8(event.clone()).unwrap());
+        side.dead_letters((0..500).map(|_| (entry(Some(json.as_bytes())), None))).unwrap();
+        side.make_durable().await.unwrap();
+        let partition = log.topic(DLQ_TOPIC).unwrap().partition(0).unwrap().clone();
+        assert_eq!(partition.end_offset(), 500);
+        let (mut batches, mut offset) = (0, 0);
+        while offset < 500 {
+            let read = partition.read(offset, 1).unwrap();
+            let (view, _) = flowgate_core::BatchView::parse(&read.batches).unwrap();
+            assert!(view.header.batch_length as usize <= SIDE_BATCH_BYTES + 20_000, "{}", view.header.batch_length);
+            offset = view.base_offset() + u64::from(view.header.record_count);
+            batches += 1;
+        }
+        assert!(batches >= 4, "5 MB of entries in batches of about 1 MiB: {batches}");
+    }
+
     #[test]
     fn entries_carry_the_event_as_it_was_and_every_field() {
         let v: serde_json::Value = serde_json::from_slice(&entry(Some(br#"{"a": [1, 2]}"#)).encode()).unwrap();
@@ -427,8 +476,11 @@ mod tests {
         assert_eq!(v["error"], "503 \"busy\"");
         assert_eq!(v["timestamp"], i64::MIN);
         assert!(v.get("last_offset").is_none());
+        let v: serde_json::Value = serde_json::from_slice(&entry(Some(b"not json")).encode()).unwrap();
+        assert_eq!((v["event"].as_str(), v.get("event_encoding")), (Some("not json"), None));
+        // Bytes that are not UTF-8 are kept exactly, as base64.
         let v: serde_json::Value = serde_json::from_slice(&entry(Some(b"not json \xff")).encode()).unwrap();
-        assert_eq!(v["event"], "not json \u{fffd}");
+        assert_eq!((v["event"].as_str(), v["event_encoding"].as_str()), (Some("bm90IGpzb24g/w=="), Some("base64")));
         let v: serde_json::Value = serde_json::from_slice(&entry(None).encode()).unwrap();
         assert_eq!(v["event"], serde_json::Value::Null);
     }

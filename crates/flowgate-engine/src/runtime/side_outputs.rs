@@ -9,9 +9,10 @@
 use std::collections::HashMap;
 
 use flowgate_core::BatchBuilder;
+use flowgate_log::append::Route;
 use flowgate_log::Log;
 
-use super::dead_letters::{Category, Entry, FailedAt};
+use super::dead_letters::{Category, Entry, FailedAt, SIDE_BATCH_BYTES};
 use super::decode::UnreadableBatch;
 use super::worker::Worker;
 use super::DLQ_TOPIC;
@@ -53,8 +54,13 @@ impl Worker {
                     // The event as the pipeline made it so far (a remap's result), not as stored.
                     let payload = e.payload().clone();
                     b.push(e.timestamp, e.key.as_deref(), e.client_id.as_deref(), std::iter::empty(), &payload);
+                    if b.records_len() >= SIDE_BATCH_BYTES {
+                        self.side.append(&topic, Route::ByKey, &mut b)?;
+                    }
                 }
-                self.side.append(&topic, &mut b)?;
+                // By key, as producers' events are: a pipeline reading the late topic
+                // keeps a key's state in one partition.
+                self.side.append(&topic, Route::ByKey, &mut b)?;
             }
         }
         if !outputs.dead_letters.is_empty() {
