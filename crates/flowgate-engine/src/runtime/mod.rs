@@ -108,6 +108,15 @@ pub fn validate(pipelines: &[PipelineConfig], sinks: &dyn SinkFactory) -> anyhow
         }
         let mut sink_names = Vec::new();
         for (i, s) in p.sinks.iter().enumerate() {
+            // Sink names label metrics and go into every dead letter and replay record
+            // (whose head is bounded).
+            if !is_stage_name(&s.name) {
+                return Err(at(anyhow::anyhow!(
+                    "sink {} name '{}': up to 64 letters, digits, '-', '_' or '.'",
+                    i + 1,
+                    s.name.escape_debug()
+                )));
+            }
             if sink_names.contains(&s.name) {
                 return Err(at(anyhow::anyhow!("sink name '{}' is used twice", s.name)));
             }
@@ -130,11 +139,7 @@ pub fn validate(pipelines: &[PipelineConfig], sinks: &dyn SinkFactory) -> anyhow
         }
         let ids = p.processor_ids();
         for (i, (id, c)) in ids.iter().zip(&p.processors).enumerate() {
-            if c.name.is_some()
-                && (id.is_empty()
-                    || id.len() > 64
-                    || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
-            {
+            if c.name.is_some() && !is_stage_name(id) {
                 return Err(at(anyhow::anyhow!(
                     "processor {} name '{id}': up to 64 letters, digits, '-', '_' or '.'",
                     i + 1
@@ -151,6 +156,11 @@ pub fn validate(pipelines: &[PipelineConfig], sinks: &dyn SinkFactory) -> anyhow
         processors::build_pipeline(p).map_err(at)?;
     }
     Ok(())
+}
+
+/// Whether `name` may name a processor or sink: 1 to 64 letters, digits, '-', '_' or '.'.
+fn is_stage_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 /// The largest concurrency limit a sink may have.
