@@ -150,9 +150,12 @@ pub struct Replayer {
     running: tokio::sync::Mutex<()>,
     /// Per [`Selection::cursor`] name, per `_dlq` partition: the offset before which
     /// that selection has nothing left to take.
-    cursors: Mutex<HashMap<String, HashMap<u32, u64>>>,
+    /// Kept with the `created_ms` of the `_dlq` they are of: a purge makes it anew.
+    cursors: Mutex<HashMap<String, Cursor>>,
     /// Per replay topic partition: the offset up to which its records are known marked.
-    reconciled: Mutex<HashMap<(String, u32), u64>>,
+    /// Keyed by topic, its `created_ms` (a topic deleted and made again starts over) and
+    /// partition.
+    reconciled: Mutex<HashMap<(String, i64, u32), u64>>,
 }
 
 impl std::fmt::Debug for Replayer {
@@ -234,6 +237,14 @@ fn event_bytes(stored: &[u8]) -> Option<Vec<u8>> {
     Some(text.as_bytes().to_vec())
 }
 
+/// Where a selection's next run starts in each partition of one `_dlq` (made at
+/// `created_ms`).
+#[derive(Clone, Debug, Default)]
+struct Cursor {
+    created_ms: i64,
+    offsets: HashMap<u32, u64>,
+}
+
 /// Whether a selection takes an entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Pick {
@@ -250,11 +261,15 @@ impl Selection {
             && (!self.sinks_only || entry["sink"].is_string())
             && self.max_replays.is_none_or(|max| entry["replays"].as_u64().unwrap_or(0) < max);
         if !fits {
-            Pick::Never
-        } else if self.failed_by_ms.is_none_or(|t| entry["last_failure_ms"].as_i64().is_some_and(|at| at <= t)) {
-            Pick::Yes
-        } else {
-            Pick::NotYet
+            return Pick::Never;
+        }
+        match (self.failed_by_ms, entry["last_failure_ms"].as_i64()) {
+            (None, _) => Pick::Yes,
+            (Some(t), Some(at)) if at <= t => Pick::Yes,
+            (Some(_), Some(_)) => Pick::NotYet,
+            // Without a failure time it never gets old enough; waiting for it would keep
+            // every later entry from the cursor.
+            (Some(_), None) => Pick::Never,
         }
     }
 }
@@ -386,18 +401,23 @@ impl Replayer {
         selection: &Selection,
         dry_run: bool,
         limit: usize,
-    ) -> anyhow::Result<(ReplayReport, Vec<Planned>, Ends, HashMap<u32, u64>)> {
+    ) -> anyhow::Result<(ReplayReport, Vec<Planned>, Ends, Cursor)> {
         self.reconcile()?;
         let mut report = ReplayReport::default();
         let mut planned = Vec::new();
-        let mut settled: HashMap<u32, u64> = HashMap::new();
-        let Some(dlq) = self.log.topic(DLQ_TOPIC) else { return Ok((report, planned, Vec::new(), settled)) };
+        let Some(dlq) = self.log.topic(DLQ_TOPIC) else { return Ok((report, planned, Vec::new(), Cursor::default())) };
         let from: HashMap<u32, u64> = match &selection.cursor {
-            Some(name) => self.cursors.lock().get(name).cloned().unwrap_or_default(),
+            Some(name) => self
+                .cursors
+                .lock()
+                .get(name)
+                .filter(|c| c.created_ms == dlq.created_ms())
+                .map(|c| c.offsets.clone())
+                .unwrap_or_default(),
             None => HashMap::new(),
         };
         // Partitions a run does not reach (it took its limit before) keep their place.
-        settled.clone_from(&from);
+        let mut settled = from.clone();
         let ends: Vec<(u32, u64)> = dlq.partitions().iter().map(|p| (p.id(), p.end_offset())).collect();
         let mut bytes = 0usize;
         // Entries taken toward the limit (those not replayed before).
@@ -503,7 +523,7 @@ impl Replayer {
         if !dry_run {
             report.reinjected = 0;
         }
-        Ok((report, planned, ends, settled))
+        Ok((report, planned, ends, Cursor { created_ms: dlq.created_ms(), offsets: settled }))
     }
 
     /// Marks the entries every replay topic holds: appended by a replay that did not get
@@ -515,7 +535,7 @@ impl Replayer {
             let name = replay_topic(&p.name);
             let Some(topic) = self.log.topic(&name) else { continue };
             for partition in topic.partitions() {
-                let key = (name.clone(), partition.id());
+                let key = (name.clone(), topic.created_ms(), partition.id());
                 let end = partition.end_offset();
                 let from = self.reconciled.lock().get(&key).copied().filter(|&f| f <= end).unwrap_or(0);
                 each_record(partition, from, end, |_, record| {
@@ -695,6 +715,9 @@ mod tests {
         assert_eq!(auto.picks(&entry(Some("api"), "rejected", 10, Some(2))), Never, "replayed as often as allowed");
         assert_eq!(auto.picks(&entry(Some("api"), "rejected", 11, None)), NotYet, "too recent");
         assert_eq!(auto.picks(&entry(None, "processing_error", 1, None)), Never, "not a sink's");
+        let mut timeless = entry(Some("api"), "rejected", 1, None);
+        timeless.as_object_mut().unwrap().remove("last_failure_ms");
+        assert_eq!(auto.picks(&timeless), Never, "never old enough");
     }
 
     fn append(log: &Log, topic: &str, records: &[(Option<&[u8]>, Vec<u8>)]) {
@@ -802,12 +825,12 @@ mod tests {
         };
         let report = r.run(auto(10), false, 100, Duration::ZERO).await.unwrap();
         assert_eq!(report.reinjected, 2, "{report:?}");
-        assert_eq!(r.cursors.lock()["p"][&0], 2, "stops at the entry a later run may take");
+        assert_eq!(r.cursors.lock()["p"].offsets[&0], 2, "stops at the entry a later run may take");
         let report = r.run(auto(10), false, 100, Duration::ZERO).await.unwrap();
         assert_eq!((report.reinjected, report.matched), (0, 1), "only offset 3, replayed, is read again: {report:?}");
         let report = r.run(auto(100), false, 100, Duration::ZERO).await.unwrap();
         assert_eq!(report.reinjected, 1, "{report:?}");
-        assert_eq!(r.cursors.lock()["p"][&0], 4);
+        assert_eq!(r.cursors.lock()["p"].offsets[&0], 4);
         append(&log, DLQ_TOPIC, &[(None, entry("p", 1))]);
         let report = r.run(auto(100), false, 100, Duration::ZERO).await.unwrap();
         assert_eq!((report.reinjected, report.matched), (1, 1), "only the new entry is read: {report:?}");
@@ -815,11 +838,27 @@ mod tests {
         append(&log, DLQ_TOPIC, &[(None, entry("p", 1)), (None, entry("p", 1))]);
         let report = r.run(auto(100), false, 1, Duration::ZERO).await.unwrap();
         assert!(report.more && report.reinjected == 1, "{report:?}");
-        assert_eq!(r.cursors.lock()["p"][&0], 6);
+        assert_eq!(r.cursors.lock()["p"].offsets[&0], 6);
+        // A purge makes `_dlq` anew: the cursor of the old one does not apply.
+        let old = log.topic(DLQ_TOPIC).unwrap().created_ms();
+        while flowgate_core::time::now_ms() <= old {
+            tokio::task::yield_now().await;
+        }
+        log.delete_topic(DLQ_TOPIC).unwrap();
+        log.create_topic(DLQ_TOPIC, 1).unwrap();
+        // (Other failure times: an entry equal to one replayed at the same place would
+        // count as replayed.)
+        append(&log, DLQ_TOPIC, &[(None, entry("p", 2)), (None, entry("p", 2))]);
+        let report = r.run(auto(100), false, 100, Duration::ZERO).await.unwrap();
+        assert_eq!(report.reinjected, 2, "{report:?}");
+        assert_eq!(r.cursors.lock()["p"].offsets[&0], 2);
+        append(&log, DLQ_TOPIC, &[(None, entry("p", 3)), (None, entry("p", 3))]);
+        append(&log, DLQ_TOPIC, &[(None, entry("p", 3)), (None, entry("p", 3)), (None, entry("p", 3))]);
+        append(&log, DLQ_TOPIC, &[(None, entry("p", 3)), (None, entry("p", 3)), (None, entry("p", 3))]);
         // A request without a cursor reads everything and moves none.
         let report = r.replay(&ReplayRequest { wait_ms: Some(0), ..ReplayRequest::default() }).await.unwrap();
-        assert_eq!((report.matched, report.reinjected), (7, 1), "{report:?}");
-        assert_eq!(r.cursors.lock()["p"][&0], 6);
+        assert_eq!((report.matched, report.reinjected), (10, 8), "{report:?}");
+        assert_eq!(r.cursors.lock()["p"].offsets[&0], 2);
     }
 
     #[test]
