@@ -79,6 +79,16 @@ pub trait Sink: Send {
     /// retries the retryable ones as a new, smaller batch.
     fn write<'a>(&'a mut self, events: &'a [SinkEvent]) -> BoxFuture<'a, anyhow::Result<WriteOutcome>>;
 
+    /// Whether a batch whose write keeps failing as a whole may be given up once `retry`
+    /// runs out (its events dead-lettered as `retries_exhausted`). By default not: a
+    /// sink that may have stored part of a failed write and resumes it (a file, a topic,
+    /// a tcp connection) must be retried until it can say. A sink that neither resumes
+    /// nor promises more than at least once (http) says yes, so that a batch the target
+    /// can never take (always timing out, say) does not hold its partition forever.
+    fn may_give_up_failed_writes(&self) -> bool {
+        false
+    }
+
     /// Makes everything written durable and returns the state to checkpoint. By default
     /// nothing: for a sink whose writes are done when they return and that keeps no state.
     fn commit(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {

@@ -749,6 +749,10 @@ impl Sink for HttpSink {
     fn write<'a>(&'a mut self, events: &'a [SinkEvent]) -> BoxFuture<'a, anyhow::Result<WriteOutcome>> {
         Box::pin(self.write_batch(events))
     }
+
+    fn may_give_up_failed_writes(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

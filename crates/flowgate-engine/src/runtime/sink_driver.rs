@@ -254,12 +254,23 @@ impl SinkTask {
             };
             let first = *first_failure.get_or_insert((Instant::now(), flowgate_core::time::now_ms()));
             // A write that failed as a whole is retried until it succeeds, whatever the
-            // bounds: the sink may have stored part of it, which only its own resume of
-            // the same batch can tell, so none of it may go to the dead letters.
-            let exhausted = !whole
+            // bounds, unless the sink says it may be given up: the sink may have stored
+            // part of it, which only its own resume of the same batch can tell, so none
+            // of it may go to the dead letters.
+            let exhausted = (!whole || self.sink.may_give_up_failed_writes())
                 && ((self.retry.max_attempts > 0 && attempts >= self.retry.max_attempts)
                     || (self.retry.max_elapsed_ms > 0
                         && first.0.elapsed() >= Duration::from_millis(self.retry.max_elapsed_ms)));
+            if exhausted && whole {
+                undelivered.extend(current.iter().map(|event| Undelivered {
+                    event: event.clone(),
+                    category: Category::RetriesExhausted,
+                    error: last_error.clone(),
+                    code: None,
+                    attempts,
+                }));
+                break took;
+            }
             if exhausted {
                 undelivered.extend(failed.into_iter().map(|f| Undelivered {
                     event: current[f.index].clone(),
@@ -525,6 +536,7 @@ mod tests {
         answers: std::collections::VecDeque<anyhow::Result<WriteOutcome>>,
         seen: Arc<parking_lot::Mutex<Vec<Vec<u64>>>>,
         at: Arc<parking_lot::Mutex<Vec<Instant>>>,
+        gives_up: bool,
     }
 
     impl Sink for Scripted {
@@ -535,6 +547,10 @@ mod tests {
             Box::pin(async move { answer })
         }
 
+        fn may_give_up_failed_writes(&self) -> bool {
+            self.gives_up
+        }
+
         fn commit(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
             Box::pin(async { Ok(serde_json::Value::Null) })
         }
@@ -542,6 +558,11 @@ mod tests {
         fn recover<'a>(&'a mut self, _state: &'a serde_json::Value) -> BoxFuture<'a, anyhow::Result<()>> {
             Box::pin(async { Ok(()) })
         }
+    }
+
+    thread_local! {
+        /// Whether the next scripted sink may give up failed writes.
+        static GIVES_UP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 
     fn failure(index: usize, retryable: bool, code: &str) -> EventFailure {
@@ -572,7 +593,8 @@ mod tests {
         log.create_topic(super::super::DLQ_TOPIC, 1).unwrap();
         let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let written_at = Arc::new(parking_lot::Mutex::new(Vec::new()));
-        let sink = Scripted { answers: answers.into(), seen: seen.clone(), at: written_at.clone() };
+        let gives_up = GIVES_UP.with(std::cell::Cell::get);
+        let sink = Scripted { answers: answers.into(), seen: seen.clone(), at: written_at.clone(), gives_up };
         let metrics = Arc::new(PipelineMetrics::new());
         let labels = SinkLabels { pipeline: "p".into(), sink: "out".into() };
         let (labels_for_breaker, metrics_for_breaker) = (labels.clone(), metrics.clone());
@@ -661,6 +683,21 @@ mod tests {
         assert_eq!(dead.len(), 1, "{dead:?}");
         assert_eq!((dead[0]["category"].as_str(), dead[0]["attempts"].as_u64()), (Some("retries_exhausted"), Some(3)));
         assert_eq!(dead[0]["code"], "503");
+    }
+
+    #[tokio::test]
+    async fn a_write_failing_as_a_whole_is_given_up_once_retries_run_out_only_where_the_sink_allows() {
+        let retry = RetryPolicy { max_attempts: 3, ..quick() };
+        let down = || (0..5).map(|_| Err(anyhow::anyhow!("timed out"))).collect::<Vec<_>>();
+        GIVES_UP.with(|g| g.set(true));
+        let (seen, dead) = flush_through(2, down(), retry.clone()).await;
+        GIVES_UP.with(|g| g.set(false));
+        assert_eq!(seen.len(), 3, "three attempts");
+        assert_eq!(dead.len(), 2, "{dead:?}");
+        assert!(dead.iter().all(|d| d["category"] == "retries_exhausted" && d["error"] == "timed out"), "{dead:?}");
+        // A sink that may have stored part of the write is retried until it succeeds.
+        let (seen, dead) = flush_through(2, down(), retry).await;
+        assert_eq!((seen.len(), dead.len()), (6, 0), "five failures, then delivered");
     }
 
     #[tokio::test]
