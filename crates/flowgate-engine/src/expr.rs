@@ -49,6 +49,24 @@ impl Vrl {
         })
     }
 
+    /// Compiles a condition: a program that reads the event and never changes it (a
+    /// condition that assigned would change events it lets through, or half change one
+    /// whose test then failed and goes to the dead letters).
+    pub fn compile_condition(source: &str) -> Result<Vrl, String> {
+        let vrl = Vrl::compile(source)?;
+        if !vrl.program.info().target_assignments.is_empty() {
+            return Err("a condition may not change the event (it assigns to a field); use a remap for that".into());
+        }
+        Ok(vrl)
+    }
+
+    /// Whether a run can fail (the program calls a fallible function with `!` or can
+    /// `abort`); a program that cannot always hands back its document.
+    pub fn can_fail(&self) -> bool {
+        let info = self.program.info();
+        info.fallible || info.abortable
+    }
+
     /// The program text.
     pub fn source(&self) -> &str {
         &self.source
@@ -61,7 +79,8 @@ impl Vrl {
     }
 
     /// Runs a condition: true only for a boolean `true` result. `document` is given
-    /// back whatever the outcome, so an event whose condition failed leaves as it came.
+    /// back whatever the outcome; a condition compiled by [`Vrl::compile_condition`]
+    /// never changes it, so an event whose condition failed leaves as it came.
     pub fn test(&mut self, document: &mut Value) -> Result<bool, String> {
         let (result, given_back) = self.resolve(std::mem::replace(document, Value::Null));
         *document = given_back;
@@ -101,6 +120,16 @@ mod tests {
         let mut remap = Vrl::compile(".f = .c * 9.0 / 5.0 + 32.0\ndel(.c)").unwrap();
         let out = remap.run(doc(r#"{"c":100.0}"#)).unwrap();
         assert_eq!(serde_json::to_string(&out.document).unwrap(), r#"{"f":212.0}"#);
+    }
+
+    #[test]
+    fn conditions_may_not_assign_and_infallible_programs_cannot_fail() {
+        let err = Vrl::compile_condition(".x = 1\ntrue").unwrap_err();
+        assert!(err.contains("may not change the event"), "{err}");
+        assert!(Vrl::compile_condition(".level == \"error\"").is_ok());
+        assert!(!Vrl::compile(".a = 1").unwrap().can_fail());
+        assert!(Vrl::compile(".a = to_int!(.b)").unwrap().can_fail());
+        assert!(Vrl::compile("abort").unwrap().can_fail());
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub struct Filter {
 impl Filter {
     /// Compiles the condition.
     pub fn new(condition: &str) -> anyhow::Result<Filter> {
-        Ok(Filter { condition: Vrl::compile(condition).map_err(|e| anyhow::anyhow!("bad condition:\n{e}"))? })
+        Ok(Filter { condition: Vrl::compile_condition(condition).map_err(|e| anyhow::anyhow!("bad condition:\n{e}"))? })
     }
 }
 

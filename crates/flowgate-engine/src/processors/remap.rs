@@ -27,9 +27,9 @@ impl Processor for Remap {
         for mut event in events {
             // An event an earlier processor changed exists only as its document, which
             // the program consumes: its dead letter must hold it as it came here (a
-            // replay resumes at this processor), so it is kept aside. Unchanged events
-            // need no copy: their payload is what came in.
-            let changed = event.is_changed();
+            // replay resumes at this processor), so it is kept aside when the program
+            // can fail. Unchanged events need no copy: their payload is what came in.
+            let changed = event.is_changed() && self.program.can_fail();
             let doc = match event.doc() {
                 Ok(doc) => std::mem::replace(doc, vrl::value::Value::Null),
                 Err(e) => {

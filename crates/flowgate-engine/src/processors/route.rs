@@ -33,8 +33,8 @@ impl Route {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let cond =
-                    Vrl::compile(&r.condition).map_err(|e| anyhow::anyhow!("route {}: bad condition:\n{e}", i + 1))?;
+                let cond = Vrl::compile_condition(&r.condition)
+                    .map_err(|e| anyhow::anyhow!("route {}: bad condition:\n{e}", i + 1))?;
                 Ok((cond, mask(&r.sinks, sink_names)?))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
