@@ -207,6 +207,9 @@ fn bad_pipeline_configs_are_refused_with_the_place_named() {
         ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.processors]]\nname = \"a b\"\ntype = \"filter\"\ncondition = \"true\"\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"stdout\"\n", "processor 1 name 'a b'"),
         (&format!("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.sinks]]\nname = \"{}\"\ntype = \"stdout\"\n", "x".repeat(65)), "sink 1 name"),
         ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.sinks]]\nname = \"a\\u0001b\"\ntype = \"stdout\"\n", "sink 1 name 'a\\u{1}b'"),
+        ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"topic\"\ntopic = \"_dlq\"\n", "written by the engine only"),
+        ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"topic\"\ntopic = \"_replay.p\"\n", "written by the engine only"),
+        ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.processors]]\ntype = \"filter\"\ncondition = \".x = 1\\ntrue\"\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"stdout\"\n", "may not change the event"),
         ("[[pipelines]]\nname = \"p\"\ntopics = [\"t\"]\n[[pipelines.processors]]\nname = \"keep\"\ntype = \"filter\"\nconditoin = \"true\"\n[[pipelines.sinks]]\nname = \"s\"\ntype = \"stdout\"\n", "processor 'keep'"),
     ];
     for (i, (text, expected)) in cases.iter().enumerate() {

@@ -498,6 +498,7 @@ impl HttpSink {
                 return Ok(WriteOutcome::delivered());
             }
             let failures = self.per_event_failures(status, &read, events.len());
+            self.release_response();
             let retry_after = retry_after.filter(|_| failures.iter().any(|f| f.retryable));
             return Ok(WriteOutcome { failures, retry_after });
         }
@@ -509,11 +510,19 @@ impl HttpSink {
             hint(status),
             quoted_body(&self.response, read.truncated || read.error.is_some())
         );
+        self.release_response();
         let code = status.as_str();
         let failures = (0..events.len())
             .map(|index| EventFailure { index, retryable, reason: reason.clone(), code: Some(code.to_owned()) })
             .collect();
         Ok(WriteOutcome { failures, retry_after: retry_after.filter(|_| retryable) })
+    }
+
+    /// Gives back what a large per-event results body grew the response buffer to, so
+    /// that each instance keeps at most [`BODY_CAP`] between writes.
+    fn release_response(&mut self) {
+        self.response.clear();
+        self.response.shrink_to(BODY_CAP);
     }
 
     /// The write's error for a request that got no status.

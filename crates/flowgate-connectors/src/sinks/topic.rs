@@ -61,13 +61,24 @@ impl SinkConnector for TopicSink {
     type Config = TopicConfig;
 
     fn validate(c: &TopicConfig) -> anyhow::Result<()> {
-        Ok(flowgate_log::validate_topic_name(&c.topic)?)
+        flowgate_log::validate_topic_name(&c.topic)?;
+        // A forged entry there would be replayed into sinks, and replay topics have one
+        // writer, the replay.
+        anyhow::ensure!(
+            !flowgate_engine::runtime::replay::is_engine_topic(&c.topic),
+            "topic '{}' is written by the engine only (dead letters and their replays); choose another",
+            c.topic
+        );
+        Ok(())
     }
 
     fn build(c: TopicConfig, cx: &BuildContext<'_>) -> anyhow::Result<Box<dyn Sink>> {
         Ok(Box::new(TopicSink::new(cx.log.clone(), &c.topic, cx.place, &cx.sink.name)))
     }
 }
+
+/// Bytes of encoding buffer a topic sink keeps between writes.
+const SCRATCH_KEPT_BYTES: usize = 1 << 20;
 
 /// How far a failed write got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,6 +186,8 @@ impl TopicSink {
             }
             progress.next_run = 0;
         }
+        // A large write's encoding buffer is not kept for the sink's life.
+        self.scratch.shrink_to(SCRATCH_KEPT_BYTES);
         if skipped > 0 {
             tracing::info!(
                 sink = %self.name,
