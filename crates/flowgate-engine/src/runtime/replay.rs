@@ -362,14 +362,29 @@ impl Replayer {
             return Ok(report);
         }
         let refs: Vec<EntryRef> = planned.iter().map(|p| p.head.entry).collect();
+        let replayed: HashSet<(u32, u64)> =
+            planned.iter().map(|p| (p.head.entry.partition, p.head.entry.offset)).collect();
+        let reinjected = planned.len() as u64;
+        // Segment writes of up to 64 MiB: off the runtime that serves clients.
+        let me = self.clone();
+        let appended = tokio::task::spawn_blocking(move || {
+            let mut by_pipeline: BTreeMap<&str, Vec<&Planned>> = BTreeMap::new();
+            for p in &planned {
+                by_pipeline.entry(p.pipeline.as_str()).or_default().push(p);
+            }
+            by_pipeline
+                .into_iter()
+                .map(|(pipeline, entries)| Ok((pipeline.to_owned(), me.append(pipeline, &entries)?)))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .await??;
         let mut targets: BTreeMap<String, u64> = BTreeMap::new();
-        let mut by_pipeline: BTreeMap<&str, Vec<&Planned>> = BTreeMap::new();
-        for p in &planned {
-            by_pipeline.entry(p.pipeline.as_str()).or_default().push(p);
-        }
-        for (pipeline, entries) in by_pipeline {
-            let end = self.append(pipeline, &entries).await?;
-            targets.insert(pipeline.to_owned(), end);
+        for (pipeline, (partition, end)) in appended {
+            partition
+                .make_durable(end)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot make {} durable: {e}", replay_topic(&pipeline)))?;
+            targets.insert(pipeline, end);
         }
         #[cfg(all(feature = "failpoints", debug_assertions))]
         super::failpoints::after_replay_append();
@@ -377,14 +392,12 @@ impl Replayer {
         tokio::task::spawn_blocking(move || me.with_marks(|m| m.add(&refs))).await??;
         keep_cursor(settled);
         drop(one_at_a_time);
-        report.reinjected = planned.len() as u64;
+        report.reinjected = reinjected;
         if wait.is_zero() {
             return Ok(report);
         }
         report.completed = self.wait_for(&targets, wait).await;
         if report.completed {
-            let replayed: HashSet<(u32, u64)> =
-                planned.iter().map(|p| (p.head.entry.partition, p.head.entry.offset)).collect();
             let me = self.clone();
             let failed = tokio::task::spawn_blocking(move || me.failed_again(&dlq_ends, &replayed)).await??;
             report.failed = Some(failed);
@@ -557,8 +570,9 @@ impl Replayer {
         Ok(())
     }
 
-    /// Step 3 for one pipeline: appends its records durably; returns the end offset.
-    async fn append(&self, pipeline: &str, entries: &[&Planned]) -> anyhow::Result<u64> {
+    /// Step 3 for one pipeline: appends its records (the caller makes them durable); returns
+    /// the partition and its end offset.
+    fn append(&self, pipeline: &str, entries: &[&Planned]) -> anyhow::Result<(Arc<Partition>, u64)> {
         let name = replay_topic(pipeline);
         let topic = self.log.topic_or_create(&name)?;
         let partition = topic.partition(0)?.clone();
@@ -587,8 +601,7 @@ impl Replayer {
             }
         }
         flush(&mut builder).map_err(|e| anyhow::anyhow!("cannot append to {name}: {e:#}"))?;
-        partition.make_durable(end).await.map_err(|e| anyhow::anyhow!("cannot make {name} durable: {e}"))?;
-        Ok(end)
+        Ok((partition, end))
     }
 
     /// Step 4: waits until every pipeline's replay worker checkpointed past its target.
