@@ -152,6 +152,8 @@ pub struct Replayer {
     /// that selection has nothing left to take.
     /// Kept with the `created_ms` of the `_dlq` they are of: a purge makes it anew.
     cursors: Mutex<HashMap<String, Cursor>>,
+    /// Marks there were after the last pruning ([`Replayer::prune_marks`]).
+    marks_pruned_at: Mutex<usize>,
     /// Per replay topic partition: the offset up to which its records are known marked.
     /// Keyed by topic, its `created_ms` (a topic deleted and made again starts over) and
     /// partition.
@@ -289,6 +291,7 @@ impl Replayer {
             health,
             running: tokio::sync::Mutex::new(()),
             cursors: Mutex::new(HashMap::new()),
+            marks_pruned_at: Mutex::new(0),
             reconciled: Mutex::new(HashMap::new()),
         }
     }
@@ -419,6 +422,7 @@ impl Replayer {
         let mut report = ReplayReport::default();
         let mut planned = Vec::new();
         let Some(dlq) = self.log.topic(DLQ_TOPIC) else { return Ok((report, planned, Vec::new(), Cursor::default())) };
+        self.prune_marks(&dlq)?;
         let from: HashMap<u32, u64> = match &selection.cursor {
             Some(name) => self
                 .cursors
@@ -537,6 +541,27 @@ impl Replayer {
             report.reinjected = 0;
         }
         Ok((report, planned, ends, Cursor { created_ms: dlq.created_ms(), offsets: settled }))
+    }
+
+    /// Drops the marks of entries `_dlq` no longer holds (deleted by retention, or past
+    /// its end after a purge), once the marks doubled since the last time: marks would
+    /// otherwise grow for the life of the data directory.
+    fn prune_marks(&self, dlq: &flowgate_log::Topic) -> anyhow::Result<()> {
+        let mut pruned_at = self.marks_pruned_at.lock();
+        let len = self.with_marks(|m| Ok(m.count()))?;
+        if len < pruned_at.saturating_mul(2).max(1024) {
+            return Ok(());
+        }
+        let live: HashMap<u32, (u64, u64)> =
+            dlq.partitions().iter().map(|p| (p.id(), (p.start_offset(), p.end_offset()))).collect();
+        let dropped = self.with_marks(|m| {
+            m.retain(|r| live.get(&r.partition).is_some_and(|&(start, end)| (start..end).contains(&r.offset)))
+        })?;
+        if dropped > 0 {
+            tracing::info!(dropped, "replayed marks of entries no longer in the dead-letter topic were dropped");
+        }
+        *pruned_at = len - dropped;
+        Ok(())
     }
 
     /// Marks the entries every replay topic holds: appended by a replay that did not get

@@ -120,12 +120,57 @@ impl Marks {
     }
 }
 
+impl Marks {
+    /// How many marks there are.
+    pub fn count(&self) -> usize {
+        self.marked.len()
+    }
+
+    /// Keeps only the marks `keep` says may still name an entry, rewriting the file (a
+    /// new file, synced, then renamed over the old one: a crash leaves one or the
+    /// other). Returns how many were dropped.
+    pub fn retain(&mut self, keep: impl Fn(&EntryRef) -> bool) -> std::io::Result<usize> {
+        let kept: HashSet<EntryRef> = self.marked.iter().filter(|r| keep(r)).copied().collect();
+        let dropped = self.marked.len() - kept.len();
+        if dropped == 0 {
+            return Ok(0);
+        }
+        let tmp = self.path.with_extension("compacting");
+        let mut bytes = Vec::with_capacity(kept.len().saturating_mul(RECORD));
+        for r in &kept {
+            bytes.extend_from_slice(&encode(r));
+        }
+        let mut file = File::create(&tmp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        self.file = OpenOptions::new().read(true).append(true).open(&self.path)?;
+        self.marked = kept;
+        Ok(dropped)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn r(offset: u64) -> EntryRef {
         EntryRef { partition: 1, offset, fingerprint: offset.wrapping_mul(31) }
+    }
+
+    #[test]
+    fn stale_marks_are_dropped_for_good_and_the_rest_stand() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Marks::open(dir.path()).unwrap();
+        m.add(&(0..10).map(r).collect::<Vec<_>>()).unwrap();
+        assert_eq!(m.retain(|e| e.offset >= 4).unwrap(), 4);
+        m.add(&[r(20)]).unwrap();
+        let again = Marks::open(dir.path()).unwrap();
+        assert_eq!(again.count(), 7);
+        assert!(again.contains(&r(4)) && again.contains(&r(20)) && !again.contains(&r(3)));
     }
 
     #[test]
