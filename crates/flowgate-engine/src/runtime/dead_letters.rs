@@ -323,8 +323,13 @@ pub struct EntryFilter {
 impl EntryFilter {
     /// Whether `entry` (a decoded dead-letter entry) passes.
     pub fn matches(&self, entry: &serde_json::Value) -> bool {
-        self.pipeline.as_deref().is_none_or(|p| entry["pipeline"] == p)
-            && self.category.as_deref().is_none_or(|c| entry["category"] == c)
+        self.matches_fields(entry["pipeline"].as_str(), entry["category"].as_str())
+    }
+
+    /// Whether an entry of this pipeline and category passes.
+    pub fn matches_fields(&self, pipeline: Option<&str>, category: Option<&str>) -> bool {
+        self.pipeline.as_deref().is_none_or(|p| pipeline == Some(p))
+            && self.category.as_deref().is_none_or(|c| category == Some(c))
     }
 }
 

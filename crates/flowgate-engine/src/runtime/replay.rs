@@ -257,15 +257,32 @@ enum Pick {
     Never,
 }
 
+/// The fields of a stored entry a replay reads: its event is skipped, not parsed into a
+/// tree (a replay reads every entry of `_dlq`; it takes the event's bytes only from the
+/// entries it re-injects).
+#[derive(Debug, Default, Deserialize)]
+struct EntryFields {
+    pipeline: Option<String>,
+    processor: Option<String>,
+    sink: Option<String>,
+    category: Option<String>,
+    last_failure_ms: Option<i64>,
+    replays: Option<u64>,
+    topic: Option<String>,
+    partition: Option<u64>,
+    offset: Option<u64>,
+    timestamp: Option<i64>,
+}
+
 impl Selection {
-    fn picks(&self, entry: &serde_json::Value) -> Pick {
-        let fits = self.filter.matches(entry)
-            && (!self.sinks_only || entry["sink"].is_string())
-            && self.max_replays.is_none_or(|max| entry["replays"].as_u64().unwrap_or(0) < max);
+    fn picks(&self, entry: &EntryFields) -> Pick {
+        let fits = self.filter.matches_fields(entry.pipeline.as_deref(), entry.category.as_deref())
+            && (!self.sinks_only || entry.sink.is_some())
+            && self.max_replays.is_none_or(|max| entry.replays.unwrap_or(0) < max);
         if !fits {
             return Pick::Never;
         }
-        match (self.failed_by_ms, entry["last_failure_ms"].as_i64()) {
+        match (self.failed_by_ms, entry.last_failure_ms) {
             (None, _) => Pick::Yes,
             (Some(t), Some(at)) if at <= t => Pick::Yes,
             (Some(_), Some(_)) => Pick::NotYet,
@@ -454,7 +471,7 @@ impl Replayer {
                         *settled_to = offset.saturating_add(1);
                     }
                 };
-                let Ok(entry) = serde_json::from_slice::<serde_json::Value>(record.payload) else {
+                let Ok(entry) = serde_json::from_slice::<EntryFields>(record.payload) else {
                     settle(open, &mut settled_to);
                     return true;
                 };
@@ -493,26 +510,26 @@ impl Replayer {
                 report.matched += 1;
                 // Taken now (marked once appended), or skipped for good below.
                 settle(open, &mut settled_to);
-                if entry["category"] == "unreadable" {
+                if entry.category.as_deref() == Some("unreadable") {
                     return skip(&mut report, "unreadable");
                 }
-                let pipeline = entry["pipeline"].as_str().unwrap_or_default();
+                let pipeline = entry.pipeline.as_deref().unwrap_or_default();
                 if !self.pipelines.iter().any(|p| p.name == pipeline) {
                     return skip(&mut report, "pipeline_not_configured");
                 }
                 let Some(event) = event_bytes(record.payload) else { return skip(&mut report, "no_event") };
-                let resume = match (entry["sink"].as_str(), entry["processor"].as_str()) {
-                    (Some(s), _) => Resume::Sink(s.to_owned()),
-                    (None, Some(p)) => Resume::Processor(p.to_owned()),
+                let resume = match (&entry.sink, &entry.processor) {
+                    (Some(s), _) => Resume::Sink(s.clone()),
+                    (None, Some(p)) => Resume::Processor(p.clone()),
                     (None, None) => Resume::Start,
                 };
-                let replays = entry["replays"].as_u64().unwrap_or(0).saturating_add(1);
+                let replays = entry.replays.unwrap_or(0).saturating_add(1);
                 let head = ReplayHead {
                     entry: r,
                     resume,
-                    topic: entry["topic"].as_str().unwrap_or_default().to_owned(),
-                    partition: entry["partition"].as_u64().and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
-                    offset: entry["offset"].as_u64().unwrap_or(u64::MAX),
+                    topic: entry.topic.clone().unwrap_or_default(),
+                    partition: entry.partition.and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
+                    offset: entry.offset.unwrap_or(u64::MAX),
                     replays: u32::try_from(replays).unwrap_or(u32::MAX),
                 };
                 report.reinjected += 1;
@@ -524,7 +541,7 @@ impl Replayer {
                     pipeline: pipeline.to_owned(),
                     head,
                     key: record.key.map(<[u8]>::to_vec),
-                    timestamp: entry["timestamp"].as_i64().unwrap_or_else(flowgate_core::time::now_ms),
+                    timestamp: entry.timestamp.unwrap_or_else(flowgate_core::time::now_ms),
                     event,
                 });
                 true
@@ -725,7 +742,11 @@ fn skip(report: &mut ReplayReport, why: &'static str) -> bool {
 mod tests {
     use super::*;
 
-    fn entry(sink: Option<&str>, category: &str, failed_ms: i64, replays: Option<u64>) -> serde_json::Value {
+    fn entry(sink: Option<&str>, category: &str, failed_ms: i64, replays: Option<u64>) -> EntryFields {
+        serde_json::from_value(entry_json(sink, category, failed_ms, replays)).unwrap()
+    }
+
+    fn entry_json(sink: Option<&str>, category: &str, failed_ms: i64, replays: Option<u64>) -> serde_json::Value {
         let mut e = serde_json::json!({"pipeline": "p", "sink": sink, "processor": if sink.is_some() { None } else { Some("f") },
             "category": category, "last_failure_ms": failed_ms});
         if let Some(n) = replays {
@@ -753,9 +774,9 @@ mod tests {
         assert_eq!(auto.picks(&entry(Some("api"), "rejected", 10, Some(2))), Never, "replayed as often as allowed");
         assert_eq!(auto.picks(&entry(Some("api"), "rejected", 11, None)), NotYet, "too recent");
         assert_eq!(auto.picks(&entry(None, "processing_error", 1, None)), Never, "not a sink's");
-        let mut timeless = entry(Some("api"), "rejected", 1, None);
+        let mut timeless = entry_json(Some("api"), "rejected", 1, None);
         timeless.as_object_mut().unwrap().remove("last_failure_ms");
-        assert_eq!(auto.picks(&timeless), Never, "never old enough");
+        assert_eq!(auto.picks(&serde_json::from_value(timeless).unwrap()), Never, "never old enough");
     }
 
     fn append(log: &Log, topic: &str, records: &[(Option<&[u8]>, Vec<u8>)]) {
