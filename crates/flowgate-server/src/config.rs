@@ -227,7 +227,10 @@ fn check_source_options(config: &Config, text: &str, origin: &str) -> Result<(),
             let span = spans.as_ref().and_then(|x| Some(x.sources.get(i)?.span()));
             // The message names the source as the first of a list of one: name it here.
             let message = format!("{e:#}").replacen("source 1 ", &format!("source {} ", i + 1), 1);
-            return Err(ConfigError::Parse { origin: origin.to_owned(), message: format!("{}{message}", line_of(text, span)) });
+            return Err(ConfigError::Parse {
+                origin: origin.to_owned(),
+                message: format!("{}{message}", line_of(text, span)),
+            });
         }
     }
     Ok(())

@@ -442,7 +442,9 @@ fn a_dropped_slot_is_an_error_naming_it_and_not_silently_created_again() {
     pg.psql("select pg_drop_replication_slot('flowgate')");
     let engine = start(&data, &config);
     poll_until("the stats name the dropped slot", Duration::from_secs(30), || {
-        source_stats(&engine)["last_error"].as_str().is_some_and(|e| e.contains("replication slot 'flowgate' does not exist"))
+        source_stats(&engine)["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("replication slot 'flowgate' does not exist"))
     });
     assert_eq!(pg.psql("select count(*) from pg_replication_slots"), "0", "not created again");
 }

@@ -71,8 +71,12 @@ pub trait SourceConnector {
 
     /// Builds the running source: a future that runs until `shutdown` is cancelled,
     /// reconnecting on its own and reporting through `cx.status`.
-    fn build(name: &str, config: Self::Config, cx: SourceContext, shutdown: CancellationToken)
-        -> anyhow::Result<SourceFuture>;
+    fn build(
+        name: &str,
+        config: Self::Config,
+        cx: SourceContext,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<SourceFuture>;
 }
 
 /// A source type with its types erased, as listed in [`SOURCES`].
@@ -116,7 +120,9 @@ fn build_as<C: SourceConnector>(
     C::build(&config.name, options, cx, shutdown)
 }
 
-fn complete_as<C: SourceConnector>(config: &SourceConfig) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+fn complete_as<C: SourceConnector>(
+    config: &SourceConfig,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
     match serde_json::to_value(parse::<C>(config)?)? {
         serde_json::Value::Object(map) => Ok(map),
         other => anyhow::bail!("the options of a {} source serialize as {other}, not a table", C::TYPE),
@@ -169,7 +175,12 @@ pub struct Sources {
 
 impl Sources {
     /// Starts every source (on the current tokio runtime).
-    pub fn start(configs: &[SourceConfig], log: &Log, appender: &Appender, data_dir: &std::path::Path) -> anyhow::Result<Sources> {
+    pub fn start(
+        configs: &[SourceConfig],
+        log: &Log,
+        appender: &Appender,
+        data_dir: &std::path::Path,
+    ) -> anyhow::Result<Sources> {
         validate_configs(configs)?;
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();

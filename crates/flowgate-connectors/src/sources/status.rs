@@ -150,13 +150,18 @@ impl SourceStatus {
         out.push_str("# HELP flowgate_source_lag_bytes Upstream log bytes not yet confirmed durable here.\n");
         out.push_str("# TYPE flowgate_source_lag_bytes gauge\n");
         for s in statuses {
-            let _ = writeln!(out, "flowgate_source_lag_bytes{{source=\"{}\"}} {}", esc(&s.name), s.inner.lock().lag_bytes);
+            let _ =
+                writeln!(out, "flowgate_source_lag_bytes{{source=\"{}\"}} {}", esc(&s.name), s.inner.lock().lag_bytes);
         }
         out.push_str("# HELP flowgate_source_reconnects Times a source lost or could not set up its connection.\n");
         out.push_str("# TYPE flowgate_source_reconnects counter\n");
         for s in statuses {
-            let _ =
-                writeln!(out, "flowgate_source_reconnects_total{{source=\"{}\"}} {}", esc(&s.name), s.inner.lock().reconnects);
+            let _ = writeln!(
+                out,
+                "flowgate_source_reconnects_total{{source=\"{}\"}} {}",
+                esc(&s.name),
+                s.inner.lock().reconnects
+            );
         }
         out.push_str("# HELP flowgate_source_connected 1 while a source is connected upstream.\n");
         out.push_str("# TYPE flowgate_source_connected gauge\n");

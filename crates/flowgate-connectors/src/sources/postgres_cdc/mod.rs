@@ -241,9 +241,8 @@ impl SourceConnector for PostgresCdcSource {
     ) -> anyhow::Result<SourceFuture> {
         let mut target = parse_url(&config.url)?;
         if let Some(var) = &config.password_env {
-            target.password = Some(
-                std::env::var(var).map_err(|_| anyhow::anyhow!("`password_env`: the variable {var} is not set"))?,
-            );
+            target.password =
+                Some(std::env::var(var).map_err(|_| anyhow::anyhow!("`password_env`: the variable {var} is not set"))?);
         }
         if let Some(file) = &config.password_file {
             let path = cx.data_dir.join(file);
@@ -463,9 +462,11 @@ impl Runner {
     async fn set_up(&self, client: &mut ReplicationClient) -> anyhow::Result<u64> {
         let mut marker = Marker::read(&self.marker);
         let (publication, slot) = (&self.config.publication, &self.config.slot);
-        let rows =
-            Self::query(client, &format!("SELECT 1 FROM pg_publication WHERE pubname = {}", quote_literal(publication)))
-                .await?;
+        let rows = Self::query(
+            client,
+            &format!("SELECT 1 FROM pg_publication WHERE pubname = {}", quote_literal(publication)),
+        )
+        .await?;
         if rows.is_empty() {
             anyhow::ensure!(
                 marker.publication.as_deref() != Some(publication.as_str()),
@@ -520,10 +521,12 @@ impl Runner {
                      changes since are lost to it. Delete {} to let the source create a new slot (from now on)",
                     self.marker.display()
                 );
-                let rows =
-                    Self::query(client, &format!("CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput NOEXPORT_SNAPSHOT"))
-                        .await
-                        .map_err(|e| e.context(format!("creating replication slot '{slot}'")))?;
+                let rows = Self::query(
+                    client,
+                    &format!("CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput NOEXPORT_SNAPSHOT"),
+                )
+                .await
+                .map_err(|e| e.context(format!("creating replication slot '{slot}'")))?;
                 let lsn = rows.first().and_then(|r| text_of(r, 1)).and_then(|l| Lsn::parse(&l).ok());
                 tracing::info!(source = %self.name, slot = %slot, lsn = ?lsn.map(|l| l.to_pg_string()),
                     "created the replication slot");
@@ -656,7 +659,12 @@ impl Runner {
         result
     }
 
-    async fn handle(&self, s: &mut Session, event: ReplicationEvent, acks: &mpsc::Sender<PendingAck>) -> anyhow::Result<()> {
+    async fn handle(
+        &self,
+        s: &mut Session,
+        event: ReplicationEvent,
+        acks: &mpsc::Sender<PendingAck>,
+    ) -> anyhow::Result<()> {
         match event {
             ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
                 self.begin(s, final_lsn.as_u64(), xid, commit_time_micros)?;
@@ -704,7 +712,8 @@ impl Runner {
     fn begin(&self, s: &mut Session, final_lsn: u64, xid: u32, commit_micros: i64) -> anyhow::Result<()> {
         anyhow::ensure!(s.txn.is_none(), "a transaction began inside another (xid {xid})");
         sequence(final_lsn, 0)?;
-        s.txn = Some(Txn { final_lsn, xid, commit_ts_ms: pg_micros_to_unix_ms(commit_micros), written: HashMap::new() });
+        s.txn =
+            Some(Txn { final_lsn, xid, commit_ts_ms: pg_micros_to_unix_ms(commit_micros), written: HashMap::new() });
         Ok(())
     }
 
@@ -720,7 +729,9 @@ impl Runner {
             b.input_bytes = 0;
         }
         let waits = txn.written.into_values().collect();
-        acks.send(PendingAck { lsn: end_lsn, waits }).await.map_err(|_| anyhow::anyhow!("the acknowledgement task ended"))?;
+        acks.send(PendingAck { lsn: end_lsn, waits })
+            .await
+            .map_err(|_| anyhow::anyhow!("the acknowledgement task ended"))?;
         s.queued = s.queued.max(end_lsn);
         Ok(())
     }
@@ -759,7 +770,8 @@ impl Runner {
         new: Option<&Vec<Datum<'_>>>,
         input_bytes: usize,
     ) -> anyhow::Result<()> {
-        let relation = s.relations.get(&oid).ok_or_else(|| anyhow::anyhow!("a change to relation {oid}, not described"))?;
+        let relation =
+            s.relations.get(&oid).ok_or_else(|| anyhow::anyhow!("a change to relation {oid}, not described"))?;
         if !self.tables.iter().any(|t| t.matches(&relation.namespace, &relation.name)) {
             return Ok(());
         }
@@ -819,7 +831,8 @@ impl Runner {
     /// A truncate goes to every partition of the table's topic, so it is ordered before
     /// the later changes of every key.
     fn truncate(&self, s: &mut Session, oid: u32) -> anyhow::Result<()> {
-        let relation = s.relations.get(&oid).ok_or_else(|| anyhow::anyhow!("a truncate of relation {oid}, not described"))?;
+        let relation =
+            s.relations.get(&oid).ok_or_else(|| anyhow::anyhow!("a truncate of relation {oid}, not described"))?;
         if !self.tables.iter().any(|t| t.matches(&relation.namespace, &relation.name)) {
             return Ok(());
         }

@@ -313,7 +313,9 @@ pub fn decode(bytes: &[u8]) -> Result<Message<'_>, Error> {
             }
             Message::Relation(Relation { oid, namespace, name, replica_identity, columns })
         }
-        b'Y' => Message::Type { oid: r.u32("type OID")?, namespace: r.string("namespace")?, name: r.string("type name")? },
+        b'Y' => {
+            Message::Type { oid: r.u32("type OID")?, namespace: r.string("namespace")?, name: r.string("type name")? }
+        }
         b'I' => {
             let relation = r.u32("relation OID")?;
             match r.u8("tuple marker")? {

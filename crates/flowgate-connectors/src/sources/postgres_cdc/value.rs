@@ -94,7 +94,7 @@ fn iso_timestamp(text: &str, zoned: bool) -> String {
 
 fn unhex(hex: &str) -> Option<Vec<u8>> {
     let hex = hex.as_bytes();
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
