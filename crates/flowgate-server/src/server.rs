@@ -120,6 +120,7 @@ impl Engine {
                 &log,
                 shared.ingest.appender(),
                 &config.server.data_dir,
+                &shared.memory,
             )?;
             tracing::info!(sources = config.sources.len(), "sources started");
             let _ = shared.sources.set(sources.statuses().to_vec());

@@ -448,3 +448,21 @@ fn a_dropped_slot_is_an_error_naming_it_and_not_silently_created_again() {
     });
     assert_eq!(pg.psql("select count(*) from pg_replication_slots"), "0", "not created again");
 }
+
+#[test]
+fn validate_checks_sources_and_names_the_bad_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[[sources]]\nname = \"pg\"\ntype = \"postgres_cdc\"\nurl = \"postgres://u@h/db\"\ntables = [\"t\"]\n\
+         topic = \"t\"\npublicaton = \"p\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = common::cli(&["validate", "--config", path.to_str().unwrap()], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("line 1") && err.contains("unknown field `publicaton`"), "{err}");
+    std::fs::write(&path, "[[sources]]\nname = \"pg\"\ntype = \"postgres_cdc\"\nurl = \"postgres://u@h/db\"\ntables = [\"t\"]\ntopic = \"t\"\n").unwrap();
+    let (code, out, err) = common::cli(&["validate", "--config", path.to_str().unwrap()], None);
+    assert_eq!(code, 0, "{out}{err}");
+}

@@ -53,6 +53,9 @@ pub struct SourceContext {
     pub data_dir: PathBuf,
     /// Where the source reports its state, position and counters.
     pub status: Arc<SourceStatus>,
+    /// The engine's memory budget: a source stops reading upstream while it is under
+    /// pressure, as the listeners stop reading their sockets.
+    pub memory: flowgate_memory::MemoryGovernor,
 }
 
 /// A source type. Implemented by each source and listed once in [`SOURCES`].
@@ -180,6 +183,7 @@ impl Sources {
         log: &Log,
         appender: &Appender,
         data_dir: &std::path::Path,
+        memory: &flowgate_memory::MemoryGovernor,
     ) -> anyhow::Result<Sources> {
         validate_configs(configs)?;
         let shutdown = CancellationToken::new();
@@ -192,6 +196,7 @@ impl Sources {
                 appender: appender.clone(),
                 data_dir: data_dir.to_path_buf(),
                 status: status.clone(),
+                memory: memory.clone(),
             };
             let run = (registration(&c.kind)?.build)(c, cx, shutdown.child_token())
                 .map_err(|e| anyhow::anyhow!("source '{}': {e:#}", c.name))?;

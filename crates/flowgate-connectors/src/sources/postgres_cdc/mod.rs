@@ -257,6 +257,7 @@ impl SourceConnector for PostgresCdcSource {
             log: cx.log,
             appender: cx.appender.with_rule(SequenceRule::Monotonic),
             status: cx.status,
+            memory: cx.memory,
             target,
             tables,
             config,
@@ -300,6 +301,7 @@ struct Runner {
     log: Log,
     appender: Appender,
     status: Arc<SourceStatus>,
+    memory: flowgate_memory::MemoryGovernor,
     target: Target,
     tables: Vec<TableSpec>,
     config: PostgresCdcConfig,
@@ -614,6 +616,22 @@ impl Runner {
             acked: confirmed,
         };
         let result = loop {
+            // Under memory pressure nothing more is read: the client's buffer fills, it
+            // stops reading the socket, and the server waits (acknowledgements go on).
+            if self.memory.level() != flowgate_memory::Level::Normal {
+                tokio::select! {
+                    _ = self.memory.wait_until(Duration::from_millis(100), |l| l == flowgate_memory::Level::Normal) => {}
+                    changed = durable_rx.changed() => {
+                        if changed.is_ok() {
+                            let lsn = *durable_rx.borrow_and_update();
+                            client.update_applied_lsn(Lsn(lsn));
+                            s.acked = lsn;
+                        }
+                    }
+                    _ = shutdown.cancelled() => break Ok(()),
+                }
+                continue;
+            }
             tokio::select! {
                 event = client.recv() => match event {
                     Ok(Some(event)) => {
@@ -727,6 +745,8 @@ impl Runner {
         for b in s.buffers.values_mut() {
             b.chunk = 0;
             b.input_bytes = 0;
+            // A large transaction does not pin its chunk's size for the session's life.
+            b.builder.shrink_to(1 << 20);
         }
         let waits = txn.written.into_values().collect();
         acks.send(PendingAck { lsn: end_lsn, waits })
@@ -902,8 +922,10 @@ impl Runner {
             &mut s.scratch,
         ) {
             Ok(w) => w.parts().iter().map(|p| (p.partition.clone(), p.outcome.end_offset())).next(),
-            // Stored before a restart: the producer rule refuses it again.
-            Err(LogError::DuplicateSequence { .. }) => None,
+            // Stored before a restart: the producer rule refuses it again. What it
+            // stored is waited for all the same (the whole partition so far: where the
+            // chunk landed is no longer remembered).
+            Err(LogError::DuplicateSequence { .. }) => topic.partition(id.1).ok().map(|p| (p.clone(), p.end_offset())),
             Err(e) => {
                 return Err(anyhow::anyhow!("appending to partition {} of topic '{}': {e}", id.1, id.0));
             }
