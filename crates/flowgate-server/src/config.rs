@@ -30,6 +30,9 @@ pub struct Config {
     /// Pipelines: topics through processors to sinks.
     #[serde(default)]
     pub pipelines: Vec<flowgate_engine::PipelineConfig>,
+    /// Sources: external systems read into topics (docs/connectors.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<flowgate_connectors::sources::SourceConfig>,
 }
 
 /// `[server]`.
@@ -209,6 +212,30 @@ struct PipelineSpans {
     sinks: Vec<toml::Spanned<toml::Table>>,
 }
 
+/// Where each source's table is in the text.
+#[derive(Deserialize)]
+struct SourceSpans {
+    #[serde(default)]
+    sources: Vec<toml::Spanned<toml::Table>>,
+}
+
+/// Checks each source's options as its type does, naming the source's line.
+fn check_source_options(config: &Config, text: &str, origin: &str) -> Result<(), ConfigError> {
+    for (i, s) in config.sources.iter().enumerate() {
+        if let Err(e) = flowgate_connectors::sources::validate_configs(std::slice::from_ref(s)) {
+            let spans = toml::from_str::<SourceSpans>(text).ok();
+            let span = spans.as_ref().and_then(|x| Some(x.sources.get(i)?.span()));
+            // The message names the source as the first of a list of one: name it here.
+            let message = format!("{e:#}").replacen("source 1 ", &format!("source {} ", i + 1), 1);
+            return Err(ConfigError::Parse {
+                origin: origin.to_owned(),
+                message: format!("{}{message}", line_of(text, span)),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Checks each sink's options as its type does, so that a misspelt option is reported
 /// with its sink's line: the engine parses options only as a table (it knows no sink
 /// type), and its own check names the sink but cannot name a line.
@@ -310,6 +337,7 @@ impl Config {
         };
         if overridden.is_empty() {
             check_sink_options(&config, text, origin)?;
+            check_source_options(&config, text, origin)?;
         }
         config.validate(origin)?;
         Ok(config)
@@ -377,15 +405,25 @@ impl Config {
         if flowgate_log::validate_topic_name(&self.ingest.ndjson_topic).is_err() {
             return Err(bad("ingest.ndjson_topic", "is not a valid topic name"));
         }
+        flowgate_connectors::sources::validate_configs(&self.sources).map_err(|e| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            key: "sources".into(),
+            message: format!("{e:#}"),
+        })?;
         self.validate_pipelines(origin)
     }
 
-    /// The same config with each sink's options completed by its type's defaults (what
+    /// The same config with each sink's and source's options completed by its type's defaults (what
     /// the sinks run with); a sink whose options do not parse is left as written.
     pub fn with_sink_defaults(mut self) -> Config {
         for sink in self.pipelines.iter_mut().flat_map(|p| p.sinks.iter_mut()) {
             if let Ok(full) = flowgate_connectors::Connectors::complete_config(sink) {
                 *sink = full;
+            }
+        }
+        for source in &mut self.sources {
+            if let Ok(full) = flowgate_connectors::sources::complete_config(source) {
+                *source = full;
             }
         }
         self
@@ -429,6 +467,22 @@ mod tests {
         assert_eq!(c.ingest.ndjson_addr.to_string(), "127.0.0.1:7072");
         assert_eq!(c.server.data_dir, PathBuf::from("./flowgate-data"));
         assert_eq!(c.log.fsync, flowgate_log::FsyncPolicy::Interval);
+    }
+
+    #[test]
+    fn sources_are_checked_by_their_type_with_their_line() {
+        let ok = "[[sources]]\nname = \"pg\"\ntype = \"postgres_cdc\"\nurl = \"postgres://u@h/db\"\n\
+                  tables = [\"public.orders\"]\ntopic_prefix = \"cdc\"\n";
+        let c = Config::parse(ok, "f.toml").unwrap();
+        assert_eq!(c.sources[0].kind, "postgres_cdc");
+        let full = c.with_sink_defaults();
+        assert_eq!(full.sources[0].options["slot"], "flowgate");
+        let err = Config::parse(&format!("[log]\nfsync = \"always\"\n\n{ok}slots = \"x\"\n"), "f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 4") && err.contains("unknown field `slots`") && err.contains("'pg'"), "{err}");
+        let err = Config::parse("[[sources]]\nname = \"x\"\ntype = \"mysql\"\n", "f.toml").unwrap_err().to_string();
+        assert!(err.contains("unknown source type 'mysql'"), "{err}");
     }
 
     #[test]

@@ -37,6 +37,12 @@ impl Ingest {
         &self.metrics
     }
 
+    /// The appender the listeners use (their codec and append metrics), for the engine's
+    /// sources to write through the same path.
+    pub fn appender(&self) -> &Appender {
+        &self.appender
+    }
+
     /// The topic, created on first write if the config allows. The engine's own topics
     /// (the dead-letter topic `_dlq` and the replay topics `_replay.<pipeline>`) take no
     /// writes from producers: a forged entry there would be replayed into a sink.

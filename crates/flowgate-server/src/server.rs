@@ -31,6 +31,7 @@ pub struct Engine {
     flush: Duration,
     background: TaskTracker,
     pipelines: Option<flowgate_engine::Pipelines>,
+    sources: Option<flowgate_connectors::sources::Sources>,
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -71,6 +72,7 @@ impl Engine {
             memory: memory.clone(),
             memory_policy: config.server.memory_policy,
             replayer: Default::default(),
+            sources: Default::default(),
         });
         let mut engine = Engine {
             binary_addr: binary.local_addr()?,
@@ -81,6 +83,7 @@ impl Engine {
             shared: shared.clone(),
             background: TaskTracker::new(),
             pipelines: None,
+            sources: None,
         };
         engine.background.spawn(accept_loop(binary, shared.clone(), IngestPath::Binary));
         engine.background.spawn(accept_loop(ndjson, shared.clone(), IngestPath::Ndjson));
@@ -110,6 +113,18 @@ impl Engine {
             let _ = shared.pipelines.set(pipelines.health());
             let _ = shared.replayer.set(pipelines.replayer());
             engine.pipelines = Some(pipelines);
+        }
+        if !config.sources.is_empty() {
+            let sources = flowgate_connectors::sources::Sources::start(
+                &config.sources,
+                &log,
+                shared.ingest.appender(),
+                &config.server.data_dir,
+                &shared.memory,
+            )?;
+            tracing::info!(sources = config.sources.len(), "sources started");
+            let _ = shared.sources.set(sources.statuses().to_vec());
+            engine.sources = Some(sources);
         }
         shared.ready.store(true, Ordering::Release);
         tracing::info!(
@@ -153,6 +168,11 @@ impl Engine {
         self.background.close();
         self.shared.tasks.close();
         let pipelines = self.pipelines.take();
+        // Sources stop first: what they appended is in the log, what they did not
+        // confirm upstream is sent again at the next start.
+        if let Some(sources) = self.sources.take() {
+            sources.shutdown(self.grace).await;
+        }
         let drain = async {
             let drained = tokio::time::timeout_at(deadline, self.shared.tasks.wait()).await.is_ok();
             if !drained {

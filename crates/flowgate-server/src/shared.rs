@@ -40,6 +40,8 @@ pub struct Shared {
     pub memory: flowgate_memory::MemoryGovernor,
     /// What producers meet at the memory limit.
     pub memory_policy: crate::config::MemoryPolicy,
+    /// The status of each configured source, once they have started.
+    pub sources: std::sync::OnceLock<Vec<Arc<flowgate_connectors::sources::SourceStatus>>>,
     /// Replays dead letters into the pipelines, once they have started.
     pub replayer: std::sync::OnceLock<Arc<flowgate_engine::runtime::replay::Replayer>>,
 }

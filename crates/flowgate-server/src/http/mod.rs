@@ -297,13 +297,21 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
         "pipeline_sinks": sinks,
         "sink_controllers": controllers,
         "memory": shared.memory.stats(),
+        "sources": shared.sources.get().map(|s| s.iter().map(|s| s.to_json()).collect::<Vec<_>>()).unwrap_or_default(),
     }))
     .into_response()
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     shared.ingest.metrics().observe_memory(&shared.memory);
-    let text = shared.ingest.metrics().render(shared.ingest.log());
+    let mut text = shared.ingest.metrics().render(shared.ingest.log());
+    if let Some(sources) = shared.sources.get() {
+        // Before the OpenMetrics end marker, which must come last.
+        let end = text.rfind("# EOF").unwrap_or(text.len());
+        let mut extra = String::new();
+        flowgate_connectors::sources::SourceStatus::render_metrics(sources, &mut extra);
+        text.insert_str(end, &extra);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
