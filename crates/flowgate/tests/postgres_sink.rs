@@ -146,13 +146,16 @@ fn sigkills_while_writing_leave_each_event_in_the_table_once() {
     const N: u64 = 20_000;
     let lines: Vec<String> = (0..N).map(|n| format!(r#"{{"n":{n},"body":"event number {n}"}}"#)).collect();
     post(&engine, "in", &lines);
+    let mut at_kill = Vec::new();
     for threshold in [2_000, 6_000, 10_000, 14_000] {
         poll_until("rows to be written", Duration::from_secs(60), || {
             count(&pg, "SELECT count(*) FROM events") >= threshold
         });
         engine.kill9();
+        at_kill.push(count(&pg, "SELECT count(*) FROM events"));
         engine = engine.restart();
     }
+    assert!(at_kill[0] < N, "the first kill came while writing: {at_kill:?}");
     poll_until("every row", Duration::from_secs(120), || count(&pg, "SELECT count(*) FROM events") >= N);
     // Nothing more arrives afterwards either.
     poll_until("the positions to cover every event", Duration::from_secs(30), || {
@@ -164,7 +167,6 @@ fn sigkills_while_writing_leave_each_event_in_the_table_once() {
     );
     let (_, body) = engine.http("GET", "/v1/dlq?pipeline=p", b"");
     assert!(!body.contains("\"offset\""), "no dead letters: {body}");
-    assert!(engine.log().contains("were not written again") || count(&pg, "SELECT count(*) FROM events") == N);
 }
 
 #[test]
@@ -197,7 +199,7 @@ fn a_server_outage_in_the_middle_loses_and_duplicates_nothing_and_shows_in_the_m
     });
     let started = std::time::Instant::now();
     poll_until("the breaker to open", Duration::from_secs(30), || {
-        engine.metric("flowgate_sink_breaker_transitions_total{pipeline=\"p\",sink=\"pg\",state=\"open\"") >= 1.0
+        engine.metric("flowgate_sink_breaker_transitions_total{pipeline=\"p\",sink=\"pg\",to=\"open\"") >= 1.0
     });
     if let Some(rest) = Duration::from_secs(5).checked_sub(started.elapsed()) {
         // The rest of a 5 s outage (the breaker keeps probing meanwhile).
