@@ -12,10 +12,12 @@
 //!   columns to fields (a name, or a JSON pointer starting with `/`) and then only those
 //!   columns are written. A missing field writes NULL. `key_columns` (default: the
 //!   primary key) is the key of `upsert` and `cdc`.
-//! - **Batched.** A write is one transaction: per run of operations, at most one
-//!   `DELETE … USING unnest(…)` and one `INSERT … SELECT … FROM unnest(…)`, each with
-//!   one text array per column (prepared once per connection; the server casts the
-//!   text to the column types), then the position, then `COMMIT`. Within a batch of
+//! - **Batched.** A write is one transaction: in `insert` mode one `COPY … FROM STDIN`
+//!   (text format) of the batch's rows; in `upsert` and `cdc` modes, per run of
+//!   operations between truncates, at most one `DELETE … USING unnest(…)` and one
+//!   `INSERT … SELECT … FROM unnest(…) ON CONFLICT …`, each with one text array per
+//!   column (prepared once per connection; the server casts the text to the column
+//!   types); then the position, then `COMMIT`. Within a batch of
 //!   `upsert` or `cdc`, only the last operation per key is applied (earlier ones would
 //!   be overwritten anyway), and a truncate applies what came before it first.
 //! - **Exactly once.** The transaction that writes the rows also stores the position
@@ -239,6 +241,8 @@ struct Schema {
     /// Indices of the key columns in `columns`.
     keys: Vec<usize>,
     insert: Statement,
+    /// `COPY … FROM STDIN` of the written columns, for `insert` mode.
+    copy: Option<String>,
     delete: Option<Statement>,
     truncate: String,
     save: Statement,
@@ -513,7 +517,17 @@ impl PostgresSink {
                  updated_at = now()"
             ))
             .await?;
-        Ok(Schema { truncate: format!("TRUNCATE {qualified}"), table: qualified, columns, keys, insert, delete, save })
+        let copy = (c.mode == PostgresMode::Insert).then(|| format!("COPY {qualified} ({names}) FROM STDIN"));
+        Ok(Schema {
+            truncate: format!("TRUNCATE {qualified}"),
+            table: qualified,
+            columns,
+            keys,
+            insert,
+            copy,
+            delete,
+            save,
+        })
     }
 
     /// The operations of one event.
@@ -698,6 +712,11 @@ async fn execute(tx: &Transaction<'_>, schema: &Schema, ops: &[Op]) -> Result<()
             continue;
         }
         let end = ops[i..].iter().position(|o| matches!(o.kind, OpKind::Truncate)).map_or(ops.len(), |p| i + p);
+        if let Some(copy) = &schema.copy {
+            copy_rows(tx, copy, &ops[i..end]).await?;
+            i = end;
+            continue;
+        }
         let mut rows: Vec<Vec<Option<&str>>> = vec![Vec::new(); schema.columns.len()];
         let mut deletes: Vec<Vec<Option<&str>>> = vec![Vec::new(); schema.keys.len()];
         for op in &ops[i..end] {
@@ -728,6 +747,50 @@ async fn execute(tx: &Transaction<'_>, schema: &Schema, ops: &[Op]) -> Result<()
         i = end;
     }
     Ok(())
+}
+
+/// Writes rows with `COPY … FROM STDIN` (text format): as fast as the server loads
+/// rows. A bad row fails the whole COPY, like a statement.
+async fn copy_rows(tx: &Transaction<'_>, copy: &str, ops: &[Op]) -> Result<(), tokio_postgres::Error> {
+    use futures_util::SinkExt;
+    let mut buf = bytes::BytesMut::new();
+    for op in ops {
+        let OpKind::Row(values) = &op.kind else { continue };
+        for (c, v) in values.iter().enumerate() {
+            if c > 0 {
+                buf.extend_from_slice(b"\t");
+            }
+            match v {
+                None => buf.extend_from_slice(b"\\N"),
+                Some(s) => copy_escape(&mut buf, s),
+            }
+        }
+        buf.extend_from_slice(b"\n");
+    }
+    let sink = tx.copy_in::<str, bytes::Bytes>(copy).await?;
+    let mut sink = std::pin::pin!(sink);
+    sink.send(buf.freeze()).await?;
+    sink.as_mut().finish().await?;
+    Ok(())
+}
+
+/// `s` as a value of COPY's text format: backslash, tab, newline and carriage return
+/// escaped.
+fn copy_escape(buf: &mut bytes::BytesMut, s: &str) {
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escaped: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            _ => continue,
+        };
+        buf.extend_from_slice(&s.as_bytes()[start..i]);
+        buf.extend_from_slice(escaped);
+        start = i + 1;
+    }
+    buf.extend_from_slice(&s.as_bytes()[start..]);
 }
 
 /// Applies `ops` under savepoints, halving the runs that fail until the failing
@@ -922,6 +985,13 @@ mod tests {
         let bad: Result<PostgresConfig, _> =
             serde_json::from_value(serde_json::json!({ "url": "postgres://h/db", "table": "t", "mode": "merge" }));
         assert!(bad.unwrap_err().to_string().contains("merge"));
+    }
+
+    #[test]
+    fn copy_text_escapes_what_copy_reads_specially() {
+        let mut buf = bytes::BytesMut::new();
+        copy_escape(&mut buf, "a\\b\tc\nd\re\\N");
+        assert_eq!(&buf[..], b"a\\\\b\\tc\\nd\\re\\\\N");
     }
 
     #[test]
