@@ -350,3 +350,55 @@ fn bad_configs_are_refused_with_a_message_naming_what_is_wrong() {
         count(&pg, "SELECT count(*) FROM no_such_table") == 1
     });
 }
+
+#[test]
+fn tls_require_encrypts_the_connection_and_a_password_comes_from_its_variable() {
+    let pg = PgServer::start();
+    // A self-signed certificate, and TLS switched on with a reload.
+    let data = pg.psql("SHOW data_directory");
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost"])
+        .args(["-keyout", &format!("{data}/server.key"), "-out", &format!("{data}/server.crt")])
+        .output()
+        .expect("openssl (scripts/install-test-services installs it)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = format!("{data}/server.key");
+    let crt = format!("{data}/server.crt");
+    // The server runs as `postgres` when the tests run as root.
+    let _ = std::process::Command::new("chown").args(["postgres:postgres", &key, &crt]).status();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // `writer` must give its password (the cluster trusts everyone else).
+    let hba = format!("{data}/pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(&hba, format!("host all writer 127.0.0.1/32 scram-sha-256\n{rules}")).unwrap();
+    pg.psql("ALTER SYSTEM SET ssl = on");
+    pg.psql("SELECT pg_reload_conf()");
+    poll_until("TLS on", Duration::from_secs(10), || pg.psql("SHOW ssl") == "on");
+    pg.psql("CREATE ROLE writer LOGIN PASSWORD 'pw-from-env'");
+    pg.psql("CREATE TABLE secure (n int)");
+    pg.psql("GRANT ALL ON secure TO writer; GRANT CREATE ON SCHEMA public TO writer");
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("postgres://writer@127.0.0.1:{}/postgres", pg.port);
+    let cfg = config(
+        dir.path(),
+        1,
+        &[(
+            "p",
+            "in",
+            format!(
+                "url = \"{url}\"\ntable = \"secure\"\ntls = \"require\"\npassword_env = \"FLOWGATE_TEST_PG_PASSWORD\""
+            ),
+        )],
+    );
+    let engine = EngineProcess::start_with(dir.path(), Some(&cfg), &[("FLOWGATE_TEST_PG_PASSWORD", "pw-from-env")]);
+    post(&engine, "in", &(0..10).map(|n| format!(r#"{{"n":{n}}}"#)).collect::<Vec<_>>());
+    poll_until("the rows", Duration::from_secs(60), || count(&pg, "SELECT count(*) FROM secure") == 10);
+    assert_eq!(
+        pg.psql(
+            "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.usename = 'writer'"
+        ),
+        "t",
+        "the sink's connection is encrypted"
+    );
+    assert!(!engine.log().contains("pw-from-env"), "the password is not logged");
+}
