@@ -210,6 +210,7 @@ mod tests {
             "name = \"o\"\ntype = \"stdout\"",
             "name = \"b\"\ntype = \"blackhole\"",
             "name = \"t\"\ntype = \"topic\"\ntopic = \"t\"",
+            "name = \"p\"\ntype = \"postgres\"\nurl = \"postgres://u@h/db\"\ntable = \"t\"\nmode = \"cdc\"",
         ] {
             let full = Connectors::complete_config(&sink(text)).unwrap();
             let printed = toml::to_string(&full).unwrap();
