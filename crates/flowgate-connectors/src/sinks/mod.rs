@@ -8,6 +8,7 @@
 mod blackhole;
 mod file;
 mod http;
+mod postgres;
 mod registry;
 mod resume;
 mod stdout;
@@ -23,6 +24,7 @@ use flowgate_log::Log;
 pub use blackhole::{BlackholeConfig, BlackholeSink};
 pub use file::{FileConfig, FileSink};
 pub use http::{HttpAuth, HttpConfig, HttpCredentials, HttpEncoding, HttpSink, HttpSinkSettings, HttpTls};
+pub use postgres::{PostgresConfig, PostgresMode, PostgresSink, PostgresTls};
 pub use registry::{BuildContext, Registration, SinkConnector};
 pub use stdout::{StdoutConfig, StdoutSink};
 pub use tcp::{TcpConfig, TcpSink, TcpSinkSettings};
@@ -35,6 +37,7 @@ pub static SINKS: &[Registration] = &[
     Registration::of::<BlackholeSink>(),
     Registration::of::<FileSink>(),
     Registration::of::<HttpSink>(),
+    Registration::of::<PostgresSink>(),
     Registration::of::<StdoutSink>(),
     Registration::of::<TcpSink>(),
     Registration::of::<TopicSink>(),
@@ -207,6 +210,7 @@ mod tests {
             "name = \"o\"\ntype = \"stdout\"",
             "name = \"b\"\ntype = \"blackhole\"",
             "name = \"t\"\ntype = \"topic\"\ntopic = \"t\"",
+            "name = \"p\"\ntype = \"postgres\"\nurl = \"postgres://u@h/db\"\ntable = \"t\"\nmode = \"cdc\"",
         ] {
             let full = Connectors::complete_config(&sink(text)).unwrap();
             let printed = toml::to_string(&full).unwrap();
