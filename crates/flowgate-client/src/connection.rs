@@ -147,6 +147,7 @@ impl Client {
         // Writer: register waiters in order, then write every queued frame at once.
         let writer_pending = pending.clone();
         let writer_closed = closed.clone();
+        let writer_addr = addr.to_owned();
         tokio::spawn(async move {
             let mut buf = Vec::with_capacity(64 * 1024);
             while let Some(first) = rx.recv().await {
@@ -154,12 +155,22 @@ impl Client {
                 {
                     let mut pending = writer_pending.lock().await;
                     while let Some(out) = next.take() {
-                        buf.extend_from_slice(&out.frame);
-                        pending.push_back((out.correlation_id, out.waiter));
+                        // The reader marks the connection closed before it fails every
+                        // waiter it holds, under this lock: a request queued after that
+                        // would wait for a reply forever, so it fails now.
+                        if writer_closed.load(Ordering::Acquire) {
+                            let _ = out.waiter.send(Err(ClientError::Disconnected(writer_addr.clone())));
+                        } else {
+                            buf.extend_from_slice(&out.frame);
+                            pending.push_back((out.correlation_id, out.waiter));
+                        }
                         if buf.len() < 1 << 20 {
                             next = rx.try_recv().ok();
                         }
                     }
+                }
+                if buf.is_empty() {
+                    continue;
                 }
                 if write_half.write_all(&buf).await.is_err() {
                     writer_closed.store(true, Ordering::Release);

@@ -47,9 +47,13 @@ pub struct ProducerConfig {
     /// Resend rounds in a row without any batch of a partition being acknowledged before
     /// the producer gives up on that partition (and fails).
     pub retries: u32,
-    /// Wait before the first resend; doubles each round, back to this after progress.
+    /// Wait before the first resend; doubles each round up to [`MAX_RETRY_BACKOFF`] (or
+    /// this, if larger), back to this after progress.
     pub retry_backoff: Duration,
 }
+
+/// The longest wait between resend rounds that doubling reaches.
+pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 
 impl Default for ProducerConfig {
     fn default() -> Self {
@@ -370,7 +374,9 @@ async fn drive(shared: Arc<Shared>, partition: u32, mut rx: mpsc::UnboundedRecei
                 continue;
             }
             tokio::time::sleep(backoff).await;
-            backoff = backoff.saturating_mul(2);
+            // Capped: uncapped doubling made a run of failed rounds wait minutes, then
+            // years, before the producer could give up after `retries` rounds.
+            backoff = backoff.saturating_mul(2).min(MAX_RETRY_BACKOFF.max(shared.retry_backoff));
             resend = false;
             let client = shared.client.get().await;
             for entry in queue.iter_mut().filter(|e| matches!(e.state, State::Unsent)) {
