@@ -312,6 +312,13 @@ async fn send_one(shared: &Shared, client: &Result<Client, ClientError>, partiti
     }
 }
 
+/// The wait after `current` for a round that made no progress: doubled, up to
+/// [`MAX_RETRY_BACKOFF`] (or `initial`, if larger). Uncapped doubling made a run of failed
+/// rounds wait minutes, then years, before the producer could give up after `retries`.
+fn next_backoff(current: Duration, initial: Duration) -> Duration {
+    current.saturating_mul(2).min(MAX_RETRY_BACKOFF.max(initial))
+}
+
 /// What an answer means for the batch.
 enum Outcome {
     Stored,
@@ -374,9 +381,7 @@ async fn drive(shared: Arc<Shared>, partition: u32, mut rx: mpsc::UnboundedRecei
                 continue;
             }
             tokio::time::sleep(backoff).await;
-            // Capped: uncapped doubling made a run of failed rounds wait minutes, then
-            // years, before the producer could give up after `retries` rounds.
-            backoff = backoff.saturating_mul(2).min(MAX_RETRY_BACKOFF.max(shared.retry_backoff));
+            backoff = next_backoff(backoff, shared.retry_backoff);
             resend = false;
             let client = shared.client.get().await;
             for entry in queue.iter_mut().filter(|e| matches!(e.state, State::Unsent)) {
@@ -448,5 +453,29 @@ fn fail(shared: &Shared, queue: &mut VecDeque<Entry>, flushes: &mut Vec<oneshot:
     }
     for f in flushes.drain(..) {
         let _ = f.send(());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resend_waits_double_up_to_the_cap_however_many_rounds_fail() {
+        let initial = Duration::from_millis(2);
+        let mut wait = initial;
+        let mut total = Duration::ZERO;
+        for _ in 0..200 {
+            total += wait;
+            wait = next_backoff(wait, initial);
+        }
+        assert_eq!(wait, MAX_RETRY_BACKOFF);
+        // 200 failed rounds (the durability test's `retries`) wait a few minutes at most,
+        // not the 2^200 ms doubling would reach.
+        assert!(total <= Duration::from_secs(200), "{total:?}");
+        // A configured first wait longer than the cap is kept.
+        let long = Duration::from_secs(5);
+        assert_eq!(next_backoff(long, long), long);
+        assert_eq!(next_backoff(Duration::MAX, initial), MAX_RETRY_BACKOFF);
     }
 }

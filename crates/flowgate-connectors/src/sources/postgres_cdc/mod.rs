@@ -38,7 +38,7 @@ use flowgate_log::{Log, LogError, Partition, SequenceRule, Topic};
 use pgoutput::{Datum, Message, Old, Relation};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -315,6 +315,58 @@ struct PartBuffer {
     chunk: u32,
     /// Decoded bytes the buffered changes came from.
     input_bytes: usize,
+}
+
+/// A change as stored: a Debezium-style envelope, written straight from its parts (no
+/// tree is built per change). Fields in name order, as a JSON object map prints them.
+#[derive(Serialize)]
+struct Envelope<'a> {
+    after: &'a Value,
+    before: &'a Value,
+    op: &'a str,
+    source: EnvelopeSource<'a>,
+    ts_ms: i64,
+}
+
+/// Where a change comes from.
+#[derive(Serialize)]
+struct EnvelopeSource<'a> {
+    commit_ts_ms: i64,
+    connector: &'static str,
+    lsn: u64,
+    name: &'a str,
+    schema: &'a str,
+    snapshot: bool,
+    table: &'a str,
+    txid: u32,
+}
+
+impl<'a> Envelope<'a> {
+    fn of(
+        source: &'a str,
+        txn: &Txn,
+        relation: &'a Relation,
+        op: &'a str,
+        before: &'a Value,
+        after: &'a Value,
+    ) -> Self {
+        Envelope {
+            after,
+            before,
+            op,
+            source: EnvelopeSource {
+                commit_ts_ms: txn.commit_ts_ms,
+                connector: "postgres_cdc",
+                lsn: txn.final_lsn,
+                name: source,
+                schema: &relation.namespace,
+                snapshot: false,
+                table: &relation.name,
+                txid: txn.xid,
+            },
+            ts_ms: flowgate_core::time::now_ms(),
+        }
+    }
 }
 
 /// The open transaction.
@@ -818,22 +870,7 @@ impl Runner {
             }
             Some(serde_json::to_vec(&Value::Object(k))?)
         };
-        let envelope = json!({
-            "before": before,
-            "after": after,
-            "op": op,
-            "ts_ms": flowgate_core::time::now_ms(),
-            "source": {
-                "connector": "postgres_cdc",
-                "name": self.name,
-                "lsn": txn.final_lsn,
-                "txid": txn.xid,
-                "schema": relation.namespace,
-                "table": relation.name,
-                "snapshot": false,
-                "commit_ts_ms": txn.commit_ts_ms,
-            },
-        });
+        let envelope = serde_json::to_vec(&Envelope::of(&self.name, txn, relation, op, &before, &after))?;
         let table = format!("{}.{}", relation.namespace, relation.name);
         let (schema, name) = (relation.namespace.clone(), relation.name.clone());
         let topic = self.topic_for(s, &schema, &name)?;
@@ -843,7 +880,7 @@ impl Runner {
             // Without a key, a table's changes go to one partition, in commit order.
             None => partition_for_key(table.as_bytes(), n),
         };
-        self.push(s, &topic, partition, key.as_deref(), &serde_json::to_vec(&envelope)?, input_bytes)?;
+        self.push(s, &topic, partition, key.as_deref(), &envelope, input_bytes)?;
         self.status.count_changes(&table, op, 1);
         Ok(())
     }
@@ -857,23 +894,7 @@ impl Runner {
             return Ok(());
         }
         let txn = s.txn.as_ref().ok_or_else(|| anyhow::anyhow!("a truncate outside a transaction"))?;
-        let envelope = json!({
-            "before": null,
-            "after": null,
-            "op": "t",
-            "ts_ms": flowgate_core::time::now_ms(),
-            "source": {
-                "connector": "postgres_cdc",
-                "name": self.name,
-                "lsn": txn.final_lsn,
-                "txid": txn.xid,
-                "schema": relation.namespace,
-                "table": relation.name,
-                "snapshot": false,
-                "commit_ts_ms": txn.commit_ts_ms,
-            },
-        });
-        let payload = serde_json::to_vec(&envelope)?;
+        let payload = serde_json::to_vec(&Envelope::of(&self.name, txn, relation, "t", &Value::Null, &Value::Null))?;
         let table = format!("{}.{}", relation.namespace, relation.name);
         let (schema, name) = (relation.namespace.clone(), relation.name.clone());
         let topic = self.topic_for(s, &schema, &name)?;
