@@ -411,8 +411,10 @@ pub fn sequence(commit_lsn: u64, chunk: u32) -> anyhow::Result<u64> {
     Ok(commit_lsn << 16 | u64::from(chunk))
 }
 
-/// FNV-1a over length-prefixed fields: stable across builds and restarts.
-fn producer_id(source: &str, topic: &Topic, partition: u32) -> u64 {
+/// The producer of one (database, slot) stream into one topic partition: FNV-1a over
+/// length-prefixed fields, stable across builds, restarts and renames of the source
+/// (the stream, not the config's name, decides what a replay repeats).
+fn producer_id(database: &str, slot: &str, topic: &Topic, partition: u32) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut field = |bytes: &[u8]| {
         for b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
@@ -421,7 +423,8 @@ fn producer_id(source: &str, topic: &Topic, partition: u32) -> u64 {
         }
     };
     field(b"postgres_cdc");
-    field(source.as_bytes());
+    field(database.as_bytes());
+    field(slot.as_bytes());
     field(topic.name().as_bytes());
     field(&topic.created_ms().to_le_bytes());
     field(&partition.to_le_bytes());
@@ -932,7 +935,7 @@ impl Runner {
         let topic = s.topics.get(&id.0).ok_or_else(|| anyhow::anyhow!("topic '{}' not open", id.0))?.clone();
         let buffer = s.buffers.get_mut(id).expect("flushing a buffer that exists");
         let stamp = ProducerStamp {
-            producer_id: producer_id(&self.name, &topic, id.1),
+            producer_id: producer_id(&self.target.database, &self.config.slot, &topic, id.1),
             sequence: sequence(txn.final_lsn, buffer.chunk)?,
         };
         let written = match self.appender.append_built(
