@@ -91,6 +91,9 @@ impl Shared {
                 ));
             }
         }
+        if let Some(sources) = self.sources.get() {
+            reasons.extend(sources.iter().filter_map(|s| s.down_reason()));
+        }
         reasons
     }
 }

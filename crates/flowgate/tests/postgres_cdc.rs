@@ -470,3 +470,138 @@ fn validate_checks_sources_and_names_the_bad_key_and_line() {
     let (code, out, err) = common::cli(&["validate", "--config", path.to_str().unwrap()], None);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// Per row, its events in log order must be one snapshot read (`r`) of some version and
+/// then every later version once, in order, up to the row's last version in the table.
+fn check_snapshot_then_changes(events: &[(u32, Option<String>, Value)], table: &HashMap<i64, i64>) {
+    let mut versions: HashMap<i64, Vec<(&str, i64)>> = HashMap::new();
+    for (_, _, e) in events {
+        let id = e["after"]["id"].as_i64().unwrap();
+        let op = e["op"].as_str().unwrap();
+        assert_eq!(e["source"]["snapshot"], op == "r", "{e}");
+        versions.entry(id).or_default().push((op, e["after"]["n"].as_i64().unwrap()));
+    }
+    assert_eq!(versions.len(), table.len(), "every row is read");
+    for (id, last) in table {
+        let seen = &versions[id];
+        assert_eq!(seen[0].0, "r", "row {id} starts with its snapshot read: {seen:?}");
+        assert_eq!(seen.iter().filter(|(op, _)| *op == "r").count(), 1, "row {id} read once: {seen:?}");
+        for pair in seen.windows(2) {
+            assert_eq!(pair[1], ("u", pair[0].1 + 1), "row {id}: every change once, in order: {seen:?}");
+        }
+        assert_eq!(seen.last().unwrap().1, *last, "row {id} ends at its last version: {seen:?}");
+    }
+}
+
+#[test]
+fn a_snapshot_interrupted_by_sigkills_resumes_and_hands_over_to_streaming_exactly_once() {
+    let pg = PgServer::start();
+    const ROWS: i64 = 100_000;
+    pg.psql(&format!(
+        "create table items (id int primary key, n int not null, pad text); \
+         insert into items select g, 0, repeat('p', 40) from generate_series(1, {ROWS}) g"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &pg, &["items"], "topic = \"items\"");
+    let data = dir.path().join("data");
+    // Updates all through the snapshot, its restarts and the streaming after.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, port) = (stop.clone(), pg.port);
+        std::thread::spawn(move || {
+            let mut round = 0i64;
+            while !stop.load(Ordering::Acquire) {
+                let lo = (round * 7919) % ROWS;
+                let sql = format!("update items set n = n + 1 where id > {lo} and id <= {lo} + 50");
+                let _ = std::process::Command::new(common::postgres::bin_dir().join("psql"))
+                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
+                    .args(["-X", "-q", "-c", &sql])
+                    .output();
+                round += 1;
+            }
+        })
+    };
+    let mut engine = start(&data, &config);
+    let mut killed_while_reading = 0;
+    for threshold in [15_000u64, 45_000, 75_000] {
+        poll_until("the snapshot goes on", Duration::from_secs(120), || {
+            let s = source_stats(&engine);
+            s["snapshot"]["rows"].as_u64().unwrap_or(0) >= threshold || s["state"] == "connected"
+        });
+        if source_stats(&engine)["state"] == "snapshot" {
+            killed_while_reading += 1;
+        }
+        engine.kill9();
+        engine = engine.restart();
+    }
+    wait_connected(&engine);
+    assert_eq!(source_stats(&engine)["snapshot"]["state"], "done");
+    assert!(killed_while_reading >= 2, "the snapshot was interrupted {killed_while_reading} times");
+    // And once more while streaming.
+    std::thread::sleep(Duration::from_millis(500));
+    engine.kill9();
+    engine = engine.restart();
+    wait_connected(&engine);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Release);
+    writer.join().unwrap();
+    let table: HashMap<i64, i64> = pg
+        .psql("select string_agg(id || ':' || n, ',') from items")
+        .split(',')
+        .map(|p| {
+            let (id, n) = p.split_once(':').unwrap();
+            (id.parse().unwrap(), n.parse().unwrap())
+        })
+        .collect();
+    assert!(table.values().sum::<i64>() > 0);
+    // Every row's last version stored (or the time is up, and the check says what lacks).
+    let caught_up = |engine: &EngineProcess| {
+        let mut last: HashMap<i64, i64> = HashMap::new();
+        for (_, _, e) in read_topic(engine, "items") {
+            last.insert(e["after"]["id"].as_i64().unwrap(), e["after"]["n"].as_i64().unwrap());
+        }
+        last == table
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !caught_up(&engine) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    check_snapshot_then_changes(&read_topic(&engine, "items"), &table);
+}
+
+#[test]
+fn initial_only_reads_once_without_a_slot_and_when_needed_reads_again_after_a_lost_slot() {
+    let pg = PgServer::start();
+    pg.psql(
+        "create table tags (name text, seq int, note text, primary key (name, seq)); \
+         insert into tags select chr(65 + g % 26) || chr(97 + g % 7) || g, g % 3, 'x' from generate_series(1, 3000) g",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &pg, &["tags"], "topic = \"tags\"\nsnapshot = \"initial_only\"");
+    let mut engine = start(&dir.path().join("once"), &config);
+    poll_until("the snapshot finishes", Duration::from_secs(60), || source_stats(&engine)["state"] == "finished");
+    let events = read_topic(&engine, "tags");
+    assert_eq!(events.len(), 3000);
+    assert!(events.iter().all(|(_, k, e)| e["op"] == "r"
+        && k.as_deref() == Some(&*format!("{{\"name\":{},\"seq\":{}}}", e["after"]["name"], e["after"]["seq"]))));
+    assert_eq!(pg.psql("select count(*) from pg_replication_slots"), "0", "initial_only leaves no slot");
+    engine.terminate();
+
+    let config = write_config(dir.path(), &pg, &["tags"], "topic = \"tags\"\nsnapshot = \"when_needed\"");
+    let data = dir.path().join("needed");
+    let mut engine = start(&data, &config);
+    wait_connected(&engine);
+    pg.psql("insert into tags values ('new', 1, 'y')");
+    poll_until("the snapshot and the insert arrive", Duration::from_secs(60), || {
+        read_topic(&engine, "tags").len() == 3001
+    });
+    engine.terminate();
+    pg.psql("select pg_drop_replication_slot('flowgate')");
+    engine = start(&data, &config);
+    wait_connected(&engine);
+    poll_until("every row is read again from a new slot", Duration::from_secs(60), || {
+        read_topic(&engine, "tags").len() == 3001 + 3001
+    });
+    let reads = read_topic(&engine, "tags").iter().filter(|(_, _, e)| e["op"] == "r").count();
+    assert_eq!(reads, 3000 + 3001);
+}

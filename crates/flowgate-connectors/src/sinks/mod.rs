@@ -8,7 +8,7 @@
 mod blackhole;
 mod file;
 mod http;
-mod postgres;
+pub(crate) mod postgres;
 mod registry;
 mod resume;
 mod stdout;

@@ -11,10 +11,14 @@ use serde_json::json;
 pub enum SourceState {
     /// Connecting for the first time.
     Connecting,
+    /// Connected and reading the tables' existing rows (the initial snapshot).
+    Snapshot,
     /// Connected and reading.
     Connected,
     /// Lost its connection (or could not set up); waiting to try again.
     Reconnecting,
+    /// Did all it had to (a source that reads once, such as a snapshot only).
+    Finished,
     /// Stopped (engine shutdown).
     Stopped,
 }
@@ -23,8 +27,10 @@ impl SourceState {
     fn as_str(self) -> &'static str {
         match self {
             SourceState::Connecting => "connecting",
+            SourceState::Snapshot => "snapshot",
             SourceState::Connected => "connected",
             SourceState::Reconnecting => "reconnecting",
+            SourceState::Finished => "finished",
             SourceState::Stopped => "stopped",
         }
     }
@@ -39,8 +45,32 @@ struct Inner {
     /// Bytes of upstream log between the newest position seen and the confirmed one.
     lag_bytes: u64,
     reconnects: u64,
+    /// Seconds between the commit of the newest transaction confirmed and its
+    /// confirmation (0 once caught up).
+    lag_ms: u64,
     /// Changes per (table, op).
     changes: BTreeMap<(String, &'static str), u64>,
+    snapshot: Option<SnapshotProgress>,
+}
+
+/// How far a source's initial read of existing rows is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SnapshotProgress {
+    state: &'static str,
+    tables: u64,
+    tables_done: u64,
+    rows: u64,
+    rows_estimate: u64,
+}
+
+impl SnapshotProgress {
+    fn percent(&self) -> f64 {
+        if self.state == "done" {
+            return 100.0;
+        }
+        let p = self.rows as f64 * 100.0 / self.rows_estimate.max(1) as f64;
+        (p * 10.0).round().min(999.0) / 10.0
+    }
 }
 
 /// The state and counters of one source, shared between it and the server.
@@ -63,7 +93,9 @@ impl SourceStatus {
                 position: None,
                 lag_bytes: 0,
                 reconnects: 0,
+                lag_ms: 0,
                 changes: BTreeMap::new(),
+                snapshot: None,
             }),
         }
     }
@@ -98,6 +130,30 @@ impl SourceStatus {
         inner.lag_bytes = lag_bytes;
     }
 
+    /// Records the lag in time behind the server (milliseconds).
+    pub fn set_lag_ms(&self, lag_ms: u64) {
+        self.inner.lock().lag_ms = lag_ms;
+    }
+
+    /// Records the snapshot's progress: `state` (`reading`, `done`), tables in it and
+    /// read, rows stored and the rows expected (an estimate while reading).
+    pub fn set_snapshot(&self, state: &'static str, tables: u64, tables_done: u64, rows: u64, rows_estimate: u64) {
+        self.inner.lock().snapshot = Some(SnapshotProgress { state, tables, tables_done, rows, rows_estimate });
+    }
+
+    /// Why this source makes the engine not ready, if it does: it lost its connection
+    /// or could not set up.
+    pub fn down_reason(&self) -> Option<String> {
+        let inner = self.inner.lock();
+        (inner.state == SourceState::Reconnecting).then(|| {
+            format!(
+                "source '{}' is down and reconnecting: {}",
+                self.name,
+                inner.last_error.as_deref().unwrap_or("unknown error")
+            )
+        })
+    }
+
     /// Counts `n` changes of `op` to `table`.
     pub fn count_changes(&self, table: &str, op: &'static str, n: u64) {
         let mut inner = self.inner.lock();
@@ -124,6 +180,15 @@ impl SourceStatus {
             "last_error": inner.last_error,
             "position": inner.position,
             "lag_bytes": inner.lag_bytes,
+            "lag_seconds": inner.lag_ms as f64 / 1000.0,
+            "snapshot": inner.snapshot.as_ref().map(|s| json!({
+                "state": s.state,
+                "tables": s.tables,
+                "tables_done": s.tables_done,
+                "rows": s.rows,
+                "rows_estimate": s.rows_estimate,
+                "percent": s.percent(),
+            })),
             "reconnects": inner.reconnects,
             "changes": changes,
         })
@@ -153,6 +218,27 @@ impl SourceStatus {
             let _ =
                 writeln!(out, "flowgate_source_lag_bytes{{source=\"{}\"}} {}", esc(&s.name), s.inner.lock().lag_bytes);
         }
+        out.push_str("# HELP flowgate_source_lag_seconds Time between the commit of the newest change confirmed and now (0 when caught up).\n");
+        out.push_str("# TYPE flowgate_source_lag_seconds gauge\n");
+        for s in statuses {
+            let lag = s.inner.lock().lag_ms as f64 / 1000.0;
+            let _ = writeln!(out, "flowgate_source_lag_seconds{{source=\"{}\"}} {lag}", esc(&s.name));
+        }
+        out.push_str("# HELP flowgate_source_snapshot_rows Rows a source's initial snapshot stored.\n");
+        out.push_str("# TYPE flowgate_source_snapshot_rows gauge\n");
+        for s in statuses {
+            if let Some(p) = &s.inner.lock().snapshot {
+                let _ = writeln!(out, "flowgate_source_snapshot_rows{{source=\"{}\"}} {}", esc(&s.name), p.rows);
+            }
+        }
+        out.push_str("# HELP flowgate_source_snapshot_percent How far a source's initial snapshot is (estimated while reading).\n");
+        out.push_str("# TYPE flowgate_source_snapshot_percent gauge\n");
+        for s in statuses {
+            if let Some(p) = &s.inner.lock().snapshot {
+                let _ =
+                    writeln!(out, "flowgate_source_snapshot_percent{{source=\"{}\"}} {}", esc(&s.name), p.percent());
+            }
+        }
         out.push_str("# HELP flowgate_source_reconnects Times a source lost or could not set up its connection.\n");
         out.push_str("# TYPE flowgate_source_reconnects counter\n");
         for s in statuses {
@@ -166,7 +252,7 @@ impl SourceStatus {
         out.push_str("# HELP flowgate_source_connected 1 while a source is connected upstream.\n");
         out.push_str("# TYPE flowgate_source_connected gauge\n");
         for s in statuses {
-            let up = u8::from(s.state() == SourceState::Connected);
+            let up = u8::from(matches!(s.state(), SourceState::Connected | SourceState::Snapshot));
             let _ = writeln!(out, "flowgate_source_connected{{source=\"{}\"}} {up}", esc(&s.name));
         }
     }

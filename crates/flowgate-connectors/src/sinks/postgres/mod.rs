@@ -874,7 +874,7 @@ impl Sink for PostgresSink {
     }
 }
 
-mod tls {
+pub(crate) mod tls {
     //! TLS connectors: `require` encrypts without checking the certificate (as libpq's
     //! `sslmode=require`); `verify-full` checks it and the host name.
 
@@ -891,7 +891,7 @@ mod tls {
 
     use super::PostgresTls;
 
-    pub(super) fn connector(mode: PostgresTls, ca_file: Option<&Path>) -> anyhow::Result<MakeRustlsConnect> {
+    pub(crate) fn connector(mode: PostgresTls, ca_file: Option<&Path>) -> anyhow::Result<MakeRustlsConnect> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
         let config = if mode == PostgresTls::Require {

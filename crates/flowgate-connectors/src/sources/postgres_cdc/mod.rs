@@ -24,7 +24,9 @@
 //! an error naming it, not silently created again (changes in between would be lost):
 //! the source keeps retrying and reporting it until an operator acts.
 
+pub mod coverage;
 pub mod pgoutput;
+mod snapshot;
 pub mod value;
 
 use std::collections::HashMap;
@@ -53,18 +55,36 @@ pub const CHUNK_EVENTS: usize = 512;
 /// reason; the messages are the same on a replay).
 pub const CHUNK_INPUT_BYTES: usize = 4 << 20;
 
+/// Session settings fixing the text forms of values (see [`value`]).
+const SESSION_OPTIONS: &str = "-c datestyle=ISO -c timezone=UTC -c extra_float_digits=3 -c intervalstyle=iso_8601";
+
 /// The largest commit LSN a sequence can hold: the low 16 bits are the chunk index.
 pub const MAX_LSN: u64 = (1 << 48) - 1;
 
-/// When to read a table's existing rows.
+/// When to read the tables' existing rows.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Snapshot {
-    /// Stream changes from the slot's start only.
+    /// At the first start (no slot used before), then stream.
     #[default]
-    Never,
-    /// Read the existing rows first (not supported yet: refused by validation).
     Initial,
+    /// Never: stream changes from the slot's start only.
+    Never,
+    /// Read the existing rows once and stop (no slot, no streaming).
+    InitialOnly,
+    /// As `initial`, and again, from a new slot, when the slot this source used was
+    /// dropped (instead of stopping with an error).
+    WhenNeeded,
+}
+
+impl Snapshot {
+    fn streams(self) -> bool {
+        self != Snapshot::InitialOnly
+    }
+
+    fn reads_rows(self) -> bool {
+        self != Snapshot::Never
+    }
 }
 
 /// `type = "postgres_cdc"`.
@@ -93,7 +113,7 @@ pub struct PostgresCdcConfig {
     /// Or every table to this one topic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,
-    /// `never` (only `never` for now).
+    /// `initial` (default), `never`, `initial_only` or `when_needed`.
     #[serde(default)]
     pub snapshot: Snapshot,
     /// How often the confirmed position is sent to the server at most, in ms.
@@ -219,10 +239,6 @@ impl SourceConnector for PostgresCdcSource {
             _ => anyhow::bail!("set exactly one of `topic_prefix` (a topic per table) and `topic` (one topic)"),
         }
         anyhow::ensure!(
-            c.snapshot == Snapshot::Never,
-            "snapshot = \"initial\" is not supported yet; use \"never\" (changes from the slot's creation on)"
-        );
-        anyhow::ensure!(
             (10..=600_000).contains(&c.status_interval_ms),
             "`status_interval_ms` must be from 10 to 600000"
         );
@@ -253,7 +269,7 @@ impl SourceConnector for PostgresCdcSource {
         let tables = parse_tables(&config.tables)?;
         let runner = Runner {
             name: name.to_owned(),
-            marker: cx.data_dir.join("sources").join(format!("{name}.json")),
+            marker: marker_path(&cx.data_dir, name, &target.database, &config.slot),
             log: cx.log,
             appender: cx.appender.with_rule(SequenceRule::Monotonic),
             status: cx.status,
@@ -266,27 +282,59 @@ impl SourceConnector for PostgresCdcSource {
     }
 }
 
+/// Where the source's marker is: named after the stream (database and slot), as the
+/// producer ids are, so a source renamed keeps it. A marker of an earlier version, named
+/// after the source, is moved there.
+fn marker_path(data_dir: &Path, name: &str, database: &str, slot: &str) -> PathBuf {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in database.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let dir = data_dir.join("sources");
+    let path = dir.join(format!("postgres_cdc.{slot}.{h:016x}.json"));
+    let old = dir.join(format!("{name}.json"));
+    if !path.exists() && old.exists() {
+        let _ = std::fs::rename(&old, &path);
+    }
+    path
+}
+
 /// What this source has used before: a slot or publication named here that is missing
 /// now was dropped, not never created.
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// It also holds the initial snapshot's progress.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Marker {
     slot: Option<String>,
     publication: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    snapshot: Option<coverage::Progress>,
 }
 
 impl Marker {
-    fn read(path: &Path) -> Marker {
-        std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    /// The marker at `path`; none yet is an empty one, a damaged one an error (it may
+    /// hold a snapshot's progress, which must not be silently forgotten).
+    fn read(path: &Path) -> anyhow::Result<Marker> {
+        match std::fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| anyhow::anyhow!("{} is damaged ({e}); repair or delete it", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Marker::default()),
+            Err(e) => Err(anyhow::anyhow!("reading {}: {e}", path.display())),
+        }
     }
 
     fn write(&self, path: &Path) -> anyhow::Result<()> {
+        Self::write_bytes(&serde_json::to_vec(self)?, path)
+    }
+
+    fn write_bytes(bytes: &[u8], path: &Path) -> anyhow::Result<()> {
         let dir = path.parent().expect("the marker is in a directory");
         std::fs::create_dir_all(dir)?;
         let tmp = path.with_extension("json.tmp");
         {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&serde_json::to_vec(self)?)?;
+            f.write_all(bytes)?;
             f.sync_all()?;
         }
         std::fs::rename(&tmp, path)?;
@@ -341,32 +389,61 @@ struct EnvelopeSource<'a> {
     txid: u32,
 }
 
+/// Where a change or snapshot row comes from.
+struct Origin<'a> {
+    /// The transaction's commit LSN, or the snapshot's consistent point.
+    lsn: u64,
+    txid: u32,
+    commit_ts_ms: i64,
+    snapshot: bool,
+    schema: &'a str,
+    table: &'a str,
+}
+
+impl<'a> Origin<'a> {
+    fn of(txn: &Txn, relation: &'a Relation) -> Origin<'a> {
+        Origin {
+            lsn: txn.final_lsn,
+            txid: txn.xid,
+            commit_ts_ms: txn.commit_ts_ms,
+            snapshot: false,
+            schema: &relation.namespace,
+            table: &relation.name,
+        }
+    }
+}
+
 impl<'a> Envelope<'a> {
-    fn of(
-        source: &'a str,
-        txn: &Txn,
-        relation: &'a Relation,
-        op: &'a str,
-        before: &'a Value,
-        after: &'a Value,
-    ) -> Self {
+    fn new(source: &'a str, origin: &Origin<'a>, op: &'a str, before: &'a Value, after: &'a Value) -> Self {
         Envelope {
             after,
             before,
             op,
             source: EnvelopeSource {
-                commit_ts_ms: txn.commit_ts_ms,
+                commit_ts_ms: origin.commit_ts_ms,
                 connector: "postgres_cdc",
-                lsn: txn.final_lsn,
+                lsn: origin.lsn,
                 name: source,
-                schema: &relation.namespace,
-                snapshot: false,
-                table: &relation.name,
-                txid: txn.xid,
+                schema: origin.schema,
+                snapshot: origin.snapshot,
+                table: origin.table,
+                txid: origin.txid,
             },
             ts_ms: flowgate_core::time::now_ms(),
         }
     }
+}
+
+/// The key of a row: its key columns' values as a JSON object (`None` without a key).
+fn key_json(columns: &[&str], row: &Value) -> anyhow::Result<Option<Vec<u8>>> {
+    if columns.is_empty() {
+        return Ok(None);
+    }
+    let mut k = Map::new();
+    for c in columns {
+        k.insert((*c).to_owned(), row.get(c).cloned().unwrap_or(Value::Null));
+    }
+    Ok(Some(serde_json::to_vec(&Value::Object(k))?))
 }
 
 /// The open transaction.
@@ -381,6 +458,8 @@ struct Txn {
 /// A position to confirm once these partitions are durable up to these offsets.
 struct PendingAck {
     lsn: u64,
+    /// The transaction's commit time (0 for a heartbeat: caught up).
+    commit_ts_ms: i64,
     waits: Vec<(Arc<Partition>, u64)>,
 }
 
@@ -450,6 +529,8 @@ struct Session {
     txn: Option<Txn>,
     /// The newest WAL position the server told of.
     server_wal_end: u64,
+    /// While a snapshot's point is ahead: which changes it holds already.
+    coverage: Option<coverage::Coverage>,
     /// The last position handed to the acker.
     queued: u64,
     /// The position confirmed.
@@ -506,7 +587,7 @@ impl Runner {
         .with_status_interval(Duration::from_millis(self.config.status_interval_ms))
         .with_wakeup_interval(Duration::from_secs(10))
         .with_buffer_size(1024)
-        .with_options("-c datestyle=ISO -c timezone=UTC -c extra_float_digits=3 -c intervalstyle=iso_8601")
+        .with_options(SESSION_OPTIONS)
         .with_application_name(format!("flowgate-{}", self.name))
     }
 
@@ -515,9 +596,9 @@ impl Runner {
     }
 
     /// Makes sure the publication and the slot exist; returns the slot's confirmed
-    /// position.
-    async fn set_up(&self, client: &mut ReplicationClient) -> anyhow::Result<u64> {
-        let mut marker = Marker::read(&self.marker);
+    /// position. A slot this source uses for the first time starts a snapshot (when
+    /// the mode reads rows), recorded in the same marker write as the slot.
+    async fn set_up(&self, client: &mut ReplicationClient, marker: &mut Marker) -> anyhow::Result<u64> {
         let (publication, slot) = (&self.config.publication, &self.config.slot);
         let rows = Self::query(
             client,
@@ -572,6 +653,12 @@ impl Runner {
                 text_of(row, 0).and_then(|l| Lsn::parse(&l).ok()).map_or(0, |l| l.as_u64())
             }
             None => {
+                if marker.slot.as_deref() == Some(slot.as_str()) && self.config.snapshot == Snapshot::WhenNeeded {
+                    tracing::warn!(source = %self.name, slot = %slot,
+                        "the replication slot was dropped; creating it again and reading every row again");
+                    marker.slot = None;
+                    marker.snapshot = None;
+                }
                 anyhow::ensure!(
                     marker.slot.as_deref() != Some(slot.as_str()),
                     "replication slot '{slot}' does not exist: it was dropped after this source used it, and the \
@@ -592,10 +679,17 @@ impl Runner {
         };
         if marker.slot.as_deref() != Some(slot.as_str()) || marker.publication.as_deref() != Some(publication.as_str())
         {
+            if marker.slot.as_deref() != Some(slot.as_str())
+                && marker.snapshot.is_none()
+                && self.config.snapshot.reads_rows()
+            {
+                marker.snapshot = Some(coverage::Progress::new(fastrand::u64(..)));
+            }
             marker.slot = Some(slot.clone());
             marker.publication = Some(publication.clone());
             let path = self.marker.clone();
-            tokio::task::spawn_blocking(move || marker.write(&path)).await??;
+            let copy = marker.clone();
+            tokio::task::spawn_blocking(move || copy.write(&path)).await??;
         }
         Ok(confirmed)
     }
@@ -620,15 +714,99 @@ impl Runner {
         Ok(keys)
     }
 
-    /// One connection: set up, stream until an error or shutdown.
-    async fn session(&self, shutdown: &CancellationToken, streamed: &mut bool) -> anyhow::Result<()> {
-        let mut client = ReplicationClient::connect_gated(self.replication_config())
+    async fn connect(&self) -> anyhow::Result<ReplicationClient> {
+        ReplicationClient::connect_gated(self.replication_config())
             .await
-            .map_err(|e| anyhow::anyhow!("connecting to {}:{}: {e}", self.target.host, self.target.port))?;
+            .map_err(|e| anyhow::anyhow!("connecting to {}:{}: {e}", self.target.host, self.target.port))
+    }
+
+    /// A plain SQL connection with the replication session's settings (so values are
+    /// sent in the same text forms).
+    async fn sql_client(&self) -> anyhow::Result<tokio_postgres::Client> {
+        let t = &self.target;
+        let mut pg = tokio_postgres::Config::new();
+        pg.host(&t.host)
+            .port(t.port)
+            .user(&t.user)
+            .dbname(&t.database)
+            .options(SESSION_OPTIONS)
+            .application_name(format!("flowgate-{}", self.name))
+            .connect_timeout(Duration::from_secs(30))
+            .keepalives_idle(Duration::from_secs(30));
+        if let Some(p) = &t.password {
+            pg.password(p);
+        }
+        let place = format!("connecting to {}:{}", t.host, t.port);
+        let tls = match t.tls {
+            pgwire_replication::SslMode::Disable => None,
+            pgwire_replication::SslMode::Prefer => {
+                pg.ssl_mode(tokio_postgres::config::SslMode::Prefer);
+                Some(crate::sinks::postgres::tls::connector(crate::sinks::postgres::PostgresTls::Require, None)?)
+            }
+            pgwire_replication::SslMode::Require => {
+                pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Some(crate::sinks::postgres::tls::connector(crate::sinks::postgres::PostgresTls::Require, None)?)
+            }
+            pgwire_replication::SslMode::VerifyCa | pgwire_replication::SslMode::VerifyFull => {
+                pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Some(crate::sinks::postgres::tls::connector(crate::sinks::postgres::PostgresTls::VerifyFull, None)?)
+            }
+        };
+        let client = match tls {
+            None => {
+                let (client, connection) =
+                    pg.connect(tokio_postgres::NoTls).await.map_err(|e| anyhow::anyhow!("{place}: {e}"))?;
+                tokio::spawn(connection);
+                client
+            }
+            Some(tls) => {
+                let (client, connection) = pg.connect(tls).await.map_err(|e| anyhow::anyhow!("{place}: {e}"))?;
+                tokio::spawn(connection);
+                client
+            }
+        };
+        Ok(client)
+    }
+
+    /// `initial_only`: the snapshot, then nothing.
+    async fn snapshot_only(&self, shutdown: &CancellationToken, streamed: &mut bool) -> anyhow::Result<()> {
+        let mut marker = Marker::read(&self.marker)?;
+        if !marker.snapshot.as_ref().is_some_and(|p| p.done) {
+            self.status.set_state(SourceState::Snapshot);
+            *streamed = true;
+            if let snapshot::Outcome::Stopped = self.snapshot(&mut marker, shutdown).await? {
+                return Ok(());
+            }
+        }
+        self.status.set_state(SourceState::Finished);
+        shutdown.cancelled().await;
+        Ok(())
+    }
+
+    /// One connection: set up, read the snapshot if one is due, stream until an error
+    /// or shutdown.
+    async fn session(&self, shutdown: &CancellationToken, streamed: &mut bool) -> anyhow::Result<()> {
+        if !self.config.snapshot.streams() {
+            return self.snapshot_only(shutdown, streamed).await;
+        }
+        let mut marker = Marker::read(&self.marker)?;
+        let mut client = self.connect().await?;
         let confirmed = tokio::select! {
-            r = self.set_up(&mut client) => r?,
+            r = self.set_up(&mut client, &mut marker) => r?,
             _ = shutdown.cancelled() => return Ok(()),
         };
+        if marker.snapshot.as_ref().is_some_and(|p| !p.done) {
+            // The slot waits (it is not started) while the rows are read.
+            client.abort();
+            self.status.set_state(SourceState::Snapshot);
+            *streamed = true;
+            if let snapshot::Outcome::Stopped = self.snapshot(&mut marker, shutdown).await? {
+                return Ok(());
+            }
+            client = self.connect().await?;
+        }
+        let coverage =
+            marker.snapshot.as_ref().and_then(coverage::Progress::coverage).filter(|c| c.highest_point() > confirmed);
         let primary_keys = Self::primary_keys(&mut client).await?;
         // Start from the slot's confirmed position; never report less.
         client.update_applied_lsn(Lsn(confirmed));
@@ -642,16 +820,16 @@ impl Runner {
 
         // The acker waits for durability in order and publishes what may be confirmed.
         let (ack_tx, mut ack_rx) = mpsc::channel::<PendingAck>(256);
-        let (durable_tx, mut durable_rx) = watch::channel(confirmed);
+        let (durable_tx, mut durable_rx) = watch::channel((confirmed, 0i64));
         let mut acker = tokio::spawn(async move {
             while let Some(ack) = ack_rx.recv().await {
                 for (partition, end) in &ack.waits {
                     partition.wait_durable(*end).await.map_err(|e| anyhow::anyhow!("waiting for durability: {e}"))?;
                 }
                 durable_tx.send_if_modified(|v| {
-                    let newer = ack.lsn > *v;
+                    let newer = ack.lsn > v.0;
                     if newer {
-                        *v = ack.lsn;
+                        *v = (ack.lsn, ack.commit_ts_ms);
                     }
                     newer
                 });
@@ -667,6 +845,7 @@ impl Runner {
             scratch: Scratch::default(),
             txn: None,
             server_wal_end: confirmed,
+            coverage,
             queued: confirmed,
             acked: confirmed,
         };
@@ -678,7 +857,7 @@ impl Runner {
                     _ = self.memory.wait_until(Duration::from_millis(100), |l| l == flowgate_memory::Level::Normal) => {}
                     changed = durable_rx.changed() => {
                         if changed.is_ok() {
-                            let lsn = *durable_rx.borrow_and_update();
+                            let (lsn, _) = *durable_rx.borrow_and_update();
                             client.update_applied_lsn(Lsn(lsn));
                             s.acked = lsn;
                         }
@@ -701,10 +880,12 @@ impl Runner {
                     if changed.is_err() {
                         continue;
                     }
-                    let lsn = *durable_rx.borrow_and_update();
+                    let (lsn, commit_ts_ms) = *durable_rx.borrow_and_update();
                     client.update_applied_lsn(Lsn(lsn));
                     s.acked = lsn;
                     self.status.set_position(lsn_text(lsn), s.server_wal_end.saturating_sub(lsn));
+                    let lag = if commit_ts_ms > 0 { flowgate_core::time::now_ms().saturating_sub(commit_ts_ms) } else { 0 };
+                    self.status.set_lag_ms(u64::try_from(lag).unwrap_or(0));
                 }
                 ended = &mut acker => {
                     break Err(match ended {
@@ -721,7 +902,7 @@ impl Runner {
         drop(ack_tx);
         if result.is_ok() {
             if let Ok(Ok(Ok(()))) = tokio::time::timeout(Duration::from_secs(2), &mut acker).await {
-                let lsn = *durable_rx.borrow();
+                let (lsn, _) = *durable_rx.borrow();
                 client.update_applied_lsn(Lsn(lsn));
             }
             let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown()).await;
@@ -771,7 +952,7 @@ impl Runner {
                 // Heartbeat: nothing open, so every change before `wal_end` was received;
                 // it may be confirmed once what was appended before is durable.
                 if s.txn.is_none() && wal_end > s.queued {
-                    if let Ok(()) = acks.try_send(PendingAck { lsn: wal_end, waits: Vec::new() }) {
+                    if let Ok(()) = acks.try_send(PendingAck { lsn: wal_end, commit_ts_ms: 0, waits: Vec::new() }) {
                         s.queued = wal_end;
                     }
                 }
@@ -804,19 +985,23 @@ impl Runner {
             b.builder.shrink_to(1 << 20);
         }
         let waits = txn.written.into_values().collect();
-        acks.send(PendingAck { lsn: end_lsn, waits })
+        acks.send(PendingAck { lsn: end_lsn, commit_ts_ms: txn.commit_ts_ms, waits })
             .await
             .map_err(|_| anyhow::anyhow!("the acknowledgement task ended"))?;
         s.queued = s.queued.max(end_lsn);
         Ok(())
     }
 
-    fn topic_for(&self, s: &mut Session, schema: &str, table: &str) -> anyhow::Result<Arc<Topic>> {
-        let name = match (&self.config.topic, &self.config.topic_prefix) {
+    fn topic_name(&self, schema: &str, table: &str) -> anyhow::Result<String> {
+        Ok(match (&self.config.topic, &self.config.topic_prefix) {
             (Some(t), _) => t.clone(),
             (None, Some(p)) => format!("{p}.{schema}.{table}"),
             (None, None) => anyhow::bail!("no topic configured"),
-        };
+        })
+    }
+
+    fn topic_for(&self, s: &mut Session, schema: &str, table: &str) -> anyhow::Result<Arc<Topic>> {
+        let name = self.topic_name(schema, table)?;
         if let Some(t) = s.topics.get(&name) {
             return Ok(t.clone());
         }
@@ -864,16 +1049,45 @@ impl Runner {
             Some(cols) => cols.iter().map(String::as_str).collect(),
             None => relation.columns.iter().filter(|c| c.key).map(|c| c.name.as_str()).collect(),
         };
-        let key = if key_columns.is_empty() {
-            None
-        } else {
-            let mut k = Map::new();
-            for c in key_columns {
-                k.insert(c.to_owned(), key_row.get(c).cloned().unwrap_or(Value::Null));
+        let key = key_json(&key_columns, key_row)?;
+        if let Some(coverage) = s.coverage.as_ref().filter(|c| txn.final_lsn < c.highest_point()) {
+            // The snapshot may hold this change already: stored only when its range was
+            // read before the transaction committed (for a changed key, either range).
+            let (schema, table) = (relation.namespace.as_str(), relation.name.as_str());
+            let wanted = match coverage.key_of(schema, table) {
+                None => coverage.wants(schema, table, None, &[], txn.final_lsn),
+                Some(columns) => {
+                    let texts = |values: &[Datum<'_>]| -> Vec<Vec<u8>> {
+                        columns
+                            .iter()
+                            .map(|c| {
+                                let at = relation.columns.iter().position(|rc| rc.name == c.name);
+                                match at.and_then(|i| values.get(i)) {
+                                    Some(Datum::Text(b)) => b.to_vec(),
+                                    _ => Vec::new(),
+                                }
+                            })
+                            .collect()
+                    };
+                    let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+                    let mut sides = Vec::new();
+                    if let Some(v) = new {
+                        sides.push((key_json(&names, &after)?, texts(v)));
+                    }
+                    if let Some(Old::Row(v) | Old::Key(v)) = old {
+                        sides.push((key_json(&names, &before)?, texts(v)));
+                    }
+                    sides.iter().any(|(bytes, texts)| {
+                        let texts: Vec<&[u8]> = texts.iter().map(Vec::as_slice).collect();
+                        coverage.wants(schema, table, bytes.as_deref(), &texts, txn.final_lsn)
+                    })
+                }
+            };
+            if !wanted {
+                return Ok(());
             }
-            Some(serde_json::to_vec(&Value::Object(k))?)
-        };
-        let envelope = serde_json::to_vec(&Envelope::of(&self.name, txn, relation, op, &before, &after))?;
+        }
+        let envelope = serde_json::to_vec(&Envelope::new(&self.name, &Origin::of(txn, relation), op, &before, &after))?;
         let table = format!("{}.{}", relation.namespace, relation.name);
         let (schema, name) = (relation.namespace.clone(), relation.name.clone());
         let topic = self.topic_for(s, &schema, &name)?;
@@ -897,11 +1111,23 @@ impl Runner {
             return Ok(());
         }
         let txn = s.txn.as_ref().ok_or_else(|| anyhow::anyhow!("a truncate outside a transaction"))?;
-        let payload = serde_json::to_vec(&Envelope::of(&self.name, txn, relation, "t", &Value::Null, &Value::Null))?;
+        let payload = serde_json::to_vec(&Envelope::new(
+            &self.name,
+            &Origin::of(txn, relation),
+            "t",
+            &Value::Null,
+            &Value::Null,
+        ))?;
         let table = format!("{}.{}", relation.namespace, relation.name);
         let (schema, name) = (relation.namespace.clone(), relation.name.clone());
+        let final_lsn = txn.final_lsn;
         let topic = self.topic_for(s, &schema, &name)?;
         for p in 0..topic.partition_count() {
+            // Within a resumed snapshot's window, a partition whose rows were all read
+            // after the truncate does not get it.
+            if s.coverage.as_ref().is_some_and(|c| !c.truncate_reaches(&schema, &name, p, final_lsn)) {
+                continue;
+            }
             self.push(s, &topic, p, None, &payload, 0)?;
         }
         self.status.count_changes(&table, "t", 1);
@@ -1009,7 +1235,10 @@ mod tests {
         config("topic_prefix = \"cdc\"").unwrap();
         assert!(config("").unwrap_err().to_string().contains("exactly one"));
         assert!(config("topic = \"x\"\ntopic_prefix = \"y\"").is_err());
-        assert!(config("topic = \"x\"\nsnapshot = \"initial\"").unwrap_err().to_string().contains("not supported"));
+        for mode in ["initial", "never", "initial_only", "when_needed"] {
+            config(&format!("topic = \"x\"\nsnapshot = \"{mode}\"")).unwrap();
+        }
+        assert!(config("topic = \"x\"\nsnapshot = \"sometimes\"").is_err());
         assert!(config("topic = \"x\"\nslot = \"Upper\"").is_err());
         assert!(config("topic = \"x\"\nbogus = 1").unwrap_err().to_string().contains("unknown field `bogus`"));
     }
