@@ -605,3 +605,112 @@ fn initial_only_reads_once_without_a_slot_and_when_needed_reads_again_after_a_lo
     let reads = read_topic(&engine, "tags").iter().filter(|(_, _, e)| e["op"] == "r").count();
     assert_eq!(reads, 3000 + 3001);
 }
+
+/// A table's rows as sorted text, for comparing two tables row for row.
+fn table_rows(pg: &PgServer, table: &str) -> Result<String, String> {
+    pg.try_psql(&format!(
+        "select coalesce(string_agg(id || ':' || n || ':' || coalesce(note, '~'), ',' order by id), '') from {table}"
+    ))
+}
+
+#[test]
+fn a_table_replicated_through_cdc_and_the_sink_equals_its_source_after_sigkills_and_an_outage() {
+    let mut pg = PgServer::start();
+    pg.psql(
+        "create table a (id int primary key, n int not null, note text); \
+         create table b (id int primary key, n int not null, note text); \
+         insert into a select g, 0, 'start' from generate_series(1, 20000) g",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let source = write_config(dir.path(), &pg, &["a"], "topic = \"changes\"");
+    let text = std::fs::read_to_string(&source).unwrap()
+        + &format!(
+            "\n[[pipelines]]\nname = \"replica\"\ntopics = [\"changes\"]\ncommit_interval_ms = 50\n\
+             [[pipelines.sinks]]\nname = \"b\"\ntype = \"postgres\"\nurl = \"{}\"\ntable = \"b\"\nmode = \"cdc\"\n\
+             connect_timeout_ms = 1000\nretry = {{ initial_backoff_ms = 50, max_backoff_ms = 1000 }}\n",
+            pg.url()
+        );
+    std::fs::write(&source, text).unwrap();
+    let data = dir.path().join("data");
+    let mut engine = start(&data, &source);
+
+    // Inserts, updates and deletes on `a` until told to stop; a failed statement (the
+    // server is down) is tried again later.
+    let stop = Arc::new(AtomicBool::new(false));
+    let paused = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, paused, port) = (stop.clone(), paused.clone(), pg.port);
+        std::thread::spawn(move || {
+            let mut round = 0i64;
+            while !stop.load(Ordering::Acquire) {
+                if paused.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                let lo = (round * 389) % 20000;
+                let sql = match round % 4 {
+                    0 => format!(
+                        "insert into a select g, 0, 'new' from generate_series({0}, {0} + 49) g",
+                        100_000 + round * 50
+                    ),
+                    1 => format!("delete from a where id > {lo} and id <= {lo} + 10"),
+                    _ => format!("update a set n = n + 1, note = 'r{round}' where id > {lo} and id <= {lo} + 100"),
+                };
+                let ok = std::process::Command::new(common::postgres::bin_dir().join("psql"))
+                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
+                    .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", &sql])
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                if ok {
+                    round += 1;
+                } else {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        })
+    };
+    // SIGKILLs during the snapshot (if it is still going) and during streaming.
+    for _ in 0..2 {
+        poll_until("rows reach b", Duration::from_secs(60), || {
+            pg.try_psql("select count(*) from b").is_ok_and(|c| c.parse::<u64>().unwrap_or(0) > 0)
+        });
+        std::thread::sleep(Duration::from_millis(700));
+        engine.kill9();
+        engine = engine.restart();
+    }
+    // A 30 s outage of the server: the source and the sink both lose it.
+    std::thread::sleep(Duration::from_secs(1));
+    paused.store(true, Ordering::Release);
+    std::thread::sleep(Duration::from_millis(200));
+    pg.stop();
+    poll_until("the source reports the outage", Duration::from_secs(30), || {
+        source_stats(&engine)["state"] == "reconnecting"
+    });
+    std::thread::sleep(Duration::from_secs(30));
+    pg.start_again();
+    paused.store(false, Ordering::Release);
+    wait_connected(&engine);
+    std::thread::sleep(Duration::from_secs(2));
+    engine.kill9();
+    engine = engine.restart();
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Release);
+    writer.join().unwrap();
+
+    let expected = table_rows(&pg, "a").unwrap();
+    assert!(expected.len() > 100_000, "a workload ran");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while table_rows(&pg, "b").as_ref() != Ok(&expected) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let got = table_rows(&pg, "b").unwrap();
+    if got != expected {
+        let a: HashSet<&str> = expected.split(',').collect();
+        let b: HashSet<&str> = got.split(',').collect();
+        let missing: Vec<_> = a.difference(&b).take(10).collect();
+        let extra: Vec<_> = b.difference(&a).take(10).collect();
+        panic!("b differs from a: missing {missing:?}, extra {extra:?}");
+    }
+    let (_, body) = engine.http("GET", "/v1/dlq?pipeline=replica", b"");
+    assert!(!body.contains("\"offset\""), "no dead letters: {body}");
+}
