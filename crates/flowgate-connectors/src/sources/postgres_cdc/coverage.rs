@@ -24,20 +24,28 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KeyOrder {
-    /// `smallint`, `integer`, `bigint`, `oid`: by number.
+    /// `smallint`, `integer`, `bigint`, `oid`: by number (the column's own order).
     Integer,
-    /// `uuid`: by its bytes, which is the order of its text form.
-    Uuid,
-    /// Anything else: by the bytes of its text form (`(col)::text COLLATE "C"` in SQL).
+    /// The column's own order is the byte order of its text form: `uuid`, and text types
+    /// under the `C` collation (so the primary key's index serves the read).
+    Native,
+    /// `character(n)`: by the bytes of its text form without the trailing blanks
+    /// (`(col)::text COLLATE "C"` in SQL, which drops them).
+    Char,
+    /// Anything else: by the bytes of its text form (`(col)::text COLLATE "C"` in SQL;
+    /// PostgreSQL sorts the table for the read, as no index has this order).
     Text,
 }
 
 impl KeyOrder {
-    /// The order of a column of type `type_oid`.
-    pub fn of(type_oid: u32) -> KeyOrder {
+    /// The order of a column of type `type_oid`, `c_collated` when its collation is `C`
+    /// or `POSIX`.
+    pub fn of(type_oid: u32, c_collated: bool) -> KeyOrder {
         match type_oid {
             20 | 21 | 23 | 26 => KeyOrder::Integer,
-            2950 => KeyOrder::Uuid,
+            2950 => KeyOrder::Native,
+            1042 => KeyOrder::Char,
+            19 | 25 | 1043 if c_collated => KeyOrder::Native,
             _ => KeyOrder::Text,
         }
     }
@@ -45,19 +53,34 @@ impl KeyOrder {
     /// The SQL expression that sorts column `quoted` in this order.
     pub fn sql(self, quoted: &str) -> String {
         match self {
-            KeyOrder::Integer | KeyOrder::Uuid => quoted.to_owned(),
-            KeyOrder::Text => format!("({quoted})::text COLLATE \"C\""),
+            KeyOrder::Integer | KeyOrder::Native => quoted.to_owned(),
+            KeyOrder::Char | KeyOrder::Text => format!("({quoted})::text COLLATE \"C\""),
+        }
+    }
+
+    /// A bound as the SQL expression of [`Self::sql`] compares it.
+    pub fn literal(self, value: &str) -> &str {
+        match self {
+            KeyOrder::Char => value.trim_end_matches(' '),
+            _ => value,
         }
     }
 
     fn cmp(self, a: &[u8], b: &[u8]) -> Ordering {
-        if self == KeyOrder::Integer {
-            let parse = |x: &[u8]| std::str::from_utf8(x).ok().and_then(|s| s.parse::<i128>().ok());
-            if let (Some(a), Some(b)) = (parse(a), parse(b)) {
-                return a.cmp(&b);
+        match self {
+            KeyOrder::Integer => {
+                let parse = |x: &[u8]| std::str::from_utf8(x).ok().and_then(|s| s.parse::<i128>().ok());
+                if let (Some(a), Some(b)) = (parse(a), parse(b)) {
+                    return a.cmp(&b);
+                }
+                a.cmp(b)
             }
+            KeyOrder::Char => {
+                let trim = |x: &[u8]| x.len() - x.iter().rev().take_while(|&&c| c == b' ').count();
+                a[..trim(a)].cmp(&b[..trim(b)])
+            }
+            KeyOrder::Native | KeyOrder::Text => a.cmp(b),
         }
-        a.cmp(b)
     }
 }
 
@@ -342,6 +365,9 @@ mod tests {
         assert_eq!(compare_key(&k, &[b"9"], &["10".into()]), Ordering::Less);
         assert_eq!(compare_key(&k, &[b"-3"], &["-20".into()]), Ordering::Greater);
         let t = vec![KeyColumn { name: "s".into(), order: KeyOrder::Text }];
+        let c = vec![KeyColumn { name: "c".into(), order: KeyOrder::Char }];
+        assert_eq!(compare_key(&c, &[b"ab  "], &["ab".into()]), Ordering::Equal);
+        assert_eq!(compare_key(&c, &[b"ab\x01 "], &["ab   ".into()]), Ordering::Greater);
         assert_eq!(compare_key(&t, &[b"B"], &["a".into()]), Ordering::Less);
         let two = vec![int_key()[0].clone(), t[0].clone()];
         assert_eq!(compare_key(&two, &[b"1", b"z"], &["2".into(), "a".into()]), Ordering::Less);

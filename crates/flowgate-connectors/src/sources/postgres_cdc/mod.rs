@@ -56,7 +56,10 @@ pub const CHUNK_EVENTS: usize = 512;
 pub const CHUNK_INPUT_BYTES: usize = 4 << 20;
 
 /// Session settings fixing the text forms of values (see [`value`]).
-const SESSION_OPTIONS: &str = "-c datestyle=ISO -c timezone=UTC -c extra_float_digits=3 -c intervalstyle=iso_8601";
+/// `standard_conforming_strings` is pinned on because literals are written with
+/// [`quote_literal`], which doubles quotes only.
+const SESSION_OPTIONS: &str = "-c datestyle=ISO -c timezone=UTC -c extra_float_digits=3 -c intervalstyle=iso_8601 \
+                               -c standard_conforming_strings=on";
 
 /// The largest commit LSN a sequence can hold: the low 16 bits are the chunk index.
 pub const MAX_LSN: u64 = (1 << 48) - 1;
@@ -269,7 +272,7 @@ impl SourceConnector for PostgresCdcSource {
         let tables = parse_tables(&config.tables)?;
         let runner = Runner {
             name: name.to_owned(),
-            marker: marker_path(&cx.data_dir, name, &target.database, &config.slot),
+            marker: marker_path(&cx.data_dir, name, &target, &config.slot),
             log: cx.log,
             appender: cx.appender.with_rule(SequenceRule::Monotonic),
             status: cx.status,
@@ -282,12 +285,14 @@ impl SourceConnector for PostgresCdcSource {
     }
 }
 
-/// Where the source's marker is: named after the stream (database and slot), as the
-/// producer ids are, so a source renamed keeps it. A marker of an earlier version, named
-/// after the source, is moved there.
-fn marker_path(data_dir: &Path, name: &str, database: &str, slot: &str) -> PathBuf {
+/// Where the source's marker is: named after the stream (server, database and slot), as
+/// the producer ids are, so a source renamed keeps it while two sources reading slots
+/// of the same name on different servers do not share one. A marker of an earlier
+/// version, named after the source, is moved there.
+fn marker_path(data_dir: &Path, name: &str, target: &Target, slot: &str) -> PathBuf {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in database.bytes() {
+    let server = format!("{}\0{}\0{}", target.host, target.port, target.database);
+    for b in server.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -627,7 +632,15 @@ impl Runner {
             if !schemas.is_empty() {
                 objects.push(format!("TABLES IN SCHEMA {}", schemas.join(", ")));
             }
-            Self::query(client, &format!("CREATE PUBLICATION \"{publication}\" FOR {}", objects.join(", ")))
+            // Changes of a partitioned table as changes of the table (as the snapshot reads
+            // it), not of its partitions (PostgreSQL 13 and newer).
+            let version = Self::query(client, "SELECT current_setting('server_version_num')::int >= 130000").await?;
+            let via_root = if version.first().and_then(|r| text_of(r, 0)).as_deref() == Some("t") {
+                " WITH (publish_via_partition_root = true)"
+            } else {
+                ""
+            };
+            Self::query(client, &format!("CREATE PUBLICATION \"{publication}\" FOR {}{via_root}", objects.join(", ")))
                 .await
                 .map_err(|e| e.context(format!("creating publication '{publication}'")))?;
             tracing::info!(source = %self.name, publication = %publication, "created the publication");
@@ -658,6 +671,10 @@ impl Runner {
                         "the replication slot was dropped; creating it again and reading every row again");
                     marker.slot = None;
                     marker.snapshot = None;
+                    // Written before the new slot exists: a crash in between must not
+                    // find the new slot and a finished snapshot of the old one.
+                    let (path, copy) = (self.marker.clone(), marker.clone());
+                    tokio::task::spawn_blocking(move || copy.write(&path)).await??;
                 }
                 anyhow::ensure!(
                     marker.slot.as_deref() != Some(slot.as_str()),
@@ -729,7 +746,8 @@ impl Runner {
             .port(t.port)
             .user(&t.user)
             .dbname(&t.database)
-            .options(SESSION_OPTIONS)
+            // A snapshot's statements and its open transaction may take long.
+            .options(format!("{SESSION_OPTIONS} -c statement_timeout=0 -c idle_in_transaction_session_timeout=0"))
             .application_name(format!("flowgate-{}", self.name))
             .connect_timeout(Duration::from_secs(30))
             .keepalives_idle(Duration::from_secs(30));
@@ -773,10 +791,10 @@ impl Runner {
         let mut marker = Marker::read(&self.marker)?;
         if !marker.snapshot.as_ref().is_some_and(|p| p.done) {
             self.status.set_state(SourceState::Snapshot);
-            *streamed = true;
             if let snapshot::Outcome::Stopped = self.snapshot(&mut marker, shutdown).await? {
                 return Ok(());
             }
+            *streamed = true;
         }
         self.status.set_state(SourceState::Finished);
         shutdown.cancelled().await;
@@ -799,10 +817,11 @@ impl Runner {
             // The slot waits (it is not started) while the rows are read.
             client.abort();
             self.status.set_state(SourceState::Snapshot);
-            *streamed = true;
             if let snapshot::Outcome::Stopped = self.snapshot(&mut marker, shutdown).await? {
                 return Ok(());
             }
+            // A failing snapshot backs off; one that finished starts streaming at once.
+            *streamed = true;
             client = self.connect().await?;
         }
         let coverage =
@@ -1041,52 +1060,62 @@ impl Runner {
             Some(Old::Key(v)) => Self::row(relation, v, true),
             None => Value::Null,
         };
-        let after = new.map_or(Value::Null, |v| Self::row(relation, v, false));
+        let mut after = new.map_or(Value::Null, |v| Self::row(relation, v, false));
+        let mut op = op;
+        if let Some(coverage) = s.coverage.as_ref().filter(|c| txn.final_lsn < c.highest_point()) {
+            // The snapshot may hold this change already: stored only when the range of
+            // its key was read before the transaction committed.
+            let (schema, table) = (relation.namespace.as_str(), relation.name.as_str());
+            match coverage.key_of(schema, table) {
+                None => {
+                    if !coverage.wants(schema, table, None, &[], txn.final_lsn) {
+                        return Ok(());
+                    }
+                }
+                Some(columns) => {
+                    let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+                    let wants = |row: &Value, values: &[Datum<'_>]| -> anyhow::Result<bool> {
+                        let texts: Vec<&[u8]> = columns
+                            .iter()
+                            .map(|c| {
+                                let at = relation.columns.iter().position(|rc| rc.name == c.name);
+                                match at.and_then(|i| values.get(i)) {
+                                    Some(Datum::Text(b)) => *b,
+                                    _ => &[][..],
+                                }
+                            })
+                            .collect();
+                        Ok(coverage.wants(schema, table, key_json(&names, row)?.as_deref(), &texts, txn.final_lsn))
+                    };
+                    let new_side = new.map(|v| wants(&after, v)).transpose()?;
+                    let old_side = match old {
+                        Some(Old::Row(v) | Old::Key(v)) => Some(wants(&before, v)?),
+                        None => None,
+                    };
+                    match (new_side, old_side) {
+                        (Some(true), _) | (None, Some(true)) => {}
+                        // The key changed, the new key's range was read after the commit
+                        // (the row is there already), the old one's before: only the old
+                        // row's removal is missing.
+                        (Some(false), Some(true)) => {
+                            op = "d";
+                            after = Value::Null;
+                        }
+                        _ => return Ok(()),
+                    }
+                }
+            }
+        }
         // The key: the primary key's columns, from the new row (the old one for a delete).
         let key_row = if after.is_null() { &before } else { &after };
         let pk = s.primary_keys.get(&(relation.namespace.clone(), relation.name.clone()));
         let key_columns: Vec<&str> = match pk {
             Some(cols) => cols.iter().map(String::as_str).collect(),
+            // Replica identity FULL flags every column: that is no key to route by.
+            None if relation.replica_identity == b'f' => Vec::new(),
             None => relation.columns.iter().filter(|c| c.key).map(|c| c.name.as_str()).collect(),
         };
         let key = key_json(&key_columns, key_row)?;
-        if let Some(coverage) = s.coverage.as_ref().filter(|c| txn.final_lsn < c.highest_point()) {
-            // The snapshot may hold this change already: stored only when its range was
-            // read before the transaction committed (for a changed key, either range).
-            let (schema, table) = (relation.namespace.as_str(), relation.name.as_str());
-            let wanted = match coverage.key_of(schema, table) {
-                None => coverage.wants(schema, table, None, &[], txn.final_lsn),
-                Some(columns) => {
-                    let texts = |values: &[Datum<'_>]| -> Vec<Vec<u8>> {
-                        columns
-                            .iter()
-                            .map(|c| {
-                                let at = relation.columns.iter().position(|rc| rc.name == c.name);
-                                match at.and_then(|i| values.get(i)) {
-                                    Some(Datum::Text(b)) => b.to_vec(),
-                                    _ => Vec::new(),
-                                }
-                            })
-                            .collect()
-                    };
-                    let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
-                    let mut sides = Vec::new();
-                    if let Some(v) = new {
-                        sides.push((key_json(&names, &after)?, texts(v)));
-                    }
-                    if let Some(Old::Row(v) | Old::Key(v)) = old {
-                        sides.push((key_json(&names, &before)?, texts(v)));
-                    }
-                    sides.iter().any(|(bytes, texts)| {
-                        let texts: Vec<&[u8]> = texts.iter().map(Vec::as_slice).collect();
-                        coverage.wants(schema, table, bytes.as_deref(), &texts, txn.final_lsn)
-                    })
-                }
-            };
-            if !wanted {
-                return Ok(());
-            }
-        }
         let envelope = serde_json::to_vec(&Envelope::new(&self.name, &Origin::of(txn, relation), op, &before, &after))?;
         let table = format!("{}.{}", relation.namespace, relation.name);
         let (schema, name) = (relation.namespace.clone(), relation.name.clone());

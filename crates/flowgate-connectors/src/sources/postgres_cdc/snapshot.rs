@@ -36,8 +36,11 @@ pub const CHUNK_ROWS: usize = 4096;
 /// Payload bytes per chunk at most (a partition's part of a chunk is one batch).
 pub const CHUNK_BYTES: usize = 8 << 20;
 
-/// Rows asked for per `FETCH`.
+/// Rows asked for per `FETCH` at most.
 const FETCH_ROWS: usize = 2000;
+
+/// About how many bytes of rows one `FETCH` asks for.
+const FETCH_BYTES: usize = 4 << 20;
 
 /// A column read by the snapshot.
 #[derive(Clone, Debug)]
@@ -137,7 +140,27 @@ impl Runner {
             topic.partition(partition).ok().and_then(|p| p.producer_last_sequence(id)).is_some_and(|last| last >= chunk)
         });
 
-        // Export a snapshot from a temporary slot, import it, and let the slot go.
+        // Export a snapshot from a temporary slot, import it, and let the slot go. Creating
+        // the slot waits for every transaction running on the server: shutdown does not.
+        let imported = tokio::select! {
+            r = self.import_snapshot() => r?,
+            _ = shutdown.cancelled() => return Ok(Outcome::Stopped),
+        };
+        let (client, point) = imported;
+        let started_ms = flowgate_core::time::now_ms();
+
+        if progress.tables.is_none() {
+            progress.tables = Some(self.list_tables(&client).await?);
+        }
+        marker.snapshot = Some(progress.clone());
+        self.save(marker).await?;
+        self.lock_tables(&client, progress.tables.as_ref().expect("listed above")).await?;
+        self.read_tables(marker, progress, client, point, started_ms, shutdown).await
+    }
+
+    /// A connection in a transaction on a snapshot exported by a temporary slot, and the
+    /// snapshot's consistent point.
+    async fn import_snapshot(&self) -> anyhow::Result<(tokio_postgres::Client, u64)> {
         let mut exporter = pgwire_replication::ReplicationClient::connect_gated(self.replication_config())
             .await
             .map_err(|e| anyhow::anyhow!("connecting to {}:{}: {e}", self.target.host, self.target.port))?;
@@ -168,15 +191,36 @@ impl Runner {
             .await
             .map_err(|e| anyhow::anyhow!("importing the exported snapshot: {e}"))?;
         exporter.abort();
-        drop(exporter);
-        let started_ms = flowgate_core::time::now_ms();
+        Ok((client, point))
+    }
 
-        if progress.tables.is_none() {
-            progress.tables = Some(self.list_tables(&client).await?);
+    /// Keeps the tables to read from being rewritten or truncated until they are read: a
+    /// table rewritten after the snapshot was taken looks empty to it.
+    async fn lock_tables(&self, client: &tokio_postgres::Client, tables: &[TableProgress]) -> anyhow::Result<()> {
+        let names: Vec<String> = tables
+            .iter()
+            .filter(|t| !t.finished)
+            .map(|t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.table)))
+            .collect();
+        if !names.is_empty() {
+            client
+                .batch_execute(&format!("LOCK TABLE {} IN ACCESS SHARE MODE", names.join(", ")))
+                .await
+                .map_err(|e| anyhow::anyhow!("locking the tables to read against rewrites: {e}"))?;
         }
-        marker.snapshot = Some(progress.clone());
-        self.save(marker).await?;
+        Ok(())
+    }
 
+    /// Reads every table not read yet, on the imported snapshot.
+    async fn read_tables(
+        &self,
+        marker: &mut Marker,
+        mut progress: Progress,
+        client: tokio_postgres::Client,
+        point: u64,
+        started_ms: i64,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Outcome> {
         let tables = progress.tables.as_ref().expect("listed above");
         let mut plans = Vec::new();
         let mut estimate = 0u64;
@@ -203,22 +247,33 @@ impl Runner {
         tracing::info!(source = %self.name, tables = plans.len(), at = %super::lsn_text(point),
             rows_estimate = estimate, "reading the snapshot");
 
-        let (tx, mut rx) = mpsc::channel::<anyhow::Result<Fetched>>(2);
+        let (tx, mut rx) = mpsc::channel::<anyhow::Result<Fetched>>(1);
         let selects: Vec<String> = plans.iter().map(|p| p.select.clone()).collect();
+        let memory = self.memory.clone();
         let reader = tokio::spawn(async move {
+            // Rows per FETCH, sized from the rows seen so that one holds about
+            // FETCH_BYTES (large rows are fetched a few at a time).
+            let mut per_fetch = FETCH_ROWS;
             for select in selects {
                 let result = async {
                     client.batch_execute(&format!("DECLARE fg_snapshot NO SCROLL CURSOR FOR {select}")).await?;
                     loop {
-                        let mut rows = Vec::with_capacity(FETCH_ROWS);
-                        for m in client.simple_query(&format!("FETCH {FETCH_ROWS} FROM fg_snapshot")).await? {
+                        if memory.level() != flowgate_memory::Level::Normal {
+                            memory.wait_until(Duration::from_secs(1), |l| l == flowgate_memory::Level::Normal).await;
+                        }
+                        let mut rows = Vec::with_capacity(per_fetch);
+                        let mut bytes = 0usize;
+                        for m in client.simple_query(&format!("FETCH {per_fetch} FROM fg_snapshot")).await? {
                             if let SimpleQueryMessage::Row(r) = m {
+                                bytes += (0..r.len()).map(|i| r.get(i).map_or(0, str::len)).sum::<usize>();
                                 rows.push(r);
                             }
                         }
                         if rows.is_empty() {
                             break;
                         }
+                        let row_bytes = (bytes / rows.len()).max(1);
+                        per_fetch = (FETCH_BYTES / row_bytes).clamp(1, FETCH_ROWS);
                         if tx.send(Ok(Fetched::Rows(rows))).await.is_err() {
                             return Ok(false);
                         }
@@ -318,19 +373,27 @@ impl Runner {
             if !self.tables.iter().any(|t| t.matches(&schema, &table)) {
                 continue;
             }
+            // The primary key, or else the replica identity index (streaming keys changes
+            // by the same columns).
             let key = client
                 .query(
-                    "SELECT a.attname::text, a.atttypid::int8 FROM pg_index i \
+                    "SELECT a.attname::text, a.atttypid::int8, \
+                     a.attcollation IN (950, 951) OR (a.attcollation = 100 AND (SELECT datcollate IN ('C', 'POSIX') \
+                       FROM pg_database WHERE datname = current_database())) \
+                     FROM pg_index i \
                      CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-                     WHERE i.indrelid = $1::text::regclass AND i.indisprimary ORDER BY k.ord",
+                     WHERE i.indrelid = $1::text::regclass AND i.indexrelid = (SELECT j.indexrelid FROM pg_index j \
+                       WHERE j.indrelid = i.indrelid AND (j.indisprimary OR j.indisreplident) \
+                       ORDER BY j.indisprimary DESC LIMIT 1) \
+                     ORDER BY k.ord",
                     &[&format!("{}.{}", quote_ident(&schema), quote_ident(&table))],
                 )
                 .await?
                 .iter()
                 .map(|r| KeyColumn {
                     name: r.get(0),
-                    order: KeyOrder::of(u32::try_from(r.get::<_, i64>(1)).unwrap_or(0)),
+                    order: KeyOrder::of(u32::try_from(r.get::<_, i64>(1)).unwrap_or(0), r.get(2)),
                 })
                 .collect();
             let topic = self.topic_name(&schema, &table)?;
@@ -359,7 +422,7 @@ impl Runner {
         let columns: Vec<Column> = client
             .query(
                 "SELECT attname::text, atttypid::int8 FROM pg_attribute WHERE attrelid = $1::text::regclass \
-                 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
                 &[&qualified],
             )
             .await
@@ -379,7 +442,8 @@ impl Runner {
         if !t.key.is_empty() {
             let order: Vec<String> = t.key.iter().map(|k| k.order.sql(&quote_ident(&k.name))).collect();
             if let Some(after) = t.resume_after() {
-                let values: Vec<String> = after.iter().map(|v| quote_literal(v)).collect();
+                let values: Vec<String> =
+                    after.iter().zip(&t.key).map(|(v, k)| quote_literal(k.order.literal(v))).collect();
                 select.push_str(&format!(" WHERE ({}) > ({})", order.join(", "), values.join(", ")));
             }
             select.push_str(&format!(" ORDER BY {}", order.join(", ")));
