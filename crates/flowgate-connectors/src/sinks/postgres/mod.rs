@@ -57,7 +57,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement, Transaction};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use self::convert::{convert, Kind, Refused};
+use self::convert::{convert, copy_escape, Kind, Refused};
 use super::registry::{BuildContext, SinkConnector};
 
 /// What a write does with each event.
@@ -240,6 +240,8 @@ struct Schema {
     columns: Vec<Column>,
     /// Indices of the key columns in `columns`.
     keys: Vec<usize>,
+    /// Every column's field is a top-level one (none is a JSON pointer).
+    flat: bool,
     insert: Statement,
     /// `COPY … FROM STDIN` of the written columns, for `insert` mode.
     copy: Option<String>,
@@ -258,6 +260,9 @@ struct Conn {
 enum OpKind {
     /// A row, values in `Schema::columns` order.
     Row(Vec<Option<String>>),
+    /// A row as a line of COPY text, at this place of the write's line buffer (`insert`
+    /// mode, every column a top-level field: no value is held on its own).
+    Line(std::ops::Range<usize>),
     /// Delete by key, values in `Schema::keys` order.
     Delete(Vec<Option<String>>),
     Truncate,
@@ -519,6 +524,7 @@ impl PostgresSink {
             .await?;
         let copy = (c.mode == PostgresMode::Insert).then(|| format!("COPY {qualified} ({names}) FROM STDIN"));
         Ok(Schema {
+            flat: columns.iter().all(|c: &Column| !c.field.starts_with('/')),
             truncate: format!("TRUNCATE {qualified}"),
             table: qualified,
             columns,
@@ -532,6 +538,11 @@ impl PostgresSink {
 
     /// The operations of one event.
     fn event_ops(&self, schema: &Schema, payload: &[u8]) -> Result<Vec<OpKind>, Refused> {
+        if self.config.mode != PostgresMode::Cdc && schema.flat {
+            if let Some(fields) = convert::Fields::of(payload) {
+                return Ok(vec![OpKind::Row(row_of_fields(schema, &fields)?)]);
+            }
+        }
         let v: Value = serde_json::from_slice(payload)
             .map_err(|e| Refused { code: "22P02", reason: format!("the event is not JSON: {e}") })?;
         match self.config.mode {
@@ -582,8 +593,13 @@ impl PostgresSink {
         let mut ops = Vec::new();
         let mut last: Option<u64> = None;
         let mut skipped = 0usize;
+        let mut lines = bytes::BytesMut::new();
         {
             let schema = &self.conn.as_ref().expect("connected").schema;
+            let as_lines = self.config.mode == PostgresMode::Insert && schema.flat;
+            if as_lines {
+                lines.reserve(events.iter().map(|e| e.payload.len().saturating_add(schema.columns.len())).sum());
+            }
             for (i, e) in events.iter().enumerate() {
                 if e.offset != u64::MAX && i64::try_from(e.offset).is_ok() {
                     if self.stored.is_some_and(|s| e.offset <= s) {
@@ -591,6 +607,24 @@ impl PostgresSink {
                         continue;
                     }
                     last = Some(last.map_or(e.offset, |l| l.max(e.offset)));
+                }
+                if as_lines {
+                    if let Some(fields) = convert::Fields::of(&e.payload) {
+                        let start = lines.len();
+                        match copy_line(schema, &fields, &mut lines) {
+                            Ok(()) => ops.push(Op { event: i, kind: OpKind::Line(start..lines.len()) }),
+                            Err(r) => {
+                                lines.truncate(start);
+                                failures.push(EventFailure {
+                                    index: i,
+                                    retryable: false,
+                                    reason: r.reason,
+                                    code: Some(r.code.to_owned()),
+                                });
+                            }
+                        }
+                        continue;
+                    }
                 }
                 match self.event_ops(schema, &e.payload) {
                     Ok(kinds) => ops.extend(kinds.into_iter().map(|kind| Op { event: i, kind })),
@@ -613,15 +647,16 @@ impl PostgresSink {
         if ops.is_empty() && last.is_none() {
             return Ok(WriteOutcome { failures, retry_after: None });
         }
+        let lines = lines.freeze();
         let conn = self.conn.as_mut().expect("connected");
         let schema = &conn.schema;
         let tx = conn.client.transaction().await?;
-        let tx = match execute(&tx, schema, &ops).await {
+        let tx = match execute(&tx, schema, &ops, &lines).await {
             Ok(()) => tx,
             Err(e) if classify(&e) == Class::PerEvent => {
                 tx.rollback().await?;
                 let mut tx = conn.client.transaction().await?;
-                isolate(&mut tx, schema, &ops, &mut failures).await?;
+                isolate(&mut tx, schema, &ops, &lines, &mut failures).await?;
                 tx
             }
             Err(e) => return Err(anyhow::Error::new(e).context(format!("writing to {}", schema.table))),
@@ -664,6 +699,35 @@ fn row(schema: &Schema, v: &Value) -> Result<Vec<Option<String>>, Refused> {
         .collect()
 }
 
+/// [`row`] of an event whose columns are all top-level fields, read without a tree.
+fn row_of_fields(schema: &Schema, fields: &convert::Fields<'_>) -> Result<Vec<Option<String>>, Refused> {
+    schema
+        .columns
+        .iter()
+        .map(|col| match fields.get(&col.field) {
+            None => Ok(None),
+            Some(raw) => convert::convert_raw(raw, col.kind)
+                .map_err(|r| Refused { code: r.code, reason: format!("column '{}': {}", col.name, r.reason) }),
+        })
+        .collect()
+}
+
+/// Appends an event's row as a line of COPY text.
+fn copy_line(schema: &Schema, fields: &convert::Fields<'_>, buf: &mut bytes::BytesMut) -> Result<(), Refused> {
+    for (c, col) in schema.columns.iter().enumerate() {
+        if c > 0 {
+            buf.extend_from_slice(b"\t");
+        }
+        match fields.get(&col.field) {
+            None => buf.extend_from_slice(b"\\N"),
+            Some(raw) => convert::copy_value(raw, col.kind, buf)
+                .map_err(|r| Refused { code: r.code, reason: format!("column '{}': {}", col.name, r.reason) })?,
+        }
+    }
+    buf.extend_from_slice(b"\n");
+    Ok(())
+}
+
 fn key(schema: &Schema, v: &Value) -> Result<Vec<Option<String>>, Refused> {
     schema
         .keys
@@ -693,6 +757,10 @@ fn last_per_key(ops: Vec<Op>, schema: &Schema) -> Vec<Op> {
             }
             OpKind::Row(values) => schema.keys.iter().map(|&i| values[i].clone()).collect(),
             OpKind::Delete(k) => k.clone(),
+            OpKind::Line(_) => {
+                kept.push(op);
+                continue;
+            }
         };
         if seen.insert(k) {
             kept.push(op);
@@ -703,7 +771,12 @@ fn last_per_key(ops: Vec<Op>, schema: &Schema) -> Vec<Op> {
 }
 
 /// Applies `ops` in one go: per run between truncates, one delete and one insert.
-async fn execute(tx: &Transaction<'_>, schema: &Schema, ops: &[Op]) -> Result<(), tokio_postgres::Error> {
+async fn execute(
+    tx: &Transaction<'_>,
+    schema: &Schema,
+    ops: &[Op],
+    lines: &bytes::Bytes,
+) -> Result<(), tokio_postgres::Error> {
     let mut i = 0;
     while i < ops.len() {
         if matches!(ops[i].kind, OpKind::Truncate) {
@@ -713,7 +786,7 @@ async fn execute(tx: &Transaction<'_>, schema: &Schema, ops: &[Op]) -> Result<()
         }
         let end = ops[i..].iter().position(|o| matches!(o.kind, OpKind::Truncate)).map_or(ops.len(), |p| i + p);
         if let Some(copy) = &schema.copy {
-            copy_rows(tx, copy, &ops[i..end]).await?;
+            copy_rows(tx, copy, &ops[i..end], lines).await?;
             i = end;
             continue;
         }
@@ -732,6 +805,7 @@ async fn execute(tx: &Transaction<'_>, schema: &Schema, ops: &[Op]) -> Result<()
                     }
                 }
                 OpKind::Truncate => unreachable!("runs end before truncates"),
+                OpKind::Line(_) => unreachable!("lines are made only for COPY"),
             }
         }
         if let (Some(delete), Some(first)) = (&schema.delete, deletes.first()) {
@@ -751,8 +825,31 @@ async fn execute(tx: &Transaction<'_>, schema: &Schema, ops: &[Op]) -> Result<()
 
 /// Writes rows with `COPY … FROM STDIN` (text format): as fast as the server loads
 /// rows. A bad row fails the whole COPY, like a statement.
-async fn copy_rows(tx: &Transaction<'_>, copy: &str, ops: &[Op]) -> Result<(), tokio_postgres::Error> {
+async fn copy_rows(
+    tx: &Transaction<'_>,
+    copy: &str,
+    ops: &[Op],
+    lines: &bytes::Bytes,
+) -> Result<(), tokio_postgres::Error> {
     use futures_util::SinkExt;
+    let sink = tx.copy_in::<str, bytes::Bytes>(copy).await?;
+    let mut sink = std::pin::pin!(sink);
+    // Lines side by side in the buffer go in one message.
+    let mut run: Option<std::ops::Range<usize>> = None;
+    for op in ops {
+        let OpKind::Line(r) = &op.kind else { continue };
+        match &mut run {
+            Some(open) if open.end == r.start => open.end = r.end,
+            _ => {
+                if let Some(done) = run.replace(r.clone()) {
+                    sink.send(lines.slice(done)).await?;
+                }
+            }
+        }
+    }
+    if let Some(done) = run {
+        sink.send(lines.slice(done)).await?;
+    }
     let mut buf = bytes::BytesMut::new();
     for op in ops {
         let OpKind::Row(values) = &op.kind else { continue };
@@ -767,30 +864,11 @@ async fn copy_rows(tx: &Transaction<'_>, copy: &str, ops: &[Op]) -> Result<(), t
         }
         buf.extend_from_slice(b"\n");
     }
-    let sink = tx.copy_in::<str, bytes::Bytes>(copy).await?;
-    let mut sink = std::pin::pin!(sink);
-    sink.send(buf.freeze()).await?;
+    if !buf.is_empty() {
+        sink.send(buf.freeze()).await?;
+    }
     sink.as_mut().finish().await?;
     Ok(())
-}
-
-/// `s` as a value of COPY's text format: backslash, tab, newline and carriage return
-/// escaped.
-fn copy_escape(buf: &mut bytes::BytesMut, s: &str) {
-    let mut start = 0;
-    for (i, b) in s.bytes().enumerate() {
-        let escaped: &[u8] = match b {
-            b'\\' => b"\\\\",
-            b'\t' => b"\\t",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            _ => continue,
-        };
-        buf.extend_from_slice(&s.as_bytes()[start..i]);
-        buf.extend_from_slice(escaped);
-        start = i + 1;
-    }
-    buf.extend_from_slice(&s.as_bytes()[start..]);
 }
 
 /// Applies `ops` under savepoints, halving the runs that fail until the failing
@@ -799,6 +877,7 @@ async fn isolate(
     tx: &mut Transaction<'_>,
     schema: &Schema,
     ops: &[Op],
+    lines: &bytes::Bytes,
     failures: &mut Vec<EventFailure>,
 ) -> anyhow::Result<()> {
     // Ranges to try, the next one last; the whole batch failed already.
@@ -822,7 +901,7 @@ async fn isolate(
         }
         let sp = tx.savepoint("flowgate_isolate").await?;
         let owned: Vec<Op> = run.iter().map(|o| Op { event: o.event, kind: clone_kind(&o.kind) }).collect();
-        match execute(&sp, schema, &owned).await {
+        match execute(&sp, schema, &owned, lines).await {
             Ok(()) => sp.commit().await?,
             Err(e) if classify(&e) == Class::PerEvent => {
                 sp.rollback().await?;
@@ -843,6 +922,7 @@ async fn isolate(
 fn clone_kind(k: &OpKind) -> OpKind {
     match k {
         OpKind::Row(v) => OpKind::Row(v.clone()),
+        OpKind::Line(r) => OpKind::Line(r.clone()),
         OpKind::Delete(v) => OpKind::Delete(v.clone()),
         OpKind::Truncate => OpKind::Truncate,
     }
