@@ -13,7 +13,8 @@
 //! | `timestamp` | ISO 8601 string without zone, `2024-05-01T12:00:00.5` |
 //! | `date`, `time`, `uuid`, text types, anything else | string (the text form) |
 //! | `bytea` | base64 string |
-//! | arrays | the text form (`{1,2,3}`) as a string |
+//! | arrays of the types above (and `date`, `uuid`, text types) | JSON arrays (nested for more dimensions), elements converted as their type; `NULL` elements `null` |
+//! | other arrays, arrays with bounds (`[0:2]={…}`) | the text form as a string |
 //! | NULL | `null` |
 //! | unchanged TOAST value | the string [`UNCHANGED_TOAST`] |
 
@@ -39,6 +40,91 @@ mod oid {
     pub const TIMESTAMP: u32 = 1114;
     pub const TIMESTAMPTZ: u32 = 1184;
     pub const JSONB: u32 = 3802;
+}
+
+/// The element type of the array types converted to JSON arrays.
+fn element_of(array_oid: u32) -> Option<u32> {
+    Some(match array_oid {
+        1000 => oid::BOOL,
+        1005 => oid::INT2,
+        1007 => oid::INT4,
+        1016 => oid::INT8,
+        1021 => oid::FLOAT4,
+        1022 => oid::FLOAT8,
+        1231 => 1700, // numeric
+        1009 => 25,   // text
+        1015 => 1043, // varchar
+        1014 => 1042, // bpchar
+        2951 => 2950, // uuid
+        1182 => 1082, // date
+        1115 => oid::TIMESTAMP,
+        1185 => oid::TIMESTAMPTZ,
+        199 => oid::JSON,
+        3807 => oid::JSONB,
+        _ => return None,
+    })
+}
+
+/// PostgreSQL allows at most 6 dimensions.
+const MAX_DIMENSIONS: usize = 6;
+
+/// An array's text form (`{1,2,NULL}`, `{{"a b","c\\"d"},{e,f}}`) as JSON, its elements
+/// converted as type `element`; `None` when the text is not of that form (bounds, a
+/// delimiter other than `,`, too deep), so the caller keeps the text.
+pub fn array_to_json(element: u32, text: &[u8]) -> Option<Value> {
+    let mut at = 0;
+    let value = parse_array(element, text, &mut at, 1)?;
+    (at == text.len()).then_some(value)
+}
+
+fn parse_array(element: u32, text: &[u8], at: &mut usize, depth: usize) -> Option<Value> {
+    if depth > MAX_DIMENSIONS || text.get(*at) != Some(&b'{') {
+        return None;
+    }
+    *at += 1;
+    let mut items = Vec::new();
+    if text.get(*at) == Some(&b'}') {
+        *at += 1;
+        return Some(Value::Array(items));
+    }
+    loop {
+        match text.get(*at)? {
+            b'{' => items.push(parse_array(element, text, at, depth + 1)?),
+            b'"' => {
+                *at += 1;
+                let mut item = Vec::new();
+                loop {
+                    match *text.get(*at)? {
+                        b'"' => break,
+                        b'\\' => {
+                            *at += 1;
+                            item.push(*text.get(*at)?);
+                        }
+                        b => item.push(b),
+                    }
+                    *at += 1;
+                }
+                *at += 1;
+                items.push(to_json(element, &Datum::Text(&item)));
+            }
+            _ => {
+                let start = *at;
+                while !matches!(text.get(*at)?, b',' | b'}') {
+                    *at += 1;
+                }
+                let item = &text[start..*at];
+                items.push(if item == b"NULL" { Value::Null } else { to_json(element, &Datum::Text(item)) });
+            }
+        }
+        match text.get(*at)? {
+            b',' => *at += 1,
+            b'}' => {
+                *at += 1;
+                return Some(Value::Array(items));
+            }
+            _ => return None,
+        }
+    }
 }
 
 /// The JSON of one value of type `type_oid`.
@@ -74,7 +160,10 @@ pub fn to_json(type_oid: u32, datum: &Datum<'_>) -> Value {
         },
         oid::TIMESTAMPTZ => Value::String(iso_timestamp(&text, true)),
         oid::TIMESTAMP => Value::String(iso_timestamp(&text, false)),
-        _ => Value::String(text.into_owned()),
+        array => match element_of(array).and_then(|e| array_to_json(e, bytes)) {
+            Some(v) => v,
+            None => Value::String(text.into_owned()),
+        },
     }
 }
 
@@ -137,7 +226,16 @@ mod tests {
         assert_eq!(t(1184, "infinity"), json!("infinity"));
         assert_eq!(t(17, "\\x00ff10"), json!("AP8Q"));
         assert_eq!(t(701, "NaN"), json!("NaN"));
-        assert_eq!(t(1007, "{1,2}"), json!("{1,2}"));
+        assert_eq!(t(1007, "{1,2}"), json!([1, 2]));
+        assert_eq!(t(1009, r#"{a,"b c","x\"y\\",NULL,"NULL"}"#), json!(["a", "b c", "x\"y\\", null, "NULL"]));
+        assert_eq!(t(1007, "{{1,2},{3,NULL}}"), json!([[1, 2], [3, null]]));
+        assert_eq!(t(1185, r#"{"2024-05-01 12:00:00+00"}"#), json!(["2024-05-01T12:00:00Z"]));
+        assert_eq!(t(3807, r#"{"{\"a\": 1}"}"#), json!([{"a": 1}]));
+        assert_eq!(t(1007, "{}"), json!([]));
+        // Bounds, or anything not of the plain form, stay text.
+        assert_eq!(t(1007, "[0:1]={1,2}"), json!("[0:1]={1,2}"));
+        assert_eq!(t(1007, "{1,2"), json!("{1,2"));
+        assert_eq!(t(1007, "{{{{{{{1}}}}}}}"), json!("{{{{{{{1}}}}}}}"));
         assert_eq!(to_json(23, &Datum::Null), Value::Null);
         assert_eq!(to_json(25, &Datum::UnchangedToast), json!(UNCHANGED_TOAST));
     }
@@ -149,5 +247,22 @@ mod tests {
         assert_eq!(base64(b"fo"), "Zm8=");
         assert_eq!(base64(b"foo"), "Zm9v");
         assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_array_text_converts_or_stays_text_without_panicking(text in proptest::collection::vec(
+            proptest::sample::select(vec![b'{', b'}', b',', b'"', b'\\', b'1', b'a', b' ', b'N']), 0..64)) {
+            let _ = array_to_json(23, &text);
+            let _ = to_json(1009, &Datum::Text(&text));
+        }
+
+        #[test]
+        fn integer_arrays_round_trip(items in proptest::collection::vec(proptest::option::of(proptest::prelude::any::<i32>()), 0..20)) {
+            let text: Vec<String> = items.iter().map(|i| i.map_or("NULL".to_owned(), |n| n.to_string())).collect();
+            let text = format!("{{{}}}", text.join(","));
+            let want: Vec<Value> = items.iter().map(|i| i.map_or(Value::Null, Value::from)).collect();
+            proptest::prop_assert_eq!(to_json(1007, &Datum::Text(text.as_bytes())), Value::Array(want));
+        }
     }
 }
