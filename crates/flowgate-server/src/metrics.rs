@@ -1,5 +1,9 @@
 //! The engine's Prometheus metrics (prefix `flowgate_`).
 //!
+//! [`Metrics::render`] writes the OpenMetrics text format; [`openmetrics_to_text`] turns it
+//! into the Prometheus text format 0.0.4 for scrapers that do not ask for OpenMetrics
+//! ([`wants_openmetrics`] reads their `Accept` header).
+//!
 //! Hot paths never build label sets per event: a connection resolves its counters once
 //! per topic ([`TopicCounters`]) and bumps them once per batch.
 
@@ -292,7 +296,7 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text exposition, with log sizes read fresh.
+    /// The OpenMetrics text exposition (ending in `# EOF`), with log sizes read fresh.
     pub fn render(&self, log: &Log) -> String {
         for topic in log.topic_infos() {
             let labels = TopicLabels { topic: topic.name.clone() };
@@ -309,6 +313,72 @@ impl Metrics {
     }
 }
 
+/// The content type of the Prometheus text format 0.0.4.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The content type of the OpenMetrics text format [`Metrics::render`] writes.
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Whether a scraper's `Accept` header prefers OpenMetrics to the text format 0.0.4: it
+/// names `application/openmetrics-text` with a quality above 0 and at least that of
+/// `text/plain` (Prometheus asks for OpenMetrics first; `curl` and `promtool` get text).
+pub fn wants_openmetrics(accept: &str) -> bool {
+    let mut openmetrics = 0.0_f64;
+    let mut text = 0.0_f64;
+    for range in accept.split(',') {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .and_then(|(_, v)| v.trim().parse::<f64>().ok())
+            .unwrap_or(1.0);
+        match media.as_str() {
+            "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+            "text/plain" => text = text.max(q),
+            _ => {}
+        }
+    }
+    openmetrics > 0.0 && openmetrics >= text
+}
+
+/// The Prometheus text format 0.0.4 of an OpenMetrics exposition: a counter family is
+/// named as its samples (`x_total`, where OpenMetrics names it `x`), `unknown` becomes
+/// `untyped`, and what 0.0.4 has no place for goes (`# UNIT`, `# EOF`, `_created`
+/// samples of counters).
+pub fn openmetrics_to_text(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some((name, kind)) = line.strip_prefix("# TYPE ").and_then(|rest| rest.split_once(' ')) {
+            if kind.trim() == "counter" {
+                counters.insert(name);
+            }
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let descriptor = line.strip_prefix("# HELP ").map(|rest| ("HELP", rest));
+        let descriptor = descriptor.or_else(|| line.strip_prefix("# TYPE ").map(|rest| ("TYPE", rest)));
+        if let Some((kind, rest)) = descriptor {
+            let (name, value) = rest.split_once(' ').unwrap_or((rest, ""));
+            let value = if kind == "TYPE" && value.trim() == "unknown" { "untyped" } else { value };
+            let suffix = if counters.contains(name) && !name.ends_with("_total") { "_total" } else { "" };
+            out.push_str(&format!("# {kind} {name}{suffix} {value}\n"));
+            continue;
+        }
+        let sample_name = line.split(['{', ' ']).next().unwrap_or("");
+        if sample_name.strip_suffix("_created").is_some_and(|family| counters.contains(family)) {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 /// Decrements the open-connections gauge when dropped.
 #[derive(Debug)]
 pub struct ConnectionGuard {
@@ -318,5 +388,48 @@ pub struct ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.gauge.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_gets_openmetrics_and_other_scrapers_text() {
+        let prometheus =
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,\
+                          text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert!(wants_openmetrics(prometheus));
+        assert!(wants_openmetrics("application/openmetrics-text"));
+        assert!(!wants_openmetrics(""));
+        assert!(!wants_openmetrics("*/*"));
+        assert!(!wants_openmetrics("text/plain;version=0.0.4"));
+        assert!(!wants_openmetrics("text/plain, application/openmetrics-text;q=0.5"));
+        assert!(!wants_openmetrics("application/openmetrics-text;q=0"));
+    }
+
+    #[test]
+    fn the_text_format_names_counter_families_as_their_samples() {
+        let openmetrics = "# HELP a_events Events.\n# TYPE a_events counter\na_events_total{x=\"1\"} 3\n\
+                           a_events_created{x=\"1\"} 1.5\n# HELP b Gauge.\n# TYPE b gauge\n# UNIT b bytes\nb 2\n\
+                           # HELP c Other.\n# TYPE c unknown\nc 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(openmetrics),
+            "# HELP a_events_total Events.\n# TYPE a_events_total counter\na_events_total{x=\"1\"} 3\n\
+             # HELP b Gauge.\n# TYPE b gauge\nb 2\n# HELP c Other.\n# TYPE c untyped\nc 1\n"
+        );
+    }
+
+    #[test]
+    fn every_counter_of_the_engine_ends_in_total_in_the_text_format() {
+        let metrics = Metrics::new();
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), flowgate_log::LogConfig::default()).unwrap();
+        let text = openmetrics_to_text(&metrics.render(&log));
+        assert!(!text.contains("# EOF"));
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ") && l.ends_with(" counter")) {
+            assert!(line.split(' ').nth(2).unwrap().ends_with("_total"), "{line}");
+        }
     }
 }

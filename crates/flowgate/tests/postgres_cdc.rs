@@ -609,7 +609,8 @@ fn initial_only_reads_once_without_a_slot_and_when_needed_reads_again_after_a_lo
 /// A table's rows as sorted text, for comparing two tables row for row.
 fn table_rows(pg: &PgServer, table: &str) -> Result<String, String> {
     pg.try_psql(&format!(
-        "select coalesce(string_agg(id || ':' || n || ':' || coalesce(note, '~'), ',' order by id), '') from {table}"
+        "select coalesce(string_agg(id || ':' || n || ':' || coalesce(note, '~') || ':' || coalesce(tags::text, '~'), \
+         ',' order by id), '') from {table}"
     ))
 }
 
@@ -617,9 +618,9 @@ fn table_rows(pg: &PgServer, table: &str) -> Result<String, String> {
 fn a_table_replicated_through_cdc_and_the_sink_equals_its_source_after_sigkills_and_an_outage() {
     let mut pg = PgServer::start();
     pg.psql(
-        "create table a (id int primary key, n int not null, note text); \
-         create table b (id int primary key, n int not null, note text); \
-         insert into a select g, 0, 'start' from generate_series(1, 20000) g",
+        "create table a (id int primary key, n int not null, note text, tags text[]); \
+         create table b (id int primary key, n int not null, note text, tags text[]); \
+         insert into a select g, 0, 'start', array['t' || g, 'x \"y'] from generate_series(1, 20000) g",
     );
     let dir = tempfile::tempdir().unwrap();
     let source = write_config(dir.path(), &pg, &["a"], "topic = \"changes\"");
@@ -654,7 +655,10 @@ fn a_table_replicated_through_cdc_and_the_sink_equals_its_source_after_sigkills_
                         100_000 + round * 50
                     ),
                     1 => format!("delete from a where id > {lo} and id <= {lo} + 10"),
-                    _ => format!("update a set n = n + 1, note = 'r{round}' where id > {lo} and id <= {lo} + 100"),
+                    _ => format!(
+                        "update a set n = n + 1, note = 'r{round}', tags = array['r{round}', null, 'a,b'] \
+                         where id > {lo} and id <= {lo} + 100"
+                    ),
                 };
                 let ok = std::process::Command::new(common::postgres::bin_dir().join("psql"))
                     .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])

@@ -302,7 +302,9 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
     .into_response()
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+/// `GET /metrics`: OpenMetrics to a scraper that asks for it (Prometheus does), the
+/// Prometheus text format 0.0.4 to any other, each with its own content type.
+async fn metrics(State(shared): State<Arc<Shared>>, headers: axum::http::HeaderMap) -> Response {
     shared.ingest.metrics().observe_memory(&shared.memory);
     let mut text = shared.ingest.metrics().render(shared.ingest.log());
     if let Some(sources) = shared.sources.get() {
@@ -312,7 +314,13 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         flowgate_connectors::sources::SourceStatus::render_metrics(sources, &mut extra);
         text.insert_str(end, &extra);
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if crate::metrics::wants_openmetrics(accept) {
+        ([(header::CONTENT_TYPE, crate::metrics::OPENMETRICS_CONTENT_TYPE)], text).into_response()
+    } else {
+        let text = crate::metrics::openmetrics_to_text(&text);
+        ([(header::CONTENT_TYPE, crate::metrics::TEXT_CONTENT_TYPE)], text).into_response()
+    }
 }
 
 async fn ready(State(shared): State<Arc<Shared>>) -> Response {

@@ -35,7 +35,10 @@ pub enum Kind {
     Text,
     /// `json`, `jsonb`.
     Json,
-    /// Anything else (timestamps, dates, uuids, enums, arrays…): the server reads the text.
+    /// An array type: a JSON array is written as an array literal (`{1,2,"a b"}`), a
+    /// string as it is (the literal already).
+    Array,
+    /// Anything else (timestamps, dates, uuids, enums…): the server reads the text.
     Other,
 }
 
@@ -52,6 +55,7 @@ impl Kind {
             "numeric" => Kind::Numeric,
             "text" | "varchar" | "bpchar" | "name" | "citext" => Kind::Text,
             "json" | "jsonb" => Kind::Json,
+            array if array.starts_with('_') => Kind::Array,
             _ => Kind::Other,
         }
     }
@@ -67,6 +71,7 @@ impl Kind {
             Kind::Numeric => "numeric",
             Kind::Text => "text",
             Kind::Json => "json",
+            Kind::Array => "an array",
             Kind::Other => "the column's type",
         }
     }
@@ -145,10 +150,15 @@ pub fn convert(value: &Value, kind: Kind) -> Result<Option<String>, Refused> {
         },
         (Kind::Bool, v) => return Err(refused("22P02", format!("{} is not a boolean", shown(v)))),
         (Kind::Json, v) => v.to_string(),
-        (Kind::Text | Kind::Other, Value::String(s)) => s.clone(),
-        (Kind::Text | Kind::Other, Value::Bool(b)) => b.to_string(),
-        (Kind::Text | Kind::Other, Value::Number(n)) => n.to_string(),
-        (Kind::Text | Kind::Other, v @ (Value::Array(_) | Value::Object(_))) => v.to_string(),
+        (Kind::Array, Value::Array(items)) => {
+            let mut out = String::new();
+            array_literal(items, &mut out);
+            out
+        }
+        (Kind::Text | Kind::Other | Kind::Array, Value::String(s)) => s.clone(),
+        (Kind::Text | Kind::Other | Kind::Array, Value::Bool(b)) => b.to_string(),
+        (Kind::Text | Kind::Other | Kind::Array, Value::Number(n)) => n.to_string(),
+        (Kind::Text | Kind::Other | Kind::Array, v @ (Value::Array(_) | Value::Object(_))) => v.to_string(),
     };
     if text.len() > MAX_VALUE_BYTES {
         return Err(refused("54000", format!("a value of {} bytes exceeds PostgreSQL's limit", text.len())));
@@ -157,6 +167,38 @@ pub fn convert(value: &Value, kind: Kind) -> Result<Option<String>, Refused> {
         return Err(refused("22021", "a string holds a NUL character, which PostgreSQL text cannot".to_owned()));
     }
     Ok(Some(text))
+}
+
+/// A JSON array as PostgreSQL's array literal: elements quoted (`"` and `\` escaped),
+/// `NULL` for null, nested arrays as dimensions, objects as their JSON text.
+fn array_literal(items: &[Value], out: &mut String) {
+    out.push('{');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let text = match item {
+            Value::Null => {
+                out.push_str("NULL");
+                continue;
+            }
+            Value::Array(inner) => {
+                array_literal(inner, out);
+                continue;
+            }
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        out.push('"');
+        for c in text.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    out.push('}');
 }
 
 /// `Some(Some(n))` for an integer, `Some(None)` for an integer out of `i64`'s range,
@@ -326,14 +368,17 @@ pub fn convert_raw(raw: &serde_json::value::RawValue, kind: Kind) -> Result<Opti
             };
             if let Ok(n) = text.parse::<i64>() {
                 if (lo..=hi).contains(&n) {
-                    return Ok(Some(text.to_owned()));
+                    // As `convert` spells it (`-0` is `0`): keys compare as written.
+                    return Ok(Some(n.to_string()));
                 }
             }
         }
         Kind::Float4 | Kind::Float8 if number(text) => {
             if let Ok(f) = text.parse::<f64>() {
                 if f.is_finite() && (kind == Kind::Float8 || f.abs() <= f64::from(f32::MAX)) {
-                    return Ok(Some(text.to_owned()));
+                    // One spelling per value, as `convert` writes it (and an underflow
+                    // is the 0 it became, not a text PostgreSQL refuses).
+                    return Ok(Some(format!("{f:?}")));
                 }
             }
         }
@@ -373,7 +418,6 @@ pub fn copy_escape(buf: &mut bytes::BytesMut, s: &str) {
 /// null): what [`convert_raw`] gives, escaped, with no allocation in the common cases.
 pub fn copy_value(raw: &serde_json::value::RawValue, kind: Kind, buf: &mut bytes::BytesMut) -> Result<(), Refused> {
     let text = raw.get();
-    let number = |t: &str| t.bytes().next().is_some_and(|b| b == b'-' || b.is_ascii_digit());
     let plain = match kind {
         Kind::Text | Kind::Other if text.starts_with('"') => match serde_json::from_str::<Text<'_>>(text) {
             Ok(s) if s.0.len() <= MAX_VALUE_BYTES && !s.0.contains('\0') => {
@@ -382,8 +426,14 @@ pub fn copy_value(raw: &serde_json::value::RawValue, kind: Kind, buf: &mut bytes
             }
             _ => false,
         },
-        Kind::Int8 => number(text) && text.parse::<i64>().is_ok(),
-        Kind::Float8 => number(text) && text.parse::<f64>().is_ok_and(f64::is_finite),
+        Kind::Int8 => {
+            if let Ok(n) = text.parse::<i64>() {
+                use std::fmt::Write as _;
+                let _ = write!(buf, "{n}");
+                return Ok(());
+            }
+            false
+        }
         Kind::Bool => text == "true" || text == "false",
         _ => false,
     };
@@ -404,7 +454,7 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::json;
 
-    const KINDS: [Kind; 10] = [
+    const KINDS: [Kind; 11] = [
         Kind::Bool,
         Kind::Int2,
         Kind::Int4,
@@ -414,6 +464,7 @@ mod tests {
         Kind::Numeric,
         Kind::Text,
         Kind::Json,
+        Kind::Array,
         Kind::Other,
     ];
 
@@ -447,6 +498,24 @@ mod tests {
         assert_eq!(convert(&json!("12.50"), Kind::Numeric).unwrap().as_deref(), Some("12.50"));
         assert_eq!(convert(&json!("1e5"), Kind::Numeric).unwrap().as_deref(), Some("1e5"));
         assert_eq!(convert(&json!("1e9999999"), Kind::Numeric).unwrap_err().code, "22P02");
+    }
+
+    #[test]
+    fn json_arrays_become_array_literals() {
+        let v = json!([[1, null], ["a \"b\\", {"k": 1}]]);
+        assert_eq!(convert(&v, Kind::Array).unwrap().as_deref(), Some(r#"{{"1",NULL},{"a \"b\\","{\"k\":1}"}}"#));
+        assert_eq!(convert(&json!("{1,2}"), Kind::Array).unwrap().as_deref(), Some("{1,2}"));
+        assert_eq!(Kind::of("_int4"), Kind::Array);
+    }
+
+    #[test]
+    fn one_value_has_one_spelling_whichever_path_reads_it() {
+        for (raw, kind, want) in
+            [("-0", Kind::Int4, "0"), ("1e-400", Kind::Float8, "0.0"), ("10e-1", Kind::Float8, "1.0")]
+        {
+            let raw: Box<serde_json::value::RawValue> = serde_json::from_str(raw).unwrap();
+            assert_eq!(convert_raw(&raw, kind).unwrap().as_deref(), Some(want), "{raw}");
+        }
     }
 
     #[test]
@@ -504,7 +573,7 @@ mod tests {
                         Kind::Numeric => prop_assert!(is_decimal(&text)),
                         Kind::Bool => prop_assert!(text == "true" || text == "false"),
                         Kind::Json => { serde_json::from_str::<Value>(&text).unwrap(); }
-                        Kind::Text | Kind::Other => {}
+                        Kind::Text | Kind::Other | Kind::Array => {}
                     }
                 }
                 Err(r) => prop_assert!(["22003", "22P02", "22021", "54000"].contains(&r.code) && !r.reason.is_empty()),

@@ -285,7 +285,15 @@ enum Class {
 
 fn classify(e: &tokio_postgres::Error) -> Class {
     match e.code().map(|c| c.code()) {
-        Some(code) if code.starts_with("22") || code.starts_with("23") || code.starts_with("54") || code == "0A000" => {
+        // 21000: one statement touched a row twice (two spellings of one key in a batch):
+        // the events apart, in order, write fine.
+        Some(code)
+            if code.starts_with("22")
+                || code.starts_with("23")
+                || code.starts_with("54")
+                || code == "0A000"
+                || code == "21000" =>
+        {
             Class::PerEvent
         }
         _ => Class::Write,

@@ -14,7 +14,7 @@
 //! | `date`, `time`, `uuid`, text types, anything else | string (the text form) |
 //! | `bytea` | base64 string |
 //! | arrays of the types above (and `date`, `uuid`, text types) | JSON arrays (nested for more dimensions), elements converted as their type; `NULL` elements `null` |
-//! | other arrays, arrays with bounds (`[0:2]={…}`) | the text form as a string |
+//! | other arrays, arrays with bounds (`[0:2]={…}`), arrays over 1 MiB of text | the text form as a string |
 //! | NULL | `null` |
 //! | unchanged TOAST value | the string [`UNCHANGED_TOAST`] |
 
@@ -64,6 +64,10 @@ fn element_of(array_oid: u32) -> Option<u32> {
         _ => return None,
     })
 }
+
+/// Arrays longer than this as text stay text: as JSON values they would take many times
+/// their text's memory.
+pub const MAX_ARRAY_TEXT: usize = 1 << 20;
 
 /// PostgreSQL allows at most 6 dimensions.
 const MAX_DIMENSIONS: usize = 6;
@@ -160,10 +164,12 @@ pub fn to_json(type_oid: u32, datum: &Datum<'_>) -> Value {
         },
         oid::TIMESTAMPTZ => Value::String(iso_timestamp(&text, true)),
         oid::TIMESTAMP => Value::String(iso_timestamp(&text, false)),
-        array => match element_of(array).and_then(|e| array_to_json(e, bytes)) {
-            Some(v) => v,
-            None => Value::String(text.into_owned()),
-        },
+        array => {
+            match element_of(array).filter(|_| bytes.len() <= MAX_ARRAY_TEXT).and_then(|e| array_to_json(e, bytes)) {
+                Some(v) => v,
+                None => Value::String(text.into_owned()),
+            }
+        }
     }
 }
 
