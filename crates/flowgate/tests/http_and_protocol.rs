@@ -228,3 +228,48 @@ fn an_http_read_holds_at_most_a_body_of_payloads_and_says_where_to_go_on() {
     assert_eq!(seen, (0..100).collect::<Vec<u64>>(), "paging by next_offset reads every event once, in order");
     assert!(engine.terminate().success());
 }
+
+/// Reads `n` server-sent `stats` events from `GET /v1/stats/stream` and returns their
+/// documents.
+fn stats_events(engine: &EngineProcess, n: usize) -> Vec<serde_json::Value> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::net::TcpStream::connect(engine.http).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET /v1/stats/stream?interval_ms=100 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut head = String::new();
+    let mut out = Vec::new();
+    let mut line = String::new();
+    while out.len() < n {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "the stream ended after {} events", out.len());
+        if out.is_empty() && head.len() < 4096 && !line.starts_with("data: ") {
+            head.push_str(&line);
+        }
+        if let Some(data) = line.strip_prefix("data: ") {
+            out.push(serde_json::from_str(data.trim_end()).unwrap());
+        }
+    }
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: text/event-stream"), "{head}");
+    out
+}
+
+#[test]
+fn the_stats_stream_pushes_the_stats_document_and_refuses_bad_intervals() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = EngineProcess::start(dir.path(), &[]);
+    let (status, _) = engine.http("POST", "/v1/topics/streamed/events", br#"{"a":1}"#);
+    assert_eq!(status, 200);
+    let events = stats_events(&engine, 3);
+    for e in &events {
+        assert!(e["uptime_secs"].is_u64() && e["memory"].is_object(), "{e}");
+        assert!(e["topics"].as_array().unwrap().iter().any(|t| t["name"] == "streamed"), "{e}");
+    }
+    let (_, plain) = engine.http("GET", "/v1/stats", b"");
+    let plain: serde_json::Value = serde_json::from_str(&plain).unwrap();
+    let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&events[0]), keys(&plain), "the same document as /v1/stats");
+    assert_eq!(engine.http("GET", "/v1/stats/stream?interval_ms=5", b"").0, 400);
+    assert_eq!(engine.http("GET", "/v1/stats/stream?interval_ms=600000", b"").0, 400);
+}

@@ -34,6 +34,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/topics/{topic}/events", get(read_events).post(post_events))
         .route("/v1/topics", get(list_topics))
         .route("/v1/stats", get(stats))
+        .route("/v1/stats/stream", get(stats_stream))
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/stats", get(dlq::stats))
         .route("/v1/dlq/replay", axum::routing::post(dlq::replay))
@@ -281,12 +282,71 @@ async fn list_topics(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn stats(State(shared): State<Arc<Shared>>) -> Response {
+    Json(stats_json(&shared)).into_response()
+}
+
+/// Streams open at once at most: each holds a connection and renders the stats.
+const MAX_STATS_STREAMS: usize = 64;
+
+static STATS_STREAMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Gives back a stream's place when it ends.
+struct StreamPlace;
+
+impl Drop for StreamPlace {
+    fn drop(&mut self) {
+        STATS_STREAMS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+#[derive(Deserialize)]
+struct StreamQuery {
+    interval_ms: Option<u64>,
+}
+
+/// `GET /v1/stats/stream`: server-sent events, one `stats` event holding the document
+/// of `/v1/stats` every `interval_ms` (default 1000, 100 to 60000), until the client
+/// goes or the engine stops.
+async fn stats_stream(State(shared): State<Arc<Shared>>, Query(q): Query<StreamQuery>) -> Response {
+    let interval = q.interval_ms.unwrap_or(1000);
+    if !(100..=60_000).contains(&interval) {
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": "interval_ms must be from 100 to 60000"})))
+            .into_response();
+    }
+    let taken = STATS_STREAMS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    let place = StreamPlace;
+    if taken >= MAX_STATS_STREAMS {
+        drop(place);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5")],
+            Json(json!({"error": format!("{MAX_STATS_STREAMS} stats streams are open already; try again later")})),
+        )
+            .into_response();
+    }
+    let mut ticks = tokio::time::interval(std::time::Duration::from_millis(interval));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let state = (shared, ticks, place);
+    let events = futures_util::stream::unfold(state, |(shared, mut ticks, place)| async move {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shared.shutdown.cancelled() => return None,
+        }
+        let frame = format!("event: stats\ndata: {}\n\n", stats_json(&shared));
+        Some((Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(frame)), (shared, ticks, place)))
+    });
+    ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(events))
+        .into_response()
+}
+
+/// The document of `GET /v1/stats`.
+fn stats_json(shared: &Shared) -> serde_json::Value {
     let topics = shared.ingest.log().topic_infos();
     let reasons = shared.not_ready_reasons();
     let workers = shared.pipelines.get().map(|h| h.workers()).unwrap_or_default();
     let sinks = shared.pipelines.get().map(|h| h.sinks()).unwrap_or_default();
     let controllers = shared.pipelines.get().map(|h| h.controllers()).unwrap_or_default();
-    Json(json!({
+    json!({
         "uptime_secs": shared.started.elapsed().as_secs(),
         "ready": reasons.is_empty(),
         "not_ready_reasons": reasons,
@@ -298,8 +358,7 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
         "sink_controllers": controllers,
         "memory": shared.memory.stats(),
         "sources": shared.sources.get().map(|s| s.iter().map(|s| s.to_json()).collect::<Vec<_>>()).unwrap_or_default(),
-    }))
-    .into_response()
+    })
 }
 
 /// `GET /metrics`: OpenMetrics to a scraper that asks for it (Prometheus does), the
