@@ -51,6 +51,9 @@ enum Command {
         #[command(subcommand)]
         command: commands::dlq::Command,
     },
+    /// Live terminal view of a running engine: rates, lag, errors, batches, concurrency,
+    /// breakers and memory per pipeline, sink, source and topic.
+    Top(commands::top::Args),
     /// Inspect the log on disk.
     Log {
         #[command(subcommand)]
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
         Command::Validate { config } => commands::validate::run(&config),
         Command::Topics { command } => commands::topics::run(command),
         Command::Dlq { command } => commands::dlq::run(command),
+        Command::Top(args) => commands::top::run(args),
         Command::Log { command: LogCommand::Check { data_dir, json } } => commands::log_check::run(&data_dir, json),
     };
     match result {

@@ -4,13 +4,15 @@ pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod dlq;
-pub mod http;
 pub mod log_check;
 pub mod run;
 pub mod send;
 pub mod tail;
 pub mod topics;
 pub mod validate;
+
+pub use flowgate::http;
+pub use flowgate::top;
 
 /// A multi-threaded runtime for commands that talk to an engine.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
