@@ -33,6 +33,12 @@ pub struct Config {
     /// Sources: external systems read into topics (docs/connectors.md).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sources: Vec<flowgate_connectors::sources::SourceConfig>,
+    /// Alert rules (docs/alerts.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<crate::alerts::AlertRule>,
+    /// How alerts are evaluated and delivered.
+    #[serde(default)]
+    pub alerting: crate::alerts::AlertingConfig,
 }
 
 /// `[server]`.
@@ -409,6 +415,11 @@ impl Config {
             origin: origin.to_owned(),
             key: "sources".into(),
             message: format!("{e:#}"),
+        })?;
+        crate::alerts::validate(&self.alerts, &self.alerting).map_err(|message| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            key: "alerts".into(),
+            message,
         })?;
         self.validate_pipelines(origin)
     }

@@ -13,6 +13,7 @@
 
 #![warn(missing_docs)]
 
+pub mod alerts;
 pub mod binary;
 pub mod budget;
 pub mod config;

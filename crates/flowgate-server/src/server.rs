@@ -73,6 +73,7 @@ impl Engine {
             memory_policy: config.server.memory_policy,
             replayer: Default::default(),
             sources: Default::default(),
+            alerts: Default::default(),
         });
         let mut engine = Engine {
             binary_addr: binary.local_addr()?,
@@ -125,6 +126,12 @@ impl Engine {
             tracing::info!(sources = config.sources.len(), "sources started");
             let _ = shared.sources.set(sources.statuses().to_vec());
             engine.sources = Some(sources);
+        }
+        let alerts = Arc::new(crate::alerts::Alerts::new(&config.alerts, &config.alerting));
+        let _ = shared.alerts.set(alerts.clone());
+        if !config.alerts.is_empty() {
+            engine.background.spawn(crate::alerts::run(shared.clone(), alerts));
+            tracing::info!(rules = config.alerts.len(), "alert rules loaded");
         }
         shared.ready.store(true, Ordering::Release);
         tracing::info!(

@@ -42,6 +42,8 @@ pub struct Shared {
     pub memory_policy: crate::config::MemoryPolicy,
     /// The status of each configured source, once they have started.
     pub sources: std::sync::OnceLock<Vec<Arc<flowgate_connectors::sources::SourceStatus>>>,
+    /// The alert rules and their states.
+    pub alerts: std::sync::OnceLock<Arc<crate::alerts::Alerts>>,
     /// Replays dead letters into the pipelines, once they have started.
     pub replayer: std::sync::OnceLock<Arc<flowgate_engine::runtime::replay::Replayer>>,
 }

@@ -35,6 +35,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/topics", get(list_topics))
         .route("/v1/stats", get(stats))
         .route("/v1/stats/stream", get(stats_stream))
+        .route("/v1/alerts", get(alerts))
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/stats", get(dlq::stats))
         .route("/v1/dlq/replay", axum::routing::post(dlq::replay))
@@ -282,7 +283,37 @@ async fn list_topics(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn stats(State(shared): State<Arc<Shared>>) -> Response {
-    Json(stats_json(&shared)).into_response()
+    Json(stats_document(&shared, true)).into_response()
+}
+
+/// `GET /v1/alerts`: active and recently resolved alerts (docs/alerts.md).
+async fn alerts(State(shared): State<Arc<Shared>>) -> Response {
+    let body = shared.alerts.get().map_or_else(|| json!({"active": [], "resolved": [], "rules": 0}), |a| a.to_json());
+    Json(body).into_response()
+}
+
+/// The document of `GET /v1/stats`, with the active alerts when `with_alerts` (the
+/// alert rules read it without, as they are evaluated).
+pub(crate) fn stats_document(shared: &Shared, with_alerts: bool) -> serde_json::Value {
+    let mut doc = stats_json(shared);
+    if with_alerts {
+        doc["alerts"] = json!(shared.alerts.get().map(|a| a.active()).unwrap_or_default());
+    }
+    doc
+}
+
+/// Everything `/metrics` writes, in OpenMetrics.
+pub(crate) fn metrics_text(shared: &Shared) -> String {
+    shared.ingest.metrics().observe_memory(&shared.memory);
+    let mut text = shared.ingest.metrics().render(shared.ingest.log());
+    if let Some(sources) = shared.sources.get() {
+        // Before the OpenMetrics end marker, which must come last.
+        let end = text.rfind("# EOF").unwrap_or(text.len());
+        let mut extra = String::new();
+        flowgate_connectors::sources::SourceStatus::render_metrics(sources, &mut extra);
+        text.insert_str(end, &extra);
+    }
+    text
 }
 
 /// Streams open at once at most: each holds a connection and renders the stats.
@@ -332,7 +363,7 @@ async fn stats_stream(State(shared): State<Arc<Shared>>, Query(q): Query<StreamQ
             _ = ticks.tick() => {}
             _ = shared.shutdown.cancelled() => return None,
         }
-        let frame = format!("event: stats\ndata: {}\n\n", stats_json(&shared));
+        let frame = format!("event: stats\ndata: {}\n\n", stats_document(&shared, true));
         Some((Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(frame)), (shared, ticks, place)))
     });
     ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(events))
@@ -364,15 +395,7 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
 /// `GET /metrics`: OpenMetrics to a scraper that asks for it (Prometheus does), the
 /// Prometheus text format 0.0.4 to any other, each with its own content type.
 async fn metrics(State(shared): State<Arc<Shared>>, headers: axum::http::HeaderMap) -> Response {
-    shared.ingest.metrics().observe_memory(&shared.memory);
-    let mut text = shared.ingest.metrics().render(shared.ingest.log());
-    if let Some(sources) = shared.sources.get() {
-        // Before the OpenMetrics end marker, which must come last.
-        let end = text.rfind("# EOF").unwrap_or(text.len());
-        let mut extra = String::new();
-        flowgate_connectors::sources::SourceStatus::render_metrics(sources, &mut extra);
-        text.insert_str(end, &extra);
-    }
+    let text = metrics_text(&shared);
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
     if crate::metrics::wants_openmetrics(accept) {
         ([(header::CONTENT_TYPE, crate::metrics::OPENMETRICS_CONTENT_TYPE)], text).into_response()
