@@ -126,6 +126,8 @@ pub struct Sample {
     pub memory: Option<Memory>,
     /// Every pipeline, sink, source and topic.
     pub components: Vec<Component>,
+    /// Active alerts (`/v1/stats` `alerts`): name, severity, state.
+    pub alerts: Vec<(String, String, String)>,
 }
 
 /// The longest one sample may take before it counts as failed.
@@ -424,12 +426,21 @@ impl Sample {
             })
         });
 
+        let text = |a: &Value, k: &str| a.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+        let alerts = stats
+            .get("alerts")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|a| (text(a, "name"), text(a, "severity"), text(a, "state")))
+            .collect();
         Sample {
             at,
             uptime_secs: u64_at(stats, "uptime_secs"),
             ready: stats.get("ready").and_then(Value::as_bool),
             memory,
             components,
+            alerts,
         }
     }
 }

@@ -427,6 +427,18 @@ fn draw_header(frame: &mut Frame, area: Rect, screen: &Screen) {
         }
         None => Line::raw("memory -"),
     };
+    let mut memory = memory;
+    if let Some(cur) = screen.cur {
+        let firing: Vec<&(String, String, String)> = cur.alerts.iter().filter(|a| a.2 == "firing").collect();
+        if !firing.is_empty() {
+            let critical = firing.iter().any(|a| a.1 == "critical");
+            let names: Vec<&str> = firing.iter().map(|a| a.0.as_str()).collect();
+            memory.spans.push(Span::styled(
+                format!("  ALERTS {}: {}", firing.len(), names.join(", ")),
+                Style::new().fg(if critical { Color::Red } else { Color::Yellow }).add_modifier(Modifier::BOLD),
+            ));
+        }
+    }
 
     let status = match screen.link {
         Link::Connecting => Line::styled(format!("connecting to {}…", screen.addr), Style::new().fg(Color::Yellow)),
@@ -512,7 +524,7 @@ mod tests {
     }
 
     fn sample(at: Instant, components: Vec<Component>) -> Sample {
-        Sample { at, uptime_secs: Some(5), ready: Some(true), memory: None, components }
+        Sample { at, uptime_secs: Some(5), ready: Some(true), memory: None, components, alerts: Vec::new() }
     }
 
     #[test]
@@ -660,6 +672,28 @@ mod tests {
         // Nothing at all yet: still a frame, no panic.
         let screen = Screen { cur: None, link: &Link::Connecting, ..screen };
         assert!(render(&screen).contains("connecting to 127.0.0.1:7071"));
+    }
+
+    #[test]
+    fn firing_alerts_are_named_in_the_header() {
+        let t0 = Instant::now();
+        let mut cur = sample(t0, vec![component(Kind::Pipeline, "orders", 1, 0)]);
+        cur.alerts = vec![
+            ("sink failing".into(), "critical".into(), "firing".into()),
+            ("maybe later".into(), "warning".into(), "pending".into()),
+        ];
+        let ui = UiState::default();
+        let screen = Screen {
+            addr: "127.0.0.1:7071",
+            interval: Duration::from_secs(1),
+            prev: None,
+            cur: Some(&cur),
+            ui: &ui,
+            link: &Link::Up,
+        };
+        let text = render(&screen);
+        assert!(text.contains("ALERTS 1: sink failing"), "{text}");
+        assert!(!text.contains("maybe later"), "pending alerts are not shown: {text}");
     }
 
     #[test]
