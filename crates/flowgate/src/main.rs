@@ -87,7 +87,10 @@ fn init_logging() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // The demo logs to a file of its own, so its progress and report stay readable.
+    if !matches!(cli.command, Command::Demo(_)) {
+        init_logging();
+    }
     let result = match cli.command {
         Command::Run(args) => commands::run::run(args),
         Command::Demo(args) => commands::demo::run(args),

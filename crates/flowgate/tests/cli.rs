@@ -232,7 +232,18 @@ fn the_demo_reports_what_its_pipeline_did() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("demo");
     let (code, out, err) = cli(
-        &["demo", "--duration", "2", "--rate", "20000", "--devices", "50", "--data-dir", data.to_str().unwrap()],
+        &[
+            "demo",
+            "--exit",
+            "--duration",
+            "2",
+            "--rate",
+            "20000",
+            "--devices",
+            "50",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
         None,
     );
     assert_eq!(code, 0, "{err}");
@@ -240,4 +251,11 @@ fn the_demo_reports_what_its_pipeline_did() {
     assert!(sent > 0 && removed == sent, "every duplicate removed by the dedup:\n{out}");
     let (emitted, written) = report_pair(&out, "windows emitted ", "written to files ");
     assert!(emitted > 0 && written == emitted, "every window emitted reaches the files:\n{out}");
+    // The report leads with the dashboard; the engine's log lines went to a file, not
+    // between the progress lines and the report.
+    let report = out.split("flowgate demo report").nth(1).expect("a report");
+    assert!(report.trim_start().starts_with("dashboard  http://"), "{out}");
+    assert!(!err.contains(" INFO ") && !out.contains(" INFO "), "no log lines on the terminal:\n{err}");
+    let log = std::fs::read_to_string(data.join("flowgate.log")).unwrap();
+    assert!(log.contains("flowgate is ready"), "{log}");
 }

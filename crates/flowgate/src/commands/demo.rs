@@ -31,6 +31,20 @@ pub struct Args {
     /// Data directory (emptied first if it holds an earlier demo).
     #[arg(long, default_value = "./flowgate-demo-data")]
     data_dir: PathBuf,
+    /// Stop the engine after the report (the default when not run from a terminal);
+    /// from a terminal the engine otherwise stays up, with its dashboard, until Ctrl-C.
+    #[arg(long)]
+    exit: bool,
+}
+
+/// Sends the engine's log lines to `path` instead of the terminal (`RUST_LOG` filters
+/// as for `flowgate run`).
+fn log_to_file(path: &std::path::Path) -> anyhow::Result<()> {
+    let file = std::fs::File::create(path)?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
+    Ok(())
 }
 
 /// The demo's pipeline, added to the embedded default (which has none).
@@ -151,6 +165,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     std::fs::create_dir_all(&args.data_dir)?;
     std::fs::write(args.data_dir.join(".flowgate-demo"), b"created by flowgate demo; removed by the next demo\n")?;
+    let log_path = args.data_dir.join("flowgate.log");
+    log_to_file(&log_path)?;
+    let stay = !args.exit && std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     let mut config = demo_config()?;
     config.server.data_dir = args.data_dir.clone();
     // Free ports, so the demo runs beside a `flowgate run` on the defaults; the HTTP
@@ -243,7 +260,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         let text = metrics.render(engine.log());
         let data_dir = engine.log().dir().to_path_buf();
-        engine.shutdown().await?;
+        let dashboard = format!("http://{}/", engine.http_addr);
 
         let h = histogram.lock().expect("not poisoned");
         let sent = counters.sent.load(Ordering::Relaxed);
@@ -268,6 +285,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         let mut out = std::io::stdout().lock();
         writeln!(out, "\nflowgate demo report")?;
+        if stay {
+            writeln!(out, "  dashboard  {dashboard}  (live until Ctrl-C; metrics at /metrics, stats at /v1/stats)")?;
+        } else {
+            writeln!(out, "  dashboard  {dashboard} while the demo ran; `flowgate run` serves it at http://127.0.0.1:7071/")?;
+        }
         writeln!(out, "  ingest     {acked} of {sent} events acknowledged in {load_secs:.1} s: {:.0} events/s", acked as f64 / load_secs)?;
         writeln!(out, "             ack latency p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms", ms(0.5), ms(0.99), ms(0.999), h.max() as f64 / 1000.0)?;
         writeln!(out, "  pipeline   {read:.0} events read; dedup → numeric (SIMD level {:?}) → 1 s windows per device → files + topic", flowgate_kernels::level())?;
@@ -282,7 +304,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             writeln!(out, "             {s}")?;
         }
         writeln!(out, "  data       {} (inspect with: flowgate log check --data-dir {})", data_dir.display(), data_dir.display())?;
-        writeln!(out, "  dashboard  start `flowgate run` and open http://127.0.0.1:7071/ — metrics at /metrics, stats at /v1/stats")?;
+        writeln!(out, "  log        {}", log_path.display())?;
+        drop(out);
+        drop(h);
+        if stay {
+            eprintln!("\nthe engine stays up: open {dashboard} (or run `flowgate top --addr {}`); Ctrl-C stops it", engine.http_addr);
+            let _ = tokio::signal::ctrl_c().await;
+            eprintln!("stopping…");
+        }
+        engine.shutdown().await?;
         Ok(ExitCode::SUCCESS)
     })
 }
