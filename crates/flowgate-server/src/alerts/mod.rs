@@ -386,9 +386,12 @@ pub fn metric_value(text: &str, name: &str, labels: &BTreeMap<String, String>) -
             Some(b' ') => ("", rest.trim()),
             _ => continue,
         };
+        // Each wanted pair, whole: after the opening brace or a comma, so `pipeline="a"`
+        // matches neither `xpipeline="a"` nor `pipeline="ab"`.
+        let framed = format!(",{label_text},");
         let matches = labels
             .iter()
-            .all(|(k, v)| label_text.contains(&format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))));
+            .all(|(k, v)| framed.contains(&format!(",{k}=\"{}\",", v.replace('\\', "\\\\").replace('"', "\\\""))));
         let Some(value) = value.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()) else { continue };
         if matches {
             sum = Some(sum.unwrap_or(0.0) + value);
@@ -445,6 +448,9 @@ mod tests {
         assert_eq!(metric_value(text, "flowgate_x_total", &BTreeMap::new()), Some(7.0));
         let only_a = BTreeMap::from([("pipeline".to_owned(), "a".to_owned())]);
         assert_eq!(metric_value(text, "flowgate_x_total", &only_a), Some(3.0));
+        let tricky =
+            "flowgate_q{xpipeline=\"a\"} 1\nflowgate_q{pipeline=\"ab\"} 2\nflowgate_q{pipeline=\"a\",n=\"1\"} 4\n";
+        assert_eq!(metric_value(tricky, "flowgate_q", &only_a), Some(4.0));
         assert_eq!(metric_value(text, "flowgate_y", &BTreeMap::new()), Some(7.0));
         assert_eq!(metric_value(text, "flowgate_z", &BTreeMap::new()), None);
     }
