@@ -26,6 +26,7 @@ pub mod ndjson;
 pub mod parse;
 pub mod server;
 pub mod shared;
+pub mod throughput;
 
 pub use config::{Config, ConfigError};
 pub use server::{Engine, ShutdownOutcome};

@@ -100,6 +100,7 @@ impl Engine {
             }
         });
         engine.background.spawn(retention_loop(shared.clone()));
+        engine.background.spawn(crate::throughput::run(shared.clone()));
         if !config.pipelines.is_empty() {
             let factory = Arc::new(flowgate_connectors::Connectors::new(log.clone(), config.server.data_dir.clone()));
             let pipelines = flowgate_engine::Pipelines::start(

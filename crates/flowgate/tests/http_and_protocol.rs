@@ -270,6 +270,12 @@ fn the_stats_stream_pushes_the_stats_document_and_refuses_bad_intervals() {
     let plain: serde_json::Value = serde_json::from_str(&plain).unwrap();
     let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
     assert_eq!(keys(&events[0]), keys(&plain), "the same document as /v1/stats");
+    // Throughput over time: the events posted show in the ingest rate.
+    poll_until("the ingest rate", Duration::from_secs(10), || {
+        let (_, body) = engine.http("GET", "/v1/stats", b"");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["throughput"]["ingest"]["1m"].as_f64().is_some_and(|r| r > 0.0)
+    });
     assert_eq!(engine.http("GET", "/v1/stats/stream?interval_ms=5", b"").0, 400);
     assert_eq!(engine.http("GET", "/v1/stats/stream?interval_ms=600000", b"").0, 400);
 }

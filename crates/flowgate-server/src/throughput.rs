@@ -1,0 +1,166 @@
+//! Throughput over time for `/v1/stats`: once a second the engine's counters (events
+//! ingested, read per pipeline, written and failed per sink) are sampled, and rates are
+//! given now (the last second), over 1 minute and over 5 minutes.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde_json::{json, Map, Value};
+
+/// Samples kept: five minutes and one, at one a second.
+const KEEP: usize = 301;
+
+/// The counters sampled, by a key of their own (`ingest`, `pipeline:<name>`,
+/// `sink:<pipeline>/<sink>`, `sink_errors:<pipeline>/<sink>`).
+type Counters = BTreeMap<String, f64>;
+
+/// The engine's samples.
+#[derive(Debug, Default)]
+pub struct Throughput {
+    history: Mutex<VecDeque<(Instant, Counters)>>,
+}
+
+static THROUGHPUT: OnceLock<Throughput> = OnceLock::new();
+
+/// The process's throughput history.
+pub fn global() -> &'static Throughput {
+    THROUGHPUT.get_or_init(Throughput::default)
+}
+
+/// A label's value in a sample line's label text.
+fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
+    let framed_start = labels.find(&format!("{name}=\""))?;
+    if framed_start > 0 && !labels[..framed_start].ends_with(',') {
+        return None;
+    }
+    let rest = &labels[framed_start + name.len() + 2..];
+    rest.find('"').map(|end| &rest[..end])
+}
+
+/// The counters of interest in the text `/metrics` writes.
+pub fn counters(text: &str) -> Counters {
+    let mut out = Counters::new();
+    for line in text.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let Ok(value) = value.parse::<f64>() else { continue };
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => (n, l.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let key = match name {
+            "flowgate_ingest_events_total" => "ingest".to_owned(),
+            "flowgate_pipeline_events_read_total" => match label(labels, "pipeline") {
+                Some(p) => format!("pipeline:{p}"),
+                None => continue,
+            },
+            "flowgate_sink_events_total" | "flowgate_sink_errors_total" => {
+                let (Some(p), Some(s)) = (label(labels, "pipeline"), label(labels, "sink")) else { continue };
+                let kind = if name == "flowgate_sink_events_total" { "sink" } else { "sink_errors" };
+                format!("{kind}:{p}/{s}")
+            }
+            _ => continue,
+        };
+        *out.entry(key).or_default() += value;
+    }
+    out
+}
+
+impl Throughput {
+    /// Records the counters read at `at`.
+    pub fn record(&self, at: Instant, counters: Counters) {
+        let mut h = self.history.lock();
+        if h.len() >= KEEP {
+            h.pop_front();
+        }
+        h.push_back((at, counters));
+    }
+
+    /// `{"ingest": {"now", "1m", "5m"}, "pipelines": {name: …}, "sinks": {"pipeline/sink":
+    /// {"now", "1m", "5m", "errors_1m"}}}` in events per second; a window not covered
+    /// yet uses what there is.
+    pub fn to_json(&self) -> Value {
+        let h = self.history.lock();
+        let Some((now, last)) = h.back() else {
+            return json!({"ingest": null, "pipelines": {}, "sinks": {}});
+        };
+        let rate = |key: &str, window: Duration| -> Option<f64> {
+            let (then, earlier) = h.iter().find(|(t, _)| now.duration_since(*t) <= window)?;
+            let secs = now.duration_since(*then).as_secs_f64();
+            if secs <= 0.0 {
+                return None;
+            }
+            let (a, b) = (earlier.get(key).copied().unwrap_or(0.0), last.get(key).copied()?);
+            Some(((b - a) / secs).max(0.0))
+        };
+        let rates = |key: &str| {
+            json!({
+                "now": rate(key, Duration::from_millis(1500)),
+                "1m": rate(key, Duration::from_secs(60)),
+                "5m": rate(key, Duration::from_secs(300)),
+            })
+        };
+        let mut pipelines = Map::new();
+        let mut sinks = Map::new();
+        for key in last.keys() {
+            if let Some(p) = key.strip_prefix("pipeline:") {
+                pipelines.insert(p.to_owned(), rates(key));
+            } else if let Some(s) = key.strip_prefix("sink:") {
+                let mut v = rates(key);
+                v["errors_1m"] = json!(rate(&format!("sink_errors:{s}"), Duration::from_secs(60)));
+                sinks.insert(s.to_owned(), v);
+            }
+        }
+        json!({"ingest": rates("ingest"), "pipelines": pipelines, "sinks": sinks})
+    }
+}
+
+/// Samples the counters once a second until shutdown.
+pub async fn run(shared: std::sync::Arc<crate::shared::Shared>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        let text = crate::http::metrics_text(&shared);
+        global().record(Instant::now(), counters(&text));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_read_by_pipeline_and_sink() {
+        let text = "flowgate_ingest_events_total{path=\"http\"} 10\nflowgate_ingest_events_total{path=\"binary\"} 5\n\
+                    flowgate_pipeline_events_read_total{pipeline=\"p\"} 7\n\
+                    flowgate_sink_events_total{pipeline=\"p\",sink=\"s\"} 3\n\
+                    flowgate_sink_errors_total{pipeline=\"p\",sink=\"s\"} 1\nflowgate_other 9\n";
+        let c = counters(text);
+        assert_eq!(c["ingest"], 15.0);
+        assert_eq!(c["pipeline:p"], 7.0);
+        assert_eq!((c["sink:p/s"], c["sink_errors:p/s"]), (3.0, 1.0));
+        assert_eq!(c.len(), 4);
+    }
+
+    #[test]
+    fn rates_are_given_now_over_one_and_five_minutes() {
+        let t = Throughput::default();
+        let t0 = Instant::now();
+        for s in 0..=120u64 {
+            // 100 events/s for two minutes, 1000/s in the last second.
+            let v = if s < 120 { 100.0 * s as f64 } else { 100.0 * 119.0 + 1000.0 };
+            t.record(t0 + Duration::from_secs(s), Counters::from([("ingest".to_owned(), v)]));
+        }
+        let j = t.to_json();
+        assert_eq!(j["ingest"]["now"], 1000.0);
+        let one = j["ingest"]["1m"].as_f64().unwrap();
+        assert!((one - (100.0 * 59.0 + 1000.0) / 60.0).abs() < 1e-9, "{one}");
+        let five = j["ingest"]["5m"].as_f64().unwrap();
+        assert!((five - (100.0 * 119.0 + 1000.0) / 120.0).abs() < 1e-9, "what there is: {five}");
+    }
+}
