@@ -36,6 +36,10 @@ pub struct Shared {
     pub bad_input_log: RateLimit,
     /// Health of the pipeline workers, once pipelines have started.
     pub pipelines: std::sync::OnceLock<flowgate_engine::PipelineHealth>,
+    /// The configured pipelines (their processors and sinks, for the dashboard's graph).
+    pub pipeline_configs: std::sync::OnceLock<Vec<flowgate_engine::PipelineConfig>>,
+    /// The configured sources (the topics they write, for the dashboard's graph).
+    pub source_configs: std::sync::OnceLock<Vec<flowgate_connectors::sources::SourceConfig>>,
     /// The process's memory budget.
     pub memory: flowgate_memory::MemoryGovernor,
     /// What producers meet at the memory limit.
