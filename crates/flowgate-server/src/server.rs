@@ -69,6 +69,8 @@ impl Engine {
             started: Instant::now(),
             bad_input_log: RateLimit::new(Duration::from_secs(1)),
             pipelines: Default::default(),
+            pipeline_configs: Default::default(),
+            source_configs: Default::default(),
             memory: memory.clone(),
             memory_policy: config.server.memory_policy,
             replayer: Default::default(),
@@ -113,6 +115,7 @@ impl Engine {
             )?;
             tracing::info!(pipelines = config.pipelines.len(), "pipelines started");
             let _ = shared.pipelines.set(pipelines.health());
+            let _ = shared.pipeline_configs.set(config.pipelines.clone());
             let _ = shared.replayer.set(pipelines.replayer());
             engine.pipelines = Some(pipelines);
         }
@@ -126,6 +129,7 @@ impl Engine {
             )?;
             tracing::info!(sources = config.sources.len(), "sources started");
             let _ = shared.sources.set(sources.statuses().to_vec());
+            let _ = shared.source_configs.set(config.sources.clone());
             engine.sources = Some(sources);
         }
         let alerts = Arc::new(crate::alerts::Alerts::new(&config.alerts, &config.alerting));

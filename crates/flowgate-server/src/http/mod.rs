@@ -5,6 +5,7 @@
 //! produce body is read into memory charged to the ingest budget as it arrives, and must
 //! arrive whole within `ingest.frame_timeout_secs`.
 
+mod dashboard;
 pub mod dlq;
 pub mod listener;
 
@@ -43,7 +44,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
-        .route("/", get(index))
+        .route("/", get(dashboard::index))
+        .route("/dashboard/{file}", get(dashboard::asset))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(shared)
 }
@@ -390,6 +392,7 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
         "memory": shared.memory.stats(),
         "throughput": crate::throughput::global().to_json(),
         "sources": shared.sources.get().map(|s| s.iter().map(|s| s.to_json()).collect::<Vec<_>>()).unwrap_or_default(),
+        "flow": dashboard::flow_json(shared),
     })
 }
 
@@ -417,14 +420,4 @@ async fn ready(State(shared): State<Arc<Shared>>) -> Response {
         )
             .into_response()
     }
-}
-
-async fn index() -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        "<!doctype html><title>flowgate</title><h1>flowgate</h1><ul>\
-         <li><a href=\"/v1/topics\">/v1/topics</a></li><li><a href=\"/v1/stats\">/v1/stats</a></li>\
-         <li><a href=\"/metrics\">/metrics</a></li><li><a href=\"/health\">/health</a></li></ul>",
-    )
-        .into_response()
 }
