@@ -1,6 +1,7 @@
-//! Throughput over time for `/v1/stats`: once a second the engine's counters (events
-//! ingested, read per pipeline, written and failed per sink) are sampled, and rates are
-//! given now (the last second), over 1 minute and over 5 minutes.
+//! Throughput and latency over time for `/v1/stats`: once a second the engine's counters
+//! (events ingested, read per pipeline, written and failed per sink) and latency
+//! histograms are sampled; rates are given now (the last second), over 1 minute and over
+//! 5 minutes, latency percentiles over the last minute.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::OnceLock;
@@ -13,7 +14,8 @@ use serde_json::{json, Map, Value};
 const KEEP: usize = 301;
 
 /// The counters sampled, by a key of their own (`ingest`, `pipeline:<name>`,
-/// `sink:<pipeline>/<sink>`, `sink_errors:<pipeline>/<sink>`).
+/// `sink:<pipeline>/<sink>`, `sink_errors:<pipeline>/<sink>`, and for histogram buckets
+/// `hist:<what>:<whose>:<upper bound>`).
 type Counters = BTreeMap<String, f64>;
 
 /// The engine's samples.
@@ -49,6 +51,12 @@ pub fn counters(text: &str) -> Counters {
             Some((n, l)) => (n, l.trim_end_matches('}')),
             None => (series, ""),
         };
+        if let Some((what, whose)) = histogram(name, labels) {
+            if let Some(le) = label(labels, "le") {
+                *out.entry(format!("hist:{what}:{whose}:{le}")).or_default() += value;
+            }
+            continue;
+        }
         let key = match name {
             "flowgate_ingest_events_total" => "ingest".to_owned(),
             "flowgate_pipeline_events_read_total" => match label(labels, "pipeline") {
@@ -65,6 +73,41 @@ pub fn counters(text: &str) -> Counters {
         *out.entry(key).or_default() += value;
     }
     out
+}
+
+/// The latency histograms followed: `(what, whose)` of a `_bucket` sample.
+fn histogram(name: &str, labels: &str) -> Option<(&'static str, String)> {
+    let family = name.strip_suffix("_bucket")?;
+    match family {
+        "flowgate_append_duration_seconds" => Some(("append", "log".to_owned())),
+        "flowgate_pipeline_end_to_end_latency_seconds" => Some(("end_to_end", label(labels, "pipeline")?.to_owned())),
+        "flowgate_sink_write_duration_seconds" => {
+            Some(("sink_write", format!("{}/{}", label(labels, "pipeline")?, label(labels, "sink")?)))
+        }
+        _ => None,
+    }
+}
+
+/// The `q` quantile of cumulative `(upper bound, count)` buckets, interpolated within
+/// the bucket that holds it (as Prometheus' `histogram_quantile`); `None` when empty.
+fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let want = q * total;
+    let mut prev = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= want {
+            if le.is_infinite() {
+                return Some(prev.0);
+            }
+            let frac = if count > prev.1 { (want - prev.1) / (count - prev.1) } else { 1.0 };
+            return Some(prev.0 + (le - prev.0) * frac);
+        }
+        prev = (le, count);
+    }
+    None
 }
 
 impl Throughput {
@@ -114,6 +157,45 @@ impl Throughput {
         }
         json!({"ingest": rates("ingest"), "pipelines": pipelines, "sinks": sinks})
     }
+
+    /// Latency percentiles (ms) over the last minute: `{"append": {"log": …},
+    /// "end_to_end": {pipeline: …}, "sink_write": {"pipeline/sink": …}}`, each
+    /// `{"p50", "p99", "p999", "count"}`, from the histograms' buckets filled in that
+    /// minute.
+    pub fn latency_json(&self) -> Value {
+        let h = self.history.lock();
+        let Some((now, last)) = h.back() else {
+            return json!({});
+        };
+        let Some((_, first)) = h.iter().find(|(t, _)| now.duration_since(*t) <= Duration::from_secs(60)) else {
+            return json!({});
+        };
+        // (what, whose) → [(le, count in the minute)]
+        let mut hists: BTreeMap<(String, String), Vec<(f64, f64)>> = BTreeMap::new();
+        for (key, value) in last.range("hist:".to_owned()..) {
+            let Some(rest) = key.strip_prefix("hist:") else { break };
+            let mut parts = rest.rsplitn(2, ':');
+            let (Some(le), Some(head)) = (parts.next(), parts.next()) else { continue };
+            let Some((what, whose)) = head.split_once(':') else { continue };
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) };
+            if le.is_nan() {
+                continue;
+            }
+            let before = first.get(key).copied().unwrap_or(0.0);
+            hists.entry((what.to_owned(), whose.to_owned())).or_default().push((le, (value - before).max(0.0)));
+        }
+        let mut out = Map::new();
+        for ((what, whose), mut buckets) in hists {
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let ms = |q| quantile(&buckets, q).map(|s| (s * 1e6).round() / 1e3);
+            let entry = out.entry(what).or_insert_with(|| json!({}));
+            entry[whose] = json!({
+                "p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999),
+                "count": buckets.last().map_or(0.0, |b| b.1),
+            });
+        }
+        Value::Object(out)
+    }
 }
 
 /// Samples the counters once a second until shutdown.
@@ -145,6 +227,31 @@ mod tests {
         assert_eq!(c["pipeline:p"], 7.0);
         assert_eq!((c["sink:p/s"], c["sink_errors:p/s"]), (3.0, 1.0));
         assert_eq!(c.len(), 4);
+    }
+
+    #[test]
+    fn latency_percentiles_come_from_the_buckets_filled_in_the_last_minute() {
+        let t = Throughput::default();
+        let t0 = Instant::now();
+        let sample = |fast: f64, slow: f64| {
+            let text = format!(
+                "flowgate_pipeline_end_to_end_latency_seconds_bucket{{pipeline=\"p\",le=\"0.01\"}} {fast}\n\
+                 flowgate_pipeline_end_to_end_latency_seconds_bucket{{pipeline=\"p\",le=\"0.1\"}} {}\n\
+                 flowgate_pipeline_end_to_end_latency_seconds_bucket{{pipeline=\"p\",le=\"+Inf\"}} {}\n",
+                fast + slow,
+                fast + slow
+            );
+            counters(&text)
+        };
+        // Before the minute: a thousand slow ones; in it: 99 fast, 1 slow.
+        t.record(t0, sample(0.0, 1000.0));
+        t.record(t0 + Duration::from_secs(100), sample(0.0, 1000.0));
+        t.record(t0 + Duration::from_secs(130), sample(99.0, 1001.0));
+        let j = t.latency_json();
+        let p = &j["end_to_end"]["p"];
+        assert_eq!(p["count"], 100.0, "{j}");
+        assert!(p["p50"].as_f64().unwrap() <= 10.0, "{j}");
+        assert!(p["p999"].as_f64().unwrap() > 10.0, "{j}");
     }
 
     #[test]

@@ -275,6 +275,8 @@ fn the_stats_stream_pushes_the_stats_document_and_refuses_bad_intervals() {
         let (_, body) = engine.http("GET", "/v1/stats", b"");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         v["throughput"]["ingest"]["1m"].as_f64().is_some_and(|r| r > 0.0)
+            && v["latency"]["append"]["log"]["count"].as_f64().is_some_and(|n| n > 0.0)
+            && v["latency"]["append"]["log"]["p99"].as_f64().is_some()
     });
     assert_eq!(engine.http("GET", "/v1/stats/stream?interval_ms=5", b"").0, 400);
     assert_eq!(engine.http("GET", "/v1/stats/stream?interval_ms=600000", b"").0, 400);

@@ -391,6 +391,7 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
         "sink_controllers": controllers,
         "memory": shared.memory.stats(),
         "throughput": crate::throughput::global().to_json(),
+        "latency": crate::throughput::global().latency_json(),
         "sources": shared.sources.get().map(|s| s.iter().map(|s| s.to_json()).collect::<Vec<_>>()).unwrap_or_default(),
         "flow": dashboard::flow_json(shared),
     })

@@ -262,7 +262,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let data_dir = engine.log().dir().to_path_buf();
         let dashboard = format!("http://{}/", engine.http_addr);
 
-        let h = histogram.lock().expect("not poisoned");
+        // Read out of the histogram here: its lock is not held across the wait below.
+        let (p50, p99, p999, max) = {
+            let h = histogram.lock().expect("not poisoned");
+            let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+            (ms(0.5), ms(0.99), ms(0.999), h.max() as f64 / 1000.0)
+        };
         let sent = counters.sent.load(Ordering::Relaxed);
         let acked = counters.acked.load(Ordering::Relaxed);
         let read = metric_sum(&text, "flowgate_pipeline_events_read_total{pipeline=\"demo\"}");
@@ -272,7 +277,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let dlq = metric_sum(&text, "flowgate_dlq_events_total{pipeline=\"demo\"}");
         let file_events = metric_sum(&text, "flowgate_sink_events_total{pipeline=\"demo\",sink=\"files\"}");
         let e2e = "flowgate_pipeline_end_to_end_latency_seconds";
-        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         let out_dir = data_dir.join("demo-output");
         let mut samples = Vec::new();
         if let Ok(entries) = std::fs::read_dir(&out_dir) {
@@ -291,7 +295,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             writeln!(out, "  dashboard  {dashboard} while the demo ran; `flowgate run` serves it at http://127.0.0.1:7071/")?;
         }
         writeln!(out, "  ingest     {acked} of {sent} events acknowledged in {load_secs:.1} s: {:.0} events/s", acked as f64 / load_secs)?;
-        writeln!(out, "             ack latency p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms", ms(0.5), ms(0.99), ms(0.999), h.max() as f64 / 1000.0)?;
+        writeln!(out, "             ack latency p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms", p50, p99, p999, max)?;
         writeln!(out, "  pipeline   {read:.0} events read; dedup → numeric (SIMD level {:?}) → 1 s windows per device → files + topic", flowgate_kernels::level())?;
         writeln!(out, "             duplicates sent {}  removed {dup_removed:.0}", counters.duplicates.load(Ordering::Relaxed))?;
         writeln!(out, "             late events sent {}  counted late {late:.0} (to topic telemetry-late)", counters.late.load(Ordering::Relaxed))?;
@@ -306,7 +310,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         writeln!(out, "  data       {} (inspect with: flowgate log check --data-dir {})", data_dir.display(), data_dir.display())?;
         writeln!(out, "  log        {}", log_path.display())?;
         drop(out);
-        drop(h);
         if stay {
             eprintln!("\nthe engine stays up: open {dashboard} (or run `flowgate top --addr {}`); Ctrl-C stops it", engine.http_addr);
             let _ = tokio::signal::ctrl_c().await;
