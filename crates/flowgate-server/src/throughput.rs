@@ -200,6 +200,8 @@ impl Throughput {
 
 /// Samples the counters once a second until shutdown.
 pub async fn run(shared: std::sync::Arc<crate::shared::Shared>) {
+    // The counters start at 0 with the engine: what comes before the first tick counts.
+    global().record(Instant::now(), Counters::new());
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
