@@ -91,7 +91,8 @@ impl AnomalyConfig {
         let ok = self.sigmas.is_finite()
             && self.sigmas > 0.0
             && self.clear_sigmas.is_finite()
-            && (0.0..=self.sigmas).contains(&self.clear_sigmas)
+            && self.clear_sigmas > 0.0
+            && self.clear_sigmas <= self.sigmas
             && self.half_life_secs.is_finite()
             && self.half_life_secs > 0.0
             && self.warmup_secs.is_finite()
@@ -101,7 +102,7 @@ impl AnomalyConfig {
         if ok {
             Ok(())
         } else {
-            Err("anomaly: sigmas > 0, 0 <= clear_sigmas <= sigmas, half_life_secs > 0, warmup_secs >= 0 and \
+            Err("anomaly: sigmas > 0, 0 < clear_sigmas <= sigmas, half_life_secs > 0, warmup_secs >= 0 and \
                  min_deviation >= 0, all finite"
                 .to_owned())
         }
@@ -116,12 +117,15 @@ pub struct Baseline {
     learned_secs: f64,
     started: bool,
     anomalous: bool,
+    /// How long the samples have been anomalous without a break.
+    anomalous_secs: f64,
 }
 
 impl Baseline {
     /// Takes a sample `dt_secs` after the previous one; true while it is anomalous.
-    /// Anomalous samples are not learned, so an outage does not become the new normal
-    /// while it lasts.
+    /// Anomalous samples are not learned for one half-life, so a short outage does not
+    /// become the new normal; a change that lasts longer is learned from then on, and
+    /// the alert clears once the baseline has followed it.
     pub fn observe(&mut self, c: &AnomalyConfig, value: f64, dt_secs: f64) -> bool {
         if !value.is_finite() {
             return self.anomalous;
@@ -143,7 +147,8 @@ impl Baseline {
         };
         self.anomalous =
             warm && deviation > c.min_deviation && if self.anomalous { z > c.clear_sigmas } else { z > c.sigmas };
-        if !self.anomalous {
+        self.anomalous_secs = if self.anomalous { self.anomalous_secs + dt_secs.max(0.0) } else { 0.0 };
+        if !self.anomalous || self.anomalous_secs >= c.half_life_secs {
             let alpha = 1.0 - 0.5f64.powf(dt_secs.max(0.0) / c.half_life_secs);
             let diff = value - self.mean;
             self.mean += alpha * diff;
@@ -214,6 +219,11 @@ impl Trend {
         if value >= c.limit {
             return Some(0.0);
         }
+        // A trend needs a quarter of its window: three samples a moment apart are noise.
+        let span = self.samples.back().map_or(0.0, |b| b.0) - self.samples.front().map_or(0.0, |f| f.0);
+        if span < c.window_secs / 4.0 {
+            return None;
+        }
         let slope = self.slope()?;
         if slope <= 0.0 {
             return None;
@@ -283,6 +293,27 @@ mod tests {
     }
 
     #[test]
+    fn a_lasting_change_is_learned_after_a_half_life_and_the_alert_clears() {
+        let c = config();
+        let mut b = Baseline::default();
+        for i in 0..600 {
+            b.observe(&c, noisy(i), 1.0);
+        }
+        assert!(b.observe(&c, 1500.0, 1.0), "the step fires");
+        let cleared = (0..3600).position(|i| !b.observe(&c, 1500.0 + noisy(i) - 1000.0, 1.0));
+        let at = cleared.expect("a new level is learned and the alert clears");
+        assert!(at >= 59, "not before a half-life (60 s): cleared after {at} s");
+        // And a quiet night then traffic: from a flat 0 the level is learned too.
+        let mut night = Baseline::default();
+        let quiet = AnomalyConfig { min_deviation: 100.0, ..config() };
+        for _ in 0..600 {
+            night.observe(&quiet, 0.0, 1.0);
+        }
+        assert!(night.observe(&quiet, 150.0, 1.0));
+        assert!((0..3600).any(|_| !night.observe(&quiet, 150.0, 1.0)), "cleared once learned");
+    }
+
+    #[test]
     fn nothing_fires_during_warmup_or_under_the_minimum_deviation() {
         let mut c = config();
         let mut b = Baseline::default();
@@ -301,6 +332,10 @@ mod tests {
     #[test]
     fn a_rising_trend_is_predicted_to_reach_its_limit_and_a_flat_one_is_not() {
         let c = PredictConfig { limit: 1000.0, horizon_secs: 100.0, window_secs: 60.0 };
+        let mut early = Trend::default();
+        for (t, v) in [(0.0, 0.0), (0.1, 500.0), (0.2, 999.0)] {
+            assert_eq!(early.observe(&c, t, v), None, "three samples within 0.2 s predict nothing");
+        }
         let mut rising = Trend::default();
         let mut last = None;
         for t in 0..30 {

@@ -145,8 +145,9 @@ pub fn validate(rules: &[AlertRule], alerting: &AlertingConfig) -> Result<(), St
         return Err("alerting.interval_ms must be from 100 to 60000".to_owned());
     }
     if let Some(url) = &alerting.webhook_url {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(format!("alerting.webhook_url '{url}' must start with http:// or https://"));
+        let parsed = reqwest::Url::parse(url).ok().filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+        if parsed.is_none() {
+            return Err("alerting.webhook_url must be an http:// or https:// URL with a host".to_owned());
         }
     }
     if alerting.repeat_interval_ms < 1000 || !(100..=60_000).contains(&alerting.webhook_timeout_ms) {
@@ -157,12 +158,27 @@ pub fn validate(rules: &[AlertRule], alerting: &AlertingConfig) -> Result<(), St
     Ok(())
 }
 
+/// A moment: wall-clock milliseconds (shown) and monotonic seconds (measured with, so
+/// a step of the system clock moves no alert).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Stamp {
+    ms: i64,
+    t: f64,
+}
+
 /// Where a rule is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Phase {
     Inactive,
-    Pending { since_ms: i64 },
-    Firing { since_ms: i64 },
+    Pending {
+        since: Stamp,
+    },
+    /// `clearing`: since when the test has not held (a firing alert resolves once it
+    /// has not held for `for_ms`, as it fired once it had held that long).
+    Firing {
+        since: Stamp,
+        clearing: Option<Stamp>,
+    },
 }
 
 struct RuleState {
@@ -171,6 +187,8 @@ struct RuleState {
     baseline: Baseline,
     trend: Trend,
     last: Option<(f64, f64)>,
+    /// When the last sample was taken (monotonic seconds).
+    seen_t: Option<f64>,
     phase: Phase,
     value: Option<f64>,
     severity: Severity,
@@ -211,7 +229,10 @@ impl Alerts {
                 rule: r.clone(),
                 baseline: Baseline::default(),
                 trend: Trend::default(),
-                last: None,
+                // The engine's counters start at 0 with it (time 0 of the rule loop):
+                // a burst before the first evaluation counts.
+                last: r.rate.then_some((0.0, 0.0)),
+                seen_t: None,
                 phase: Phase::Inactive,
                 value: None,
                 severity: r.severity,
@@ -237,11 +258,11 @@ impl Alerts {
     /// Evaluates every rule once at `now_ms` (`t_secs` on a monotonic clock) with
     /// `sample` giving a rule's raw value; returns the notifications to send.
     fn evaluate(&self, now_ms: i64, t_secs: f64, sample: impl Fn(&AlertRule) -> Option<f64>) -> Vec<Value> {
+        let now = Stamp { ms: now_ms, t: t_secs };
         let mut out = Vec::new();
         let mut rules = self.rules.lock();
         for s in rules.iter_mut() {
-            // A counter not written yet is 0 (its series appear with the first event).
-            let raw = sample(&s.rule).or(if s.rule.rate { Some(0.0) } else { None });
+            let raw = sample(&s.rule);
             let value = match (raw, s.rule.rate) {
                 (Some(v), true) => {
                     let rate = s.last.and_then(|(t0, v0)| (t_secs > t0).then(|| (v - v0) / (t_secs - t0)));
@@ -252,8 +273,10 @@ impl Alerts {
                 (v, false) => v,
                 (None, true) => None,
             };
-            let dt =
-                s.value.map_or(0.0, |_| f64::from(u32::try_from(self.alerting.interval_ms).unwrap_or(1000)) / 1000.0);
+            let dt = s.seen_t.map_or(0.0, |t0| (t_secs - t0).max(0.0));
+            if value.is_some() {
+                s.seen_t = Some(t_secs);
+            }
             let holds = match value {
                 None => false,
                 Some(v) => {
@@ -270,22 +293,33 @@ impl Alerts {
                 }
             };
             s.value = value;
-            let for_ms = i64::try_from(s.rule.for_ms).unwrap_or(i64::MAX);
+            let for_secs = s.rule.for_ms as f64 / 1000.0;
             let before = s.phase;
-            s.phase = match (s.phase, holds) {
-                (Phase::Inactive, true) if for_ms == 0 => Phase::Firing { since_ms: now_ms },
-                (Phase::Inactive, true) => Phase::Pending { since_ms: now_ms },
-                (Phase::Pending { since_ms }, true) if now_ms.saturating_sub(since_ms) >= for_ms => {
-                    Phase::Firing { since_ms: now_ms }
+            s.phase = match (s.phase, value.is_some(), holds) {
+                // No sample (a missing series, a reset counter): nothing changes.
+                (p, false, _) => p,
+                (Phase::Inactive, _, true) if for_secs <= 0.0 => Phase::Firing { since: now, clearing: None },
+                (Phase::Inactive, _, true) => Phase::Pending { since: now },
+                (Phase::Pending { since }, _, true) if t_secs - since.t >= for_secs => {
+                    Phase::Firing { since: now, clearing: None }
                 }
-                (p @ (Phase::Pending { .. } | Phase::Firing { .. }), true) => p,
-                (_, false) => Phase::Inactive,
+                (p @ Phase::Pending { .. }, _, true) => p,
+                (Phase::Firing { since, .. }, _, true) => Phase::Firing { since, clearing: None },
+                (Phase::Firing { since, clearing }, _, false) => {
+                    let clearing = clearing.unwrap_or(now);
+                    if t_secs - clearing.t >= for_secs {
+                        Phase::Inactive
+                    } else {
+                        Phase::Firing { since, clearing: Some(clearing) }
+                    }
+                }
+                (Phase::Inactive | Phase::Pending { .. }, _, false) => Phase::Inactive,
             };
             match (before, s.phase) {
-                (Phase::Firing { .. }, Phase::Firing { since_ms }) => {
-                    let age = u64::try_from(now_ms.saturating_sub(since_ms)).unwrap_or(0);
+                (Phase::Firing { .. }, Phase::Firing { since, .. }) => {
+                    let age_ms = ((t_secs - since.t) * 1000.0).max(0.0) as u64;
                     let escalate = self.alerting.escalate_after_ms > 0
-                        && age >= self.alerting.escalate_after_ms
+                        && age_ms >= self.alerting.escalate_after_ms
                         && s.severity == s.rule.severity
                         && s.severity != Severity::Critical;
                     let repeat = s
@@ -306,14 +340,12 @@ impl Alerts {
                     s.last_sent = Some(Instant::now());
                     out.push(notification("firing", s));
                 }
-                (Phase::Firing { .. }, Phase::Inactive) => {
+                (Phase::Firing { since, .. }, Phase::Inactive) => {
                     tracing::info!(alert = %s.rule.name, value = ?s.value, "alert resolved");
                     let mut v = view(s);
                     v["state"] = json!("resolved");
                     v["resolved_ms"] = json!(now_ms);
-                    if let Phase::Firing { since_ms } = before {
-                        v["since_ms"] = json!(since_ms);
-                    }
+                    v["since_ms"] = json!(since.ms);
                     let mut recent = self.recent.lock();
                     if recent.len() >= RECENT {
                         recent.pop_front();
@@ -333,8 +365,8 @@ impl Alerts {
 fn view(s: &RuleState) -> Value {
     let (state, since) = match s.phase {
         Phase::Inactive => ("inactive", None),
-        Phase::Pending { since_ms } => ("pending", Some(since_ms)),
-        Phase::Firing { since_ms } => ("firing", Some(since_ms)),
+        Phase::Pending { since } => ("pending", Some(since.ms)),
+        Phase::Firing { since, .. } => ("firing", Some(since.ms)),
     };
     let kind = if s.rule.anomaly.is_some() {
         "anomaly"
@@ -400,6 +432,12 @@ pub fn metric_value(text: &str, name: &str, labels: &BTreeMap<String, String>) -
     sum
 }
 
+/// True when the metrics text declares the family of sample `name` (`# TYPE`).
+fn declared(text: &str, name: &str) -> bool {
+    let family = name.strip_suffix("_total").unwrap_or(name);
+    [name, family].iter().any(|f| text.contains(&format!("# TYPE {f} ")))
+}
+
 /// Evaluates the rules until shutdown, sending notifications to the webhook if set.
 pub async fn run(shared: Arc<crate::shared::Shared>, alerts: Arc<Alerts>) {
     let webhook = alerts.alerting.webhook_url.clone().map(|url| {
@@ -408,6 +446,7 @@ pub async fn run(shared: Arc<crate::shared::Shared>, alerts: Arc<Alerts>) {
     let mut ticks = tokio::time::interval(Duration::from_millis(alerts.alerting.interval_ms));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let start = Instant::now();
+    let unknown = Mutex::new(std::collections::HashSet::new());
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
@@ -419,7 +458,19 @@ pub async fn run(shared: Arc<crate::shared::Shared>, alerts: Arc<Alerts>) {
         let stats = if needs_stats { crate::http::stats_document(&shared, false) } else { Value::Null };
         let sent = alerts.evaluate(flowgate_core::time::now_ms(), start.elapsed().as_secs_f64(), |r| {
             match (&r.metric, &r.stat) {
-                (Some(m), _) => metric_value(&text, m, &r.labels),
+                // A counter the engine declares but has no series of yet is 0; a name it
+                // does not declare at all gives nothing (said once in the log).
+                (Some(m), _) => metric_value(&text, m, &r.labels).or_else(|| {
+                    if declared(&text, m) {
+                        r.rate.then_some(0.0)
+                    } else {
+                        if unknown.lock().insert(r.name.clone()) {
+                            tracing::warn!(alert = %r.name, metric = %m,
+                                "the alert's metric is not one /metrics exports: the rule cannot fire (see docs/metrics.md)");
+                        }
+                        None
+                    }
+                }),
                 (_, Some(p)) => stats.pointer(p).and_then(Value::as_f64),
                 _ => None,
             }
@@ -471,10 +522,18 @@ mod tests {
         assert!(at(4000, 50.0).is_empty(), "no repeat before the interval");
         let sent = at(8000, 50.0);
         assert_eq!(sent[0]["alert"]["severity"], "warning", "escalated after 5 s of firing");
-        let sent = at(9000, 1.0);
+        // Back under the line: it resolves once that has held for `for_ms` too, so a
+        // value hovering at the line does not flap.
+        assert!(at(9000, 1.0).is_empty());
+        assert!(at(10000, 50.0).is_empty(), "over again: still firing, nothing sent");
+        assert!(at(10500, 1.0).is_empty());
+        assert!(at(12000, 1.0).is_empty());
+        let sent = at(12500, 1.0);
         assert_eq!(sent[0]["status"], "resolved");
         assert!(alerts.active().is_empty());
         assert_eq!(alerts.to_json()["resolved"][0]["name"], "big");
+        // A step of the wall clock moves nothing: timing is by the monotonic clock.
+        assert!(alerts.evaluate(-50_000_000, 13.0, |_| Some(50.0)).is_empty(), "pending, not fired early");
     }
 
     #[test]
@@ -484,7 +543,8 @@ mod tests {
         assert!(alerts.evaluate(0, 0.0, |_| Some(0.0)).is_empty());
         assert!(alerts.evaluate(1000, 1.0, |_| Some(50.0)).is_empty());
         assert_eq!(alerts.evaluate(2000, 2.0, |_| Some(500.0))[0]["status"], "firing");
-        assert_eq!(alerts.evaluate(3000, 3.0, |_| Some(10.0))[0]["status"], "resolved", "a reset");
+        assert!(alerts.evaluate(3000, 3.0, |_| Some(10.0)).is_empty(), "a reset gives no rate: no change");
+        assert_eq!(alerts.evaluate(4000, 4.0, |_| Some(20.0))[0]["status"], "resolved");
     }
 
     #[test]
@@ -503,5 +563,7 @@ mod tests {
         }
         let bad_url = AlertingConfig { webhook_url: Some("ftp://x".into()), ..AlertingConfig::default() };
         assert!(validate(&[], &bad_url).unwrap_err().contains("http://"));
+        let no_host = AlertingConfig { webhook_url: Some("http://".into()), ..AlertingConfig::default() };
+        assert!(validate(&[], &no_host).is_err());
     }
 }

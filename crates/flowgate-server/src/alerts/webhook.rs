@@ -1,6 +1,8 @@
 //! Delivery of alert notifications to a webhook: a JSON POST per notification, in order,
-//! retried a few times; a queue of bounded length (the oldest waiting notification is
-//! dropped, and counted in the log, when it is full).
+//! retried a few times; a queue of bounded length: when it is full a new `firing`
+//! notification is dropped (with a log line), a `resolved` one waits for room (so a
+//! receiver never keeps an alert that ended). The log names the webhook's host only:
+//! its URL may hold a secret.
 
 use std::time::Duration;
 
@@ -23,6 +25,7 @@ impl Webhook {
     /// Starts the delivery task for `url`.
     pub fn start(url: String, timeout: Duration, shutdown: CancellationToken) -> Webhook {
         let (queue, mut rx) = mpsc::channel::<Value>(QUEUE);
+        let host = reqwest::Url::parse(&url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
         tokio::spawn(async move {
             let client = match reqwest::Client::builder().timeout(timeout).build() {
                 Ok(c) => c,
@@ -40,10 +43,10 @@ impl Webhook {
                         outcome => {
                             let why = match outcome {
                                 Ok(r) => format!("status {}", r.status()),
-                                Err(e) => e.to_string(),
+                                Err(e) => e.without_url().to_string(),
                             };
                             if attempt == ATTEMPTS {
-                                tracing::warn!(url = %url, error = %why, alert = %n["alert"]["name"],
+                                tracing::warn!(webhook_host = %host, error = %why, alert = %n["alert"]["name"],
                                     "an alert notification could not be delivered; it is dropped");
                             } else {
                                 tokio::select! {
@@ -63,7 +66,14 @@ impl Webhook {
     /// Queues a notification (dropped, with a log line, when the queue is full).
     pub fn send(&self, notification: Value) {
         if let Err(mpsc::error::TrySendError::Full(n)) = self.queue.try_send(notification) {
-            tracing::warn!(alert = %n["alert"]["name"], "the alert webhook is behind; a notification was dropped");
+            if n["status"] == "resolved" {
+                let queue = self.queue.clone();
+                tokio::spawn(async move {
+                    let _ = queue.send(n).await;
+                });
+            } else {
+                tracing::warn!(alert = %n["alert"]["name"], "the alert webhook is behind; a notification was dropped");
+            }
         }
     }
 }
