@@ -76,6 +76,7 @@ impl Engine {
             replayer: Default::default(),
             sources: Default::default(),
             alerts: Default::default(),
+            stats_feed: Default::default(),
         });
         let mut engine = Engine {
             binary_addr: binary.local_addr()?,

@@ -46,6 +46,9 @@ pub struct Shared {
     pub memory_policy: crate::config::MemoryPolicy,
     /// The status of each configured source, once they have started.
     pub sources: std::sync::OnceLock<Vec<Arc<flowgate_connectors::sources::SourceStatus>>>,
+    /// The stats document of each second, built once for every stream at the default
+    /// interval (started by the first such stream).
+    pub stats_feed: std::sync::OnceLock<tokio::sync::watch::Receiver<bytes::Bytes>>,
     /// The alert rules and their states.
     pub alerts: std::sync::OnceLock<Arc<crate::alerts::Alerts>>,
     /// Replays dead letters into the pipelines, once they have started.

@@ -231,11 +231,11 @@ fn an_http_read_holds_at_most_a_body_of_payloads_and_says_where_to_go_on() {
 
 /// Reads `n` server-sent `stats` events from `GET /v1/stats/stream` and returns their
 /// documents.
-fn stats_events(engine: &EngineProcess, n: usize) -> Vec<serde_json::Value> {
+fn stats_events(engine: &EngineProcess, query: &str, n: usize) -> Vec<serde_json::Value> {
     use std::io::{BufRead, BufReader, Write};
     let mut stream = std::net::TcpStream::connect(engine.http).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET /v1/stats/stream?interval_ms=100 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    write!(stream, "GET /v1/stats/stream{query} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut reader = BufReader::new(stream);
     let mut head = String::new();
     let mut out = Vec::new();
@@ -261,7 +261,16 @@ fn the_stats_stream_pushes_the_stats_document_and_refuses_bad_intervals() {
     let engine = EngineProcess::start(dir.path(), &[]);
     let (status, _) = engine.http("POST", "/v1/topics/streamed/events", br#"{"a":1}"#);
     assert_eq!(status, 200);
-    let events = stats_events(&engine, 3);
+    let events = stats_events(&engine, "?interval_ms=100", 3);
+    // At the default interval, streams share one document a second.
+    let shared = std::thread::scope(|s| {
+        let a = s.spawn(|| stats_events(&engine, "", 2));
+        let b = s.spawn(|| stats_events(&engine, "", 2));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(shared.0.len(), 2);
+    assert!(shared.0[1]["uptime_secs"].as_u64() >= shared.0[0]["uptime_secs"].as_u64());
+    assert!(shared.1.iter().all(|e| e["memory"].is_object()));
     for e in &events {
         assert!(e["uptime_secs"].is_u64() && e["memory"].is_object(), "{e}");
         assert!(e["topics"].as_array().unwrap().iter().any(|t| t["name"] == "streamed"), "{e}");

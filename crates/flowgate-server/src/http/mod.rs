@@ -357,6 +357,20 @@ async fn stats_stream(State(shared): State<Arc<Shared>>, Query(q): Query<StreamQ
         )
             .into_response();
     }
+    let headers = [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")];
+    if interval == 1000 {
+        // Every stream at the default interval shares one document a second.
+        let feed = stats_feed(&shared);
+        let events = futures_util::stream::unfold((shared, feed, place), |(shared, mut feed, place)| async move {
+            tokio::select! {
+                changed = feed.changed() => changed.ok()?,
+                _ = shared.shutdown.cancelled() => return None,
+            }
+            let frame = feed.borrow_and_update().clone();
+            Some((Ok::<_, std::convert::Infallible>(frame), (shared, feed, place)))
+        });
+        return (headers, Body::from_stream(events)).into_response();
+    }
     let mut ticks = tokio::time::interval(std::time::Duration::from_millis(interval));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let state = (shared, ticks, place);
@@ -365,11 +379,40 @@ async fn stats_stream(State(shared): State<Arc<Shared>>, Query(q): Query<StreamQ
             _ = ticks.tick() => {}
             _ = shared.shutdown.cancelled() => return None,
         }
-        let frame = format!("event: stats\ndata: {}\n\n", stats_document(&shared, true));
-        Some((Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(frame)), (shared, ticks, place)))
+        Some((Ok::<_, std::convert::Infallible>(stats_frame(&shared)), (shared, ticks, place)))
     });
-    ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(events))
-        .into_response()
+    (headers, Body::from_stream(events)).into_response()
+}
+
+/// One server-sent event holding the stats document.
+fn stats_frame(shared: &Shared) -> axum::body::Bytes {
+    axum::body::Bytes::from(format!("event: stats\ndata: {}\n\n", stats_document(shared, true)))
+}
+
+/// The feed of one stats event a second, started at its first use; it ends with the
+/// engine.
+fn stats_feed(shared: &Arc<Shared>) -> tokio::sync::watch::Receiver<axum::body::Bytes> {
+    shared
+        .stats_feed
+        .get_or_init(|| {
+            let (tx, rx) = tokio::sync::watch::channel(axum::body::Bytes::new());
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = ticks.tick() => {}
+                        _ = shared.shutdown.cancelled() => return,
+                    }
+                    if tx.send(stats_frame(&shared)).is_err() {
+                        return;
+                    }
+                }
+            });
+            rx
+        })
+        .clone()
 }
 
 /// The document of `GET /v1/stats`.
