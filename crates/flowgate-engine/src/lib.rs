@@ -26,5 +26,5 @@ pub mod sink;
 pub use config::PipelineConfig;
 pub use flowgate_memory::MemoryGovernor;
 pub use metrics::PipelineMetrics;
-pub use runtime::{validate, PipelineHealth, Pipelines, SinkStatus, WorkerState, WorkerStatus, DLQ_TOPIC};
+pub use runtime::{validate, Changes, PipelineHealth, Pipelines, SinkStatus, WorkerState, WorkerStatus, DLQ_TOPIC};
 pub use sink::{EventFailure, Sink, SinkEvent, SinkFactory, SinkPlace, WriteOutcome};

@@ -5,6 +5,7 @@
 //! - [`ingest`]: the append path every listener shares (partition split, durability).
 //! - [`binary`], [`ndjson`], [`http`]: the three listeners.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`reload`]: changing pipelines, sources and alert rules of a running engine.
 //! - [`shared`]: state shared by the listeners.
 //! - [`budget`]: the ingest buffer budget connections borrow from.
 //! - [`memory`]: the memory budget's limit at start, and how listeners hold back under it.
@@ -24,6 +25,7 @@ pub mod memory;
 pub mod metrics;
 pub mod ndjson;
 pub mod parse;
+pub mod reload;
 pub mod server;
 pub mod shared;
 pub mod throughput;

@@ -63,6 +63,11 @@ struct ComponentLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TopicLabels {
     topic: String,
 }
@@ -90,6 +95,8 @@ pub struct Metrics {
     memory_pressure: Gauge<f64, std::sync::atomic::AtomicU64>,
     memory_level: Gauge,
     memory_components: Family<ComponentLabels, Gauge>,
+    reloads: Family<OutcomeLabels, Counter>,
+    last_reload: Gauge,
     /// Pipeline, processor and sink metrics.
     pub pipelines: Arc<flowgate_engine::PipelineMetrics>,
 }
@@ -117,6 +124,15 @@ impl TopicCounters {
 }
 
 impl Metrics {
+    /// Counts a config reload, applied or refused.
+    pub fn reloaded(&self, applied: bool) {
+        let outcome = if applied { "applied" } else { "refused" };
+        self.reloads.get_or_create(&OutcomeLabels { outcome: outcome.into() }).inc();
+        if applied {
+            self.last_reload.set(flowgate_core::time::now_ms() / 1000);
+        }
+    }
+
     /// A fresh registry with every metric registered.
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::default();
@@ -196,8 +212,18 @@ impl Metrics {
             "Bytes charged to the memory budget, by what holds them",
             memory_components.clone(),
         );
+        let reloads = Family::<OutcomeLabels, Counter>::default();
+        registry.register("flowgate_config_reloads", "Config reloads, applied or refused", reloads.clone());
+        let last_reload = Gauge::default();
+        registry.register(
+            "flowgate_config_last_reload_timestamp_seconds",
+            "When the config was last reloaded successfully (0: never)",
+            last_reload.clone(),
+        );
         let pipelines = Arc::new(flowgate_engine::PipelineMetrics::register(&mut registry));
         Arc::new(Metrics {
+            reloads,
+            last_reload,
             memory_paused,
             memory_used,
             memory_limit,

@@ -30,8 +30,6 @@ pub struct Engine {
     grace: Duration,
     flush: Duration,
     background: TaskTracker,
-    pipelines: Option<flowgate_engine::Pipelines>,
-    sources: Option<flowgate_connectors::sources::Sources>,
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -77,8 +75,9 @@ impl Engine {
             sources: Default::default(),
             alerts: Default::default(),
             stats_feed: Default::default(),
+            reloader: Default::default(),
         });
-        let mut engine = Engine {
+        let engine = Engine {
             binary_addr: binary.local_addr()?,
             http_addr: http.local_addr()?,
             ndjson_addr: ndjson.local_addr()?,
@@ -86,8 +85,6 @@ impl Engine {
             flush: Duration::from_millis(config.server.shutdown_flush_ms),
             shared: shared.clone(),
             background: TaskTracker::new(),
-            pipelines: None,
-            sources: None,
         };
         engine.background.spawn(accept_loop(binary, shared.clone(), IngestPath::Binary));
         engine.background.spawn(accept_loop(ndjson, shared.clone(), IngestPath::Ndjson));
@@ -104,41 +101,24 @@ impl Engine {
         });
         engine.background.spawn(retention_loop(shared.clone()));
         engine.background.spawn(crate::throughput::run(shared.clone()));
+        let mut components = shared.reloader.lock().await;
         if !config.pipelines.is_empty() {
-            let factory = Arc::new(flowgate_connectors::Connectors::new(log.clone(), config.server.data_dir.clone()));
-            let pipelines = flowgate_engine::Pipelines::start(
-                log.clone(),
-                config.server.data_dir.clone(),
-                config.pipelines.clone(),
-                factory,
-                shared.ingest.metrics().pipelines.clone(),
-                memory,
-            )?;
+            components.pipelines = Some(crate::reload::start_pipelines(&shared, &config, &config.pipelines)?);
             tracing::info!(pipelines = config.pipelines.len(), "pipelines started");
-            let _ = shared.pipelines.set(pipelines.health());
-            let _ = shared.pipeline_configs.set(config.pipelines.clone());
-            let _ = shared.replayer.set(pipelines.replayer());
-            engine.pipelines = Some(pipelines);
         }
         if !config.sources.is_empty() {
-            let sources = flowgate_connectors::sources::Sources::start(
-                &config.sources,
-                &log,
-                shared.ingest.appender(),
-                &config.server.data_dir,
-                &shared.memory,
-            )?;
+            components.sources = Some(crate::reload::start_sources(&shared, &config, &config.sources)?);
             tracing::info!(sources = config.sources.len(), "sources started");
-            let _ = shared.sources.set(sources.statuses().to_vec());
-            let _ = shared.source_configs.set(config.sources.clone());
-            engine.sources = Some(sources);
         }
         let alerts = Arc::new(crate::alerts::Alerts::new(&config.alerts, &config.alerting));
         let _ = shared.alerts.set(alerts.clone());
+        // Runs without rules too: a reload may add some.
+        engine.background.spawn(crate::alerts::run(shared.clone(), alerts));
         if !config.alerts.is_empty() {
-            engine.background.spawn(crate::alerts::run(shared.clone(), alerts));
             tracing::info!(rules = config.alerts.len(), "alert rules loaded");
         }
+        components.config = Some(config.clone());
+        drop(components);
         shared.ready.store(true, Ordering::Release);
         tracing::info!(
             binary = %engine.binary_addr, http = %engine.http_addr, ndjson = %engine.ndjson_addr,
@@ -163,6 +143,31 @@ impl Engine {
         self.shared.ingest.metrics()
     }
 
+    /// Where [`Engine::reload_from_source`], `SIGHUP` and `POST /v1/reload` read the
+    /// config again (`flowgate run` sets it: its config file, with its overrides).
+    pub fn set_config_source(&self, loader: crate::reload::ConfigLoader) {
+        self.shared.reloader.set_loader(loader);
+    }
+
+    /// Applies `config` to the running engine: pipelines, sources and alert rules are
+    /// added, removed, restarted or left alone (see [`crate::reload`]).
+    pub async fn reload(&self, config: Config) -> Result<crate::reload::ReloadReport, crate::reload::ReloadError> {
+        let result = crate::reload::reload(&self.shared, config).await;
+        if result.is_err() {
+            self.metrics().reloaded(false);
+        }
+        result
+    }
+
+    /// Reads the config from its source again and applies it ([`Engine::set_config_source`]).
+    pub async fn reload_from_source(&self) -> Result<crate::reload::ReloadReport, crate::reload::ReloadError> {
+        let result = crate::reload::reload_from_source(&self.shared).await;
+        if result.is_err() {
+            self.metrics().reloaded(false);
+        }
+        result
+    }
+
     /// The longest [`Engine::shutdown`] takes: the grace period plus the final flush.
     pub fn shutdown_bound(&self) -> Duration {
         self.grace.saturating_add(self.flush)
@@ -173,17 +178,29 @@ impl Engine {
     /// the flush bound. Whatever is still busy at the end of the grace period (a client
     /// that does not read, a stalled sink) is cut off: acknowledged events are in the log
     /// already, and a cut-off pipeline resumes from its last checkpoint.
-    pub async fn shutdown(mut self) -> anyhow::Result<ShutdownOutcome> {
+    pub async fn shutdown(self) -> anyhow::Result<ShutdownOutcome> {
         tracing::info!(grace_ms = self.grace.as_millis() as u64, "shutting down: no new connections, draining");
         let deadline = tokio::time::Instant::now() + self.grace;
         self.shared.ready.store(false, Ordering::Release);
         self.shared.shutdown.cancel();
         self.background.close();
         self.shared.tasks.close();
-        let pipelines = self.pipelines.take();
+        // Waits for a reload under way; none starts after the cancel.
+        let (pipelines, sources) = match tokio::time::timeout_at(deadline, self.shared.reloader.lock()).await {
+            Ok(mut components) => {
+                components.config = None;
+                (components.pipelines.take(), components.sources.take())
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "a config reload still under way at the end of the grace period; its pipelines are cut off"
+                );
+                (None, None)
+            }
+        };
         // Sources stop first: what they appended is in the log, what they did not
         // confirm upstream is sent again at the next start.
-        if let Some(sources) = self.sources.take() {
+        if let Some(mut sources) = sources {
             sources.shutdown(self.grace).await;
         }
         let drain = async {

@@ -36,21 +36,24 @@ pub struct Shared {
     pub bad_input_log: RateLimit,
     /// Health of the pipeline workers, once pipelines have started.
     pub pipelines: std::sync::OnceLock<flowgate_engine::PipelineHealth>,
-    /// The configured pipelines (their processors and sinks, for the dashboard's graph).
-    pub pipeline_configs: std::sync::OnceLock<Vec<flowgate_engine::PipelineConfig>>,
+    /// The configured pipelines (their processors and sinks, for the dashboard's graph);
+    /// a reload replaces them.
+    pub pipeline_configs: parking_lot::RwLock<Vec<flowgate_engine::PipelineConfig>>,
     /// The configured sources (the topics they write, for the dashboard's graph).
-    pub source_configs: std::sync::OnceLock<Vec<flowgate_connectors::sources::SourceConfig>>,
+    pub source_configs: parking_lot::RwLock<Vec<flowgate_connectors::sources::SourceConfig>>,
     /// The process's memory budget.
     pub memory: flowgate_memory::MemoryGovernor,
     /// What producers meet at the memory limit.
     pub memory_policy: crate::config::MemoryPolicy,
-    /// The status of each configured source, once they have started.
-    pub sources: std::sync::OnceLock<Vec<Arc<flowgate_connectors::sources::SourceStatus>>>,
+    /// The status of each running source.
+    pub sources: parking_lot::RwLock<Vec<Arc<flowgate_connectors::sources::SourceStatus>>>,
     /// The stats document of each second, built once for every stream at the default
     /// interval (started by the first such stream).
     pub stats_feed: std::sync::OnceLock<tokio::sync::watch::Receiver<bytes::Bytes>>,
     /// The alert rules and their states.
     pub alerts: std::sync::OnceLock<Arc<crate::alerts::Alerts>>,
+    /// What a config reload changes, and where the config is read from.
+    pub reloader: crate::reload::Reloader,
     /// Replays dead letters into the pipelines, once they have started.
     pub replayer: std::sync::OnceLock<Arc<flowgate_engine::runtime::replay::Replayer>>,
 }
@@ -100,9 +103,7 @@ impl Shared {
                 ));
             }
         }
-        if let Some(sources) = self.sources.get() {
-            reasons.extend(sources.iter().filter_map(|s| s.down_reason()));
-        }
+        reasons.extend(self.sources.read().iter().filter_map(|s| s.down_reason()));
         reasons
     }
 }

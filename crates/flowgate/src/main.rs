@@ -51,6 +51,9 @@ enum Command {
         #[command(subcommand)]
         command: commands::dlq::Command,
     },
+    /// Have a running engine read its config file again (as SIGHUP does); print what
+    /// changed.
+    Reload(commands::reload::Args),
     /// Live terminal view of a running engine: rates, lag, errors, batches, concurrency,
     /// breakers and memory per pipeline, sink, source and topic.
     Top(commands::top::Args),
@@ -102,6 +105,7 @@ fn main() -> ExitCode {
         Command::Topics { command } => commands::topics::run(command),
         Command::Dlq { command } => commands::dlq::run(command),
         Command::Top(args) => commands::top::run(args),
+        Command::Reload(args) => commands::reload::run(args),
         Command::Log { command: LogCommand::Check { data_dir, json } } => commands::log_check::run(&data_dir, json),
     };
     match result {

@@ -20,7 +20,6 @@ use flowgate_log::Log;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use postgres_cdc::PostgresCdcSource;
 pub use status::{SourceState, SourceStatus};
@@ -168,16 +167,31 @@ pub fn complete_config(config: &SourceConfig) -> anyhow::Result<SourceConfig> {
     Ok(SourceConfig { options, ..config.clone() })
 }
 
-/// The running sources of one engine.
+/// The running sources of one engine; change them with [`Sources::reload`].
 #[derive(Debug)]
 pub struct Sources {
-    statuses: Vec<Arc<SourceStatus>>,
+    /// In configuration order.
+    running: Vec<RunningSource>,
     shutdown: CancellationToken,
-    tasks: TaskTracker,
+    log: Log,
+    appender: Appender,
+    data_dir: PathBuf,
+    memory: flowgate_memory::MemoryGovernor,
+}
+
+/// One running source.
+#[derive(Debug)]
+struct RunningSource {
+    config: SourceConfig,
+    status: Arc<SourceStatus>,
+    /// A child of the engine's token: cancelling it stops this source alone.
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Sources {
-    /// Starts every source (on the current tokio runtime).
+    /// Starts every source (on the current tokio runtime). Sources can be added later by
+    /// [`Sources::reload`], so `configs` may be empty.
     pub fn start(
         configs: &[SourceConfig],
         log: &Log,
@@ -186,37 +200,110 @@ impl Sources {
         memory: &flowgate_memory::MemoryGovernor,
     ) -> anyhow::Result<Sources> {
         validate_configs(configs)?;
-        let shutdown = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        let mut statuses = Vec::new();
+        let mut sources = Sources {
+            running: Vec::new(),
+            shutdown: CancellationToken::new(),
+            log: log.clone(),
+            appender: appender.clone(),
+            data_dir: data_dir.to_path_buf(),
+            memory: memory.clone(),
+        };
         for c in configs {
-            let status = Arc::new(SourceStatus::new(&c.name, &c.kind));
-            let cx = SourceContext {
-                log: log.clone(),
-                appender: appender.clone(),
-                data_dir: data_dir.to_path_buf(),
-                status: status.clone(),
-                memory: memory.clone(),
-            };
-            let run = (registration(&c.kind)?.build)(c, cx, shutdown.child_token())
-                .map_err(|e| anyhow::anyhow!("source '{}': {e:#}", c.name))?;
-            tasks.spawn(run);
-            statuses.push(status);
+            if let Err(e) = sources.launch(c) {
+                sources.shutdown.cancel();
+                return Err(e);
+            }
         }
-        tasks.close();
-        Ok(Sources { statuses, shutdown, tasks })
+        Ok(sources)
     }
 
-    /// Each source's status.
-    pub fn statuses(&self) -> &[Arc<SourceStatus>] {
-        &self.statuses
+    /// Each source's status, in configuration order.
+    pub fn statuses(&self) -> Vec<Arc<SourceStatus>> {
+        self.running.iter().map(|r| r.status.clone()).collect()
+    }
+
+    /// Makes the running sources those of `configs`: validates them all first and
+    /// changes nothing when that fails; then stops the removed and changed sources
+    /// (what they appended is in the log; what they did not confirm upstream is sent
+    /// again), waiting `within` for them, and starts the new and changed ones. A
+    /// source that did not stop in time is aborted before its replacement starts.
+    pub async fn reload(
+        &mut self,
+        configs: &[SourceConfig],
+        within: std::time::Duration,
+    ) -> anyhow::Result<flowgate_engine::Changes> {
+        validate_configs(configs)?;
+        let mut changes = flowgate_engine::Changes::default();
+        let mut stopping = Vec::new();
+        for running in std::mem::take(&mut self.running) {
+            match configs.iter().find(|c| c.name == running.config.name) {
+                Some(c) if *c == running.config => self.running.push(running),
+                Some(_) => {
+                    changes.restarted.push(running.config.name.clone());
+                    stopping.push(running);
+                }
+                None => {
+                    changes.removed.push(running.config.name.clone());
+                    stopping.push(running);
+                }
+            }
+        }
+        for running in &stopping {
+            running.cancel.cancel();
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        for mut running in stopping {
+            if tokio::time::timeout_at(deadline, &mut running.task).await.is_err() {
+                tracing::warn!(source = %running.config.name, "reload: the source did not stop in time; aborted");
+                changes.cut_off.push(running.config.name.clone());
+                running.task.abort();
+                let _ = running.task.await;
+            }
+        }
+        for c in configs {
+            if self.running.iter().any(|r| r.config.name == c.name) {
+                changes.unchanged.push(c.name.clone());
+                continue;
+            }
+            if !changes.restarted.contains(&c.name) {
+                changes.added.push(c.name.clone());
+            }
+            self.launch(c)?;
+        }
+        self.running.sort_by_key(|r| configs.iter().position(|c| c.name == r.config.name));
+        Ok(changes)
     }
 
     /// Stops every source (what they appended is in the log; what they did not confirm
     /// upstream is sent again at the next start) and waits for them, within `within`.
-    pub async fn shutdown(&self, within: std::time::Duration) {
+    pub async fn shutdown(&mut self, within: std::time::Duration) {
         self.shutdown.cancel();
-        let _ = tokio::time::timeout(within, self.tasks.wait()).await;
+        let deadline = tokio::time::Instant::now() + within;
+        for running in &mut self.running {
+            let _ = tokio::time::timeout_at(deadline, &mut running.task).await;
+        }
+    }
+
+    fn launch(&mut self, c: &SourceConfig) -> anyhow::Result<()> {
+        let status = Arc::new(SourceStatus::new(&c.name, &c.kind));
+        let cx = SourceContext {
+            log: self.log.clone(),
+            appender: self.appender.clone(),
+            data_dir: self.data_dir.clone(),
+            status: status.clone(),
+            memory: self.memory.clone(),
+        };
+        let cancel = self.shutdown.child_token();
+        let run = (registration(&c.kind)?.build)(c, cx, cancel.clone())
+            .map_err(|e| anyhow::anyhow!("source '{}': {e:#}", c.name))?;
+        self.running.push(RunningSource { config: c.clone(), status, cancel, task: tokio::spawn(run) });
+        Ok(())
+    }
+}
+
+impl Drop for Sources {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }
 

@@ -604,6 +604,11 @@ impl SinkControllers {
         self.inner.lock().insert(key, Arc::new(controller));
     }
 
+    /// Forgets the controllers of a pipeline that stopped for good.
+    pub(super) fn remove_pipeline(&self, pipeline: &str) {
+        self.inner.lock().retain(|(p, _), _| p != pipeline);
+    }
+
     pub(super) fn get(&self, pipeline: &str, sink: &str) -> Option<Arc<SinkController>> {
         self.inner.lock().get(&(pipeline.to_owned(), sink.to_owned())).cloned()
     }

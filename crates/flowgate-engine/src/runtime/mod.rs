@@ -22,6 +22,7 @@ mod decode;
 mod failpoints;
 mod fan_out;
 mod memory;
+mod pipelines;
 mod processor_states;
 mod quarantine;
 pub mod replay;
@@ -36,18 +37,16 @@ mod worker;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use flowgate_log::{Log, Partition};
-use tokio_util::sync::CancellationToken;
+use flowgate_log::Log;
 
 use crate::config::PipelineConfig;
-use crate::metrics::{PipelineMetrics, SourceLabels};
+use crate::metrics::PipelineMetrics;
 use crate::processors;
 use crate::sink::SinkFactory;
 pub use controller::{ControllerStatus, SinkControllers};
+pub use pipelines::{Changes, Pipelines};
 pub use sink_status::{SinkStatus, SinkStatuses};
-use supervisor::{supervise, WorkerHealth};
 pub use supervisor::{PipelineHealth, WorkerState, WorkerStatus};
 
 /// Sinks one pipeline may have: route masks are 64-bit.
@@ -207,261 +206,20 @@ fn validate_delivery(s: &crate::config::SinkConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Running pipelines; stop them with [`Pipelines::shutdown`] or
-/// [`Pipelines::shutdown_within`].
-///
-/// Pipelines run on their own threads (a runtime of their own), so the operating
-/// system shares the cores between processing and ingest: a busy pipeline cannot delay
-/// the listeners' acknowledgements. Each worker runs under a supervisor that restarts it
-/// after a failure; [`Pipelines::health`] shows them.
-pub struct Pipelines {
-    cancel: CancellationToken,
-    supervisors: Vec<tokio::task::JoinHandle<()>>,
-    health: PipelineHealth,
-    replayer: Arc<replay::Replayer>,
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl std::fmt::Debug for Pipelines {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pipelines").field("workers", &self.supervisors.len()).finish()
-    }
-}
-
-impl Drop for Pipelines {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
 pub(crate) struct Shared {
     pub(crate) log: Log,
     pub(crate) data_dir: PathBuf,
     pub(crate) metrics: Arc<PipelineMetrics>,
     pub(crate) factory: Arc<dyn SinkFactory>,
-    /// Names of every configured pipeline (to tell a renamed one from a new one).
-    pub(crate) pipeline_names: Vec<String>,
+    /// Names of every configured pipeline (to tell a renamed one from a new one); a
+    /// reload replaces them.
+    pub(crate) pipeline_names: parking_lot::RwLock<Vec<String>>,
     /// What every sink task is doing.
     pub(crate) sink_statuses: SinkStatuses,
     /// Every sink's controller.
     pub(crate) controllers: SinkControllers,
     /// The process's memory budget.
     pub(crate) memory: flowgate_memory::MemoryGovernor,
-}
-
-impl Pipelines {
-    /// Starts every pipeline: one supervised worker per source partition, charging what
-    /// it holds to `memory`.
-    pub fn start(
-        log: Log,
-        data_dir: PathBuf,
-        configs: Vec<PipelineConfig>,
-        factory: Arc<dyn SinkFactory>,
-        metrics: Arc<PipelineMetrics>,
-        memory: flowgate_memory::MemoryGovernor,
-    ) -> anyhow::Result<Pipelines> {
-        validate(&configs, factory.as_ref())?;
-        let pipeline_names = configs.iter().map(|c| c.name.clone()).collect();
-        let sink_statuses = SinkStatuses::default();
-        let controllers = SinkControllers::default();
-        for p in &configs {
-            for s in &p.sinks {
-                let labels = crate::metrics::SinkLabels { pipeline: p.name.clone(), sink: s.name.clone() };
-                let adaptive = s.concurrency.adaptive.unwrap_or_else(|| factory.remote(s));
-                controllers.insert(controller::SinkController::new(
-                    labels,
-                    controller::Mode::of(&s.concurrency, adaptive),
-                    s.concurrency.clone(),
-                    s.batch.clone(),
-                    s.breaker.clone(),
-                    &metrics,
-                ));
-            }
-        }
-        let shared = Arc::new(Shared {
-            log,
-            data_dir,
-            metrics,
-            factory,
-            pipeline_names,
-            sink_statuses: sink_statuses.clone(),
-            controllers: controllers.clone(),
-            memory,
-        });
-        reservations_fit(&shared, &configs)?;
-        let cancel = CancellationToken::new();
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-        // Dropped on an error below, it shuts down in the background: a runtime dropped
-        // in the caller's async context would panic.
-        let runtime = StartingRuntime(Some(
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(threads)
-                .thread_name("flowgate-pipeline")
-                .enable_all()
-                .build()?,
-        ));
-        let mut supervisors = Vec::new();
-        let mut healths = Vec::new();
-        // Lag (and memory pressure on the sinks) is refreshed apart from the workers, so a
-        // stalled worker still shows it.
-        let mut lags: Vec<(Arc<Partition>, Arc<WorkerHealth>, prometheus_client::metrics::gauge::Gauge)> = Vec::new();
-        let mut all = Vec::new();
-        for config in configs {
-            side_outputs::ensure_topics(&shared.log, &config)?;
-            let config = Arc::new(config);
-            all.push(config.clone());
-            let replays = replay::replay_topic(&config.name);
-            if shared.log.topic(&replays).is_none() {
-                match shared.log.create_topic(&replays, 1) {
-                    Ok(_) | Err(flowgate_log::LogError::TopicExists(_)) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            for topic_name in config.topics.iter().chain(std::iter::once(&replays)) {
-                // A pipeline's source topics exist once it is configured, whatever
-                // `auto_create_topics` says about clients' writes.
-                let topic = ensure_topic(&shared.log, topic_name)?;
-                for partition in topic.partitions() {
-                    let health = Arc::new(WorkerHealth::new(&config.name, topic_name, partition.id()));
-                    let gauge = shared
-                        .metrics
-                        .lag
-                        .get_or_create(&SourceLabels {
-                            pipeline: config.name.clone(),
-                            topic: topic_name.to_string(),
-                            partition: partition.id().to_string(),
-                        })
-                        .clone();
-                    lags.push((partition.clone(), health.clone(), gauge));
-                    healths.push(health.clone());
-                    let worker = supervise(
-                        shared.clone(),
-                        config.clone(),
-                        topic_name.to_string(),
-                        partition.clone(),
-                        health,
-                        cancel.clone(),
-                    );
-                    if *topic_name != replays {
-                        supervisors.push(runtime.spawn(worker));
-                        continue;
-                    }
-                    // The replay worker starts once something was ever replayed: until
-                    // then the pipeline's sinks run no second instance for it.
-                    let (partition, cancel) = (partition.clone(), cancel.clone());
-                    supervisors.push(runtime.spawn(async move {
-                        while partition.end_offset() == 0 {
-                            tokio::select! {
-                                _ = partition.wait_for_data(0, Duration::from_secs(1)) => {}
-                                _ = cancel.cancelled() => return,
-                            }
-                        }
-                        worker.await;
-                    }));
-                }
-            }
-        }
-        let lag_cancel = cancel.clone();
-        let (memory, pressured) = (shared.memory.clone(), controllers.clone());
-        runtime.spawn(async move {
-            loop {
-                for (partition, health, gauge) in &lags {
-                    let committed = health.committed.load(std::sync::atomic::Ordering::Acquire);
-                    gauge.set(i64::try_from(partition.end_offset().saturating_sub(committed)).unwrap_or(i64::MAX));
-                }
-                // Past the soft threshold, every sink's controller lowers its concurrency
-                // and batch size.
-                pressured.set_memory_pressure(memory.level() != flowgate_memory::Level::Normal);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                    _ = lag_cancel.cancelled() => return,
-                }
-            }
-        });
-        let health = PipelineHealth::new(healths, sink_statuses, controllers);
-        let replayer =
-            Arc::new(replay::Replayer::new(shared.log.clone(), shared.data_dir.clone(), all, health.clone()));
-        runtime.spawn(replayer.clone().reprocess(cancel.clone()));
-        Ok(Pipelines { cancel, supervisors, health, replayer, runtime: Some(runtime.started()) })
-    }
-
-    /// The health of every worker (for readiness and stats); stays valid after shutdown.
-    pub fn health(&self) -> PipelineHealth {
-        self.health.clone()
-    }
-
-    /// Replays dead letters into these pipelines ([`replay`]).
-    pub fn replayer(&self) -> Arc<replay::Replayer> {
-        self.replayer.clone()
-    }
-
-    /// Stops reading, flushes and commits every worker, however long that takes.
-    pub async fn shutdown(self) {
-        self.shutdown_within(None).await;
-    }
-
-    /// Stops reading and lets every worker flush its sinks and commit until `deadline`;
-    /// workers still busy then (a stalled sink) are dropped without committing, so they
-    /// resume from their last checkpoint. Returns true when every worker finished.
-    pub async fn shutdown_within(mut self, deadline: Option<Instant>) -> bool {
-        self.cancel.cancel();
-        let supervisors = std::mem::take(&mut self.supervisors);
-        let all = async move {
-            for supervisor in supervisors {
-                let _ = supervisor.await;
-            }
-        };
-        let finished = match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline.into(), all).await.is_ok(),
-            None => {
-                all.await;
-                true
-            }
-        };
-        if !finished {
-            let stuck: Vec<String> = self
-                .health
-                .workers()
-                .into_iter()
-                .filter(|w| w.state != WorkerState::Stopped)
-                .map(|w| format!("{}/{}/{}", w.pipeline, w.topic, w.partition))
-                .collect();
-            tracing::warn!(workers = %stuck.join(", "),
-                "pipeline workers did not flush within the shutdown grace period; they resume from their last checkpoint");
-        }
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-        finished
-    }
-}
-
-/// The pipelines' runtime while [`Pipelines::start`] may still fail.
-struct StartingRuntime(Option<tokio::runtime::Runtime>);
-
-impl std::ops::Deref for StartingRuntime {
-    type Target = tokio::runtime::Runtime;
-
-    fn deref(&self) -> &Self::Target {
-        self.0.as_ref().expect("taken only when started")
-    }
-}
-
-impl StartingRuntime {
-    fn started(mut self) -> tokio::runtime::Runtime {
-        self.0.take().expect("taken once")
-    }
-}
-
-impl Drop for StartingRuntime {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
 }
 
 /// Refuses a config whose sink batch reservations (`batch.max_bytes` per sink and source

@@ -145,7 +145,8 @@ pub struct Replayer {
     marks_dir: PathBuf,
     /// Opened on first use.
     marks: Mutex<Option<Marks>>,
-    pipelines: Vec<Arc<PipelineConfig>>,
+    /// The configured pipelines; a reload replaces them.
+    pipelines: parking_lot::RwLock<Vec<Arc<PipelineConfig>>>,
     health: PipelineHealth,
     running: tokio::sync::Mutex<()>,
     /// Per [`Selection::cursor`] name, per `_dlq` partition: the offset before which
@@ -304,13 +305,18 @@ impl Replayer {
             log,
             marks_dir: data_dir.join("dlq"),
             marks: Mutex::new(None),
-            pipelines,
+            pipelines: parking_lot::RwLock::new(pipelines),
             health,
             running: tokio::sync::Mutex::new(()),
             cursors: Mutex::new(HashMap::new()),
             marks_pruned_at: Mutex::new(0),
             reconciled: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The pipelines replays go to, after a reload.
+    pub(super) fn set_pipelines(&self, pipelines: Vec<Arc<PipelineConfig>>) {
+        *self.pipelines.write() = pipelines;
     }
 
     fn with_marks<R>(&self, f: impl FnOnce(&mut Marks) -> std::io::Result<R>) -> anyhow::Result<R> {
@@ -514,7 +520,7 @@ impl Replayer {
                     return skip(&mut report, "unreadable");
                 }
                 let pipeline = entry.pipeline.as_deref().unwrap_or_default();
-                if !self.pipelines.iter().any(|p| p.name == pipeline) {
+                if !self.pipelines.read().iter().any(|p| p.name == pipeline) {
                     return skip(&mut report, "pipeline_not_configured");
                 }
                 let Some(event) = event_bytes(record.payload) else { return skip(&mut report, "no_event") };
@@ -586,7 +592,8 @@ impl Replayer {
     fn reconcile(&self) -> anyhow::Result<()> {
         let mut found = Vec::new();
         let mut reached = Vec::new();
-        for p in &self.pipelines {
+        let pipelines = self.pipelines.read().clone();
+        for p in &pipelines {
             let name = replay_topic(&p.name);
             let Some(topic) = self.log.topic(&name) else { continue };
             for partition in topic.partitions() {
@@ -697,6 +704,7 @@ impl Replayer {
     pub(super) async fn reprocess(self: Arc<Self>, cancel: CancellationToken) {
         let policies: Vec<(String, u64, u32)> = self
             .pipelines
+            .read()
             .iter()
             .filter_map(|p| Some((p.name.clone(), p.dlq.reprocess_after_ms?, p.dlq.reprocess_max_times)))
             .collect();

@@ -67,6 +67,11 @@ impl SinkStatuses {
         self.inner.lock().values().cloned().collect()
     }
 
+    /// Forgets the sinks of a pipeline that stopped for good.
+    pub(super) fn remove_pipeline(&self, pipeline: &str) {
+        self.inner.lock().retain(|(p, ..), _| p != pipeline);
+    }
+
     /// Records (or replaces) a sink's status.
     pub(super) fn set(&self, status: &SinkStatus) {
         let key = (status.pipeline.clone(), status.topic.clone(), status.partition, status.sink.clone());

@@ -111,18 +111,34 @@ impl WorkerHealth {
 /// The health of every pipeline worker of an engine; cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct PipelineHealth {
-    workers: Arc<Vec<Arc<WorkerHealth>>>,
+    /// Grows and shrinks as a reload adds and removes pipelines.
+    workers: Arc<parking_lot::RwLock<Vec<Arc<WorkerHealth>>>>,
     sinks: SinkStatuses,
     controllers: SinkControllers,
 }
 
 impl PipelineHealth {
-    pub(super) fn new(
-        workers: Vec<Arc<WorkerHealth>>,
-        sinks: SinkStatuses,
-        controllers: SinkControllers,
-    ) -> PipelineHealth {
-        PipelineHealth { workers: Arc::new(workers), sinks, controllers }
+    pub(super) fn new(sinks: SinkStatuses, controllers: SinkControllers) -> PipelineHealth {
+        PipelineHealth { workers: Default::default(), sinks, controllers }
+    }
+
+    /// Adds the workers of a pipeline that starts.
+    pub(super) fn add(&self, workers: impl IntoIterator<Item = Arc<WorkerHealth>>) {
+        self.workers.write().extend(workers);
+    }
+
+    /// Forgets a pipeline that stopped for good (removed, or replaced by a reload): its
+    /// workers, sink statuses and controllers.
+    pub(super) fn remove(&self, pipeline: &str) {
+        self.workers.write().retain(|w| w.pipeline != pipeline);
+        self.sinks.remove_pipeline(pipeline);
+        self.controllers.remove_pipeline(pipeline);
+    }
+
+    /// Puts the workers in the order of `pipelines` (configuration order).
+    pub(super) fn order(&self, pipelines: &[String]) {
+        let rank = |w: &Arc<WorkerHealth>| pipelines.iter().position(|p| *p == w.pipeline).unwrap_or(usize::MAX);
+        self.workers.write().sort_by_key(rank);
     }
 
     /// Every sink's controller: concurrency limit, in flight, batch target, latency and
@@ -143,7 +159,7 @@ impl PipelineHealth {
 
     /// Every worker's status, in configuration order.
     pub fn workers(&self) -> Vec<WorkerStatus> {
-        self.workers.iter().map(|w| w.status()).collect()
+        self.workers.read().iter().map(|w| w.status()).collect()
     }
 
     /// Workers that failed and have not run since: while there is one, the engine is
@@ -181,7 +197,9 @@ pub(super) async fn supervise(
         let started = Instant::now();
         health.set_state(WorkerState::Starting);
         quarantine.forget_before(health.committed.load(Ordering::Acquire));
-        let attempt = tokio::spawn({
+        // Aborted with the supervisor: a reload that cuts off a stalled pipeline must not
+        // leave its worker running beside the replacement.
+        let mut attempt = AbortOnDrop(tokio::spawn({
             let (shared, config, topic, partition, health, cancel) =
                 (shared.clone(), config.clone(), topic.clone(), partition.clone(), health.clone(), cancel.clone());
             let (in_flight, quarantine) = (in_flight.clone(), quarantine.clone());
@@ -189,9 +207,9 @@ pub(super) async fn supervise(
                 let worker = Worker::new(shared, config, &topic, partition, health, in_flight, quarantine)?;
                 worker.run(cancel).await
             }
-        });
+        }));
         up.set(1);
-        let error = match attempt.await {
+        let error = match (&mut attempt.0).await {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(format!("{e:#}")),
             Err(e) if e.is_panic() => {
@@ -257,6 +275,15 @@ pub(super) async fn supervise(
             }
         }
         backoff = backoff.saturating_mul(2).min(MAX_BACKOFF);
+    }
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -307,7 +307,7 @@ impl Worker {
         let file = format!("{}-{}.ckpt", self.topic, self.partition.id());
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if self.shared.pipeline_names.contains(&name) || !entry.path().join(&file).exists() {
+            if self.shared.pipeline_names.read().contains(&name) || !entry.path().join(&file).exists() {
                 continue;
             }
             anyhow::bail!(

@@ -181,6 +181,33 @@ enum Phase {
     },
 }
 
+/// Whether two rules are the same, every field counted.
+fn same_rule(a: &AlertRule, b: &AlertRule) -> bool {
+    match (serde_json::to_value(a), serde_json::to_value(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+impl RuleState {
+    /// A rule not evaluated yet; `last` is the rate's starting sample, if known.
+    fn new(r: &AlertRule, last: Option<(f64, f64)>) -> RuleState {
+        RuleState {
+            threshold: r.condition.as_deref().and_then(|c| Threshold::parse(c).ok()),
+            rule: r.clone(),
+            baseline: Baseline::default(),
+            trend: Trend::default(),
+            last,
+            seen_t: None,
+            phase: Phase::Inactive,
+            value: None,
+            severity: r.severity,
+            last_sent: None,
+            eta_secs: None,
+        }
+    }
+}
+
 struct RuleState {
     rule: AlertRule,
     threshold: Option<Threshold>,
@@ -208,6 +235,9 @@ pub struct Alerts {
     rules: Mutex<Vec<RuleState>>,
     recent: Mutex<VecDeque<Resolved>>,
     alerting: AlertingConfig,
+    /// Notifications made outside an evaluation (a reload resolving the alerts of rules
+    /// it removed), sent with the next evaluation's.
+    outbox: Mutex<Vec<Value>>,
 }
 
 impl std::fmt::Debug for Alerts {
@@ -222,25 +252,69 @@ const RECENT: usize = 100;
 impl Alerts {
     /// The rules, none active.
     pub fn new(rules: &[AlertRule], alerting: &AlertingConfig) -> Alerts {
-        let states = rules
-            .iter()
-            .map(|r| RuleState {
-                threshold: r.condition.as_deref().and_then(|c| Threshold::parse(c).ok()),
-                rule: r.clone(),
-                baseline: Baseline::default(),
-                trend: Trend::default(),
-                // The engine's counters start at 0 with it (time 0 of the rule loop):
-                // a burst before the first evaluation counts.
-                last: r.rate.then_some((0.0, 0.0)),
-                seen_t: None,
-                phase: Phase::Inactive,
-                value: None,
-                severity: r.severity,
-                last_sent: None,
-                eta_secs: None,
-            })
-            .collect();
-        Alerts { rules: Mutex::new(states), recent: Mutex::new(VecDeque::new()), alerting: alerting.clone() }
+        // The engine's counters start at 0 with it (time 0 of the rule loop): a burst
+        // before the first evaluation counts.
+        let states = rules.iter().map(|r| RuleState::new(r, r.rate.then_some((0.0, 0.0)))).collect();
+        Alerts {
+            rules: Mutex::new(states),
+            recent: Mutex::new(VecDeque::new()),
+            alerting: alerting.clone(),
+            outbox: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Replaces the rules (a config reload): a rule whose definition did not change
+    /// keeps its state (its phase, baseline and trend); a new or changed one starts
+    /// afresh, a rate from its first sample on; an active alert of a rule removed or
+    /// changed is resolved (recorded, and sent to the webhook) as such.
+    pub fn reload(&self, rules: &[AlertRule]) -> flowgate_engine::Changes {
+        let mut changes = flowgate_engine::Changes::default();
+        let mut states = self.rules.lock();
+        let mut old: Vec<RuleState> = std::mem::take(&mut *states);
+        for r in rules {
+            let kept = old.iter().position(|s| s.rule.name == r.name && same_rule(&s.rule, r));
+            match kept {
+                Some(i) => {
+                    changes.unchanged.push(r.name.clone());
+                    states.push(old.swap_remove(i));
+                }
+                None => {
+                    if old.iter().any(|s| s.rule.name == r.name) {
+                        changes.restarted.push(r.name.clone());
+                    } else {
+                        changes.added.push(r.name.clone());
+                    }
+                    states.push(RuleState::new(r, None));
+                }
+            }
+        }
+        let now_ms = flowgate_core::time::now_ms();
+        for s in old {
+            if !rules.iter().any(|r| r.name == s.rule.name) {
+                changes.removed.push(s.rule.name.clone());
+            }
+            if s.phase == Phase::Inactive {
+                continue;
+            }
+            let mut v = view(&s);
+            v["state"] = json!("resolved");
+            v["resolved_ms"] = json!(now_ms);
+            v["resolved_by"] = json!("reload");
+            tracing::info!(alert = %s.rule.name, "alert resolved: its rule was removed or changed by a reload");
+            self.record_resolved(v.clone());
+            if matches!(s.phase, Phase::Firing { .. }) {
+                self.outbox.lock().push(json!({"status": "resolved", "alert": v}));
+            }
+        }
+        changes
+    }
+
+    fn record_resolved(&self, view: Value) {
+        let mut recent = self.recent.lock();
+        if recent.len() >= RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(Resolved { view });
     }
 
     /// The active alerts (pending and firing), as `/v1/stats` and `/v1/alerts` show them.
@@ -346,11 +420,7 @@ impl Alerts {
                     v["state"] = json!("resolved");
                     v["resolved_ms"] = json!(now_ms);
                     v["since_ms"] = json!(since.ms);
-                    let mut recent = self.recent.lock();
-                    if recent.len() >= RECENT {
-                        recent.pop_front();
-                    }
-                    recent.push_back(Resolved { view: v.clone() });
+                    self.record_resolved(v.clone());
                     out.push(json!({"status": "resolved", "alert": v}));
                     s.severity = s.rule.severity;
                     s.last_sent = None;
@@ -456,7 +526,8 @@ pub async fn run(shared: Arc<crate::shared::Shared>, alerts: Arc<Alerts>) {
         let needs_stats = alerts.rules.lock().iter().any(|s| s.rule.stat.is_some());
         let text = if needs_metrics { crate::http::metrics_text(&shared) } else { String::new() };
         let stats = if needs_stats { crate::http::stats_document(&shared, false) } else { Value::Null };
-        let sent = alerts.evaluate(flowgate_core::time::now_ms(), start.elapsed().as_secs_f64(), |r| {
+        let mut sent = std::mem::take(&mut *alerts.outbox.lock());
+        sent.extend(alerts.evaluate(flowgate_core::time::now_ms(), start.elapsed().as_secs_f64(), |r| {
             match (&r.metric, &r.stat) {
                 // A counter the engine declares but has no series of yet is 0; a name it
                 // does not declare at all gives nothing (said once in the log).
@@ -474,7 +545,7 @@ pub async fn run(shared: Arc<crate::shared::Shared>, alerts: Arc<Alerts>) {
                 (_, Some(p)) => stats.pointer(p).and_then(Value::as_f64),
                 _ => None,
             }
-        });
+        }));
         if let Some(w) = &webhook {
             for n in sent {
                 w.send(n);

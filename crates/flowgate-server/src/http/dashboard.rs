@@ -189,7 +189,7 @@ pub(super) fn flow_json(shared: &Shared) -> Value {
     for s in samples.iter().filter(|s| s.name == "flowgate_ingest_events_total") {
         *by_topic.entry(s.labels.get("topic").cloned().unwrap_or_default()).or_insert(0.0) += s.value;
     }
-    let configs = shared.pipeline_configs.get().map(Vec::as_slice).unwrap_or_default();
+    let configs = shared.pipeline_configs.read().clone();
     let pipelines: Vec<Value> = configs
         .iter()
         .map(|p| {
@@ -241,9 +241,7 @@ pub(super) fn flow_json(shared: &Shared) -> Value {
         .collect();
     let sources: Vec<Value> = shared
         .source_configs
-        .get()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
+        .read()
         .iter()
         .map(|s| {
             json!({

@@ -170,8 +170,9 @@ pub async fn replay(
             Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body is not a replay request: {e}")),
         }
     };
-    let Some(replayer) = shared.replayer.get().cloned() else {
-        return error(StatusCode::CONFLICT, "no pipeline is configured: there is nothing to replay into");
+    let replayer = match shared.replayer.get() {
+        Some(r) if !shared.pipeline_configs.read().is_empty() => r.clone(),
+        _ => return error(StatusCode::CONFLICT, "no pipeline is configured: there is nothing to replay into"),
     };
     match replayer.replay(&request).await {
         Ok(report) => Json(report).into_response(),

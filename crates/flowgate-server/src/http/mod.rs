@@ -37,6 +37,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/stats/stream", get(stats_stream))
         .route("/v1/alerts", get(alerts))
+        .route("/v1/reload", axum::routing::post(reload))
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/stats", get(dlq::stats))
         .route("/v1/dlq/replay", axum::routing::post(dlq::replay))
@@ -304,15 +305,35 @@ pub(crate) fn stats_document(shared: &Shared, with_alerts: bool) -> serde_json::
     doc
 }
 
+/// `POST /v1/reload`: reads the config file again and applies it; answers with what
+/// changed, or with why the new config was refused (the old one stays).
+async fn reload(State(shared): State<Arc<Shared>>) -> Response {
+    use crate::reload::ReloadError;
+    match crate::reload::reload_from_source(&shared).await {
+        Ok(report) => Json(report).into_response(),
+        Err(e) => {
+            shared.ingest.metrics().reloaded(false);
+            let status = match e {
+                ReloadError::Invalid(_) => StatusCode::BAD_REQUEST,
+                ReloadError::NoSource => StatusCode::CONFLICT,
+                ReloadError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+                ReloadError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            (status, Json(json!({"error": e.to_string()}))).into_response()
+        }
+    }
+}
+
 /// Everything `/metrics` writes, in OpenMetrics.
 pub(crate) fn metrics_text(shared: &Shared) -> String {
     shared.ingest.metrics().observe_memory(&shared.memory);
     let mut text = shared.ingest.metrics().render(shared.ingest.log());
-    if let Some(sources) = shared.sources.get() {
+    let sources = shared.sources.read().clone();
+    if !sources.is_empty() {
         // Before the OpenMetrics end marker, which must come last.
         let end = text.rfind("# EOF").unwrap_or(text.len());
         let mut extra = String::new();
-        flowgate_connectors::sources::SourceStatus::render_metrics(sources, &mut extra);
+        flowgate_connectors::sources::SourceStatus::render_metrics(&sources, &mut extra);
         text.insert_str(end, &extra);
     }
     text
@@ -435,7 +456,7 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
         "memory": shared.memory.stats(),
         "throughput": crate::throughput::global().to_json(),
         "latency": crate::throughput::global().latency_json(),
-        "sources": shared.sources.get().map(|s| s.iter().map(|s| s.to_json()).collect::<Vec<_>>()).unwrap_or_default(),
+        "sources": shared.sources.read().iter().map(|s| s.to_json()).collect::<Vec<_>>(),
         "flow": dashboard::flow_json(shared),
     })
 }

@@ -1,4 +1,6 @@
-//! `flowgate run`: the engine, until SIGTERM or SIGINT.
+//! `flowgate run`: the engine, until SIGTERM or SIGINT. SIGHUP reloads the config file
+//! (pipelines, sources and alert rules change without a restart; see
+//! `flowgate_server::reload`), as does a change of the file with `--watch-config`.
 //!
 //! Exit codes: 0 when shutdown finished within the grace period (every connection
 //! drained, every pipeline committed, the log closed); 1 on an error, or when something
@@ -22,21 +24,48 @@ pub struct Args {
     /// Data directory (overrides server.data_dir).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Reload the config when its file changes (checked every second), as SIGHUP does.
+    #[arg(long, requires = "config")]
+    watch_config: bool,
 }
+
+/// How often `--watch-config` looks at the file.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs the engine until a signal, then shuts down within `server.shutdown_grace_ms` plus
 /// `server.shutdown_flush_ms`; a second signal exits at once. See the module doc for the
 /// exit codes.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let mut config = Config::load(args.config.as_deref())?;
-    if let Some(dir) = args.data_dir {
-        config.server.data_dir = dir;
-    }
+    let (path, data_dir) = (args.config.clone(), args.data_dir.clone());
+    let load = move || -> anyhow::Result<Config> {
+        let mut config = Config::load(path.as_deref())?;
+        if let Some(dir) = &data_dir {
+            config.server.data_dir = dir.clone();
+        }
+        Ok(config)
+    };
+    let config = load()?;
     let runtime = super::runtime()?;
     let code = runtime.block_on(async move {
         let mut signals = Signals::new()?;
         let engine = Engine::start(config).await?;
-        let first = signals.next().await;
+        engine.set_config_source(std::sync::Arc::new(load));
+        let mut watched = match (&args.config, args.watch_config) {
+            (Some(path), true) => Some(Watched::new(path.clone())),
+            _ => None,
+        };
+        let first = loop {
+            tokio::select! {
+                received = signals.next_or_hangup() => match received {
+                    Some(stop) => break stop,
+                    None => reload(&engine, "SIGHUP").await,
+                },
+                true = async { match watched.as_mut() {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
+                } } => reload(&engine, "the config file changed").await,
+            }
+        };
         tracing::info!(signal = first.name, "shutting down; a second signal exits at once");
         // Shutdown bounds each of its steps; this bounds the whole in case one of them
         // cannot be interrupted.
@@ -62,10 +91,51 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     code
 }
 
-/// SIGTERM and SIGINT, listened to from before the engine starts to the end.
+/// Reloads the config, logging the outcome (the engine logs what changed).
+async fn reload(engine: &Engine, trigger: &str) {
+    tracing::info!(trigger, "reloading the config");
+    if let Err(e) = engine.reload_from_source().await {
+        tracing::error!(trigger, error = %e, "config reload refused");
+    }
+}
+
+/// A config file watched for changes of its content.
+struct Watched {
+    path: PathBuf,
+    last: Option<Vec<u8>>,
+}
+
+impl Watched {
+    fn new(path: PathBuf) -> Watched {
+        let last = std::fs::read(&path).ok();
+        Watched { path, last }
+    }
+
+    /// Resolves (true) once the file's content differs from when it was last seen, and
+    /// has stayed the same for a moment (an editor may write it in parts).
+    async fn changed(&mut self) -> bool {
+        loop {
+            tokio::time::sleep(WATCH_INTERVAL).await;
+            let Ok(now) = tokio::fs::read(&self.path).await else { continue };
+            if self.last.as_ref() == Some(&now) {
+                continue;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if tokio::fs::read(&self.path).await.ok().as_ref() != Some(&now) {
+                continue;
+            }
+            self.last = Some(now);
+            return true;
+        }
+    }
+}
+
+/// SIGTERM and SIGINT (which stop the engine) and SIGHUP (which reloads its config),
+/// listened to from before the engine starts to the end.
 struct Signals {
     term: Signal,
     int: Signal,
+    hangup: Signal,
 }
 
 /// A received signal.
@@ -76,7 +146,20 @@ struct Received {
 
 impl Signals {
     fn new() -> anyhow::Result<Signals> {
-        Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next SIGTERM or SIGINT, or `None` for a SIGHUP.
+    async fn next_or_hangup(&mut self) -> Option<Received> {
+        tokio::select! {
+            _ = self.term.recv() => Some(Received { name: "SIGTERM", number: 15 }),
+            _ = self.int.recv() => Some(Received { name: "SIGINT", number: 2 }),
+            _ = self.hangup.recv() => None,
+        }
     }
 
     async fn next(&mut self) -> Received {

@@ -43,6 +43,7 @@ pub struct EngineProcess {
     pub stderr: Arc<Mutex<String>>,
     env: Vec<(String, String)>,
     config: Option<PathBuf>,
+    args: Vec<String>,
 }
 
 fn field(line: &str, name: &str) -> Option<SocketAddr> {
@@ -60,13 +61,29 @@ impl EngineProcess {
 
     /// Starts an engine with a config file.
     pub fn start_with(data_dir: &Path, config: Option<&Path>, env: &[(&str, &str)]) -> EngineProcess {
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        EngineProcess::start_owned(data_dir.to_path_buf(), config.map(Path::to_path_buf), env)
+        EngineProcess::start_with_args(data_dir, config, &[], env)
     }
 
-    fn start_owned(data_dir: PathBuf, config: Option<PathBuf>, env: Vec<(String, String)>) -> EngineProcess {
+    /// Starts an engine with a config file and more arguments of `flowgate run`.
+    pub fn start_with_args(
+        data_dir: &Path,
+        config: Option<&Path>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> EngineProcess {
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let args = args.iter().map(|a| a.to_string()).collect();
+        EngineProcess::start_owned(data_dir.to_path_buf(), config.map(Path::to_path_buf), args, env)
+    }
+
+    fn start_owned(
+        data_dir: PathBuf,
+        config: Option<PathBuf>,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> EngineProcess {
         let mut cmd = Command::new(flowgate_bin());
-        cmd.arg("run");
+        cmd.arg("run").args(&args);
         if let Some(c) = &config {
             cmd.arg("--config").arg(c);
         }
@@ -116,6 +133,7 @@ impl EngineProcess {
             stderr: log,
             env,
             config,
+            args,
         }
     }
 
@@ -123,6 +141,12 @@ impl EngineProcess {
     pub fn kill9(&mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reap");
+    }
+
+    /// Sends a signal (`HUP`, `TERM`...) without waiting.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args([&format!("-{name}"), &pid]).status().expect("kill").success());
     }
 
     /// Sends SIGTERM and waits for the exit status.
@@ -141,7 +165,7 @@ impl EngineProcess {
 
     /// Starts a new engine on the same data directory and settings.
     pub fn restart(&self) -> EngineProcess {
-        EngineProcess::start_owned(self.data_dir.clone(), self.config.clone(), self.env.clone())
+        EngineProcess::start_owned(self.data_dir.clone(), self.config.clone(), self.args.clone(), self.env.clone())
     }
 
     /// Peak resident memory of the process (VmHWM), in bytes.

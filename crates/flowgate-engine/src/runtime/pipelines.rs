@@ -1,0 +1,450 @@
+//! The running pipelines of an engine: starting them, changing them while they run (a
+//! reload), and stopping them.
+//!
+//! A reload compares each new pipeline with the running one of its name: an equal one
+//! keeps running untouched; a changed one stops like at shutdown (its sinks flush, its
+//! offsets and state are checkpointed) and starts again from that checkpoint with the
+//! new config; a removed one stops the same way; a new one starts. Nothing is stopped
+//! before the whole new set has passed validation, so a config that would not start
+//! changes nothing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flowgate_log::{Log, Partition};
+use parking_lot::Mutex;
+use prometheus_client::metrics::gauge::Gauge;
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::controller::{self, SinkControllers};
+use super::sink_status::SinkStatuses;
+use super::supervisor::{supervise, PipelineHealth, WorkerHealth, WorkerState};
+use super::{ensure_topic, replay, reservations_fit, side_outputs, validate, Shared};
+use crate::config::PipelineConfig;
+use crate::metrics::{PipelineMetrics, SourceLabels};
+use crate::sink::SinkFactory;
+
+/// How long the workers of a pipeline cut off at a reload may take to end once aborted
+/// (they end at their next await; only a write stuck in the kernel takes longer).
+const ABORT_WAIT: Duration = Duration::from_secs(5);
+
+/// Running pipelines; change them with [`Pipelines::reload`], stop them with
+/// [`Pipelines::shutdown`] or [`Pipelines::shutdown_within`].
+///
+/// Pipelines run on their own threads (a runtime of their own), so the operating
+/// system shares the cores between processing and ingest: a busy pipeline cannot delay
+/// the listeners' acknowledgements. Each worker runs under a supervisor that restarts it
+/// after a failure; [`Pipelines::health`] shows them.
+pub struct Pipelines {
+    cancel: CancellationToken,
+    /// In configuration order.
+    running: Vec<Running>,
+    health: PipelineHealth,
+    replayer: Arc<replay::Replayer>,
+    lags: Arc<Mutex<Vec<Lag>>>,
+    shared: Arc<Shared>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// One running pipeline.
+struct Running {
+    config: Arc<PipelineConfig>,
+    /// A child of the engine's token: cancelling it stops this pipeline alone.
+    cancel: CancellationToken,
+    supervisors: Vec<JoinHandle<()>>,
+}
+
+/// What the lag gauge of one worker is computed from.
+struct Lag {
+    labels: SourceLabels,
+    partition: Arc<Partition>,
+    health: Arc<WorkerHealth>,
+    gauge: Gauge,
+}
+
+/// What a reload did to a set of named components (pipelines, sources), by name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Changes {
+    /// Not running before: started.
+    pub added: Vec<String>,
+    /// No longer configured: stopped (a pipeline after flushing and committing).
+    pub removed: Vec<String>,
+    /// Config changed: stopped (a pipeline after flushing and committing), then
+    /// started again with the new config, from where it stopped.
+    pub restarted: Vec<String>,
+    /// Config unchanged: still running, untouched.
+    pub unchanged: Vec<String>,
+    /// Of the removed and restarted ones, those that did not stop within the deadline
+    /// (a stalled sink or upstream): cut off; they resume from their last checkpoint.
+    pub cut_off: Vec<String>,
+}
+
+impl std::fmt::Debug for Pipelines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipelines").field("pipelines", &self.running.len()).finish()
+    }
+}
+
+impl Drop for Pipelines {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(runtime) = self.runtime.take() {
+            // Not `shutdown_timeout`: this may run inside the caller's async context.
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Pipelines {
+    /// Starts every pipeline: one supervised worker per source partition, charging what
+    /// it holds to `memory`. Pipelines can be added later by [`Pipelines::reload`], so
+    /// `configs` may be empty.
+    pub fn start(
+        log: Log,
+        data_dir: std::path::PathBuf,
+        configs: Vec<PipelineConfig>,
+        factory: Arc<dyn SinkFactory>,
+        metrics: Arc<PipelineMetrics>,
+        memory: flowgate_memory::MemoryGovernor,
+    ) -> anyhow::Result<Pipelines> {
+        validate(&configs, factory.as_ref())?;
+        let controllers = SinkControllers::default();
+        let sink_statuses = SinkStatuses::default();
+        let shared = Arc::new(Shared {
+            log: log.clone(),
+            data_dir: data_dir.clone(),
+            metrics,
+            factory,
+            pipeline_names: parking_lot::RwLock::new(configs.iter().map(|c| c.name.clone()).collect()),
+            sink_statuses: sink_statuses.clone(),
+            controllers: controllers.clone(),
+            memory,
+        });
+        reservations_fit(&shared, &configs)?;
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("flowgate-pipeline")
+            .enable_all()
+            .build()?;
+        let health = PipelineHealth::new(sink_statuses, controllers);
+        let replayer = Arc::new(replay::Replayer::new(log, data_dir, Vec::new(), health.clone()));
+        // From here an error drops `pipelines`, which stops what had started.
+        let mut pipelines = Pipelines {
+            cancel: CancellationToken::new(),
+            running: Vec::new(),
+            health,
+            replayer,
+            lags: Default::default(),
+            shared,
+            runtime: Some(runtime),
+        };
+        for config in configs {
+            pipelines.launch(config)?;
+        }
+        pipelines.replayer.set_pipelines(pipelines.configs());
+        pipelines.runtime().spawn(refresh_lags(
+            pipelines.lags.clone(),
+            pipelines.shared.memory.clone(),
+            pipelines.shared.controllers.clone(),
+            pipelines.cancel.clone(),
+        ));
+        pipelines.runtime().spawn(pipelines.replayer.clone().reprocess(pipelines.cancel.clone()));
+        Ok(pipelines)
+    }
+
+    /// The health of every worker (for readiness and stats); stays valid after shutdown
+    /// and follows reloads.
+    pub fn health(&self) -> PipelineHealth {
+        self.health.clone()
+    }
+
+    /// Replays dead letters into these pipelines ([`replay`]).
+    pub fn replayer(&self) -> Arc<replay::Replayer> {
+        self.replayer.clone()
+    }
+
+    /// The running pipelines' configs, in configuration order.
+    pub fn configs(&self) -> Vec<Arc<PipelineConfig>> {
+        self.running.iter().map(|r| r.config.clone()).collect()
+    }
+
+    /// Makes the running pipelines those of `configs` (see the module doc): validates
+    /// the whole set first and changes nothing when it fails; then stops the removed and
+    /// changed pipelines, letting them flush and commit until `deadline` (cut off after
+    /// it, to resume from their last checkpoint), and starts the new and changed ones.
+    pub async fn reload(&mut self, configs: Vec<PipelineConfig>, deadline: Instant) -> anyhow::Result<Changes> {
+        self.check(&configs)?;
+        let mut changes = Changes::default();
+        let mut stopping = Vec::new();
+        for running in std::mem::take(&mut self.running) {
+            match configs.iter().find(|c| c.name == running.config.name) {
+                Some(c) if same(c, &running.config) => self.running.push(running),
+                Some(_) => {
+                    changes.restarted.push(running.config.name.clone());
+                    stopping.push(running);
+                }
+                None => {
+                    changes.removed.push(running.config.name.clone());
+                    stopping.push(running);
+                }
+            }
+        }
+        for running in &stopping {
+            running.cancel.cancel();
+        }
+        for running in stopping {
+            let name = running.config.name.clone();
+            if !stop(running, deadline).await {
+                tracing::warn!(pipeline = %name,
+                    "reload: the pipeline did not flush and commit in time; cut off, it resumes from its last checkpoint");
+                changes.cut_off.push(name.clone());
+            }
+            self.forget(&name);
+        }
+        let names: Vec<String> = configs.iter().map(|c| c.name.clone()).collect();
+        *self.shared.pipeline_names.write() = names.clone();
+        for config in configs {
+            if self.running.iter().any(|r| r.config.name == config.name) {
+                changes.unchanged.push(config.name);
+                continue;
+            }
+            if !changes.restarted.contains(&config.name) {
+                changes.added.push(config.name.clone());
+            }
+            let name = config.name.clone();
+            self.launch(config).map_err(|e| anyhow::anyhow!("pipeline '{name}' did not start: {e:#}"))?;
+        }
+        self.running.sort_by_key(|r| names.iter().position(|n| *n == r.config.name));
+        self.health.order(&names);
+        self.replayer.set_pipelines(self.configs());
+        Ok(changes)
+    }
+
+    /// Whether [`Pipelines::reload`] would accept `configs`: every check it makes before
+    /// it changes anything.
+    pub fn check(&self, configs: &[PipelineConfig]) -> anyhow::Result<()> {
+        validate(configs, self.shared.factory.as_ref())?;
+        reservations_fit(&self.shared, configs)
+    }
+
+    /// Stops reading, flushes and commits every worker, however long that takes.
+    pub async fn shutdown(self) {
+        self.shutdown_within(None).await;
+    }
+
+    /// Stops reading and lets every worker flush its sinks and commit until `deadline`;
+    /// workers still busy then (a stalled sink) are dropped without committing, so they
+    /// resume from their last checkpoint. Returns true when every worker finished.
+    pub async fn shutdown_within(mut self, deadline: Option<Instant>) -> bool {
+        self.cancel.cancel();
+        let supervisors: Vec<JoinHandle<()>> =
+            std::mem::take(&mut self.running).into_iter().flat_map(|r| r.supervisors).collect();
+        let all = async move {
+            for supervisor in supervisors {
+                let _ = supervisor.await;
+            }
+        };
+        let finished = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), all).await.is_ok(),
+            None => {
+                all.await;
+                true
+            }
+        };
+        if !finished {
+            let stuck: Vec<String> = self
+                .health
+                .workers()
+                .into_iter()
+                .filter(|w| w.state != WorkerState::Stopped)
+                .map(|w| format!("{}/{}/{}", w.pipeline, w.topic, w.partition))
+                .collect();
+            tracing::warn!(workers = %stuck.join(", "),
+                "pipeline workers did not flush within the shutdown grace period; they resume from their last checkpoint");
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+        finished
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("taken only by shutdown, which consumes self")
+    }
+
+    /// Starts one pipeline; on an error, whatever of it had started is stopped.
+    fn launch(&mut self, config: PipelineConfig) -> anyhow::Result<()> {
+        let name = config.name.clone();
+        let cancel = self.cancel.child_token();
+        let mut supervisors = Vec::new();
+        let started = self.spawn_workers(config, &cancel, &mut supervisors);
+        match started {
+            Ok(config) => {
+                self.running.push(Running { config, cancel, supervisors });
+                Ok(())
+            }
+            Err(e) => {
+                cancel.cancel();
+                for s in supervisors {
+                    s.abort();
+                }
+                self.forget(&name);
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates what one pipeline reads and writes (its topics, side outputs, replay
+    /// topic) and spawns a supervised worker per source partition into `supervisors`.
+    fn spawn_workers(
+        &self,
+        config: PipelineConfig,
+        cancel: &CancellationToken,
+        supervisors: &mut Vec<JoinHandle<()>>,
+    ) -> anyhow::Result<Arc<PipelineConfig>> {
+        let shared = &self.shared;
+        for s in &config.sinks {
+            let labels = crate::metrics::SinkLabels { pipeline: config.name.clone(), sink: s.name.clone() };
+            let adaptive = s.concurrency.adaptive.unwrap_or_else(|| shared.factory.remote(s));
+            shared.controllers.insert(controller::SinkController::new(
+                labels,
+                controller::Mode::of(&s.concurrency, adaptive),
+                s.concurrency.clone(),
+                s.batch.clone(),
+                s.breaker.clone(),
+                &shared.metrics,
+            ));
+        }
+        side_outputs::ensure_topics(&shared.log, &config)?;
+        let config = Arc::new(config);
+        let replays = replay::replay_topic(&config.name);
+        if shared.log.topic(&replays).is_none() {
+            match shared.log.create_topic(&replays, 1) {
+                Ok(_) | Err(flowgate_log::LogError::TopicExists(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut healths = Vec::new();
+        let mut lags = Vec::new();
+        for topic_name in config.topics.iter().chain(std::iter::once(&replays)) {
+            // A pipeline's source topics exist once it is configured, whatever
+            // `auto_create_topics` says about clients' writes.
+            let topic = ensure_topic(&shared.log, topic_name)?;
+            for partition in topic.partitions() {
+                let health = Arc::new(WorkerHealth::new(&config.name, topic_name, partition.id()));
+                let labels = SourceLabels {
+                    pipeline: config.name.clone(),
+                    topic: topic_name.to_string(),
+                    partition: partition.id().to_string(),
+                };
+                let gauge = shared.metrics.lag.get_or_create(&labels).clone();
+                lags.push(Lag { labels, partition: partition.clone(), health: health.clone(), gauge });
+                healths.push(health.clone());
+                let worker = supervise(
+                    shared.clone(),
+                    config.clone(),
+                    topic_name.to_string(),
+                    partition.clone(),
+                    health,
+                    cancel.clone(),
+                );
+                if *topic_name != replays {
+                    supervisors.push(self.runtime().spawn(worker));
+                    continue;
+                }
+                // The replay worker starts once something was ever replayed: until
+                // then the pipeline's sinks run no second instance for it.
+                let (partition, cancel) = (partition.clone(), cancel.clone());
+                supervisors.push(self.runtime().spawn(async move {
+                    while partition.end_offset() == 0 {
+                        tokio::select! {
+                            _ = partition.wait_for_data(0, Duration::from_secs(1)) => {}
+                            _ = cancel.cancelled() => return,
+                        }
+                    }
+                    worker.await;
+                }));
+            }
+        }
+        self.health.add(healths);
+        self.lags.lock().extend(lags);
+        Ok(config)
+    }
+
+    /// Forgets a pipeline that stopped for good: its health, sink statuses, controllers
+    /// and lag gauges.
+    fn forget(&self, pipeline: &str) {
+        self.health.remove(pipeline);
+        let metrics = &self.shared.metrics;
+        self.lags.lock().retain(|lag| {
+            let keep = lag.labels.pipeline != pipeline;
+            if !keep {
+                metrics.lag.remove(&lag.labels);
+                metrics.worker_up.remove(&lag.labels);
+            }
+            keep
+        });
+    }
+}
+
+/// Whether two configs of a pipeline are the same: compared as the JSON they serialize
+/// to, so that every field counts, including options a sink type reads itself.
+fn same(a: &PipelineConfig, b: &PipelineConfig) -> bool {
+    match (serde_json::to_value(a), serde_json::to_value(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Lets a cancelled pipeline's workers flush and commit until `deadline`; aborts those
+/// still busy then. True when every worker finished on its own.
+async fn stop(running: Running, deadline: Instant) -> bool {
+    running.cancel.cancel();
+    let mut supervisors = running.supervisors;
+    let all = async {
+        for supervisor in &mut supervisors {
+            let _ = supervisor.await;
+        }
+    };
+    if tokio::time::timeout_at(deadline.into(), all).await.is_ok() {
+        return true;
+    }
+    for supervisor in &supervisors {
+        supervisor.abort();
+    }
+    let ended = async {
+        for supervisor in &mut supervisors {
+            let _ = supervisor.await;
+        }
+    };
+    if tokio::time::timeout(ABORT_WAIT, ended).await.is_err() {
+        tracing::error!(pipeline = %running.config.name,
+            "reload: the pipeline's workers did not end even when aborted (a write stuck in the kernel?)");
+    }
+    false
+}
+
+/// Refreshes every worker's lag gauge apart from the workers, so a stalled worker still
+/// shows it; and, past the memory budget's soft threshold, has every sink's controller
+/// lower its concurrency and batch size.
+async fn refresh_lags(
+    lags: Arc<Mutex<Vec<Lag>>>,
+    memory: flowgate_memory::MemoryGovernor,
+    controllers: SinkControllers,
+    cancel: CancellationToken,
+) {
+    loop {
+        for lag in lags.lock().iter() {
+            let committed = lag.health.committed.load(std::sync::atomic::Ordering::Acquire);
+            lag.gauge.set(i64::try_from(lag.partition.end_offset().saturating_sub(committed)).unwrap_or(i64::MAX));
+        }
+        controllers.set_memory_pressure(memory.level() != flowgate_memory::Level::Normal);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}

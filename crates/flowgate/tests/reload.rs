@@ -1,0 +1,266 @@
+//! Hot reload in a real engine process under load: `POST /v1/reload`, SIGHUP and
+//! `--watch-config` add, change and remove pipelines and alert rules while events keep
+//! coming; an invalid config is refused and the old one keeps running; nothing
+//! acknowledged is lost and the file sinks write every event once.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{poll_until, EngineProcess};
+use flowgate_client::Client;
+use flowgate_core::{BatchBuilder, Codec, ProducerStamp};
+use serde_json::Value;
+
+/// Each id of every complete line of every file in `dir`, with how often it appears,
+/// and the ids of the lines that carry `field`.
+fn output(dir: &Path, field: &str) -> (HashMap<u64, usize>, Vec<u64>) {
+    let mut counts = HashMap::new();
+    let mut marked = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return (counts, marked) };
+    for e in entries {
+        let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        for line in complete.lines() {
+            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("torn line {line:?}: {e}"));
+            let id = v["id"].as_u64().unwrap();
+            *counts.entry(id).or_default() += 1;
+            if v.get(field).is_some() {
+                marked.push(id);
+            }
+        }
+    }
+    (counts, marked)
+}
+
+fn batch_of(ids: std::ops::Range<u64>) -> Bytes {
+    let mut b = BatchBuilder::new();
+    for id in ids {
+        let payload = format!(r#"{{"id":{id},"device":"d{}","v":{}}}"#, id % 97, id % 13);
+        b.push_payload(flowgate_core::time::now_ms(), Some(format!("d{}", id % 97).as_bytes()), payload.as_bytes());
+    }
+    Bytes::from(b.finish(Codec::None, ProducerStamp::default()).unwrap().bytes)
+}
+
+fn pipeline(name: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[pipelines]]
+name = "{name}"
+topics = ["in"]
+commit_interval_ms = 100
+{extra}
+[[pipelines.sinks]]
+name = "out"
+type = "file"
+path = "out-{name}"
+batch = {{ max_events = 200, max_wait_ms = 20 }}
+"#
+    )
+}
+
+const MARK: &str = r#"[[pipelines.processors]]
+type = "remap"
+source = '.reloaded = true'
+"#;
+
+/// Sends batches of 100 new ids to topic `in` until stopped; counts the acknowledged.
+struct Producer {
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Producer {
+    fn start(addr: String) -> Producer {
+        let (stop, acked) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        let (s, a) = (stop.clone(), acked.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                let client = Client::connect(&addr).await.unwrap();
+                let mut next = 0u64;
+                while !s.load(Ordering::Acquire) {
+                    client.produce("in", batch_of(next..next + 100), ProducerStamp::default()).await.unwrap();
+                    next += 100;
+                    a.store(next, Ordering::Release);
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            });
+        });
+        Producer { stop, acked, thread: Some(thread) }
+    }
+
+    /// Ids acknowledged so far: 0..n.
+    fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Acquire)
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Release);
+        self.thread.take().unwrap().join().expect("the producer never failed");
+        self.acked()
+    }
+}
+
+fn reload(engine: &EngineProcess) -> (u16, Value) {
+    let (status, body) = engine.http("POST", "/v1/reload", b"");
+    (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("{status} {body}: {e}")))
+}
+
+fn names(v: &Value) -> Vec<&str> {
+    let mut names: Vec<&str> = v.as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    names.sort_unstable();
+    names
+}
+
+/// The pipelines the engine runs workers for, from `/v1/stats`.
+fn running_pipelines(engine: &EngineProcess) -> Vec<String> {
+    let (_, body) = engine.http("GET", "/v1/stats", b"");
+    let stats: Value = serde_json::from_str(&body).unwrap();
+    let mut names: Vec<String> = stats["pipeline_workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pipeline"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+/// How often a pipeline's workers were started, from the engine's log.
+fn worker_starts(engine: &EngineProcess, pipeline: &str) -> usize {
+    let needle = format!("pipeline={pipeline} ");
+    engine.log().lines().filter(|l| l.contains("pipeline worker started") && l.contains(&needle)).count()
+}
+
+fn write(path: &Path, text: &str) {
+    // Written whole and renamed into place, as editors and config managers do.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn wait_until_written(dir: &Path, ids: u64) {
+    poll_until(&format!("{} to hold {ids} ids", dir.display()), Duration::from_secs(60), || {
+        output(dir, "-").0.len() as u64 >= ids
+    });
+}
+
+/// Every id in 0..n exactly once.
+fn assert_exactly_once(dir: &Path, n: u64) {
+    let (counts, _) = output(dir, "-");
+    let missing: Vec<u64> = (0..n).filter(|id| !counts.contains_key(id)).take(5).collect();
+    assert!(missing.is_empty(), "{}: acknowledged ids missing: {missing:?}", dir.display());
+    let repeated: Vec<(&u64, &usize)> = counts.iter().filter(|(_, c)| **c != 1).take(5).collect();
+    assert!(repeated.is_empty(), "{}: ids written more than once: {repeated:?}", dir.display());
+    assert_eq!(counts.len() as u64, n, "{}: ids that were never sent", dir.display());
+}
+
+#[test]
+fn pipelines_and_alert_rules_change_under_load_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let config: PathBuf = dir.path().join("flowgate.toml");
+    let v1 = format!("{}{}", pipeline("a", ""), pipeline("b", ""));
+    write(&config, &v1);
+    let engine = EngineProcess::start_with(dir.path(), Some(&config), &[("FLOWGATE_LOG__DEFAULT_PARTITIONS", "2")]);
+    let producer = Producer::start(engine.binary.to_string());
+    let (out_a, out_b, out_c) = (dir.path().join("out-a"), dir.path().join("out-b"), dir.path().join("out-c"));
+    wait_until_written(&out_a, 2_000);
+    assert_eq!(worker_starts(&engine, "b"), 2, "one worker per partition");
+
+    // a changes (a processor marks what it writes from now on), b stays, c and an alert
+    // rule are new, and [ingest] changes, which takes a restart.
+    let rule = "[[alerts]]\nname = \"lagging\"\nmetric = \"flowgate_pipeline_lag\"\ncondition = \"> 1e12\"\n";
+    let v2 = format!(
+        "[ingest]\nmax_connections = 999\n{}{}{}{rule}",
+        pipeline("a", MARK),
+        pipeline("b", ""),
+        pipeline("c", "start = \"earliest\"")
+    );
+    write(&config, &v2);
+    let (status, report) = reload(&engine);
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(names(&report["pipelines"]["restarted"]), ["a"], "{report}");
+    assert_eq!(names(&report["pipelines"]["unchanged"]), ["b"], "{report}");
+    assert_eq!(names(&report["pipelines"]["added"]), ["c"], "{report}");
+    assert_eq!(names(&report["pipelines"]["cut_off"]), Vec::<&str>::new(), "{report}");
+    assert_eq!(names(&report["alerts"]["added"]), ["lagging"], "{report}");
+    assert_eq!(names(&report["restart_required"]), ["ingest"], "{report}");
+    assert_eq!(running_pipelines(&engine), ["a", "b", "c"]);
+    let (_, alerts) = engine.http("GET", "/v1/alerts", b"");
+    assert_eq!(serde_json::from_str::<Value>(&alerts).unwrap()["rules"], 1);
+    let after_change = producer.acked();
+    wait_until_written(&out_c, after_change);
+
+    // A config that does not compile is refused, named, and changes nothing.
+    let broken = v2.replace(".reloaded = true", ".reloaded = ");
+    write(&config, &broken);
+    let (status, refused) = reload(&engine);
+    assert_eq!(status, 400, "{refused}");
+    let error = refused["error"].as_str().unwrap();
+    assert!(error.contains("pipeline 'a'") && error.contains("old one stays"), "{error}");
+    assert_eq!(running_pipelines(&engine), ["a", "b", "c"]);
+    let refusals = engine.metric("flowgate_config_reloads_total{outcome=\"refused\"}");
+    assert_eq!(refusals, 1.0);
+
+    // SIGHUP: b goes; a and c stay as they are.
+    let v3 = format!("{}{}{rule}", pipeline("a", MARK), pipeline("c", "start = \"earliest\""));
+    write(&config, &v3);
+    engine.signal("HUP");
+    poll_until("b to be removed", Duration::from_secs(30), || running_pipelines(&engine) == ["a", "c"]);
+    poll_until("the reload to be logged", Duration::from_secs(10), || engine.log().contains("config reloaded"));
+    assert_eq!(engine.metric("flowgate_config_reloads_total{outcome=\"applied\"}"), 2.0);
+    let after_removal = producer.acked();
+    poll_until("more events after the removal", Duration::from_secs(30), || producer.acked() >= after_removal + 5_000);
+
+    let sent = producer.finish();
+    assert!(sent > after_change, "events kept coming through the reloads");
+    wait_until_written(&out_a, sent);
+    wait_until_written(&out_c, sent);
+    let mut engine = engine;
+    assert!(engine.terminate().success(), "{}", engine.log());
+    assert_exactly_once(&out_a, sent);
+    assert_exactly_once(&out_c, sent);
+    // b wrote each event it got to once, and was never restarted while it ran.
+    let (b, _) = output(&out_b, "-");
+    assert!(b.values().all(|&n| n == 1) && b.len() as u64 >= after_change.min(2_000));
+    assert_eq!(worker_starts(&engine, "b"), 2, "b ran untouched until removed");
+    assert_eq!(worker_starts(&engine, "c"), 2, "c ran untouched after it was added");
+    // a's changed processor took effect: what it wrote after the change is marked,
+    // and the last events it wrote all are.
+    let (_, marked) = output(&out_a, "reloaded");
+    let marked: std::collections::HashSet<u64> = marked.into_iter().collect();
+    assert!(marked.contains(&(sent - 1)), "a's last event passed through the new processor");
+    assert!((after_change..sent).all(|id| marked.contains(&id)), "everything after the change is marked");
+}
+
+#[test]
+fn watch_config_applies_a_changed_file_and_refuses_a_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("flowgate.toml");
+    write(&config, &pipeline("a", ""));
+    let engine = EngineProcess::start_with_args(dir.path(), Some(&config), &["--watch-config"], &[]);
+    assert_eq!(running_pipelines(&engine), ["a"]);
+    write(&config, &format!("{}{}", pipeline("a", ""), pipeline("b", "")));
+    poll_until("the watched change to add b", Duration::from_secs(30), || running_pipelines(&engine) == ["a", "b"]);
+    assert_eq!(worker_starts(&engine, "a"), 1, "a kept running");
+    write(&config, "[[pipelines]]\nname = ");
+    poll_until("the broken file to be refused", Duration::from_secs(30), || {
+        engine.log().contains("config reload refused")
+    });
+    assert_eq!(running_pipelines(&engine), ["a", "b"], "the old config stays");
+    let (status, _) = engine.http("GET", "/ready", b"");
+    assert_eq!(status, 200);
+    // An engine started from the embedded default has nothing to watch but reloads it.
+    let plain = EngineProcess::start(&dir.path().join("plain"), &[]);
+    let (status, report) = reload(&plain);
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["restart_required"], serde_json::json!([]), "{report}");
+}
