@@ -151,7 +151,18 @@ impl Throughput {
                 pipelines.insert(p.to_owned(), rates(key));
             } else if let Some(s) = key.strip_prefix("sink:") {
                 let mut v = rates(key);
-                v["errors_1m"] = json!(rate(&format!("sink_errors:{s}"), Duration::from_secs(60)));
+                let errors = format!("sink_errors:{s}");
+                // A sink with no failed write has no error series yet: its rate is 0.
+                let errors_rate = |window: Duration| rate(&errors, window).or_else(|| rate(key, window).map(|_| 0.0));
+                let (now, minute, five) = (
+                    errors_rate(Duration::from_millis(1500)),
+                    errors_rate(Duration::from_secs(60)),
+                    errors_rate(Duration::from_secs(300)),
+                );
+                v["errors_now"] = json!(now);
+                v["errors_1m"] = json!(minute);
+                v["errors_5m"] = json!(five);
+                v["errors_trend"] = json!(trend(minute, five));
                 sinks.insert(s.to_owned(), v);
             }
         }
@@ -214,9 +225,35 @@ pub async fn run(shared: std::sync::Arc<crate::shared::Shared>) {
     }
 }
 
+/// Where a rate is heading: its last minute against its last five minutes: `none` (no
+/// errors in either), `rising` (the minute over 1.5 times the five minutes' average),
+/// `falling` (under half of it) or `steady`; `None` before there are samples.
+fn trend(minute: Option<f64>, five: Option<f64>) -> Option<&'static str> {
+    let (minute, five) = (minute?, five?);
+    Some(if minute <= 0.0 && five <= 0.0 {
+        "none"
+    } else if minute > five * 1.5 {
+        "rising"
+    } else if minute < five * 0.5 {
+        "falling"
+    } else {
+        "steady"
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_rate_rises_falls_or_holds_against_its_five_minutes() {
+        assert_eq!(trend(None, Some(1.0)), None);
+        assert_eq!(trend(Some(0.0), Some(0.0)), Some("none"));
+        assert_eq!(trend(Some(3.0), Some(1.0)), Some("rising"));
+        assert_eq!(trend(Some(0.2), Some(1.0)), Some("falling"));
+        assert_eq!(trend(Some(1.1), Some(1.0)), Some("steady"));
+        assert_eq!(trend(Some(0.0), Some(0.5)), Some("falling"));
+    }
 
     #[test]
     fn counters_are_read_by_pipeline_and_sink() {

@@ -180,6 +180,21 @@ batch = {{ max_events = 1000 }}
     assert!(lag > 900_000.0, "the stalled pipeline lags behind: {lag}");
     let rss = engine.peak_rss();
     assert!(rss < 150 << 20, "memory must stay bounded with a stalled sink: peak RSS {} MiB", rss >> 20);
+    // /v1/stats says why: the worker waits on the sink's full queue.
+    common::poll_until("the stats to show backpressure", Duration::from_secs(10), || {
+        let (_, body) = engine.http("GET", "/v1/stats", b"");
+        let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let worker = stats["pipeline_workers"].as_array().unwrap().iter().find(|w| w["topic"] == "in").cloned();
+        worker.is_some_and(|w| {
+            let queue = &w["sink_queues"][0];
+            w["backpressure"] == true && queue["sink"] == "remote" && queue["depth"] == queue["capacity"]
+        })
+    });
+    let (_, body) = engine.http("GET", "/v1/stats", b"");
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let controller = &stats["sink_controllers"][0];
+    assert_eq!((controller["batch_max"].as_u64(), controller["batch_adaptive"].as_bool()), (Some(1000), Some(false)));
+    assert!(controller["in_flight"].as_u64().unwrap() >= 1, "a write hangs in flight: {controller}");
     drop(engine);
     drop(held);
 }

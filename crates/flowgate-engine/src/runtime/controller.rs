@@ -165,10 +165,26 @@ pub struct ControllerStatus {
     pub concurrency_limit: Option<u32>,
     /// `adaptive`, `fixed` or `unlimited`.
     pub concurrency: &'static str,
+    /// The lowest the limit may go (`None`: unlimited): 1 when adaptive, the limit when
+    /// fixed.
+    pub concurrency_min: Option<u32>,
+    /// The highest the limit may go (`None`: unlimited): `concurrency.max` when
+    /// adaptive, the limit when fixed.
+    pub concurrency_max: Option<u32>,
     /// Writes in flight now.
     pub in_flight: u32,
     /// Events per batch the sink's instances flush at.
     pub batch_target: usize,
+    /// Whether the batch size moves toward `batch_target_latency_ms`.
+    pub batch_adaptive: bool,
+    /// The lowest batch size (`batch.min_events` when adaptive, else `batch.max_events`).
+    pub batch_min: usize,
+    /// The highest batch size (`batch.max_events`).
+    pub batch_max: usize,
+    /// The write latency adaptive batching aims for (ms; `None` when not adaptive).
+    pub batch_target_latency_ms: Option<u64>,
+    /// A batch is flushed when its oldest event has waited this long (ms).
+    pub batch_max_wait_ms: u64,
     /// Average write latency of recent windows (ms).
     pub latency_ms: Option<f64>,
     /// The lowest recent window latency (ms).
@@ -504,8 +520,23 @@ impl SinkController {
             sink: self.labels.sink.clone(),
             concurrency_limit: (self.mode != Mode::Unlimited).then_some(inner.limit),
             concurrency: self.mode.as_str(),
+            concurrency_min: match self.mode {
+                Mode::Unlimited => None,
+                Mode::Fixed(n) => Some(n),
+                Mode::Adaptive => Some(1),
+            },
+            concurrency_max: match self.mode {
+                Mode::Unlimited => None,
+                Mode::Fixed(n) => Some(n),
+                Mode::Adaptive => Some(self.policy.max),
+            },
             in_flight: inner.in_flight,
             batch_target: self.batch_target(),
+            batch_adaptive: self.batch.adaptive,
+            batch_min: if self.batch.adaptive { self.batch.min_events } else { self.batch.max_events },
+            batch_max: self.batch.max_events,
+            batch_target_latency_ms: self.batch.adaptive.then_some(self.batch.target_latency_ms),
+            batch_max_wait_ms: self.batch.max_wait_ms,
             latency_ms: inner.latency.map(|s| s * 1000.0),
             latency_floor_ms: inner.floor.map(|s| s * 1000.0),
             breaker,

@@ -47,7 +47,7 @@ use crate::sink::SinkFactory;
 pub use controller::{ControllerStatus, SinkControllers};
 pub use pipelines::{Changes, Pipelines};
 pub use sink_status::{SinkStatus, SinkStatuses};
-pub use supervisor::{PipelineHealth, WorkerState, WorkerStatus};
+pub use supervisor::{PipelineHealth, SinkQueue, WorkerState, WorkerStatus};
 
 /// Sinks one pipeline may have: route masks are 64-bit.
 pub const MAX_SINKS: usize = 64;

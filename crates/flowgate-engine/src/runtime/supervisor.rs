@@ -59,6 +59,22 @@ pub struct WorkerStatus {
     pub last_error: Option<String>,
     /// The offset of its last checkpoint.
     pub committed_offset: u64,
+    /// Whether the worker is held back by a sink: some sink's queue is full, so the
+    /// worker waits to hand it the next batch and reads nothing meanwhile.
+    pub backpressure: bool,
+    /// Each sink's queue: batches handed to the sink task and not yet taken by it.
+    pub sink_queues: Vec<SinkQueue>,
+}
+
+/// The queue between a worker and one of its sink tasks.
+#[derive(Clone, Debug, Serialize)]
+pub struct SinkQueue {
+    /// Sink name.
+    pub sink: String,
+    /// Batches waiting in the queue now.
+    pub depth: usize,
+    /// The most it holds: at this depth the worker stops reading (backpressure).
+    pub capacity: usize,
 }
 
 /// The live health of one worker, shared between its supervisor and readers.
@@ -71,6 +87,8 @@ pub(super) struct WorkerHealth {
     restarts: AtomicU64,
     /// The offset of the last checkpoint (also drives the lag gauge).
     pub(super) committed: Arc<AtomicU64>,
+    /// The running worker's sink queues; weak, so that they close when the worker ends.
+    queues: Mutex<Vec<(String, tokio::sync::mpsc::WeakSender<super::fan_out::SinkMsg>)>>,
 }
 
 impl WorkerHealth {
@@ -82,7 +100,28 @@ impl WorkerHealth {
             state: Mutex::new((WorkerState::Starting, None)),
             restarts: AtomicU64::new(0),
             committed: Arc::new(AtomicU64::new(0)),
+            queues: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Records the queues of a worker that starts.
+    pub(super) fn set_sink_queues<'a>(
+        &self,
+        queues: impl Iterator<Item = (String, &'a tokio::sync::mpsc::Sender<super::fan_out::SinkMsg>)>,
+    ) {
+        *self.queues.lock() = queues.map(|(sink, tx)| (sink, tx.downgrade())).collect();
+    }
+
+    fn sink_queues(&self) -> Vec<SinkQueue> {
+        self.queues
+            .lock()
+            .iter()
+            .filter_map(|(sink, weak)| {
+                let tx = weak.upgrade()?;
+                let capacity = tx.max_capacity();
+                Some(SinkQueue { sink: sink.clone(), depth: capacity.saturating_sub(tx.capacity()), capacity })
+            })
+            .collect()
     }
 
     pub(super) fn set_state(&self, state: WorkerState) {
@@ -96,7 +135,10 @@ impl WorkerHealth {
 
     fn status(&self) -> WorkerStatus {
         let (state, last_error) = self.state.lock().clone();
+        let sink_queues = self.sink_queues();
         WorkerStatus {
+            backpressure: sink_queues.iter().any(|q| q.depth >= q.capacity),
+            sink_queues,
             pipeline: self.pipeline.clone(),
             topic: self.topic.clone(),
             partition: self.partition,

@@ -155,6 +155,7 @@ impl Worker {
             };
             sink_tasks.spawn(run_sink(sink, rx, setup));
         }
+        self.health.set_sink_queues(self.config.sinks.iter().map(|s| s.name.clone()).zip(&sinks_tx));
         let mut offset = match &saved {
             Some(c) => {
                 self.unconfigured_states = super::processor_states::restore(

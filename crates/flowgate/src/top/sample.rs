@@ -17,6 +17,9 @@ use serde_json::Value;
 pub enum Kind {
     /// A pipeline (all its workers).
     Pipeline,
+    /// One processor of a pipeline, named `pipeline/processor` (its id: its name, or
+    /// `<type>-<n>`).
+    Processor,
     /// One sink of a pipeline, named `pipeline/sink`.
     Sink,
     /// A `[[sources]]` connector.
@@ -30,6 +33,7 @@ impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Pipeline => "pipeline",
+            Kind::Processor => "processor",
             Kind::Sink => "sink",
             Kind::Source => "source",
             Kind::Topic => "topic",
@@ -343,7 +347,30 @@ impl Sample {
             c.lag = lag.map(Lag::Events);
             let states: Vec<&str> = mine.iter().filter_map(|w| w.get("state").and_then(Value::as_str)).collect();
             c.state = worker_state(&states);
+            let held = mine.iter().filter(|w| w.get("backpressure").and_then(Value::as_bool) == Some(true)).count();
+            if held > 0 && c.state.as_deref() == Some("running") {
+                c.state = Some(if held == mine.len() {
+                    "backpressure".to_owned()
+                } else {
+                    format!("backpressure {held}/{}", mine.len())
+                });
+            }
             components.push(c);
+        }
+
+        // Processors: events in and out, failures, from the dashboard's flow.
+        let flow_pipelines = stats.pointer("/flow/pipelines").and_then(Value::as_array);
+        for p in flow_pipelines.into_iter().flatten() {
+            let Some(pipeline) = p.get("name").and_then(Value::as_str) else { continue };
+            for proc in p.get("processors").and_then(Value::as_array).into_iter().flatten() {
+                let Some(id) = proc.get("id").and_then(Value::as_str) else { continue };
+                let mut c = Component::new(Kind::Processor, format!("{pipeline}/{id}"));
+                c.events_in = u64_at(proc, "events_in");
+                c.events_out = u64_at(proc, "events_out");
+                c.errors = u64_at(proc, "failed");
+                c.state = proc.get("type").and_then(Value::as_str).map(str::to_owned);
+                components.push(c);
+            }
         }
 
         // Sinks: one controller per (pipeline, sink); instances per partition add their
@@ -472,8 +499,11 @@ mod tests {
             "topics": [{"name": "in", "partitions": [{"partition": 0, "end_offset": 100}, {"partition": 1, "end_offset": 50}]}],
             "pipeline_workers": [
                 {"pipeline": "p", "topic": "in", "partition": 0, "state": "running", "committed_offset": 90},
-                {"pipeline": "p", "topic": "in", "partition": 1, "state": "running", "committed_offset": 50}
+                {"pipeline": "p", "topic": "in", "partition": 1, "state": "running", "committed_offset": 50, "backpressure": true}
             ],
+            "flow": {"pipelines": [{"name": "p", "processors": [
+                {"id": "keep", "type": "filter", "events_in": 140, "events_out": 120, "dropped": 20, "failed": 0}
+            ]}]},
             "pipeline_sinks": [{"pipeline": "p", "sink": "out", "breaker": "half_open", "batch_target": 64}],
             "sink_controllers": [{"pipeline": "p", "sink": "out", "concurrency_limit": 4, "in_flight": 1, "batch_target": 128, "breaker": "closed"}],
             "memory": {"used_bytes": 10, "limit_bytes": 100, "peak_bytes": 20, "pressure": 0.1, "level": "normal"},
@@ -492,7 +522,10 @@ mod tests {
         assert_eq!((p.events_in, p.events_out, p.errors), (Some(140), Some(130), Some(3)));
         // No lag gauge in the metrics: end offsets minus checkpoints.
         assert_eq!(p.lag, Some(Lag::Events(10)));
-        assert_eq!(p.state.as_deref(), Some("running"));
+        assert_eq!(p.state.as_deref(), Some("backpressure 1/2"), "one worker waits on a full sink queue");
+        let keep = find(Kind::Processor, "p/keep");
+        assert_eq!((keep.events_in, keep.events_out, keep.errors), (Some(140), Some(120), Some(0)));
+        assert_eq!(keep.state.as_deref(), Some("filter"));
         assert_eq!(worker_state(&["running", "restarting", "running"]).as_deref(), Some("restarting 1/3"));
         assert_eq!(worker_state(&["starting", "starting"]).as_deref(), Some("starting"));
         assert_eq!(worker_state(&[]), None);
