@@ -124,11 +124,11 @@ impl TopicCounters {
 }
 
 impl Metrics {
-    /// Counts a config reload, applied or refused.
-    pub fn reloaded(&self, applied: bool) {
-        let outcome = if applied { "applied" } else { "refused" };
+    /// Counts a config reload: `applied`, `refused` (nothing changed) or `failed` (part
+    /// of it was applied).
+    pub fn reloaded(&self, outcome: &str) {
         self.reloads.get_or_create(&OutcomeLabels { outcome: outcome.into() }).inc();
-        if applied {
+        if outcome == "applied" {
             self.last_reload.set(flowgate_core::time::now_ms() / 1000);
         }
     }
@@ -213,7 +213,11 @@ impl Metrics {
             memory_components.clone(),
         );
         let reloads = Family::<OutcomeLabels, Counter>::default();
-        registry.register("flowgate_config_reloads", "Config reloads, applied or refused", reloads.clone());
+        registry.register(
+            "flowgate_config_reloads",
+            "Config reloads: applied, refused (nothing changed) or failed (part applied)",
+            reloads.clone(),
+        );
         let last_reload = Gauge::default();
         registry.register(
             "flowgate_config_last_reload_timestamp_seconds",

@@ -99,39 +99,83 @@ impl Reloader {
 
 /// Reads the config from its source again and applies it ([`reload`]).
 pub async fn reload_from_source(shared: &Arc<Shared>) -> Result<ReloadReport, ReloadError> {
-    let loader = shared.reloader.loader.lock().clone().ok_or(ReloadError::NoSource)?;
-    let config = tokio::task::spawn_blocking(move || loader())
-        .await
-        .map_err(|e| ReloadError::Failed(e.to_string()))?
-        .map_err(|e| ReloadError::Invalid(format!("{e:#}")))?;
-    reload(shared, config).await
+    let shared = shared.clone();
+    finish(tokio::spawn(async move {
+        let loader = shared.reloader.loader.lock().clone().ok_or(ReloadError::NoSource);
+        let loaded = match loader {
+            Ok(loader) => tokio::task::spawn_blocking(move || loader())
+                .await
+                .map_err(|e| ReloadError::Failed(e.to_string()))
+                .and_then(|c| c.map_err(|e| ReloadError::Invalid(format!("{e:#}")))),
+            Err(e) => Err(e),
+        };
+        let result = match loaded {
+            Ok(config) => apply(&shared, config).await,
+            Err(e) => Err(e),
+        };
+        count(&shared, &result);
+        result
+    }))
+    .await
 }
 
-/// Applies `new` to the running engine (see the module doc).
+/// Applies `new` to the running engine (see the module doc). The reload runs as a task
+/// of its own: a caller that goes away (an HTTP client that hangs up) does not stop it
+/// half way.
 pub async fn reload(shared: &Arc<Shared>, new: Config) -> Result<ReloadReport, ReloadError> {
+    let shared = shared.clone();
+    finish(tokio::spawn(async move {
+        let result = apply(&shared, new).await;
+        count(&shared, &result);
+        result
+    }))
+    .await
+}
+
+async fn finish(task: tokio::task::JoinHandle<Result<ReloadReport, ReloadError>>) -> Result<ReloadReport, ReloadError> {
+    task.await.unwrap_or_else(|e| Err(ReloadError::Failed(format!("the reload task failed: {e}"))))
+}
+
+fn count(shared: &Shared, result: &Result<ReloadReport, ReloadError>) {
+    let outcome = match result {
+        Ok(_) => "applied",
+        Err(ReloadError::Failed(_)) => "failed",
+        Err(_) => "refused",
+    };
+    shared.ingest.metrics().reloaded(outcome);
+}
+
+async fn apply(shared: &Arc<Shared>, new: Config) -> Result<ReloadReport, ReloadError> {
     let started = Instant::now();
     let mut components = shared.reloader.lock().await;
     if shared.shutdown.is_cancelled() {
         return Err(ReloadError::ShuttingDown);
     }
     let Some(current) = components.config.clone() else { return Err(ReloadError::ShuttingDown) };
-    new.validate("the new config").map_err(|e| ReloadError::Invalid(e.to_string()))?;
-    // Sinks' outputs are checked against the data directory in force, which a reload
-    // does not change.
-    let mut checked = new.clone();
-    checked.server = current.server.clone();
-    checked.validate_pipelines("the new config").map_err(|e| ReloadError::Invalid(e.to_string()))?;
-    flowgate_connectors::sources::validate_configs(&new.sources).map_err(|e| ReloadError::Invalid(format!("{e:#}")))?;
+    let invalid = |e: String| ReloadError::Invalid(e);
+    new.validate("the new config").map_err(|e| invalid(e.to_string()))?;
+    flowgate_connectors::sources::validate_configs(&new.sources).map_err(|e| invalid(format!("{e:#}")))?;
+    match &components.pipelines {
+        // Everything a restart of each new or changed pipeline would check.
+        Some(running) => running.check(&new.pipelines).map_err(|e| invalid(format!("{e:#}")))?,
+        // Sinks' outputs are checked against the data directory in force, which a
+        // reload does not change.
+        None => {
+            let mut checked = new.clone();
+            checked.server = current.server.clone();
+            checked.validate_pipelines("the new config").map_err(|e| invalid(e.to_string()))?;
+        }
+    }
+    tracing::info!("applying the new config");
     let mut report = ReloadReport { restart_required: restart_required(&current, &new), ..Default::default() };
     let grace = Duration::from_millis(current.server.shutdown_grace_ms);
-    if let Some(running) = &components.pipelines {
-        running.check(&new.pipelines).map_err(|e| ReloadError::Invalid(format!("{e:#}")))?;
-    }
     let pipelines = match components.pipelines.as_mut() {
-        Some(running) => running
-            .reload(new.pipelines.clone(), Instant::now() + grace)
-            .await
-            .map_err(|e| ReloadError::Failed(format!("{e:#}"))),
+        Some(running) => {
+            let changed = running.reload(new.pipelines.clone(), Instant::now() + grace, &shared.shutdown).await;
+            let configs: Vec<_> = running.configs().iter().map(|c| (**c).clone()).collect();
+            *shared.pipeline_configs.write() = configs;
+            changed.map_err(|e| ReloadError::Failed(format!("{e:#}")))
+        }
         None if new.pipelines.is_empty() => Ok(flowgate_engine::Changes::default()),
         None => match start_pipelines(shared, &current, &new.pipelines) {
             Ok(p) => {
@@ -141,13 +185,15 @@ pub async fn reload(shared: &Arc<Shared>, new: Config) -> Result<ReloadReport, R
                     ..Default::default()
                 })
             }
-            Err(e) => Err(ReloadError::Invalid(format!("{e:#}"))),
+            Err(e) => Err(ReloadError::Failed(format!("{e:#}"))),
         },
     };
-    report.pipelines = pipelines?;
-    *shared.pipeline_configs.write() = new.pipelines.clone();
     let sources = match components.sources.as_mut() {
-        Some(running) => running.reload(&new.sources, grace).await,
+        // At shutdown, what is still stopping is left to its cancel token.
+        Some(running) => tokio::select! {
+            changed = running.reload(&new.sources, grace) => changed,
+            _ = shared.shutdown.cancelled() => Err(anyhow::anyhow!("the engine is shutting down")),
+        },
         None if new.sources.is_empty() => Ok(flowgate_engine::Changes::default()),
         None => start_sources(shared, &current, &new.sources).map(|s| {
             components.sources = Some(s);
@@ -161,13 +207,16 @@ pub async fn reload(shared: &Arc<Shared>, new: Config) -> Result<ReloadReport, R
         *shared.sources.write() = running.statuses();
     }
     *shared.source_configs.write() = new.sources.clone();
-    report.sources = sources.map_err(|e| ReloadError::Failed(format!("{e:#}")))?;
     if let Some(alerts) = shared.alerts.get() {
         report.alerts = alerts.reload(&new.alerts);
     }
-    components.config = Some(Config { pipelines: new.pipelines, sources: new.sources, alerts: new.alerts, ..current });
+    // What runs now, whatever failed: the next reload compares with it.
+    let running_pipelines = shared.pipeline_configs.read().clone();
+    components.config =
+        Some(Config { pipelines: running_pipelines, sources: new.sources, alerts: new.alerts, ..current });
+    report.pipelines = pipelines?;
+    report.sources = sources.map_err(|e| ReloadError::Failed(format!("{e:#}")))?;
     report.took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    shared.ingest.metrics().reloaded(true);
     tracing::info!(
         pipelines = %summary(&report.pipelines), sources = %summary(&report.sources), alerts = %summary(&report.alerts),
         took_ms = report.took_ms, "config reloaded"
@@ -179,16 +228,16 @@ pub async fn reload(shared: &Arc<Shared>, new: Config) -> Result<ReloadReport, R
     Ok(report)
 }
 
-/// Reloads, logging and counting a refusal; for the triggers that have no one to
-/// answer (SIGHUP, a watched file).
-pub async fn reload_and_log(shared: &Arc<Shared>, trigger: &str) {
-    match reload_from_source(shared).await {
-        Ok(_) => {}
-        Err(e) => {
-            shared.ingest.metrics().reloaded(false);
+/// Starts a reload from the config source and returns at once; the outcome is logged
+/// (and counted). For the triggers that have no one to answer: SIGHUP, a watched file.
+pub fn spawn_and_log(shared: &Arc<Shared>, trigger: &'static str) {
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        tracing::info!(trigger, "reloading the config");
+        if let Err(e) = reload_from_source(&shared).await {
             tracing::error!(trigger, error = %e, "config reload refused");
         }
-    }
+    });
 }
 
 fn summary(c: &flowgate_engine::Changes) -> String {

@@ -93,8 +93,9 @@ impl Engine {
         let http_shared = shared.clone();
         engine.background.spawn(async move {
             let listener = crate::http::listener::LimitedListener::new(http, http_shared);
+            let service = router.into_make_service_with_connect_info::<crate::http::listener::Peer>();
             let serve =
-                axum::serve(listener, router).with_graceful_shutdown(async move { http_shutdown.cancelled().await });
+                axum::serve(listener, service).with_graceful_shutdown(async move { http_shutdown.cancelled().await });
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "HTTP server failed");
             }
@@ -152,20 +153,18 @@ impl Engine {
     /// Applies `config` to the running engine: pipelines, sources and alert rules are
     /// added, removed, restarted or left alone (see [`crate::reload`]).
     pub async fn reload(&self, config: Config) -> Result<crate::reload::ReloadReport, crate::reload::ReloadError> {
-        let result = crate::reload::reload(&self.shared, config).await;
-        if result.is_err() {
-            self.metrics().reloaded(false);
-        }
-        result
+        crate::reload::reload(&self.shared, config).await
     }
 
     /// Reads the config from its source again and applies it ([`Engine::set_config_source`]).
     pub async fn reload_from_source(&self) -> Result<crate::reload::ReloadReport, crate::reload::ReloadError> {
-        let result = crate::reload::reload_from_source(&self.shared).await;
-        if result.is_err() {
-            self.metrics().reloaded(false);
-        }
-        result
+        crate::reload::reload_from_source(&self.shared).await
+    }
+
+    /// Starts a reload from the config source and returns at once, logging the outcome
+    /// (for SIGHUP and a watched file: signals keep being handled meanwhile).
+    pub fn spawn_reload(&self, trigger: &'static str) {
+        crate::reload::spawn_and_log(&self.shared, trigger);
     }
 
     /// The longest [`Engine::shutdown`] takes: the grace period plus the final flush.
@@ -201,7 +200,7 @@ impl Engine {
         // Sources stop first: what they appended is in the log, what they did not
         // confirm upstream is sent again at the next start.
         if let Some(mut sources) = sources {
-            sources.shutdown(self.grace).await;
+            sources.shutdown(deadline.saturating_duration_since(tokio::time::Instant::now())).await;
         }
         let drain = async {
             let drained = tokio::time::timeout_at(deadline, self.shared.tasks.wait()).await.is_ok();

@@ -290,3 +290,40 @@ fn the_stats_stream_pushes_the_stats_document_and_refuses_bad_intervals() {
     assert_eq!(engine.http("GET", "/v1/stats/stream?interval_ms=5", b"").0, 400);
     assert_eq!(engine.http("GET", "/v1/stats/stream?interval_ms=600000", b"").0, 400);
 }
+
+/// Opens `GET /v1/stats/stream` from local address `from`; returns the socket and the
+/// status of the answer.
+fn open_stream(engine: &EngineProcess, from: std::net::Ipv4Addr) -> (std::net::TcpStream, u16) {
+    use std::io::{BufRead, BufReader, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&std::net::SocketAddr::from((from, 0)).into()).unwrap();
+    socket.connect(&engine.http.into()).unwrap();
+    let mut stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET /v1/stats/stream HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut status = String::new();
+    BufReader::new(&stream).read_line(&mut status).unwrap();
+    let code = status.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (stream, code)
+}
+
+#[test]
+fn one_client_cannot_take_every_stats_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = EngineProcess::start(dir.path(), &[]);
+    let local = std::net::Ipv4Addr::new(127, 0, 0, 1);
+    let mut mine: Vec<std::net::TcpStream> = (0..8)
+        .map(|i| {
+            let (s, code) = open_stream(&engine, local);
+            assert_eq!(code, 200, "stream {i}");
+            s
+        })
+        .collect();
+    let (_, code) = open_stream(&engine, local);
+    assert_eq!(code, 503, "a ninth stream of one client is refused");
+    let (_other, code) = open_stream(&engine, std::net::Ipv4Addr::new(127, 0, 0, 2));
+    assert_eq!(code, 200, "another client still gets one");
+    // A stream's place is given back when its client goes.
+    drop(mine.pop());
+    poll_until("a place to come free", Duration::from_secs(10), || open_stream(&engine, local).1 == 200);
+}

@@ -264,3 +264,110 @@ fn watch_config_applies_a_changed_file_and_refuses_a_broken_one() {
     assert_eq!(status, 200, "{report}");
     assert_eq!(report["restart_required"], serde_json::json!([]), "{report}");
 }
+
+/// `a`: dedup by `by` into a file; `slow`: an HTTP sink at `target`.
+fn stateful_and_slow(by: &str, a_name: &str, target: std::net::SocketAddr, slow_batch: u32) -> String {
+    format!(
+        r#"
+[[pipelines]]
+name = "{a_name}"
+topics = ["in"]
+commit_interval_ms = 100
+[[pipelines.processors]]
+name = "d"
+type = "dedup"
+by = "{by}"
+[[pipelines.sinks]]
+name = "out"
+type = "file"
+path = "out-{a_name}"
+batch = {{ max_events = 200, max_wait_ms = 20 }}
+
+[[pipelines]]
+name = "slow"
+topics = ["in"]
+[[pipelines.sinks]]
+name = "remote"
+type = "http"
+url = "http://{target}/ingest"
+batch = {{ max_events = {slow_batch}, max_wait_ms = 20 }}
+"#
+    )
+}
+
+/// Workers of `pipeline` reading `topic` partition 0, from `/v1/stats`.
+fn workers_of(engine: &EngineProcess, pipeline: &str) -> usize {
+    let (_, body) = engine.http("GET", "/v1/stats", b"");
+    let stats: Value = serde_json::from_str(&body).unwrap();
+    stats["pipeline_workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["pipeline"] == pipeline && w["topic"] == "in" && w["partition"] == 0)
+        .count()
+}
+
+#[test]
+fn a_reload_refuses_what_would_not_start_outlives_its_client_and_yields_to_shutdown() {
+    // A peer that accepts and never answers: the `slow` pipeline's writes hang.
+    let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = black_hole.local_addr().unwrap();
+    let held = std::thread::spawn(move || black_hole.incoming().take(16).collect::<Vec<_>>());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("flowgate.toml");
+    write(&config, &stateful_and_slow("id", "a", target, 100));
+    let mut engine =
+        EngineProcess::start_with(dir.path(), Some(&config), &[("FLOWGATE_SERVER__SHUTDOWN_GRACE_MS", "2000")]);
+    let producer = Producer::start(engine.binary.to_string());
+    wait_until_written(&dir.path().join("out-a"), 1_000);
+
+    // The dedup's checkpointed state was kept under `by = "id"`: under another field it
+    // would mean something else, and the partition would not start. Refused, unchanged.
+    write(&config, &stateful_and_slow("device", "a", target, 100));
+    let (status, refused) = reload(&engine);
+    assert_eq!(status, 400, "{refused}");
+    assert!(refused["error"].as_str().unwrap().contains("discard_processor_state"), "{refused}");
+    // Renaming `a` would start a pipeline afresh where `a` left off: refused, named.
+    write(&config, &stateful_and_slow("id", "a2", target, 100));
+    let (status, refused) = reload(&engine);
+    assert_eq!(status, 400, "{refused}");
+    assert!(refused["error"].as_str().unwrap().contains("'a' renamed"), "{refused}");
+    assert_eq!(running_pipelines(&engine), ["a", "slow"]);
+
+    // A client that hangs up at once does not stop the reload half way: `slow` (its
+    // write hangs) is cut off after the grace period and runs again, once.
+    write(&config, &stateful_and_slow("id", "a", target, 50));
+    {
+        use std::io::Write;
+        let mut hang_up = std::net::TcpStream::connect(engine.http).unwrap();
+        write!(hang_up, "POST /v1/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").unwrap();
+        // Hung up once the reload is under way (stopping `slow` takes the grace period).
+        poll_until("the reload to start", Duration::from_secs(10), || engine.log().contains("applying the new config"));
+    }
+    poll_until("the reload to finish without its client", Duration::from_secs(30), || {
+        engine.log().contains("config reloaded")
+    });
+    assert!(engine.log().contains("cut off"), "the stalled pipeline was cut off");
+    assert_eq!(workers_of(&engine, "slow"), 1, "one worker of slow per partition, not two");
+    assert_eq!(workers_of(&engine, "a"), 1);
+    let before = producer.acked();
+    poll_until("a to keep writing", Duration::from_secs(30), || {
+        output(&dir.path().join("out-a"), "-").0.len() as u64 >= before
+    });
+
+    // A SIGHUP reload that waits on the stalled pipeline does not hold up shutdown.
+    write(&config, &stateful_and_slow("id", "a", target, 25));
+    engine.signal("HUP");
+    poll_until("the reload to start", Duration::from_secs(10), || engine.log().contains("reloading the config"));
+    let sent = producer.finish();
+    let asked = std::time::Instant::now();
+    let status = engine.terminate();
+    assert!(asked.elapsed() < Duration::from_secs(6), "shutdown waited {:?} for the reload", asked.elapsed());
+    // Cut off (the stalled sink) is exit code 1; what matters is that `a` lost nothing.
+    assert!(status.code().is_some(), "{status:?}");
+    let restarted = engine.restart();
+    wait_until_written(&dir.path().join("out-a"), sent);
+    assert_exactly_once(&dir.path().join("out-a"), sent);
+    drop(restarted);
+    drop(held);
+}

@@ -154,8 +154,13 @@ impl Worker {
             ),
             sinks: self.sink_states.to_checkpoint(),
         };
-        let file = self.checkpoint.clone();
-        tokio::task::spawn_blocking(move || file.store(&checkpoint)).await??;
+        let (file, lease) = (self.checkpoint.clone(), self.lease.clone());
+        tokio::task::spawn_blocking(move || {
+            // Runs to its end even if the worker is aborted meanwhile: it holds the lease.
+            let _lease = lease;
+            file.store(&checkpoint)
+        })
+        .await??;
         self.health.committed.store(offset, std::sync::atomic::Ordering::Release);
         self.report_committed(offset);
         if let Some(replay) = &self.replay {

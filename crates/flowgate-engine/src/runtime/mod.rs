@@ -21,6 +21,7 @@ mod decode;
 #[cfg(all(feature = "failpoints", debug_assertions))]
 mod failpoints;
 mod fan_out;
+mod lease;
 mod memory;
 mod pipelines;
 mod processor_states;
@@ -220,6 +221,8 @@ pub(crate) struct Shared {
     pub(crate) controllers: SinkControllers,
     /// The process's memory budget.
     pub(crate) memory: flowgate_memory::MemoryGovernor,
+    /// One worker per partition at a time ([`lease`]).
+    pub(crate) leases: lease::Leases,
 }
 
 /// Refuses a config whose sink batch reservations (`batch.max_bytes` per sink and source

@@ -26,8 +26,8 @@ use crate::config::PipelineConfig;
 use crate::metrics::{PipelineMetrics, SourceLabels};
 use crate::sink::SinkFactory;
 
-/// How long the workers of a pipeline cut off at a reload may take to end once aborted
-/// (they end at their next await; only a write stuck in the kernel takes longer).
+/// How long a reload waits for the supervisors of a pipeline it cut off to end once
+/// aborted (they end at their next await).
 const ABORT_WAIT: Duration = Duration::from_secs(5);
 
 /// Running pipelines; change them with [`Pipelines::reload`], stop them with
@@ -121,6 +121,7 @@ impl Pipelines {
             sink_statuses: sink_statuses.clone(),
             controllers: controllers.clone(),
             memory,
+            leases: Default::default(),
         });
         reservations_fit(&shared, &configs)?;
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -171,11 +172,18 @@ impl Pipelines {
         self.running.iter().map(|r| r.config.clone()).collect()
     }
 
-    /// Makes the running pipelines those of `configs` (see the module doc): validates
-    /// the whole set first and changes nothing when it fails; then stops the removed and
-    /// changed pipelines, letting them flush and commit until `deadline` (cut off after
-    /// it, to resume from their last checkpoint), and starts the new and changed ones.
-    pub async fn reload(&mut self, configs: Vec<PipelineConfig>, deadline: Instant) -> anyhow::Result<Changes> {
+    /// Makes the running pipelines those of `configs` (see the module doc): checks the
+    /// whole set first ([`Pipelines::check`]) and changes nothing when that fails; then
+    /// stops the removed and changed pipelines, letting them flush and commit until
+    /// `deadline` (cut off after it, to resume from their last checkpoint), and starts
+    /// the new and changed ones. When `shutdown` is cancelled meanwhile it stops waiting,
+    /// starts nothing more and returns an error: the engine is stopping everything.
+    pub async fn reload(
+        &mut self,
+        configs: Vec<PipelineConfig>,
+        deadline: Instant,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Changes> {
         self.check(&configs)?;
         let mut changes = Changes::default();
         let mut stopping = Vec::new();
@@ -197,37 +205,98 @@ impl Pipelines {
         }
         for running in stopping {
             let name = running.config.name.clone();
-            if !stop(running, deadline).await {
+            let finished = tokio::select! {
+                finished = stop(running, deadline) => finished,
+                // Shutdown stops the rest; their leases keep any worker still ending from
+                // overlapping a later one.
+                _ = shutdown.cancelled() => false,
+            };
+            if !finished {
                 tracing::warn!(pipeline = %name,
                     "reload: the pipeline did not flush and commit in time; cut off, it resumes from its last checkpoint");
                 changes.cut_off.push(name.clone());
             }
-            self.forget(&name);
+            self.forget(&name, changes.removed.contains(&name));
         }
         let names: Vec<String> = configs.iter().map(|c| c.name.clone()).collect();
         *self.shared.pipeline_names.write() = names.clone();
+        let mut launched = Ok(());
         for config in configs {
             if self.running.iter().any(|r| r.config.name == config.name) {
                 changes.unchanged.push(config.name);
                 continue;
             }
+            if shutdown.is_cancelled() {
+                launched =
+                    Err(anyhow::anyhow!("the engine is shutting down; pipeline '{}' was not started", config.name));
+                break;
+            }
             if !changes.restarted.contains(&config.name) {
                 changes.added.push(config.name.clone());
             }
             let name = config.name.clone();
-            self.launch(config).map_err(|e| anyhow::anyhow!("pipeline '{name}' did not start: {e:#}"))?;
+            if let Err(e) = self.launch(config) {
+                launched = Err(anyhow::anyhow!("pipeline '{name}' did not start: {e:#}"));
+                break;
+            }
         }
+        // Whatever happened, what is shown and replayed into is what runs.
         self.running.sort_by_key(|r| names.iter().position(|n| *n == r.config.name));
         self.health.order(&names);
         self.replayer.set_pipelines(self.configs());
-        Ok(changes)
+        launched.map(|()| changes)
     }
 
     /// Whether [`Pipelines::reload`] would accept `configs`: every check it makes before
-    /// it changes anything.
+    /// it changes anything, and those a new or changed pipeline's workers make at their
+    /// start, so that a reload does not stop a pipeline for a config that cannot run: a
+    /// new pipeline on a partition of which a pipeline no longer configured has a
+    /// checkpoint (most likely it was renamed), and processors that cannot take the
+    /// state in a changed pipeline's checkpoints. Reads those checkpoints.
     pub fn check(&self, configs: &[PipelineConfig]) -> anyhow::Result<()> {
         validate(configs, self.shared.factory.as_ref())?;
-        reservations_fit(&self.shared, configs)
+        reservations_fit(&self.shared, configs)?;
+        let names: Vec<&str> = configs.iter().map(|c| c.name.as_str()).collect();
+        let root = self.shared.data_dir.join("pipelines");
+        let others: Vec<String> = std::fs::read_dir(&root)
+            .map(|dir| dir.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        for config in configs {
+            if self.running.iter().any(|r| same(&r.config, config)) {
+                continue;
+            }
+            let ids = config.processor_ids();
+            for topic_name in &config.topics {
+                let Some(topic) = self.shared.log.topic(topic_name) else { continue };
+                for partition in topic.partitions() {
+                    let p = partition.id();
+                    let file =
+                        crate::checkpoint::CheckpointFile::new(&self.shared.data_dir, &config.name, topic_name, p);
+                    if let Some(saved) = file.load()? {
+                        super::processor_states::check(&saved, config, &ids, &file)
+                            .map_err(|e| anyhow::anyhow!("pipeline '{}': {e:#}", config.name))?;
+                        continue;
+                    }
+                    let ckpt = format!("{topic_name}-{p}.ckpt");
+                    let owner = others
+                        .iter()
+                        .find(|o| !names.contains(&o.as_str()) && root.join(o.as_str()).join(&ckpt).exists());
+                    if let Some(owner) = owner {
+                        anyhow::bail!(
+                            "pipeline '{}' has no checkpoint for {topic_name}-{p}, but pipeline '{owner}', which is \
+                             not configured, has one: if '{}' is '{owner}' renamed, keep the name '{owner}' (or stop \
+                             the engine and rename the directory {}); if '{owner}' is gone for good, delete that \
+                             directory. A new pipeline does not start afresh there, so that no sink rewrites earlier \
+                             output.",
+                            config.name,
+                            config.name,
+                            root.join(owner).display()
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Stops reading, flushes and commits every worker, however long that takes.
@@ -291,7 +360,7 @@ impl Pipelines {
                 for s in supervisors {
                     s.abort();
                 }
-                self.forget(&name);
+                self.forget(&name, false);
                 Err(e)
             }
         }
@@ -374,9 +443,10 @@ impl Pipelines {
         Ok(config)
     }
 
-    /// Forgets a pipeline that stopped for good: its health, sink statuses, controllers
-    /// and lag gauges.
-    fn forget(&self, pipeline: &str) {
+    /// Forgets a pipeline that stopped: its health, sink statuses, controllers and
+    /// per-partition gauges; when it is `removed` for good, also its place among the
+    /// log's consumers (or retention would count what it never reads as lost).
+    fn forget(&self, pipeline: &str, removed: bool) {
         self.health.remove(pipeline);
         let metrics = &self.shared.metrics;
         self.lags.lock().retain(|lag| {
@@ -384,6 +454,10 @@ impl Pipelines {
             if !keep {
                 metrics.lag.remove(&lag.labels);
                 metrics.worker_up.remove(&lag.labels);
+                metrics.committed_offset.remove(&lag.labels);
+                if removed {
+                    lag.partition.remove_consumer(pipeline);
+                }
             }
             keep
         });
@@ -400,7 +474,8 @@ fn same(a: &PipelineConfig, b: &PipelineConfig) -> bool {
 }
 
 /// Lets a cancelled pipeline's workers flush and commit until `deadline`; aborts those
-/// still busy then. True when every worker finished on its own.
+/// still busy then. True when every worker finished on its own. Cancel-safe: dropped,
+/// it leaves the workers to their cancel token and leases.
 async fn stop(running: Running, deadline: Instant) -> bool {
     running.cancel.cancel();
     let mut supervisors = running.supervisors;
@@ -412,6 +487,8 @@ async fn stop(running: Running, deadline: Instant) -> bool {
     if tokio::time::timeout_at(deadline.into(), all).await.is_ok() {
         return true;
     }
+    // What an aborted worker still has under way (a write in the kernel, a checkpoint
+    // on a blocking thread) holds its partition's lease: the replacement waits for it.
     for supervisor in &supervisors {
         supervisor.abort();
     }
@@ -420,10 +497,7 @@ async fn stop(running: Running, deadline: Instant) -> bool {
             let _ = supervisor.await;
         }
     };
-    if tokio::time::timeout(ABORT_WAIT, ended).await.is_err() {
-        tracing::error!(pipeline = %running.config.name,
-            "reload: the pipeline's workers did not end even when aborted (a write stuck in the kernel?)");
-    }
+    let _ = tokio::time::timeout(ABORT_WAIT, ended).await;
     false
 }
 

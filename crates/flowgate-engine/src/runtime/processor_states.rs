@@ -10,33 +10,48 @@ use crate::checkpoint::{Checkpoint, CheckpointFile, ProcessorState, StateOwner};
 use crate::config::PipelineConfig;
 use crate::processors::Processor;
 
-/// Restores each processor's state from `saved`; returns the states that belong to no
-/// configured processor, to carry forward. `ids` are `config.processor_ids()`.
-pub(super) fn restore(
+/// Where one checkpointed state goes.
+enum Placement {
+    /// To the configured processor at this index.
+    To(usize),
+    /// Nowhere now: carried forward for when its processor returns.
+    Carry,
+    /// Dropped, as `discard_processor_state` asks.
+    Discard,
+}
+
+/// Whether the processors of `config` can take the state in `saved` (the checks a
+/// restart makes before it restores anything), so that a config reload can refuse a
+/// change that would stop the partition. `ids` are `config.processor_ids()`.
+pub(super) fn check(
     saved: &Checkpoint,
-    processors: &mut [Box<dyn Processor>],
     config: &PipelineConfig,
     ids: &[String],
     file: &CheckpointFile,
-) -> anyhow::Result<Vec<ProcessorState>> {
-    let pipeline = config.name.as_str();
-    let mut restored = vec![false; processors.len()];
-    let mut unconfigured = Vec::new();
+) -> anyhow::Result<()> {
+    plan(saved, config, ids, file).map(|_| ())
+}
+
+/// Where each state of `saved` goes, or the error that stops the partition.
+fn plan(
+    saved: &Checkpoint,
+    config: &PipelineConfig,
+    ids: &[String],
+    file: &CheckpointFile,
+) -> anyhow::Result<Vec<Placement>> {
+    let mut placements = Vec::with_capacity(saved.processors.len());
     for entry in &saved.processors {
-        let index = match &entry.owner {
-            StateOwner::Id { id, .. } if config.discard_processor_state.contains(id) => {
-                tracing::warn!(pipeline, processor = %id, bytes = entry.state.len(),
-                    "dropping the checkpointed state of this processor, as discard_processor_state asks");
-                continue;
-            }
+        let kind_at = |i: usize| config.processors[i].kind.type_name();
+        let placement = match &entry.owner {
+            StateOwner::Id { id, .. } if config.discard_processor_state.contains(id) => Placement::Discard,
             StateOwner::Id { id, kind, settings } => match ids.iter().position(|i| i == id) {
-                Some(i) if processors[i].kind() != kind => {
+                Some(i) if kind_at(i) != kind => {
                     return Err(file.restore_error(
-                        &format!("processor '{id}' ({})", processors[i].kind()),
+                        &format!("processor '{id}' ({})", kind_at(i)),
                         anyhow::anyhow!(
                             "the checkpoint holds state of a {kind} processor under this id: give the {} another \
                              `name`, or list '{id}' under discard_processor_state to drop the {kind}'s state",
-                            processors[i].kind()
+                            kind_at(i)
                         ),
                     ))
                 }
@@ -54,12 +69,12 @@ pub(super) fn restore(
                             ));
                         }
                     }
-                    Some(i)
+                    Placement::To(i)
                 }
-                None => None,
+                None => Placement::Carry,
             },
             // An older checkpoint: state by position, which only the same config can read.
-            StateOwner::Position(i) if *i < processors.len() => Some(*i),
+            StateOwner::Position(i) if *i < config.processors.len() => Placement::To(*i),
             StateOwner::Position(i) => {
                 return Err(file.restore_error(
                     &format!("processor {}", i.saturating_add(1)),
@@ -67,38 +82,23 @@ pub(super) fn restore(
                         "the checkpoint (an older format, state by position) holds state for processor {} and the \
                          config has {}: restore the config it was written with once, so it is rewritten by id",
                         i.saturating_add(1),
-                        processors.len()
+                        config.processors.len()
                     ),
                 ))
             }
         };
-        match index {
-            Some(i) => {
-                processors[i].restore(&entry.state).map_err(|e| {
-                    file.restore_error(&format!("processor '{}' ({})", ids[i], processors[i].kind()), e)
-                })?;
-                restored[i] = true;
-            }
-            None => {
-                if let StateOwner::Id { id, kind, .. } = &entry.owner {
-                    tracing::warn!(pipeline, processor = %id, kind = %kind, bytes = entry.state.len(),
-                        "the checkpoint holds state of a processor that is not configured; it is kept for when the \
-                         processor returns (list it under discard_processor_state to drop it)");
-                }
-                unconfigured.push(entry.clone());
-            }
-        }
+        placements.push(placement);
     }
     // A stateful processor without state, next to unclaimed state of its type, was most
     // likely renamed (or its `<type>-<n>` id moved): starting it empty would forget what
     // it knew, so the operator says which it is.
     for (i, p) in config.processors.iter().enumerate() {
-        if restored[i] || p.kind.state_settings().is_none() {
+        if placements.iter().any(|pl| matches!(pl, Placement::To(j) if *j == i)) || p.kind.state_settings().is_none() {
             continue;
         }
         let kind = p.kind.type_name();
-        let orphan = unconfigured.iter().find_map(|s| match &s.owner {
-            StateOwner::Id { id, kind: k, .. } if k == kind => Some(id),
+        let orphan = saved.processors.iter().zip(&placements).find_map(|(s, pl)| match (&s.owner, pl) {
+            (StateOwner::Id { id, kind: k, .. }, Placement::Carry) if k == kind => Some(id),
             _ => None,
         });
         if let Some(orphan) = orphan {
@@ -111,6 +111,43 @@ pub(super) fn restore(
                     ids[i]
                 ),
             ));
+        }
+    }
+    Ok(placements)
+}
+
+/// Restores each processor's state from `saved`; returns the states that belong to no
+/// configured processor, to carry forward. `ids` are `config.processor_ids()`.
+pub(super) fn restore(
+    saved: &Checkpoint,
+    processors: &mut [Box<dyn Processor>],
+    config: &PipelineConfig,
+    ids: &[String],
+    file: &CheckpointFile,
+) -> anyhow::Result<Vec<ProcessorState>> {
+    let pipeline = config.name.as_str();
+    let mut unconfigured = Vec::new();
+    for (entry, placement) in saved.processors.iter().zip(plan(saved, config, ids, file)?) {
+        match placement {
+            Placement::Discard => {
+                if let StateOwner::Id { id, .. } = &entry.owner {
+                    tracing::warn!(pipeline, processor = %id, bytes = entry.state.len(),
+                        "dropping the checkpointed state of this processor, as discard_processor_state asks");
+                }
+            }
+            Placement::To(i) => {
+                processors[i].restore(&entry.state).map_err(|e| {
+                    file.restore_error(&format!("processor '{}' ({})", ids[i], processors[i].kind()), e)
+                })?;
+            }
+            Placement::Carry => {
+                if let StateOwner::Id { id, kind, .. } = &entry.owner {
+                    tracing::warn!(pipeline, processor = %id, kind = %kind, bytes = entry.state.len(),
+                        "the checkpoint holds state of a processor that is not configured; it is kept for when the \
+                         processor returns (list it under discard_processor_state to drop it)");
+                }
+                unconfigured.push(entry.clone());
+            }
         }
     }
     Ok(unconfigured)

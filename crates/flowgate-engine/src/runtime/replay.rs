@@ -702,17 +702,19 @@ impl Replayer {
     /// dead letters that failed at least that long ago replayed, until each original
     /// event was replayed `dlq.reprocess_max_times` times.
     pub(super) async fn reprocess(self: Arc<Self>, cancel: CancellationToken) {
-        let policies: Vec<(String, u64, u32)> = self
-            .pipelines
-            .read()
-            .iter()
-            .filter_map(|p| Some((p.name.clone(), p.dlq.reprocess_after_ms?, p.dlq.reprocess_max_times)))
-            .collect();
-        let Some(shortest) = policies.iter().map(|(_, after, _)| *after).min() else { return };
-        // Often enough that an entry waits little past its delay, without scanning the
-        // dead letters more than a few times a second.
-        let period = Duration::from_millis((shortest / 4).clamp(100, 10_000));
         loop {
+            // Read each round: a config reload adds, changes and removes policies.
+            let policies: Vec<(String, u64, u32)> = self
+                .pipelines
+                .read()
+                .iter()
+                .filter_map(|p| Some((p.name.clone(), p.dlq.reprocess_after_ms?, p.dlq.reprocess_max_times)))
+                .collect();
+            // Often enough that an entry waits little past its delay, without scanning
+            // the dead letters more than a few times a second; with no policy, only to
+            // notice one.
+            let shortest = policies.iter().map(|(_, after, _)| *after).min();
+            let period = Duration::from_millis(shortest.map_or(1_000, |s| (s / 4).clamp(100, 10_000)));
             tokio::select! {
                 _ = tokio::time::sleep(period) => {}
                 _ = cancel.cancelled() => return,

@@ -412,6 +412,8 @@ impl SinkTask {
 /// What a sink task needs besides its sink: where its events come from, its sink's
 /// controller, and where its dead letters go.
 pub(super) struct SinkSetup {
+    /// The worker's partition lease, held until the task ends.
+    pub(super) lease: Option<super::lease::Lease>,
     pub(super) statuses: SinkStatuses,
     /// The source partition.
     pub(super) partition: u32,
@@ -432,7 +434,19 @@ pub(super) struct SinkSetup {
 /// retries failed writes with backoff (the queue in front fills meanwhile, which slows
 /// the pipeline, not ingest).
 pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg>, setup: SinkSetup) {
-    let SinkSetup { statuses, partition, batch: policy, retry, controller, bit, labels, metrics, topic, side } = setup;
+    let SinkSetup {
+        lease: _lease,
+        statuses,
+        partition,
+        batch: policy,
+        retry,
+        controller,
+        bit,
+        labels,
+        metrics,
+        topic,
+        side,
+    } = setup;
     let status = SinkStatus::starting(&labels, &topic, partition, controller.batch_target());
     let events = metrics.sink_events.get_or_create(&labels).clone();
     let end_to_end =

@@ -30,6 +30,8 @@ use crate::sink::SinkPlace;
 
 pub(super) struct Worker {
     pub(super) shared: Arc<Shared>,
+    /// The partition's lease, taken at the start of [`Worker::run`] ([`super::lease`]).
+    pub(super) lease: Option<super::lease::Lease>,
     pub(super) config: Arc<PipelineConfig>,
     pub(super) topic: String,
     pub(super) partition: Arc<Partition>,
@@ -104,6 +106,7 @@ impl Worker {
             health,
             side,
             sink_states: SinkStates::default(),
+            lease: None,
             in_flight,
             quarantine,
             commit_soon: false,
@@ -113,6 +116,12 @@ impl Worker {
     }
 
     pub(super) async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let (pipeline, partition) = (self.config.name.clone(), self.partition.id());
+        let lease = self.shared.leases.acquire(&pipeline, &self.topic, partition);
+        self.lease = tokio::select! {
+            lease = lease => Some(lease),
+            _ = cancel.cancelled() => return Ok(()),
+        };
         // A restart must find the side topics even if someone deleted them meanwhile.
         super::side_outputs::ensure_topics(&self.shared.log, &self.config)?;
         let saved = self.checkpoint.load()?;
@@ -142,6 +151,7 @@ impl Worker {
             let learned = self.sink_states.learned(&sink_config.name);
             controller.resume(learned.concurrency_limit, learned.batch_target);
             let setup = SinkSetup {
+                lease: self.lease.clone(),
                 statuses: self.shared.sink_statuses.clone(),
                 partition: self.partition.id(),
                 batch: sink_config.batch.clone(),

@@ -22,6 +22,16 @@ impl LimitedListener {
     }
 }
 
+/// The address of the client of an HTTP request (axum's `ConnectInfo` for this listener).
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub std::net::SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, LimitedListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, LimitedListener>) -> Peer {
+        Peer(*stream.remote_addr())
+    }
+}
+
 impl axum::serve::Listener for LimitedListener {
     type Io = LimitedStream;
     type Addr = std::net::SocketAddr;

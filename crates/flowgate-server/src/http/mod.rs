@@ -312,7 +312,6 @@ async fn reload(State(shared): State<Arc<Shared>>) -> Response {
     match crate::reload::reload_from_source(&shared).await {
         Ok(report) => Json(report).into_response(),
         Err(e) => {
-            shared.ingest.metrics().reloaded(false);
             let status = match e {
                 ReloadError::Invalid(_) => StatusCode::BAD_REQUEST,
                 ReloadError::NoSource => StatusCode::CONFLICT,
@@ -342,14 +341,43 @@ pub(crate) fn metrics_text(shared: &Shared) -> String {
 /// Streams open at once at most: each holds a connection and renders the stats.
 const MAX_STATS_STREAMS: usize = 64;
 
-static STATS_STREAMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Streams one client address may hold at once, so that one client cannot take them all.
+const MAX_STATS_STREAMS_PER_CLIENT: usize = 8;
 
-/// Gives back a stream's place when it ends.
-struct StreamPlace;
+/// Open streams, by client address.
+static STATS_STREAMS: std::sync::LazyLock<parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// A stream's place, given back when it ends.
+struct StreamPlace(std::net::IpAddr);
+
+impl StreamPlace {
+    /// A place for a stream of `client`, or the answer that there is none.
+    fn take(client: std::net::IpAddr) -> Result<StreamPlace, String> {
+        let mut open = STATS_STREAMS.lock();
+        if open.values().sum::<usize>() >= MAX_STATS_STREAMS {
+            return Err(format!("{MAX_STATS_STREAMS} stats streams are open already; try again later"));
+        }
+        let mine = open.entry(client).or_default();
+        if *mine >= MAX_STATS_STREAMS_PER_CLIENT {
+            return Err(format!(
+                "this client has {MAX_STATS_STREAMS_PER_CLIENT} stats streams open already; close one or try again later"
+            ));
+        }
+        *mine += 1;
+        Ok(StreamPlace(client))
+    }
+}
 
 impl Drop for StreamPlace {
     fn drop(&mut self) {
-        STATS_STREAMS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        let mut open = STATS_STREAMS.lock();
+        if let Some(n) = open.get_mut(&self.0) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.0);
+            }
+        }
     }
 }
 
@@ -361,23 +389,23 @@ struct StreamQuery {
 /// `GET /v1/stats/stream`: server-sent events, one `stats` event holding the document
 /// of `/v1/stats` every `interval_ms` (default 1000, 100 to 60000), until the client
 /// goes or the engine stops.
-async fn stats_stream(State(shared): State<Arc<Shared>>, Query(q): Query<StreamQuery>) -> Response {
+async fn stats_stream(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<listener::Peer>,
+    Query(q): Query<StreamQuery>,
+) -> Response {
     let interval = q.interval_ms.unwrap_or(1000);
     if !(100..=60_000).contains(&interval) {
         return (StatusCode::BAD_REQUEST, Json(json!({"error": "interval_ms must be from 100 to 60000"})))
             .into_response();
     }
-    let taken = STATS_STREAMS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    let place = StreamPlace;
-    if taken >= MAX_STATS_STREAMS {
-        drop(place);
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "5")],
-            Json(json!({"error": format!("{MAX_STATS_STREAMS} stats streams are open already; try again later")})),
-        )
-            .into_response();
-    }
+    let place = match StreamPlace::take(peer.0.ip()) {
+        Ok(place) => place,
+        Err(error) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "5")], Json(json!({"error": error})))
+                .into_response()
+        }
+    };
     let headers = [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")];
     if interval == 1000 {
         // Every stream at the default interval shares one document a second.

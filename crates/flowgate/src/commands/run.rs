@@ -58,12 +58,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             tokio::select! {
                 received = signals.next_or_hangup() => match received {
                     Some(stop) => break stop,
-                    None => reload(&engine, "SIGHUP").await,
+                    None => engine.spawn_reload("SIGHUP"),
                 },
                 true = async { match watched.as_mut() {
                     Some(w) => w.changed().await,
                     None => std::future::pending().await,
-                } } => reload(&engine, "the config file changed").await,
+                } } => engine.spawn_reload("the config file changed"),
             }
         };
         tracing::info!(signal = first.name, "shutting down; a second signal exits at once");
@@ -91,14 +91,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     code
 }
 
-/// Reloads the config, logging the outcome (the engine logs what changed).
-async fn reload(engine: &Engine, trigger: &str) {
-    tracing::info!(trigger, "reloading the config");
-    if let Err(e) = engine.reload_from_source().await {
-        tracing::error!(trigger, error = %e, "config reload refused");
-    }
-}
-
 /// A config file watched for changes of its content.
 struct Watched {
     path: PathBuf,
@@ -107,7 +99,10 @@ struct Watched {
 
 impl Watched {
     fn new(path: PathBuf) -> Watched {
-        let last = std::fs::read(&path).ok();
+        let last = std::fs::metadata(&path)
+            .ok()
+            .filter(|m| m.is_file() && m.len() <= MAX_CONFIG_BYTES)
+            .and_then(|_| std::fs::read(&path).ok());
         Watched { path, last }
     }
 
@@ -116,18 +111,35 @@ impl Watched {
     async fn changed(&mut self) -> bool {
         loop {
             tokio::time::sleep(WATCH_INTERVAL).await;
-            let Ok(now) = tokio::fs::read(&self.path).await else { continue };
+            let Some(now) = read_config(&self.path).await else { continue };
             if self.last.as_ref() == Some(&now) {
                 continue;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
-            if tokio::fs::read(&self.path).await.ok().as_ref() != Some(&now) {
+            if read_config(&self.path).await.as_ref() != Some(&now) {
                 continue;
             }
             self.last = Some(now);
             return true;
         }
     }
+}
+
+/// Largest config file `--watch-config` reads.
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// The file's content, if it is a regular file (after symlinks) of at most
+/// [`MAX_CONFIG_BYTES`]: a FIFO or device put in its place is not read.
+async fn read_config(path: &std::path::Path) -> Option<Vec<u8>> {
+    let meta = tokio::fs::metadata(path).await.ok()?;
+    if !meta.is_file() || meta.len() > MAX_CONFIG_BYTES {
+        tracing::warn!(path = %path.display(), "the watched config is not a regular file of at most 16 MiB; not read");
+        return None;
+    }
+    use tokio::io::AsyncReadExt;
+    let mut content = Vec::new();
+    tokio::fs::File::open(path).await.ok()?.take(MAX_CONFIG_BYTES).read_to_end(&mut content).await.ok()?;
+    Some(content)
 }
 
 /// SIGTERM and SIGINT (which stop the engine) and SIGHUP (which reloads its config),
