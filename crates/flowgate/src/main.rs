@@ -74,22 +74,36 @@ enum LogCommand {
     },
 }
 
-fn init_logging() {
+/// Log lines to stderr, filtered by `RUST_LOG` (default `info`); with an exporter, its
+/// OpenTelemetry layer beside them (docs/tracing.md), which changes no log line.
+fn init_logging(exporter: Option<&flowgate_server::trace::export::Exporter>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let Some(exporter) = exporter else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init();
+        return;
+    };
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let logs = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
-        .init();
+        .with_filter(commands::without_spans(filter));
+    tracing_subscriber::registry().with(logs).with(exporter.layer()).init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo logs to a file of its own, so its progress and report stay readable.
-    if !matches!(cli.command, Command::Demo(_)) {
-        init_logging();
+    // The demo logs to a file of its own, so its progress and report stay readable; `run`
+    // starts logging once its config says whether spans are exported.
+    if !matches!(cli.command, Command::Demo(_) | Command::Run(_)) {
+        init_logging(None);
     }
     let result = match cli.command {
         Command::Run(args) => commands::run::run(args),

@@ -19,5 +19,12 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
+/// `filter` for log lines, leaving out the spans flowgate exports: a log line looks the
+/// same whether tracing is on or off, whatever `RUST_LOG` says.
+pub fn without_spans(filter: tracing_subscriber::EnvFilter) -> tracing_subscriber::EnvFilter {
+    let off = format!("{}=off", flowgate_engine::trace::TARGET).parse().expect("a valid directive");
+    filter.add_directive(off)
+}
+
 /// The default engine address for client commands.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:7070";

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use flowgate_server::trace::export::Exporter;
 use flowgate_server::{Config, Engine, ShutdownOutcome};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -32,17 +33,31 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(dir) = args.data_dir {
         config.server.data_dir = dir;
     }
+    let mut exporter = Exporter::new(&config.tracing)?;
+    crate::init_logging(exporter.as_ref());
     let runtime = super::runtime()?;
     let code = runtime.block_on(async move {
         let mut signals = Signals::new()?;
+        if let Some(exporter) = &mut exporter {
+            exporter.start();
+        }
         let engine = Engine::start(config).await?;
         let first = signals.next().await;
         tracing::info!(signal = first.name, "shutting down; a second signal exits at once");
         // Shutdown bounds each of its steps; this bounds the whole in case one of them
         // cannot be interrupted.
         let bound = engine.shutdown_bound().saturating_add(Duration::from_secs(1));
+        // Spans still queued are sent after the engine stopped, within the same bound.
+        let deadline = tokio::time::Instant::now() + engine.shutdown_bound();
+        let shutdown = async move {
+            let outcome = engine.shutdown().await;
+            if let Some(exporter) = exporter {
+                exporter.shutdown(deadline).await;
+            }
+            outcome
+        };
         tokio::select! {
-            ended = tokio::time::timeout(bound, engine.shutdown()) => match ended {
+            ended = tokio::time::timeout(bound, shutdown) => match ended {
                 Ok(Ok(ShutdownOutcome::Clean)) => Ok(ExitCode::SUCCESS),
                 Ok(Ok(ShutdownOutcome::CutOff)) => {
                     tracing::warn!("shutdown cut off work still busy at the end of the grace period");
