@@ -74,28 +74,10 @@ enum LogCommand {
     },
 }
 
-/// Log lines to stderr, filtered by `RUST_LOG` (default `info`); with an exporter, its
-/// OpenTelemetry layer beside them (docs/tracing.md), which changes no log line.
+/// Log lines to stderr (see [`commands::init_logging`]).
 fn init_logging(exporter: Option<&flowgate_server::trace::export::Exporter>) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let Some(exporter) = exporter else {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr)
-            .init();
-        return;
-    };
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::Layer;
-    let logs = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .with_filter(commands::without_spans(filter));
-    tracing_subscriber::registry().with(logs).with(exporter.layer()).init();
+    commands::init_logging(std::io::stderr, std::io::stderr().is_terminal(), exporter);
 }
 
 fn main() -> ExitCode {

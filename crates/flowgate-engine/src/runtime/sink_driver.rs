@@ -520,20 +520,18 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
             Some(SinkMsg::Events(events, masks, trace)) => {
                 // Read once per message, not per event; it moves once per write.
                 let mut target = task.controller.batch_target();
-                // Whether the batch being filled holds the message's trace context: noted
-                // with its first event that goes to this sink, again after each flush.
-                let mut traced = trace.is_none();
-                for (e, m) in events.iter().zip(masks.iter()) {
-                    if *m != ALL_SINKS && *m & bit == 0 {
+                let for_this = |m: &u64| *m == ALL_SINKS || *m & bit != 0;
+                // A traced message's context goes with the batch being filled if any of its
+                // events comes to this sink, and again after each flush if any is left:
+                // checked per message and per flush, never per event of an untraced one.
+                if let Some(tp) = trace.filter(|_| masks.iter().any(for_this)) {
+                    buffer.traces.push(tp);
+                }
+                for (i, (e, m)) in events.iter().zip(masks.iter()).enumerate() {
+                    if !for_this(m) {
                         continue;
                     }
                     buffer.push(e);
-                    if !traced {
-                        if let Some(tp) = trace {
-                            buffer.traces.push(tp);
-                        }
-                        traced = true;
-                    }
                     oldest.get_or_insert_with(Instant::now);
                     let reason = if buffer.len() >= target {
                         Reason::Size
@@ -544,7 +542,9 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
                     };
                     task.flush(&mut buffer, reason).await;
                     oldest = None;
-                    traced = trace.is_none();
+                    if let Some(tp) = trace.filter(|_| masks[i + 1..].iter().any(for_this)) {
+                        buffer.traces.push(tp);
+                    }
                     if task.broken.is_some() {
                         // Dead letters could not be written: stop, so that the worker
                         // restarts from its last checkpoint now rather than at its next
