@@ -13,15 +13,18 @@
 //! - [`varint`]: the LEB128 / zig-zag integers records are made of.
 //! - [`partition`]: which partition a key goes to.
 //! - [`time`]: milliseconds since the epoch.
+//! - [`traceparent`]: the W3C Trace Context value events carry to continue a trace.
 
 pub mod batch;
 pub mod codec;
 pub mod event;
 pub mod partition;
 pub mod time;
+pub mod traceparent;
 pub mod varint;
 
 pub use batch::{BatchBuilder, BatchError, BatchHeader, BatchView, EncodedBatch, ProducerStamp};
 pub use codec::Codec;
 pub use event::{Event, Header, RecordRef};
 pub use partition::partition_for_key;
+pub use traceparent::TraceParent;

@@ -11,6 +11,7 @@
 //! - [`runtime`]: supervised workers per source partition, sink tasks with adaptive
 //!   batching, aligned checkpoints, the dead-letter topic.
 //! - [`metrics`]: per pipeline, processor and sink.
+//! - [`trace`]: the spans of a batch through a pipeline, and their sampling.
 
 #![warn(missing_docs)]
 
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod processors;
 pub mod runtime;
 pub mod sink;
+pub mod trace;
 
 pub use config::PipelineConfig;
 pub use flowgate_memory::MemoryGovernor;

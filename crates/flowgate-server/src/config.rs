@@ -39,6 +39,9 @@ pub struct Config {
     /// How alerts are evaluated and delivered.
     #[serde(default)]
     pub alerting: crate::alerts::AlertingConfig,
+    /// Spans exported over OTLP (docs/tracing.md).
+    #[serde(default)]
+    pub tracing: crate::trace::TracingConfig,
 }
 
 /// `[server]`.
@@ -421,6 +424,7 @@ impl Config {
             key: "alerts".into(),
             message,
         })?;
+        self.tracing.validate().map_err(|(key, message)| bad(key, &message))?;
         self.validate_pipelines(origin)
     }
 
@@ -562,6 +566,33 @@ mod tests {
         assert!(err.contains("line 2") && err.contains("drop"), "{err}");
         let err = Config::parse("[server]\nmemory_soft_percent = 300\n", "f.toml").unwrap_err().to_string();
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn tracing_is_off_by_default_and_set_by_file_or_environment() {
+        let c = Config::embedded_default();
+        assert_eq!((c.tracing.endpoint(), c.tracing.sample_ratio), (None, 1.0));
+        assert_eq!(c.tracing.service_name, "flowgate");
+        let env = vec![
+            ("FLOWGATE_TRACING__OTLP_ENDPOINT".to_owned(), "http://127.0.0.1:4318/v1/traces".to_owned()),
+            ("FLOWGATE_TRACING__SAMPLE_RATIO".to_owned(), "0.25".to_owned()),
+        ];
+        let c = Config::parse_with_env(DEFAULT_CONFIG, "default", env).unwrap();
+        assert_eq!((c.tracing.endpoint(), c.tracing.sample_ratio), (Some("http://127.0.0.1:4318/v1/traces"), 0.25));
+        let env = vec![("FLOWGATE_TRACING__SAMPLE_RATIO".to_owned(), "1".to_owned())];
+        assert_eq!(Config::parse_with_env(DEFAULT_CONFIG, "default", env).unwrap().tracing.sample_ratio, 1.0);
+        let err = Config::parse("[tracing]\nsample_ratio = 2\n", "f.toml").unwrap_err().to_string();
+        assert!(err.contains("tracing.sample_ratio") && err.contains("from 0 to 1"), "{err}");
+        let err = Config::parse("[tracing]\nsample_rate = 0.5\n", "f.toml").unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("sample_rate"), "{err}");
+        let err = Config::parse("[tracing]\notlp_endpoint = \"localhost:4318\"\n", "f.toml").unwrap_err().to_string();
+        assert!(err.contains("tracing.otlp_endpoint"), "{err}");
+        let text = "[tracing]\notlp_endpoint = \"https://otel.example/v1/traces\"\n\
+                    [tracing.otlp_headers]\nx-api-key = \"k\"\n";
+        let c = Config::parse(text, "f.toml").unwrap();
+        let printed = toml::to_string_pretty(&c).unwrap();
+        assert!(printed.contains("[tracing]") && printed.contains("x-api-key"), "{printed}");
+        assert_eq!(Config::parse(&printed, "printed").unwrap().tracing.otlp_headers["x-api-key"], "k");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`memory`]: the memory budget's limit at start, and how listeners hold back under it.
 //! - [`fd_limit`]: the open-files limit, raised at start and checked against the config.
 //! - [`parse`]: NDJSON line and HTTP body parsers, free of I/O (shared with `fuzz/`).
+//! - [`trace`]: `[tracing]`, the spans of HTTP ingest, and the OTLP exporter.
 
 #![warn(missing_docs)]
 
@@ -29,6 +30,7 @@ pub mod reload;
 pub mod server;
 pub mod shared;
 pub mod throughput;
+pub mod trace;
 
 pub use config::{Config, ConfigError};
 pub use server::{Engine, ShutdownOutcome};

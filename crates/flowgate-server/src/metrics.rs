@@ -68,6 +68,11 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TopicLabels {
     topic: String,
 }
@@ -97,6 +102,10 @@ pub struct Metrics {
     memory_components: Family<ComponentLabels, Gauge>,
     reloads: Family<OutcomeLabels, Counter>,
     last_reload: Gauge,
+    traceparent_invalid: Counter,
+    trace_exported: Counter,
+    trace_dropped: Family<ReasonLabels, Counter>,
+    trace_export_failures: Counter,
     /// Pipeline, processor and sink metrics.
     pub pipelines: Arc<flowgate_engine::PipelineMetrics>,
 }
@@ -224,10 +233,34 @@ impl Metrics {
             "When the config was last reloaded successfully (0: never)",
             last_reload.clone(),
         );
+        let traceparent_invalid = Counter::default();
+        registry.register(
+            "flowgate_trace_traceparent_invalid",
+            "HTTP produce requests whose traceparent header was ignored as invalid",
+            traceparent_invalid.clone(),
+        );
+        let trace_exported = Counter::default();
+        registry.register("flowgate_trace_spans_exported", "Spans the OTLP collector accepted", trace_exported.clone());
+        let trace_dropped = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "flowgate_trace_spans_dropped",
+            "Spans not exported: the queue was full (queue_full) or their export failed (export_failed)",
+            trace_dropped.clone(),
+        );
+        let trace_export_failures = Counter::default();
+        registry.register(
+            "flowgate_trace_export_failures",
+            "OTLP export requests that failed or timed out",
+            trace_export_failures.clone(),
+        );
         let pipelines = Arc::new(flowgate_engine::PipelineMetrics::register(&mut registry));
         Arc::new(Metrics {
             reloads,
             last_reload,
+            traceparent_invalid,
+            trace_exported,
+            trace_dropped,
+            trace_export_failures,
             memory_paused,
             memory_used,
             memory_limit,
@@ -326,8 +359,31 @@ impl Metrics {
         }
     }
 
+    /// Counts an HTTP produce request whose `traceparent` was ignored as invalid.
+    pub fn traceparent_invalid(&self) {
+        self.traceparent_invalid.inc();
+    }
+
+    /// Brings the exporter's counters (process-wide, see [`crate::trace::stats`]) into
+    /// this registry's.
+    fn observe_trace_export(&self) {
+        let catch_up = |counter: &Counter, total: &std::sync::atomic::AtomicU64| {
+            let total = total.load(std::sync::atomic::Ordering::Relaxed);
+            counter.inc_by(total.saturating_sub(counter.get()));
+        };
+        let stats = crate::trace::stats();
+        catch_up(&self.trace_exported, &stats.exported);
+        catch_up(&self.trace_export_failures, &stats.export_failures);
+        for (reason, total) in
+            [("queue_full", &stats.dropped_queue_full), ("export_failed", &stats.dropped_export_failed)]
+        {
+            catch_up(&self.trace_dropped.get_or_create(&ReasonLabels { reason: reason.to_owned() }), total);
+        }
+    }
+
     /// The OpenMetrics text exposition (ending in `# EOF`), with log sizes read fresh.
     pub fn render(&self, log: &Log) -> String {
+        self.observe_trace_export();
         for topic in log.topic_infos() {
             let labels = TopicLabels { topic: topic.name.clone() };
             self.log_size.get_or_create(&labels).set(topic.partitions.iter().map(|p| p.size_bytes as i64).sum());

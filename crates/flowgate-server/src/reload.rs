@@ -6,7 +6,7 @@
 //! start again from where they stopped, removed ones stop, new ones start. Every part
 //! of the new config is validated before anything changes, so an invalid config is
 //! refused with its error and the old one stays. The sections that shape the process
-//! itself (`[server]`, `[log]`, `[ingest]`, `[alerting]`) take effect at the next
+//! itself (`[server]`, `[log]`, `[ingest]`, `[alerting]`, `[tracing]`) take effect at the next
 //! restart; a reload that changes them says so and keeps the old values.
 
 use std::sync::Arc;
@@ -259,6 +259,7 @@ fn restart_required(current: &Config, new: &Config) -> Vec<String> {
         ("log", json(serde_json::to_value(&current.log)) != json(serde_json::to_value(&new.log))),
         ("ingest", json(serde_json::to_value(&current.ingest)) != json(serde_json::to_value(&new.ingest))),
         ("alerting", json(serde_json::to_value(&current.alerting)) != json(serde_json::to_value(&new.alerting))),
+        ("tracing", json(serde_json::to_value(&current.tracing)) != json(serde_json::to_value(&new.tracing))),
     ]
     .into_iter()
     .filter(|(_, changed)| *changed)

@@ -42,6 +42,16 @@ impl Engine {
     /// Opens the log in `config.server.data_dir` and starts every listener. Port 0 in
     /// an address picks a free port; the bound addresses are in the returned engine.
     pub async fn start(config: Config) -> anyhow::Result<Engine> {
+        Engine::start_with_source(config, None).await
+    }
+
+    /// [`Engine::start`], with where reloads read the config again (`flowgate run`: its
+    /// config file, with its overrides; see [`crate::reload`]), set before the engine
+    /// says it is ready.
+    pub async fn start_with_source(
+        config: Config,
+        source: Option<crate::reload::ConfigLoader>,
+    ) -> anyhow::Result<Engine> {
         crate::fd_limit::raise(crate::fd_limit::files_needed(config.log.max_partitions, config.ingest.max_connections));
         let metrics = Metrics::new();
         let fsync_metrics = metrics.clone();
@@ -120,6 +130,9 @@ impl Engine {
         }
         components.config = Some(config.clone());
         drop(components);
+        if let Some(source) = source {
+            shared.reloader.set_loader(source);
+        }
         shared.ready.store(true, Ordering::Release);
         tracing::info!(
             binary = %engine.binary_addr, http = %engine.http_addr, ndjson = %engine.ndjson_addr,

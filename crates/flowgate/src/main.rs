@@ -77,22 +77,18 @@ enum LogCommand {
     },
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Log lines to stderr (see [`commands::init_logging`]).
+fn init_logging(exporter: Option<&flowgate_server::trace::export::Exporter>) {
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    commands::init_logging(std::io::stderr, std::io::stderr().is_terminal(), exporter);
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo logs to a file of its own, so its progress and report stay readable.
-    if !matches!(cli.command, Command::Demo(_)) {
-        init_logging();
+    // The demo logs to a file of its own, so its progress and report stay readable; `run`
+    // starts logging once its config says whether spans are exported.
+    if !matches!(cli.command, Command::Demo(_) | Command::Run(_)) {
+        init_logging(None);
     }
     let result = match cli.command {
         Command::Run(args) => commands::run::run(args),

@@ -4,9 +4,10 @@
 
 use bytes::Bytes;
 use flowgate_core::batch::BatchHeader;
-use flowgate_core::{BatchView, Codec};
+use flowgate_core::{traceparent, BatchView, Codec};
 
 use crate::event::PipelineEvent;
+use crate::trace::Contexts;
 
 /// A stored batch that could not be decoded.
 #[derive(Debug)]
@@ -31,13 +32,21 @@ pub(super) struct Decoded {
 }
 
 /// Decodes whole batches into events at or after `from`, sharing the buffer's bytes
-/// (a compressed batch is decompressed once into its own shared buffer).
-pub(super) fn decode(buffer: &Bytes, partition: u32, from: u64, scratch: &mut Vec<u8>) -> anyhow::Result<Decoded> {
+/// (a compressed batch is decompressed once into its own shared buffer). With
+/// `contexts` (tracing is on), notes the trace context of each stored batch: the
+/// `traceparent` header of its first record, the one record per batch looked at.
+pub(super) fn decode(
+    buffer: &Bytes,
+    partition: u32,
+    from: u64,
+    scratch: &mut Vec<u8>,
+    mut contexts: Option<&mut Contexts>,
+) -> anyhow::Result<Decoded> {
     let mut out = Decoded { next: from, ..Decoded::default() };
     let mut rest = &buffer[..];
     while !rest.is_empty() {
         let batch_start = out.events.len();
-        match decode_batch(buffer, rest, partition, from, scratch, &mut out.events) {
+        match decode_batch(buffer, rest, partition, from, scratch, &mut out.events, contexts.as_deref_mut()) {
             Ok((last, tail)) => {
                 out.next = out.next.max(last.saturating_add(1));
                 rest = tail;
@@ -74,6 +83,7 @@ fn decode_batch<'b>(
     from: u64,
     scratch: &mut Vec<u8>,
     events: &mut Vec<PipelineEvent>,
+    mut contexts: Option<&mut Contexts>,
 ) -> anyhow::Result<(u64, &'b [u8])> {
     let (view, tail) = BatchView::parse(rest)?;
     let base = view.base_offset();
@@ -90,6 +100,16 @@ fn decode_batch<'b>(
         flowgate_core::batch::RecordIter::over(section, view.header.first_timestamp, view.header.record_count);
     for record in records {
         let record = record?;
+        // The first record speaks for its batch: every writer that sets the header sets
+        // it on each record of a batch it traces (HTTP ingest does), so looking further
+        // would cost a check per event and find the same context.
+        if let Some(contexts) = contexts.take() {
+            if record.header_count > 0 {
+                if let Some((_, value)) = record.headers().find(|(name, _)| *name == traceparent::HEADER) {
+                    contexts.push_header(value);
+                }
+            }
+        }
         let offset = base
             .checked_add(u64::from(record.offset_delta))
             .filter(|&o| o <= last)

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use flowgate_core::TraceParent;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::event::PipelineEvent;
@@ -9,7 +10,9 @@ use crate::sink::SinkEvent;
 
 /// What a worker sends its sink tasks.
 pub(super) enum SinkMsg {
-    Events(Arc<Vec<SinkEvent>>, Arc<Vec<u64>>),
+    /// A processed batch: its events, each one's sink mask, and the context of its
+    /// `pipeline.read` span when the batch is traced.
+    Events(Arc<Vec<SinkEvent>>, Arc<Vec<u64>>, Option<TraceParent>),
     Commit(oneshot::Sender<anyhow::Result<Committed>>),
 }
 
@@ -26,11 +29,13 @@ pub(super) struct Committed {
     pub(super) concurrency_limit: Option<u32>,
 }
 
-/// Hands `events` to every sink task; returns the batch as the sinks share it, so that
-/// its memory stays charged until they have all let go of it.
+/// Hands `events` to every sink task, with the trace context their writes continue;
+/// returns the batch as the sinks share it, so that its memory stays charged until they
+/// have all let go of it.
 pub(super) async fn fan_out(
     mut events: Vec<PipelineEvent>,
     sinks: &[mpsc::Sender<SinkMsg>],
+    trace: Option<TraceParent>,
 ) -> anyhow::Result<std::sync::Weak<Vec<SinkEvent>>> {
     let masks: Vec<u64> = events.iter().map(|e| e.sinks).collect();
     let out: Vec<SinkEvent> = events
@@ -46,7 +51,7 @@ pub(super) async fn fan_out(
     let (out, masks) = (Arc::new(out), Arc::new(masks));
     let shared = Arc::downgrade(&out);
     for tx in sinks {
-        tx.send(SinkMsg::Events(out.clone(), masks.clone()))
+        tx.send(SinkMsg::Events(out.clone(), masks.clone(), trace))
             .await
             .map_err(|_| anyhow::anyhow!("a sink task stopped"))?;
     }

@@ -25,7 +25,8 @@ use super::sink_status::{SinkStatus, SinkStatuses};
 use crate::config::{BatchPolicy, RetryPolicy};
 use crate::event::ALL_SINKS;
 use crate::metrics::{FlushLabels, PipelineLabels, PipelineMetrics, SinkLabels};
-use crate::sink::{EventFailure, Sink, SinkEvent};
+use crate::sink::{EventFailure, Sink, SinkEvent, WriteOutcome};
+use crate::trace::{self, Contexts};
 
 /// Why a batch was flushed.
 #[derive(Clone, Copy)]
@@ -64,6 +65,9 @@ pub(super) struct PendingBatch {
     storage: BytesMut,
     pending: Vec<Pending>,
     sealed: Vec<SinkEvent>,
+    /// The `pipeline.read` spans of the traced batches its events came from: its writes
+    /// continue them.
+    traces: Contexts,
 }
 
 impl PendingBatch {
@@ -118,6 +122,7 @@ impl PendingBatch {
         self.sealed.clear();
         self.pending.clear();
         self.storage.clear();
+        self.traces.clear();
     }
 }
 
@@ -160,6 +165,29 @@ fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
     Duration::from_millis(fastrand::u64(0..=step))
 }
 
+/// Records on a `sink.write` span what became of the write: `delivered`, `partial`
+/// (the sink named events it did not deliver) or `failed` (the write failed whole).
+fn record_outcome(span: &tracing::Span, result: &anyhow::Result<WriteOutcome>, events: usize) {
+    match result {
+        Ok(outcome) if outcome.failures.is_empty() => {
+            span.record("flowgate.outcome", "delivered");
+            span.record("flowgate.events.failed", 0u64);
+        }
+        Ok(outcome) => {
+            span.record("flowgate.outcome", "partial");
+            span.record("flowgate.events.failed", outcome.failures.len() as u64);
+            span.record("otel.status_code", "error");
+            span.record("otel.status_description", outcome.failures[0].reason.as_str());
+        }
+        Err(e) => {
+            span.record("flowgate.outcome", "failed");
+            span.record("flowgate.events.failed", events as u64);
+            span.record("otel.status_code", "error");
+            span.record("otel.status_description", format!("{e:#}").as_str());
+        }
+    }
+}
+
 /// An event the sink did not deliver, on its way to the dead-letter topic.
 struct Undelivered {
     event: SinkEvent,
@@ -180,6 +208,9 @@ impl SinkTask {
         if batch.is_empty() {
             return None;
         }
+        // Only a batch holding events of a traced read is traced.
+        let traces = std::mem::take(&mut batch.traces);
+        let mut bytes = if traces.list().is_empty() { 0 } else { batch.bytes() };
         let events = batch.seal();
         let mut retrying: Option<Vec<SinkEvent>> = None;
         let mut undelivered: Vec<Undelivered> = Vec::new();
@@ -194,7 +225,16 @@ impl SinkTask {
             let permit = self.controller.acquire().await;
             self.show_breaker();
             attempts = attempts.saturating_add(1);
+            let span = (!traces.list().is_empty()).then(|| {
+                if retrying.is_some() {
+                    bytes = current.iter().map(|e| e.payload.len() + e.key.as_ref().map_or(0, |k| k.len())).sum();
+                }
+                trace::sink_write(&traces, &self.labels.pipeline, &self.labels.sink, current.len(), bytes, attempts)
+            });
             let result = self.sink.write(current).await;
+            if let Some(span) = span {
+                record_outcome(&span, &result, current.len());
+            }
             // The retryable failures, in batch order; `None` when the write failed as a whole.
             let (failed, retry_after): (Option<Vec<EventFailure>>, Option<Duration>) = match result {
                 Ok(outcome) if outcome.failures.is_empty() => (Some(Vec::new()), None),
@@ -327,6 +367,9 @@ impl SinkTask {
         };
         self.metrics.sink_flushes.get_or_create(&flush_labels).inc();
         batch.clear();
+        // Keeps the allocation for the next batch.
+        batch.traces = traces;
+        batch.traces.clear();
         Some(took)
     }
 
@@ -488,11 +531,18 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
             None => rx.recv().await,
         };
         match msg {
-            Some(SinkMsg::Events(events, masks)) => {
+            Some(SinkMsg::Events(events, masks, trace)) => {
                 // Read once per message, not per event; it moves once per write.
                 let mut target = task.controller.batch_target();
-                for (e, m) in events.iter().zip(masks.iter()) {
-                    if *m != ALL_SINKS && *m & bit == 0 {
+                let for_this = |m: &u64| *m == ALL_SINKS || *m & bit != 0;
+                // A traced message's context goes with the batch being filled if any of its
+                // events comes to this sink, and again after each flush if any is left:
+                // checked per message and per flush, never per event of an untraced one.
+                if let Some(tp) = trace.filter(|_| masks.iter().any(for_this)) {
+                    buffer.traces.push(tp);
+                }
+                for (i, (e, m)) in events.iter().zip(masks.iter()).enumerate() {
+                    if !for_this(m) {
                         continue;
                     }
                     buffer.push(e);
@@ -506,6 +556,9 @@ pub(super) async fn run_sink(sink: Box<dyn Sink>, mut rx: mpsc::Receiver<SinkMsg
                     };
                     task.flush(&mut buffer, reason).await;
                     oldest = None;
+                    if let Some(tp) = trace.filter(|_| masks[i + 1..].iter().any(for_this)) {
+                        buffer.traces.push(tp);
+                    }
                     if task.broken.is_some() {
                         // Dead letters could not be written: stop, so that the worker
                         // restarts from its last checkpoint now rather than at its next

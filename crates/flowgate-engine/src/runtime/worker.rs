@@ -61,6 +61,11 @@ pub(super) struct Worker {
     pub(super) memory: WorkerMemory,
     /// Set when the topic is the pipeline's replay topic: what each event replays.
     pub(super) replay: Option<Arc<ReplayIndex>>,
+    /// The trace contexts of the batch being read (reused from read to read).
+    pub(super) trace_contexts: crate::trace::Contexts,
+    /// The `pipeline.read` span of the batch being processed, when it is traced: the
+    /// parent of its processors' spans.
+    pub(super) read_span: Option<tracing::Span>,
 }
 
 impl Worker {
@@ -112,6 +117,8 @@ impl Worker {
             commit_soon: false,
             committed_offset,
             replay,
+            trace_contexts: crate::trace::Contexts::default(),
+            read_span: None,
         })
     }
 
@@ -242,12 +249,28 @@ impl Worker {
                 self.tick()?
             } else {
                 let buffer = Bytes::from(read.batches);
-                let decoded = decode(&buffer, self.partition.id(), offset, &mut scratch)?;
+                // The one check per batch tracing costs while it is off.
+                let traced = crate::trace::enabled();
+                if traced {
+                    self.trace_contexts.clear();
+                }
+                let contexts = traced.then_some(&mut self.trace_contexts);
+                let decoded = decode(&buffer, self.partition.id(), offset, &mut scratch, contexts)?;
                 read_charge = Some(self.memory.charge_read(buffer.len(), decoded.events.len()));
                 read_buffer = Some(buffer.clone());
                 read_counter.inc_by(decoded.events.len() as u64);
                 unreadable.inc_by(decoded.unreadable.len() as u64);
                 let range = offset..decoded.next;
+                if traced && self.trace_contexts.sampled() {
+                    self.read_span = Some(crate::trace::pipeline_read(
+                        &self.trace_contexts,
+                        &self.config.name,
+                        &self.topic,
+                        self.partition.id(),
+                        range.clone(),
+                        decoded.events.len(),
+                    ));
+                }
                 offset = decoded.next;
                 self.dead_letter_unreadable(decoded.unreadable)?;
                 if self.replay.is_some() {
@@ -257,11 +280,18 @@ impl Worker {
                 }
             };
             self.memory.set_state(&self.processors);
+            // The read's span lasts until its events are with the sinks.
+            let read_span = self.read_span.take();
+            let trace = read_span.as_ref().and_then(|span| {
+                span.record("flowgate.events.out", events.len() as u64);
+                crate::trace::context_of(span)
+            });
             if !events.is_empty() {
-                let handed = fan_out(events, &sinks_tx).await?;
+                let handed = fan_out(events, &sinks_tx, trace).await?;
                 let bytes = handed.upgrade().map_or(0, |b| handed_bytes(&b, read_buffer.as_deref()));
                 self.memory.handed(handed, bytes, read_charge);
             }
+            drop(read_span);
         }
         self.commit(offset, &sinks_tx).await?;
         drop(sinks_tx);
@@ -286,7 +316,7 @@ impl Worker {
             let events = self.tick()?;
             self.memory.set_state(&self.processors);
             if !events.is_empty() {
-                let handed = fan_out(events, sinks_tx).await?;
+                let handed = fan_out(events, sinks_tx, None).await?;
                 let bytes = handed.upgrade().map_or(0, |b| handed_bytes(&b, None));
                 self.memory.handed(handed, bytes, None);
             }
@@ -351,6 +381,9 @@ impl Worker {
             return out;
         }
         let mut out = Vec::new();
+        // Events go through one at a time here: no processor spans, which would be one
+        // per event.
+        let read_span = self.read_span.take();
         for event in events {
             if let Some(poison) = self.quarantine.poison(event.offset).cloned() {
                 let i = poison.processor;
@@ -368,6 +401,7 @@ impl Worker {
             out.extend(self.run_from(0, vec![event])?);
             self.in_flight.done();
         }
+        self.read_span = read_span;
         // Checkpoint past the quarantined events at once: a later restart must not reach
         // back before them (and dead-letter a poison event twice).
         self.commit_soon = true;
@@ -410,11 +444,19 @@ impl Worker {
             #[cfg(all(feature = "failpoints", debug_assertions))]
             super::failpoints::before_processor(&mut events);
             let n_in = events.len() as u64;
+            let span = self
+                .read_span
+                .as_ref()
+                .map(|read| crate::trace::processor(read, &self.config.name, &self.processor_ids[i], n_in));
             let mut outputs = Outputs::default();
             events = self.processors[i].process(events, &mut outputs);
             let m = &self.shared.metrics;
             let labels = &self.processor_labels[i];
             let failed = outputs.dead_letters.len() as u64;
+            if let Some(span) = span {
+                span.record("flowgate.events.out", events.len() as u64);
+                span.record("flowgate.events.failed", failed);
+            }
             m.processor_in.get_or_create(labels).inc_by(n_in);
             m.processor_out.get_or_create(labels).inc_by(events.len() as u64);
             m.processor_dropped.get_or_create(labels).inc_by(n_in.saturating_sub(events.len() as u64 + failed));

@@ -27,6 +27,7 @@ use crate::ingest::Scratch;
 use crate::metrics::IngestPath;
 use crate::parse::parse_body;
 use crate::shared::Shared;
+use crate::trace::IngestTrace;
 
 /// The API's routes.
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -123,29 +124,51 @@ async fn read_body(shared: &Shared, mut body: Body, charge: &mut Charge) -> Resu
     }
 }
 
+/// `POST /v1/topics/{topic}/events`, traced (docs/tracing.md) when tracing is on and the
+/// request's `traceparent` or the sample ratio says so.
 async fn post_events(State(shared): State<Arc<Shared>>, Path(topic_name): Path<String>, request: Request) -> Response {
+    // The one check per request tracing costs while it is off.
+    let trace = if flowgate_engine::trace::enabled() {
+        crate::trace::ingest(request.headers(), &topic_name, shared.ingest.metrics())
+    } else {
+        None
+    };
+    let response = produce(&shared, &topic_name, request, trace.as_ref()).await;
+    if let Some(trace) = trace {
+        trace.finish(response.status());
+    }
+    response
+}
+
+/// Stores the events of a produce request's body; answers once they are durable.
+async fn produce(shared: &Arc<Shared>, topic_name: &str, request: Request, trace: Option<&IngestTrace>) -> Response {
     let metrics = shared.ingest.metrics();
     // Under pressure the body is not read until there is room again (or, at the limit
     // under `reject`, the request is refused unread).
-    crate::memory::pause_while_pressed(&shared, IngestPath::Http).await;
-    if crate::memory::should_refuse(&shared) {
+    crate::memory::pause_while_pressed(shared, IngestPath::Http).await;
+    if crate::memory::should_refuse(shared) {
         metrics.rejected(IngestPath::Http, "memory_pressure", 1);
         let mut response = error(StatusCode::SERVICE_UNAVAILABLE, crate::memory::REFUSED);
         response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         return response;
     }
-    if shared.shutdown.is_cancelled() && crate::memory::should_pause(&shared) {
+    if shared.shutdown.is_cancelled() && crate::memory::should_pause(shared) {
         // The pause ended with the shutdown, not with room.
         return error(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down");
     }
     let mut charge = shared.charge();
-    let body = match read_body(&shared, request.into_body(), &mut charge).await {
+    let body = match read_body(shared, request.into_body(), &mut charge).await {
         Ok(body) => body,
         Err(response) => return response,
     };
     // The batch's records, then its encoded copy while it is appended, are charged
-    // before they are allocated, for as many events as the body could hold.
-    let records = crate::parse::max_records_len(body.len(), crate::parse::max_events(&body));
+    // before they are allocated, for as many events as the body could hold (each with
+    // its `traceparent` header when the request is traced).
+    let max_events = crate::parse::max_events(&body);
+    let mut records = crate::parse::max_records_len(body.len(), max_events);
+    if trace.is_some() {
+        records = records.saturating_add(max_events.saturating_mul(crate::trace::RECORD_HEADER_BYTES));
+    }
     let working = body.capacity().saturating_add(records.saturating_mul(2));
     match tokio::time::timeout(shared.frame_timeout(), charge.grow_to(working)).await {
         Ok(Ok(())) => {}
@@ -164,10 +187,21 @@ async fn post_events(State(shared): State<Arc<Shared>>, Path(topic_name): Path<S
     let now = flowgate_core::time::now_ms();
     let mut builder = BatchBuilder::with_capacity(records);
     let mut bytes = 0u64;
-    let accepted = match parse_body(&body, |e| {
-        builder.push_payload(now, None, e);
-        bytes += e.len() as u64;
-    }) {
+    // Two loops rather than a check per event: an untraced request pays nothing.
+    let parsed = match trace {
+        None => parse_body(&body, |e| {
+            builder.push_payload(now, None, e);
+            bytes += e.len() as u64;
+        }),
+        Some(trace) => {
+            let header = trace.header();
+            parse_body(&body, |e| {
+                builder.push(now, None, None, std::iter::once(header), e);
+                bytes += e.len() as u64;
+            })
+        }
+    };
+    let accepted = match parsed {
         Ok(n) => n as u64,
         Err(message) => {
             metrics.rejected(IngestPath::Http, "invalid_body", 1);
@@ -175,23 +209,34 @@ async fn post_events(State(shared): State<Arc<Shared>>, Path(topic_name): Path<S
         }
     };
     drop(body);
+    if let Some(trace) = trace {
+        trace.parsed(accepted, bytes);
+    }
     // Only a good body may create a topic.
-    let topic = match shared.ingest.topic(&topic_name) {
+    let topic = match shared.ingest.topic(topic_name) {
         Ok(t) => t,
         Err(e) => return log_error(e),
     };
+    let append = trace.map(|t| t.append(topic_name, accepted));
     let mut scratch = Scratch::default();
     let written = match shared.ingest.append_built(&topic, &mut builder, &mut scratch) {
         Ok(w) => w,
-        Err(e) => return log_error(e),
+        Err(e) => {
+            append.as_ref().inspect(|s| crate::trace::failed(s));
+            return log_error(e);
+        }
     };
     drop((builder, scratch, charge));
     if let Err(e) = written.durable().await {
+        append.as_ref().inspect(|s| crate::trace::failed(s));
         return log_error(e);
     }
-    metrics.topic_counters(&topic_name, IngestPath::Http).accepted(accepted, bytes);
+    metrics.topic_counters(topic_name, IngestPath::Http).accepted(accepted, bytes);
     let ack = written.acks()[0];
     let last = ack.first_offset + u64::from(ack.record_count) - 1;
+    if let (Some(trace), Some(append)) = (trace, append) {
+        trace.stored(&append, ack.partition, ack.first_offset, last);
+    }
     Json(json!({"accepted": ack.record_count, "offsets": [ack.first_offset, last], "partition": ack.partition}))
         .into_response()
 }
@@ -486,6 +531,7 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
         "latency": crate::throughput::global().latency_json(),
         "sources": shared.sources.read().iter().map(|s| s.to_json()).collect::<Vec<_>>(),
         "flow": dashboard::flow_json(shared),
+        "tracing": crate::trace::stats_json(),
     })
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use flowgate_client::Client;
 use flowgate_core::{BatchBuilder, Codec, ProducerStamp};
+use flowgate_server::trace::export::Exporter;
 use flowgate_server::{Config, Engine};
 use hdrhistogram::Histogram;
 
@@ -38,12 +39,10 @@ pub struct Args {
 }
 
 /// Sends the engine's log lines to `path` instead of the terminal (`RUST_LOG` filters
-/// as for `flowgate run`).
-fn log_to_file(path: &std::path::Path) -> anyhow::Result<()> {
+/// as for `flowgate run`), and its spans to `exporter` when `[tracing]` names one.
+fn log_to_file(path: &std::path::Path, exporter: Option<&Exporter>) -> anyhow::Result<()> {
     let file = std::fs::File::create(path)?;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
+    super::init_logging(std::sync::Mutex::new(file), false, exporter);
     Ok(())
 }
 
@@ -166,9 +165,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.data_dir)?;
     std::fs::write(args.data_dir.join(".flowgate-demo"), b"created by flowgate demo; removed by the next demo\n")?;
     let log_path = args.data_dir.join("flowgate.log");
-    log_to_file(&log_path)?;
-    let stay = !args.exit && std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     let mut config = demo_config()?;
+    let mut exporter = Exporter::new(&config.tracing)?;
+    log_to_file(&log_path, exporter.as_ref())?;
+    let stay = !args.exit && std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     config.server.data_dir = args.data_dir.clone();
     // Free ports, so the demo runs beside a `flowgate run` on the defaults; the HTTP
     // API keeps its port when it is free, for the dashboard.
@@ -186,6 +186,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let tty = std::io::stderr().is_terminal();
     super::runtime()?.block_on(async move {
+        if let Some(exporter) = &mut exporter {
+            exporter.start();
+        }
         let engine = Engine::start(config).await?;
         let addr = engine.binary_addr.to_string();
         eprintln!("flowgate demo: engine up (binary {addr}, dashboard http://{}/), {} devices, {} s of load", engine.http_addr, args.devices, args.duration);
@@ -315,7 +318,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let _ = tokio::signal::ctrl_c().await;
             eprintln!("stopping…");
         }
+        let deadline = tokio::time::Instant::now() + engine.shutdown_bound();
         engine.shutdown().await?;
+        if let Some(exporter) = exporter {
+            exporter.shutdown(deadline).await;
+        }
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use flowgate_server::trace::export::Exporter;
 use flowgate_server::{Config, Engine, ShutdownOutcome};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -44,16 +45,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Ok(config)
     };
+    // Read before the config is: a change from here on is a change.
+    let mut watched = match (&args.config, args.watch_config) {
+        (Some(path), true) => Some(Watched::new(path.clone())),
+        _ => None,
+    };
     let config = load()?;
+    let mut exporter = Exporter::new(&config.tracing)?;
+    crate::init_logging(exporter.as_ref());
     let runtime = super::runtime()?;
     let code = runtime.block_on(async move {
         let mut signals = Signals::new()?;
-        let engine = Engine::start(config).await?;
-        engine.set_config_source(std::sync::Arc::new(load));
-        let mut watched = match (&args.config, args.watch_config) {
-            (Some(path), true) => Some(Watched::new(path.clone())),
-            _ => None,
-        };
+        if let Some(exporter) = &mut exporter {
+            exporter.start();
+        }
+        let engine = Engine::start_with_source(config, Some(std::sync::Arc::new(load))).await?;
         let first = loop {
             tokio::select! {
                 received = signals.next_or_hangup() => match received {
@@ -70,8 +76,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         // Shutdown bounds each of its steps; this bounds the whole in case one of them
         // cannot be interrupted.
         let bound = engine.shutdown_bound().saturating_add(Duration::from_secs(1));
+        // Spans still queued are sent after the engine stopped, within the same bound.
+        let deadline = tokio::time::Instant::now() + engine.shutdown_bound();
+        let shutdown = async move {
+            let outcome = engine.shutdown().await;
+            if let Some(exporter) = exporter {
+                exporter.shutdown(deadline).await;
+            }
+            outcome
+        };
         tokio::select! {
-            ended = tokio::time::timeout(bound, engine.shutdown()) => match ended {
+            ended = tokio::time::timeout(bound, shutdown) => match ended {
                 Ok(Ok(ShutdownOutcome::Clean)) => Ok(ExitCode::SUCCESS),
                 Ok(Ok(ShutdownOutcome::CutOff)) => {
                     tracing::warn!("shutdown cut off work still busy at the end of the grace period");
