@@ -193,7 +193,13 @@ fn sink_lines(dir: &Path) -> Vec<String> {
 
 /// Whether any segment file of the data directory holds `needle`.
 fn log_holds(data_dir: &Path, needle: &[u8]) -> bool {
+    log_count(data_dir, needle) > 0
+}
+
+/// How often `needle` occurs in the segment files of the data directory.
+fn log_count(data_dir: &Path, needle: &[u8]) -> usize {
     let mut stack = vec![data_dir.to_path_buf()];
+    let mut n = 0;
     while let Some(dir) = stack.pop() {
         for e in std::fs::read_dir(&dir).unwrap().flatten() {
             let path = e.path();
@@ -201,13 +207,11 @@ fn log_holds(data_dir: &Path, needle: &[u8]) -> bool {
                 stack.push(path);
             } else if path.extension().is_some_and(|x| x == "log") {
                 let bytes = std::fs::read(&path).unwrap();
-                if bytes.windows(needle.len()).any(|w| w == needle) {
-                    return true;
-                }
+                n += bytes.windows(needle.len()).filter(|w| *w == needle).count();
             }
         }
     }
-    false
+    n
 }
 
 /// A config with pipeline `traced` from topic `orders` through a filter and a remap to
@@ -269,7 +273,9 @@ fn a_producers_trace_continues_through_ingest_append_pipeline_processors_and_sin
     let tracing =
         format!("otlp_endpoint = \"{}\"\nsample_ratio = 0.0\nservice_name = \"flowgate-test\"", collector.endpoint());
     let config = config(dir.path(), &tracing);
-    let engine = EngineProcess::start_with(dir.path(), Some(&config), &[]);
+    // Every span target at its most verbose: spans still never reach the log lines.
+    let verbose = [("RUST_LOG", "info,flowgate_engine=trace,flowgate_server=trace")];
+    let engine = EngineProcess::start_with(dir.path(), Some(&config), &verbose);
 
     // The producer's context: its trace, its span as parent, sampled.
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -291,6 +297,7 @@ fn a_producers_trace_continues_through_ingest_append_pipeline_processors_and_sin
     assert_eq!(ingest.kind, 2, "SERVER");
     assert_eq!(ingest.attr("flowgate.topic"), "orders");
     assert_eq!(ingest.attr("flowgate.events"), "3");
+    assert_eq!(log_count(dir.path(), b"traceparent"), 1, "the context is stored once per request, on its first event");
     assert_eq!(ingest.attr("http.response.status_code"), "200");
 
     let append = one(&spans, "append");
@@ -358,7 +365,7 @@ fn a_producers_trace_continues_through_ingest_append_pipeline_processors_and_sin
         traces.iter().map(|t| hex(t)).collect::<Vec<_>>()
     );
     assert_eq!(engine.metric("flowgate_trace_traceparent_invalid_total"), 3.0);
-    assert_eq!(sink_lines(&dir.path().join("out")).len(), 2 * 6);
+    poll_until("the sink's lines", Duration::from_secs(30), || sink_lines(&dir.path().join("out")).len() == 2 * 6);
     poll_until("the exported counter", Duration::from_secs(10), || {
         engine.metric("flowgate_trace_spans_exported_total") == collector.spans().len() as f64
     });

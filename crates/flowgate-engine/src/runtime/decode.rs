@@ -100,9 +100,8 @@ fn decode_batch<'b>(
         flowgate_core::batch::RecordIter::over(section, view.header.first_timestamp, view.header.record_count);
     for record in records {
         let record = record?;
-        // The first record speaks for its batch: every writer that sets the header sets
-        // it on each record of a batch it traces (HTTP ingest does), so looking further
-        // would cost a check per event and find the same context.
+        // The first record speaks for its batch: HTTP ingest sets the header on the first
+        // record of a batch it traces, and looking further would cost a check per event.
         if let Some(contexts) = contexts.take() {
             if record.header_count > 0 {
                 if let Some((_, value)) = record.headers().find(|(name, _)| *name == traceparent::HEADER) {

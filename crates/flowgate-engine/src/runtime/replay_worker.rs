@@ -55,6 +55,20 @@ impl Worker {
         range: Range<u64>,
     ) -> anyhow::Result<Vec<PipelineEvent>> {
         let Some(index) = self.replay.clone() else { return self.process(events, range) };
+        // Replayed events resume at different processors, in runs as short as one event:
+        // no processor spans here, which could be one per event.
+        let read_span = self.read_span.take();
+        let out = self.process_replayed(events, range, &index);
+        self.read_span = read_span;
+        out
+    }
+
+    fn process_replayed(
+        &mut self,
+        events: Vec<PipelineEvent>,
+        range: Range<u64>,
+        index: &Arc<ReplayIndex>,
+    ) -> anyhow::Result<Vec<PipelineEvent>> {
         let quarantined = self.quarantine.covers(&range);
         let mut out = Vec::new();
         // Consecutive events that resume at the same processor go through together (one

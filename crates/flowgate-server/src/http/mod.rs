@@ -162,12 +162,12 @@ async fn produce(shared: &Arc<Shared>, topic_name: &str, request: Request, trace
         Err(response) => return response,
     };
     // The batch's records, then its encoded copy while it is appended, are charged
-    // before they are allocated, for as many events as the body could hold (each with
-    // its `traceparent` header when the request is traced).
+    // before they are allocated, for as many events as the body could hold (and the
+    // `traceparent` header of its first event when the request is traced).
     let max_events = crate::parse::max_events(&body);
     let mut records = crate::parse::max_records_len(body.len(), max_events);
     if trace.is_some() {
-        records = records.saturating_add(max_events.saturating_mul(crate::trace::RECORD_HEADER_BYTES));
+        records = records.saturating_add(crate::trace::RECORD_HEADER_BYTES);
     }
     let working = body.capacity().saturating_add(records.saturating_mul(2));
     match tokio::time::timeout(shared.frame_timeout(), charge.grow_to(working)).await {
@@ -194,9 +194,14 @@ async fn produce(shared: &Arc<Shared>, topic_name: &str, request: Request, trace
             bytes += e.len() as u64;
         }),
         Some(trace) => {
-            let header = trace.header();
+            // On the first event only: a request is stored as one batch (its events have
+            // no key), and a pipeline reads the context from a batch's first record.
+            let mut header = Some(trace.header());
             parse_body(&body, |e| {
-                builder.push(now, None, None, std::iter::once(header), e);
+                match header.take() {
+                    Some(h) => builder.push(now, None, None, std::iter::once(h), e),
+                    None => builder.push_payload(now, None, e),
+                }
                 bytes += e.len() as u64;
             })
         }

@@ -73,10 +73,17 @@ impl TracingConfig {
         if let Some(url) = self.endpoint() {
             let parsed =
                 reqwest::Url::parse(url).ok().filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
-            if parsed.is_none() {
+            let Some(parsed) = parsed else {
                 return Err((
                     "tracing.otlp_endpoint",
                     "must be an http:// or https:// URL with a host, such as http://127.0.0.1:4318/v1/traces".into(),
+                ));
+            };
+            // A URL is logged and shown in errors: a secret does not belong in it.
+            if !parsed.username().is_empty() || parsed.password().is_some() {
+                return Err((
+                    "tracing.otlp_endpoint",
+                    "must not hold a user or password; send credentials with tracing.otlp_headers".into(),
                 ));
             }
         }
@@ -93,8 +100,9 @@ impl TracingConfig {
         if self.service_name.is_empty() || self.service_name.len() > 256 {
             return Err(("tracing.service_name", "must be 1 to 256 bytes".into()));
         }
-        if !(1..=1_000_000).contains(&self.max_queue_spans) {
-            return Err(("tracing.max_queue_spans", "must be from 1 to 1000000".into()));
+        // Spans wait outside the memory budget; a few KB each at most.
+        if !(1..=100_000).contains(&self.max_queue_spans) {
+            return Err(("tracing.max_queue_spans", "must be from 1 to 100000".into()));
         }
         if !(1..=self.max_queue_spans).contains(&self.max_export_batch_spans) {
             return Err(("tracing.max_export_batch_spans", "must be from 1 to tracing.max_queue_spans".into()));
@@ -207,7 +215,7 @@ pub fn ingest(headers: &HeaderMap, topic: &str, metrics: &Metrics) -> Option<Ing
 }
 
 impl IngestTrace {
-    /// The header each event of the request carries.
+    /// The header the request's first event carries.
     pub fn header(&self) -> (&'static str, &[u8]) {
         (traceparent::HEADER, &self.header)
     }
