@@ -332,8 +332,10 @@ fn a_producers_trace_continues_through_ingest_append_pipeline_processors_and_sin
     assert_eq!(write.attr("flowgate.outcome"), "delivered");
     assert!(write.attr("flowgate.bytes").parse::<u64>().unwrap() > 20, "{write:?}");
     assert!(write.links.is_empty());
-    // The write's span ends when the sink has its lines; the file shows them once flushed.
-    poll_until("the sink's two lines", Duration::from_secs(30), || sink_lines(&dir.path().join("out")).len() == 2);
+    // The file sink's lines are in its files once it flushes them (by its commit).
+    poll_until("the 2 events in the sink's files", Duration::from_secs(30), || {
+        sink_lines(&dir.path().join("out")).len() == 2
+    });
     assert!(collector
         .requests
         .lock()
@@ -365,7 +367,9 @@ fn a_producers_trace_continues_through_ingest_append_pipeline_processors_and_sin
         traces.iter().map(|t| hex(t)).collect::<Vec<_>>()
     );
     assert_eq!(engine.metric("flowgate_trace_traceparent_invalid_total"), 3.0);
-    poll_until("the sink's lines", Duration::from_secs(30), || sink_lines(&dir.path().join("out")).len() == 2 * 6);
+    poll_until("every request's 2 big orders in the sink's files", Duration::from_secs(30), || {
+        sink_lines(&dir.path().join("out")).len() == 2 * 6
+    });
     poll_until("the exported counter", Duration::from_secs(10), || {
         engine.metric("flowgate_trace_spans_exported_total") == collector.spans().len() as f64
     });

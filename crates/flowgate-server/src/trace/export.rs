@@ -7,7 +7,6 @@
 //! shutdown) and runs its exports on a thread of its own that blocks in them.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -194,7 +193,6 @@ async fn export_loop(
     endpoint: String,
     stop: CancellationToken,
 ) {
-    let exporter = Arc::new(exporter);
     let max = config.max_export_batch_spans;
     let timeout = Duration::from_millis(config.export_timeout_ms);
     let mut tick = tokio::time::interval(Duration::from_millis(config.export_interval_ms));
