@@ -169,8 +169,9 @@ impl Exporter {
         tracing::info!(endpoint = %self.endpoint, sample_ratio = self.config.sample_ratio, "tracing: exporting spans over OTLP/HTTP");
     }
 
-    /// Turns sampling off and sends what is queued, giving up at `deadline` (the rest
-    /// is dropped and counted).
+    /// Turns sampling off and sends what is queued, giving up at the first failed export
+    /// (the rest is dropped and counted) or at `deadline` (what is still queued then is
+    /// dropped, uncounted: the process is ending).
     pub async fn shutdown(mut self, deadline: tokio::time::Instant) {
         flowgate_engine::trace::disable();
         self.stop.cancel();
@@ -215,40 +216,57 @@ async fn export_loop(
             _ = stop.cancelled() => true,
         };
         if stopping {
+            // The last flush gives up at its first failed export: a collector that is
+            // down or hangs costs one export timeout, not one per batch left.
             queue.close();
+            let mut failed = false;
             loop {
                 let room = max - batch.len();
                 if queue.recv_many(&mut batch, room).await == 0 {
                     break;
                 }
                 if batch.len() == max {
-                    send(&exporter, std::mem::take(&mut batch), timeout, &endpoint, &failures_log).await;
+                    let full = std::mem::take(&mut batch);
+                    if failed {
+                        drop_failed(full.len());
+                    } else {
+                        failed = !send(&exporter, full, timeout, &endpoint, &failures_log).await;
+                    }
                 }
             }
+            if failed {
+                drop_failed(batch.len());
+            } else if !batch.is_empty() {
+                send(&exporter, batch, timeout, &endpoint, &failures_log).await;
+            }
+            return;
         }
         if !batch.is_empty() {
             let full = std::mem::replace(&mut batch, Vec::with_capacity(max));
             send(&exporter, full, timeout, &endpoint, &failures_log).await;
         }
-        if stopping {
-            return;
-        }
     }
 }
 
+/// Counts spans dropped unsent at the end, after an export failed.
+fn drop_failed(spans: usize) {
+    stats().dropped_export_failed.fetch_add(spans as u64, Ordering::Relaxed);
+}
+
 /// One export request; its spans are dropped and counted if it fails or times out.
+/// True when it went through.
 async fn send(
     exporter: &opentelemetry_otlp::SpanExporter,
     batch: Vec<SpanData>,
     timeout: Duration,
     endpoint: &str,
     failures_log: &crate::shared::RateLimit,
-) {
+) -> bool {
     let n = batch.len() as u64;
     let error = match tokio::time::timeout(timeout, exporter.export(batch)).await {
         Ok(Ok(())) => {
             stats().exported.fetch_add(n, Ordering::Relaxed);
-            return;
+            return true;
         }
         Ok(Err(e)) => e.to_string(),
         Err(_) => format!("no answer within {} ms", timeout.as_millis()),
@@ -259,4 +277,5 @@ async fn send(
         tracing::warn!(endpoint, spans = n, error = %error, earlier_failures_not_logged = suppressed,
             "tracing: span export failed; its spans are dropped (flowgate_trace_spans_dropped_total)");
     }
+    false
 }
