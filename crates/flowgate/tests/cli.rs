@@ -38,6 +38,28 @@ fn send_tail_topics_and_graceful_shutdown() {
     assert_eq!(code, 0);
     assert!(out.lines().any(|l| l.starts_with("orders") && l.contains(" 3 ") && l.contains(" 500 ")), "{out}");
 
+    // The envelope, and only one key's events.
+    let (code, out, err) =
+        cli(&["send", "--topic", "orders", "--key", "customer-2", "--addr", &addr], Some(b"{\"order\":\"x\"}\n"));
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) =
+        cli(&["tail", "--topic", "orders", "--format", "json", "--key", "customer-2", "--addr", &addr], None);
+    assert_eq!(code, 0, "{err}");
+    let events: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(events.len(), 1, "{out}");
+    let e = &events[0];
+    assert_eq!((e["topic"].as_str(), e["key"].as_str()), (Some("orders"), Some("customer-2")), "{e}");
+    assert_eq!(e["payload"], serde_json::json!({"order": "x"}), "the payload as JSON, not a string: {e}");
+    assert!(e["partition"].is_u64() && e["offset"].is_u64() && e["timestamp"].as_i64().unwrap() > 0, "{e}");
+    assert!(e["headers"].is_object(), "{e}");
+    let (_, out, _) = cli(
+        &["tail", "--topic", "orders", "--format", "json", "--key", "customer-1", "--limit", "2", "--addr", &addr],
+        None,
+    );
+    let keys: Vec<serde_json::Value> =
+        out.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["key"].clone()).collect();
+    assert_eq!(keys, vec![serde_json::json!("customer-1"); 2]);
+
     // Bad input to send: it stops at the bad line and says how many were acknowledged.
     let (code, out, err) = cli(&["send", "--topic", "orders", "--addr", &addr], Some(b"{\"ok\":1}\nnot json\n"));
     assert_ne!(code, 0);

@@ -1,4 +1,5 @@
-//! `flowgate tail`: read events from the log, one JSON payload per line.
+//! `flowgate tail`: read events from the log, one per line: the payload, or with
+//! `--format json` the whole stored event (its envelope).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -25,6 +26,15 @@ pub struct Args {
     /// Stop after this many events.
     #[arg(long)]
     limit: Option<u64>,
+    /// `payload`: each event's payload as stored; `json`: one JSON object per event with
+    /// `topic`, `partition`, `offset`, `key`, `timestamp` (ms since the epoch),
+    /// `client_id`, `headers` and `payload` (bytes that are not UTF-8 as
+    /// `{"base64": …}`; a payload that is JSON as itself).
+    #[arg(long, value_enum, default_value = "payload")]
+    format: Format,
+    /// Only events with this key.
+    #[arg(long)]
+    key: Option<String>,
     /// Engine address (binary protocol).
     #[arg(long, default_value = super::DEFAULT_ADDR)]
     addr: String,
@@ -52,6 +62,44 @@ pub fn parse_rfc3339_utc(s: &str) -> Option<i64> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     Some(((days * 24 + h) * 60 + min) * 60_000 + sec * 1000 + ms_frac)
+}
+
+/// How `tail` prints an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// The payload as stored.
+    Payload,
+    /// The envelope as a JSON object.
+    Json,
+}
+
+/// Bytes as JSON: a string when they are UTF-8, else `{"base64": …}`.
+fn bytes_json(bytes: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::Value::String(text.to_owned()),
+        Err(_) => {
+            use base64::Engine as _;
+            serde_json::json!({ "base64": base64::engine::general_purpose::STANDARD.encode(bytes) })
+        }
+    }
+}
+
+/// One stored event as `--format json` prints it.
+fn envelope(topic: &str, partition: u32, offset: u64, record: &flowgate_core::RecordRef<'_>) -> serde_json::Value {
+    let headers: serde_json::Map<String, serde_json::Value> =
+        record.headers().map(|(name, value)| (name.to_owned(), bytes_json(value))).collect();
+    let payload =
+        serde_json::from_slice::<serde_json::Value>(record.payload).unwrap_or_else(|_| bytes_json(record.payload));
+    serde_json::json!({
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+        "key": record.key.map(bytes_json),
+        "timestamp": record.timestamp,
+        "client_id": record.client_id.map(bytes_json),
+        "headers": headers,
+        "payload": payload,
+    })
 }
 
 enum Start {
@@ -123,11 +171,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                         if offset < offsets[i] {
                             continue;
                         }
-                        out.write_all(record.payload)?;
-                        out.write_all(b"\n")?;
                         offsets[i] = offset + 1;
-                        printed += 1;
                         progressed = true;
+                        if args.key.as_ref().is_some_and(|k| record.key != Some(k.as_bytes())) {
+                            continue;
+                        }
+                        match args.format {
+                            Format::Payload => out.write_all(record.payload)?,
+                            Format::Json => {
+                                serde_json::to_writer(&mut out, &envelope(&args.topic, p, offset, &record))?
+                            }
+                        }
+                        out.write_all(b"\n")?;
+                        printed += 1;
                         if printed >= limit {
                             out.flush()?;
                             return Ok(ExitCode::SUCCESS);
