@@ -139,7 +139,13 @@ fn sigkills_while_writing_leave_each_event_in_the_table_once() {
         &[(
             "p",
             "in",
-            format!("url = \"{}\"\ntable = \"events\"\nbatch = {{ max_events = 100, max_wait_ms = 5 }}", pg.url()),
+            // Small batches, one write at a time: the writing lasts long enough (thousands
+            // of transactions) for every kill to land in the middle of it.
+            format!(
+                "url = \"{}\"\ntable = \"events\"\nbatch = {{ max_events = 10, max_wait_ms = 5 }}\n\
+                 concurrency = {{ limit = 1 }}",
+                pg.url()
+            ),
         )],
     );
     let mut engine = EngineProcess::start_with(dir.path(), Some(&cfg), &[]);
