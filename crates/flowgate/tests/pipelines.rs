@@ -6,10 +6,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use common::{cli, EngineProcess};
+use common::{cli, device_batch, EngineProcess};
 use flowgate_client::Client;
-use flowgate_core::{BatchBuilder, Codec, ProducerStamp};
+use flowgate_core::ProducerStamp;
 
 fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
     let path = dir.join("flowgate.toml");
@@ -17,29 +16,9 @@ fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
     path
 }
 
-/// Every line of every file in `dir`, parsed.
+/// Every id the file sink wrote to `dir`, with how often.
 fn output_ids(dir: &Path) -> HashMap<u64, usize> {
-    let mut counts = HashMap::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return counts };
-    for e in entries {
-        let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
-        // A line still being written (no newline yet) is not output yet.
-        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-        for line in complete.lines() {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("torn line {line:?}: {e}"));
-            *counts.entry(v["id"].as_u64().unwrap()).or_default() += 1;
-        }
-    }
-    counts
-}
-
-fn batch_of(ids: std::ops::Range<u64>) -> Bytes {
-    let mut b = BatchBuilder::new();
-    for id in ids {
-        let payload = format!(r#"{{"id":{id},"device":"d{}","v":{}}}"#, id % 97, id % 13);
-        b.push_payload(flowgate_core::time::now_ms(), Some(format!("d{}", id % 97).as_bytes()), payload.as_bytes());
-    }
-    Bytes::from(b.finish(Codec::None, ProducerStamp::default()).unwrap().bytes)
+    common::file_sink_ids(dir, "-").0
 }
 
 const PIPELINES: &str = r#"
@@ -81,7 +60,7 @@ fn sigkill_mid_stream_loses_nothing_and_dedup_makes_it_exactly_once() {
         let client = Client::connect(&addr).await.unwrap();
         let mut acked = 0;
         for ids in &batches[..250] {
-            client.produce("in", batch_of(ids.clone()), ProducerStamp::default()).await.unwrap();
+            client.produce("in", device_batch(ids.clone()), ProducerStamp::default()).await.unwrap();
             acked += 1;
         }
         acked
@@ -97,7 +76,7 @@ fn sigkill_mid_stream_loses_nothing_and_dedup_makes_it_exactly_once() {
     rt.block_on(async {
         let client = Client::connect(&addr).await.unwrap();
         for ids in &batches[acked..] {
-            client.produce("in", batch_of(ids.clone()), ProducerStamp::default()).await.unwrap();
+            client.produce("in", device_batch(ids.clone()), ProducerStamp::default()).await.unwrap();
         }
     });
     let out_dedup = dir.path().join("out-dedup");
@@ -165,7 +144,7 @@ batch = {{ max_events = 1000 }}
         for b in 0..1000u64 {
             let acks = tokio::time::timeout(
                 Duration::from_secs(10),
-                client.produce("in", batch_of(b * 1000..b * 1000 + 1000), ProducerStamp::default()),
+                client.produce("in", device_batch(b * 1000..b * 1000 + 1000), ProducerStamp::default()),
             )
             .await
             .expect("ingest must not wait for the stalled pipeline")

@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -80,36 +80,10 @@ impl Collector {
 fn serve(stream: TcpStream, spans: &Mutex<Vec<Span>>, requests: &Mutex<Vec<String>>) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut out = stream;
-    loop {
-        let mut request_line = String::new();
-        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
-            return;
-        }
-        let mut length = 0usize;
-        let mut content_type = String::new();
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value.trim().parse().unwrap();
-                } else if name.eq_ignore_ascii_case("content-type") {
-                    content_type = value.trim().to_owned();
-                }
-            }
-        }
-        let mut body = vec![0u8; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        requests.lock().unwrap().push(format!("{} {content_type}", request_line.trim_end()));
-        let decoded = ExportTraceServiceRequest::decode(&body[..]).expect("an OTLP protobuf body");
+    while let Some(request) = common::read_request(&mut reader) {
+        let content_type = request.header("content-type").unwrap_or_default();
+        requests.lock().unwrap().push(format!("{} {content_type}", request.line));
+        let decoded = ExportTraceServiceRequest::decode(&request.body[..]).expect("an OTLP protobuf body");
         let mut got = Vec::new();
         for rs in decoded.resource_spans {
             let service = rs

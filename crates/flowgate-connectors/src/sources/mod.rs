@@ -234,20 +234,12 @@ impl Sources {
     ) -> anyhow::Result<flowgate_engine::Changes> {
         validate_configs(configs)?;
         let mut changes = flowgate_engine::Changes::default();
-        let mut stopping = Vec::new();
-        for running in std::mem::take(&mut self.running) {
-            match configs.iter().find(|c| c.name == running.config.name) {
-                Some(c) if *c == running.config => self.running.push(running),
-                Some(_) => {
-                    changes.restarted.push(running.config.name.clone());
-                    stopping.push(running);
-                }
-                None => {
-                    changes.removed.push(running.config.name.clone());
-                    stopping.push(running);
-                }
-            }
-        }
+        let (keep, stopping) = changes.sort_running(
+            std::mem::take(&mut self.running),
+            |r| &r.config.name,
+            |r| configs.iter().find(|c| c.name == r.config.name).map(|c| *c == r.config),
+        );
+        self.running = keep;
         for running in &stopping {
             running.cancel.cancel();
         }
@@ -265,9 +257,7 @@ impl Sources {
                 changes.unchanged.push(c.name.clone());
                 continue;
             }
-            if !changes.restarted.contains(&c.name) {
-                changes.added.push(c.name.clone());
-            }
+            changes.starting(&c.name);
             self.launch(c)?;
         }
         self.running.sort_by_key(|r| configs.iter().position(|c| c.name == r.config.name));

@@ -14,6 +14,7 @@
 //! too.
 
 mod breaker;
+mod changes;
 mod commit;
 mod controller;
 pub mod dead_letters;
@@ -45,8 +46,9 @@ use crate::config::PipelineConfig;
 use crate::metrics::PipelineMetrics;
 use crate::processors;
 use crate::sink::SinkFactory;
+pub use changes::Changes;
 pub use controller::{ControllerStatus, SinkControllers};
-pub use pipelines::{Changes, Pipelines};
+pub use pipelines::Pipelines;
 pub use sink_status::{SinkStatus, SinkStatuses};
 pub use supervisor::{PipelineHealth, SinkQueue, WorkerState, WorkerStatus};
 

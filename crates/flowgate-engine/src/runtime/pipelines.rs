@@ -11,10 +11,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::changes::Changes;
 use flowgate_log::{Log, Partition};
 use parking_lot::Mutex;
 use prometheus_client::metrics::gauge::Gauge;
-use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -62,23 +62,6 @@ struct Lag {
     partition: Arc<Partition>,
     health: Arc<WorkerHealth>,
     gauge: Gauge,
-}
-
-/// What a reload did to a set of named components (pipelines, sources), by name.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Changes {
-    /// Not running before: started.
-    pub added: Vec<String>,
-    /// No longer configured: stopped (a pipeline after flushing and committing).
-    pub removed: Vec<String>,
-    /// Config changed: stopped (a pipeline after flushing and committing), then
-    /// started again with the new config, from where it stopped.
-    pub restarted: Vec<String>,
-    /// Config unchanged: still running, untouched.
-    pub unchanged: Vec<String>,
-    /// Of the removed and restarted ones, those that did not stop within the deadline
-    /// (a stalled sink or upstream): cut off; they resume from their last checkpoint.
-    pub cut_off: Vec<String>,
 }
 
 impl std::fmt::Debug for Pipelines {
@@ -186,20 +169,12 @@ impl Pipelines {
     ) -> anyhow::Result<Changes> {
         self.check(&configs)?;
         let mut changes = Changes::default();
-        let mut stopping = Vec::new();
-        for running in std::mem::take(&mut self.running) {
-            match configs.iter().find(|c| c.name == running.config.name) {
-                Some(c) if same(c, &running.config) => self.running.push(running),
-                Some(_) => {
-                    changes.restarted.push(running.config.name.clone());
-                    stopping.push(running);
-                }
-                None => {
-                    changes.removed.push(running.config.name.clone());
-                    stopping.push(running);
-                }
-            }
-        }
+        let (keep, stopping) = changes.sort_running(
+            std::mem::take(&mut self.running),
+            |r| &r.config.name,
+            |r| configs.iter().find(|c| c.name == r.config.name).map(|c| same(c, &r.config)),
+        );
+        self.running = keep;
         for running in &stopping {
             running.cancel.cancel();
         }
@@ -231,9 +206,7 @@ impl Pipelines {
                     Err(anyhow::anyhow!("the engine is shutting down; pipeline '{}' was not started", config.name));
                 break;
             }
-            if !changes.restarted.contains(&config.name) {
-                changes.added.push(config.name.clone());
-            }
+            changes.starting(&config.name);
             let name = config.name.clone();
             if let Err(e) = self.launch(config) {
                 launched = Err(anyhow::anyhow!("pipeline '{name}' did not start: {e:#}"));

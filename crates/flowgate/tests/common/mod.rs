@@ -265,3 +265,81 @@ pub fn cli(args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A batch of one event per id, `{"id":…,"device":"d…","v":…}`, keyed by its device
+/// (97 devices).
+pub fn device_batch(ids: std::ops::Range<u64>) -> bytes::Bytes {
+    let mut b = flowgate_core::BatchBuilder::new();
+    for id in ids {
+        let payload = format!(r#"{{"id":{id},"device":"d{}","v":{}}}"#, id % 97, id % 13);
+        b.push_payload(flowgate_core::time::now_ms(), Some(format!("d{}", id % 97).as_bytes()), payload.as_bytes());
+    }
+    let batch = b.finish(flowgate_core::Codec::None, flowgate_core::ProducerStamp::default()).unwrap();
+    bytes::Bytes::from(batch.bytes)
+}
+
+/// The `id` of every complete line of every file in a file sink's directory, with how
+/// often it appears, and the ids of the lines that carry `field`.
+pub fn file_sink_ids(dir: &Path, field: &str) -> (std::collections::HashMap<u64, usize>, Vec<u64>) {
+    let mut counts = std::collections::HashMap::new();
+    let mut marked = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return (counts, marked) };
+    for e in entries {
+        let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+        // A line still being written (no newline yet) is not output yet.
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        for line in complete.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("torn line {line:?}: {e}"));
+            let id = v["id"].as_u64().unwrap();
+            *counts.entry(id).or_default() += 1;
+            if v.get(field).is_some() {
+                marked.push(id);
+            }
+        }
+    }
+    (counts, marked)
+}
+
+/// One HTTP/1.1 request, as a test's small HTTP server reads it.
+pub struct HttpRequest {
+    /// `POST /path HTTP/1.1`.
+    pub line: String,
+    /// Names as sent, values trimmed.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpRequest {
+    /// The first header of this name (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads the next request off a connection (its body by `Content-Length`); `None` when
+/// the peer closed, or the body was cut short.
+pub fn read_request(reader: &mut impl BufRead) -> Option<HttpRequest> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut headers = Vec::new();
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).unwrap_or(0) == 0 {
+            return None;
+        }
+        let header = header.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            headers.push((name.to_owned(), value.trim().to_owned()));
+        }
+    }
+    let mut request = HttpRequest { line: line.trim_end().to_owned(), headers, body: Vec::new() };
+    let length: usize = request.header("content-length").map_or(0, |l| l.parse().unwrap());
+    request.body = vec![0u8; length];
+    reader.read_exact(&mut request.body).ok()?;
+    Some(request)
+}
