@@ -5,47 +5,15 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use common::{poll_until, EngineProcess};
+use common::{device_batch, poll_until, EngineProcess};
 use flowgate_client::Client;
-use flowgate_core::{BatchBuilder, Codec, ProducerStamp};
+use flowgate_core::ProducerStamp;
 use serde_json::Value;
-
-/// Each id of every complete line of every file in `dir`, with how often it appears,
-/// and the ids of the lines that carry `field`.
-fn output(dir: &Path, field: &str) -> (HashMap<u64, usize>, Vec<u64>) {
-    let mut counts = HashMap::new();
-    let mut marked = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return (counts, marked) };
-    for e in entries {
-        let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
-        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-        for line in complete.lines() {
-            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("torn line {line:?}: {e}"));
-            let id = v["id"].as_u64().unwrap();
-            *counts.entry(id).or_default() += 1;
-            if v.get(field).is_some() {
-                marked.push(id);
-            }
-        }
-    }
-    (counts, marked)
-}
-
-fn batch_of(ids: std::ops::Range<u64>) -> Bytes {
-    let mut b = BatchBuilder::new();
-    for id in ids {
-        let payload = format!(r#"{{"id":{id},"device":"d{}","v":{}}}"#, id % 97, id % 13);
-        b.push_payload(flowgate_core::time::now_ms(), Some(format!("d{}", id % 97).as_bytes()), payload.as_bytes());
-    }
-    Bytes::from(b.finish(Codec::None, ProducerStamp::default()).unwrap().bytes)
-}
 
 fn pipeline(name: &str, extra: &str) -> String {
     format!(
@@ -86,7 +54,7 @@ impl Producer {
                 let client = Client::connect(&addr).await.unwrap();
                 let mut next = 0u64;
                 while !s.load(Ordering::Acquire) {
-                    client.produce("in", batch_of(next..next + 100), ProducerStamp::default()).await.unwrap();
+                    client.produce("in", device_batch(next..next + 100), ProducerStamp::default()).await.unwrap();
                     next += 100;
                     a.store(next, Ordering::Release);
                     tokio::time::sleep(Duration::from_millis(2)).await;
@@ -149,13 +117,13 @@ fn write(path: &Path, text: &str) {
 
 fn wait_until_written(dir: &Path, ids: u64) {
     poll_until(&format!("{} to hold {ids} ids", dir.display()), Duration::from_secs(60), || {
-        output(dir, "-").0.len() as u64 >= ids
+        common::file_sink_ids(dir, "-").0.len() as u64 >= ids
     });
 }
 
 /// Every id in 0..n exactly once.
 fn assert_exactly_once(dir: &Path, n: u64) {
-    let (counts, _) = output(dir, "-");
+    let (counts, _) = common::file_sink_ids(dir, "-");
     let missing: Vec<u64> = (0..n).filter(|id| !counts.contains_key(id)).take(5).collect();
     assert!(missing.is_empty(), "{}: acknowledged ids missing: {missing:?}", dir.display());
     let repeated: Vec<(&u64, &usize)> = counts.iter().filter(|(_, c)| **c != 1).take(5).collect();
@@ -229,13 +197,13 @@ fn pipelines_and_alert_rules_change_under_load_and_nothing_is_lost() {
     assert_exactly_once(&out_a, sent);
     assert_exactly_once(&out_c, sent);
     // b wrote each event it got to once, and was never restarted while it ran.
-    let (b, _) = output(&out_b, "-");
+    let (b, _) = common::file_sink_ids(&out_b, "-");
     assert!(b.values().all(|&n| n == 1) && b.len() as u64 >= after_change.min(2_000));
     assert_eq!(worker_starts(&engine, "b"), 2, "b ran untouched until removed");
     assert_eq!(worker_starts(&engine, "c"), 2, "c ran untouched after it was added");
     // a's changed processor took effect: what it wrote after the change is marked,
     // and the last events it wrote all are.
-    let (_, marked) = output(&out_a, "reloaded");
+    let (_, marked) = common::file_sink_ids(&out_a, "reloaded");
     let marked: std::collections::HashSet<u64> = marked.into_iter().collect();
     assert!(marked.contains(&(sent - 1)), "a's last event passed through the new processor");
     assert!((after_change..sent).all(|id| marked.contains(&id)), "everything after the change is marked");
@@ -352,7 +320,7 @@ fn a_reload_refuses_what_would_not_start_outlives_its_client_and_yields_to_shutd
     assert_eq!(workers_of(&engine, "a"), 1);
     let before = producer.acked();
     poll_until("a to keep writing", Duration::from_secs(30), || {
-        output(&dir.path().join("out-a"), "-").0.len() as u64 >= before
+        common::file_sink_ids(&dir.path().join("out-a"), "-").0.len() as u64 >= before
     });
 
     // A SIGHUP reload that waits on the stalled pipeline does not hold up shutdown.
@@ -370,4 +338,50 @@ fn a_reload_refuses_what_would_not_start_outlives_its_client_and_yields_to_shutd
     assert_exactly_once(&dir.path().join("out-a"), sent);
     drop(restarted);
     drop(held);
+}
+
+#[test]
+fn a_reordered_config_restarts_nothing_and_a_kill_during_a_reload_loses_and_repeats_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("flowgate.toml");
+    write(&config, &format!("{}{}", pipeline("a", ""), pipeline("b", "")));
+    let engine = EngineProcess::start_with(dir.path(), Some(&config), &[("FLOWGATE_LOG__DEFAULT_PARTITIONS", "2")]);
+    // The same pipelines in another order: nothing to restart.
+    write(&config, &format!("{}{}", pipeline("b", ""), pipeline("a", "")));
+    let (status, report) = reload(&engine);
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(names(&report["pipelines"]["unchanged"]), ["a", "b"], "{report}");
+    assert_eq!(report["pipelines"]["restarted"], serde_json::json!([]), "{report}");
+
+    // A backlog, so that `a` is writing when it is asked to stop for a change.
+    const N: u64 = 200_000;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let addr = engine.binary.to_string();
+    rt.block_on(async {
+        let client = Client::connect(&addr).await.unwrap();
+        for start in (0..N).step_by(1000) {
+            client.produce("in", device_batch(start..start + 1000), ProducerStamp::default()).await.unwrap();
+        }
+    });
+    let out_a = dir.path().join("out-a");
+    poll_until("a to be writing", Duration::from_secs(30), || !common::file_sink_ids(&out_a, "-").0.is_empty());
+    write(&config, &format!("{}{}", pipeline("b", ""), pipeline("a", MARK)));
+    engine.signal("HUP");
+    poll_until("the reload to be under way", Duration::from_secs(10), || {
+        engine.log().contains("applying the new config")
+    });
+    // SIGKILL in the middle of it: `a` stopping (or starting again), `b` writing.
+    let mut engine = engine;
+    engine.kill9();
+    let written_at_kill = common::file_sink_ids(&out_a, "-").0.len() as u64;
+    let engine = engine.restart();
+    wait_until_written(&out_a, N);
+    wait_until_written(&dir.path().join("out-b"), N);
+    assert!(written_at_kill < N, "the kill came while a was writing: {written_at_kill} of {N}");
+    assert_exactly_once(&out_a, N);
+    assert_exactly_once(&dir.path().join("out-b"), N);
+    // The restart ran the new config: what `a` wrote after it is marked.
+    let (_, marked) = common::file_sink_ids(&out_a, "reloaded");
+    assert!(!marked.is_empty(), "a ran its new processor after the restart");
+    drop(engine);
 }
