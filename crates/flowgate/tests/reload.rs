@@ -224,6 +224,13 @@ fn watch_config_applies_a_changed_file_and_refuses_a_broken_one() {
         engine.log().contains("config reload refused")
     });
     assert_eq!(running_pipelines(&engine), ["a", "b"], "the old config stays");
+    // A file past 16 MiB is not read at all (the watcher would hold it whole).
+    let huge = format!("{}#{}\n", pipeline("a", ""), "x".repeat(17 << 20));
+    write(&config, &huge);
+    poll_until("the oversized file to be refused", Duration::from_secs(30), || {
+        engine.log().contains("not a regular file of at most 16 MiB")
+    });
+    assert_eq!(running_pipelines(&engine), ["a", "b"], "the old config stays");
     let (status, _) = engine.http("GET", "/ready", b"");
     assert_eq!(status, 200);
     // An engine started from the embedded default has nothing to watch but reloads it.
