@@ -40,6 +40,9 @@ pub enum WorkerState {
     Restarting,
     /// Stopped by shutdown.
     Stopped,
+    /// Paused by an operator (`flowgate pipelines pause`): reads nothing until resumed;
+    /// its committed offset stays where its last checkpoint put it.
+    Paused,
 }
 
 /// A snapshot of one worker's health.
@@ -177,6 +180,20 @@ impl PipelineHealth {
         self.controllers.remove_pipeline(pipeline);
     }
 
+    /// Shows every worker of `pipeline` in `state`.
+    pub(super) fn set_pipeline_state(&self, pipeline: &str, state: WorkerState) {
+        self.workers.read().iter().filter(|w| w.pipeline == pipeline).for_each(|w| w.set_state(state));
+    }
+
+    /// Sets the committed offset shown for one worker (a reset moved it).
+    pub(super) fn set_committed(&self, pipeline: &str, topic: &str, partition: u32, offset: u64) {
+        for w in self.workers.read().iter() {
+            if w.pipeline == pipeline && w.topic == topic && w.partition == partition {
+                w.committed.store(offset, Ordering::Release);
+            }
+        }
+    }
+
     /// Puts the workers in the order of `pipelines` (configuration order).
     pub(super) fn order(&self, pipelines: &[String]) {
         let rank = |w: &Arc<WorkerHealth>| pipelines.iter().position(|p| *p == w.pipeline).unwrap_or(usize::MAX);
@@ -212,7 +229,7 @@ impl PipelineHealth {
             .filter(|w| match w.state {
                 WorkerState::Restarting => true,
                 WorkerState::Starting => w.restarts > 0,
-                WorkerState::Running | WorkerState::Stopped => false,
+                WorkerState::Running | WorkerState::Stopped | WorkerState::Paused => false,
             })
             .collect()
     }

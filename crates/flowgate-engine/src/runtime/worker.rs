@@ -190,11 +190,12 @@ impl Worker {
         };
         tracing::info!(pipeline = %self.config.name, topic = %self.topic, partition = self.partition.id(), offset,
             resumed = saved.is_some(), "pipeline worker started");
-        if saved.is_none() {
-            // A first checkpoint before any output: a crash before the first periodic
-            // one then recovers from it, so sinks cut back what they wrote since (a file
-            // sink without any checkpoint must leave existing files alone, which would
-            // write those events twice).
+        if saved.is_none() || self.config.sinks.iter().any(|s| !self.sink_states.has(&s.name)) {
+            // A first checkpoint before any output, also when a sink has no state in the
+            // checkpoint (one added to the pipeline, or a reset where it never ran): a
+            // crash before the first periodic one then recovers from it, so sinks cut
+            // back what they wrote since (a file sink without any state must leave
+            // existing files alone, which would write those events twice).
             self.commit(offset, &sinks_tx).await?;
         }
         self.report_committed(offset);

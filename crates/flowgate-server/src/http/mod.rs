@@ -1,5 +1,5 @@
 //! The HTTP API (axum): produce and read events, topics, the dead-letter topic
-//! ([`dlq`]), metrics, health.
+//! ([`dlq`]), pipelines ([`pipelines`]), metrics, health.
 //!
 //! [`listener`] applies the connection limit and idle timeout to HTTP connections. A
 //! produce body is read into memory charged to the ingest budget as it arrives, and must
@@ -8,6 +8,7 @@
 mod dashboard;
 pub mod dlq;
 pub mod listener;
+pub mod pipelines;
 
 use std::sync::Arc;
 
@@ -39,6 +40,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/stats/stream", get(stats_stream))
         .route("/v1/alerts", get(alerts))
         .route("/v1/reload", axum::routing::post(reload))
+        .route("/v1/pipelines", get(pipelines::list))
+        .route("/v1/pipelines/{name}", get(pipelines::show))
+        .route("/v1/pipelines/{name}/pause", axum::routing::post(pipelines::pause))
+        .route("/v1/pipelines/{name}/resume", axum::routing::post(pipelines::resume))
+        .route("/v1/pipelines/{name}/reset", axum::routing::post(pipelines::reset))
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/stats", get(dlq::stats))
         .route("/v1/dlq/replay", axum::routing::post(dlq::replay))
