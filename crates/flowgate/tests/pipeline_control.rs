@@ -270,3 +270,30 @@ fn a_reset_is_refused_while_a_sink_cannot_flush_and_the_pipeline_runs_on() {
     });
     assert!(!dir.path().join("pipelines/p/PAUSED").exists(), "a refused reset leaves the pipeline running");
 }
+
+#[test]
+fn a_pause_and_a_reset_survive_a_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let mut engine = EngineProcess::start_with(dir.path(), Some(&cfg), &[]);
+    send(&engine, 0..300);
+    wait_for_output(&engine, 300);
+    wait_caught_up(&engine, "running");
+    // Acknowledged means durable: SIGKILL right after the answer keeps the pause...
+    assert_eq!(pipelines(&engine, &["pause", "p"])["state"], "paused");
+    engine.kill9();
+    engine = engine.restart();
+    assert_eq!(status(&engine)["state"], "paused");
+    // ...and the reset (a paused pipeline stays paused).
+    let reset = pipelines(&engine, &["reset", "p", "--to", "earliest"]);
+    assert_eq!(reset["state"], "paused", "{reset}");
+    engine.kill9();
+    engine = engine.restart();
+    let seen = status(&engine);
+    assert_eq!((seen["state"].as_str(), seen["lag_events"].as_u64()), (Some("paused"), Some(300)), "{seen}");
+    assert_counts(&output(&engine), 0..300, 1);
+    pipelines(&engine, &["resume", "p"]);
+    wait_for_output(&engine, 600);
+    wait_caught_up(&engine, "running");
+    assert_counts(&output(&engine), 0..300, 2);
+}
