@@ -519,25 +519,9 @@ impl Partition {
         if offset == end {
             return Ok(result);
         }
-        let segments = self.segments_snapshot();
-        let first = segments.partition_point(|s| s.base_offset() <= offset).saturating_sub(1);
-        let mut header = [0u8; HEADER_LEN];
-        for segment in &segments[first..] {
+        if let Some((segment, pos, header)) = self.locate(offset)? {
             let readable = segment.readable_len();
-            let mut pos = segment.index_lookup(offset);
-            // Skip the batches that end before `offset`.
-            while pos < readable {
-                segment.read_at(&mut header, pos)?;
-                let h = BatchHeader::parse(&header)?;
-                if h.last_offset() >= offset {
-                    break;
-                }
-                pos += h.total_len() as u64;
-            }
-            if pos >= readable {
-                continue;
-            }
-            let first_len = BatchHeader::parse(&header)?.total_len();
+            let first_len = header.total_len();
             let want = max_bytes.max(first_len).min((readable - pos) as usize);
             result.batches.resize(want, 0);
             let got = segment.read_at(&mut result.batches, pos)?;
@@ -552,9 +536,35 @@ impl Partition {
                 whole += total;
             }
             result.batches.truncate(whole);
-            return Ok(result);
         }
         Ok(result)
+    }
+
+    /// The segment, position and header of the stored batch that holds `offset`.
+    fn locate(&self, offset: u64) -> Result<Option<(Arc<Segment>, u64, BatchHeader)>> {
+        let segments = self.segments_snapshot();
+        let first = segments.partition_point(|s| s.base_offset() <= offset).saturating_sub(1);
+        let mut header = [0u8; HEADER_LEN];
+        for segment in &segments[first..] {
+            let readable = segment.readable_len();
+            let mut pos = segment.index_lookup(offset);
+            // Skip the batches that end before `offset`.
+            while pos < readable {
+                segment.read_at(&mut header, pos)?;
+                let h = BatchHeader::parse(&header)?;
+                if h.last_offset() >= offset {
+                    return Ok(Some((segment.clone(), pos, h)));
+                }
+                pos += h.total_len() as u64;
+            }
+        }
+        Ok(None)
+    }
+
+    /// The first timestamp of the stored batch that holds `offset` (its header alone is
+    /// read), or `None` when no stored batch holds it.
+    pub fn batch_timestamp_at(&self, offset: u64) -> Result<Option<i64>> {
+        Ok(self.locate(offset)?.map(|(_, _, header)| header.first_timestamp))
     }
 
     /// The offset of the first record whose timestamp is at or after `timestamp_ms`,

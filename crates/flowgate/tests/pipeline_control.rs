@@ -258,8 +258,17 @@ fn a_reset_is_refused_while_a_sink_cannot_flush_and_the_pipeline_runs_on() {
     let (code, body) = engine.http("POST", "/v1/pipelines/p/reset", br#"{"to": "latest"}"#);
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("did not flush and commit in time"), "{body}");
+    // Paused while the sink cannot flush, the workers are cut off: the pause says so,
+    // and a reset stays refused until a clean pause.
+    let (code, body) = engine.http("POST", "/v1/pipelines/p/pause", b"");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#""cut_off":true"#), "{body}");
+    let (code, body) = engine.http("POST", "/v1/pipelines/p/reset", br#"{"to": "latest"}"#);
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("did not stop cleanly"), "{body}");
     // Nothing was reset: once the target is back, every event is delivered.
     up.store(true, Ordering::Release);
+    pipelines(&engine, &["resume", "p"]);
     poll_until("every event delivered", Duration::from_secs(60), || {
         let delivered = target.delivered.lock().unwrap();
         (0..200).all(|n| delivered.contains(&n))
@@ -268,7 +277,10 @@ fn a_reset_is_refused_while_a_sink_cannot_flush_and_the_pipeline_runs_on() {
         let s = status(&engine);
         s["state"] == "running" && s["lag_events"] == 0
     });
-    assert!(!dir.path().join("pipelines/p/PAUSED").exists(), "a refused reset leaves the pipeline running");
+    let paused = pipelines(&engine, &["pause", "p"]);
+    assert_eq!(paused["cut_off"], false, "{paused}");
+    let reset = pipelines(&engine, &["reset", "p", "--to", "earliest"]);
+    assert_eq!(reset["state"], "paused", "{reset}");
 }
 
 #[test]

@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::pipelines::{stop, Pipelines};
+use tokio_util::sync::CancellationToken;
+
+use super::pipelines::{stop_accounted, Pipelines, Running};
 use super::supervisor::WorkerState;
-use crate::checkpoint::CheckpointFile;
+use crate::checkpoint::{CheckpointFile, StateOwner};
 
 /// The most a reset waits for a partition's lease once the pipeline's workers stopped
 /// (what an aborted worker still had under way).
@@ -35,25 +37,45 @@ pub(crate) fn is_paused(data_dir: &Path, pipeline: &str) -> bool {
     marker(data_dir, pipeline).exists()
 }
 
-/// Writes or removes the pause marker durably (file and directory synced).
-fn set_paused(data_dir: &Path, pipeline: &str, paused: bool) -> anyhow::Result<()> {
+/// What the pause marker holds.
+#[derive(Serialize, serde::Deserialize)]
+struct Mark {
+    paused_at_ms: i64,
+    /// Every worker stopped by committing all its sinks wrote: the checkpoints account
+    /// for all the pipeline's output, so a reset may rewrite them.
+    accounted: bool,
+}
+
+/// Whether the pipeline's pause marker says its checkpoints account for all its output
+/// (an unreadable marker says no).
+fn accounted(data_dir: &Path, pipeline: &str) -> bool {
+    std::fs::read(marker(data_dir, pipeline))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Mark>(&bytes).ok())
+        .is_some_and(|m| m.accounted)
+}
+
+/// Writes the pause marker (`Some(accounted)`) or removes it (`None`) durably: written
+/// whole and renamed into place, file and directory synced.
+fn set_paused(data_dir: &Path, pipeline: &str, paused: Option<bool>) -> anyhow::Result<()> {
     let path = marker(data_dir, pipeline);
     let dir = path.parent().expect("the marker has a directory");
-    let what = if paused { "write" } else { "remove" };
+    let what = if paused.is_some() { "write" } else { "remove" };
     let result = (|| -> std::io::Result<()> {
-        if paused {
-            std::fs::create_dir_all(dir)?;
-            let file = std::fs::File::create(&path)?;
-            std::io::Write::write_all(
-                &mut &file,
-                format!("paused at {} ms\n", flowgate_core::time::now_ms()).as_bytes(),
-            )?;
-            file.sync_all()?;
-        } else {
-            match std::fs::remove_file(&path) {
+        match paused {
+            Some(accounted) => {
+                std::fs::create_dir_all(dir)?;
+                let tmp = path.with_extension("tmp");
+                let file = std::fs::File::create(&tmp)?;
+                let mark = Mark { paused_at_ms: flowgate_core::time::now_ms(), accounted };
+                serde_json::to_writer(&file, &mark)?;
+                file.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+            }
+            None => match std::fs::remove_file(&path) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
                 other => other?,
-            }
+            },
         }
         std::fs::File::open(dir)?.sync_all()
     })();
@@ -94,6 +116,17 @@ pub enum ControlError {
          as before: see `flowgate pipelines status {0}` and try again"
     )]
     NotStopped(String),
+    /// The pipeline is paused, but its workers did not stop by committing all they wrote
+    /// (cut off, failing, or killed while stopping).
+    #[error(
+        "pipeline '{0}' did not stop cleanly when it was paused (its workers were cut off, failing, or the engine \
+         stopped meanwhile): its checkpoints may not account for all its sinks wrote, so a reset could delete \
+         output. Resume it, let it catch up, pause it again, then reset"
+    )]
+    NotAccounted(String),
+    /// The engine is shutting down.
+    #[error("the engine is shutting down")]
+    ShuttingDown,
     /// Something else went wrong; the message says what.
     #[error("{0:#}")]
     Failed(anyhow::Error),
@@ -154,17 +187,25 @@ impl Pipelines {
     }
 
     /// Pauses a pipeline: its workers flush, commit and stop (until `deadline`, cut off
-    /// after it), and it stays paused across reloads and restarts until
-    /// [`Pipelines::resume`].
-    pub async fn pause(&mut self, pipeline: &str, deadline: Instant) -> Result<ControlReport, ControlError> {
+    /// after it, or when `shutdown` is cancelled), and it stays paused across reloads
+    /// and restarts until [`Pipelines::resume`].
+    pub async fn pause(
+        &mut self,
+        pipeline: &str,
+        deadline: Instant,
+        shutdown: &CancellationToken,
+    ) -> Result<ControlReport, ControlError> {
         let i = self.position(pipeline)?;
         if self.running[i].paused {
             return Ok(ControlReport::new(pipeline, true, false));
         }
-        set_paused(&self.shared.data_dir, pipeline, true).map_err(ControlError::Failed)?;
-        let finished = self.halt(i, deadline).await;
+        let data_dir = self.shared.data_dir.clone();
+        // Not accounted until the workers say so: a crash meanwhile leaves it paused.
+        set_paused(&data_dir, pipeline, Some(false)).map_err(ControlError::Failed)?;
+        let (finished, accounted) = self.halt(i, deadline, shutdown).await;
+        set_paused(&data_dir, pipeline, Some(accounted)).map_err(ControlError::Failed)?;
         if finished {
-            tracing::info!(pipeline, "pipeline paused");
+            tracing::info!(pipeline, accounted, "pipeline paused");
         } else {
             tracing::warn!(
                 pipeline,
@@ -173,7 +214,7 @@ impl Pipelines {
             );
         }
         let mut report = ControlReport::new(pipeline, true, true);
-        report.cut_off = !finished;
+        report.cut_off = !accounted;
         Ok(report)
     }
 
@@ -183,7 +224,7 @@ impl Pipelines {
         if !self.running[i].paused {
             return Ok(ControlReport::new(pipeline, false, false));
         }
-        set_paused(&self.shared.data_dir, pipeline, false).map_err(ControlError::Failed)?;
+        set_paused(&self.shared.data_dir, pipeline, None).map_err(ControlError::Failed)?;
         self.relaunch(i).map_err(ControlError::Failed)?;
         tracing::info!(pipeline, "pipeline resumed");
         Ok(ControlReport::new(pipeline, false, true))
@@ -191,31 +232,43 @@ impl Pipelines {
 
     /// Moves a pipeline's committed offsets in every source partition to `to` (see the
     /// module doc), keeping or clearing its processors' state; a running pipeline is
-    /// paused meanwhile (flushing until `deadline`) and resumed after.
+    /// paused meanwhile (flushing until `deadline`) and resumed after. Refused when the
+    /// pipeline's checkpoints may not account for all its sinks wrote.
     pub async fn reset(
         &mut self,
         pipeline: &str,
         to: ResetTo,
         processor_state: ProcessorStateChoice,
         deadline: Instant,
+        shutdown: &CancellationToken,
     ) -> Result<ControlReport, ControlError> {
         let i = self.position(pipeline)?;
+        let data_dir = self.shared.data_dir.clone();
         let was_running = !self.running[i].paused;
-        // A crash from here leaves the pipeline paused, not half reset and running.
-        set_paused(&self.shared.data_dir, pipeline, true).map_err(ControlError::Failed)?;
-        if was_running && !self.halt(i, deadline).await {
-            // Its checkpoint does not account for all its sinks wrote: rewinding would
-            // have them cut back output that no checkpoint covers.
-            set_paused(&self.shared.data_dir, pipeline, false).map_err(ControlError::Failed)?;
-            self.relaunch(i).map_err(ControlError::Failed)?;
-            return Err(ControlError::NotStopped(pipeline.to_owned()));
+        if was_running {
+            // A crash from here leaves the pipeline paused, not half reset and running.
+            set_paused(&data_dir, pipeline, Some(false)).map_err(ControlError::Failed)?;
+            let (_, accounted) = self.halt(i, deadline, shutdown).await;
+            if !accounted {
+                // Its checkpoints do not account for all its sinks wrote: rewinding
+                // would have them cut back output that no checkpoint covers.
+                set_paused(&data_dir, pipeline, None).map_err(ControlError::Failed)?;
+                if shutdown.is_cancelled() {
+                    return Err(ControlError::ShuttingDown);
+                }
+                self.relaunch(i).map_err(ControlError::Failed)?;
+                return Err(ControlError::NotStopped(pipeline.to_owned()));
+            }
+            set_paused(&data_dir, pipeline, Some(true)).map_err(ControlError::Failed)?;
+        } else if !accounted(&data_dir, pipeline) {
+            return Err(ControlError::NotAccounted(pipeline.to_owned()));
         }
-        let rewound = self.rewrite_checkpoints(i, to, processor_state).await;
-        let rewound = match rewound {
+        let rewound = match self.rewrite_checkpoints(i, to, processor_state, shutdown).await {
             Ok(r) => r,
             Err(e) => {
-                // Checkpoints are replaced one by one, each atomically: the pipeline stays
-                // paused so that the operator sees the error and resets again.
+                // Checkpoints are replaced one by one, each atomically, sink state kept:
+                // the pipeline stays paused (and accounted) for the operator to reset
+                // again.
                 tracing::error!(pipeline, error = %format!("{e:#}"), "pipeline reset failed; the pipeline stays paused");
                 return Err(ControlError::Failed(e.context(format!(
                     "the reset of pipeline '{pipeline}' failed part way; it stays paused: reset it again, then resume it"
@@ -226,41 +279,54 @@ impl Pipelines {
             tracing::info!(pipeline, topic = %r.topic, partition = r.partition, from = ?r.from, to = r.to,
                 processor_state = ?processor_state, "pipeline reset");
         }
-        if was_running {
-            set_paused(&self.shared.data_dir, pipeline, false).map_err(ControlError::Failed)?;
+        if was_running && !shutdown.is_cancelled() {
+            set_paused(&data_dir, pipeline, None).map_err(ControlError::Failed)?;
             self.relaunch(i).map_err(ControlError::Failed)?;
         }
-        let mut report = ControlReport::new(pipeline, !was_running, true);
+        let mut report = ControlReport::new(pipeline, self.running[i].paused, true);
         report.partitions = rewound;
         report.processor_state = Some(processor_state);
         Ok(report)
     }
 
-    /// Stops the workers of pipeline `i` (flushing until `deadline`) and shows it paused.
-    /// True when every worker flushed and committed.
-    async fn halt(&mut self, i: usize, deadline: Instant) -> bool {
+    /// Stops the workers of pipeline `i` (flushing until `deadline` or `shutdown`) and
+    /// shows it paused. Returns whether every worker finished in time, and whether every
+    /// one ended by committing all its sinks wrote.
+    async fn halt(&mut self, i: usize, deadline: Instant, shutdown: &CancellationToken) -> (bool, bool) {
         let child = self.cancel.child_token();
         let running = &mut self.running[i];
         let supervisors = std::mem::take(&mut running.supervisors);
-        let finished = stop(&running.cancel, supervisors, deadline).await;
+        let stopped = tokio::select! {
+            stopped = stop_accounted(&running.cancel, supervisors, deadline) => stopped,
+            // The engine stops every worker itself; their leases keep them apart.
+            _ = shutdown.cancelled() => (false, false),
+        };
+        running.cancel.cancel();
         running.cancel = child;
         running.paused = true;
         self.health.set_pipeline_state(&running.config.name, WorkerState::Paused);
-        finished
+        stopped
     }
 
     /// Starts pipeline `i` again with its config (paused or not, as its marker says).
+    /// When it cannot start, it is kept paused (marker written) so that it stays listed
+    /// and can be resumed once the cause is fixed.
     fn relaunch(&mut self, i: usize) -> anyhow::Result<()> {
         let running = self.running.remove(i);
-        self.forget(&running.config.name, false);
-        let launched = self.launch((*running.config).clone());
-        // `launch` appends: put it back in its place.
-        if launched.is_ok() {
-            let last = self.running.pop().expect("launch pushed it");
-            self.running.insert(i, last);
-            let names: Vec<String> = self.running.iter().map(|r| r.config.name.clone()).collect();
-            self.health.order(&names);
-        }
+        let config = running.config.clone();
+        self.forget(&config.name, false);
+        let launched = self.launch((*config).clone());
+        let placed = match launched {
+            Ok(()) => self.running.pop().expect("launch pushed it"),
+            Err(_) => {
+                // A failed launch forgot what it had started; show the pipeline paused.
+                let _ = set_paused(&self.shared.data_dir, &config.name, Some(false));
+                Running { config, cancel: self.cancel.child_token(), supervisors: Vec::new(), paused: true }
+            }
+        };
+        self.running.insert(i, placed);
+        let names: Vec<String> = self.running.iter().map(|r| r.config.name.clone()).collect();
+        self.health.order(&names);
         launched
     }
 
@@ -271,6 +337,7 @@ impl Pipelines {
         i: usize,
         to: ResetTo,
         processor_state: ProcessorStateChoice,
+        shutdown: &CancellationToken,
     ) -> anyhow::Result<Vec<Rewound>> {
         let config = self.running[i].config.clone();
         let shared = self.shared.clone();
@@ -279,11 +346,15 @@ impl Pipelines {
             let topic = super::ensure_topic(&shared.log, topic_name)?;
             for partition in topic.partitions() {
                 let p = partition.id();
-                let lease = tokio::time::timeout(LEASE_WAIT, shared.leases.acquire(&config.name, topic_name, p))
-                    .await
-                    .map_err(|_| {
-                        anyhow::anyhow!("a worker of {topic_name}-{p} is still ending after {LEASE_WAIT:?}")
-                    })?;
+                let lease = tokio::select! {
+                    lease = tokio::time::timeout(LEASE_WAIT, shared.leases.acquire(&config.name, topic_name, p)) => {
+                        lease.map_err(|_| {
+                            anyhow::anyhow!("a worker of {topic_name}-{p} is still ending after {LEASE_WAIT:?}")
+                        })?
+                    }
+                    _ = shutdown.cancelled() => anyhow::bail!("the engine is shutting down"),
+                };
+                let ids = config.processor_ids();
                 let file = CheckpointFile::new(&shared.data_dir, &config.name, topic_name, p);
                 let partition = partition.clone();
                 let (from, offset) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Option<u64>, u64)> {
@@ -300,7 +371,12 @@ impl Pipelines {
                     let mut checkpoint = saved.unwrap_or_default();
                     checkpoint.offset = offset;
                     if processor_state == ProcessorStateChoice::Clear {
-                        checkpoint.processors.clear();
+                        // State of processors no longer configured is kept for their
+                        // return, as the worker keeps it.
+                        checkpoint.processors.retain(|p| match &p.owner {
+                            StateOwner::Id { id, .. } => !ids.contains(id),
+                            StateOwner::Position(_) => false,
+                        });
                     }
                     file.store(&checkpoint)?;
                     drop(lease);
@@ -324,11 +400,16 @@ mod tests {
     fn the_marker_is_written_and_removed_durably() {
         let dir = tempfile::tempdir().unwrap();
         assert!(!is_paused(dir.path(), "p"));
-        set_paused(dir.path(), "p", true).unwrap();
-        assert!(is_paused(dir.path(), "p"));
-        set_paused(dir.path(), "p", true).unwrap();
-        set_paused(dir.path(), "p", false).unwrap();
-        assert!(!is_paused(dir.path(), "p"));
-        set_paused(dir.path(), "p", false).unwrap();
+        set_paused(dir.path(), "p", Some(false)).unwrap();
+        assert!(is_paused(dir.path(), "p") && !accounted(dir.path(), "p"));
+        set_paused(dir.path(), "p", Some(true)).unwrap();
+        assert!(is_paused(dir.path(), "p") && accounted(dir.path(), "p"));
+        set_paused(dir.path(), "p", None).unwrap();
+        assert!(!is_paused(dir.path(), "p") && !accounted(dir.path(), "p"));
+        set_paused(dir.path(), "p", None).unwrap();
+        // A torn marker keeps the pipeline paused and accounts for nothing.
+        set_paused(dir.path(), "p", Some(true)).unwrap();
+        std::fs::write(marker(dir.path(), "p"), b"{\"paused_at_ms\":1,\"acc").unwrap();
+        assert!(is_paused(dir.path(), "p") && !accounted(dir.path(), "p"));
     }
 }

@@ -54,7 +54,7 @@ pub(super) struct Running {
     /// A child of the engine's token: cancelling it stops this pipeline alone.
     pub(super) cancel: CancellationToken,
     /// None while paused.
-    pub(super) supervisors: Vec<JoinHandle<()>>,
+    pub(super) supervisors: Vec<JoinHandle<bool>>,
     /// Paused by an operator: its workers are not running.
     pub(super) paused: bool,
 }
@@ -285,7 +285,7 @@ impl Pipelines {
     /// resume from their last checkpoint. Returns true when every worker finished.
     pub async fn shutdown_within(mut self, deadline: Option<Instant>) -> bool {
         self.cancel.cancel();
-        let supervisors: Vec<JoinHandle<()>> =
+        let supervisors: Vec<JoinHandle<bool>> =
             std::mem::take(&mut self.running).into_iter().flat_map(|r| r.supervisors).collect();
         let all = async move {
             for supervisor in supervisors {
@@ -354,7 +354,7 @@ impl Pipelines {
         &self,
         config: PipelineConfig,
         cancel: &CancellationToken,
-        supervisors: &mut Vec<JoinHandle<()>>,
+        supervisors: &mut Vec<JoinHandle<bool>>,
         paused: bool,
     ) -> anyhow::Result<Arc<PipelineConfig>> {
         let shared = &self.shared;
@@ -402,7 +402,13 @@ impl Pipelines {
                         topic_name,
                         partition.id(),
                     );
-                    let committed = file.summary().ok().flatten().map_or(partition.start_offset(), |s| s.offset);
+                    // Where the worker will start, as it would choose.
+                    let start = if config.start == "latest" && *topic_name != replays {
+                        partition.end_offset()
+                    } else {
+                        partition.start_offset()
+                    };
+                    let committed = file.summary().ok().flatten().map_or(start, |s| s.offset);
                     health.committed.store(committed, std::sync::atomic::Ordering::Release);
                     health.set_state(WorkerState::Paused);
                     // Retention counts what a paused pipeline has not read, as for any.
@@ -428,10 +434,11 @@ impl Pipelines {
                     while partition.end_offset() == 0 {
                         tokio::select! {
                             _ = partition.wait_for_data(0, Duration::from_secs(1)) => {}
-                            _ = cancel.cancelled() => return,
+                            // Never started: it wrote nothing to account for.
+                            _ = cancel.cancelled() => return true,
                         }
                     }
-                    worker.await;
+                    worker.await
                 }));
             }
         }
@@ -473,15 +480,27 @@ fn same(a: &PipelineConfig, b: &PipelineConfig) -> bool {
 /// Cancels a pipeline's workers and lets them flush and commit until `deadline`; aborts
 /// those still busy then. True when every worker finished on its own. Cancel-safe: dropped,
 /// it leaves the workers to their cancel token and leases.
-pub(super) async fn stop(cancel: &CancellationToken, mut supervisors: Vec<JoinHandle<()>>, deadline: Instant) -> bool {
+pub(super) async fn stop(cancel: &CancellationToken, supervisors: Vec<JoinHandle<bool>>, deadline: Instant) -> bool {
+    stop_accounted(cancel, supervisors, deadline).await.0
+}
+
+/// [`stop`], and whether every worker ended by committing all its sinks wrote
+/// ([`supervise`]): only then does the pipeline's checkpoint account for all its output.
+pub(super) async fn stop_accounted(
+    cancel: &CancellationToken,
+    mut supervisors: Vec<JoinHandle<bool>>,
+    deadline: Instant,
+) -> (bool, bool) {
     cancel.cancel();
     let all = async {
+        let mut accounted = true;
         for supervisor in &mut supervisors {
-            let _ = supervisor.await;
+            accounted &= supervisor.await.unwrap_or(false);
         }
+        accounted
     };
-    if tokio::time::timeout_at(deadline.into(), all).await.is_ok() {
-        return true;
+    if let Ok(accounted) = tokio::time::timeout_at(deadline.into(), all).await {
+        return (true, accounted);
     }
     // What an aborted worker still has under way (a write in the kernel, a checkpoint
     // on a blocking thread) holds its partition's lease: the replacement waits for it.
@@ -494,7 +513,7 @@ pub(super) async fn stop(cancel: &CancellationToken, mut supervisors: Vec<JoinHa
         }
     };
     let _ = tokio::time::timeout(ABORT_WAIT, ended).await;
-    false
+    (false, false)
 }
 
 /// Refreshes every worker's lag gauge apart from the workers, so a stalled worker still

@@ -5,11 +5,10 @@
 //! Built from the workers' live health, the log and the checkpoint files (their header
 //! lines alone), when asked: nothing here runs on the pipelines' path.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use flowgate_core::BatchView;
-use flowgate_log::{Log, Partition};
+use flowgate_log::Log;
 use serde::Serialize;
 
 use super::supervisor::{PipelineHealth, WorkerState, WorkerStatus};
@@ -29,12 +28,12 @@ pub struct PipelineSummary {
     /// Events stored and not yet committed, over every partition it reads (its replay
     /// topic's included).
     pub lag_events: u64,
-    /// Age of the oldest event not yet committed, by its timestamp, over its partitions
-    /// (0 when caught up).
+    /// The largest of its partitions' `lag_seconds` (0 when caught up).
     pub lag_seconds: f64,
     /// Age of the oldest of its partitions' last checkpoints (none before the first).
     pub last_checkpoint_age_seconds: Option<f64>,
-    /// Worker failures since the engine started (each followed by a restart).
+    /// Worker failures since the pipeline last started (engine start, reload, resume),
+    /// each followed by a restart.
     pub worker_restarts: u64,
 }
 
@@ -63,11 +62,12 @@ pub struct PartitionStatus {
     pub end_offset: u64,
     /// `end_offset - committed_offset`.
     pub lag_events: u64,
-    /// Age of the event at the committed offset, by its timestamp (0 when caught up).
+    /// Age of the next event to read, by the first timestamp of the stored batch that
+    /// holds it (0 when caught up).
     pub lag_seconds: f64,
     /// Age of its checkpoint file.
     pub last_checkpoint_age_seconds: Option<f64>,
-    /// Worker failures since the engine started.
+    /// Worker failures since the pipeline last started.
     pub restarts: u64,
     /// Why it last failed.
     pub last_error: Option<String>,
@@ -91,13 +91,19 @@ pub fn status(health: &PipelineHealth, log: &Log, data_dir: &Path, pipeline: &st
 
 fn statuses(health: &PipelineHealth, log: &Log, data_dir: &Path, only: Option<&str>) -> Vec<PipelineStatus> {
     let now = flowgate_core::time::now_ms();
-    let sinks = health.sinks();
+    let mut sinks: HashMap<(String, String, u32), Vec<SinkStatus>> = HashMap::new();
+    for s in health.sinks() {
+        if only.is_none_or(|name| name == s.pipeline) {
+            sinks.entry((s.pipeline.clone(), s.topic.clone(), s.partition)).or_default().push(s);
+        }
+    }
     let mut out: Vec<PipelineStatus> = Vec::new();
     for worker in health.workers() {
         if only.is_some_and(|name| name != worker.pipeline) {
             continue;
         }
-        let partition = partition_status(&worker, log, data_dir, now, &sinks);
+        let place = (worker.pipeline.clone(), worker.topic.clone(), worker.partition);
+        let partition = partition_status(&worker, log, data_dir, now, sinks.remove(&place).unwrap_or_default());
         match out.last_mut() {
             Some(p) if p.summary.name == worker.pipeline => p.partitions.push(partition),
             _ => out.push(PipelineStatus { summary: summarize(&worker.pipeline), partitions: vec![partition] }),
@@ -165,13 +171,15 @@ fn partition_status(
     log: &Log,
     data_dir: &Path,
     now: i64,
-    sinks: &[SinkStatus],
+    sinks: Vec<SinkStatus>,
 ) -> PartitionStatus {
     let source = log.topic(&worker.topic).and_then(|t| t.partition(worker.partition).ok().cloned());
     let end_offset = source.as_ref().map_or(worker.committed_offset, |p| p.end_offset());
     let lag_events = end_offset.saturating_sub(worker.committed_offset);
     let lag_seconds = match &source {
-        Some(p) if lag_events > 0 => oldest_unread_ms(p, worker.committed_offset).map_or(0.0, |ts| age(now, ts)),
+        Some(p) if lag_events > 0 => {
+            p.batch_timestamp_at(worker.committed_offset).ok().flatten().map_or(0.0, |ts| age(now, ts))
+        }
         _ => 0.0,
     };
     let summary = CheckpointFile::new(data_dir, &worker.pipeline, &worker.topic, worker.partition).summary();
@@ -192,11 +200,7 @@ fn partition_status(
         restarts: worker.restarts,
         last_error: worker.last_error.clone(),
         processor_state_bytes,
-        sinks: sinks
-            .iter()
-            .filter(|s| s.pipeline == worker.pipeline && s.topic == worker.topic && s.partition == worker.partition)
-            .cloned()
-            .collect(),
+        sinks,
         sink_queues: worker.sink_queues.clone(),
     }
 }
@@ -204,19 +208,4 @@ fn partition_status(
 /// Seconds from `ms` to `now`, 0 for a time in the future.
 fn age(now: i64, ms: i64) -> f64 {
     now.saturating_sub(ms).max(0) as f64 / 1000.0
-}
-
-/// The timestamp of the event at `offset`, if it is stored and readable.
-fn oldest_unread_ms(partition: &Partition, offset: u64) -> Option<i64> {
-    let read = partition.read(offset.max(partition.start_offset()), 1).ok()?;
-    let (view, _) = BatchView::parse(&read.batches).ok()?;
-    let mut scratch = Vec::new();
-    let records = view.records(&mut scratch).ok()?;
-    for record in records {
-        let record = record.ok()?;
-        if view.base_offset().saturating_add(u64::from(record.offset_delta)) >= offset {
-            return Some(record.timestamp);
-        }
-    }
-    None
 }

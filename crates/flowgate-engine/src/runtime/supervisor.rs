@@ -236,6 +236,8 @@ impl PipelineHealth {
 }
 
 /// Runs one worker until `cancel`, restarting it from its checkpoint after each failure.
+/// True when the worker ended by flushing and committing all it wrote ([`Worker::run`]);
+/// false when it ended failed, waiting to restart, or before it recovered its sinks.
 pub(super) async fn supervise(
     shared: Arc<Shared>,
     config: Arc<PipelineConfig>,
@@ -243,7 +245,7 @@ pub(super) async fn supervise(
     partition: Arc<Partition>,
     health: Arc<WorkerHealth>,
     cancel: CancellationToken,
-) {
+) -> bool {
     let place = format!("{}/{}/{}", config.name, topic, partition.id());
     let labels =
         SourceLabels { pipeline: config.name.clone(), topic: topic.clone(), partition: partition.id().to_string() };
@@ -268,8 +270,12 @@ pub(super) async fn supervise(
             }
         }));
         up.set(1);
+        let mut clean = false;
         let error = match (&mut attempt.0).await {
-            Ok(Ok(())) => None,
+            Ok(Ok(committed)) => {
+                clean = committed;
+                None
+            }
             Ok(Err(e)) => Some(format!("{e:#}")),
             Err(e) if e.is_panic() => {
                 let message = panic_message(e.into_panic());
@@ -307,11 +313,11 @@ pub(super) async fn supervise(
         }
         up.set(0);
         if cancel.is_cancelled() {
-            if let Some(error) = error {
+            if let Some(error) = &error {
                 tracing::warn!(place, error, "pipeline worker stopped at shutdown with an error");
             }
             health.set_state(WorkerState::Stopped);
-            return;
+            return clean && error.is_none();
         }
         let error = error.unwrap_or_else(|| "stopped without being asked to".into());
         if started.elapsed() >= HEALTHY_RUN {
@@ -330,7 +336,7 @@ pub(super) async fn supervise(
             _ = tokio::time::sleep(backoff) => {}
             _ = cancel.cancelled() => {
                 health.set_state(WorkerState::Stopped);
-                return;
+                return false;
             }
         }
         backoff = backoff.saturating_mul(2).min(MAX_BACKOFF);

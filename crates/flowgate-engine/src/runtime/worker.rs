@@ -122,12 +122,16 @@ impl Worker {
         })
     }
 
-    pub(super) async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
+    /// Runs until `cancel`; true when it then flushed and committed everything its sinks
+    /// wrote (its checkpoint accounts for all of its output), false when it was
+    /// cancelled before it recovered its sinks (output of an earlier worker past the
+    /// checkpoint may still be there).
+    pub(super) async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<bool> {
         let (pipeline, partition) = (self.config.name.clone(), self.partition.id());
         let lease = self.shared.leases.acquire(&pipeline, &self.topic, partition);
         self.lease = tokio::select! {
             lease = lease => Some(lease),
-            _ = cancel.cancelled() => return Ok(()),
+            _ = cancel.cancelled() => return Ok(false),
         };
         // A restart must find the side topics even if someone deleted them meanwhile.
         super::side_outputs::ensure_topics(&self.shared.log, &self.config)?;
@@ -298,7 +302,7 @@ impl Worker {
         drop(sinks_tx);
         while sink_tasks.join_next().await.is_some() {}
         tracing::info!(pipeline = %self.config.name, topic = %self.topic, partition = self.partition.id(), offset, "pipeline worker stopped cleanly");
-        Ok(())
+        Ok(true)
     }
 
     /// At the memory limit: reads nothing, but lets time pass through the processors

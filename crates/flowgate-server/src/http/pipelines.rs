@@ -25,8 +25,13 @@ use serde_json::json;
 
 use crate::shared::Shared;
 
+/// Status reports built at once at most: each reads a checkpoint header and a batch
+/// header per partition, on a blocking thread.
+static REPORTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// `GET /v1/pipelines`.
 pub(super) async fn list(State(shared): State<Arc<Shared>>) -> Response {
+    let Ok(_turn) = REPORTS.acquire().await else { return unknown("") };
     let pipelines = match shared.pipelines.get() {
         Some(health) => {
             let (health, log) = (health.clone(), shared.ingest.log().clone());
@@ -40,6 +45,7 @@ pub(super) async fn list(State(shared): State<Arc<Shared>>) -> Response {
 
 /// `GET /v1/pipelines/{name}`.
 pub(super) async fn show(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
+    let Ok(_turn) = REPORTS.acquire().await else { return unknown(&name) };
     let found = match shared.pipelines.get() {
         Some(health) => {
             let (health, log) = (health.clone(), shared.ingest.log().clone());
@@ -143,14 +149,15 @@ async fn control(shared: &Arc<Shared>, name: String, control: Control) -> Respon
         };
         let deadline = Instant::now() + grace;
         let done: Result<ControlReport, ControlError> = match control {
-            Control::Pause => pipelines.pause(&name, deadline).await,
+            Control::Pause => pipelines.pause(&name, deadline, &shared.shutdown).await,
             Control::Resume => pipelines.resume(&name),
-            Control::Reset(to, state) => pipelines.reset(&name, to, state, deadline).await,
+            Control::Reset(to, state) => pipelines.reset(&name, to, state, deadline, &shared.shutdown).await,
         };
         done.map_err(|e| {
             let status = match e {
                 ControlError::UnknownPipeline(_) => StatusCode::NOT_FOUND,
-                ControlError::NotStopped(_) => StatusCode::CONFLICT,
+                ControlError::NotStopped(_) | ControlError::NotAccounted(_) => StatusCode::CONFLICT,
+                ControlError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
                 ControlError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             };
             (status, e.to_string())
