@@ -40,30 +40,6 @@ pub struct Args {
     addr: String,
 }
 
-/// Parses `2026-11-24T10:00:00Z` (UTC, optional fraction) into ms since the epoch.
-pub fn parse_rfc3339_utc(s: &str) -> Option<i64> {
-    let s = s.strip_suffix('Z')?;
-    let (date, time) = s.split_once('T')?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>());
-    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let mut t = hms.split(':').map(|p| p.parse::<i64>());
-    let (h, min, sec) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || sec > 60 {
-        return None;
-    }
-    let ms_frac: i64 = format!("{frac:0<3}")[..3].parse().ok()?;
-    // Days from civil (Howard Hinnant's algorithm).
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 24 + h) * 60 + min) * 60_000 + sec * 1000 + ms_frac)
-}
-
 /// How `tail` prints an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -116,7 +92,7 @@ fn parse_start(s: &str) -> anyhow::Result<Start> {
         _ if s.starts_with('@') => Start::Time(s[1..].parse().map_err(|_| anyhow::anyhow!("bad --from time {s}"))?),
         _ => match s.parse::<u64>() {
             Ok(o) => Start::Offset(o),
-            Err(_) => Start::Time(parse_rfc3339_utc(s).ok_or_else(|| {
+            Err(_) => Start::Time(flowgate_core::timestamp::parse_rfc3339(s).map_err(|_| {
                 anyhow::anyhow!(
                     "--from must be earliest, latest, an offset, @<ms> or a UTC time like 2026-11-24T10:00:00Z"
                 )
@@ -203,18 +179,4 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_rfc3339_utc;
-
-    #[test]
-    fn parses_utc_times() {
-        assert_eq!(parse_rfc3339_utc("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_rfc3339_utc("2026-11-24T10:00:00.5Z"), Some(1_795_514_400_500));
-        assert_eq!(parse_rfc3339_utc("2000-03-01T00:00:01Z"), Some(951_868_801_000));
-        assert_eq!(parse_rfc3339_utc("2026-13-01T00:00:00Z"), None);
-        assert_eq!(parse_rfc3339_utc("yesterday"), None);
-    }
 }
