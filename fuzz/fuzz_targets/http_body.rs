@@ -16,6 +16,7 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(e.first(), Some(&b'{'), "every event is an object");
         events += 1;
         payload += e.len();
+        Ok::<(), std::convert::Infallible>(())
     }) {
         assert_eq!(n, events);
         assert!(n > 0);

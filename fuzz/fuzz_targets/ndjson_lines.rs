@@ -8,14 +8,22 @@
 mod parse;
 
 use libfuzzer_sys::fuzz_target;
-use parse::LineSplitter;
+use parse::{Line, LineSplitter};
 
 type Seen = (Vec<Vec<u8>>, Vec<(u64, &'static str)>, u64);
+
+/// Collects what a split hands out.
+fn collect<'a>(events: &'a mut Vec<Vec<u8>>, rejects: &'a mut Vec<(u64, &'static str)>) -> impl FnMut(u64, Line<'_>) + 'a {
+    move |n, line| match line {
+        Line::Event(e) => events.push(e.to_vec()),
+        Line::Refused(r) => rejects.push((n, r)),
+    }
+}
 
 fn whole(input: &[u8], max_line: usize) -> Seen {
     let mut s = LineSplitter::new(max_line);
     let (mut events, mut rejects) = (Vec::new(), Vec::new());
-    let n = s.split(input, true, |l| events.push(l.to_vec()), |l, r| rejects.push((l, r)));
+    let n = s.split(input, true, collect(&mut events, &mut rejects));
     assert_eq!(n, input.len(), "at end of input everything is consumed");
     (events, rejects, s.lines)
 }
@@ -35,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
         pending.extend_from_slice(&input[at..end]);
         at = end;
         let eof = at == input.len();
-        let n = s.split(&pending, eof, |l| events.push(l.to_vec()), |l, r| rejects.push((l, r)));
+        let n = s.split(&pending, eof, collect(&mut events, &mut rejects));
         pending.drain(..n);
         assert!(pending.len() <= max_line + 1, "held {} bytes of one line", pending.len());
         if eof {

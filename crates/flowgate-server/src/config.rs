@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use flowgate_core::Codec;
+use flowgate_core::{Codec, TimestampUnit};
 use flowgate_log::LogConfig;
 use serde::{Deserialize, Serialize};
 
@@ -129,6 +129,24 @@ pub struct IngestConfig {
     pub ndjson_ack: NdjsonAck,
     /// Compression of batches the server builds (NDJSON, HTTP).
     pub compression: Codec,
+    /// The JSON field (a dotted path) holding each NDJSON and HTTP event's key; the key
+    /// picks the partition. None by default: events are stored without a key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_field: Option<String>,
+    /// The JSON field holding each NDJSON and HTTP event's time, in `timestamp_unit`.
+    /// None by default: events get the ingest time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestamp_field: Option<String>,
+    /// How `timestamp_field` is written: `ms`, `s`, `us` (numbers since the epoch) or
+    /// `rfc3339` (a string).
+    pub timestamp_unit: TimestampUnit,
+    /// The JSON field holding each NDJSON and HTTP event's client id (what a dedup
+    /// `by = "@client_id"` compares). None by default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id_field: Option<String>,
+    /// HTTP request headers stored as headers of each event of the request
+    /// (case-insensitive names, at most 16).
+    pub http_keep_headers: Vec<String>,
 }
 
 impl Default for IngestConfig {
@@ -148,6 +166,11 @@ impl Default for IngestConfig {
             max_uncompressed_batch_bytes: 64 << 20,
             ndjson_ack: NdjsonAck::None,
             compression: Codec::None,
+            key_field: None,
+            timestamp_field: None,
+            timestamp_unit: TimestampUnit::Ms,
+            client_id_field: None,
+            http_keep_headers: Vec::new(),
         }
     }
 }
@@ -414,6 +437,7 @@ impl Config {
         if flowgate_log::validate_topic_name(&self.ingest.ndjson_topic).is_err() {
             return Err(bad("ingest.ndjson_topic", "is not a valid topic name"));
         }
+        crate::fields::IngestFields::from_config(&self.ingest).map_err(|(key, message)| bad(key, &message))?;
         flowgate_connectors::sources::validate_configs(&self.sources).map_err(|e| ConfigError::Invalid {
             origin: origin.to_owned(),
             key: "sources".into(),
@@ -566,6 +590,29 @@ mod tests {
         assert!(err.contains("line 2") && err.contains("drop"), "{err}");
         let err = Config::parse("[server]\nmemory_soft_percent = 300\n", "f.toml").unwrap_err().to_string();
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn event_fields_are_read_checked_and_printed() {
+        let c = Config::embedded_default();
+        assert_eq!((c.ingest.key_field.as_deref(), c.ingest.timestamp_unit), (None, TimestampUnit::Ms));
+        let text = "[ingest]\nkey_field = \"device.id\"\ntimestamp_field = \"ts\"\ntimestamp_unit = \"µs\"\n\
+                    client_id_field = \"id\"\nhttp_keep_headers = [\"X-Request-Id\"]\n";
+        let c = Config::parse(text, "f.toml").unwrap();
+        assert_eq!(c.ingest.timestamp_unit, TimestampUnit::Us);
+        let printed = toml::to_string_pretty(&c).unwrap();
+        assert!(
+            printed.contains("timestamp_unit = \"us\"") && printed.contains("key_field = \"device.id\""),
+            "{printed}"
+        );
+        assert_eq!(Config::parse(&printed, "printed").unwrap().ingest.client_id_field.as_deref(), Some("id"));
+        let err = Config::parse("[ingest]\ntimestamp_unit = \"seconds\"\n", "f.toml").unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("'seconds'") && err.contains("rfc3339"), "{err}");
+        let err = Config::parse("[ingest]\nkey_field = \"a.\"\n", "f.toml").unwrap_err().to_string();
+        assert!(err.contains("ingest.key_field") && err.contains("`a.`"), "{err}");
+        let env = vec![("FLOWGATE_INGEST__HTTP_KEEP_HEADERS".to_owned(), "[\"x-a\", \"X-A\"]".to_owned())];
+        let err = Config::parse_with_env(DEFAULT_CONFIG, "default", env).unwrap_err().to_string();
+        assert!(err.contains("ingest.http_keep_headers") && err.contains("twice"), "{err}");
     }
 
     #[test]

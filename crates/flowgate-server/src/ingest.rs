@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use flowgate_core::{BatchBuilder, Codec, ProducerStamp};
-use flowgate_log::append::{Appender, Route};
+use flowgate_log::append::Appender;
 use flowgate_log::{Log, LogError, Topic};
 
-pub use flowgate_log::append::{Ack, Scratch, Written};
+pub use flowgate_log::append::{Ack, Route, Scratch, Written};
 
 use crate::metrics::{IngestPath, Metrics};
 
@@ -71,7 +71,6 @@ impl Ingest {
     ) -> Result<Written, LogError> {
         self.appender.append_encoded(topic, Route::ByKey, batch, scratch).inspect_err(|e| {
             if matches!(e, LogError::PartiallyStored { .. }) {
-                // Only binary PRODUCE splits a batch across partitions.
                 self.metrics.rejected(IngestPath::Binary, "partially_stored", 1);
             }
         })
@@ -92,16 +91,19 @@ impl Ingest {
         self.appender.append_encoded(topic, Route::Partition(partition), batch, scratch)
     }
 
-    /// Encodes the records in `builder` as one batch and appends it to one partition
-    /// (round robin across calls) in one write, so it is stored whole or not at all. Used
-    /// by the NDJSON and HTTP listeners.
+    /// Encodes the records in `builder` as one batch and appends it where `route` says
+    /// (used by the NDJSON and HTTP listeners): [`Route::RoundRobin`] writes it to one
+    /// partition (round robin across calls) in one write, so it is stored whole or not at
+    /// all; [`Route::ByKey`], for batches with keyed records, splits it by partition (see
+    /// [`Appender::append_built`] for how a split fails).
     pub fn append_built(
         &self,
         topic: &Topic,
+        route: Route,
         builder: &mut BatchBuilder,
         scratch: &mut Scratch,
     ) -> Result<Written, LogError> {
-        self.appender.append_built(topic, Route::RoundRobin, builder, ProducerStamp::default(), scratch)
+        self.appender.append_built(topic, route, builder, ProducerStamp::default(), scratch)
     }
 }
 

@@ -11,6 +11,7 @@
 //! - [`memory`]: the memory budget's limit at start, and how listeners hold back under it.
 //! - [`fd_limit`]: the open-files limit, raised at start and checked against the config.
 //! - [`parse`]: NDJSON line and HTTP body parsers, free of I/O (shared with `fuzz/`).
+//! - [`fields`]: the key, time and client id fields read from NDJSON and HTTP events.
 //! - [`trace`]: `[tracing]`, the spans of HTTP ingest, and the OTLP exporter.
 
 #![warn(missing_docs)]
@@ -20,6 +21,7 @@ pub mod binary;
 pub mod budget;
 pub mod config;
 pub mod fd_limit;
+pub mod fields;
 pub mod http;
 pub mod ingest;
 pub mod memory;

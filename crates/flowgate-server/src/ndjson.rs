@@ -1,10 +1,12 @@
 //! The NDJSON listener: one JSON object per line into one topic (`docs/ndjson.md`).
 //!
 //! Lines are validated and batched per read, so a batch costs one append however many
-//! lines it holds. A line over the limit or not a JSON object is counted by reason,
-//! logged (rate-limited) and skipped; the connection goes on. With `ingest.ndjson_ack =
-//! "batch"` the server writes back one line per durable batch naming the last line it
-//! covers, and one line per refused line, so a client knows exactly what was stored.
+//! lines it holds (one per partition when `[ingest]` key_field gives lines keys). A line
+//! over the limit, not a JSON object, or whose key, time or client id field cannot be
+//! stored, is counted by reason, logged (rate-limited) and skipped; the connection goes
+//! on. With `ingest.ndjson_ack = "batch"` the server writes back one line per durable
+//! batch naming the last line it covers (and where its events went), and one line per
+//! refused line, so a client knows exactly what was stored.
 //! When the client shuts its write side, everything it sent is handled (valid lines
 //! durable) before the server closes its own.
 //!
@@ -22,9 +24,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::config::NdjsonAck;
-use crate::ingest::{Scratch, Written};
+use crate::ingest::{Route, Scratch, Written};
 use crate::metrics::IngestPath;
-use crate::parse::{max_events, max_records_len, reason_text, LineSplitter};
+use crate::parse::{max_events, reason_text, Line, LineSplitter};
 use crate::shared::{warn_bad_input, Shared};
 
 /// Base read buffer per connection, and the most a batch holds from one read.
@@ -53,7 +55,11 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
     let max_line = shared.config.max_line_bytes;
     let idle = shared.idle_timeout();
     let line_timeout = shared.frame_timeout();
-    let mut splitter = LineSplitter::new(max_line);
+    // Fields read from each line (`[ingest]` key_field...): the read validates the line,
+    // so the splitter need not.
+    let fields = &shared.fields.spec;
+    let read_fields = !fields.is_empty();
+    let mut splitter = if read_fields { LineSplitter::unvalidated(max_line) } else { LineSplitter::new(max_line) };
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut charge = shared.charge();
     let mut builder = BatchBuilder::with_capacity(READ_CHUNK);
@@ -122,7 +128,8 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
         // The batch's records and its encoded copy, beyond what the base buffers hold, are
         // charged before they are allocated, for as many events as the bytes could hold.
         let buffer_charge = buf.capacity().saturating_sub(READ_CHUNK);
-        let working = max_records_len(buf.len(), max_events(&buf)).saturating_mul(2).saturating_sub(2 * READ_CHUNK);
+        let records = crate::fields::records_len(fields, buf.len(), max_events(&buf), 0);
+        let working = records.saturating_mul(2).saturating_sub(2 * READ_CHUNK);
         if working > 0 {
             let wait = charge.grow_to(buffer_charge.saturating_add(working));
             if !matches!(tokio::time::timeout(line_timeout, wait).await, Ok(Ok(()))) {
@@ -142,26 +149,34 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
         // answered one by one: 2-byte lines must not make ~40 times their size in
         // replies a client may never read.
         let mut unanswered = 0u64;
-        let consumed = splitter.split(
-            &buf,
-            eof,
-            |line| {
-                builder.push_payload(now, None, line);
-                bytes += line.len() as u64;
-            },
-            |line, reason| {
-                metrics.rejected(IngestPath::Ndjson, reason, 1);
-                warn_bad_input(&shared, "ndjson", &peer, reason_text(reason));
-                if ack && replies.len() < MAX_REFUSAL_REPLY_BYTES {
-                    reply_line(
-                        &mut replies,
-                        serde_json::json!({"line": line, "error": reason_text(reason), "reason": reason}),
-                    );
-                } else if ack {
-                    unanswered += 1;
+        let mut keyed = false;
+        let consumed = splitter.split(&buf, eof, |number, line| {
+            let (reason, why) = match line {
+                Line::Event(event) if !read_fields => {
+                    builder.push_payload(now, None, event);
+                    bytes += event.len() as u64;
+                    return;
                 }
-            },
-        );
+                Line::Event(event) => match fields.extract(event) {
+                    Ok(f) => {
+                        keyed |= f.key.is_some();
+                        let (key, client_id) = (f.key.as_deref(), f.client_id.as_deref());
+                        builder.push(f.timestamp.unwrap_or(now), key, client_id, std::iter::empty(), event);
+                        bytes += event.len() as u64;
+                        return;
+                    }
+                    Err(e) => (e.reason(), std::borrow::Cow::Owned(e.message)),
+                },
+                Line::Refused(reason) => (reason, std::borrow::Cow::Borrowed(reason_text(reason))),
+            };
+            metrics.rejected(IngestPath::Ndjson, reason, 1);
+            warn_bad_input(&shared, "ndjson", &peer, &why);
+            if ack && replies.len() < MAX_REFUSAL_REPLY_BYTES {
+                reply_line(&mut replies, serde_json::json!({"line": number, "error": why, "reason": reason}));
+            } else if ack {
+                unanswered += 1;
+            }
+        });
         if unanswered > 0 {
             reply_line(
                 &mut replies,
@@ -180,7 +195,8 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
         let mut stored: Option<Written> = None;
         let events = builder.len();
         if events > 0 {
-            match shared.ingest.append_built(&topic, &mut builder, &mut scratch) {
+            let route = if keyed { Route::ByKey } else { Route::RoundRobin };
+            match shared.ingest.append_built(&topic, route, &mut builder, &mut scratch) {
                 Ok(written) => {
                     if let Err(e) = written.durable().await {
                         tracing::error!(error = %e, "NDJSON append not durable; closing connection");
@@ -211,9 +227,17 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
         if ack && splitter.lines > acked_through {
             acked_through = splitter.lines;
             let mut line = serde_json::json!({"through_line": acked_through, "stored": events});
-            if let Some(a) = stored.as_ref().and_then(|w| w.acks().first().copied()) {
-                line["partition"] = a.partition.into();
-                line["first_offset"] = a.first_offset.into();
+            if let Some(written) = &stored {
+                let acks = written.acks();
+                // Keyed events may have gone to several partitions: each has its part.
+                if let [one] = acks[..] {
+                    line["partition"] = one.partition.into();
+                    line["first_offset"] = one.first_offset.into();
+                }
+                line["partitions"] = acks
+                    .iter()
+                    .map(|a| serde_json::json!({"partition": a.partition, "first_offset": a.first_offset, "stored": a.record_count}))
+                    .collect();
             }
             reply_line(&mut replies, line);
         }

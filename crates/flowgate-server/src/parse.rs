@@ -23,14 +23,15 @@ pub enum LineVerdict {
     Rejected(&'static str),
 }
 
-/// Judges one line (without its newline; a trailing `\r` is ignored).
-pub fn judge_line(line: &[u8], max_line: usize) -> LineVerdict {
+/// Judges one line (without its newline; a trailing `\r` is ignored); with `validate`
+/// false, a line of any content within the limit is an event (its reader checks it).
+pub fn judge_line(line: &[u8], max_line: usize, validate: bool) -> LineVerdict {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     if line.len() > max_line {
         LineVerdict::Rejected("line_too_long")
     } else if line.iter().all(|b| b.is_ascii_whitespace()) {
         LineVerdict::Blank
-    } else if is_json_object(line) {
+    } else if !validate || is_json_object(line) {
         LineVerdict::Event
     } else {
         LineVerdict::Rejected("invalid_json")
@@ -45,11 +46,22 @@ pub fn reason_text(reason: &str) -> &'static str {
     }
 }
 
+/// One line [`LineSplitter::split`] hands out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Line<'a> {
+    /// An event to store: the line without its newline or trailing `\r`.
+    Event(&'a [u8]),
+    /// Refused; the reason is a metric label.
+    Refused(&'static str),
+}
+
 /// Splits the complete lines of NDJSON input into events, line by line, with line
 /// numbers that count every line a connection sent (blank ones included) from 1.
 #[derive(Debug)]
 pub struct LineSplitter {
     max_line: usize,
+    /// Whether lines are checked to be JSON objects.
+    validate: bool,
     /// Lines completed so far.
     pub lines: u64,
     /// Inside an overlong line whose start was dropped (and already reported).
@@ -57,9 +69,17 @@ pub struct LineSplitter {
 }
 
 impl LineSplitter {
-    /// A splitter for lines of at most `max_line` bytes.
+    /// A splitter for lines of at most `max_line` bytes that refuses lines that are not
+    /// JSON objects (`invalid_json`).
     pub fn new(max_line: usize) -> LineSplitter {
-        LineSplitter { max_line, lines: 0, discarding: false }
+        LineSplitter { max_line, validate: true, lines: 0, discarding: false }
+    }
+
+    /// A splitter that hands out every non-blank line within the limit as an event, for
+    /// a caller that parses each line anyway and refuses the bad ones itself (one parse
+    /// per line instead of two).
+    pub fn unvalidated(max_line: usize) -> LineSplitter {
+        LineSplitter { validate: false, ..LineSplitter::new(max_line) }
     }
 
     /// True while the rest of an overlong line is being skipped.
@@ -67,30 +87,24 @@ impl LineSplitter {
         self.discarding
     }
 
-    /// Handles every complete line in `buf` (all of it when `eof`), calling `on_event`
-    /// for events and `on_reject(line number, reason)` for refused lines. Returns how
-    /// many bytes were consumed. A partial line longer than the limit is reported and
+    /// Handles every complete line in `buf` (all of it when `eof`), calling `on_line`
+    /// with the line's number for each event and each refused line, in order. Returns
+    /// how many bytes were consumed. A partial line longer than the limit is reported and
     /// dropped at once, and its rest skipped as it arrives, so `buf` never has to hold
     /// more than `max_line` bytes of one line.
-    pub fn split(
-        &mut self,
-        buf: &[u8],
-        eof: bool,
-        mut on_event: impl FnMut(&[u8]),
-        mut on_reject: impl FnMut(u64, &'static str),
-    ) -> usize {
+    pub fn split<'b>(&mut self, buf: &'b [u8], eof: bool, mut on_line: impl FnMut(u64, Line<'b>)) -> usize {
         let mut start = 0usize;
-        let mut judge = |line: &[u8], this: &mut LineSplitter| {
+        let mut judge = |line: &'b [u8], this: &mut LineSplitter| {
             this.lines = this.lines.saturating_add(1);
             if std::mem::take(&mut this.discarding) {
                 return; // the tail of an overlong line, already reported
             }
             // `judge_line` ignores the one trailing `\r` that the slack for a partial line
             // allows; stripping one here too would judge a complete line by other rules.
-            match judge_line(line, this.max_line) {
-                LineVerdict::Event => on_event(line.strip_suffix(b"\r").unwrap_or(line)),
+            match judge_line(line, this.max_line, this.validate) {
+                LineVerdict::Event => on_line(this.lines, Line::Event(line.strip_suffix(b"\r").unwrap_or(line))),
                 LineVerdict::Blank => {}
-                LineVerdict::Rejected(reason) => on_reject(this.lines, reason),
+                LineVerdict::Rejected(reason) => on_line(this.lines, Line::Refused(reason)),
             }
         };
         for nl in memchr::memchr_iter(b'\n', buf) {
@@ -106,7 +120,7 @@ impl LineSplitter {
         if buf.len() - start > self.max_line.saturating_add(1) || (self.discarding && start < buf.len()) {
             // A line that can only be too long: report it once, keep skipping to its end.
             if !self.discarding {
-                on_reject(self.lines.saturating_add(1), "line_too_long");
+                on_line(self.lines.saturating_add(1), Line::Refused("line_too_long"));
                 self.discarding = true;
             }
             start = buf.len();
@@ -127,10 +141,26 @@ pub fn max_records_len(payload_bytes: usize, events: usize) -> usize {
     payload_bytes.saturating_add(events.saturating_mul(7))
 }
 
-/// Hands each element of a JSON array to a callback, without collecting them.
-struct ObjectsOf<'f, F>(&'f mut F);
+/// Most bytes the records take when each event's own fields may set its time and copy
+/// up to `copied` values out of its payload (a key, a client id: each no longer than the
+/// payload it is read from), and each record may carry `per_event` bytes more (a key
+/// given per request, headers). A client's time makes the timestamp delta up to 10 bytes
+/// long, and each copied value adds a length of up to 5.
+pub fn max_field_records_len(payload_bytes: usize, events: usize, copied: usize, per_event: usize) -> usize {
+    let per_record = 9usize.saturating_add(copied.saturating_mul(5)).saturating_add(per_event);
+    max_records_len(payload_bytes, events)
+        .saturating_add(payload_bytes.saturating_mul(copied))
+        .saturating_add(events.saturating_mul(per_record))
+}
 
-impl<'de, F: FnMut(&'de [u8])> serde::de::Visitor<'de> for ObjectsOf<'_, F> {
+/// Hands each element of a JSON array to a callback, without collecting them; stops at
+/// the first element the callback refuses, keeping its index and error.
+struct ObjectsOf<'f, F, E> {
+    on_event: &'f mut F,
+    refused: &'f mut Option<(usize, E)>,
+}
+
+impl<'de, F: FnMut(&'de [u8]) -> Result<(), E>, E> serde::de::Visitor<'de> for ObjectsOf<'_, F, E> {
     type Value = usize;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -144,30 +174,57 @@ impl<'de, F: FnMut(&'de [u8])> serde::de::Visitor<'de> for ObjectsOf<'_, F> {
             if text.first() != Some(&b'{') {
                 return Err(serde::de::Error::custom(format!("element {n} is not a JSON object")));
             }
-            (self.0)(text);
+            if let Err(e) = (self.on_event)(text) {
+                *self.refused = Some((n, e));
+                return Err(serde::de::Error::custom("refused"));
+            }
             n += 1;
         }
         Ok(n)
     }
 }
 
+/// Why a produce body was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyError<E> {
+    /// Not a JSON array of objects nor NDJSON objects, or no event at all; the message
+    /// says where.
+    Invalid(String),
+    /// The event handler refused an event: `at` is `element N` (counting from 0) of an
+    /// array, or `line N` (counting from 1) of NDJSON.
+    Event {
+        /// Which event.
+        at: String,
+        /// The handler's error.
+        error: E,
+    },
+}
+
 /// Splits a body into event payloads, a JSON array of objects or NDJSON, handing each to
-/// `on_event` in order; returns how many there were. The first problem is reported with
-/// its position, and then the caller must drop what it was handed: nothing is accepted
-/// from a bad body. Allocates nothing per event.
-pub fn parse_body<'b>(body: &'b [u8], mut on_event: impl FnMut(&'b [u8])) -> Result<usize, String> {
+/// `on_event` in order; returns how many there were. The first problem, or the first
+/// event `on_event` refuses, ends the parse, and then the caller must drop what it was
+/// handed: nothing is accepted from a bad body. Allocates nothing per event.
+pub fn parse_body<'b, E>(
+    body: &'b [u8],
+    mut on_event: impl FnMut(&'b [u8]) -> Result<(), E>,
+) -> Result<usize, BodyError<E>> {
     let first = body.iter().position(|b| !b.is_ascii_whitespace());
     match first {
-        None => Err("the body holds no events".into()),
+        None => Err(BodyError::Invalid("the body holds no events".into())),
         Some(i) if body[i] == b'[' => {
             use serde::Deserializer as _;
             let mut de = serde_json::Deserializer::from_slice(body);
-            let n = (&mut de)
-                .deserialize_seq(ObjectsOf(&mut on_event))
-                .and_then(|n| de.end().map(|()| n))
-                .map_err(|e| format!("the body is not a valid JSON array of objects: {e}"))?;
+            let mut refused = None;
+            let parsed = (&mut de)
+                .deserialize_seq(ObjectsOf { on_event: &mut on_event, refused: &mut refused })
+                .and_then(|n| de.end().map(|()| n));
+            if let Some((n, error)) = refused {
+                return Err(BodyError::Event { at: format!("element {n}"), error });
+            }
+            let n = parsed
+                .map_err(|e| BodyError::Invalid(format!("the body is not a valid JSON array of objects: {e}")))?;
             if n == 0 {
-                return Err("the array holds no events".into());
+                return Err(BodyError::Invalid("the array holds no events".into()));
             }
             Ok(n)
         }
@@ -179,14 +236,15 @@ pub fn parse_body<'b>(body: &'b [u8], mut on_event: impl FnMut(&'b [u8])) -> Res
                     continue;
                 }
                 if !is_json_object(line) {
-                    return Err(format!("line {} is not a JSON object", number + 1));
+                    return Err(BodyError::Invalid(format!("line {} is not a JSON object", number + 1)));
                 }
                 // From its `{`, as the array form hands events out.
-                on_event(line.trim_ascii_start());
+                on_event(line.trim_ascii_start())
+                    .map_err(|error| BodyError::Event { at: format!("line {}", number + 1), error })?;
                 n += 1;
             }
             if n == 0 {
-                return Err("the body holds no events".into());
+                return Err(BodyError::Invalid("the body holds no events".into()));
             }
             Ok(n)
         }
@@ -204,7 +262,10 @@ mod tests {
     fn run(splitter: &mut LineSplitter, input: &[u8], eof: bool) -> Split {
         let mut events = Vec::new();
         let mut rejects = Vec::new();
-        let n = splitter.split(input, eof, |l| events.push(l.to_vec()), |l, r| rejects.push((l, r)));
+        let n = splitter.split(input, eof, |n, line| match line {
+            Line::Event(e) => events.push(e.to_vec()),
+            Line::Refused(r) => rejects.push((n, r)),
+        });
         (n, events, rejects)
     }
 
@@ -271,7 +332,10 @@ mod tests {
                 pending.extend_from_slice(&input[at..cut]);
                 at = cut;
                 let eof = at == input.len();
-                let n = pieces.split(&pending, eof, |l| events.push(l.to_vec()), |l, r| rejects.push((l, r)));
+                let n = pieces.split(&pending, eof, |n, line| match line {
+                    Line::Event(e) => events.push(e.to_vec()),
+                    Line::Refused(r) => rejects.push((n, r)),
+                });
                 pending.drain(..n);
                 prop_assert!(pending.len() <= max + 1, "held {} bytes of one line", pending.len());
             }
@@ -284,9 +348,35 @@ mod tests {
 
     fn parse(body: &[u8]) -> Result<Vec<&[u8]>, String> {
         let mut out = Vec::new();
-        let n = parse_body(body, |e| out.push(e))?;
+        let n = parse_body(body, |e| {
+            out.push(e);
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .map_err(|e| match e {
+            BodyError::Invalid(message) => message,
+            BodyError::Event { error, .. } => match error {},
+        })?;
         assert_eq!(n, out.len());
         Ok(out)
+    }
+
+    #[test]
+    fn a_refused_event_is_named_by_its_place_and_ends_the_parse() {
+        let handed = std::cell::Cell::new(0);
+        let mut refuse_b = |e: &[u8]| {
+            handed.set(handed.get() + 1);
+            if e.windows(3).any(|w| w == b"\"b\"") {
+                Err("has b")
+            } else {
+                Ok(())
+            }
+        };
+        let refused = |at: &str| Err(BodyError::Event { at: at.to_owned(), error: "has b" });
+        assert_eq!(parse_body(br#"[{"a":1},{"b":2},{"c":3}]"#, &mut refuse_b), refused("element 1"));
+        assert_eq!(parse_body(b"{\"a\":1}\n\n{\"b\":2}\n{\"c\":3}", &mut refuse_b), refused("line 3"));
+        assert_eq!(handed.get(), 4, "nothing after the refused event is handed out");
+        // A broken body is reported as such even when an event before the break was fine.
+        assert!(matches!(parse_body(br#"[{"a":1},"#, &mut refuse_b), Err(BodyError::Invalid(_))));
     }
 
     #[test]

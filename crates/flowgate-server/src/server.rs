@@ -63,6 +63,8 @@ impl Engine {
             .map_err(|e| anyhow::anyhow!("cannot open the log in {}: {e}", config.server.data_dir.display()))?;
         let memory = crate::memory::governor(&config.server, &config.ingest);
         let ingest_config = config.ingest.clone();
+        let fields = crate::fields::IngestFields::from_config(&ingest_config)
+            .map_err(|(key, message)| anyhow::anyhow!("key `{key}`: {message}"))?;
         let binary = bind(ingest_config.binary_addr, "the binary protocol").await?;
         let http = bind(ingest_config.http_addr, "HTTP").await?;
         let ndjson = bind(ingest_config.ndjson_addr, "NDJSON").await?;
@@ -71,6 +73,7 @@ impl Engine {
             connections: Arc::new(Semaphore::new(ingest_config.max_connections)),
             buffer_budget: Arc::new(Semaphore::new(ingest_config.max_buffered_bytes.min(Semaphore::MAX_PERMITS))),
             config: ingest_config,
+            fields,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             ready: false.into(),

@@ -20,6 +20,9 @@ pub struct Shared {
     pub ingest: Ingest,
     /// Listener settings.
     pub config: IngestConfig,
+    /// The fields NDJSON and HTTP events' keys, times and client ids are read from, and
+    /// the HTTP headers kept (parsed from `config`).
+    pub fields: crate::fields::IngestFields,
     /// One permit per open connection, across listeners.
     pub connections: Arc<Semaphore>,
     /// One permit per byte of ingest buffer beyond each connection's small base buffer.

@@ -235,7 +235,7 @@ fn send_takes_keys_and_times_from_fields() {
     let (code, _, err) =
         cli(&["send", "--topic", "readings", "--time-field", "ts", "--addr", &addr], Some(b"{\"ts\":\"soon\"}\n"));
     assert_ne!(code, 0);
-    assert!(err.contains("line 1") && err.contains("time field"), "{err}");
+    assert!(err.contains("line 1") && err.contains("timestamp field `ts`"), "{err}");
     assert!(engine.terminate().success());
 }
 

@@ -9,6 +9,7 @@ mod dashboard;
 pub mod dlq;
 pub mod listener;
 pub mod pipelines;
+mod produce;
 
 use std::sync::Arc;
 
@@ -26,7 +27,6 @@ use serde_json::json;
 use crate::budget::Charge;
 use crate::ingest::Scratch;
 use crate::metrics::IngestPath;
-use crate::parse::parse_body;
 use crate::shared::Shared;
 use crate::trace::IngestTrace;
 
@@ -149,6 +149,11 @@ async fn post_events(State(shared): State<Arc<Shared>>, Path(topic_name): Path<S
 /// Stores the events of a produce request's body; answers once they are durable.
 async fn produce(shared: &Arc<Shared>, topic_name: &str, request: Request, trace: Option<&IngestTrace>) -> Response {
     let metrics = shared.ingest.metrics();
+    let (parts, body) = request.into_parts();
+    let plan = match produce::Plan::new(&shared.fields, &parts.uri, &parts.headers) {
+        Ok(plan) => plan,
+        Err(refusal) => return refusal.respond(metrics),
+    };
     // Under pressure the body is not read until there is room again (or, at the limit
     // under `reject`, the request is refused unread).
     crate::memory::pause_while_pressed(shared, IngestPath::Http).await;
@@ -163,18 +168,15 @@ async fn produce(shared: &Arc<Shared>, topic_name: &str, request: Request, trace
         return error(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down");
     }
     let mut charge = shared.charge();
-    let body = match read_body(shared, request.into_body(), &mut charge).await {
+    let body = match read_body(shared, body, &mut charge).await {
         Ok(body) => body,
         Err(response) => return response,
     };
     // The batch's records, then its encoded copy while it is appended, are charged
     // before they are allocated, for as many events as the body could hold (and the
-    // `traceparent` header of its first event when the request is traced).
-    let max_events = crate::parse::max_events(&body);
-    let mut records = crate::parse::max_records_len(body.len(), max_events);
-    if trace.is_some() {
-        records = records.saturating_add(crate::trace::RECORD_HEADER_BYTES);
-    }
+    // `traceparent` header the request's first events carry when it is traced).
+    let traced = trace.map(|t| (t.header(), produce::partitions_of(shared, topic_name)));
+    let records = plan.records_len(body.len(), crate::parse::max_events(&body), traced.map(|(_, p)| p));
     let working = body.capacity().saturating_add(records.saturating_mul(2));
     match tokio::time::timeout(shared.frame_timeout(), charge.grow_to(working)).await {
         Ok(Ok(())) => {}
@@ -190,35 +192,12 @@ async fn produce(shared: &Arc<Shared>, topic_name: &str, request: Request, trace
             return error(StatusCode::SERVICE_UNAVAILABLE, "the server's ingest buffers are full; retry later");
         }
     }
-    let now = flowgate_core::time::now_ms();
     let mut builder = BatchBuilder::with_capacity(records);
-    let mut bytes = 0u64;
-    // Two loops rather than a check per event: an untraced request pays nothing.
-    let parsed = match trace {
-        None => parse_body(&body, |e| {
-            builder.push_payload(now, None, e);
-            bytes += e.len() as u64;
-        }),
-        Some(trace) => {
-            // On the first event only: a request is stored as one batch (its events have
-            // no key), and a pipeline reads the context from a batch's first record.
-            let mut header = Some(trace.header());
-            parse_body(&body, |e| {
-                match header.take() {
-                    Some(h) => builder.push(now, None, None, std::iter::once(h), e),
-                    None => builder.push_payload(now, None, e),
-                }
-                bytes += e.len() as u64;
-            })
-        }
+    let filled = match plan.fill(&body, &mut builder, flowgate_core::time::now_ms(), traced) {
+        Ok(filled) => filled,
+        Err(refusal) => return refusal.respond(metrics),
     };
-    let accepted = match parsed {
-        Ok(n) => n as u64,
-        Err(message) => {
-            metrics.rejected(IngestPath::Http, "invalid_body", 1);
-            return error(StatusCode::BAD_REQUEST, message);
-        }
-    };
+    let (accepted, bytes) = (filled.events, filled.bytes);
     drop(body);
     if let Some(trace) = trace {
         trace.parsed(accepted, bytes);
@@ -230,7 +209,7 @@ async fn produce(shared: &Arc<Shared>, topic_name: &str, request: Request, trace
     };
     let append = trace.map(|t| t.append(topic_name, accepted));
     let mut scratch = Scratch::default();
-    let written = match shared.ingest.append_built(&topic, &mut builder, &mut scratch) {
+    let written = match shared.ingest.append_built(&topic, filled.route(), &mut builder, &mut scratch) {
         Ok(w) => w,
         Err(e) => {
             append.as_ref().inspect(|s| crate::trace::failed(s));
@@ -243,13 +222,12 @@ async fn produce(shared: &Arc<Shared>, topic_name: &str, request: Request, trace
         return log_error(e);
     }
     metrics.topic_counters(topic_name, IngestPath::Http).accepted(accepted, bytes);
-    let ack = written.acks()[0];
-    let last = ack.first_offset + u64::from(ack.record_count) - 1;
     if let (Some(trace), Some(append)) = (trace, append) {
-        trace.stored(&append, ack.partition, ack.first_offset, last);
+        // Split across partitions, the spans name the first part.
+        let ack = written.acks()[0];
+        trace.stored(&append, ack.partition, ack.first_offset, ack.first_offset + u64::from(ack.record_count) - 1);
     }
-    Json(json!({"accepted": ack.record_count, "offsets": [ack.first_offset, last], "partition": ack.partition}))
-        .into_response()
+    Json(produce::answer(&written)).into_response()
 }
 
 #[derive(Deserialize)]

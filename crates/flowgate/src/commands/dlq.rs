@@ -111,7 +111,7 @@ impl Filter {
             .map(|s| {
                 s.strip_prefix('@')
                     .and_then(|ms| ms.parse().ok())
-                    .or_else(|| flowgate_core::time::parse_rfc3339_ms(s))
+                    .or_else(|| flowgate_core::timestamp::parse_rfc3339(s).ok())
                     .ok_or_else(|| anyhow::anyhow!("--since must be @<ms> or a UTC time like 2026-11-24T10:00:00Z"))
             })
             .transpose()

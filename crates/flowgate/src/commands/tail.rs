@@ -92,7 +92,7 @@ fn parse_start(s: &str) -> anyhow::Result<Start> {
         _ if s.starts_with('@') => Start::Time(s[1..].parse().map_err(|_| anyhow::anyhow!("bad --from time {s}"))?),
         _ => match s.parse::<u64>() {
             Ok(o) => Start::Offset(o),
-            Err(_) => Start::Time(flowgate_core::time::parse_rfc3339_ms(s).ok_or_else(|| {
+            Err(_) => Start::Time(flowgate_core::timestamp::parse_rfc3339(s).map_err(|_| {
                 anyhow::anyhow!(
                     "--from must be earliest, latest, an offset, @<ms> or a UTC time like 2026-11-24T10:00:00Z"
                 )
