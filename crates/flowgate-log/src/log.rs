@@ -194,6 +194,7 @@ impl Log {
             "changed topic settings");
         Ok((before, after))
     }
+
     /// Deletes a topic and its data.
     pub fn delete_topic(&self, name: &str) -> Result<()> {
         let _guard = self.inner.create_lock.lock();
