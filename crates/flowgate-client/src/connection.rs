@@ -495,6 +495,45 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn topic_settings_are_refused_before_anything_is_sent_to_an_engine_of_version_2() {
+        use flowgate_protocol::{decode_request, encode_response, Setting};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let engine = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let len = loop {
+                if let Some(len) = check_frame(&buf, 1 << 20).unwrap() {
+                    break len;
+                }
+                assert_ne!(s.read_buf(&mut buf).await.unwrap(), 0);
+            };
+            let (id, _) = decode_request(&buf[..len]).unwrap();
+            let mut out = Vec::new();
+            let hello = Response::HelloOk { version: 2, max_frame_bytes: 1 << 20, server_name: "old" };
+            encode_response(id, &hello, &mut out);
+            s.write_all(&out).await.unwrap();
+            // Whatever comes now is a request the client should not have sent.
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await.unwrap();
+            rest.len() + buf.len() - len
+        });
+        let client = Client::connect(&addr).await.unwrap();
+        assert_eq!(client.version(), 2);
+        let settings = [SettingUpdate { setting: Setting::RetentionMs, value: Some(1) }];
+        let errors = [
+            client.describe_topic("t").await.unwrap_err(),
+            client.alter_topic("t", &settings).await.unwrap_err(),
+            client.create_topic_with("t", 1, &settings).await.unwrap_err(),
+        ];
+        for e in errors {
+            assert!(e.to_string().contains("needs protocol version 3") && e.to_string().contains("speaks 2"), "{e}");
+        }
+        drop(client);
+        assert_eq!(engine.await.unwrap(), 0, "nothing was sent after HELLO");
+    }
+
+    #[tokio::test]
     async fn connecting_to_nothing_says_where() {
         let err = Client::connect("127.0.0.1:1").await.unwrap_err();
         assert!(err.to_string().contains("127.0.0.1:1"), "{err}");

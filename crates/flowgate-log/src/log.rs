@@ -171,7 +171,6 @@ impl Log {
         }
         let topic = Arc::new(Topic::create(dir, name, partitions, settings, &self.inner.config, &self.inner.flusher)?);
         self.inner.topics.write().insert(name.to_owned(), topic.clone());
-        let settings = TopicSettings::default().describe_change(settings);
         tracing::info!(topic = name, partitions, settings = %settings, "created topic");
         Ok(topic)
     }
@@ -195,6 +194,7 @@ impl Log {
             "changed topic settings");
         Ok((before, after))
     }
+
     /// Deletes a topic and its data.
     pub fn delete_topic(&self, name: &str) -> Result<()> {
         let _guard = self.inner.create_lock.lock();

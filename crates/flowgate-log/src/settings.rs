@@ -178,6 +178,27 @@ impl TopicSettings {
     }
 }
 
+impl std::fmt::Display for TopicSettings {
+    /// `retention_ms=3600000, compression=zstd`: the settings the topic sets, or `none`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::with_capacity(3);
+        if let Some(v) = self.retention_ms {
+            parts.push(format!("retention_ms={v}"));
+        }
+        if let Some(v) = self.retention_bytes {
+            parts.push(format!("retention_bytes={v}"));
+        }
+        if let Some(c) = self.compression {
+            parts.push(format!("compression={c}"));
+        }
+        if parts.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
+}
+
 /// Checks one numeric setting's value.
 pub fn check_number(setting: &'static str, value: u64) -> Result<()> {
     if value > MAX_SETTING_VALUE {
@@ -317,6 +338,8 @@ mod tests {
             TopicSettings { retention_ms: None, retention_bytes: Some(2), compression: Some(Codec::Zstd) }
         );
         assert_eq!(s.describe_change(&after), "retention_ms 1 -> default, compression default -> zstd");
+        assert_eq!(after.to_string(), "retention_bytes=2, compression=zstd");
+        assert_eq!(TopicSettings::default().to_string(), "none");
     }
 
     #[test]

@@ -103,6 +103,10 @@ impl Topic {
         if meta.partitions == 0 {
             return Err(LogError::BadMetadata { path: meta_path, reason: "0 partitions".into() });
         }
+        // Interrupted atomic writes; the real files are intact (or were never there).
+        for tmp in ["topic.json.tmp", "settings.json.tmp"] {
+            let _ = std::fs::remove_file(dir.join(tmp));
+        }
         let settings = crate::settings::load(&dir);
         if let Some(reason) = &settings.error {
             tracing::error!(

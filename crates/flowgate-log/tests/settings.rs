@@ -107,6 +107,11 @@ fn settings_survive_restarts_and_a_topic_without_them_follows_the_defaults() {
     log.alter_topic("own", &change).unwrap();
     drop(log);
 
+    // Interrupted atomic writes leave temporary files; they go at the next start.
+    for tmp in ["topic.json.tmp", "settings.json.tmp"] {
+        std::fs::write(dir.path().join("topics/own").join(tmp), b"{\"half").unwrap();
+    }
+
     // A topic written by a flowgate from before settings: topic.json alone.
     let old = dir.path().join("topics/old");
     std::fs::create_dir_all(&old).unwrap();
@@ -127,6 +132,8 @@ fn settings_survive_restarts_and_a_topic_without_them_follows_the_defaults() {
         assert_eq!(t.retention(&config).unwrap().ms, 12_345);
     }
     assert_eq!(log.topic("old").unwrap().created_ms(), 5);
+    assert!(!dir.path().join("topics/own/settings.json.tmp").exists());
+    assert!(!dir.path().join("topics/own/topic.json.tmp").exists());
 }
 
 #[test]

@@ -225,6 +225,49 @@ fn each_topic_is_retained_by_its_own_limits() {
     assert!(engine.log().contains("retention deleted a segment"), "{}", engine.log());
 }
 
+#[test]
+fn describe_shows_the_pipelines_reading_a_topic_and_a_topic_sink_writes_with_its_targets_codec() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("flowgate.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[pipelines]]
+name = "reader"
+topics = ["watched"]
+commit_interval_ms = 100
+[[pipelines.sinks]]
+name = "copy"
+type = "topic"
+topic = "copied"
+batch = { max_events = 100, max_wait_ms = 20 }
+"#,
+    )
+    .unwrap();
+    let engine = EngineProcess::start_with(&dir.path().join("data"), Some(&config), &[]);
+    let (status, answer) = engine.http("POST", "/v1/topics", br#"{"name":"copied","compression":"zstd"}"#);
+    assert_eq!(status, 201, "{answer}");
+    post_events(&engine, "watched", 5, 20);
+    poll_until("the pipeline to commit every event", Duration::from_secs(30), || {
+        let doc = describe(&engine, "watched");
+        doc["consumers"] == json!([{"name": "reader", "lag": 0, "partitions": 1}])
+            && doc["partitions"][0]["consumers"] == json!([{"name": "reader", "committed_offset": 100, "lag": 0}])
+    });
+    let (code, out, err) = cli(&["topics", "describe", "watched", "--addr", &engine.binary.to_string()], None);
+    assert_eq!(code, 0, "{err}");
+    let row: Vec<&str> = out.lines().find(|l| l.starts_with("reader ")).unwrap_or("").split_whitespace().collect();
+    assert_eq!(row, ["reader", "0", "100", "0"], "{out}");
+
+    // The topic sink's batches take the target topic's codec.
+    poll_until("the copy", Duration::from_secs(30), || describe(&engine, "copied")["events"] == json!(100));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stored = rt.block_on(async {
+        let client = Client::connect(&engine.binary.to_string()).await.unwrap();
+        codecs(&client, "copied").await
+    });
+    assert!(!stored.is_empty() && stored.iter().all(|c| *c == Codec::Zstd), "{stored:?}");
+}
+
 /// The codec of every batch stored in partition 0 of `topic`, read over the protocol.
 async fn codecs(client: &Client, topic: &str) -> Vec<Codec> {
     let fetched = client.fetch(topic, 0, 0, 1 << 20, 0).await.unwrap();

@@ -82,9 +82,9 @@ pub struct SettingArgs {
     /// (0: no limit), or `default` for `log.retention_bytes`.
     #[arg(long, value_name = "BYTES|default", allow_hyphen_values = true)]
     retention_bytes: Option<String>,
-    /// Codec of the batches the engine encodes for the topic (from NDJSON, HTTP, sinks
-    /// and dead letters; client batches keep theirs): none, lz4 or zstd, or `default`
-    /// for `ingest.compression`.
+    /// Codec of the batches the engine encodes for the topic (from NDJSON, HTTP,
+    /// sources, sinks, dead letters; client batches keep theirs): none, lz4 or zstd; or
+    /// `default`, the topic's own dropped (the listeners then use ingest.compression).
     #[arg(long, value_name = "none|lz4|zstd|default")]
     compression: Option<String>,
 }
