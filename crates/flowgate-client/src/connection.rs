@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use flowgate_protocol::{
-    check_frame, decode_response, encode_request, PartitionAck, Request, Response, TopicInfo, VERSION,
+    check_frame, decode_response, encode_request, PartitionAck, Request, Response, SettingUpdate, SettingValue,
+    TopicDescription, TopicInfo, VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -20,6 +21,11 @@ use crate::error::ClientError;
 
 /// Requests in flight per connection.
 const MAX_IN_FLIGHT: usize = 256;
+/// The oldest protocol version this client speaks: the idempotent producer needs
+/// PRODUCE_PARTITION and METADATA.
+const MIN_VERSION: u16 = 2;
+/// The protocol version topic settings, ALTER_TOPIC and DESCRIBE_TOPIC need.
+const TOPIC_SETTINGS_VERSION: u16 = 3;
 
 /// Batches read by a fetch.
 #[derive(Clone, Debug)]
@@ -39,8 +45,10 @@ enum Reply {
     Topics(Vec<TopicInfo>),
     Done,
     Offset(u64),
-    HelloOk(u32),
+    HelloOk { version: u16, max_frame_bytes: u32 },
     Metadata(u32),
+    Altered { before: Vec<SettingValue>, after: Vec<SettingValue> },
+    Described(Box<TopicDescription>),
 }
 
 type Waiter = oneshot::Sender<Result<Reply, ClientError>>;
@@ -58,6 +66,8 @@ struct Inner {
     slots: Arc<Semaphore>,
     closed: Arc<AtomicBool>,
     max_frame_bytes: AtomicU32,
+    /// The protocol version agreed at the handshake.
+    version: std::sync::atomic::AtomicU16,
     /// The reader task; ended with the last clone of the client, so a peer that never
     /// answers nor closes does not keep the socket and the task alive.
     reader: tokio::task::AbortHandle,
@@ -85,7 +95,7 @@ impl std::fmt::Debug for Client {
 fn owned_reply(frame: Bytes) -> Result<(u32, Result<Reply, ClientError>), ClientError> {
     let (correlation_id, response) = decode_response(&frame).map_err(|e| ClientError::Protocol(e.to_string()))?;
     let reply = match response {
-        Response::HelloOk { max_frame_bytes, .. } => Ok(Reply::HelloOk(max_frame_bytes)),
+        Response::HelloOk { version, max_frame_bytes, .. } => Ok(Reply::HelloOk { version, max_frame_bytes }),
         Response::ProduceOk(acks) => Ok(Reply::Produced(acks)),
         Response::FetchOk { log_start_offset, log_end_offset, batches } => {
             let start = batches.as_ptr() as usize - frame.as_ptr() as usize;
@@ -99,6 +109,8 @@ fn owned_reply(frame: Bytes) -> Result<(u32, Result<Reply, ClientError>), Client
         Response::Created | Response::Deleted => Ok(Reply::Done),
         Response::Offset(o) => Ok(Reply::Offset(o)),
         Response::Metadata { partitions } => Ok(Reply::Metadata(partitions)),
+        Response::Altered { before, after } => Ok(Reply::Altered { before, after }),
+        Response::Described(d) => Ok(Reply::Described(Box::new(d))),
         Response::Error { code, message } => Err(ClientError::Server { code, message: message.to_owned() }),
     };
     Ok((correlation_id, reply))
@@ -239,13 +251,16 @@ impl Client {
                 slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
                 closed,
                 max_frame_bytes: AtomicU32::new(flowgate_protocol::DEFAULT_MAX_FRAME_BYTES),
+                version: std::sync::atomic::AtomicU16::new(MIN_VERSION),
                 reader: reader.abort_handle(),
             }),
         };
-        // Version 2: the idempotent producer needs PRODUCE_PARTITION and METADATA.
-        let hello = Request::Hello { min_version: VERSION, max_version: VERSION, client_name: "flowgate-client" };
+        let hello = Request::Hello { min_version: MIN_VERSION, max_version: VERSION, client_name: "flowgate-client" };
         match client.call(&hello).await? {
-            Reply::HelloOk(max) => client.inner.max_frame_bytes.store(max, Ordering::Relaxed),
+            Reply::HelloOk { version, max_frame_bytes } => {
+                client.inner.max_frame_bytes.store(max_frame_bytes, Ordering::Relaxed);
+                client.inner.version.store(version, Ordering::Relaxed);
+            }
             _ => return Err(ClientError::Protocol("unexpected reply to HELLO".into())),
         }
         Ok(client)
@@ -259,6 +274,25 @@ impl Client {
     /// True once the connection has failed; make a new client.
     pub fn is_closed(&self) -> bool {
         self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// The protocol version agreed with the engine at the handshake.
+    pub fn version(&self) -> u16 {
+        self.inner.version.load(Ordering::Relaxed)
+    }
+
+    /// Refuses, before sending anything, what an engine of an older protocol version
+    /// would not understand.
+    fn needs_topic_settings(&self, what: &str) -> Result<(), ClientError> {
+        let version = self.version();
+        if version < TOPIC_SETTINGS_VERSION {
+            return Err(ClientError::Protocol(format!(
+                "{what} needs protocol version {TOPIC_SETTINGS_VERSION} and the engine at {} speaks {version}; \
+                 upgrade the engine",
+                self.inner.addr
+            )));
+        }
+        Ok(())
     }
 
     /// The engine's frame limit, learned at the handshake.
@@ -391,9 +425,49 @@ impl Client {
         }
     }
 
-    /// Creates a topic.
+    /// Creates a topic whose settings all follow the engine's defaults.
     pub async fn create_topic(&self, topic: &str, partitions: u32) -> Result<(), ClientError> {
-        self.call(&Request::CreateTopic { topic, partitions }).await.map(|_| ())
+        self.create_topic_with(topic, partitions, &[]).await
+    }
+
+    /// Creates a topic with settings of its own (`docs/topics.md`); the settings not
+    /// given follow the engine's defaults. With settings it needs an engine of protocol
+    /// version 3.
+    pub async fn create_topic_with(
+        &self,
+        topic: &str,
+        partitions: u32,
+        settings: &[SettingUpdate],
+    ) -> Result<(), ClientError> {
+        if !settings.is_empty() {
+            self.needs_topic_settings("creating a topic with settings")?;
+        }
+        self.call(&Request::CreateTopic { topic, partitions, settings: settings.to_vec() }).await.map(|_| ())
+    }
+
+    /// Changes a topic's settings (`None` values return to the default; the settings
+    /// not given stay as they are). Returns every setting's effective value before and
+    /// after. Needs an engine of protocol version 3.
+    pub async fn alter_topic(
+        &self,
+        topic: &str,
+        settings: &[SettingUpdate],
+    ) -> Result<(Vec<SettingValue>, Vec<SettingValue>), ClientError> {
+        self.needs_topic_settings("changing topic settings")?;
+        match self.call(&Request::AlterTopic { topic, settings: settings.to_vec() }).await? {
+            Reply::Altered { before, after } => Ok((before, after)),
+            _ => Err(ClientError::Protocol("unexpected reply to ALTER_TOPIC".into())),
+        }
+    }
+
+    /// A topic's settings (effective values and where they come from), partitions,
+    /// segments and consumers. Needs an engine of protocol version 3.
+    pub async fn describe_topic(&self, topic: &str) -> Result<TopicDescription, ClientError> {
+        self.needs_topic_settings("describing a topic")?;
+        match self.call(&Request::DescribeTopic { topic }).await? {
+            Reply::Described(d) => Ok(*d),
+            _ => Err(ClientError::Protocol("unexpected reply to DESCRIBE_TOPIC".into())),
+        }
     }
 
     /// Deletes a topic and its data.

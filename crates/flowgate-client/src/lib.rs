@@ -16,5 +16,8 @@ mod producer;
 
 pub use connection::{Client, FetchResult, PendingProduce};
 pub use error::ClientError;
-pub use flowgate_protocol::{ErrorCode, PartitionAck, PartitionInfo, TopicInfo};
+pub use flowgate_protocol::{
+    ConsumerOffset, ErrorCode, PartitionAck, PartitionDetail, PartitionInfo, Setting, SettingSource, SettingUpdate,
+    SettingValue, TopicDescription, TopicInfo,
+};
 pub use producer::{Producer, ProducerConfig};

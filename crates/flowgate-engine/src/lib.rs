@@ -28,5 +28,8 @@ pub mod trace;
 pub use config::PipelineConfig;
 pub use flowgate_memory::MemoryGovernor;
 pub use metrics::PipelineMetrics;
-pub use runtime::{validate, Changes, PipelineHealth, Pipelines, SinkStatus, WorkerState, WorkerStatus, DLQ_TOPIC};
+pub use runtime::{
+    validate, Changes, ControlError, ControlReport, PipelineHealth, Pipelines, ProcessorStateChoice, ResetTo,
+    SinkStatus, WorkerState, WorkerStatus, DLQ_TOPIC,
+};
 pub use sink::{EventFailure, Sink, SinkEvent, SinkFactory, SinkPlace, WriteOutcome};

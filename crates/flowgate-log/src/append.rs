@@ -197,9 +197,15 @@ impl Appender {
         self
     }
 
-    /// The codec of the batches this appender encodes.
+    /// The codec of the batches this appender encodes for topics that set none.
     pub fn codec(&self) -> Codec {
         self.codec
+    }
+
+    /// The codec of the batches this appender encodes for `topic`: the topic's own
+    /// setting, else the appender's.
+    pub fn codec_for(&self, topic: &Topic) -> Codec {
+        topic.compression().unwrap_or(self.codec)
     }
 
     /// Appends a batch someone else encoded (a client's PRODUCE). Its checksum and every
@@ -261,8 +267,8 @@ impl Appender {
         Ok(Written { parts: vec![Part { partition: target.clone(), outcome }] })
     }
 
-    /// Encodes the records in `builder` as one batch stamped `stamp` (with this
-    /// appender's codec; the builder is cleared once encoded) and appends it where
+    /// Encodes the records in `builder` as one batch stamped `stamp` (with the codec of
+    /// [`Appender::codec_for`]; the builder is cleared once encoded) and appends it where
     /// `route` says. Under [`Route::RoundRobin`] and [`Route::Partition`] it is one
     /// write, so the batch is stored whole or not at all; keys are not checked against a
     /// named partition (the caller routed them). A `stamp` of an idempotent producer
@@ -288,14 +294,14 @@ impl Appender {
                 // waits in a buffer of its own.
                 let mut whole = std::mem::take(&mut scratch.whole);
                 let result = builder
-                    .finish_into(self.codec, stamp, &mut whole)
+                    .finish_into(self.codec_for(topic), stamp, &mut whole)
                     .map_err(LogError::from)
                     .and_then(|_| self.append_encoded(topic, Route::ByKey, &mut whole, scratch));
                 scratch.whole = whole;
                 return result;
             }
         };
-        builder.finish_into(self.codec, stamp, &mut scratch.encoded)?;
+        builder.finish_into(self.codec_for(topic), stamp, &mut scratch.encoded)?;
         let outcome = self.write(target, &mut scratch.encoded)?;
         Ok(Written { parts: vec![Part { partition: target.clone(), outcome }] })
     }

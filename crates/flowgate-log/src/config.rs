@@ -36,11 +36,15 @@ pub struct LogConfig {
     pub segment_ms: u64,
     /// Bytes of batches between two offset index entries.
     pub index_interval_bytes: u64,
-    /// Delete old segments while a partition holds more than this (0 = no limit).
+    /// Delete old segments while a partition holds more than this (0 = no limit). The
+    /// default of topics that set no `retention_bytes` of their own.
     pub retention_bytes: u64,
     /// Delete segments last written more than this many ms ago (0 = keep forever). Age
-    /// is the segment file's modification time, never the events' own timestamps.
+    /// is the segment file's modification time, never the events' own timestamps. The
+    /// default of topics that set no `retention_ms` of their own.
     pub retention_ms: u64,
+    /// How often retention runs, in ms.
+    pub retention_check_ms: u64,
     /// Partitions of a topic created implicitly by its first write.
     pub default_partitions: u32,
     /// Create topics on their first write.
@@ -63,6 +67,7 @@ impl Default for LogConfig {
             index_interval_bytes: 4096,
             retention_bytes: 0,
             retention_ms: 7 * 24 * 3600 * 1000,
+            retention_check_ms: 30_000,
             default_partitions: 1,
             auto_create_topics: true,
             max_producers_per_partition: 10_000,
@@ -75,5 +80,10 @@ impl LogConfig {
     /// The background fsync period.
     pub fn fsync_interval(&self) -> Duration {
         Duration::from_millis(self.fsync_interval_ms.max(1))
+    }
+
+    /// The period of retention.
+    pub fn retention_check_interval(&self) -> Duration {
+        Duration::from_millis(self.retention_check_ms.max(1))
     }
 }

@@ -47,6 +47,14 @@ pub enum LogError {
         /// Which rule it breaks.
         reason: &'static str,
     },
+    /// A topic setting with a value it cannot take.
+    #[error("invalid value for {setting}: {reason}")]
+    InvalidSetting {
+        /// The setting.
+        setting: &'static str,
+        /// What is wrong and what it may be.
+        reason: String,
+    },
     /// Partition number out of range.
     #[error("topic '{topic}' has {partitions} partitions; partition {partition} does not exist")]
     UnknownPartition {

@@ -17,6 +17,7 @@
 //! - [`flusher`]: the background thread that fsyncs: group commit for `always`, a timer
 //!   for `interval`.
 //! - [`topic`] and [`log`]: topic metadata, creation, deletion, opening a data directory.
+//! - [`settings`]: a topic's own retention and compression, and their file.
 //! - [`check`]: the read-only verification behind `flowgate log check`.
 
 pub mod append;
@@ -32,6 +33,7 @@ pub mod partition;
 pub mod producers;
 pub mod scan;
 pub mod segment;
+pub mod settings;
 pub mod topic;
 
 pub use append::{Appender, Route, Scratch, Written};
@@ -41,4 +43,5 @@ pub use error::{LogError, Result};
 pub use log::{Log, LogObserver};
 pub use partition::{AppendOutcome, Partition, PartitionInfo, ReadResult};
 pub use producers::SequenceRule;
+pub use settings::{Change, Retention, SettingsChange, TopicSettings};
 pub use topic::{validate_topic_name, Topic, TopicInfo};

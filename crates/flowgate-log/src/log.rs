@@ -14,6 +14,7 @@ use crate::config::{FsyncPolicy, LogConfig};
 use crate::error::{LogError, Result};
 use crate::flusher::{Flusher, FsyncHook};
 use crate::partition::Partition;
+use crate::settings::{SettingsChange, TopicSettings};
 use crate::topic::{validate_topic_name, Topic, TopicInfo};
 
 /// Hooks through which the log reports to the layer above (metrics), without knowing it.
@@ -137,9 +138,15 @@ impl Log {
         }
     }
 
-    /// Creates a topic with `partitions` partitions.
+    /// Creates a topic with `partitions` partitions and no settings of its own.
     pub fn create_topic(&self, name: &str, partitions: u32) -> Result<Arc<Topic>> {
+        self.create_topic_with(name, partitions, &TopicSettings::default())
+    }
+
+    /// Creates a topic with `partitions` partitions and its own `settings`.
+    pub fn create_topic_with(&self, name: &str, partitions: u32, settings: &TopicSettings) -> Result<Arc<Topic>> {
         validate_topic_name(name)?;
+        settings.validate()?;
         if partitions == 0 || partitions > 10_000 {
             return Err(LogError::InvalidTopicName { name: name.into(), reason: "partitions must be 1 to 10000" });
         }
@@ -162,12 +169,32 @@ impl Log {
             // Left over from an interrupted create: no segment holds a byte.
             std::fs::remove_dir_all(&dir).map_err(LogError::io("remove stale directory", &dir))?;
         }
-        let topic = Arc::new(Topic::create(dir, name, partitions, &self.inner.config, &self.inner.flusher)?);
+        let topic = Arc::new(Topic::create(dir, name, partitions, settings, &self.inner.config, &self.inner.flusher)?);
         self.inner.topics.write().insert(name.to_owned(), topic.clone());
-        tracing::info!(topic = name, partitions, "created topic");
+        let settings = TopicSettings::default().describe_change(settings);
+        tracing::info!(topic = name, partitions, settings = %settings, "created topic");
         Ok(topic)
     }
 
+    /// Changes a topic's settings; returns them before and after. The new settings are
+    /// durable when this returns, and appends and retention use them from then on. A
+    /// topic whose settings file was unreadable gets a new one: `change` applied to no
+    /// settings of its own.
+    pub fn alter_topic(&self, name: &str, change: &SettingsChange) -> Result<(TopicSettings, TopicSettings)> {
+        let _guard = self.inner.create_lock.lock();
+        let topic = self.topic(name).ok_or_else(|| LogError::UnknownTopic(name.to_owned()))?;
+        let before = topic.settings();
+        let after = before.apply(change);
+        let repair = topic.settings_error().is_some();
+        if after == before && !repair {
+            tracing::info!(topic = name, "topic settings unchanged");
+            return Ok((before, after));
+        }
+        topic.store_settings(after)?;
+        tracing::info!(topic = name, changed = %before.describe_change(&after), repaired_file = repair,
+            "changed topic settings");
+        Ok((before, after))
+    }
     /// Deletes a topic and its data.
     pub fn delete_topic(&self, name: &str) -> Result<()> {
         let _guard = self.inner.create_lock.lock();
@@ -191,13 +218,15 @@ impl Log {
         self.topics().iter().map(|t| t.info()).collect()
     }
 
-    /// Applies retention to every partition. Returns segments and bytes deleted.
+    /// Applies retention to every partition, each topic by its own limits
+    /// ([`Topic::retention`]). Returns segments and bytes deleted.
     pub fn enforce_retention(&self) -> Result<(usize, u64)> {
         let now = flowgate_core::time::now_ms();
         let mut total = (0, 0);
         for topic in self.topics() {
+            let Some(retention) = topic.retention(&self.inner.config) else { continue };
             for p in topic.partitions() {
-                let (n, b) = p.enforce_retention(now)?;
+                let (n, b) = p.enforce_retention(now, retention)?;
                 total.0 += n;
                 total.1 += b;
             }

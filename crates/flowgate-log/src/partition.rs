@@ -21,6 +21,7 @@ use crate::flusher::Flusher;
 use crate::index::write_file_atomic;
 use crate::producers::{ProducerState, SequenceCheck, SequenceRule};
 use crate::segment::{file_stem, IndexCursor, Segment};
+use crate::settings::Retention;
 
 /// Where an appended batch landed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -251,6 +252,20 @@ impl Partition {
                 consumers.insert(consumer.to_owned(), offset);
             }
         }
+    }
+
+    /// Every consumer that reported a committed offset, with that offset, by name.
+    pub fn consumers(&self) -> Vec<(String, u64)> {
+        let mut consumers: Vec<(String, u64)> = self.consumers.lock().iter().map(|(c, &o)| (c.clone(), o)).collect();
+        consumers.sort_unstable();
+        consumers
+    }
+
+    /// When the oldest segment was last written (ms since the epoch): the age retention
+    /// goes by.
+    pub fn oldest_segment_written_ms(&self) -> Result<i64> {
+        let oldest = self.segments.read().first().cloned();
+        oldest.map_or(Ok(0), |s| s.written_ms())
     }
 
     /// Forgets a consumer (a pipeline removed from the config).
@@ -519,25 +534,9 @@ impl Partition {
         if offset == end {
             return Ok(result);
         }
-        let segments = self.segments_snapshot();
-        let first = segments.partition_point(|s| s.base_offset() <= offset).saturating_sub(1);
-        let mut header = [0u8; HEADER_LEN];
-        for segment in &segments[first..] {
+        if let Some((segment, pos, header)) = self.locate(offset)? {
             let readable = segment.readable_len();
-            let mut pos = segment.index_lookup(offset);
-            // Skip the batches that end before `offset`.
-            while pos < readable {
-                segment.read_at(&mut header, pos)?;
-                let h = BatchHeader::parse(&header)?;
-                if h.last_offset() >= offset {
-                    break;
-                }
-                pos += h.total_len() as u64;
-            }
-            if pos >= readable {
-                continue;
-            }
-            let first_len = BatchHeader::parse(&header)?.total_len();
+            let first_len = header.total_len();
             let want = max_bytes.max(first_len).min((readable - pos) as usize);
             result.batches.resize(want, 0);
             let got = segment.read_at(&mut result.batches, pos)?;
@@ -552,9 +551,35 @@ impl Partition {
                 whole += total;
             }
             result.batches.truncate(whole);
-            return Ok(result);
         }
         Ok(result)
+    }
+
+    /// The segment, position and header of the stored batch that holds `offset`.
+    fn locate(&self, offset: u64) -> Result<Option<(Arc<Segment>, u64, BatchHeader)>> {
+        let segments = self.segments_snapshot();
+        let first = segments.partition_point(|s| s.base_offset() <= offset).saturating_sub(1);
+        let mut header = [0u8; HEADER_LEN];
+        for segment in &segments[first..] {
+            let readable = segment.readable_len();
+            let mut pos = segment.index_lookup(offset);
+            // Skip the batches that end before `offset`.
+            while pos < readable {
+                segment.read_at(&mut header, pos)?;
+                let h = BatchHeader::parse(&header)?;
+                if h.last_offset() >= offset {
+                    return Ok(Some((segment.clone(), pos, h)));
+                }
+                pos += h.total_len() as u64;
+            }
+        }
+        Ok(None)
+    }
+
+    /// The first timestamp of the stored batch that holds `offset` (its header alone is
+    /// read), or `None` when no stored batch holds it.
+    pub fn batch_timestamp_at(&self, offset: u64) -> Result<Option<i64>> {
+        Ok(self.locate(offset)?.map(|(_, _, header)| header.first_timestamp))
     }
 
     /// The offset of the first record whose timestamp is at or after `timestamp_ms`,
@@ -588,15 +613,15 @@ impl Partition {
         Ok(None)
     }
 
-    /// Deletes whole sealed segments past the retention limits. Returns the number of
-    /// segments and bytes deleted.
+    /// Deletes whole sealed segments past the `retention` limits (the topic's). Returns
+    /// the number of segments and bytes deleted.
     ///
     /// Age is the time since the segment file was last written (its modification time),
     /// not the events' timestamps: a replay of week-old events is new data. Deleting
     /// offsets a registered consumer has not committed is counted, logged as a warning
     /// and shown in [`PartitionInfo::unread_deleted_events`].
-    pub fn enforce_retention(&self, now_ms: i64) -> Result<(usize, u64)> {
-        let (retention_bytes, retention_ms) = (self.config.retention_bytes, self.config.retention_ms);
+    pub fn enforce_retention(&self, now_ms: i64, retention: Retention) -> Result<(usize, u64)> {
+        let (retention_bytes, retention_ms) = (retention.bytes, retention.ms);
         let max_age = i64::try_from(retention_ms).unwrap_or(i64::MAX);
         let mut deleted = (0usize, 0u64);
         let mut segments = self.segments.write();
@@ -644,8 +669,9 @@ impl Partition {
                     unread_events = unread,
                     by_bytes,
                     by_age,
-                    "retention deleted events a consumer has not read; raise log.retention_ms or \
-                     log.retention_bytes, or make the consumer keep up"
+                    "retention deleted events a consumer has not read; raise the topic's retention \
+                     (flowgate topics alter, or log.retention_ms and log.retention_bytes for topics \
+                     without their own), or make the consumer keep up"
                 );
             }
         }

@@ -1,10 +1,12 @@
-//! A topic: a name, a fixed number of partitions, and its metadata file
-//! (`topic.json`: `{"partitions": N, "created_ms": T}`).
+//! A topic: a name, a fixed number of partitions, its metadata file (`topic.json`:
+//! `{"partitions": N, "created_ms": T}`) and its own settings ([`crate::settings`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use flowgate_core::Codec;
+use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
 use crate::config::LogConfig;
@@ -12,6 +14,10 @@ use crate::error::{LogError, Result};
 use crate::flusher::Flusher;
 use crate::index::write_file_atomic;
 use crate::partition::{Partition, PartitionInfo};
+use crate::settings::{Loaded, Retention, TopicSettings};
+
+/// [`Topic::compression`] when the topic sets none.
+const NO_CODEC: u8 = u8::MAX;
 
 /// The longest topic name.
 pub const MAX_TOPIC_NAME: usize = 200;
@@ -58,6 +64,14 @@ pub struct Topic {
     partitions: Vec<Arc<Partition>>,
     round_robin: AtomicU32,
     created_ms: i64,
+    settings: RwLock<Loaded>,
+    /// The topic's own codec ([`NO_CODEC`] for none), read by every append the server
+    /// encodes without taking a lock.
+    compression: AtomicU8,
+}
+
+fn codec_byte(codec: Option<Codec>) -> u8 {
+    codec.map_or(NO_CODEC, |c| c as u8)
 }
 
 impl Topic {
@@ -65,10 +79,13 @@ impl Topic {
         dir: PathBuf,
         name: &str,
         partitions: u32,
+        settings: &TopicSettings,
         config: &Arc<LogConfig>,
         flusher: &Arc<Flusher>,
     ) -> Result<Topic> {
         std::fs::create_dir_all(&dir).map_err(LogError::io("create directory", &dir))?;
+        // Before topic.json: a topic that opens always has its settings.
+        crate::settings::store(&dir, settings)?;
         let meta = TopicMeta { partitions, created_ms: flowgate_core::time::now_ms() };
         let json = serde_json::to_vec(&meta).expect("topic metadata serializes");
         write_file_atomic(&dir.join("topic.json"), &json)?;
@@ -86,6 +103,16 @@ impl Topic {
         if meta.partitions == 0 {
             return Err(LogError::BadMetadata { path: meta_path, reason: "0 partitions".into() });
         }
+        let settings = crate::settings::load(&dir);
+        if let Some(reason) = &settings.error {
+            tracing::error!(
+                topic = name,
+                file = %dir.join(crate::settings::SETTINGS_FILE).display(),
+                reason = %reason,
+                "the topic's settings file is unreadable: retention deletes nothing of this topic and its \
+                 batches use the default codec until `flowgate topics alter` writes new settings"
+            );
+        }
         let partitions = (0..meta.partitions)
             .map(|p| Partition::open(p, dir.join(p.to_string()), config.clone(), flusher.clone()).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
@@ -95,7 +122,43 @@ impl Topic {
             partitions,
             round_robin: AtomicU32::new(0),
             created_ms: meta.created_ms,
+            compression: AtomicU8::new(codec_byte(settings.settings.compression)),
+            settings: RwLock::new(settings),
         })
+    }
+
+    /// The topic's own settings (none of them while its settings file is unreadable).
+    pub fn settings(&self) -> TopicSettings {
+        self.settings.read().settings
+    }
+
+    /// Why the topic's settings file could not be read at start, if it could not.
+    /// Meanwhile retention deletes nothing of the topic, and the next change of its
+    /// settings writes a new file.
+    pub fn settings_error(&self) -> Option<String> {
+        self.settings.read().error.clone()
+    }
+
+    /// The codec the topic sets for the batches the server encodes for it, if any.
+    pub fn compression(&self) -> Option<Codec> {
+        Codec::from_id(self.compression.load(Ordering::Relaxed))
+    }
+
+    /// The limits retention applies to each partition: the topic's own, else the log's;
+    /// `None` while its settings file is unreadable (nothing is deleted on a guess).
+    pub fn retention(&self, config: &LogConfig) -> Option<Retention> {
+        let loaded = self.settings.read();
+        loaded.error.is_none().then(|| loaded.settings.retention(config))
+    }
+
+    /// Stores new settings (the file first, then what appends and retention read).
+    /// The caller serializes changes.
+    pub(crate) fn store_settings(&self, settings: TopicSettings) -> Result<()> {
+        settings.validate()?;
+        crate::settings::store(&self.dir, &settings)?;
+        self.compression.store(codec_byte(settings.compression), Ordering::Relaxed);
+        *self.settings.write() = Loaded { settings, error: None };
+        Ok(())
     }
 
     /// The topic's name.

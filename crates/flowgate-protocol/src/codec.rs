@@ -2,9 +2,12 @@
 
 use std::fmt;
 
+use crate::topic_admin::{self, SettingUpdate, SettingValue, TopicDescription};
+
 /// The newest protocol version this crate speaks. Version 2 adds PRODUCE_PARTITION and
-/// METADATA (idempotent producing with sequences checked in order per partition).
-pub const VERSION: u16 = 2;
+/// METADATA (idempotent producing with sequences checked in order per partition);
+/// version 3 adds topic settings (in CREATE_TOPIC), ALTER_TOPIC and DESCRIBE_TOPIC.
+pub const VERSION: u16 = 3;
 /// The oldest protocol version this crate still speaks.
 pub const MIN_VERSION: u16 = 1;
 /// The HELLO magic.
@@ -26,6 +29,8 @@ mod kind {
     pub const OFFSET_FOR_TIME: u8 = 0x07;
     pub const PRODUCE_PARTITION: u8 = 0x08;
     pub const METADATA: u8 = 0x09;
+    pub const ALTER_TOPIC: u8 = 0x0A;
+    pub const DESCRIBE_TOPIC: u8 = 0x0B;
     pub const HELLO_OK: u8 = 0x81;
     pub const PRODUCE_OK: u8 = 0x82;
     pub const FETCH_OK: u8 = 0x83;
@@ -34,6 +39,8 @@ mod kind {
     pub const DELETED: u8 = 0x86;
     pub const OFFSET: u8 = 0x87;
     pub const METADATA_OK: u8 = 0x89;
+    pub const ALTERED: u8 = 0x8A;
+    pub const DESCRIBED: u8 = 0x8B;
     pub const ERROR: u8 = 0xFF;
 }
 
@@ -171,6 +178,9 @@ pub enum ProtocolError {
     /// HELLO without the magic.
     #[error("HELLO does not start with the FLOWGATE magic")]
     BadMagic,
+    /// Topic settings that do not parse.
+    #[error("bad topic settings: {0}")]
+    BadSetting(&'static str),
 }
 
 impl ProtocolError {
@@ -243,12 +253,26 @@ pub enum Request<'a> {
     },
     /// Lists topics.
     ListTopics,
-    /// Creates a topic.
+    /// Creates a topic, with settings of its own (protocol v3; none before).
     CreateTopic {
         /// Topic.
         topic: &'a str,
         /// Partitions.
         partitions: u32,
+        /// The topic's own settings; the ones left out follow the defaults.
+        settings: Vec<SettingUpdate>,
+    },
+    /// Changes a topic's settings (protocol v3).
+    AlterTopic {
+        /// Topic.
+        topic: &'a str,
+        /// The settings to change; the ones left out stay as they are.
+        settings: Vec<SettingUpdate>,
+    },
+    /// Asks for a topic's settings, partitions and consumers (protocol v3).
+    DescribeTopic {
+        /// Topic.
+        topic: &'a str,
     },
     /// Deletes a topic.
     DeleteTopic {
@@ -333,6 +357,15 @@ pub enum Response<'a> {
         /// Partitions.
         partitions: u32,
     },
+    /// Topic settings changed: their effective values before and after.
+    Altered {
+        /// Before the change.
+        before: Vec<SettingValue>,
+        /// After the change.
+        after: Vec<SettingValue>,
+    },
+    /// A topic's description.
+    Described(TopicDescription),
     /// The request failed.
     Error {
         /// What kind of failure.
@@ -359,28 +392,32 @@ pub fn check_frame(buf: &[u8], max_frame_bytes: u32) -> Result<Option<usize>, Pr
     Ok((buf.len() >= total).then_some(total))
 }
 
-struct Reader<'a> {
+/// A cursor over a frame's body.
+pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Reader<'a> {
+    pub(crate) fn u8(&mut self, what: &'static str) -> Result<u8, ProtocolError> {
+        Ok(self.take(1, what)?[0])
+    }
     fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ProtocolError> {
         let end = self.pos.checked_add(n).ok_or(ProtocolError::Truncated(what))?;
         let s = self.buf.get(self.pos..end).ok_or(ProtocolError::Truncated(what))?;
         self.pos = end;
         Ok(s)
     }
-    fn u16(&mut self, what: &'static str) -> Result<u16, ProtocolError> {
+    pub(crate) fn u16(&mut self, what: &'static str) -> Result<u16, ProtocolError> {
         Ok(u16::from_le_bytes(self.take(2, what)?.try_into().expect("2")))
     }
-    fn u32(&mut self, what: &'static str) -> Result<u32, ProtocolError> {
+    pub(crate) fn u32(&mut self, what: &'static str) -> Result<u32, ProtocolError> {
         Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4")))
     }
-    fn u64(&mut self, what: &'static str) -> Result<u64, ProtocolError> {
+    pub(crate) fn u64(&mut self, what: &'static str) -> Result<u64, ProtocolError> {
         Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8")))
     }
-    fn str(&mut self, what: &'static str) -> Result<&'a str, ProtocolError> {
+    pub(crate) fn str(&mut self, what: &'static str) -> Result<&'a str, ProtocolError> {
         let n = self.u16(what)? as usize;
         std::str::from_utf8(self.take(n, what)?).map_err(|_| ProtocolError::BadUtf8(what))
     }
@@ -388,7 +425,7 @@ impl<'a> Reader<'a> {
         let n = self.u32(what)? as usize;
         self.take(n, what)
     }
-    fn remaining(&self) -> usize {
+    pub(crate) fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
     fn rest(&mut self) -> &'a [u8] {
@@ -459,7 +496,16 @@ pub fn decode_request(frame: &[u8]) -> Result<(u32, Request<'_>), ProtocolError>
             max_wait_ms: r.u32("max_wait_ms")?,
         },
         kind::LIST_TOPICS => Request::ListTopics,
-        kind::CREATE_TOPIC => Request::CreateTopic { topic: r.str("topic")?, partitions: r.u32("partitions")? },
+        kind::CREATE_TOPIC => {
+            let (topic, partitions) = (r.str("topic")?, r.u32("partitions")?);
+            // Versions 1 and 2 end here; version 3 may add settings.
+            let settings = if r.remaining() > 0 { topic_admin::read_updates(&mut r)? } else { Vec::new() };
+            Request::CreateTopic { topic, partitions, settings }
+        }
+        kind::ALTER_TOPIC => {
+            Request::AlterTopic { topic: r.str("topic")?, settings: topic_admin::read_updates(&mut r)? }
+        }
+        kind::DESCRIBE_TOPIC => Request::DescribeTopic { topic: r.str("topic")? },
         kind::DELETE_TOPIC => Request::DeleteTopic { topic: r.str("topic")? },
         kind::OFFSET_FOR_TIME => Request::OffsetForTime {
             topic: r.str("topic")?,
@@ -522,6 +568,10 @@ pub fn decode_response(frame: &[u8]) -> Result<(u32, Response<'_>), ProtocolErro
         kind::DELETED => Response::Deleted,
         kind::OFFSET => Response::Offset(r.u64("offset")?),
         kind::METADATA_OK => Response::Metadata { partitions: r.u32("partitions")? },
+        kind::ALTERED => {
+            Response::Altered { before: topic_admin::read_values(&mut r)?, after: topic_admin::read_values(&mut r)? }
+        }
+        kind::DESCRIBED => Response::Described(topic_admin::read_description(&mut r)?),
         kind::ERROR => {
             let raw = r.u16("error code")?;
             let code = ErrorCode::from_code(raw).unwrap_or(ErrorCode::InvalidRequest);
@@ -533,7 +583,7 @@ pub fn decode_response(frame: &[u8]) -> Result<(u32, Response<'_>), ProtocolErro
     Ok((correlation_id, response))
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
     // Strings longer than u16::MAX are cut at a char boundary: only free-form text
     // (messages, names) can be that long, and topic names are limited to 200 bytes.
     let mut end = s.len().min(u16::MAX as usize);
@@ -597,10 +647,23 @@ pub fn encode_request(correlation_id: u32, request: &Request<'_>, out: &mut Vec<
             out.extend_from_slice(&max_wait_ms.to_le_bytes());
         }
         Request::ListTopics => start = begin(out, kind::LIST_TOPICS, correlation_id),
-        Request::CreateTopic { topic, partitions } => {
+        Request::CreateTopic { topic, partitions, settings } => {
             start = begin(out, kind::CREATE_TOPIC, correlation_id);
             put_str(out, topic);
             out.extend_from_slice(&partitions.to_le_bytes());
+            // Without settings, the frame of versions 1 and 2.
+            if !settings.is_empty() {
+                topic_admin::put_updates(out, settings);
+            }
+        }
+        Request::AlterTopic { topic, settings } => {
+            start = begin(out, kind::ALTER_TOPIC, correlation_id);
+            put_str(out, topic);
+            topic_admin::put_updates(out, settings);
+        }
+        Request::DescribeTopic { topic } => {
+            start = begin(out, kind::DESCRIBE_TOPIC, correlation_id);
+            put_str(out, topic);
         }
         Request::DeleteTopic { topic } => {
             start = begin(out, kind::DELETE_TOPIC, correlation_id);
@@ -684,6 +747,15 @@ pub fn encode_response(correlation_id: u32, response: &Response<'_>, out: &mut V
             start = begin(out, kind::METADATA_OK, correlation_id);
             out.extend_from_slice(&partitions.to_le_bytes());
         }
+        Response::Altered { before, after } => {
+            start = begin(out, kind::ALTERED, correlation_id);
+            topic_admin::put_values(out, before);
+            topic_admin::put_values(out, after);
+        }
+        Response::Described(description) => {
+            start = begin(out, kind::DESCRIBED, correlation_id);
+            topic_admin::put_description(out, description);
+        }
         Response::Error { code, message } => {
             start = begin(out, kind::ERROR, correlation_id);
             out.extend_from_slice(&code.code().to_le_bytes());
@@ -696,10 +768,52 @@ pub fn encode_response(correlation_id: u32, response: &Response<'_>, out: &mut V
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::topic_admin::{ConsumerOffset, PartitionDetail, Setting, SettingSource};
     use proptest::prelude::*;
 
     fn topic() -> impl Strategy<Value = String> {
         "[a-z0-9._-]{1,40}"
+    }
+
+    fn setting() -> impl Strategy<Value = Setting> {
+        prop::sample::select(Setting::ALL.to_vec())
+    }
+
+    /// Up to three settings, each at most once.
+    fn updates() -> impl Strategy<Value = Vec<SettingUpdate>> {
+        (prop::sample::subsequence(Setting::ALL.to_vec(), 0..=3), prop::collection::vec(any::<Option<u64>>(), 3))
+            .prop_map(|(settings, values)| {
+                settings.into_iter().zip(values).map(|(setting, value)| SettingUpdate { setting, value }).collect()
+            })
+    }
+
+    fn values() -> impl Strategy<Value = Vec<SettingValue>> {
+        let source = prop::sample::select(vec![SettingSource::Default, SettingSource::Topic, SettingSource::Suspended]);
+        prop::collection::vec(
+            (setting(), source, any::<u64>()).prop_map(|(setting, source, value)| SettingValue {
+                setting,
+                source,
+                value,
+            }),
+            0..6,
+        )
+    }
+
+    fn description() -> impl Strategy<Value = TopicDescription> {
+        let consumer =
+            (topic(), any::<u64>()).prop_map(|(name, committed_offset)| ConsumerOffset { name, committed_offset });
+        let partition = (any::<[u64; 3]>(), any::<u32>(), any::<i64>(), prop::collection::vec(consumer, 0..3))
+            .prop_map(|([start_offset, end_offset, size_bytes], segments, oldest_segment_ms, consumers)| {
+                PartitionDetail { start_offset, end_offset, size_bytes, segments, oldest_segment_ms, consumers }
+            });
+        (topic(), any::<i64>(), values(), proptest::option::of("[a-z ]{1,30}"), prop::collection::vec(partition, 0..4))
+            .prop_map(|(name, created_ms, settings, settings_error, partitions)| TopicDescription {
+                name,
+                created_ms,
+                settings,
+                settings_error,
+                partitions,
+            })
     }
 
     fn request() -> impl Strategy<Value = (String, u64, u64, Vec<u8>, u32, u16, u16, i64)> {
@@ -717,7 +831,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn requests_round_trip((t, a, b, bytes, n, v1, v2, ts) in request(), corr in any::<u32>()) {
+        fn requests_round_trip((t, a, b, bytes, n, v1, v2, ts) in request(), corr in any::<u32>(), updates in updates()) {
             let requests = vec![
                 Request::Hello { min_version: v1, max_version: v2, client_name: &t },
                 Request::Produce { topic: &t, producer_id: a, sequence: b, batch: &bytes },
@@ -725,7 +839,10 @@ mod tests {
                 Request::Metadata { topic: &t },
                 Request::Fetch { topic: &t, partition: n, offset: a, max_bytes: n, max_wait_ms: n / 2 },
                 Request::ListTopics,
-                Request::CreateTopic { topic: &t, partitions: n },
+                Request::CreateTopic { topic: &t, partitions: n, settings: Vec::new() },
+                Request::CreateTopic { topic: &t, partitions: n, settings: updates.clone() },
+                Request::AlterTopic { topic: &t, settings: updates.clone() },
+                Request::DescribeTopic { topic: &t },
                 Request::DeleteTopic { topic: &t },
                 Request::OffsetForTime { topic: &t, partition: n, timestamp_ms: ts },
             ];
@@ -745,7 +862,7 @@ mod tests {
         }
 
         #[test]
-        fn responses_round_trip((t, a, b, bytes, n, v1, _v2, _ts) in request(), corr in any::<u32>(), code in 1u16..=16) {
+        fn responses_round_trip((t, a, b, bytes, n, v1, _v2, _ts) in request(), corr in any::<u32>(), code in 1u16..=16, values in values(), description in description()) {
             let topics = vec![TopicInfo { name: t.clone(), partitions: vec![PartitionInfo { start_offset: a, end_offset: b, size_bytes: u64::from(n) }; (n % 4) as usize] }];
             let responses = vec![
                 Response::HelloOk { version: v1, max_frame_bytes: n, server_name: &t },
@@ -756,6 +873,8 @@ mod tests {
                 Response::Deleted,
                 Response::Offset(a),
                 Response::Metadata { partitions: n },
+                Response::Altered { before: values.clone(), after: values.into_iter().rev().collect() },
+                Response::Described(description),
                 Response::Error { code: ErrorCode::from_code(code).unwrap(), message: &t },
             ];
             for r in &responses {
@@ -810,6 +929,73 @@ mod tests {
         out.extend_from_slice(&u32::MAX.to_le_bytes());
         end(&mut out, start);
         assert_eq!(decode_response(&out), Err(ProtocolError::Truncated("topic name")));
+    }
+
+    #[test]
+    fn create_topic_without_settings_is_the_frame_of_versions_1_and_2() {
+        let mut out = Vec::new();
+        encode_request(3, &Request::CreateTopic { topic: "t", partitions: 4, settings: Vec::new() }, &mut out);
+        let mut v2 = Vec::new();
+        let start = begin(&mut v2, kind::CREATE_TOPIC, 3);
+        put_str(&mut v2, "t");
+        v2.extend_from_slice(&4u32.to_le_bytes());
+        end(&mut v2, start);
+        assert_eq!(out, v2);
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let frame = |settings: &[u8]| {
+            let mut out = Vec::new();
+            let start = begin(&mut out, kind::ALTER_TOPIC, 1);
+            put_str(&mut out, "t");
+            out.extend_from_slice(settings);
+            end(&mut out, start);
+            out
+        };
+        let one = |id: u8, action: u8| [&[id, action][..], &5u64.to_le_bytes()].concat();
+        let cases: [(Vec<u8>, &str); 4] = [
+            ([&[4u8][..], &one(1, 1), &one(2, 1), &one(3, 1), &one(1, 1)].concat(), "more settings"),
+            ([&[1u8][..], &one(9, 1)].concat(), "unknown setting"),
+            ([&[1u8][..], &one(1, 7)].concat(), "action"),
+            ([&[2u8][..], &one(1, 1), &one(1, 0)].concat(), "twice"),
+        ];
+        for (body, what) in cases {
+            let err = decode_request(&frame(&body)).unwrap_err();
+            assert!(matches!(err, ProtocolError::BadSetting(m) if m.contains(what)), "{what}: {err}");
+        }
+        assert_eq!(decode_request(&frame(&[])), Err(ProtocolError::Truncated("setting count")));
+        let good = frame(&[&[1u8][..], &one(3, 0)].concat());
+        let (_, ok) = decode_request(&good).unwrap();
+        assert_eq!(
+            ok,
+            Request::AlterTopic {
+                topic: "t",
+                settings: vec![SettingUpdate { setting: Setting::Compression, value: None }]
+            }
+        );
+    }
+
+    #[test]
+    fn counts_in_a_description_never_reserve_more_than_the_frame_holds() {
+        let mut out = Vec::new();
+        let start = begin(&mut out, kind::DESCRIBED, 1);
+        put_str(&mut out, "t");
+        out.extend_from_slice(&0i64.to_le_bytes());
+        out.push(u8::MAX);
+        end(&mut out, start);
+        assert_eq!(decode_response(&out), Err(ProtocolError::Truncated("setting")));
+        let mut out = Vec::new();
+        let start = begin(&mut out, kind::DESCRIBED, 1);
+        put_str(&mut out, "t");
+        out.extend_from_slice(&0i64.to_le_bytes());
+        out.push(0);
+        put_str(&mut out, "");
+        out.extend_from_slice(&u32::MAX.to_le_bytes());
+        out.extend_from_slice(&[0; 36]);
+        out.extend_from_slice(&u16::MAX.to_le_bytes());
+        end(&mut out, start);
+        assert_eq!(decode_response(&out), Err(ProtocolError::Truncated("consumer name")));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! flowgate's binary protocol, versions 1 and 2 (`docs/protocol.md`).
+//! flowgate's binary protocol, versions 1 to 3 (`docs/protocol.md`).
 //!
 //! - [`check_frame`]: is a whole frame in the buffer? Looks only at the length prefix,
 //!   so an oversized frame is refused before anything is allocated for it.
@@ -15,9 +15,13 @@
 #![warn(missing_docs)]
 
 mod codec;
+mod topic_admin;
 
 pub use codec::{
     check_frame, decode_request, decode_response, encode_fetch_ok_head, encode_request, encode_response, ErrorCode,
     PartitionAck, PartitionInfo, ProtocolError, Request, Response, TopicInfo, DEFAULT_MAX_FRAME_BYTES,
     FRAME_HEADER_LEN, MAGIC, MIN_VERSION, VERSION,
+};
+pub use topic_admin::{
+    ConsumerOffset, PartitionDetail, Setting, SettingSource, SettingUpdate, SettingValue, TopicDescription,
 };

@@ -35,6 +35,7 @@ use crate::budget::Charge;
 use crate::ingest::{Scratch, Written};
 use crate::metrics::{IngestPath, Metrics, TopicCounters};
 use crate::shared::{warn_bad_input, Shared};
+use crate::topic_admin::Op;
 
 /// Requests in flight per connection before the reader stops reading.
 const MAX_IN_FLIGHT: usize = 256;
@@ -86,7 +87,9 @@ pub fn error_code(e: &LogError) -> ErrorCode {
     match e {
         LogError::UnknownTopic(_) => ErrorCode::UnknownTopic,
         LogError::TopicExists(_) => ErrorCode::TopicExists,
-        LogError::InvalidTopicName { .. } | LogError::PartitionLimit { .. } => ErrorCode::InvalidRequest,
+        LogError::InvalidTopicName { .. } | LogError::InvalidSetting { .. } | LogError::PartitionLimit { .. } => {
+            ErrorCode::InvalidRequest
+        }
         LogError::UnknownPartition { .. } => ErrorCode::UnknownPartition,
         LogError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
         LogError::InvalidBatch(_) => ErrorCode::InvalidBatch,
@@ -114,6 +117,17 @@ fn response_frame(correlation_id: u32, response: &Response<'_>) -> Vec<u8> {
     let mut out = Vec::new();
     encode_response(correlation_id, response, &mut out);
     out
+}
+
+/// The frame of `response`, or `FRAME_TOO_LARGE` naming the HTTP `route` that answers
+/// the same when it is over the frame limit.
+fn fitting(correlation_id: u32, response: &Response<'_>, max_frame_bytes: u32, what: &str, route: &str) -> Reply {
+    let frame = response_frame(correlation_id, response);
+    if frame.len() > max_frame_bytes as usize {
+        let message = format!("{what} is over max_frame_bytes; read it over HTTP ({route})");
+        return Reply::Ready(error_frame(correlation_id, ErrorCode::FrameTooLarge, &message));
+    }
+    Reply::Ready(frame)
 }
 
 fn produce_ok(correlation_id: u32, written: &Written) -> Vec<u8> {
@@ -277,7 +291,7 @@ impl Connection<'_> {
                     Reply::Close(error_frame(
                         correlation_id,
                         ErrorCode::UnsupportedVersion,
-                        "this server speaks protocol versions 1 to 2",
+                        "this server speaks protocol versions 1 to 3",
                     ))
                 }
                 _ => {
@@ -289,11 +303,29 @@ impl Connection<'_> {
         let shared = self.shared;
         let ingest = &shared.ingest;
         let log_error = |e: LogError| Reply::Ready(error_frame(correlation_id, error_code(&e), &e.to_string()));
+        let refused = |op: Op, e: LogError| {
+            crate::topic_admin::count_rejection(shared, op, &e);
+            log_error(e)
+        };
         if self.version < 2 && matches!(request, Request::ProducePartition { .. } | Request::Metadata { .. }) {
             return Reply::Ready(error_frame(
                 correlation_id,
                 ErrorCode::InvalidRequest,
                 "PRODUCE_PARTITION and METADATA need protocol version 2; say so in HELLO",
+            ));
+        }
+        let topic_admin = match &request {
+            Request::CreateTopic { settings, .. } if !settings.is_empty() => Some(Op::Create),
+            Request::AlterTopic { .. } => Some(Op::Alter),
+            Request::DescribeTopic { .. } => Some(Op::Describe),
+            _ => None,
+        };
+        if let Some(op) = topic_admin.filter(|_| self.version < 3) {
+            shared.ingest.metrics().topic_api_rejected(op, "protocol_version");
+            return Reply::Ready(error_frame(
+                correlation_id,
+                ErrorCode::InvalidRequest,
+                "topic settings, ALTER_TOPIC and DESCRIBE_TOPIC need protocol version 3; say so in HELLO",
             ));
         }
         match request {
@@ -359,19 +391,30 @@ impl Connection<'_> {
                     })
                     .collect();
                 // Bounded by log.max_partitions, but it must also fit one frame.
-                let frame = response_frame(correlation_id, &Response::Topics(topics));
-                if frame.len() > shared.config.max_frame_bytes as usize {
-                    return Reply::Ready(error_frame(
-                        correlation_id,
-                        ErrorCode::FrameTooLarge,
-                        "the topic list is over max_frame_bytes; read it over HTTP (GET /v1/topics)",
-                    ));
-                }
-                Reply::Ready(frame)
+                let response = Response::Topics(topics);
+                fitting(correlation_id, &response, shared.config.max_frame_bytes, "the topic list", "GET /v1/topics")
             }
-            Request::CreateTopic { topic, partitions } => match ingest.log().create_topic(topic, partitions) {
-                Ok(_) => Reply::Ready(response_frame(correlation_id, &Response::Created)),
-                Err(e) => log_error(e),
+            Request::CreateTopic { topic, partitions, settings } => {
+                match crate::topic_admin::create(shared, topic, Some(partitions), &settings).await {
+                    Ok(()) => Reply::Ready(response_frame(correlation_id, &Response::Created)),
+                    Err(e) => refused(Op::Create, e),
+                }
+            }
+            Request::AlterTopic { topic, settings } => {
+                match crate::topic_admin::alter(shared, topic, &settings).await {
+                    Ok((before, after)) => {
+                        Reply::Ready(response_frame(correlation_id, &Response::Altered { before, after }))
+                    }
+                    Err(e) => refused(Op::Alter, e),
+                }
+            }
+            Request::DescribeTopic { topic } => match crate::topic_admin::describe(shared, topic) {
+                Ok(description) => {
+                    let response = Response::Described(description);
+                    let max = shared.config.max_frame_bytes;
+                    fitting(correlation_id, &response, max, "the description", "GET /v1/topics/{topic}")
+                }
+                Err(e) => refused(Op::Describe, e),
             },
             Request::DeleteTopic { topic } => match ingest.log().delete_topic(topic) {
                 Ok(()) => Reply::Ready(response_frame(correlation_id, &Response::Deleted)),

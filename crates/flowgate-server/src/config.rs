@@ -410,6 +410,9 @@ impl Config {
         if self.log.segment_bytes > u64::from(u32::MAX) {
             return Err(bad("log.segment_bytes", "must be below 4 GiB (index positions are 32-bit)"));
         }
+        if self.log.retention_check_ms < 100 {
+            return Err(bad("log.retention_check_ms", "must be at least 100"));
+        }
         if self.log.default_partitions == 0 {
             return Err(bad("log.default_partitions", "must be at least 1"));
         }

@@ -13,6 +13,9 @@
 //! - [`parse`]: NDJSON line and HTTP body parsers, free of I/O (shared with `fuzz/`).
 //! - [`fields`]: the key, time and client id fields read from NDJSON and HTTP events.
 //! - [`trace`]: `[tracing]`, the spans of HTTP ingest, and the OTLP exporter.
+//! - [`topic_admin`]: creating topics with settings, changing and describing them (binary
+//!   protocol and HTTP alike); [`topic_request`] parses what those requests carry.
+//! - [`envelope`]: a stored event as JSON (HTTP reads, `flowgate tail --format json`).
 
 #![warn(missing_docs)]
 
@@ -20,6 +23,7 @@ pub mod alerts;
 pub mod binary;
 pub mod budget;
 pub mod config;
+pub mod envelope;
 pub mod fd_limit;
 pub mod fields;
 pub mod http;
@@ -32,6 +36,8 @@ pub mod reload;
 pub mod server;
 pub mod shared;
 pub mod throughput;
+pub mod topic_admin;
+pub mod topic_request;
 pub mod trace;
 
 pub use config::{Config, ConfigError};

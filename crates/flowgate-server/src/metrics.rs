@@ -77,6 +77,12 @@ struct TopicLabels {
     topic: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpReasonLabels {
+    op: String,
+    reason: String,
+}
+
 /// All metrics of one engine.
 pub struct Metrics {
     registry: Registry,
@@ -91,6 +97,8 @@ pub struct Metrics {
     log_size: Family<TopicLabels, Gauge>,
     log_end_offset: Family<TopicLabels, Gauge>,
     retention_unread_deleted: Family<TopicLabels, Counter>,
+    topic_settings_unreadable: Gauge,
+    topic_api_rejected: Family<OpReasonLabels, Counter>,
     buffered_bytes: Gauge,
     memory_paused: Family<PathLabels, Counter>,
     memory_used: Gauge,
@@ -178,6 +186,18 @@ impl Metrics {
             "flowgate_log_retention_unread_deleted_events",
             "Events retention deleted before a pipeline had committed them, per topic",
             retention_unread_deleted.clone(),
+        );
+        let topic_settings_unreadable = Gauge::default();
+        registry.register(
+            "flowgate_log_topic_settings_unreadable",
+            "Topics whose settings file could not be read at start (their retention deletes nothing)",
+            topic_settings_unreadable.clone(),
+        );
+        let topic_api_rejected = Family::<OpReasonLabels, Counter>::default();
+        registry.register(
+            "flowgate_topic_api_rejected",
+            "Topic requests (create, alter, describe, read) refused for what they asked, by reason",
+            topic_api_rejected.clone(),
         );
         let buffered_bytes = Gauge::default();
         registry.register("flowgate_ingest_buffered_bytes", "Bytes held in ingest buffers", buffered_bytes.clone());
@@ -282,6 +302,8 @@ impl Metrics {
             log_size,
             log_end_offset,
             retention_unread_deleted,
+            topic_settings_unreadable,
+            topic_api_rejected,
             buffered_bytes,
         })
     }
@@ -300,6 +322,13 @@ impl Metrics {
         self.rejected
             .get_or_create(&RejectLabels { path: path.as_str().to_owned(), reason: reason.to_owned() })
             .inc_by(n);
+    }
+
+    /// Counts a topic request refused for what it asked.
+    pub fn topic_api_rejected(&self, op: crate::topic_admin::Op, reason: &str) {
+        self.topic_api_rejected
+            .get_or_create(&OpReasonLabels { op: op.as_str().to_owned(), reason: reason.to_owned() })
+            .inc();
     }
 
     /// The number of rejections so far for (path, reason).
@@ -384,6 +413,8 @@ impl Metrics {
     /// The OpenMetrics text exposition (ending in `# EOF`), with log sizes read fresh.
     pub fn render(&self, log: &Log) -> String {
         self.observe_trace_export();
+        let unreadable = log.topics().iter().filter(|t| t.settings_error().is_some()).count();
+        self.topic_settings_unreadable.set(unreadable as i64);
         for topic in log.topic_infos() {
             let labels = TopicLabels { topic: topic.name.clone() };
             self.log_size.get_or_create(&labels).set(topic.partitions.iter().map(|p| p.size_bytes as i64).sum());

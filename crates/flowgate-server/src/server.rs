@@ -296,7 +296,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, path: IngestPat
 }
 
 async fn retention_loop(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    let mut tick = tokio::time::interval(shared.ingest.log().config().retention_check_interval());
     loop {
         tokio::select! {
             _ = tick.tick() => {}

@@ -51,6 +51,11 @@ enum Command {
         #[command(subcommand)]
         command: commands::dlq::Command,
     },
+    /// Pipelines as things to manage: list, status, pause, resume, reset (rewind or skip).
+    Pipelines {
+        #[command(subcommand)]
+        command: commands::pipelines::Command,
+    },
     /// Have a running engine read its config file again (as SIGHUP does); print what
     /// changed.
     Reload(commands::reload::Args),
@@ -100,6 +105,7 @@ fn main() -> ExitCode {
         Command::Validate { config } => commands::validate::run(&config),
         Command::Topics { command } => commands::topics::run(command),
         Command::Dlq { command } => commands::dlq::run(command),
+        Command::Pipelines { command } => commands::pipelines::run(command),
         Command::Top(args) => commands::top::run(args),
         Command::Reload(args) => commands::reload::run(args),
         Command::Log { command: LogCommand::Check { data_dir, json } } => commands::log_check::run(&data_dir, json),

@@ -155,7 +155,11 @@ fn pipelined_fetches_that_are_never_read_hold_one_reply_at_most() {
         let fetch = Request::Fetch { topic: "big", partition: 0, offset: 0, max_bytes: 16 << 20, max_wait_ms: 0 };
         encode_request(corr, &fetch, &mut out);
     }
-    encode_request(256, &Request::CreateTopic { topic: "fetches-handled", partitions: 1 }, &mut out);
+    encode_request(
+        256,
+        &Request::CreateTopic { topic: "fetches-handled", partitions: 1, settings: Vec::new() },
+        &mut out,
+    );
     s.write_all(&out).unwrap();
     poll_until("the engine to handle every fetch", Duration::from_secs(60), || {
         engine.http("GET", "/v1/topics", b"").1.contains("fetches-handled")

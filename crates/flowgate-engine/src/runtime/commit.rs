@@ -91,6 +91,11 @@ impl SinkStates {
         self.entries.iter().find(|e| e.name == name).map_or(Value::Null, |e| e.state.clone())
     }
 
+    /// Whether the checkpoint holds state for sink `name`.
+    pub(super) fn has(&self, name: &str) -> bool {
+        self.entries.iter().any(|e| e.name == name)
+    }
+
     /// What sink `name`'s controller had learned at the checkpoint.
     pub(super) fn learned(&self, name: &str) -> Learned {
         self.entries.iter().find(|e| e.name == name).map(|e| e.learned).unwrap_or_default()

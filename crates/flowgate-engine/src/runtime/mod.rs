@@ -16,6 +16,7 @@
 mod breaker;
 mod changes;
 mod commit;
+pub mod control;
 mod controller;
 pub mod dead_letters;
 mod decode;
@@ -34,6 +35,7 @@ mod replay_worker;
 mod side_outputs;
 mod sink_driver;
 mod sink_status;
+pub mod status;
 mod supervisor;
 mod worker;
 
@@ -47,6 +49,7 @@ use crate::metrics::PipelineMetrics;
 use crate::processors;
 use crate::sink::SinkFactory;
 pub use changes::Changes;
+pub use control::{ControlError, ControlReport, ProcessorStateChoice, ResetTo, Rewound};
 pub use controller::{ControllerStatus, SinkControllers};
 pub use pipelines::Pipelines;
 pub use sink_status::{SinkStatus, SinkStatuses};

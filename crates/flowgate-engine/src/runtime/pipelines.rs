@@ -38,22 +38,25 @@ const ABORT_WAIT: Duration = Duration::from_secs(5);
 /// the listeners' acknowledgements. Each worker runs under a supervisor that restarts it
 /// after a failure; [`Pipelines::health`] shows them.
 pub struct Pipelines {
-    cancel: CancellationToken,
-    /// In configuration order.
-    running: Vec<Running>,
-    health: PipelineHealth,
+    pub(super) cancel: CancellationToken,
+    /// In configuration order; paused pipelines too.
+    pub(super) running: Vec<Running>,
+    pub(super) health: PipelineHealth,
     replayer: Arc<replay::Replayer>,
     lags: Arc<Mutex<Vec<Lag>>>,
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
-/// One running pipeline.
-struct Running {
-    config: Arc<PipelineConfig>,
+/// One configured pipeline: running, or paused ([`super::control`]).
+pub(super) struct Running {
+    pub(super) config: Arc<PipelineConfig>,
     /// A child of the engine's token: cancelling it stops this pipeline alone.
-    cancel: CancellationToken,
-    supervisors: Vec<JoinHandle<()>>,
+    pub(super) cancel: CancellationToken,
+    /// None while paused.
+    pub(super) supervisors: Vec<JoinHandle<bool>>,
+    /// Paused by an operator: its workers are not running.
+    pub(super) paused: bool,
 }
 
 /// What the lag gauge of one worker is computed from.
@@ -181,7 +184,7 @@ impl Pipelines {
         for running in stopping {
             let name = running.config.name.clone();
             let finished = tokio::select! {
-                finished = stop(running, deadline) => finished,
+                finished = stop(&running.cancel, running.supervisors, deadline) => finished,
                 // Shutdown stops the rest; their leases keep any worker still ending from
                 // overlapping a later one.
                 _ = shutdown.cancelled() => false,
@@ -282,7 +285,7 @@ impl Pipelines {
     /// resume from their last checkpoint. Returns true when every worker finished.
     pub async fn shutdown_within(mut self, deadline: Option<Instant>) -> bool {
         self.cancel.cancel();
-        let supervisors: Vec<JoinHandle<()>> =
+        let supervisors: Vec<JoinHandle<bool>> =
             std::mem::take(&mut self.running).into_iter().flat_map(|r| r.supervisors).collect();
         let all = async move {
             for supervisor in supervisors {
@@ -301,7 +304,7 @@ impl Pipelines {
                 .health
                 .workers()
                 .into_iter()
-                .filter(|w| w.state != WorkerState::Stopped)
+                .filter(|w| !matches!(w.state, WorkerState::Stopped | WorkerState::Paused))
                 .map(|w| format!("{}/{}/{}", w.pipeline, w.topic, w.partition))
                 .collect();
             tracing::warn!(workers = %stuck.join(", "),
@@ -317,15 +320,20 @@ impl Pipelines {
         self.runtime.as_ref().expect("taken only by shutdown, which consumes self")
     }
 
-    /// Starts one pipeline; on an error, whatever of it had started is stopped.
-    fn launch(&mut self, config: PipelineConfig) -> anyhow::Result<()> {
+    /// Starts one pipeline, or only shows it when it is paused ([`super::control`]); on
+    /// an error, whatever of it had started is stopped.
+    pub(super) fn launch(&mut self, config: PipelineConfig) -> anyhow::Result<()> {
         let name = config.name.clone();
         let cancel = self.cancel.child_token();
         let mut supervisors = Vec::new();
-        let started = self.spawn_workers(config, &cancel, &mut supervisors);
+        let paused = super::control::is_paused(&self.shared.data_dir, &name);
+        let started = self.spawn_workers(config, &cancel, &mut supervisors, paused);
         match started {
             Ok(config) => {
-                self.running.push(Running { config, cancel, supervisors });
+                if paused {
+                    tracing::info!(pipeline = %name, "pipeline is paused; `flowgate pipelines resume` starts it");
+                }
+                self.running.push(Running { config, cancel, supervisors, paused });
                 Ok(())
             }
             Err(e) => {
@@ -340,12 +348,14 @@ impl Pipelines {
     }
 
     /// Creates what one pipeline reads and writes (its topics, side outputs, replay
-    /// topic) and spawns a supervised worker per source partition into `supervisors`.
+    /// topic) and spawns a supervised worker per source partition into `supervisors`;
+    /// when `paused`, only the workers' health (at their checkpoints) and lag gauges.
     fn spawn_workers(
         &self,
         config: PipelineConfig,
         cancel: &CancellationToken,
-        supervisors: &mut Vec<JoinHandle<()>>,
+        supervisors: &mut Vec<JoinHandle<bool>>,
+        paused: bool,
     ) -> anyhow::Result<Arc<PipelineConfig>> {
         let shared = &self.shared;
         for s in &config.sinks {
@@ -385,6 +395,26 @@ impl Pipelines {
                 let gauge = shared.metrics.lag.get_or_create(&labels).clone();
                 lags.push(Lag { labels, partition: partition.clone(), health: health.clone(), gauge });
                 healths.push(health.clone());
+                if paused {
+                    let file = crate::checkpoint::CheckpointFile::new(
+                        &shared.data_dir,
+                        &config.name,
+                        topic_name,
+                        partition.id(),
+                    );
+                    // Where the worker will start, as it would choose.
+                    let start = if config.start == "latest" && *topic_name != replays {
+                        partition.end_offset()
+                    } else {
+                        partition.start_offset()
+                    };
+                    let committed = file.summary().ok().flatten().map_or(start, |s| s.offset);
+                    health.committed.store(committed, std::sync::atomic::Ordering::Release);
+                    health.set_state(WorkerState::Paused);
+                    // Retention counts what a paused pipeline has not read, as for any.
+                    partition.set_consumer_offset(&config.name, committed);
+                    continue;
+                }
                 let worker = supervise(
                     shared.clone(),
                     config.clone(),
@@ -404,10 +434,11 @@ impl Pipelines {
                     while partition.end_offset() == 0 {
                         tokio::select! {
                             _ = partition.wait_for_data(0, Duration::from_secs(1)) => {}
-                            _ = cancel.cancelled() => return,
+                            // Never started: it wrote nothing to account for.
+                            _ = cancel.cancelled() => return true,
                         }
                     }
-                    worker.await;
+                    worker.await
                 }));
             }
         }
@@ -419,7 +450,7 @@ impl Pipelines {
     /// Forgets a pipeline that stopped: its health, sink statuses, controllers and
     /// per-partition gauges; when it is `removed` for good, also its place among the
     /// log's consumers (or retention would count what it never reads as lost).
-    fn forget(&self, pipeline: &str, removed: bool) {
+    pub(super) fn forget(&self, pipeline: &str, removed: bool) {
         self.health.remove(pipeline);
         let metrics = &self.shared.metrics;
         self.lags.lock().retain(|lag| {
@@ -446,19 +477,30 @@ fn same(a: &PipelineConfig, b: &PipelineConfig) -> bool {
     }
 }
 
-/// Lets a cancelled pipeline's workers flush and commit until `deadline`; aborts those
-/// still busy then. True when every worker finished on its own. Cancel-safe: dropped,
+/// Cancels a pipeline's workers and lets them flush and commit until `deadline`; aborts
+/// those still busy then. True when every worker finished on its own. Cancel-safe: dropped,
 /// it leaves the workers to their cancel token and leases.
-async fn stop(running: Running, deadline: Instant) -> bool {
-    running.cancel.cancel();
-    let mut supervisors = running.supervisors;
+pub(super) async fn stop(cancel: &CancellationToken, supervisors: Vec<JoinHandle<bool>>, deadline: Instant) -> bool {
+    stop_accounted(cancel, supervisors, deadline).await.0
+}
+
+/// [`stop`], and whether every worker ended by committing all its sinks wrote
+/// ([`supervise`]): only then does the pipeline's checkpoint account for all its output.
+pub(super) async fn stop_accounted(
+    cancel: &CancellationToken,
+    mut supervisors: Vec<JoinHandle<bool>>,
+    deadline: Instant,
+) -> (bool, bool) {
+    cancel.cancel();
     let all = async {
+        let mut accounted = true;
         for supervisor in &mut supervisors {
-            let _ = supervisor.await;
+            accounted &= supervisor.await.unwrap_or(false);
         }
+        accounted
     };
-    if tokio::time::timeout_at(deadline.into(), all).await.is_ok() {
-        return true;
+    if let Ok(accounted) = tokio::time::timeout_at(deadline.into(), all).await {
+        return (true, accounted);
     }
     // What an aborted worker still has under way (a write in the kernel, a checkpoint
     // on a blocking thread) holds its partition's lease: the replacement waits for it.
@@ -471,7 +513,7 @@ async fn stop(running: Running, deadline: Instant) -> bool {
         }
     };
     let _ = tokio::time::timeout(ABORT_WAIT, ended).await;
-    false
+    (false, false)
 }
 
 /// Refreshes every worker's lag gauge apart from the workers, so a stalled worker still

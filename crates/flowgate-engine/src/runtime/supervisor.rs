@@ -40,6 +40,9 @@ pub enum WorkerState {
     Restarting,
     /// Stopped by shutdown.
     Stopped,
+    /// Paused by an operator (`flowgate pipelines pause`): reads nothing until resumed;
+    /// its committed offset stays where its last checkpoint put it.
+    Paused,
 }
 
 /// A snapshot of one worker's health.
@@ -177,6 +180,20 @@ impl PipelineHealth {
         self.controllers.remove_pipeline(pipeline);
     }
 
+    /// Shows every worker of `pipeline` in `state`.
+    pub(super) fn set_pipeline_state(&self, pipeline: &str, state: WorkerState) {
+        self.workers.read().iter().filter(|w| w.pipeline == pipeline).for_each(|w| w.set_state(state));
+    }
+
+    /// Sets the committed offset shown for one worker (a reset moved it).
+    pub(super) fn set_committed(&self, pipeline: &str, topic: &str, partition: u32, offset: u64) {
+        for w in self.workers.read().iter() {
+            if w.pipeline == pipeline && w.topic == topic && w.partition == partition {
+                w.committed.store(offset, Ordering::Release);
+            }
+        }
+    }
+
     /// Puts the workers in the order of `pipelines` (configuration order).
     pub(super) fn order(&self, pipelines: &[String]) {
         let rank = |w: &Arc<WorkerHealth>| pipelines.iter().position(|p| *p == w.pipeline).unwrap_or(usize::MAX);
@@ -212,13 +229,15 @@ impl PipelineHealth {
             .filter(|w| match w.state {
                 WorkerState::Restarting => true,
                 WorkerState::Starting => w.restarts > 0,
-                WorkerState::Running | WorkerState::Stopped => false,
+                WorkerState::Running | WorkerState::Stopped | WorkerState::Paused => false,
             })
             .collect()
     }
 }
 
 /// Runs one worker until `cancel`, restarting it from its checkpoint after each failure.
+/// True when the worker ended by flushing and committing all it wrote ([`Worker::run`]);
+/// false when it ended failed, waiting to restart, or before it recovered its sinks.
 pub(super) async fn supervise(
     shared: Arc<Shared>,
     config: Arc<PipelineConfig>,
@@ -226,7 +245,7 @@ pub(super) async fn supervise(
     partition: Arc<Partition>,
     health: Arc<WorkerHealth>,
     cancel: CancellationToken,
-) {
+) -> bool {
     let place = format!("{}/{}/{}", config.name, topic, partition.id());
     let labels =
         SourceLabels { pipeline: config.name.clone(), topic: topic.clone(), partition: partition.id().to_string() };
@@ -251,8 +270,12 @@ pub(super) async fn supervise(
             }
         }));
         up.set(1);
+        let mut clean = false;
         let error = match (&mut attempt.0).await {
-            Ok(Ok(())) => None,
+            Ok(Ok(committed)) => {
+                clean = committed;
+                None
+            }
             Ok(Err(e)) => Some(format!("{e:#}")),
             Err(e) if e.is_panic() => {
                 let message = panic_message(e.into_panic());
@@ -290,11 +313,11 @@ pub(super) async fn supervise(
         }
         up.set(0);
         if cancel.is_cancelled() {
-            if let Some(error) = error {
+            if let Some(error) = &error {
                 tracing::warn!(place, error, "pipeline worker stopped at shutdown with an error");
             }
             health.set_state(WorkerState::Stopped);
-            return;
+            return clean && error.is_none();
         }
         let error = error.unwrap_or_else(|| "stopped without being asked to".into());
         if started.elapsed() >= HEALTHY_RUN {
@@ -313,7 +336,7 @@ pub(super) async fn supervise(
             _ = tokio::time::sleep(backoff) => {}
             _ = cancel.cancelled() => {
                 health.set_state(WorkerState::Stopped);
-                return;
+                return false;
             }
         }
         backoff = backoff.saturating_mul(2).min(MAX_BACKOFF);

@@ -122,12 +122,16 @@ impl Worker {
         })
     }
 
-    pub(super) async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
+    /// Runs until `cancel`; true when it then flushed and committed everything its sinks
+    /// wrote (its checkpoint accounts for all of its output), false when it was
+    /// cancelled before it recovered its sinks (output of an earlier worker past the
+    /// checkpoint may still be there).
+    pub(super) async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<bool> {
         let (pipeline, partition) = (self.config.name.clone(), self.partition.id());
         let lease = self.shared.leases.acquire(&pipeline, &self.topic, partition);
         self.lease = tokio::select! {
             lease = lease => Some(lease),
-            _ = cancel.cancelled() => return Ok(()),
+            _ = cancel.cancelled() => return Ok(false),
         };
         // A restart must find the side topics even if someone deleted them meanwhile.
         super::side_outputs::ensure_topics(&self.shared.log, &self.config)?;
@@ -190,11 +194,12 @@ impl Worker {
         };
         tracing::info!(pipeline = %self.config.name, topic = %self.topic, partition = self.partition.id(), offset,
             resumed = saved.is_some(), "pipeline worker started");
-        if saved.is_none() {
-            // A first checkpoint before any output: a crash before the first periodic
-            // one then recovers from it, so sinks cut back what they wrote since (a file
-            // sink without any checkpoint must leave existing files alone, which would
-            // write those events twice).
+        if saved.is_none() || self.config.sinks.iter().any(|s| !self.sink_states.has(&s.name)) {
+            // A first checkpoint before any output, also when a sink has no state in the
+            // checkpoint (one added to the pipeline, or a reset where it never ran): a
+            // crash before the first periodic one then recovers from it, so sinks cut
+            // back what they wrote since (a file sink without any state must leave
+            // existing files alone, which would write those events twice).
             self.commit(offset, &sinks_tx).await?;
         }
         self.report_committed(offset);
@@ -297,7 +302,7 @@ impl Worker {
         drop(sinks_tx);
         while sink_tasks.join_next().await.is_some() {}
         tracing::info!(pipeline = %self.config.name, topic = %self.topic, partition = self.partition.id(), offset, "pipeline worker stopped cleanly");
-        Ok(())
+        Ok(true)
     }
 
     /// At the memory limit: reads nothing, but lets time pass through the processors

@@ -1,5 +1,6 @@
-//! The HTTP API (axum): produce and read events, topics, the dead-letter topic
-//! ([`dlq`]), metrics, health.
+//! The HTTP API (axum): produce events, topics ([`topics`]: create, change, describe,
+//! read events), the dead-letter topic ([`dlq`]), pipelines ([`pipelines`]), metrics,
+//! health.
 //!
 //! [`listener`] applies the connection limit and idle timeout to HTTP connections. A
 //! produce body is read into memory charged to the ingest budget as it arrives, and must
@@ -8,7 +9,9 @@
 mod dashboard;
 pub mod dlq;
 pub mod listener;
+pub mod pipelines;
 mod produce;
+pub mod topics;
 
 use std::sync::Arc;
 
@@ -18,7 +21,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use flowgate_core::{BatchBuilder, BatchView};
+use flowgate_core::BatchBuilder;
 use flowgate_log::LogError;
 use serde::Deserialize;
 use serde_json::json;
@@ -33,12 +36,18 @@ use crate::trace::IngestTrace;
 pub fn router(shared: Arc<Shared>) -> Router {
     let limit = shared.config.max_http_body_bytes;
     Router::new()
-        .route("/v1/topics/{topic}/events", get(read_events).post(post_events))
-        .route("/v1/topics", get(list_topics))
+        .route("/v1/topics/{topic}/events", get(topics::read_events).post(post_events))
+        .route("/v1/topics/{topic}", get(topics::describe).patch(topics::alter))
+        .route("/v1/topics", get(list_topics).post(topics::create))
         .route("/v1/stats", get(stats))
         .route("/v1/stats/stream", get(stats_stream))
         .route("/v1/alerts", get(alerts))
         .route("/v1/reload", axum::routing::post(reload))
+        .route("/v1/pipelines", get(pipelines::list))
+        .route("/v1/pipelines/{name}", get(pipelines::show))
+        .route("/v1/pipelines/{name}/pause", axum::routing::post(pipelines::pause))
+        .route("/v1/pipelines/{name}/resume", axum::routing::post(pipelines::resume))
+        .route("/v1/pipelines/{name}/reset", axum::routing::post(pipelines::reset))
         .route("/v1/dlq", get(dlq::list))
         .route("/v1/dlq/stats", get(dlq::stats))
         .route("/v1/dlq/replay", axum::routing::post(dlq::replay))
@@ -59,9 +68,10 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 fn log_error(e: LogError) -> Response {
     let status = match &e {
         LogError::UnknownTopic(_) | LogError::UnknownPartition { .. } => StatusCode::NOT_FOUND,
-        LogError::InvalidTopicName { .. } | LogError::InvalidBatch(_) | LogError::OffsetOutOfRange { .. } => {
-            StatusCode::BAD_REQUEST
-        }
+        LogError::InvalidTopicName { .. }
+        | LogError::InvalidSetting { .. }
+        | LogError::InvalidBatch(_)
+        | LogError::OffsetOutOfRange { .. } => StatusCode::BAD_REQUEST,
         LogError::TopicExists(_) => StatusCode::CONFLICT,
         // A limit the operator set: retrying does not help until topics are deleted.
         LogError::PartitionLimit { .. } => StatusCode::INSUFFICIENT_STORAGE,
@@ -222,91 +232,6 @@ async fn produce(shared: &Arc<Shared>, topic_name: &str, request: Request, trace
         trace.stored(&append, ack.partition, ack.first_offset, ack.first_offset + u64::from(ack.record_count) - 1);
     }
     Json(produce::answer(&written)).into_response()
-}
-
-#[derive(Deserialize)]
-struct ReadQuery {
-    from: Option<String>,
-    limit: Option<usize>,
-    partition: Option<u32>,
-}
-
-async fn read_events(
-    State(shared): State<Arc<Shared>>,
-    Path(topic_name): Path<String>,
-    Query(q): Query<ReadQuery>,
-) -> Response {
-    let Some(topic) = shared.ingest.log().topic(&topic_name) else {
-        return log_error(LogError::UnknownTopic(topic_name));
-    };
-    let partition = match topic.partition(q.partition.unwrap_or(0)) {
-        Ok(p) => p.clone(),
-        Err(e) => return log_error(e),
-    };
-    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-    let from = match q.from.as_deref() {
-        None | Some("earliest") => partition.start_offset(),
-        Some("latest") => partition.end_offset(),
-        Some(s) => match s.parse::<u64>() {
-            Ok(o) => o,
-            Err(_) => return error(StatusCode::BAD_REQUEST, "from must be an offset, 'earliest' or 'latest'"),
-        },
-    };
-    let mut events = Vec::new();
-    let mut next = from;
-    let mut scratch = Vec::new();
-    // A reply holds at most about one request body's worth of payloads (plus the event
-    // that crosses the line), however large the stored events are; `next_offset` says
-    // where to go on.
-    let max_bytes = shared.config.max_http_body_bytes;
-    let mut bytes = 0usize;
-    while events.len() < limit && bytes < max_bytes && next < partition.end_offset() {
-        let read = match partition.read(next, 256 * 1024) {
-            Ok(r) => r,
-            Err(e) => return log_error(e),
-        };
-        if read.batches.is_empty() {
-            break;
-        }
-        let mut rest = &read.batches[..];
-        while !rest.is_empty() && events.len() < limit && bytes < max_bytes {
-            let (view, tail) = match BatchView::parse(rest) {
-                Ok(v) => v,
-                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("stored batch unreadable: {e}")),
-            };
-            let records = match view.records(&mut scratch) {
-                Ok(r) => r,
-                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("stored batch unreadable: {e}")),
-            };
-            for record in records {
-                let Ok(record) = record else { break };
-                let offset = view.base_offset().saturating_add(u64::from(record.offset_delta));
-                if offset < next || events.len() >= limit || bytes >= max_bytes {
-                    continue;
-                }
-                let payload = serde_json::from_slice::<serde_json::Value>(record.payload).unwrap_or_else(|_| {
-                    serde_json::Value::String(String::from_utf8_lossy(record.payload).into_owned())
-                });
-                events.push(json!({
-                    "offset": offset,
-                    "timestamp": record.timestamp,
-                    "key": record.key.map(|k| String::from_utf8_lossy(k).into_owned()),
-                    "payload": payload,
-                }));
-                bytes = bytes.saturating_add(record.payload.len());
-                next = offset + 1;
-            }
-            rest = tail;
-        }
-    }
-    Json(json!({
-        "topic": topic_name,
-        "partition": partition.id(),
-        "events": events,
-        "next_offset": next,
-        "log_end_offset": partition.end_offset(),
-    }))
-    .into_response()
 }
 
 async fn list_topics(State(shared): State<Arc<Shared>>) -> Response {

@@ -5,6 +5,7 @@ pub mod config;
 pub mod demo;
 pub mod dlq;
 pub mod log_check;
+pub mod pipelines;
 pub mod reload;
 pub mod run;
 pub mod send;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use flowgate_client::Client;
 use flowgate_core::BatchView;
+use flowgate_server::envelope::envelope;
 
 /// Arguments of `flowgate tail`.
 #[derive(clap::Args)]
@@ -47,35 +48,6 @@ pub enum Format {
     Payload,
     /// The envelope as a JSON object.
     Json,
-}
-
-/// Bytes as JSON: a string when they are UTF-8, else `{"base64": …}`.
-fn bytes_json(bytes: &[u8]) -> serde_json::Value {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => serde_json::Value::String(text.to_owned()),
-        Err(_) => {
-            use base64::Engine as _;
-            serde_json::json!({ "base64": base64::engine::general_purpose::STANDARD.encode(bytes) })
-        }
-    }
-}
-
-/// One stored event as `--format json` prints it.
-fn envelope(topic: &str, partition: u32, offset: u64, record: &flowgate_core::RecordRef<'_>) -> serde_json::Value {
-    let headers: serde_json::Map<String, serde_json::Value> =
-        record.headers().map(|(name, value)| (name.to_owned(), bytes_json(value))).collect();
-    let payload =
-        serde_json::from_slice::<serde_json::Value>(record.payload).unwrap_or_else(|_| bytes_json(record.payload));
-    serde_json::json!({
-        "topic": topic,
-        "partition": partition,
-        "offset": offset,
-        "key": record.key.map(bytes_json),
-        "timestamp": record.timestamp,
-        "client_id": record.client_id.map(bytes_json),
-        "headers": headers,
-        "payload": payload,
-    })
 }
 
 enum Start {
