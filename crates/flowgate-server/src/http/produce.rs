@@ -9,6 +9,7 @@
 //! refuses the request, naming the event.
 
 use std::borrow::Cow;
+use std::convert::Infallible;
 
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -77,8 +78,8 @@ pub(super) struct Plan<'r> {
 }
 
 /// A field path from the query: absent keeps the config's, empty turns the field off.
-fn path_param(name: &str, value: Option<String>, configured: &mut Option<FieldPath>) -> Result<bool, Refusal> {
-    let Some(value) = value else { return Ok(false) };
+fn path_param(name: &str, value: Option<String>, configured: &mut Option<FieldPath>) -> Result<(), Refusal> {
+    let Some(value) = value else { return Ok(()) };
     *configured = if value.is_empty() {
         None
     } else {
@@ -88,7 +89,7 @@ fn path_param(name: &str, value: Option<String>, configured: &mut Option<FieldPa
                 .map_err(|e| Refusal::bad_query(format!("query parameter {name}: `{shown}` {e}")))?,
         )
     };
-    Ok(true)
+    Ok(())
 }
 
 impl<'r> Plan<'r> {
@@ -187,7 +188,8 @@ impl<'r> Plan<'r> {
         let mut filled = Filled { events: 0, bytes: 0, keyed: false };
         let parsed: Result<usize, BodyError<FieldError>> = if self.is_plain() {
             // Two loops rather than a check per event: an untraced request pays nothing.
-            match traced {
+            // Their handlers cannot fail, so the parse has no error to check per event.
+            let plain: Result<usize, BodyError<Infallible>> = match traced {
                 None => parse_body(body, |e| {
                     builder.push_payload(now, None, e);
                     filled.bytes += e.len() as u64;
@@ -205,7 +207,11 @@ impl<'r> Plan<'r> {
                         Ok(())
                     })
                 }
-            }
+            };
+            plain.map_err(|e| match e {
+                BodyError::Invalid(message) => BodyError::Invalid(message),
+                BodyError::Event { error, .. } => match error {},
+            })
         } else {
             let mut marked = self.headers.clone();
             let mut firsts = traced.map(|(header, partitions)| {
