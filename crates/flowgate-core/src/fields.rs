@@ -220,7 +220,7 @@ fn text_or_number(raw: &RawValue) -> Result<Option<Cow<'_, [u8]>>, &'static str>
     let text = raw.get();
     match text.as_bytes().first() {
         Some(b'n') => Ok(None),
-        Some(b'"') => Ok(Some(match string(text) {
+        Some(b'"') => Ok(Some(match string(text).ok_or(NOT_CHARACTERS)? {
             Cow::Borrowed(s) => Cow::Borrowed(s.as_bytes()),
             Cow::Owned(s) => Cow::Owned(s.into_bytes()),
         })),
@@ -229,14 +229,17 @@ fn text_or_number(raw: &RawValue) -> Result<Option<Cow<'_, [u8]>>, &'static str>
     }
 }
 
-/// The value of a raw JSON string, borrowed unless it holds escapes.
-fn string(raw: &str) -> Cow<'_, str> {
+/// What a string is whose `\\u` escapes name no character (a lone surrogate).
+const NOT_CHARACTERS: &str = "a string with an escape that is no character (a lone surrogate)";
+
+/// The value of a raw JSON string, borrowed unless it holds escapes; `None` when an
+/// escape names no character (the event scan skips strings without checking that).
+fn string(raw: &str) -> Option<Cow<'_, str>> {
     let inner = &raw[1..raw.len() - 1];
     if !inner.contains('\\') {
-        return Cow::Borrowed(inner);
+        return Some(Cow::Borrowed(inner));
     }
-    // Valid JSON (the scan checked it), so this cannot fail; an empty string if it did.
-    Cow::Owned(serde_json::from_str::<String>(raw).unwrap_or_default())
+    serde_json::from_str::<String>(raw).ok().map(Cow::Owned)
 }
 
 /// The event time in a raw value; `None` for `null`.
@@ -247,7 +250,10 @@ fn time(raw: &RawValue, unit: TimestampUnit) -> Result<Option<i64>, String> {
         return Ok(None);
     }
     let parsed = match (unit, first) {
-        (TimestampUnit::Rfc3339, Some(b'"')) => timestamp::parse_rfc3339(&string(text)),
+        (TimestampUnit::Rfc3339, Some(b'"')) => match string(text) {
+            Some(s) => timestamp::parse_rfc3339(&s),
+            None => return Err(format!("is {NOT_CHARACTERS}")),
+        },
         (TimestampUnit::Rfc3339, _) => {
             return Err(format!(
                 "is {}; timestamp_unit rfc3339 takes a string such as \"2026-11-24T10:00:00Z\"",
@@ -434,9 +440,14 @@ mod tests {
         assert_eq!(key_of(&s, r#"{"k":"first","k":"last"}"#), Ok(Some(b"last".to_vec())));
         assert_eq!(key_of(&s, r#"{"other":1}"#), Ok(None));
         assert_eq!(key_of(&s, r#"{"k":null}"#), Ok(None));
-        for bad in [r#"{"k":{"a":1}}"#, r#"{"k":[1]}"#, r#"{"k":true}"#] {
+        // A lone surrogate passes the event scan but is no character: refused, never
+        // stored as some other key.
+        for bad in [r#"{"k":{"a":1}}"#, r#"{"k":[1]}"#, r#"{"k":true}"#, r#"{"k":"\ud800a"}"#, r#"{"k":"\udc00"}"#] {
             assert_eq!(key_of(&s, bad), Err("bad_key"), "{bad}");
         }
+        let c = spec(None, Some("t"), TimestampUnit::Rfc3339, Some("id"));
+        assert_eq!(c.extract(br#"{"id":"\ud800"}"#).unwrap_err().reason(), "bad_client_id");
+        assert_eq!(c.extract(br#"{"t":"\ud800"}"#).unwrap_err().reason(), "bad_timestamp");
         for broken in ["[1]", "{", r#"{"k":"a"} x"#, r#"{"k":"a",}"#, "", "\"k\""] {
             assert_eq!(key_of(&s, broken), Err("invalid_json"), "{broken}");
         }

@@ -86,6 +86,13 @@ pub async fn alter(
     updates: &[SettingUpdate],
 ) -> Result<(Vec<SettingValue>, Vec<SettingValue>), LogError> {
     let change = to_change(updates)?;
+    if flowgate_engine::runtime::replay::is_engine_topic(name) {
+        // A short retention here would delete dead letters nobody has looked at.
+        return Err(LogError::InvalidTopicName {
+            name: name.to_owned(),
+            reason: "its settings are the engine's (dead letters and their replays); they follow the config",
+        });
+    }
     let log = shared.ingest.log().clone();
     let topic = log.topic(name).ok_or_else(|| LogError::UnknownTopic(name.to_owned()))?;
     let suspended = topic.settings_error().is_some();

@@ -32,6 +32,11 @@ batch = {{ max_events = 200, max_wait_ms = 20 }}
     )
 }
 
+const SLOW: &str = r#"[[pipelines.processors]]
+type = "remap"
+source = '.h = length(encode_json(encode_json(encode_json(encode_json(encode_json(encode_json(encode_json(encode_json(encode_json(.))))))))))'
+"#;
+
 const MARK: &str = r#"[[pipelines.processors]]
 type = "remap"
 source = '.reloaded = true'
@@ -351,10 +356,13 @@ fn a_reload_refuses_what_would_not_start_outlives_its_client_and_yields_to_shutd
 fn a_reordered_config_restarts_nothing_and_a_kill_during_a_reload_loses_and_repeats_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("flowgate.toml");
-    write(&config, &format!("{}{}", pipeline("a", ""), pipeline("b", "")));
+    // `a` hashes every event a few times over, so that on a fast machine it is still
+    // writing its backlog when the kill comes.
+    let slow = |extra: &str| pipeline("a", &format!("{SLOW}{extra}"));
+    write(&config, &format!("{}{}", slow(""), pipeline("b", "")));
     let engine = EngineProcess::start_with(dir.path(), Some(&config), &[("FLOWGATE_LOG__DEFAULT_PARTITIONS", "2")]);
     // The same pipelines in another order: nothing to restart.
-    write(&config, &format!("{}{}", pipeline("b", ""), pipeline("a", "")));
+    write(&config, &format!("{}{}", pipeline("b", ""), slow("")));
     let (status, report) = reload(&engine);
     assert_eq!(status, 200, "{report}");
     assert_eq!(names(&report["pipelines"]["unchanged"]), ["a", "b"], "{report}");
@@ -372,7 +380,7 @@ fn a_reordered_config_restarts_nothing_and_a_kill_during_a_reload_loses_and_repe
     });
     let out_a = dir.path().join("out-a");
     poll_until("a to be writing", Duration::from_secs(30), || !common::file_sink_ids(&out_a, "-").0.is_empty());
-    write(&config, &format!("{}{}", pipeline("b", ""), pipeline("a", MARK)));
+    write(&config, &format!("{}{}", pipeline("b", ""), slow(MARK)));
     engine.signal("HUP");
     poll_until("the reload to be under way", Duration::from_secs(10), || {
         engine.log().contains("applying the new config")
