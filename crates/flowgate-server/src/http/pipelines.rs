@@ -117,7 +117,9 @@ pub fn parse_reset_to(to: &serde_json::Value) -> Result<ResetTo, String> {
     let time = match to {
         serde_json::Value::String(s) if s == "earliest" => return Ok(ResetTo::Earliest),
         serde_json::Value::String(s) if s == "latest" => return Ok(ResetTo::Latest),
-        serde_json::Value::String(s) => s.parse::<i64>().ok().or_else(|| flowgate_core::timestamp::parse_rfc3339(s).ok()),
+        serde_json::Value::String(s) => {
+            s.parse::<i64>().ok().or_else(|| flowgate_core::timestamp::parse_rfc3339(s).ok())
+        }
         serde_json::Value::Number(n) => n.as_i64(),
         _ => None,
     };
