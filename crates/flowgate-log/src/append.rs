@@ -158,6 +158,18 @@ impl Written {
     }
 }
 
+/// `partition P offsets A..=B, …`: what an error names as stored.
+impl std::fmt::Display for Written {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, part) in self.parts.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            let (first, end) = (part.outcome.first_offset, part.outcome.end_offset());
+            write!(f, "{sep}partition {} offsets {first}..={}", part.partition.id(), end.saturating_sub(1))?;
+        }
+        Ok(())
+    }
+}
+
 /// How a writer appends: the codec of the batches it encodes, the rule for its producer
 /// sequences, and what to tell of each write. Cheap to clone.
 #[derive(Clone)]
@@ -369,19 +381,11 @@ impl Appender {
                 Ok(part) => parts.push(part),
                 Err(e) if parts.is_empty() => return Err(e),
                 Err(e) => {
-                    let stored = parts
-                        .iter()
-                        .map(|part| {
-                            format!(
-                                "partition {} offsets {}..={}",
-                                part.partition.id(),
-                                part.outcome.first_offset,
-                                part.outcome.end_offset().saturating_sub(1)
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    return Err(LogError::PartiallyStored { stored, failed_partition: p, source: Box::new(e) });
+                    return Err(LogError::PartiallyStored {
+                        stored: Written { parts },
+                        failed_partition: p,
+                        source: Box::new(e),
+                    });
                 }
             }
         }
@@ -494,6 +498,41 @@ mod tests {
         assert!(matches!(err, LogError::Io { .. }), "{err}");
         let after: Vec<u64> = topic.partitions().iter().map(|p| p.end_offset()).collect();
         assert_eq!(before, after);
+    }
+
+    #[tokio::test]
+    async fn a_split_failing_part_way_names_exactly_the_parts_it_stored_and_they_become_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig { segment_bytes: 1024, fsync: crate::FsyncPolicy::Always, ..LogConfig::default() };
+        let log = Log::open(dir.path(), config).unwrap();
+        let topic = log.create_topic("t", 2).unwrap();
+        let appender = Appender::new(Codec::None);
+        let mut scratch = Scratch::default();
+        let (k0, k1) = (key_in(0, 2), key_in(1, 2));
+        // Partition 1's next append must start a segment, and its directory is gone: the
+        // write fails after partition 0's part (partition order) was stored.
+        let big = vec![b'x'; 2000];
+        let mut b = BatchBuilder::new();
+        b.push_payload(1, Some(k1.as_bytes()), &big);
+        let mut first = b.finish(Codec::None, ProducerStamp::default()).unwrap().bytes;
+        topic.partition(1).unwrap().append(&mut first).unwrap();
+        std::fs::remove_dir_all(topic.partition(1).unwrap().dir()).unwrap();
+        let err = appender
+            .append_encoded(&topic, Route::ByKey, &mut keyed_batch(&[&k0, &k1, &k0]), &mut scratch)
+            .unwrap_err();
+        let LogError::PartiallyStored { stored, failed_partition, .. } = &err else { panic!("{err}") };
+        assert_eq!(*failed_partition, 1);
+        assert_eq!(stored.acks(), vec![Ack { partition: 0, first_offset: 0, record_count: 2 }]);
+        assert!(err.to_string().contains("partition 0 offsets 0..=1"), "{err}");
+        assert_eq!(stored.events(), 2);
+        stored.durable().await.unwrap();
+        let p0 = topic.partition(0).unwrap();
+        assert_eq!(p0.durable_offset(), 2, "what the error names as stored is durable once awaited");
+        assert_eq!(stored_keys(p0), vec![k0.clone(), k0]);
+    }
+
+    fn stored_keys(partition: &Partition) -> Vec<String> {
+        stored(partition).into_iter().map(|(k, _)| String::from_utf8(k.unwrap()).unwrap()).collect()
     }
 
     #[test]

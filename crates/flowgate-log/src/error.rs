@@ -146,8 +146,10 @@ pub enum LogError {
          resend only the records of the partitions not listed as stored"
     )]
     PartiallyStored {
-        /// The parts that were stored, as `partition P offsets A..=B` items.
-        stored: String,
+        /// The parts that were stored (shown as `partition P offsets A..=B` items). A
+        /// caller that tells a client what was stored waits for their durability first
+        /// ([`crate::Written::durable`]), as for a whole append.
+        stored: crate::append::Written,
         /// The partition whose append failed.
         failed_partition: u32,
         /// Why it failed.

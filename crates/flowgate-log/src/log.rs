@@ -177,14 +177,28 @@ impl Log {
 
     /// Changes a topic's settings; returns them before and after. The new settings are
     /// durable when this returns, and appends and retention use them from then on. A
-    /// topic whose settings file was unreadable gets a new one: `change` applied to no
-    /// settings of its own.
+    /// topic whose settings file was unreadable gets a new one only from a change that
+    /// gives every setting ([`SettingsChange::sets_everything`]); any other change is
+    /// refused, as its earlier settings are unknown.
     pub fn alter_topic(&self, name: &str, change: &SettingsChange) -> Result<(TopicSettings, TopicSettings)> {
         let _guard = self.inner.create_lock.lock();
         let topic = self.topic(name).ok_or_else(|| LogError::UnknownTopic(name.to_owned()))?;
         let before = topic.settings();
         let after = before.apply(change);
-        let repair = topic.settings_error().is_some();
+        let damaged = topic.settings_error();
+        let repair = damaged.is_some();
+        if let Some(damage) = damaged.filter(|_| !change.sets_everything()) {
+            // The earlier settings are unknown: a file holding only this change would
+            // let retention resume with the defaults in place of the lost limits.
+            return Err(LogError::InvalidSetting {
+                setting: "settings",
+                reason: format!(
+                    "the topic's settings file is unreadable ({damage}), so its earlier settings are unknown; \
+                     give every setting (retention_ms, retention_bytes, compression; null for the default) to \
+                     write a new file"
+                ),
+            });
+        }
         if after == before && !repair {
             tracing::info!(topic = name, "topic settings unchanged");
             return Ok((before, after));
@@ -224,9 +238,14 @@ impl Log {
         let now = flowgate_core::time::now_ms();
         let mut total = (0, 0);
         for topic in self.topics() {
-            let Some(retention) = topic.retention(&self.inner.config) else { continue };
             for p in topic.partitions() {
-                let (n, b) = p.enforce_retention(now, retention)?;
+                // Each partition under the limits of the moment: a change acknowledged
+                // mid-pass applies to the partitions after it.
+                let config = &self.inner.config;
+                let Some(result) = topic.under_retention(config, |limits| p.enforce_retention(now, limits)) else {
+                    break;
+                };
+                let (n, b) = result?;
                 total.0 += n;
                 total.1 += b;
             }

@@ -78,6 +78,16 @@ pub struct SettingsChange {
     pub compression: Change<Codec>,
 }
 
+impl SettingsChange {
+    /// True when every setting is given (set or unset), so the result does not depend on
+    /// what the topic had.
+    pub fn sets_everything(&self) -> bool {
+        !matches!(self.retention_ms, Change::Keep)
+            && !matches!(self.retention_bytes, Change::Keep)
+            && !matches!(self.compression, Change::Keep)
+    }
+}
+
 /// The retention limits of one partition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Retention {

@@ -155,6 +155,15 @@ impl Topic {
         loaded.error.is_none().then(|| loaded.settings.retention(config))
     }
 
+    /// Runs `enforce` with [`Topic::retention`]'s limits while they hold: a settings
+    /// change waits for it to end, so once a change is acknowledged no deletion under
+    /// the old limits is still under way. `None` (nothing run) while the settings file
+    /// is unreadable.
+    pub fn under_retention<R>(&self, config: &LogConfig, enforce: impl FnOnce(Retention) -> R) -> Option<R> {
+        let loaded = self.settings.read();
+        loaded.error.is_none().then(|| enforce(loaded.settings.retention(config)))
+    }
+
     /// Stores new settings (the file first, then what appends and retention read).
     /// The caller serializes changes.
     pub(crate) fn store_settings(&self, settings: TopicSettings) -> Result<()> {

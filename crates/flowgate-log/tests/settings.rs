@@ -167,8 +167,16 @@ fn a_damaged_settings_file_suspends_retention_until_the_settings_are_written_aga
         "left as found"
     );
 
-    // Any change writes a whole new file: what it names, the defaults for the rest.
-    log.alter_topic("t", &SettingsChange { retention_ms: Change::Set(0), ..Default::default() }).unwrap();
+    // A change of some settings is refused: the rest are unknown, and the defaults in
+    // their place would delete what the topic meant to keep.
+    let err = log.alter_topic("t", &SettingsChange { retention_ms: Change::Set(0), ..Default::default() }).unwrap_err();
+    assert!(err.to_string().contains("give every setting"), "{err}");
+    assert!(t.settings_error().is_some());
+    assert_eq!(log.enforce_retention().unwrap().0, 0, "still nothing deleted");
+    // One giving every setting writes a whole new file.
+    let every =
+        SettingsChange { retention_ms: Change::Set(0), retention_bytes: Change::Unset, compression: Change::Unset };
+    log.alter_topic("t", &every).unwrap();
     assert_eq!(t.settings_error(), None);
     assert_eq!(t.settings(), TopicSettings { retention_ms: Some(0), ..Default::default() });
     drop(log);

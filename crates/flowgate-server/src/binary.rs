@@ -67,6 +67,12 @@ enum Reply {
         frame: Vec<u8>,
         correlation_id: u32,
     },
+    /// A PARTIALLY_STORED answer, sent once the parts it names as stored are durable.
+    PartlyStored {
+        stored: Written,
+        frame: Vec<u8>,
+        correlation_id: u32,
+    },
     Fetch(FetchReply),
     Close(Vec<u8>),
 }
@@ -192,6 +198,10 @@ async fn write_replies(
                         Err(e) => buf.extend_from_slice(&error_frame(correlation_id, error_code(&e), &e.to_string())),
                     }
                 }
+                Reply::PartlyStored { stored, frame, correlation_id } => match stored.durable().await {
+                    Ok(()) => buf.extend_from_slice(&frame),
+                    Err(e) => buf.extend_from_slice(&error_frame(correlation_id, error_code(&e), &e.to_string())),
+                },
                 Reply::Fetch(fetch) => {
                     if let Some(wait) = fetch.wait {
                         let _ = wait.await;
@@ -548,6 +558,15 @@ impl Connection<'_> {
                                 frame: error_frame(correlation_id, error_code(&e), &e.to_string()),
                                 correlation_id,
                             };
+                        }
+                    }
+                    LogError::PartiallyStored { .. } => {
+                        let frame = error_frame(correlation_id, error_code(&e), &e.to_string());
+                        if let LogError::PartiallyStored { stored, .. } = e {
+                            let total =
+                                BatchHeader::parse(batch).map_or(stored.events(), |h| u64::from(h.record_count));
+                            self.counters(topic_name).accepted_part(stored.events(), total, payload_bytes);
+                            return Reply::PartlyStored { stored, frame, correlation_id };
                         }
                     }
                     _ => {}

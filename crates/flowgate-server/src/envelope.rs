@@ -17,10 +17,21 @@ pub fn bytes_json(bytes: &[u8]) -> Value {
 }
 
 /// One stored event: `key` and `client_id` null when absent, header values and
-/// non-JSON payloads as [`bytes_json`], a JSON payload as itself.
+/// non-JSON payloads as [`bytes_json`], a JSON payload as itself. A header stored more
+/// than once shows as an array of its values in stored order (a single value is never
+/// an array).
 pub fn envelope(topic: &str, partition: u32, offset: u64, record: &flowgate_core::RecordRef<'_>) -> Value {
-    let headers: Map<String, Value> =
-        record.headers().map(|(name, value)| (name.to_owned(), bytes_json(value))).collect();
+    let mut headers = Map::new();
+    for (name, value) in record.headers() {
+        let value = bytes_json(value);
+        match headers.get_mut(name) {
+            None => {
+                headers.insert(name.to_owned(), value);
+            }
+            Some(Value::Array(values)) => values.push(value),
+            Some(first) => *first = Value::Array(vec![first.take(), value]),
+        }
+    }
     let payload = serde_json::from_slice::<Value>(record.payload).unwrap_or_else(|_| bytes_json(record.payload));
     json!({
         "topic": topic,
@@ -71,7 +82,20 @@ mod tests {
                    "client_id": {"base64": "/g=="}, "headers": {"h": "v"}, "payload": {"a": 1}})
         );
         let second = envelope("t", 2, 41, &records[1]);
+        assert_eq!(second["headers"], json!({}));
         assert_eq!((second["key"].clone(), second["payload"].clone()), (Value::Null, json!("not json")));
         assert_eq!(approx_len(&records[0]), 7 + 1 + 1 + 2);
+    }
+
+    #[test]
+    fn a_header_stored_several_times_shows_every_value_in_order() {
+        let mut b = flowgate_core::BatchBuilder::new();
+        let headers = [("x", &b"1"[..]), ("y", &b"only"[..]), ("x", &[0xff][..]), ("x", &b"3"[..])];
+        b.push(1, None, None, headers.into_iter(), b"{}");
+        let batch = b.finish(flowgate_core::Codec::None, flowgate_core::ProducerStamp::default()).unwrap();
+        let (view, _) = flowgate_core::BatchView::parse(&batch.bytes).unwrap();
+        let mut scratch = Vec::new();
+        let record = view.records(&mut scratch).unwrap().next().unwrap().unwrap();
+        assert_eq!(envelope("t", 0, 0, &record)["headers"], json!({"x": ["1", {"base64": "/w=="}, "3"], "y": "only"}));
     }
 }

@@ -138,6 +138,13 @@ impl TopicCounters {
         self.events.inc_by(events);
         self.bytes.inc_by(bytes);
     }
+
+    /// Counts the `stored` events of a batch of `events` events and `bytes` payload bytes
+    /// that was stored only in part, with their share of the bytes.
+    pub fn accepted_part(&self, stored: u64, events: u64, bytes: u64) {
+        let share = u128::from(bytes) * u128::from(stored) / u128::from(events.max(1));
+        self.accepted(stored, u64::try_from(share).unwrap_or(bytes));
+    }
 }
 
 impl Metrics {

@@ -23,6 +23,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use flowgate_log::LogError;
+
 use crate::config::NdjsonAck;
 use crate::ingest::{Route, Scratch, Written};
 use crate::metrics::IngestPath;
@@ -59,6 +61,10 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
     // so the splitter need not.
     let fields = &shared.fields.spec;
     let read_fields = !fields.is_empty();
+    // Copies of a read's records an append needs: the builder and one encoded batch, or
+    // with keys (a split) also the whole batch, its records decompressed and the
+    // per-partition builders.
+    let copies: usize = if fields.key.is_some() { 5 } else { 2 };
     let mut splitter = if read_fields { LineSplitter::unvalidated(max_line) } else { LineSplitter::new(max_line) };
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut charge = shared.charge();
@@ -129,7 +135,7 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
         // charged before they are allocated, for as many events as the bytes could hold.
         let buffer_charge = buf.capacity().saturating_sub(READ_CHUNK);
         let records = crate::fields::records_len(fields, buf.len(), max_events(&buf), 0);
-        let working = records.saturating_mul(2).saturating_sub(2 * READ_CHUNK);
+        let working = records.saturating_mul(copies).saturating_sub(2 * READ_CHUNK);
         if working > 0 {
             let wait = charge.grow_to(buffer_charge.saturating_add(working));
             if !matches!(tokio::time::timeout(line_timeout, wait).await, Ok(Ok(()))) {
@@ -217,6 +223,28 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
                     counters.accepted(u64::from(events), bytes);
                     stored = Some(written);
                 }
+                Err(LogError::PartiallyStored { stored: part, failed_partition, source }) => {
+                    // What is named as stored must be durable first, as for a whole append.
+                    let durable = part.durable().await;
+                    let kept = if durable.is_ok() { part.events() } else { 0 };
+                    counters.accepted_part(kept, u64::from(events), bytes);
+                    metrics.rejected(IngestPath::Ndjson, "partially_stored", u64::from(events).saturating_sub(kept));
+                    tracing::error!(error = %source, failed_partition, "NDJSON append stored in part; closing connection");
+                    if ack {
+                        let mut line = serde_json::json!({
+                            "error": format!(
+                                "storage error: partition {failed_partition} failed ({source}); the lines through \
+                                 {} were stored only in the partitions listed", splitter.lines),
+                            "reason": "partially_stored",
+                            "last_line": splitter.lines,
+                            "fatal": true,
+                        });
+                        line["partitions"] =
+                            if durable.is_ok() { partitions_json(&part) } else { serde_json::json!([]) };
+                        reply_line(&mut replies, line);
+                    }
+                    break;
+                }
                 Err(e) => {
                     metrics.rejected(IngestPath::Ndjson, "storage_error", u64::from(events));
                     tracing::error!(error = %e, "NDJSON append failed; closing connection");
@@ -240,10 +268,7 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
                     line["partition"] = one.partition.into();
                     line["first_offset"] = one.first_offset.into();
                 }
-                line["partitions"] = acks
-                    .iter()
-                    .map(|a| serde_json::json!({"partition": a.partition, "first_offset": a.first_offset, "stored": a.record_count}))
-                    .collect();
+                line["partitions"] = partitions_json(written);
             }
             reply_line(&mut replies, line);
         }
@@ -285,4 +310,15 @@ async fn write_replies(stream: &mut TcpStream, replies: &mut Vec<u8>, timeout: D
     replies.clear();
     replies.shrink_to(READ_CHUNK);
     ok
+}
+
+/// Each partition's part of a stored read: `[{"partition", "first_offset", "stored"}]`.
+fn partitions_json(written: &Written) -> serde_json::Value {
+    written
+        .acks()
+        .iter()
+        .map(
+            |a| serde_json::json!({"partition": a.partition, "first_offset": a.first_offset, "stored": a.record_count}),
+        )
+        .collect()
 }

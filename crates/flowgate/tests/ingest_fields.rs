@@ -417,3 +417,81 @@ fn send_reads_keys_times_in_a_unit_and_client_ids_from_fields() {
     assert_ne!(code, 0);
     assert!(err.contains("ms, s, us or rfc3339"), "{err}");
 }
+
+#[test]
+fn a_keyed_request_whose_split_fails_part_way_names_exactly_the_durable_parts_it_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = EngineProcess::start(
+        dir.path(),
+        &[
+            ("FLOWGATE_INGEST__KEY_FIELD", "device"),
+            ("FLOWGATE_INGEST__NDJSON_ACK", "batch"),
+            ("FLOWGATE_LOG__SEGMENT_BYTES", "1024"),
+            ("FLOWGATE_INGEST__NDJSON_TOPIC", "orders"),
+        ],
+    );
+    create_topic(&engine, "orders", 2);
+    let key_in = |p: u32| (0..).map(|i| format!("d{i}")).find(|k| partition_for_key(k.as_bytes(), 2) == p).unwrap();
+    let (k0, k1) = (key_in(0), key_in(1));
+    // Partition 1's next write must start a new segment, in a directory that is gone (a
+    // disk failing under one partition): it fails after partition 0's part is written.
+    let big = "x".repeat(2000);
+    let (status, answer) =
+        engine.http("POST", "/v1/topics/orders/events", format!(r#"{{"device":"{k1}","pad":"{big}"}}"#).as_bytes());
+    assert_eq!(status, 200, "{answer}");
+    std::fs::remove_dir_all(dir.path().join("topics/orders/1")).unwrap();
+
+    let body = format!(r#"[{{"device":"{k0}","n":1}},{{"device":"{k1}","n":2}},{{"device":"{k0}","n":3}}]"#);
+    let (status, answer) = engine.http("POST", "/v1/topics/orders/events", body.as_bytes());
+    assert_eq!(status, 500, "{answer}");
+    let answer = json(&answer);
+    assert_eq!(answer["reason"], "partially_stored", "{answer}");
+    assert_eq!(answer["failed_partition"], 1, "{answer}");
+    assert_eq!(answer["stored"]["accepted"], 2, "{answer}");
+    assert_eq!(answer["stored"]["partitions"], serde_json::json!([{"partition": 0, "offsets": [0, 1], "accepted": 2}]));
+    let stored: Vec<u64> =
+        read_partition(&engine, "orders", 0).iter().map(|e| e["payload"]["n"].as_u64().unwrap()).collect();
+    assert_eq!(stored, [1, 3], "exactly what the answer names is stored");
+    assert_eq!(engine.metric("flowgate_ingest_rejected_total{path=\"http\",reason=\"partially_stored\"}"), 1.0);
+
+    // The same over NDJSON: a fatal line names the parts stored; the rest is counted.
+    let input =
+        format!("{{\"device\":\"{k0}\",\"n\":4}}\n{{\"device\":\"{k1}\",\"n\":5}}\n{{\"device\":\"{k0}\",\"n\":6}}\n");
+    let stream = TcpStream::connect(engine.ndjson).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    (&stream).write_all(input.as_bytes()).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let replies: Vec<Value> = BufReader::new(stream).lines().map_while(Result::ok).map(|l| json(&l)).collect();
+    let last = replies.last().unwrap_or_else(|| panic!("a fatal line: {replies:?}"));
+    assert_eq!(
+        (last["reason"].as_str(), last["fatal"].as_bool()),
+        (Some("partially_stored"), Some(true)),
+        "{replies:?}"
+    );
+    assert_eq!(last["partitions"], serde_json::json!([{"partition": 0, "first_offset": 2, "stored": 2}]), "{last}");
+    let stored: Vec<u64> =
+        read_partition(&engine, "orders", 0).iter().map(|e| e["payload"]["n"].as_u64().unwrap()).collect();
+    assert_eq!(stored, [1, 3, 4, 6]);
+    assert_eq!(engine.metric("flowgate_ingest_rejected_total{path=\"ndjson\",reason=\"partially_stored\"}"), 1.0);
+
+    // And a client's PRODUCE: PARTIALLY_STORED names the part stored.
+    let mut b = flowgate_core::BatchBuilder::new();
+    for (k, n) in [(&k1, 7), (&k0, 8)] {
+        b.push_payload(1, Some(k.as_bytes()), format!(r#"{{"n":{n}}}"#).as_bytes());
+    }
+    let batch = b.finish(flowgate_core::Codec::None, flowgate_core::ProducerStamp::default()).unwrap();
+    let err = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let client = flowgate_client::Client::connect(&engine.binary.to_string()).await.unwrap();
+        client.produce("orders", bytes::Bytes::from(batch.bytes), flowgate_core::ProducerStamp::default()).await
+    });
+    match err {
+        Err(flowgate_client::ClientError::Server { code, message }) => {
+            assert_eq!(code, flowgate_protocol::ErrorCode::PartiallyStored, "{message}");
+            assert!(message.contains("partition 0 offsets 4..=4"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let stored: Vec<u64> =
+        read_partition(&engine, "orders", 0).iter().map(|e| e["payload"]["n"].as_u64().unwrap()).collect();
+    assert_eq!(stored, [1, 3, 4, 6, 8]);
+}

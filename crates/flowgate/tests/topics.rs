@@ -358,9 +358,16 @@ fn an_old_data_dir_opens_and_a_damaged_settings_file_suspends_only_its_topics_re
     assert_eq!(start_offset(&engine, "bad"), 0, "nothing deleted on a guess");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), text.replace(r#""retention_ms":0"#, r#""retention_ms":9"#));
 
-    // Writing the settings again repairs the topic.
-    let (code, out, err) =
-        cli(&["topics", "alter", "bad", "--retention-ms", "0", "--addr", &engine.binary.to_string()], None);
+    // A change of one setting is refused: the others are unknown, and falling back to the
+    // defaults (one second) would delete what the topic meant to keep.
+    let addr = engine.binary.to_string();
+    let (code, out, err) = cli(&["topics", "alter", "bad", "--retention-ms", "0", "--addr", &addr], None);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("give every setting"), "{err}");
+    assert_eq!(describe(&engine, "bad")["settings_error"].as_str().map(|e| e.contains("checksum")), Some(true));
+    // Giving every setting repairs the topic.
+    let every = ["--retention-ms", "0", "--retention-bytes", "default", "--compression", "default"];
+    let (code, out, err) = cli(&[&["topics", "alter", "bad"][..], &every, &["--addr", &addr]].concat(), None);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("(suspended) -> 0 (no limit) (topic)"), "{out}");
     let doc = describe(&engine, "bad");

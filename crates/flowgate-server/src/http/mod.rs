@@ -28,7 +28,7 @@ use serde_json::json;
 
 use crate::budget::Charge;
 use crate::ingest::Scratch;
-use crate::metrics::IngestPath;
+use crate::metrics::{IngestPath, Metrics};
 use crate::shared::Shared;
 use crate::trace::IngestTrace;
 
@@ -66,7 +66,12 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 fn log_error(e: LogError) -> Response {
-    let status = match &e {
+    error(log_status(&e), e.to_string())
+}
+
+/// The status that answers a storage error.
+fn log_status(e: &LogError) -> StatusCode {
+    match e {
         LogError::UnknownTopic(_) | LogError::UnknownPartition { .. } => StatusCode::NOT_FOUND,
         LogError::InvalidTopicName { .. }
         | LogError::InvalidSetting { .. }
@@ -76,8 +81,49 @@ fn log_error(e: LogError) -> Response {
         // A limit the operator set: retrying does not help until topics are deleted.
         LogError::PartitionLimit { .. } => StatusCode::INSUFFICIENT_STORAGE,
         _ => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// Answers a refused produce request, `{"error": …, "reason": …}`, counted in
+/// `flowgate_ingest_rejected_total{path="http",reason}`.
+fn refuse(metrics: &Metrics, status: StatusCode, reason: &'static str, message: impl Into<String>) -> Response {
+    metrics.rejected(IngestPath::Http, reason, 1);
+    (status, Json(json!({"error": message.into(), "reason": reason}))).into_response()
+}
+
+/// Answers a produce request the log refused, counted like every refusal.
+fn refuse_stored(metrics: &Metrics, e: LogError) -> Response {
+    let reason = match &e {
+        LogError::UnknownTopic(_) => "unknown_topic",
+        LogError::InvalidTopicName { .. } => "invalid_topic",
+        LogError::PartitionLimit { .. } => "partition_limit",
+        LogError::Closed => "shutting_down",
+        _ => "storage_error",
     };
-    error(status, e.to_string())
+    refuse(metrics, log_status(&e), reason, e.to_string())
+}
+
+/// Answers a keyed request whose split failed after some partitions' parts were stored:
+/// once those parts are durable (else it is a plain storage error), 500 with
+/// `reason="partially_stored"` and the parts stored, in the shape of a success's
+/// `partitions`. The stored events count as accepted.
+async fn partly_stored(metrics: &Metrics, topic_name: &str, e: LogError, (events, bytes): (u64, u64)) -> Response {
+    let LogError::PartiallyStored { stored, failed_partition, source } = e else { return refuse_stored(metrics, e) };
+    if let Err(e) = stored.durable().await {
+        return refuse_stored(metrics, e);
+    }
+    metrics.topic_counters(topic_name, IngestPath::Http).accepted_part(stored.events(), events, bytes);
+    metrics.rejected(IngestPath::Http, "partially_stored", 1);
+    let mut body = json!({
+        "error": format!(
+            "stored only in part: partition {failed_partition} failed ({source}); the events of the \
+             partitions listed in `stored` were stored, the others were not"
+        ),
+        "reason": "partially_stored",
+        "failed_partition": failed_partition,
+    });
+    body["stored"] = produce::answer(&stored);
+    (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
 }
 
 /// Reads a request body into memory charged to the ingest budget as it arrives, within
@@ -86,10 +132,11 @@ fn log_error(e: LogError) -> Response {
 async fn read_body(shared: &Shared, mut body: Body, charge: &mut Charge) -> Result<Vec<u8>, Response> {
     let metrics = shared.ingest.metrics();
     let limit = shared.config.max_http_body_bytes;
-    let too_large = |metrics: &crate::metrics::Metrics| {
-        metrics.rejected(IngestPath::Http, "body_too_large", 1);
-        error(
+    let too_large = |metrics: &Metrics| {
+        refuse(
+            metrics,
             StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
             format!("the body is over {limit} bytes (ingest.max_http_body_bytes); send smaller requests"),
         )
     };
@@ -97,9 +144,13 @@ async fn read_body(shared: &Shared, mut body: Body, charge: &mut Charge) -> Resu
         return Err(too_large(metrics));
     }
     let deadline = tokio::time::Instant::now() + shared.frame_timeout();
-    let timed_out = |metrics: &crate::metrics::Metrics| {
-        metrics.rejected(IngestPath::Http, "body_timeout", 1);
-        error(StatusCode::REQUEST_TIMEOUT, "the body did not arrive whole within ingest.frame_timeout_secs")
+    let timed_out = |metrics: &Metrics| {
+        refuse(
+            metrics,
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "the body did not arrive whole within ingest.frame_timeout_secs",
+        )
     };
     let mut out: Vec<u8> = Vec::new();
     loop {
@@ -108,8 +159,12 @@ async fn read_body(shared: &Shared, mut body: Body, charge: &mut Charge) -> Resu
             Err(_) => return Err(timed_out(metrics)),
             Ok(None) => return Ok(out),
             Ok(Some(Err(e))) => {
-                metrics.rejected(IngestPath::Http, "invalid_body", 1);
-                return Err(error(StatusCode::BAD_REQUEST, format!("the body could not be read: {e}")));
+                return Err(refuse(
+                    metrics,
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    format!("the body could not be read: {e}"),
+                ));
             }
             Ok(Some(Ok(frame))) => frame,
         };
@@ -124,8 +179,12 @@ async fn read_body(shared: &Shared, mut body: Body, charge: &mut Charge) -> Resu
             match tokio::time::timeout_at(deadline, charge.grow_to(target)).await {
                 Ok(Ok(())) => out.reserve_exact(target - out.len()),
                 Ok(Err(over)) => {
-                    metrics.rejected(IngestPath::Http, "over_budget", 1);
-                    return Err(error(StatusCode::PAYLOAD_TOO_LARGE, format!("{over}; send smaller requests")));
+                    return Err(refuse(
+                        metrics,
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "over_budget",
+                        format!("{over}; send smaller requests"),
+                    ));
                 }
                 Err(_) => return Err(timed_out(metrics)),
             }
@@ -162,14 +221,13 @@ async fn produce(shared: &Arc<Shared>, topic_name: &str, request: Request, trace
     // under `reject`, the request is refused unread).
     crate::memory::pause_while_pressed(shared, IngestPath::Http).await;
     if crate::memory::should_refuse(shared) {
-        metrics.rejected(IngestPath::Http, "memory_pressure", 1);
-        let mut response = error(StatusCode::SERVICE_UNAVAILABLE, crate::memory::REFUSED);
+        let mut response = refuse(metrics, StatusCode::SERVICE_UNAVAILABLE, "memory_pressure", crate::memory::REFUSED);
         response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         return response;
     }
     if shared.shutdown.is_cancelled() && crate::memory::should_pause(shared) {
         // The pause ended with the shutdown, not with room.
-        return error(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down");
+        return refuse(metrics, StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the server is shutting down");
     }
     let mut charge = shared.charge();
     let body = match read_body(shared, body, &mut charge).await {
@@ -178,22 +236,30 @@ async fn produce(shared: &Arc<Shared>, topic_name: &str, request: Request, trace
     };
     // The batch's records, then its encoded copy while it is appended, are charged
     // before they are allocated, for as many events as the body could hold (and the
-    // `traceparent` header the request's first events carry when it is traced).
+    // `traceparent` header the request's first events carry when it is traced). A
+    // request that may be split by key needs four copies besides the records: the whole
+    // batch, its records decompressed, the per-partition builders and one encoded part.
     let traced = trace.map(|t| (t.header(), produce::partitions_of(shared, topic_name)));
     let records = plan.records_len(body.len(), crate::parse::max_events(&body), traced.map(|(_, p)| p));
-    let working = body.capacity().saturating_add(records.saturating_mul(2));
+    let copies = if plan.may_split() { 5 } else { 2 };
+    let working = body.capacity().saturating_add(records.saturating_mul(copies));
     match tokio::time::timeout(shared.frame_timeout(), charge.grow_to(working)).await {
         Ok(Ok(())) => {}
         Ok(Err(over)) => {
-            metrics.rejected(IngestPath::Http, "over_budget", 1);
-            return error(
+            return refuse(
+                metrics,
                 StatusCode::PAYLOAD_TOO_LARGE,
+                "over_budget",
                 format!("storing this body needs {over}; send smaller requests"),
             );
         }
         Err(_) => {
-            metrics.rejected(IngestPath::Http, "busy", 1);
-            return error(StatusCode::SERVICE_UNAVAILABLE, "the server's ingest buffers are full; retry later");
+            return refuse(
+                metrics,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "the server's ingest buffers are full; retry later",
+            );
         }
     }
     let mut builder = BatchBuilder::with_capacity(records);
@@ -209,21 +275,22 @@ async fn produce(shared: &Arc<Shared>, topic_name: &str, request: Request, trace
     // Only a good body may create a topic.
     let topic = match shared.ingest.topic(topic_name) {
         Ok(t) => t,
-        Err(e) => return log_error(e),
+        Err(e) => return refuse_stored(metrics, e),
     };
     let append = trace.map(|t| t.append(topic_name, accepted));
     let mut scratch = Scratch::default();
-    let written = match shared.ingest.append_built(&topic, filled.route(), &mut builder, &mut scratch) {
+    let result = shared.ingest.append_built(&topic, filled.route(), &mut builder, &mut scratch);
+    drop((builder, scratch, charge));
+    let written = match result {
         Ok(w) => w,
         Err(e) => {
             append.as_ref().inspect(|s| crate::trace::failed(s));
-            return log_error(e);
+            return partly_stored(metrics, topic_name, e, (accepted, bytes)).await;
         }
     };
-    drop((builder, scratch, charge));
     if let Err(e) = written.durable().await {
         append.as_ref().inspect(|s| crate::trace::failed(s));
-        return log_error(e);
+        return refuse_stored(metrics, e);
     }
     metrics.topic_counters(topic_name, IngestPath::Http).accepted(accepted, bytes);
     if let (Some(trace), Some(append)) = (trace, append) {

@@ -5,15 +5,17 @@
 //! the request headers kept as event headers (`ingest.http_keep_headers`); and the
 //! answer, one part per partition written.
 //!
-//! A request is stored whole or not at all: the first event whose fields cannot be read
-//! refuses the request, naming the event.
+//! The first event whose fields cannot be read refuses the request, naming the event,
+//! and nothing of it is stored. A request written to one partition is stored whole or
+//! not at all; a keyed one split across partitions may, should a write fail after
+//! another partition's part was stored, be stored in part (answered 500
+//! `partially_stored`, naming the parts stored).
 
 use std::borrow::Cow;
 use std::convert::Infallible;
 
 use axum::http::{HeaderMap, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use flowgate_core::fields::{FieldError, Fields};
 use flowgate_core::{partition_for_key, BatchBuilder, FieldPath, FieldSpec};
 use serde::Deserialize;
@@ -21,7 +23,7 @@ use serde_json::json;
 
 use crate::fields::IngestFields;
 use crate::ingest::{Route, Written};
-use crate::metrics::{IngestPath, Metrics};
+use crate::metrics::Metrics;
 use crate::parse::{parse_body, BodyError};
 
 /// Longest `key` query parameter, in bytes.
@@ -64,8 +66,7 @@ impl Refusal {
 
     /// Counts the refusal and answers it: `{"error": …, "reason": …}`.
     pub(super) fn respond(self, metrics: &Metrics) -> Response {
-        metrics.rejected(IngestPath::Http, self.reason, 1);
-        (self.status, Json(json!({"error": self.message, "reason": self.reason}))).into_response()
+        super::refuse(metrics, self.status, self.reason, self.message)
     }
 }
 
@@ -148,6 +149,12 @@ impl<'r> Plan<'r> {
             }
         }
         Ok(Plan { spec, key: query.key, headers: kept })
+    }
+
+    /// True when the request's events may carry keys, so its batch may be split across
+    /// partitions.
+    pub(super) fn may_split(&self) -> bool {
+        self.spec.key.is_some() || self.key.is_some()
     }
 
     /// True when events are stored as their payloads alone.
