@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use flowgate_core::Codec;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::config::LogConfig;
@@ -65,6 +65,10 @@ pub struct Topic {
     round_robin: AtomicU32,
     created_ms: i64,
     settings: RwLock<Loaded>,
+    /// Held while retention deletes under the current limits and while the limits
+    /// change, so a change waits for a deletion under the old ones. Apart from
+    /// `settings`, whose readers (metrics, describe) must never wait for a deletion.
+    retention_pass: Mutex<()>,
     /// The topic's own codec ([`NO_CODEC`] for none), read by every append the server
     /// encodes without taking a lock.
     compression: AtomicU8,
@@ -128,6 +132,7 @@ impl Topic {
             created_ms: meta.created_ms,
             compression: AtomicU8::new(codec_byte(settings.settings.compression)),
             settings: RwLock::new(settings),
+            retention_pass: Mutex::new(()),
         })
     }
 
@@ -160,14 +165,16 @@ impl Topic {
     /// the old limits is still under way. `None` (nothing run) while the settings file
     /// is unreadable.
     pub fn under_retention<R>(&self, config: &LogConfig, enforce: impl FnOnce(Retention) -> R) -> Option<R> {
-        let loaded = self.settings.read();
-        loaded.error.is_none().then(|| enforce(loaded.settings.retention(config)))
+        let _pass = self.retention_pass.lock();
+        let limits = self.retention(config)?;
+        Some(enforce(limits))
     }
 
     /// Stores new settings (the file first, then what appends and retention read).
     /// The caller serializes changes.
     pub(crate) fn store_settings(&self, settings: TopicSettings) -> Result<()> {
         settings.validate()?;
+        let _pass = self.retention_pass.lock();
         crate::settings::store(&self.dir, &settings)?;
         self.compression.store(codec_byte(settings.compression), Ordering::Relaxed);
         *self.settings.write() = Loaded { settings, error: None };

@@ -496,9 +496,12 @@ impl Connection<'_> {
                 working = inflated;
             }
             if partition.is_none() && topic.partition_count() > 1 {
-                // Splitting by partition re-encodes the records: builders and one sub-batch
-                // (PRODUCE_PARTITION names its partition and is never split).
-                working = working.saturating_add(inflated.saturating_mul(2));
+                // Splitting by partition re-encodes the records: builders (which grow by
+                // doubling) and one sub-batch, and with a codec its scratch and the output
+                // reserved before compressing (PRODUCE_PARTITION names its partition and
+                // is never split).
+                let copies = if codec == Codec::None { 3 } else { 5 };
+                working = working.saturating_add(inflated.saturating_mul(copies));
             }
         }
         let held = self.charge.held();

@@ -135,6 +135,9 @@ pub async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
         // charged before they are allocated, for as many events as the bytes could hold.
         let buffer_charge = buf.capacity().saturating_sub(READ_CHUNK);
         let records = crate::fields::records_len(fields, buf.len(), max_events(&buf), 0);
+        // A compressed topic's codec needs its scratch and a reserved output on top.
+        let compressing = shared.ingest.appender().codec_for(&topic) != flowgate_core::Codec::None;
+        let copies = copies + if compressing { 3 } else { 0 };
         let working = records.saturating_mul(copies).saturating_sub(2 * READ_CHUNK);
         if working > 0 {
             let wait = charge.grow_to(buffer_charge.saturating_add(working));

@@ -62,6 +62,20 @@ fn default_codec(shared: &Shared) -> Codec {
     shared.ingest.appender().codec()
 }
 
+/// The engine's own topics (dead letters and their replays) are made by the engine with
+/// the config's settings: a short retention given to one, at creation or later, would
+/// delete dead letters nobody has looked at.
+fn refuse_engine_topic(name: &str) -> Result<(), LogError> {
+    if flowgate_engine::runtime::replay::is_engine_topic(name) {
+        return Err(LogError::InvalidTopicName {
+            name: name.to_owned(),
+            reason: "it is the engine's (dead letters and their replays): the engine creates it, with the \
+                     config's settings",
+        });
+    }
+    Ok(())
+}
+
 /// Creates `name` with `partitions` partitions (`log.default_partitions` when `None`)
 /// and `updates` as its own settings.
 pub async fn create(
@@ -71,6 +85,7 @@ pub async fn create(
     updates: &[SettingUpdate],
 ) -> Result<(), LogError> {
     let settings = TopicSettings::default().apply(&to_change(updates)?);
+    refuse_engine_topic(name)?;
     let log = shared.ingest.log().clone();
     let partitions = partitions.unwrap_or(log.config().default_partitions);
     let name = name.to_owned();
@@ -86,13 +101,7 @@ pub async fn alter(
     updates: &[SettingUpdate],
 ) -> Result<(Vec<SettingValue>, Vec<SettingValue>), LogError> {
     let change = to_change(updates)?;
-    if flowgate_engine::runtime::replay::is_engine_topic(name) {
-        // A short retention here would delete dead letters nobody has looked at.
-        return Err(LogError::InvalidTopicName {
-            name: name.to_owned(),
-            reason: "its settings are the engine's (dead letters and their replays); they follow the config",
-        });
-    }
+    refuse_engine_topic(name)?;
     let log = shared.ingest.log().clone();
     let topic = log.topic(name).ok_or_else(|| LogError::UnknownTopic(name.to_owned()))?;
     let suspended = topic.settings_error().is_some();

@@ -184,6 +184,11 @@ fn the_http_routes_create_alter_and_describe() {
         ("POST", "/v1/topics", br#"{"name":"../x"}"#, 400, "invalid topic name"),
         ("POST", "/v1/topics", br#"{"partitions":2}"#, 400, "name is missing"),
         ("POST", "/v1/topics", br#"{"name":"x","partitions":0}"#, 400, "partitions must be"),
+        // The engine's own topics keep the config's settings: a short retention would
+        // delete dead letters (or replays) nobody has looked at.
+        ("POST", "/v1/topics", br#"{"name":"_replay.orders","retention_bytes":1}"#, 400, "the engine creates it"),
+        ("POST", "/v1/topics", br#"{"name":"_dlq","retention_ms":1}"#, 400, "the engine creates it"),
+        ("PATCH", "/v1/topics/_dlq", br#"{"retention_ms":1}"#, 400, "the engine creates it"),
     ] {
         let (got, answer) = engine.http(method, path, body);
         assert_eq!(got, status, "{method} {path} {}: {answer}", String::from_utf8_lossy(body));
@@ -532,4 +537,38 @@ fn a_version_2_client_still_creates_topics_and_is_told_what_settings_need() {
     }
     assert_eq!(engine.http("GET", "/v1/topics/v2b", b"").0, 404);
     assert_eq!(describe(&engine, "v2")["partitions"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn reading_large_events_at_once_costs_about_their_bytes_not_a_parsed_tree_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = EngineProcess::start(dir.path(), &[]);
+    // 8 MiB of `0,`: parsed into a JSON tree, each 2 bytes would take 32 or more.
+    let elements = 4 << 20;
+    let mut body = String::with_capacity(2 * elements + 16);
+    body.push_str(r#"{"a":["#);
+    for i in 0..elements {
+        body.push_str(if i == 0 { "0" } else { ",0" });
+    }
+    body.push_str("]}");
+    let (status, answer) = engine.http("POST", "/v1/topics/big/events", body.as_bytes());
+    assert_eq!(status, 200, "{answer}");
+    drop(body);
+    let before = engine.peak_rss();
+    let http = engine.http;
+    let readers: Vec<_> = (0..6)
+        .map(|_| {
+            std::thread::spawn(move || {
+                common::http_request(http, "GET", "/v1/topics/big/events?format=envelope&limit=1", b"")
+            })
+        })
+        .collect();
+    for reader in readers {
+        let (status, answer) = reader.join().unwrap();
+        assert_eq!(status, 200, "{}", &answer[..answer.len().min(200)]);
+        let page: Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(page["events"][0]["payload"]["a"].as_array().map(Vec::len), Some(elements));
+    }
+    let grown = engine.peak_rss().saturating_sub(before);
+    assert!(grown < 160 << 20, "six reads of an 8 MiB event grew the engine by {} MiB", grown >> 20);
 }

@@ -238,10 +238,11 @@ async fn produce(shared: &Arc<Shared>, topic_name: &str, request: Request, trace
     // before they are allocated, for as many events as the body could hold (and the
     // `traceparent` header the request's first events carry when it is traced). A
     // request that may be split by key needs four copies besides the records: the whole
-    // batch, its records decompressed, the per-partition builders and one encoded part.
+    // batch, its records decompressed, the per-partition builders and one encoded part;
+    // a compressed topic's codec needs its own buffers on top.
     let traced = trace.map(|t| (t.header(), produce::partitions_of(shared, topic_name)));
     let records = plan.records_len(body.len(), crate::parse::max_events(&body), traced.map(|(_, p)| p));
-    let copies = if plan.may_split() { 5 } else { 2 };
+    let copies = if plan.may_split() { 5 } else { 2 } + produce::compression_copies(shared, topic_name);
     let working = body.capacity().saturating_add(records.saturating_mul(copies));
     match tokio::time::timeout(shared.frame_timeout(), charge.grow_to(working)).await {
         Ok(Ok(())) => {}

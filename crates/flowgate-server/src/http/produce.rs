@@ -302,6 +302,19 @@ impl FirstPerPartition {
     }
 }
 
+/// Copies of a batch's records that compressing it for `topic` needs besides the
+/// builder and the encoded output: the codec's scratch (lz4 up to 1.1 times the records,
+/// zstd one bound's worth) and the output reserved before compressing.
+pub(crate) fn compression_copies(shared: &crate::shared::Shared, topic: &str) -> usize {
+    let appender = shared.ingest.appender();
+    let codec = shared.ingest.log().topic(topic).map_or(appender.codec(), |t| appender.codec_for(&t));
+    if codec == flowgate_core::Codec::None {
+        0
+    } else {
+        3
+    }
+}
+
 /// The partitions of `topic`, or those it will be created with.
 pub(super) fn partitions_of(shared: &crate::shared::Shared, topic: &str) -> u32 {
     let log = shared.ingest.log();

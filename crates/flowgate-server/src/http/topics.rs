@@ -7,18 +7,19 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use flowgate_core::BatchView;
-use flowgate_log::LogError;
+use flowgate_log::{LogError, Partition};
 use serde::Deserialize;
 use serde_json::json;
 
 use super::{error, log_error};
+use crate::envelope::{envelope, PayloadJson};
 use crate::shared::Shared;
 use crate::topic_admin::{self, Op};
-use crate::topic_request::{self, ReadFormat, ReadFrom, MAX_BODY_BYTES};
+use crate::topic_request::{self, ReadFormat, ReadFrom, ReadParams, MAX_BODY_BYTES};
 
 /// Batch bytes one read scans at most, matching or not: a key filter that matches
 /// nothing stops here and answers where to go on (`next_offset`).
@@ -160,23 +161,78 @@ pub async fn read_events(
         ReadFrom::Offset(o) => o,
     };
     let max_bytes = shared.config.max_http_body_bytes;
-    let mut events = Vec::new();
+    // At most two scans at once, off the async threads: each holds up to one reply and
+    // one read chunk.
+    let Ok(_permit) = READS.acquire().await else { unreachable!("the semaphore is never closed") };
+    let scan = tokio::task::spawn_blocking(move || {
+        let scanned = scan(&topic_name, &partition, from, &params, max_bytes);
+        (scanned, topic_name, partition)
+    });
+    let (scanned, topic_name, partition) = match scan.await {
+        Ok(done) => done,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("the read failed: {e}")),
+    };
+    let (events, next) = match scanned {
+        Ok(done) => done,
+        Err(Unreadable::Log(e)) => return failed(&shared, Op::Read, e),
+        Err(Unreadable::Batch(message)) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("stored batch unreadable: {message}; run `flowgate log check`"),
+            )
+        }
+    };
+    let mut body = Vec::with_capacity(events.len() + 160);
+    body.extend_from_slice(b"{\"topic\":");
+    serde_json::to_writer(&mut body, &topic_name).expect("a string serializes");
+    body.extend_from_slice(format!(",\"partition\":{},\"events\":[", partition.id()).as_bytes());
+    body.extend_from_slice(&events);
+    drop(events);
+    let end = partition.end_offset();
+    body.extend_from_slice(format!("],\"next_offset\":{next},\"log_end_offset\":{end}}}").as_bytes());
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// Reads of events running at once.
+static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// Why a scan stopped short.
+enum Unreadable {
+    Log(LogError),
+    Batch(String),
+}
+
+/// An event of a `format=payload` read.
+#[derive(serde::Serialize)]
+struct PayloadEvent<'a> {
+    offset: u64,
+    timestamp: i64,
+    key: Option<std::borrow::Cow<'a, str>>,
+    payload: PayloadJson<'a>,
+}
+
+/// The events of `partition` from `from` as a comma-separated list of JSON objects,
+/// and the offset to go on from: at most `params.limit` events, stopping once the list
+/// reaches `max_bytes` (one event may pass it) or [`MAX_SCAN_BYTES`] were scanned.
+fn scan(
+    topic_name: &str,
+    partition: &Partition,
+    from: u64,
+    params: &ReadParams,
+    max_bytes: usize,
+) -> Result<(Vec<u8>, u64), Unreadable> {
+    let mut events: Vec<u8> = Vec::new();
+    let mut count = 0usize;
     let mut next = from;
-    let mut bytes = 0usize;
     let mut scanned = 0usize;
     let mut scratch = Vec::new();
-    let unreadable = |e: &dyn std::fmt::Display| {
-        error(StatusCode::INTERNAL_SERVER_ERROR, format!("stored batch unreadable: {e}; run `flowgate log check`"))
-    };
-    'scan: while events.len() < params.limit
-        && bytes < max_bytes
+    let bad = |e: &dyn std::fmt::Display| Unreadable::Batch(e.to_string());
+    'scan: while count < params.limit
+        && events.len() < max_bytes
         && scanned < MAX_SCAN_BYTES
         && next < partition.end_offset()
     {
-        let read = match partition.read(next, READ_CHUNK) {
-            Ok(r) => r,
-            Err(e) => return failed(&shared, Op::Read, e),
-        };
+        let read = partition.read(next, READ_CHUNK).map_err(Unreadable::Log)?;
         if read.batches.is_empty() {
             break;
         }
@@ -184,42 +240,45 @@ pub async fn read_events(
         let started_at = next;
         let mut rest = &read.batches[..];
         while !rest.is_empty() {
-            let (view, tail) = match BatchView::parse(rest) {
-                Ok(v) => v,
-                Err(e) => return unreadable(&e),
-            };
-            let records = match view.records(&mut scratch) {
-                Ok(r) => r,
-                Err(e) => return unreadable(&e),
-            };
-            for record in records {
-                let record = match record {
-                    Ok(r) => r,
-                    Err(e) => return unreadable(&e),
-                };
+            let (view, tail) = BatchView::parse(rest).map_err(|e| bad(&e))?;
+            for record in view.records(&mut scratch).map_err(|e| bad(&e))? {
+                let record = record.map_err(|e| bad(&e))?;
                 let offset = view.base_offset().saturating_add(u64::from(record.offset_delta));
                 if offset < next {
                     continue;
                 }
-                if events.len() >= params.limit || bytes >= max_bytes {
+                if count >= params.limit || events.len() >= max_bytes {
                     break 'scan;
                 }
                 next = offset.saturating_add(1);
                 if params.key.as_deref().is_some_and(|k| record.key != Some(k)) {
                     continue;
                 }
-                events.push(match params.format {
-                    ReadFormat::Envelope => crate::envelope::envelope(&topic_name, partition.id(), offset, &record),
-                    ReadFormat::Payload => json!({
-                        "offset": offset,
-                        "timestamp": record.timestamp,
-                        "key": record.key.map(|k| String::from_utf8_lossy(k).into_owned()),
-                        "payload": serde_json::from_slice::<serde_json::Value>(record.payload).unwrap_or_else(|_| {
-                            serde_json::Value::String(String::from_utf8_lossy(record.payload).into_owned())
-                        }),
-                    }),
-                });
-                bytes = bytes.saturating_add(crate::envelope::approx_len(&record));
+                if count > 0 {
+                    events.push(b',');
+                }
+                let written = match params.format {
+                    ReadFormat::Envelope => {
+                        serde_json::to_writer(&mut events, &envelope(topic_name, partition.id(), offset, &record))
+                    }
+                    ReadFormat::Payload => {
+                        let payload = match PayloadJson::of(record.payload) {
+                            PayloadJson::Bytes(_) => {
+                                PayloadJson::Bytes(String::from_utf8_lossy(record.payload).into_owned().into())
+                            }
+                            json => json,
+                        };
+                        let event = PayloadEvent {
+                            offset,
+                            timestamp: record.timestamp,
+                            key: record.key.map(String::from_utf8_lossy),
+                            payload,
+                        };
+                        serde_json::to_writer(&mut events, &event)
+                    }
+                };
+                written.expect("an event serializes to a vector");
+                count += 1;
             }
             rest = tail;
         }
@@ -228,12 +287,5 @@ pub async fn read_events(
             break;
         }
     }
-    Json(json!({
-        "topic": topic_name,
-        "partition": partition.id(),
-        "events": events,
-        "next_offset": next,
-        "log_end_offset": partition.end_offset(),
-    }))
-    .into_response()
+    Ok((events, next))
 }
