@@ -62,15 +62,15 @@ fn default_codec(shared: &Shared) -> Codec {
     shared.ingest.appender().codec()
 }
 
-/// The engine's own topics (dead letters and their replays) are made by the engine with
-/// the config's settings: a short retention given to one, at creation or later, would
-/// delete dead letters nobody has looked at.
+/// The engine's own topics (dead letters and their replays) follow the config's
+/// settings: a short retention given to one, at creation or later, would delete dead
+/// letters nobody has looked at.
 fn refuse_engine_topic(name: &str) -> Result<(), LogError> {
     if flowgate_engine::runtime::replay::is_engine_topic(name) {
         return Err(LogError::InvalidTopicName {
             name: name.to_owned(),
-            reason: "it is the engine's (dead letters and their replays): the engine creates it, with the \
-                     config's settings",
+            reason: "it is the engine's (dead letters and their replays): it takes no settings of its own, it \
+                     follows the config's",
         });
     }
     Ok(())
@@ -85,7 +85,11 @@ pub async fn create(
     updates: &[SettingUpdate],
 ) -> Result<(), LogError> {
     let settings = TopicSettings::default().apply(&to_change(updates)?);
-    refuse_engine_topic(name)?;
+    if !settings.is_empty() {
+        // Made without settings (as `flowgate dlq purge` does), it is what the engine
+        // would make.
+        refuse_engine_topic(name)?;
+    }
     let log = shared.ingest.log().clone();
     let partitions = partitions.unwrap_or(log.config().default_partitions);
     let name = name.to_owned();

@@ -186,9 +186,15 @@ fn the_http_routes_create_alter_and_describe() {
         ("POST", "/v1/topics", br#"{"name":"x","partitions":0}"#, 400, "partitions must be"),
         // The engine's own topics keep the config's settings: a short retention would
         // delete dead letters (or replays) nobody has looked at.
-        ("POST", "/v1/topics", br#"{"name":"_replay.orders","retention_bytes":1}"#, 400, "the engine creates it"),
-        ("POST", "/v1/topics", br#"{"name":"_dlq","retention_ms":1}"#, 400, "the engine creates it"),
-        ("PATCH", "/v1/topics/_dlq", br#"{"retention_ms":1}"#, 400, "the engine creates it"),
+        (
+            "POST",
+            "/v1/topics",
+            br#"{"name":"_replay.orders","retention_bytes":1}"#,
+            400,
+            "takes no settings of its own",
+        ),
+        ("POST", "/v1/topics", br#"{"name":"_dlq","retention_ms":1}"#, 400, "takes no settings of its own"),
+        ("PATCH", "/v1/topics/_dlq", br#"{"retention_ms":1}"#, 400, "takes no settings of its own"),
     ] {
         let (got, answer) = engine.http(method, path, body);
         assert_eq!(got, status, "{method} {path} {}: {answer}", String::from_utf8_lossy(body));
