@@ -192,6 +192,12 @@ pub struct CheckpointSummary {
     pub written_ms: Option<i64>,
 }
 
+/// Bytes of the files in `dir` (0 when there is none).
+fn files_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).fold(0, u64::saturating_add)
+}
+
 /// The longest header line a summary reads: sink states are small JSON values.
 const MAX_SUMMARY_HEADER: u64 = 16 << 20;
 
@@ -210,6 +216,20 @@ impl CheckpointFile {
     /// Where the file is.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The directory of files the processor `processor_id` keeps its state in beside
+    /// this checkpoint (`<topic>-<partition>.state/<id>`): the id with every byte but
+    /// ASCII letters, digits, `-` and `_` made `_`, then a hash of the id, so any two ids
+    /// have their own directory.
+    pub fn processor_dir(&self, processor_id: &str) -> PathBuf {
+        let safe: String = processor_id
+            .chars()
+            .take(64)
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .collect();
+        let hash = xxhash_rust::xxh3::xxh3_64(processor_id.as_bytes()) as u32;
+        self.path.with_extension("state").join(format!("{safe}-{hash:08x}"))
     }
 
     /// The error for state in this checkpoint that `what` (a processor or sink, e.g.
@@ -257,7 +277,13 @@ impl CheckpointFile {
         let header: Header = serde_json::from_slice(line.strip_suffix(b"\n").unwrap_or(&line))
             .map_err(|e| anyhow::anyhow!("checkpoint {} has an unreadable header: {e}", self.path.display()))?;
         let processor_state_bytes = match (header.processors, header.processor_bytes) {
-            (Some(entries), _) => entries.into_iter().map(|e| (e.id, e.bytes as u64)).collect(),
+            (Some(entries), _) => entries
+                .into_iter()
+                .map(|e| {
+                    let beside = files_bytes(&self.processor_dir(&e.id));
+                    (e.id, (e.bytes as u64).saturating_add(beside))
+                })
+                .collect(),
             (None, Some(lengths)) => lengths
                 .into_iter()
                 .enumerate()

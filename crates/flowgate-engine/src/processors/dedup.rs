@@ -4,6 +4,13 @@
 //! 2^64 ids). The state is checkpointed with the pipeline's offsets, so a replay after a
 //! crash restores exactly the ids seen up to the committed offset.
 //!
+//! In a pipeline the ids live between checkpoints in a state journal beside the
+//! partition's checkpoint ([`super::journal`]), in arrival order: a checkpoint appends
+//! the ids that arrived since the last one and names the live range, so its cost
+//! follows the arrival rate, not the table's size. The checkpoint holds `JOURNALED`,
+//! `max_ts`, `dropped` and the [`JournalRef`]; a state with the ids inline (what
+//! [`Processor::snapshot`] writes, and checkpoints before the journal) is still read.
+//!
 //! An event with no id (no such field, no key, no client id) goes on unchanged. With
 //! `by` a field path, an event whose payload is not JSON goes to the dead letters: its
 //! id cannot be read, and letting it through would break exactly-once silently. An
@@ -16,6 +23,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use vrl::value::Value;
 use xxhash_rust::xxh3::Xxh3;
 
+use super::journal::{Journal, JournalRef};
 use super::{duration_ms, DeadLetter, Outputs, Processor};
 use crate::config::EventTimePolicy;
 use crate::event::{get_path, to_json, PipelineEvent};
@@ -56,9 +64,31 @@ pub struct Dedup {
     event_time: EventTimePolicy,
     seen: IdMap,
     order: VecDeque<(i64, u128)>,
+    /// The journal index of `order`'s first entry.
+    front: u64,
+    journal: Option<Journal>,
     max_ts: i64,
     /// Duplicates dropped so far.
     pub dropped: u64,
+}
+
+/// Marks a checkpointed state whose ids are in the journal: never the start of an
+/// inline state, whose first 8 bytes are an event time within the event-time bounds.
+const JOURNALED: &[u8; 8] = b"FGDEDUPJ";
+/// Bytes of a journaled state: the mark, `max_ts`, `dropped`, the reference.
+const JOURNALED_LEN: usize = 8 + 8 + 8 + JournalRef::LEN;
+/// Bytes of one id in a state: the id (u128) and its time (i64), little-endian.
+const ENTRY_LEN: usize = 24;
+
+fn encode_entry(out: &mut Vec<u8>, (ts, id): (i64, u128)) {
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(&ts.to_le_bytes());
+}
+
+fn decode_entry(entry: &[u8]) -> (i64, u128) {
+    let id = u128::from_le_bytes(entry[..16].try_into().expect("16 bytes"));
+    let ts = i64::from_le_bytes(entry[16..24].try_into().expect("8 bytes"));
+    (ts, id)
 }
 
 fn hash_bytes(tag: u8, bytes: &[u8]) -> u128 {
@@ -99,6 +129,8 @@ impl Dedup {
             event_time: event_time.clone(),
             seen: IdMap::default(),
             order: VecDeque::new(),
+            front: 0,
+            journal: None,
             max_ts: i64::MIN,
             dropped: 0,
         })
@@ -123,6 +155,7 @@ impl Dedup {
                 break;
             }
             self.order.pop_front();
+            self.front += 1;
             if self.seen.get(&id) == Some(&ts) {
                 self.seen.remove(&id);
             }
@@ -196,15 +229,43 @@ impl Processor for Dedup {
     /// the arrival order as it is (an id seen again after expiry appears twice; restoring
     /// in order keeps the later time, as the live state does).
     fn snapshot(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(24 + self.order.len() * 24);
+        let mut out = Vec::with_capacity(24 + self.order.len() * ENTRY_LEN);
         out.extend_from_slice(&self.max_ts.to_le_bytes());
         out.extend_from_slice(&self.dropped.to_le_bytes());
         out.extend_from_slice(&(self.order.len() as u64).to_le_bytes());
-        for (ts, id) in &self.order {
-            out.extend_from_slice(&id.to_le_bytes());
-            out.extend_from_slice(&ts.to_le_bytes());
+        for &entry in &self.order {
+            encode_entry(&mut out, entry);
         }
         out
+    }
+
+    fn attach_state_dir(&mut self, dir: std::path::PathBuf) {
+        self.journal = Some(Journal::new(dir, ENTRY_LEN));
+    }
+
+    /// With a journal: the ids that arrived since the last checkpoint are appended to it
+    /// (durably), and the state is the small reference to the live range.
+    fn checkpoint(&mut self) -> anyhow::Result<Vec<u8>> {
+        let Some(journal) = &mut self.journal else { return Ok(self.snapshot()) };
+        let (order, front) = (&self.order, self.front);
+        let end = front + order.len() as u64;
+        let live = journal.commit(front, end, |from, out| {
+            let skip = usize::try_from(from - front).expect("within the queue");
+            out.reserve(order.len().saturating_sub(skip) * ENTRY_LEN);
+            order.range(skip..).for_each(|&entry| encode_entry(out, entry));
+        })?;
+        let mut out = Vec::with_capacity(JOURNALED_LEN);
+        out.extend_from_slice(JOURNALED);
+        out.extend_from_slice(&self.max_ts.to_le_bytes());
+        out.extend_from_slice(&self.dropped.to_le_bytes());
+        live.encode(&mut out);
+        Ok(out)
+    }
+
+    fn checkpoint_stored(&mut self) {
+        if let Some(journal) = &mut self.journal {
+            journal.checkpoint_stored();
+        }
     }
 
     fn restore(&mut self, state: &[u8]) -> anyhow::Result<()> {
@@ -215,19 +276,36 @@ impl Processor for Dedup {
         let u64_at = |at: usize| -> anyhow::Result<u64> {
             Ok(u64::from_le_bytes(state.get(at..at + 8).ok_or_else(bad)?.try_into()?))
         };
-        self.max_ts = u64_at(0)? as i64;
-        self.dropped = u64_at(8)?;
-        let n = u64_at(16)?;
-        if u64::try_from(state.len() - 24).ok() != n.checked_mul(24) {
-            return Err(bad());
-        }
         self.seen.clear();
         self.order.clear();
-        for entry in state[24..].chunks_exact(24) {
-            let id = u128::from_le_bytes(entry[..16].try_into()?);
-            let ts = i64::from_le_bytes(entry[16..].try_into()?);
-            self.seen.insert(id, ts);
-            self.order.push_back((ts, id));
+        if state.len() == JOURNALED_LEN && state.starts_with(JOURNALED) {
+            self.max_ts = u64_at(8)? as i64;
+            self.dropped = u64_at(16)?;
+            let live = JournalRef::decode(&state[24..])?;
+            let journal = self.journal.as_mut().ok_or_else(|| {
+                anyhow::anyhow!("the dedup state is in a state journal, and this dedup has no state directory")
+            })?;
+            let (seen, order) = (&mut self.seen, &mut self.order);
+            seen.reserve(usize::try_from(live.len()).unwrap_or(0).min(self.max_entries));
+            journal.restore(&live, |entry| {
+                let (ts, id) = decode_entry(entry);
+                seen.insert(id, ts);
+                order.push_back((ts, id));
+            })?;
+            self.front = live.first;
+        } else {
+            self.max_ts = u64_at(0)? as i64;
+            self.dropped = u64_at(8)?;
+            let n = u64_at(16)?;
+            if u64::try_from(state.len() - 24).ok() != n.checked_mul(ENTRY_LEN as u64) {
+                return Err(bad());
+            }
+            for entry in state[24..].chunks_exact(ENTRY_LEN) {
+                let (ts, id) = decode_entry(entry);
+                self.seen.insert(id, ts);
+                self.order.push_back((ts, id));
+            }
+            self.front = 0;
         }
         // A lowered `max_entries` or `ttl_ms` applies at once, as it would live.
         self.expire();
@@ -336,6 +414,85 @@ pub(crate) mod tests {
             .to_string()
             .contains("ttl_ms"));
         assert!(Dedup::new("id", 1, 0, &EventTimePolicy::default()).err().unwrap().to_string().contains("max_entries"));
+    }
+
+    fn numbered(ids: std::ops::Range<u64>) -> Vec<PipelineEvent> {
+        let json: Vec<String> = ids.map(|i| format!(r#"{{"id":{i}}}"#)).collect();
+        let items: Vec<(i64, &str)> = json.iter().map(|j| (1, j.as_str())).collect();
+        events(&items)
+    }
+
+    #[test]
+    fn a_journaled_checkpoint_restores_exactly_the_state_it_was_taken_of_through_compactions() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("dedup");
+        let policy = EventTimePolicy { max_ahead_ms: u64::MAX, max_behind_ms: None };
+        let new = || {
+            let mut d = Dedup::new("id", 1_000_000, 100_000, &policy).unwrap();
+            d.attach_state_dir(state_dir.clone());
+            d
+        };
+        let mut live = new();
+        let mut sizes = Vec::new();
+        for step in 0..30u64 {
+            live.process(numbered(step * 10_000..(step + 1) * 10_000), &mut Outputs::default());
+            let state = live.checkpoint().unwrap();
+            assert_eq!(state.len(), JOURNALED_LEN, "the checkpoint names the journal, it does not copy it");
+            live.checkpoint_stored();
+            let mut restored = new();
+            restored.restore(&state).unwrap();
+            assert_eq!(restored.snapshot(), live.snapshot(), "step {step}: the same ids, times and order");
+            let files: Vec<_> = std::fs::read_dir(&state_dir).unwrap().collect();
+            assert_eq!(files.len(), 1, "step {step}: older generations are gone once the checkpoint is stored");
+            sizes.push(std::fs::metadata(files[0].as_ref().unwrap().path()).unwrap().len());
+        }
+        // 300,000 ids seen, 100,000 kept: compactions kept the file near the live size.
+        assert!(sizes.iter().all(|&b| b <= 2 * 100_000 * 24 + 10_000 * 24), "{sizes:?}");
+        assert!(sizes.windows(2).any(|w| w[1] < w[0]), "at least one compaction: {sizes:?}");
+        // A restored dedup goes on where the live one is: the last 100,000 ids are
+        // duplicates, an evicted one is not.
+        let mut restored = new();
+        restored.restore(&live.checkpoint().unwrap()).unwrap();
+        assert_eq!(restored.process(numbered(250_000..250_100), &mut Outputs::default()).len(), 0);
+        assert_eq!(restored.process(numbered(0..100), &mut Outputs::default()).len(), 100);
+    }
+
+    #[test]
+    fn ids_journaled_after_the_last_stored_checkpoint_are_not_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("dedup");
+        let new = || {
+            let mut d = Dedup::new("id", 1_000_000, 1_000_000, &EventTimePolicy::default()).unwrap();
+            d.attach_state_dir(state_dir.clone());
+            d
+        };
+        let mut live = new();
+        live.process(numbered(0..100), &mut Outputs::default());
+        let stored = live.checkpoint().unwrap();
+        live.checkpoint_stored();
+        let at_checkpoint = live.snapshot();
+        // Written to the journal, but the process died before the checkpoint was stored.
+        live.process(numbered(100..200), &mut Outputs::default());
+        live.checkpoint().unwrap();
+        drop(live);
+        let mut restored = new();
+        restored.restore(&stored).unwrap();
+        assert_eq!(restored.snapshot(), at_checkpoint);
+        assert_eq!(
+            restored.process(numbered(150..160), &mut Outputs::default()).len(),
+            10,
+            "150.. were never committed"
+        );
+        // And the next checkpoint writes over what the dead process left.
+        let next = restored.checkpoint().unwrap();
+        let mut again = new();
+        again.restore(&next).unwrap();
+        assert_eq!(again.snapshot(), restored.snapshot());
+        // An inline state (a checkpoint from before the journal) is still read.
+        let mut from_inline = new();
+        from_inline.restore(&at_checkpoint).unwrap();
+        assert_eq!(from_inline.snapshot(), at_checkpoint);
+        assert!(Dedup::new("id", 1, 1, &EventTimePolicy::default()).unwrap().restore(&next).is_err(), "no directory");
     }
 
     proptest! {

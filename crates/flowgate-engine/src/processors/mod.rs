@@ -5,6 +5,7 @@
 mod aggregate;
 mod dedup;
 mod filter;
+pub mod journal;
 mod numeric;
 mod remap;
 mod route;
@@ -92,10 +93,26 @@ pub trait Processor: Send {
     /// [`BoundCounts::memory_dropped`]) while events for existing state go on as usual.
     fn shed_new_state(&mut self, _on: bool) {}
 
-    /// State to checkpoint with the pipeline's offsets (empty: none).
+    /// State to checkpoint with the pipeline's offsets (empty: none), whole.
     fn snapshot(&self) -> Vec<u8> {
         Vec::new()
     }
+
+    /// Gives the processor a directory of its own beside its partition's checkpoint, for
+    /// state too large to copy into every checkpoint. Called before
+    /// [`Processor::restore`]; a processor that keeps nothing there ignores it.
+    fn attach_state_dir(&mut self, _dir: std::path::PathBuf) {}
+
+    /// The state for the checkpoint about to be stored: [`Processor::snapshot`], unless
+    /// the processor keeps its state in its directory, in which case what is there is
+    /// made durable now and the state names it. Files the previous checkpoint names
+    /// must stay readable until [`Processor::checkpoint_stored`].
+    fn checkpoint(&mut self) -> anyhow::Result<Vec<u8>> {
+        Ok(self.snapshot())
+    }
+
+    /// Called once the checkpoint holding the last [`Processor::checkpoint`] is stored.
+    fn checkpoint_stored(&mut self) {}
 
     /// Restores checkpointed state (empty: none was saved). A processor that keeps no
     /// state refuses any: state under its id belongs to another processor, and dropping

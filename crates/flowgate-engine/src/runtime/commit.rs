@@ -152,11 +152,11 @@ impl Worker {
         let checkpoint = Checkpoint {
             offset,
             processors: super::processor_states::snapshot(
-                &self.processors,
+                &mut self.processors,
                 &self.config,
                 &self.processor_ids,
                 &self.unconfigured_states,
-            ),
+            )?,
             sinks: self.sink_states.to_checkpoint(),
         };
         let (file, lease) = (self.checkpoint.clone(), self.lease.clone());
@@ -166,6 +166,9 @@ impl Worker {
             file.store(&checkpoint)
         })
         .await??;
+        for processor in &mut self.processors {
+            processor.checkpoint_stored();
+        }
         self.health.committed.store(offset, std::sync::atomic::Ordering::Release);
         self.report_committed(offset);
         if let Some(replay) = &self.replay {

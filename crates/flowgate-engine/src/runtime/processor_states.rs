@@ -157,25 +157,22 @@ pub(super) fn restore(
 /// settings it depends on, then the carried-forward states of processors that are not
 /// configured.
 pub(super) fn snapshot(
-    processors: &[Box<dyn Processor>],
+    processors: &mut [Box<dyn Processor>],
     config: &PipelineConfig,
     ids: &[String],
     unconfigured: &[ProcessorState],
-) -> Vec<ProcessorState> {
-    let mut states: Vec<ProcessorState> = processors
-        .iter()
-        .zip(ids)
-        .zip(&config.processors)
-        .filter_map(|((p, id), c)| {
-            let state = p.snapshot();
-            (!state.is_empty()).then(|| ProcessorState {
-                owner: StateOwner::Id { id: id.clone(), kind: p.kind().to_owned(), settings: c.kind.state_settings() },
-                state,
-            })
-        })
-        .collect();
+) -> anyhow::Result<Vec<ProcessorState>> {
+    let mut states = Vec::new();
+    for ((p, id), c) in processors.iter_mut().zip(ids).zip(&config.processors) {
+        let state =
+            p.checkpoint().map_err(|e| anyhow::anyhow!("processor '{id}' ({}): checkpoint: {e:#}", p.kind()))?;
+        if !state.is_empty() {
+            let owner = StateOwner::Id { id: id.clone(), kind: p.kind().to_owned(), settings: c.kind.state_settings() };
+            states.push(ProcessorState { owner, state });
+        }
+    }
     states.extend(unconfigured.iter().cloned());
-    states
+    Ok(states)
 }
 
 #[cfg(test)]
@@ -212,9 +209,9 @@ mod tests {
         p.process(crate::processors::dedup_test_events(&items), &mut Outputs::default());
     }
 
-    fn checkpoint(b: &Built, carried: &[ProcessorState]) -> Checkpoint {
-        let c =
-            Checkpoint { offset: 1, processors: snapshot(&b.processors, &b.config, &b.ids, carried), sinks: vec![] };
+    fn checkpoint(b: &mut Built, carried: &[ProcessorState]) -> Checkpoint {
+        let processors = snapshot(&mut b.processors, &b.config, &b.ids, carried).unwrap();
+        let c = Checkpoint { offset: 1, processors, sinks: vec![] };
         Checkpoint::from_bytes(&c.to_bytes()).unwrap()
     }
 
@@ -231,7 +228,7 @@ mod tests {
         let mut before = build(&format!("[{FILTER}, {DEDUP}]"));
         assert_eq!(before.ids, ["filter-1", "dedup-1"]);
         feed(&mut before.processors[1], &["a", "b"]);
-        let saved = checkpoint(&before, &[]);
+        let saved = checkpoint(&mut before, &[]);
         let mut after = build(&format!("[{DEDUP}, {FILTER}]"));
         assert!(restore_into(&saved, &mut after).unwrap().is_empty());
         assert_eq!(after.processors[0].snapshot(), before.processors[1].snapshot(), "the dedup got its table back");
@@ -247,11 +244,11 @@ mod tests {
     fn a_removed_processors_state_is_carried_forward_found_again_and_dropped_only_when_asked() {
         let mut before = build(&format!(r#"[{FILTER}, {{"name": "seen", "type": "dedup", "by": "id"}}]"#));
         feed(&mut before.processors[1], &["a"]);
-        let saved = checkpoint(&before, &[]);
+        let saved = checkpoint(&mut before, &[]);
         let mut without = build(&format!("[{FILTER}]"));
         let kept = restore_into(&saved, &mut without).unwrap();
         assert_eq!(kept.len(), 1);
-        let carried = checkpoint(&without, &kept);
+        let carried = checkpoint(&mut without, &kept);
         let mut back = build(r#"[{"name": "seen", "type": "dedup", "by": "id"}]"#);
         assert!(restore_into(&carried, &mut back).unwrap().is_empty());
         assert_eq!(back.processors[0].snapshot(), before.processors[1].snapshot());
@@ -263,7 +260,7 @@ mod tests {
     fn a_renamed_stateful_processor_is_refused_rather_than_started_empty() {
         let mut before = build(&format!("[{DEDUP}]"));
         feed(&mut before.processors[0], &["a"]);
-        let saved = checkpoint(&before, &[]);
+        let saved = checkpoint(&mut before, &[]);
         let mut renamed = build(r#"[{"name": "seen-ids", "type": "dedup", "by": "id"}]"#);
         let err = restore_into(&saved, &mut renamed).unwrap_err().to_string();
         assert!(err.contains("'seen-ids'") && err.contains("name = \"dedup-1\""), "{err}");
@@ -277,7 +274,7 @@ mod tests {
         let mut before = build(r#"[{"name": "x", "type": "dedup", "by": "id"}, {"type": "dedup", "by": "user"}]"#);
         feed(&mut before.processors[0], &["a"]);
         feed(&mut before.processors[1], &["a"]);
-        let saved = checkpoint(&before, &[]);
+        let saved = checkpoint(&mut before, &[]);
         // The first dedup removed: the second's id is unchanged, but the by="id" table
         // must never be restored into a by="user" dedup.
         let mut other_settings =

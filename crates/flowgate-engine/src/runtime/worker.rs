@@ -78,13 +78,16 @@ impl Worker {
         in_flight: Arc<InFlight>,
         quarantine: Quarantine,
     ) -> anyhow::Result<Worker> {
-        let processors = processors::build_pipeline(&config)?;
+        let mut processors = processors::build_pipeline(&config)?;
         let processor_ids = config.processor_ids();
         let processor_labels = processor_ids
             .iter()
             .map(|id| ProcessorLabels { pipeline: config.name.clone(), processor: id.clone() })
             .collect();
         let checkpoint = CheckpointFile::new(&shared.data_dir, &config.name, topic, partition.id());
+        for (processor, id) in processors.iter_mut().zip(&processor_ids) {
+            processor.attach_state_dir(checkpoint.processor_dir(id));
+        }
         let committed_offset = shared
             .metrics
             .committed_offset
