@@ -4,6 +4,8 @@
 use bytes::Bytes;
 use vrl::value::{KeyString, Value};
 
+use crate::projection::Projection;
+
 /// Sink mask meaning "every sink".
 pub const ALL_SINKS: u64 = u64::MAX;
 
@@ -24,6 +26,8 @@ pub struct PipelineEvent {
     pub sinks: u64,
     payload: Bytes,
     doc: Option<Value>,
+    /// `doc` holds only the fields of a [`Projection`].
+    partial: bool,
     dirty: bool,
 }
 
@@ -59,6 +63,7 @@ impl PipelineEvent {
             sinks: ALL_SINKS,
             payload: share(record.payload),
             doc: None,
+            partial: false,
             dirty: false,
         }
     }
@@ -80,6 +85,7 @@ impl PipelineEvent {
             sinks: ALL_SINKS,
             payload,
             doc: None,
+            partial: false,
             dirty: false,
         }
     }
@@ -95,6 +101,7 @@ impl PipelineEvent {
             sinks: ALL_SINKS,
             payload: Bytes::new(),
             doc: Some(doc),
+            partial: false,
             dirty: true,
         }
     }
@@ -108,8 +115,25 @@ impl PipelineEvent {
         Ok(self.doc.as_mut().expect("just parsed"))
     }
 
-    /// The document for changing: the payload is re-serialized when next read.
+    /// Parses the payload into a document of the fields of `projection` only, unless it
+    /// is parsed already. A payload that is no JSON object is left for [`Self::doc`],
+    /// which parses it whole and says what is wrong. Only for pipelines whose every
+    /// processor reads no more than `projection` and changes no document.
+    pub fn parse_projected(&mut self, projection: &Projection) {
+        if self.doc.is_none() {
+            if let Some(doc) = projection.parse(&self.payload) {
+                self.doc = Some(doc);
+                self.partial = true;
+            }
+        }
+    }
+
+    /// The document for changing: the payload is re-serialized when next read. A
+    /// projected document is parsed again whole first, so no field is lost.
     pub fn doc_mut(&mut self) -> Result<&mut Value, NotJson> {
+        if self.partial && !self.dirty {
+            self.discard_doc();
+        }
         self.dirty = true;
         self.doc()
     }
@@ -117,6 +141,7 @@ impl PipelineEvent {
     /// Replaces the document.
     pub fn set_doc(&mut self, doc: Value) {
         self.doc = Some(doc);
+        self.partial = false;
         self.dirty = true;
     }
 
@@ -128,6 +153,7 @@ impl PipelineEvent {
     /// Forgets the parsed document and any change to it; the payload is as stored.
     pub fn discard_doc(&mut self) {
         self.doc = None;
+        self.partial = false;
         self.dirty = false;
     }
 
@@ -212,6 +238,20 @@ pub fn to_json(value: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_projected_event_keeps_its_payload_and_a_change_sees_every_field() {
+        use crate::projection::Reads;
+        let projection = Projection::of([Reads::path("a")]).unwrap();
+        let payload = br#"{"a":1, "b":{"c":2}}"#;
+        let mut e = PipelineEvent::from_parts(0, 0, 1, None, Bytes::from_static(payload));
+        e.parse_projected(&projection);
+        assert_eq!(to_json(e.doc().unwrap()), r#"{"a":1}"#, "only what the pipeline reads");
+        assert_eq!(&e.payload()[..], payload, "the payload goes on as stored");
+        // A change (a processor that should have said it reads everything) still sees all.
+        set_path(e.doc_mut().unwrap(), "a", Value::Integer(3));
+        assert_eq!(&e.payload()[..], br#"{"a":3,"b":{"c":2}}"#);
+    }
 
     #[test]
     fn paths_read_and_write_nested_fields() {

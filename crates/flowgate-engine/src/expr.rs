@@ -67,6 +67,12 @@ impl Vrl {
         info.fallible || info.abortable
     }
 
+    /// What the compiler knows of the program: what it reads and assigns, whether it
+    /// can fail.
+    pub fn info(&self) -> &vrl::compiler::ProgramInfo {
+        self.program.info()
+    }
+
     /// The program text.
     pub fn source(&self) -> &str {
         &self.source

@@ -4,6 +4,7 @@
 //! - [`config`]: `[[pipelines]]` — topics, processors, sinks, batching.
 //! - [`event`]: an event inside a pipeline and its lazily parsed JSON document.
 //! - [`expr`]: VRL, the expression language of `filter`, `remap` and `route`.
+//! - [`projection`]: parsing only the fields a pipeline reads.
 //! - [`processors`]: filter, remap, dedup, aggregate (windows, watermarks, DDSketch),
 //!   numeric (SIMD), route.
 //! - [`sink`]: what a sink must do; the sinks' code lives in `flowgate-connectors`.
@@ -21,6 +22,7 @@ pub mod event;
 pub mod expr;
 pub mod metrics;
 pub mod processors;
+pub mod projection;
 pub mod runtime;
 pub mod sink;
 pub mod trace;

@@ -26,6 +26,7 @@ use super::state::{StateError, StateReader, StateWriter};
 use super::{duration_ms, DeadLetter, Outputs, Processor, MAX_WINDOWS_PER_EVENT};
 use crate::config::{AggregateConfig, EventTimePolicy, WindowConfig};
 use crate::event::{as_f64, float_value, get_path, key_string, PipelineEvent};
+use crate::projection::Reads;
 
 #[derive(Clone, Debug, PartialEq)]
 enum Func {
@@ -846,6 +847,12 @@ impl Processor for Aggregate {
 
     fn makes_events(&self) -> bool {
         true
+    }
+
+    fn reads(&self) -> Reads {
+        let paths =
+            self.group_by.iter().chain(&self.time_field).chain(self.outputs.iter().filter_map(|o| o.field.as_ref()));
+        paths.fold(Reads::Nothing, |r, p| r.and(Reads::path(p)))
     }
 
     fn process(&mut self, events: Vec<PipelineEvent>, out: &mut Outputs) -> Vec<PipelineEvent> {

@@ -27,6 +27,7 @@ use super::journal::{Journal, JournalRef};
 use super::{duration_ms, DeadLetter, Outputs, Processor};
 use crate::config::EventTimePolicy;
 use crate::event::{get_path, to_json, PipelineEvent};
+use crate::projection::Reads;
 
 /// Ids are already uniform 128-bit hashes: hashing them again would only cost time.
 #[derive(Default)]
@@ -176,6 +177,13 @@ impl Dedup {
 impl Processor for Dedup {
     fn kind(&self) -> &'static str {
         "dedup"
+    }
+
+    fn reads(&self) -> Reads {
+        match &self.source {
+            IdSource::Field(path) => Reads::path(path),
+            IdSource::ClientId | IdSource::Key => Reads::Nothing,
+        }
     }
 
     fn process(&mut self, events: Vec<PipelineEvent>, out: &mut Outputs) -> Vec<PipelineEvent> {

@@ -3,6 +3,7 @@
 use super::{DeadLetter, Outputs, Processor};
 use crate::event::PipelineEvent;
 use crate::expr::Vrl;
+use crate::projection::Reads;
 
 /// Keeps events matching a condition.
 #[derive(Debug)]
@@ -20,6 +21,10 @@ impl Filter {
 impl Processor for Filter {
     fn kind(&self) -> &'static str {
         "filter"
+    }
+
+    fn reads(&self) -> Reads {
+        Reads::vrl(self.condition.info())
     }
 
     fn process(&mut self, events: Vec<PipelineEvent>, out: &mut Outputs) -> Vec<PipelineEvent> {

@@ -14,6 +14,7 @@ pub mod state;
 
 use crate::config::{EventTimePolicy, PipelineConfig, ProcessorConfig, ProcessorKind};
 use crate::event::PipelineEvent;
+use crate::projection::Reads;
 
 #[cfg(test)]
 pub(crate) use dedup::tests::events as dedup_test_events;
@@ -70,6 +71,14 @@ pub trait Processor: Send {
 
     /// Processes a batch, returning the events that continue.
     fn process(&mut self, events: Vec<PipelineEvent>, out: &mut Outputs) -> Vec<PipelineEvent>;
+
+    /// Which fields of an event's document it reads ([`Reads::Everything`] unless it
+    /// says): when every processor of a pipeline can say, events are parsed into just
+    /// those fields ([`crate::projection`]). A processor that changes documents must
+    /// answer `Everything`.
+    fn reads(&self) -> Reads {
+        Reads::Everything
+    }
 
     /// Whether the events it returns may be ones it made (window results) instead of
     /// its input: a panic further down is then not the source events' doing.

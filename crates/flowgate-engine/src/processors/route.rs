@@ -4,6 +4,7 @@ use super::{DeadLetter, Outputs, Processor};
 use crate::config::RouteConfig;
 use crate::event::PipelineEvent;
 use crate::expr::Vrl;
+use crate::projection::Reads;
 
 /// Sets each event's sink mask by condition.
 pub struct Route {
@@ -45,6 +46,10 @@ impl Route {
 impl Processor for Route {
     fn kind(&self) -> &'static str {
         "route"
+    }
+
+    fn reads(&self) -> Reads {
+        self.routes.iter().fold(Reads::Nothing, |r, (cond, _)| r.and(Reads::vrl(cond.info())))
     }
 
     fn process(&mut self, events: Vec<PipelineEvent>, out: &mut Outputs) -> Vec<PipelineEvent> {

@@ -26,6 +26,7 @@ use crate::config::PipelineConfig;
 use crate::event::PipelineEvent;
 use crate::metrics::{PipelineLabels, ProcessorLabels, SinkLabels, SourceLabels};
 use crate::processors::{self, Outputs, Processor};
+use crate::projection::Projection;
 use crate::sink::SinkPlace;
 
 pub(super) struct Worker {
@@ -36,6 +37,9 @@ pub(super) struct Worker {
     pub(super) topic: String,
     pub(super) partition: Arc<Partition>,
     pub(super) processors: Vec<Box<dyn Processor>>,
+    /// The fields the processors read, when they all can say: events are parsed into
+    /// just those as they are read.
+    pub(super) projection: Option<Projection>,
     /// Processor ids, which key their state and label their metrics.
     pub(super) processor_ids: Vec<String>,
     pub(super) processor_labels: Vec<ProcessorLabels>,
@@ -80,6 +84,7 @@ impl Worker {
     ) -> anyhow::Result<Worker> {
         let mut processors = processors::build_pipeline(&config)?;
         let processor_ids = config.processor_ids();
+        let projection = Projection::of(processors.iter().map(|p| p.reads()));
         let processor_labels = processor_ids
             .iter()
             .map(|id| ProcessorLabels { pipeline: config.name.clone(), processor: id.clone() })
@@ -107,6 +112,7 @@ impl Worker {
             topic: topic.to_owned(),
             partition,
             processors,
+            projection,
             processor_ids,
             processor_labels,
             unconfigured_states: Vec::new(),
@@ -284,7 +290,11 @@ impl Worker {
                 if self.replay.is_some() {
                     self.process_replay(decoded.events, range)?
                 } else {
-                    self.process(decoded.events, range)?
+                    let mut events = decoded.events;
+                    if let Some(projection) = &self.projection {
+                        events.iter_mut().for_each(|e| e.parse_projected(projection));
+                    }
+                    self.process(events, range)?
                 }
             };
             self.memory.set_state(&self.processors);
