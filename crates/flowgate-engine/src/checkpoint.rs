@@ -228,8 +228,13 @@ impl CheckpointFile {
             .take(64)
             .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
             .collect();
-        let hash = xxhash_rust::xxh3::xxh3_64(processor_id.as_bytes()) as u32;
-        self.path.with_extension("state").join(format!("{safe}-{hash:08x}"))
+        let hash = xxhash_rust::xxh3::xxh3_64(processor_id.as_bytes());
+        self.state_dir().join(format!("{safe}-{hash:016x}"))
+    }
+
+    /// The directory of every processor's [`CheckpointFile::processor_dir`].
+    pub fn state_dir(&self) -> PathBuf {
+        self.path.with_extension("state")
     }
 
     /// The error for state in this checkpoint that `what` (a processor or sink, e.g.

@@ -27,8 +27,12 @@ impl Reads {
 
     /// What a VRL program reads: the first segment of each path it queries on the
     /// event; the event itself (`.`), or a path that starts with an index, is all of it.
-    pub fn vrl(info: &vrl::compiler::ProgramInfo) -> Reads {
-        if !info.target_assignments.is_empty() {
+    /// `unnest` reads the whole event besides the path it is given (it returns copies
+    /// of the event), and the compiler records only the path: a program that names it
+    /// reads everything.
+    pub fn vrl(program: &crate::expr::Vrl) -> Reads {
+        let info = program.info();
+        if !info.target_assignments.is_empty() || program.source().contains("unnest") {
             return Reads::Everything;
         }
         let mut fields = Vec::new();
@@ -205,12 +209,14 @@ mod tests {
         );
         assert_eq!(Projection::of([Reads::path("a"), Reads::Everything]), None);
         assert_eq!(Projection::of([Reads::Nothing]), None);
-        let vrl = |src: &str| Reads::vrl(crate::expr::Vrl::compile(src).unwrap().info());
+        let vrl = |src: &str| Reads::vrl(&crate::expr::Vrl::compile(src).unwrap());
         assert_eq!(vrl("(to_float(.temp) ?? 0.0) > 0.0 && .a.b == 1"), Reads::Fields(vec!["temp".into(), "a".into()]));
         assert_eq!(vrl(r#"exists(."x.y")"#), Reads::Fields(vec!["x.y".into()]));
         assert_eq!(vrl("length(keys(.)) > 2"), Reads::Everything);
         assert_eq!(vrl(".x = 1"), Reads::Everything);
         assert_eq!(vrl("true"), Reads::Nothing);
+        // unnest returns copies of the whole event: the compiler records only `.items`.
+        assert_eq!(vrl(r#"v = unnest(.items) ?? []; length(v) > 0 && v[0].level == "error""#), Reads::Everything);
     }
 
     proptest! {

@@ -289,10 +289,12 @@ impl Processor for Dedup {
         if state.len() == JOURNALED_LEN && state.starts_with(JOURNALED) {
             self.max_ts = u64_at(8)? as i64;
             self.dropped = u64_at(16)?;
-            let live = JournalRef::decode(&state[24..])?;
+            let mut live = JournalRef::decode(&state[24..])?;
             let journal = self.journal.as_mut().ok_or_else(|| {
                 anyhow::anyhow!("the dedup state is in a state journal, and this dedup has no state directory")
             })?;
+            // Past `max_entries` the oldest would be evicted at once: never read them.
+            live.first = live.first.max(live.end.saturating_sub(self.max_entries as u64));
             let (seen, order) = (&mut self.seen, &mut self.order);
             seen.reserve(usize::try_from(live.len()).unwrap_or(0).min(self.max_entries));
             journal.restore(&live, |entry| {

@@ -24,7 +24,7 @@ impl Processor for Filter {
     }
 
     fn reads(&self) -> Reads {
-        Reads::vrl(self.condition.info())
+        Reads::vrl(&self.condition)
     }
 
     fn process(&mut self, events: Vec<PipelineEvent>, out: &mut Outputs) -> Vec<PipelineEvent> {

@@ -30,6 +30,10 @@ use std::path::{Path, PathBuf};
 /// often for nothing).
 const MIN_COMPACT_ENTRIES: u64 = 64 * 1024;
 
+/// Generations and entry indices stay below this (2^48: a trillion commits or entries),
+/// so a damaged reference is refused and no arithmetic on them overflows.
+pub const MAX_INDEX: u64 = 1 << 48;
+
 /// Where a checkpointed state lives in its journal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JournalRef {
@@ -60,6 +64,10 @@ impl JournalRef {
         let n = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
         let r = JournalRef { generation: n(0), base: n(1), first: n(2), end: n(3) };
         anyhow::ensure!(r.base <= r.first && r.first <= r.end, "the journal reference's range {r:?} is not one");
+        anyhow::ensure!(
+            r.generation < MAX_INDEX && r.end < MAX_INDEX,
+            "the journal reference {r:?} is past what a journal reaches"
+        );
         Ok(r)
     }
 
@@ -156,10 +164,13 @@ impl Journal {
         let compact = self.file.is_none() || first < self.base || (dead >= MIN_COMPACT_ENTRIES && dead >= end - first);
         self.buf.clear();
         if compact {
-            std::fs::create_dir_all(&self.dir)?;
-            let generation = self.generation + 1;
+            self.make_dir()?;
+            // Past every file in the directory: never over one a stored checkpoint may
+            // name (one this journal did not restore, e.g. after its checkpoint was moved
+            // away, or a run that discarded the state crashed before its checkpoint).
+            let generation = self.generation.max(self.highest_on_disk()?) + 1;
             let path = self.path(generation);
-            let file = File::create(&path)?;
+            let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
             fill(first, &mut self.buf);
             self.check_filled(first, end)?;
             file.write_all_at(&self.buf, 0)?;
@@ -181,6 +192,38 @@ impl Journal {
         self.written = end;
         self.shrink_buffer();
         Ok(JournalRef { generation: self.generation, base: self.base, first, end })
+    }
+
+    /// Makes the directory, and makes each directory it adds last (its parent's entry
+    /// fsynced), so the files a checkpoint names are found after a power loss.
+    fn make_dir(&self) -> std::io::Result<()> {
+        let mut missing = Vec::new();
+        let mut at = self.dir.as_path();
+        while !at.exists() {
+            missing.push(at.to_owned());
+            match at.parent() {
+                Some(parent) => at = parent,
+                None => break,
+            }
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        for dir in missing.iter().rev() {
+            if let Some(parent) = dir.parent() {
+                File::open(parent)?.sync_all()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The highest generation of a file in the directory (0 when there is none).
+    fn highest_on_disk(&self) -> std::io::Result<u64> {
+        let mut highest = 0;
+        for entry in std::fs::read_dir(&self.dir)? {
+            let name = entry?.file_name();
+            let generation = name.to_str().and_then(|n| n.strip_prefix('g')?.strip_suffix(".journal")?.parse().ok());
+            highest = highest.max(generation.unwrap_or(0));
+        }
+        Ok(highest.min(MAX_INDEX - 2))
     }
 
     fn check_filled(&self, from: u64, end: u64) -> std::io::Result<()> {
@@ -306,6 +349,22 @@ mod tests {
     }
 
     #[test]
+    fn a_journal_that_restored_nothing_starts_past_every_file_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let mut first = Journal::new(path.clone(), 8);
+        let named = first.commit(0, 10, entries(0, 10)).unwrap();
+        // A run that did not restore it (its checkpoint moved away, or the state
+        // discarded) and crashed before storing a checkpoint of its own.
+        let mut other = Journal::new(path.clone(), 8);
+        let fresh = other
+            .commit(0, 3, |from, out: &mut Vec<u8>| (from..3).for_each(|_| out.extend_from_slice(&[9; 8])))
+            .unwrap();
+        assert_eq!(fresh.generation, 2);
+        assert_eq!(read(&path, &named), (0..10).collect::<Vec<_>>(), "the file a checkpoint may name is untouched");
+    }
+
+    #[test]
     fn a_journal_shorter_than_its_checkpoint_says_is_an_error_never_a_smaller_state() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
@@ -321,5 +380,13 @@ mod tests {
         let mut bad = Vec::new();
         JournalRef { generation: 1, base: 5, first: 4, end: 9 }.encode(&mut bad);
         assert!(JournalRef::decode(&bad).is_err(), "first below base");
+        for r in [
+            JournalRef { generation: u64::MAX, base: 0, first: 0, end: 1 },
+            JournalRef { generation: 1, base: 0, first: 0, end: u64::MAX },
+        ] {
+            let mut bytes = Vec::new();
+            r.encode(&mut bytes);
+            assert!(JournalRef::decode(&bytes).is_err(), "{r:?}");
+        }
     }
 }

@@ -49,7 +49,7 @@ impl Processor for Route {
     }
 
     fn reads(&self) -> Reads {
-        self.routes.iter().fold(Reads::Nothing, |r, (cond, _)| r.and(Reads::vrl(cond.info())))
+        self.routes.iter().fold(Reads::Nothing, |r, (cond, _)| r.and(Reads::vrl(cond)))
     }
 
     fn process(&mut self, events: Vec<PipelineEvent>, out: &mut Outputs) -> Vec<PipelineEvent> {

@@ -169,6 +169,10 @@ impl Worker {
         for processor in &mut self.processors {
             processor.checkpoint_stored();
         }
+        if !self.state_dirs_swept {
+            super::processor_states::sweep_state_dirs(&self.checkpoint, &self.processor_ids, &self.unconfigured_states);
+            self.state_dirs_swept = true;
+        }
         self.health.committed.store(offset, std::sync::atomic::Ordering::Release);
         self.report_committed(offset);
         if let Some(replay) = &self.replay {

@@ -175,6 +175,30 @@ pub(super) fn snapshot(
     Ok(states)
 }
 
+/// Deletes the state directories beside `file` of processors whose state the stored
+/// checkpoint no longer holds: ids neither configured (`ids`) nor carried forward
+/// (`unconfigured`), such as a discarded or renamed processor's. Called once a
+/// checkpoint is stored, so nothing a stored checkpoint names is deleted.
+pub(super) fn sweep_state_dirs(file: &CheckpointFile, ids: &[String], unconfigured: &[ProcessorState]) {
+    let carried = unconfigured.iter().filter_map(|s| match &s.owner {
+        StateOwner::Id { id, .. } => Some(id),
+        StateOwner::Position(_) => None,
+    });
+    let keep: Vec<std::path::PathBuf> = ids.iter().chain(carried).map(|id| file.processor_dir(id)).collect();
+    let Ok(entries) = std::fs::read_dir(file.state_dir()) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !keep.contains(&path) {
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "deleted the state files of a processor whose state is gone")
+                }
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot delete old processor state files"),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -207,6 +231,26 @@ mod tests {
         let docs: Vec<String> = ids.iter().map(|id| format!(r#"{{"id":"{id}","user":"u","v":1}}"#)).collect();
         let items: Vec<(i64, &str)> = docs.iter().map(|d| (now, d.as_str())).collect();
         p.process(crate::processors::dedup_test_events(&items), &mut Outputs::default());
+    }
+
+    #[test]
+    fn state_dirs_of_processors_whose_state_is_gone_are_swept_and_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = CheckpointFile::new(dir.path(), "p", "t", 0);
+        let carried = ProcessorState {
+            owner: StateOwner::Id { id: "old".into(), kind: "dedup".into(), settings: None },
+            state: vec![1],
+        };
+        for id in ["dedup-1", "old", "discarded", "a/b"] {
+            std::fs::create_dir_all(file.processor_dir(id)).unwrap();
+            std::fs::write(file.processor_dir(id).join("g1.journal"), b"x").unwrap();
+        }
+        assert_ne!(file.processor_dir("a/b"), file.processor_dir("a_b"), "ids that look alike have their own");
+        sweep_state_dirs(&file, &["dedup-1".into(), "a_b".into()], &[carried]);
+        assert!(file.processor_dir("dedup-1").join("g1.journal").exists(), "configured");
+        assert!(file.processor_dir("old").join("g1.journal").exists(), "carried forward");
+        assert!(!file.processor_dir("discarded").exists());
+        assert!(!file.processor_dir("a/b").exists());
     }
 
     fn checkpoint(b: &mut Built, carried: &[ProcessorState]) -> Checkpoint {

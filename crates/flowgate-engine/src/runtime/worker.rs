@@ -59,6 +59,9 @@ pub(super) struct Worker {
     pub(super) quarantine: Quarantine,
     /// Checkpoint before reading on (set once quarantined events are passed).
     pub(super) commit_soon: bool,
+    /// Whether the state directories of processors whose state is gone were deleted
+    /// (once per worker, after its first stored checkpoint).
+    pub(super) state_dirs_swept: bool,
     /// `flowgate_pipeline_committed_offset` of this partition.
     pub(super) committed_offset: prometheus_client::metrics::gauge::Gauge,
     /// What this worker holds against the memory budget.
@@ -124,6 +127,7 @@ impl Worker {
             in_flight,
             quarantine,
             commit_soon: false,
+            state_dirs_swept: false,
             committed_offset,
             replay,
             trace_contexts: crate::trace::Contexts::default(),
