@@ -149,16 +149,21 @@ impl Worker {
             self.sink_states.set(&sink.name, committed.state, learned);
         }
         self.side.make_durable().await?;
-        let checkpoint = Checkpoint {
-            offset,
-            processors: super::processor_states::snapshot(
+        // A processor's checkpoint may write and fsync its own files (dedup's journal):
+        // on the pipelines' runtime the other tasks of this thread move elsewhere meanwhile.
+        let mut snapshot = || {
+            super::processor_states::snapshot(
                 &mut self.processors,
                 &self.config,
                 &self.processor_ids,
                 &self.unconfigured_states,
-            )?,
-            sinks: self.sink_states.to_checkpoint(),
+            )
         };
+        let processors = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(snapshot)?,
+            _ => snapshot()?,
+        };
+        let checkpoint = Checkpoint { offset, processors, sinks: self.sink_states.to_checkpoint() };
         let (file, lease) = (self.checkpoint.clone(), self.lease.clone());
         tokio::task::spawn_blocking(move || {
             // Runs to its end even if the worker is aborted meanwhile: it holds the lease.
