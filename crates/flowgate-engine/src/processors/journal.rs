@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 /// Dead entries below which a commit never compacts (it would rewrite a small state
 /// often for nothing).
-const MIN_COMPACT_ENTRIES: u64 = 64 * 1024;
+const MIN_COMPACT_ENTRIES: u64 = 8 * 1024;
 
 /// Generations and entry indices stay below this (2^48: a trillion commits or entries),
 /// so a damaged reference is refused and no arithmetic on them overflows.
