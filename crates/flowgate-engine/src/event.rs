@@ -90,6 +90,12 @@ impl PipelineEvent {
         }
     }
 
+    /// Moves the event out, leaving an empty one in its place: for a processor that
+    /// filters its batch in place and hands one event elsewhere (a dead letter).
+    pub fn take(&mut self) -> PipelineEvent {
+        std::mem::replace(self, PipelineEvent::from_parts(self.partition, self.offset, 0, None, Bytes::new()))
+    }
+
     /// An event a processor creates from a document.
     pub fn from_document(partition: u32, timestamp: i64, key: Option<Bytes>, doc: Value) -> PipelineEvent {
         PipelineEvent {

@@ -17,6 +17,7 @@
 //! event whose time is outside the pipeline's `event_time` bounds goes to the dead
 //! letters before it touches the state: it would otherwise move the TTL horizon.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -208,43 +209,44 @@ impl Processor for Dedup {
         }
     }
 
-    fn process(&mut self, events: Vec<PipelineEvent>, out: &mut Outputs) -> Vec<PipelineEvent> {
-        let mut kept = Vec::with_capacity(events.len());
+    fn process(&mut self, mut events: Vec<PipelineEvent>, out: &mut Outputs) -> Vec<PipelineEvent> {
         let now = flowgate_core::time::now_ms();
-        for mut event in events {
-            let id = match self.id_of(&mut event) {
+        // In place: the events before the first one dropped never move.
+        events.retain_mut(|event| {
+            let id = match self.id_of(event) {
                 Ok(Some(id)) => id,
-                Ok(None) => {
-                    // No id: nothing to compare; it goes on.
-                    kept.push(event);
-                    continue;
-                }
+                // No id: nothing to compare; it goes on.
+                Ok(None) => return true,
                 Err(error) => {
-                    out.dead_letters.push(DeadLetter { processor: "dedup".into(), error, event });
-                    continue;
+                    out.dead_letters.push(DeadLetter { processor: "dedup".into(), error, event: event.take() });
+                    return false;
                 }
             };
             let ts = event.timestamp;
             if let Err(error) = self.event_time.check(ts, now) {
                 out.bounds.event_time_out_of_bounds += 1;
-                out.dead_letters.push(DeadLetter { processor: "dedup".into(), error, event });
-                continue;
+                out.dead_letters.push(DeadLetter { processor: "dedup".into(), error, event: event.take() });
+                return false;
             }
             self.max_ts = self.max_ts.max(ts);
             let horizon = self.max_ts.saturating_sub(self.ttl_ms);
-            match self.seen.get(&id) {
-                Some(&seen_at) if seen_at >= horizon => {
+            match self.seen.entry(id) {
+                Entry::Occupied(seen) if *seen.get() >= horizon => {
                     self.dropped += 1;
-                    continue;
+                    return false;
                 }
-                _ => {}
+                Entry::Occupied(mut seen) => {
+                    seen.insert(ts);
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(ts);
+                }
             }
-            self.seen.insert(id, ts);
             self.order.push_back((ts, id));
-            kept.push(event);
-        }
+            true
+        });
         self.expire();
-        kept
+        events
     }
 
     /// The id map (id, time and a control byte a slot) and the arrival queue.

@@ -27,19 +27,21 @@ impl Processor for Filter {
         Reads::vrl(&self.condition)
     }
 
-    fn process(&mut self, events: Vec<PipelineEvent>, out: &mut Outputs) -> Vec<PipelineEvent> {
-        let mut kept = Vec::with_capacity(events.len());
-        for mut event in events {
+    fn process(&mut self, mut events: Vec<PipelineEvent>, out: &mut Outputs) -> Vec<PipelineEvent> {
+        // In place: the events before the first one dropped never move.
+        events.retain_mut(|event| {
             let verdict = match event.doc() {
                 Ok(doc) => self.condition.test(doc),
                 Err(e) => Err(e.to_string()),
             };
             match verdict {
-                Ok(true) => kept.push(event),
-                Ok(false) => {}
-                Err(error) => out.dead_letters.push(DeadLetter { processor: "filter".into(), error, event }),
+                Ok(keep) => keep,
+                Err(error) => {
+                    out.dead_letters.push(DeadLetter { processor: "filter".into(), error, event: event.take() });
+                    false
+                }
             }
-        }
-        kept
+        });
+        events
     }
 }
