@@ -121,17 +121,19 @@ impl PipelineEvent {
         Ok(self.doc.as_mut().expect("just parsed"))
     }
 
-    /// Parses the payload into a document of the fields of `projection` only, unless it
-    /// is parsed already. A payload that is no JSON object is left for [`Self::doc`],
-    /// which parses it whole and says what is wrong. Only for pipelines whose every
-    /// processor reads no more than `projection` and changes no document.
-    pub fn parse_projected(&mut self, projection: &Projection) {
-        if self.doc.is_none() {
+    /// The document as [`Self::doc`] gives it, but parsed (on first use) into just the
+    /// fields of `projection` when there is one. A payload that is no JSON object is
+    /// parsed whole, which says what is wrong with it. Only for the processors of a
+    /// pipeline whose every processor reads no more than `projection` and changes no
+    /// document ([`crate::processors::Processor::project`]).
+    pub fn doc_in(&mut self, projection: Option<&Projection>) -> Result<&mut Value, NotJson> {
+        if let (None, Some(projection)) = (&self.doc, projection) {
             if let Some(doc) = projection.parse(&self.payload) {
-                self.doc = Some(doc);
                 self.partial = true;
+                return Ok(self.doc.insert(doc));
             }
         }
+        self.doc()
     }
 
     /// The document for changing: the payload is re-serialized when next read. A
@@ -251,8 +253,8 @@ mod tests {
         let projection = Projection::of([Reads::path("a")]).unwrap();
         let payload = br#"{"a":1, "b":{"c":2}}"#;
         let mut e = PipelineEvent::from_parts(0, 0, 1, None, Bytes::from_static(payload));
-        e.parse_projected(&projection);
-        assert_eq!(to_json(e.doc().unwrap()), r#"{"a":1}"#, "only what the pipeline reads");
+        assert_eq!(to_json(e.doc_in(Some(&projection)).unwrap()), r#"{"a":1}"#, "only what the pipeline reads");
+        assert_eq!(to_json(e.doc().unwrap()), r#"{"a":1}"#, "parsed once");
         assert_eq!(&e.payload()[..], payload, "the payload goes on as stored");
         // A change (a processor that should have said it reads everything) still sees all.
         set_path(e.doc_mut().unwrap(), "a", Value::Integer(3));

@@ -179,6 +179,8 @@ const STATE_MAGIC: &[u8] = b"FGAGG\x02";
 
 /// Aggregates events into windows.
 pub struct Aggregate {
+    /// What to parse events into ([`Processor::project`]).
+    projection: Option<std::sync::Arc<crate::projection::Projection>>,
     group_by: Option<String>,
     time_field: Option<String>,
     window: WindowConfig,
@@ -291,6 +293,7 @@ impl Aggregate {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Aggregate {
+            projection: None,
             group_by: c.group_by.clone(),
             time_field: c.time_field.clone(),
             window: c.window.clone(),
@@ -570,7 +573,9 @@ impl Aggregate {
     /// The event's time and group, or why it is refused.
     fn locate(&self, event: &mut PipelineEvent, now_ms: i64) -> Result<(i64, String), Refusal> {
         let event_ts = event.timestamp;
-        let doc = event.doc().map_err(|e| Refusal { error: e.to_string(), out_of_time: false })?;
+        let doc = event
+            .doc_in(self.projection.as_deref())
+            .map_err(|e| Refusal { error: e.to_string(), out_of_time: false })?;
         let ts = match self.time_field.as_deref().map(|f| (f, get_path(doc, f))) {
             None | Some((_, None)) => event_ts,
             // `as` saturates: a huge number becomes i64::MAX, which the bounds refuse.
@@ -847,6 +852,10 @@ impl Processor for Aggregate {
 
     fn makes_events(&self) -> bool {
         true
+    }
+
+    fn project(&mut self, projection: &std::sync::Arc<crate::projection::Projection>) {
+        self.projection = Some(projection.clone());
     }
 
     fn reads(&self) -> Reads {

@@ -80,6 +80,8 @@ enum IdSource {
 
 /// Drops duplicates.
 pub struct Dedup {
+    /// What to parse events into ([`Processor::project`]).
+    projection: Option<std::sync::Arc<crate::projection::Projection>>,
     source: IdSource,
     ttl_ms: i64,
     max_entries: usize,
@@ -146,6 +148,7 @@ impl Dedup {
             anyhow::bail!("max_entries must be at least 1");
         }
         Ok(Dedup {
+            projection: None,
             source,
             ttl_ms: duration_ms("ttl_ms", ttl_ms)?,
             max_entries,
@@ -165,7 +168,8 @@ impl Dedup {
             IdSource::ClientId => event.client_id.as_ref().map(|b| hash_bytes(b's', b)),
             IdSource::Key => event.key.as_ref().map(|b| hash_bytes(b's', b)),
             IdSource::Field(path) => {
-                let doc = event.doc().map_err(|e| format!("dedup by field '{path}': {e}"))?;
+                let doc =
+                    event.doc_in(self.projection.as_deref()).map_err(|e| format!("dedup by field '{path}': {e}"))?;
                 get_path(doc, path).map(hash_value)
             }
         };
@@ -200,6 +204,10 @@ impl Dedup {
 impl Processor for Dedup {
     fn kind(&self) -> &'static str {
         "dedup"
+    }
+
+    fn project(&mut self, projection: &std::sync::Arc<crate::projection::Projection>) {
+        self.projection = Some(projection.clone());
     }
 
     fn reads(&self) -> Reads {

@@ -8,19 +8,26 @@ use crate::projection::Reads;
 /// Keeps events matching a condition.
 #[derive(Debug)]
 pub struct Filter {
+    /// What to parse events into ([`Processor::project`]).
+    projection: Option<std::sync::Arc<crate::projection::Projection>>,
     condition: Vrl,
 }
 
 impl Filter {
     /// Compiles the condition.
     pub fn new(condition: &str) -> anyhow::Result<Filter> {
-        Ok(Filter { condition: Vrl::compile_condition(condition).map_err(|e| anyhow::anyhow!("bad condition:\n{e}"))? })
+        let condition = Vrl::compile_condition(condition).map_err(|e| anyhow::anyhow!("bad condition:\n{e}"))?;
+        Ok(Filter { projection: None, condition })
     }
 }
 
 impl Processor for Filter {
     fn kind(&self) -> &'static str {
         "filter"
+    }
+
+    fn project(&mut self, projection: &std::sync::Arc<crate::projection::Projection>) {
+        self.projection = Some(projection.clone());
     }
 
     fn reads(&self) -> Reads {
@@ -30,7 +37,7 @@ impl Processor for Filter {
     fn process(&mut self, mut events: Vec<PipelineEvent>, out: &mut Outputs) -> Vec<PipelineEvent> {
         // In place: the events before the first one dropped never move.
         events.retain_mut(|event| {
-            let verdict = match event.doc() {
+            let verdict = match event.doc_in(self.projection.as_deref()) {
                 Ok(doc) => self.condition.test(doc),
                 Err(e) => Err(e.to_string()),
             };

@@ -14,7 +14,8 @@ pub mod state;
 
 use crate::config::{EventTimePolicy, PipelineConfig, ProcessorConfig, ProcessorKind};
 use crate::event::PipelineEvent;
-use crate::projection::Reads;
+use crate::projection::{Projection, Reads};
+use std::sync::Arc;
 
 #[cfg(test)]
 pub(crate) use dedup::tests::events as dedup_test_events;
@@ -79,6 +80,11 @@ pub trait Processor: Send {
     fn reads(&self) -> Reads {
         Reads::Everything
     }
+
+    /// Given, when every processor of the pipeline reads no more than it
+    /// ([`crate::projection`]), the projection to parse events with: a processor that
+    /// reads documents then reads them with [`PipelineEvent::doc_in`].
+    fn project(&mut self, _projection: &Arc<Projection>) {}
 
     /// Whether the events it returns may be ones it made (window results) instead of
     /// its input: a panic further down is then not the source events' doing.

@@ -8,6 +8,8 @@ use crate::projection::Reads;
 
 /// Sets each event's sink mask by condition.
 pub struct Route {
+    /// What to parse events into ([`Processor::project`]).
+    projection: Option<std::sync::Arc<crate::projection::Projection>>,
     routes: Vec<(Vrl, u64)>,
     default: u64,
 }
@@ -39,13 +41,17 @@ impl Route {
                 Ok((cond, mask(&r.sinks, sink_names)?))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Route { routes, default: mask(default, sink_names)? })
+        Ok(Route { projection: None, routes, default: mask(default, sink_names)? })
     }
 }
 
 impl Processor for Route {
     fn kind(&self) -> &'static str {
         "route"
+    }
+
+    fn project(&mut self, projection: &std::sync::Arc<crate::projection::Projection>) {
+        self.projection = Some(projection.clone());
     }
 
     fn reads(&self) -> Reads {
@@ -57,7 +63,7 @@ impl Processor for Route {
         'events: for mut event in events {
             let mut sinks = 0u64;
             for (cond, m) in &mut self.routes {
-                let verdict = match event.doc() {
+                let verdict = match event.doc_in(self.projection.as_deref()) {
                     Ok(doc) => cond.test(doc),
                     Err(e) => Err(e.to_string()),
                 };

@@ -37,9 +37,6 @@ pub(super) struct Worker {
     pub(super) topic: String,
     pub(super) partition: Arc<Partition>,
     pub(super) processors: Vec<Box<dyn Processor>>,
-    /// The fields the processors read, when they all can say: events are parsed into
-    /// just those as they are read.
-    pub(super) projection: Option<Projection>,
     /// Processor ids, which key their state and label their metrics.
     pub(super) processor_ids: Vec<String>,
     pub(super) processor_labels: Vec<ProcessorLabels>,
@@ -87,7 +84,12 @@ impl Worker {
     ) -> anyhow::Result<Worker> {
         let mut processors = processors::build_pipeline(&config)?;
         let processor_ids = config.processor_ids();
-        let projection = Projection::of(processors.iter().map(|p| p.reads()));
+        // Parsed lazily, as each processor first reads an event: a processor that takes
+        // events one at a time (aggregate) holds one document at a time.
+        if let Some(projection) = Projection::of(processors.iter().map(|p| p.reads())) {
+            let projection = Arc::new(projection);
+            processors.iter_mut().for_each(|p| p.project(&projection));
+        }
         let processor_labels = processor_ids
             .iter()
             .map(|id| ProcessorLabels { pipeline: config.name.clone(), processor: id.clone() })
@@ -115,7 +117,6 @@ impl Worker {
             topic: topic.to_owned(),
             partition,
             processors,
-            projection,
             processor_ids,
             processor_labels,
             unconfigured_states: Vec::new(),
@@ -294,11 +295,7 @@ impl Worker {
                 if self.replay.is_some() {
                     self.process_replay(decoded.events, range)?
                 } else {
-                    let mut events = decoded.events;
-                    if let Some(projection) = &self.projection {
-                        events.iter_mut().for_each(|e| e.parse_projected(projection));
-                    }
-                    self.process(events, range)?
+                    self.process(decoded.events, range)?
                 }
             };
             self.memory.set_state(&self.processors);
