@@ -14,7 +14,6 @@
 //! to the dead letters too; quantile sketches keep at most `sketch_max_buckets` buckets
 //! per sign.
 
-use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
@@ -23,6 +22,7 @@ use vrl::value::{KeyString, ObjectMap, Value};
 
 use super::sketch::DdSketch;
 use super::state::{StateError, StateReader, StateWriter};
+use super::window_key::{group_hash, WindowKey, WindowProbe};
 use super::{duration_ms, DeadLetter, Outputs, Processor, MAX_WINDOWS_PER_EVENT};
 use crate::config::{AggregateConfig, EventTimePolicy, WindowConfig};
 use crate::event::{as_f64, float_value, get_path, key_string, PipelineEvent};
@@ -159,8 +159,8 @@ fn replace_value(field: &mut Option<(i64, Value)>, ts: i64, v: &Value, held: &mu
     *field = Some((ts, v.clone()));
 }
 
-/// Open windows by (end, group, start).
-type OpenWindows = BTreeMap<(i64, String, i64), Window>;
+/// Open windows by end, group and start ([`WindowKey`]).
+type OpenWindows = BTreeMap<WindowKey, Window>;
 
 /// State read from a checkpoint, before it replaces the live state.
 struct Restored {
@@ -535,11 +535,11 @@ impl Aggregate {
     /// over many windows does not build all their results at once.
     fn emit_closed(&mut self) -> Vec<PipelineEvent> {
         let mut out = Vec::new();
-        while let Some(((end, _, _), _)) = self.open.first_key_value() {
-            if !self.closed(*end) || out.len() >= MAX_EMIT_PER_CALL {
+        while let Some((key, _)) = self.open.first_key_value() {
+            if !self.closed(key.end) || out.len() >= MAX_EMIT_PER_CALL {
                 break;
             }
-            let ((end, group, start), window) = self.open.pop_first().expect("non-empty");
+            let (WindowKey { end, group, start, .. }, window) = self.open.pop_first().expect("non-empty");
             self.window_key_bytes = self.window_key_bytes.saturating_sub(group.len());
             self.held_bytes = self.held_bytes.saturating_sub(held_bytes(&window));
             self.release_group(&group);
@@ -602,8 +602,11 @@ impl Aggregate {
         let open: Vec<(i64, i64)> = open.collect();
         // Counting the windows an event would add costs a lookup each: only near the bound,
         // or while shedding (which drops events that would add one).
+        let hash = group_hash(&group);
         let new_windows = if self.shedding || self.open.len().saturating_add(open.len()) > self.max_open_windows {
-            open.iter().filter(|&&(start, end)| !self.open.contains_key(&(end, group.clone(), start))).count()
+            open.iter()
+                .filter(|&&(start, end)| !self.open.contains_key(WindowProbe::new(end, hash, &group, start).key()))
+                .count()
         } else {
             0
         };
@@ -614,18 +617,16 @@ impl Aggregate {
             return Placement::Shed;
         }
         for (start, end) in open {
-            match self.open.entry((end, group.clone(), start)) {
-                Entry::Occupied(mut window) => {
-                    *collapsed += Self::accumulate(&self.outputs, window.get_mut(), ts, doc, &mut self.held_bytes);
-                }
-                Entry::Vacant(slot) => {
-                    let mut window = Self::empty_window(&self.outputs, self.sketch_max_buckets, start, end);
-                    *collapsed += Self::accumulate(&self.outputs, &mut window, ts, doc, &mut self.held_bytes);
-                    slot.insert(window);
-                    self.window_key_bytes = self.window_key_bytes.saturating_add(group.len());
-                    self.hold_group(&group);
-                }
+            // Found by a borrowed probe: the group's name is copied only for a new window.
+            if let Some(window) = self.open.get_mut(WindowProbe::new(end, hash, &group, start).key()) {
+                *collapsed += Self::accumulate(&self.outputs, window, ts, doc, &mut self.held_bytes);
+                continue;
             }
+            let mut window = Self::empty_window(&self.outputs, self.sketch_max_buckets, start, end);
+            *collapsed += Self::accumulate(&self.outputs, &mut window, ts, doc, &mut self.held_bytes);
+            self.open.insert(WindowKey::new(end, group.clone(), start), window);
+            self.window_key_bytes = self.window_key_bytes.saturating_add(group.len());
+            self.hold_group(&group);
         }
         Placement::Accepted
     }
@@ -656,7 +657,7 @@ impl Aggregate {
         let mut window = Self::empty_window(&self.outputs, self.sketch_max_buckets, ts, end);
         for k in touching {
             self.sessions.remove(&(k.1.clone(), k.2));
-            if let Some(w) = self.open.remove(&k) {
+            if let Some(w) = self.open.remove(WindowProbe::new(k.0, group_hash(&k.1), &k.1, k.2).key()) {
                 self.window_key_bytes = self.window_key_bytes.saturating_sub(k.1.len());
                 self.held_bytes = self.held_bytes.saturating_sub(held_bytes(&w));
                 self.release_group(&k.1);
@@ -668,7 +669,7 @@ impl Aggregate {
         self.hold_group(&group);
         self.sessions.insert((group.clone(), window.start), window.end);
         self.window_key_bytes = self.window_key_bytes.saturating_add(group.len());
-        self.open.insert((window.end, group, window.start), window);
+        self.open.insert(WindowKey::new(window.end, group, window.start), window);
         Placement::Accepted
     }
 
@@ -684,8 +685,8 @@ impl Aggregate {
             w.u8(o.func.tag());
         }
         w.len(self.open.len());
-        for ((_, group, _), window) in &self.open {
-            w.bytes(group.as_bytes());
+        for (key, window) in &self.open {
+            w.bytes(key.group.as_bytes());
             w.i64(window.start);
             w.i64(window.end);
             w.u64(window.count);
@@ -755,7 +756,7 @@ impl Aggregate {
                     window.end, window.start
                 ))));
             }
-            if open.insert((window.end, group, window.start), window).is_some() {
+            if open.insert(WindowKey::new(window.end, group, window.start), window).is_some() {
                 return Err(damaged(StateError("two windows have the same group and bounds".into())));
             }
         }
@@ -831,7 +832,7 @@ impl Aggregate {
             if window.start > window.end {
                 return Err(damaged(format!("a window ends ({}) before it starts ({})", window.end, window.start)));
             }
-            if open.insert((window.end, group, window.start), window).is_some() {
+            if open.insert(WindowKey::new(window.end, group, window.start), window).is_some() {
                 return Err(damaged("two windows have the same group and bounds".into()));
             }
         }
@@ -931,7 +932,7 @@ impl Processor for Aggregate {
     fn state_bytes(&self) -> usize {
         // B-tree nodes are about half full after the inserts and removals of a moving
         // window front; measured against resident memory, not just the entries' sizes.
-        let entry = std::mem::size_of::<((i64, String, i64), Window)>() * 2;
+        let entry = std::mem::size_of::<(WindowKey, Window)>() * 2;
         let fields = self.outputs.len() * std::mem::size_of::<FieldAcc>()
             + self.outputs.iter().filter(|o| matches!(o.func, Func::Quantile(_))).count()
                 * std::mem::size_of::<DdSketch>();
@@ -978,13 +979,13 @@ impl Processor for Aggregate {
         self.groups.clear();
         self.group_key_bytes = 0;
         self.sessions.clear();
-        self.window_key_bytes = open.keys().map(|(_, group, _)| group.len()).sum();
+        self.window_key_bytes = open.keys().map(|k| k.group.len()).sum();
         self.held_bytes = open.values().map(held_bytes).fold(0, usize::saturating_add);
         let sessions = matches!(self.window, WindowConfig::Session { .. });
-        for (end, group, start) in open.keys() {
-            self.hold_group(group);
+        for key in open.keys() {
+            self.hold_group(&key.group);
             if sessions {
-                self.sessions.insert((group.clone(), *start), *end);
+                self.sessions.insert((key.group.clone(), key.start), key.end);
             }
         }
         // More groups than `max_groups` (the bound was lowered) are kept, not dropped:
@@ -1102,7 +1103,11 @@ mod tests {
         let (_, out) = run(&mut agg, &[("a", 2, 1.0), ("c", 3, 1.0)]);
         assert_eq!(out.bounds.memory_dropped, 1, "c would open a window");
         assert!(out.dead_letters.is_empty(), "dropped, not dead-lettered");
-        assert_eq!((agg.open.len(), agg.open[&(1000, "a".to_owned(), 0)].count), (2, 2), "a's window still counts");
+        assert_eq!(
+            (agg.open.len(), agg.open[&WindowKey::new(1000, "a".to_owned(), 0)].count),
+            (2, 2),
+            "a's window still counts"
+        );
         agg.shed_new_state(false);
         run(&mut agg, &[("c", 3, 1.0)]);
         assert_eq!(agg.open.len(), 3);
@@ -1250,9 +1255,9 @@ mod tests {
             let c = config(WindowConfig::Tumbling { size_ms: 10 }, 0, 0);
             let mut agg = build(&c);
             for (group, w) in windows {
-                agg.open.insert((w.end, group, w.start), w);
+                agg.open.insert(WindowKey::new(w.end, group, w.start), w);
             }
-            let keys: Vec<String> = agg.open.keys().map(|k| k.1.clone()).collect();
+            let keys: Vec<String> = agg.open.keys().map(|k| k.group.clone()).collect();
             for g in keys { agg.hold_group(&g); }
             (agg.max_event_ts, agg.watermark, agg.late_events, agg.windows_emitted) = (max_event_ts, watermark, late, emitted);
             let bytes = agg.snapshot();

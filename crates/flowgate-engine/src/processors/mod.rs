@@ -11,6 +11,7 @@ mod remap;
 mod route;
 pub mod sketch;
 pub mod state;
+mod window_key;
 
 use crate::config::{EventTimePolicy, PipelineConfig, ProcessorConfig, ProcessorKind};
 use crate::event::PipelineEvent;
