@@ -19,7 +19,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
 
 use vrl::value::Value;
 use xxhash_rust::xxh3::Xxh3;
@@ -30,23 +30,52 @@ use crate::config::EventTimePolicy;
 use crate::event::{get_path, to_json, PipelineEvent};
 use crate::projection::Reads;
 
-/// Ids are already uniform 128-bit hashes: hashing them again would only cost time.
-#[derive(Default)]
-struct IdHasher(u64);
+/// The table's hash of an id: both words folded with a key drawn once per dedup. The
+/// ids themselves are unkeyed (they are stored in checkpoints), so anyone who controls
+/// the ids could search for ones that fall into the same buckets of a table hashed by
+/// the id alone; with a secret key they cannot aim.
+#[derive(Clone, Copy)]
+struct IdHashing {
+    key: [u64; 2],
+}
+
+impl IdHashing {
+    fn random() -> IdHashing {
+        IdHashing { key: [fastrand::u64(..), fastrand::u64(..) | 1] }
+    }
+}
+
+impl std::hash::BuildHasher for IdHashing {
+    type Hasher = IdHasher;
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher { key: self.key, state: 0 }
+    }
+}
+
+struct IdHasher {
+    key: [u64; 2],
+    state: u64,
+}
+
+/// The high and low words of the 128-bit product, folded (as foldhash mixes).
+fn folded_multiply(a: u64, b: u64) -> u64 {
+    let product = u128::from(a) * u128::from(b);
+    (product as u64) ^ ((product >> 64) as u64)
+}
 
 impl Hasher for IdHasher {
     fn finish(&self) -> u64 {
-        self.0
+        self.state
     }
     fn write(&mut self, bytes: &[u8]) {
         for chunk in bytes.chunks(8) {
             let mut word = [0u8; 8];
             word[..chunk.len()].copy_from_slice(chunk);
-            self.0 ^= u64::from_le_bytes(word);
+            self.write_u64(u64::from_le_bytes(word));
         }
     }
     fn write_u64(&mut self, word: u64) {
-        self.0 = word;
+        self.state = folded_multiply(self.state ^ word ^ self.key[0], self.key[1]);
     }
 }
 
@@ -67,10 +96,11 @@ impl Id {
 impl std::hash::Hash for Id {
     fn hash<H: Hasher>(&self, state: &mut H) {
         state.write_u64(self.low);
+        state.write_u64(self.high);
     }
 }
 
-type IdMap = HashMap<Id, i64, BuildHasherDefault<IdHasher>>;
+type IdMap = HashMap<Id, i64, IdHashing>;
 
 enum IdSource {
     Field(String),
@@ -153,7 +183,7 @@ impl Dedup {
             ttl_ms: duration_ms("ttl_ms", ttl_ms)?,
             max_entries,
             event_time: event_time.clone(),
-            seen: IdMap::default(),
+            seen: IdMap::with_hasher(IdHashing::random()),
             order: VecDeque::new(),
             front: 0,
             journal: None,
@@ -457,6 +487,19 @@ pub(crate) mod tests {
             .to_string()
             .contains("ttl_ms"));
         assert!(Dedup::new("id", 1, 0, &EventTimePolicy::default()).err().unwrap().to_string().contains("max_entries"));
+    }
+
+    #[test]
+    fn the_table_hash_mixes_both_words_with_a_key_of_its_own() {
+        use std::hash::BuildHasher;
+        let (a, b) = (IdHashing::random(), IdHashing::random());
+        let id = Id::of(0x1234_5678_9abc_def0_0fed_cba9_8765_4321);
+        assert_eq!(a.hash_one(id), a.hash_one(id), "one table hashes an id alike every time");
+        assert_ne!(a.hash_one(id), b.hash_one(id), "another table's key places it elsewhere");
+        // Ids sharing their low word (what the table hashed before) spread over buckets.
+        let buckets: std::collections::HashSet<u64> =
+            (0..1000u64).map(|high| a.hash_one(Id { low: 7, high }) & 1023).collect();
+        assert!(buckets.len() > 500, "{} of 1024 buckets", buckets.len());
     }
 
     fn numbered(ids: std::ops::Range<u64>) -> Vec<PipelineEvent> {
