@@ -231,9 +231,14 @@ pub fn float_value(f: f64) -> Value {
 
 /// A document value as a compact string key (strings without quotes).
 pub fn key_string(value: &Value) -> String {
+    key_str(value).into_owned()
+}
+
+/// [`key_string`], borrowed from the value when it is a UTF-8 string.
+pub fn key_str(value: &Value) -> std::borrow::Cow<'_, str> {
     match value.to_str_lossy() {
-        Some(s) => s.into_owned(),
-        None => to_json(value),
+        Some(s) => s,
+        None => std::borrow::Cow::Owned(to_json(value)),
     }
 }
 

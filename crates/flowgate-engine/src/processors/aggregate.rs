@@ -14,6 +14,7 @@
 //! to the dead letters too; quantile sketches keep at most `sketch_max_buckets` buckets
 //! per sign.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
@@ -25,7 +26,7 @@ use super::state::{StateError, StateReader, StateWriter};
 use super::window_key::{group_hash, WindowKey, WindowProbe};
 use super::{duration_ms, DeadLetter, Outputs, Processor, MAX_WINDOWS_PER_EVENT};
 use crate::config::{AggregateConfig, EventTimePolicy, WindowConfig};
-use crate::event::{as_f64, float_value, get_path, key_string, PipelineEvent};
+use crate::event::{as_f64, float_value, get_path, key_str, PipelineEvent};
 use crate::projection::Reads;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -570,12 +571,9 @@ impl Aggregate {
         self.groups.len()
     }
 
-    /// The event's time and group, or why it is refused.
-    fn locate(&self, event: &mut PipelineEvent, now_ms: i64) -> Result<(i64, String), Refusal> {
-        let event_ts = event.timestamp;
-        let doc = event
-            .doc_in(self.projection.as_deref())
-            .map_err(|e| Refusal { error: e.to_string(), out_of_time: false })?;
+    /// The time and group of an event stamped `event_ts` whose document is `doc`, or why
+    /// it is refused. The group borrows from the document when it is a string.
+    fn locate<'d>(&self, doc: &'d Value, event_ts: i64, now_ms: i64) -> Result<(i64, Cow<'d, str>), Refusal> {
         let ts = match self.time_field.as_deref().map(|f| (f, get_path(doc, f))) {
             None | Some((_, None)) => event_ts,
             // `as` saturates: a huge number becomes i64::MAX, which the bounds refuse.
@@ -586,12 +584,12 @@ impl Aggregate {
         };
         self.event_time.check(ts, now_ms).map_err(|error| Refusal { error, out_of_time: true })?;
         // Without the field, an event belongs to the group "" (documented).
-        let group = self.group_by.as_deref().and_then(|g| get_path(doc, g)).map(key_string).unwrap_or_default();
+        let group = self.group_by.as_deref().and_then(|g| get_path(doc, g)).map_or(Cow::Borrowed(""), key_str);
         Ok((ts, group))
     }
 
     /// Adds an event to its fixed (tumbling or hopping) windows.
-    fn place_fixed(&mut self, ts: i64, group: String, doc: &Value, collapsed: &mut u64) -> Placement {
+    fn place_fixed(&mut self, ts: i64, group: &str, doc: &Value, collapsed: &mut u64) -> Placement {
         let Some(bounds) = self.fixed_windows(ts) else {
             return Placement::Unrepresentable(format!("event time {ts} has a window bound past the range of i64"));
         };
@@ -602,15 +600,15 @@ impl Aggregate {
         let open: Vec<(i64, i64)> = open.collect();
         // Counting the windows an event would add costs a lookup each: only near the bound,
         // or while shedding (which drops events that would add one).
-        let hash = group_hash(&group);
+        let hash = group_hash(group);
         let new_windows = if self.shedding || self.open.len().saturating_add(open.len()) > self.max_open_windows {
             open.iter()
-                .filter(|&&(start, end)| !self.open.contains_key(WindowProbe::new(end, hash, &group, start).key()))
+                .filter(|&&(start, end)| !self.open.contains_key(WindowProbe::new(end, hash, group, start).key()))
                 .count()
         } else {
             0
         };
-        if let Some(error) = self.over_limit(&group, new_windows) {
+        if let Some(error) = self.over_limit(group, new_windows) {
             return Placement::OverLimit(error);
         }
         if self.shedding && new_windows > 0 {
@@ -618,15 +616,15 @@ impl Aggregate {
         }
         for (start, end) in open {
             // Found by a borrowed probe: the group's name is copied only for a new window.
-            if let Some(window) = self.open.get_mut(WindowProbe::new(end, hash, &group, start).key()) {
+            if let Some(window) = self.open.get_mut(WindowProbe::new(end, hash, group, start).key()) {
                 *collapsed += Self::accumulate(&self.outputs, window, ts, doc, &mut self.held_bytes);
                 continue;
             }
             let mut window = Self::empty_window(&self.outputs, self.sketch_max_buckets, start, end);
             *collapsed += Self::accumulate(&self.outputs, &mut window, ts, doc, &mut self.held_bytes);
-            self.open.insert(WindowKey::new(end, group.clone(), start), window);
+            self.open.insert(WindowKey::new(end, group.to_owned(), start), window);
             self.window_key_bytes = self.window_key_bytes.saturating_add(group.len());
-            self.hold_group(&group);
+            self.hold_group(group);
         }
         Placement::Accepted
     }
@@ -874,8 +872,15 @@ impl Processor for Aggregate {
         let mut collapsed = 0;
         for mut event in events {
             self.partition = event.partition;
-            let (ts, group) = match self.locate(&mut event, now) {
-                Ok(located) => located,
+            let event_ts = event.timestamp;
+            let located = match event.doc_in(self.projection.as_deref()) {
+                Ok(doc) => {
+                    let doc: &Value = doc;
+                    self.locate(doc, event_ts, now).map(|(ts, group)| (ts, group, doc))
+                }
+                Err(e) => Err(Refusal { error: e.to_string(), out_of_time: false }),
+            };
+            let placement = match located {
                 Err(refusal) => {
                     if refusal.out_of_time {
                         out.bounds.event_time_out_of_bounds += 1;
@@ -883,15 +888,15 @@ impl Processor for Aggregate {
                     out.dead_letters.push(DeadLetter { processor: "aggregate".into(), error: refusal.error, event });
                     continue;
                 }
+                // Validated at build to fit i64.
+                Ok((ts, group, doc)) => match self.window {
+                    WindowConfig::Session { gap_ms } => {
+                        (ts, self.place_session(ts, gap_ms as i64, group.into_owned(), doc, &mut collapsed))
+                    }
+                    _ => (ts, self.place_fixed(ts, &group, doc, &mut collapsed)),
+                },
             };
-            let doc: &Value = event.doc().expect("parsed by locate");
-            let placement = match self.window {
-                WindowConfig::Session { gap_ms } => {
-                    // Validated at build to fit i64.
-                    self.place_session(ts, gap_ms as i64, group, doc, &mut collapsed)
-                }
-                _ => self.place_fixed(ts, group, doc, &mut collapsed),
-            };
+            let (ts, placement) = placement;
             match placement {
                 Placement::Accepted => {
                     self.max_event_ts = self.max_event_ts.max(ts);
