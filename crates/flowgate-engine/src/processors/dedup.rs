@@ -332,6 +332,10 @@ impl Processor for Dedup {
         Ok(out)
     }
 
+    fn checkpoint_writes_files(&self) -> bool {
+        self.journal.is_some()
+    }
+
     fn checkpoint_stored(&mut self) {
         if let Some(journal) = &mut self.journal {
             journal.checkpoint_stored();

@@ -130,6 +130,12 @@ pub trait Processor: Send {
     /// Called once the checkpoint holding the last [`Processor::checkpoint`] is stored.
     fn checkpoint_stored(&mut self) {}
 
+    /// Whether [`Processor::checkpoint`] writes files (blocking I/O), so the runtime
+    /// moves its other tasks off the thread meanwhile; false for state kept in memory.
+    fn checkpoint_writes_files(&self) -> bool {
+        false
+    }
+
     /// Restores checkpointed state (empty: none was saved). A processor that keeps no
     /// state refuses any: state under its id belongs to another processor, and dropping
     /// it silently would lose it.

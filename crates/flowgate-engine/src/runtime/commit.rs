@@ -151,6 +151,9 @@ impl Worker {
         self.side.make_durable().await?;
         // A processor's checkpoint may write and fsync its own files (dedup's journal):
         // on the pipelines' runtime the other tasks of this thread move elsewhere meanwhile.
+        // Only then: handing the thread's tasks over costs a thread switch, and the
+        // tasks' allocations then spread over more threads' heaps.
+        let writes_files = self.processors.iter().any(|p| p.checkpoint_writes_files());
         let mut snapshot = || {
             super::processor_states::snapshot(
                 &mut self.processors,
@@ -160,7 +163,7 @@ impl Worker {
             )
         };
         let processors = match tokio::runtime::Handle::current().runtime_flavor() {
-            tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(snapshot)?,
+            tokio::runtime::RuntimeFlavor::MultiThread if writes_files => tokio::task::block_in_place(snapshot)?,
             _ => snapshot()?,
         };
         let checkpoint = Checkpoint { offset, processors, sinks: self.sink_states.to_checkpoint() };
