@@ -41,20 +41,24 @@ struct IdHashing {
 
 impl IdHashing {
     fn random() -> IdHashing {
-        IdHashing { key: [fastrand::u64(..), fastrand::u64(..) | 1] }
+        IdHashing { key: [fastrand::u64(..), fastrand::u64(..)] }
     }
 }
 
 impl std::hash::BuildHasher for IdHashing {
     type Hasher = IdHasher;
     fn build_hasher(&self) -> IdHasher {
-        IdHasher { key: self.key, state: 0 }
+        IdHasher { key: self.key, words: [0; 2], written: 0 }
     }
 }
 
+/// Takes an id's two words and multiplies them, each keyed, into one (foldhash's
+/// mix for 128 bits), then finalizes: every bit of either word reaches the bucket and
+/// the tag.
 struct IdHasher {
     key: [u64; 2],
-    state: u64,
+    words: [u64; 2],
+    written: usize,
 }
 
 /// The high and low words of the 128-bit product, folded (as foldhash mixes).
@@ -65,7 +69,14 @@ fn folded_multiply(a: u64, b: u64) -> u64 {
 
 impl Hasher for IdHasher {
     fn finish(&self) -> u64 {
-        self.state
+        // A fold alone leaves the low bits weak when one factor is even: murmur3's
+        // finalizer spreads every bit over the bucket index and the tag.
+        let mut x = folded_multiply(self.words[0] ^ self.key[0], self.words[1] ^ self.key[1]);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        x ^ (x >> 33)
     }
     fn write(&mut self, bytes: &[u8]) {
         for chunk in bytes.chunks(8) {
@@ -75,7 +86,11 @@ impl Hasher for IdHasher {
         }
     }
     fn write_u64(&mut self, word: u64) {
-        self.state = folded_multiply(self.state ^ word ^ self.key[0], self.key[1]);
+        // Past two words (only an `Id` is hashed here) the words fold in turn.
+        let slot = self.written % 2;
+        self.words[slot] =
+            if self.written < 2 { word } else { folded_multiply(self.words[slot] ^ word, self.key[slot]) };
+        self.written += 1;
     }
 }
 
@@ -501,9 +516,16 @@ pub(crate) mod tests {
         assert_eq!(a.hash_one(id), a.hash_one(id), "one table hashes an id alike every time");
         assert_ne!(a.hash_one(id), b.hash_one(id), "another table's key places it elsewhere");
         // Ids sharing their low word (what the table hashed before) spread over buckets.
-        let buckets: std::collections::HashSet<u64> =
-            (0..1000u64).map(|high| a.hash_one(Id { low: 7, high }) & 1023).collect();
-        assert!(buckets.len() > 500, "{} of 1024 buckets", buckets.len());
+        // Over many keys, as tables draw them: none may bunch them up.
+        for _ in 0..200 {
+            let table = IdHashing::random();
+            let buckets: std::collections::HashSet<u64> =
+                (0..1000u64).map(|high| table.hash_one(Id { low: 7, high }) & 1023).collect();
+            assert!(buckets.len() > 550, "{} of 1024 buckets", buckets.len());
+            let tags: std::collections::HashSet<u64> =
+                (0..1000u64).map(|low| table.hash_one(Id { low, high: 7 }) >> 57).collect();
+            assert!(tags.len() > 100, "{} of 128 tags", tags.len());
+        }
     }
 
     fn numbered(ids: std::ops::Range<u64>) -> Vec<PipelineEvent> {
