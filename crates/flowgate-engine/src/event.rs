@@ -229,12 +229,8 @@ pub fn float_value(f: f64) -> Value {
     }
 }
 
-/// A document value as a compact string key (strings without quotes).
-pub fn key_string(value: &Value) -> String {
-    key_str(value).into_owned()
-}
-
-/// [`key_string`], borrowed from the value when it is a UTF-8 string.
+/// A document value as a compact string key (strings without quotes), borrowed from
+/// the value when it is a UTF-8 string.
 pub fn key_str(value: &Value) -> std::borrow::Cow<'_, str> {
     match value.to_str_lossy() {
         Some(s) => s,
@@ -274,6 +270,6 @@ mod tests {
         set_path(&mut doc, "a.d.e", Value::Boolean(true));
         set_path(&mut doc, "c", Value::Integer(2));
         assert_eq!(serde_json::to_string(&doc).unwrap(), r#"{"a":{"b":1,"d":{"e":true}},"c":2}"#);
-        assert_eq!(key_string(get_path(&doc, "c").unwrap()), "2");
+        assert_eq!(key_str(get_path(&doc, "c").unwrap()), "2");
     }
 }

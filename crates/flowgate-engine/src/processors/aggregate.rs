@@ -14,6 +14,8 @@
 //! to the dead letters too; quantile sketches keep at most `sketch_max_buckets` buckets
 //! per sign.
 
+use std::sync::Arc;
+
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
@@ -27,7 +29,7 @@ use super::window_key::{group_hash, WindowKey, WindowProbe};
 use super::{duration_ms, DeadLetter, Outputs, Processor, MAX_WINDOWS_PER_EVENT};
 use crate::config::{AggregateConfig, EventTimePolicy, WindowConfig};
 use crate::event::{as_f64, float_value, get_path, key_str, PipelineEvent};
-use crate::projection::Reads;
+use crate::projection::{Projection, Reads};
 
 #[derive(Clone, Debug, PartialEq)]
 enum Func {
@@ -181,7 +183,7 @@ const STATE_MAGIC: &[u8] = b"FGAGG\x02";
 /// Aggregates events into windows.
 pub struct Aggregate {
     /// What to parse events into ([`Processor::project`]).
-    projection: Option<std::sync::Arc<crate::projection::Projection>>,
+    projection: Option<Arc<Projection>>,
     group_by: Option<String>,
     time_field: Option<String>,
     window: WindowConfig,
@@ -853,7 +855,7 @@ impl Processor for Aggregate {
         true
     }
 
-    fn project(&mut self, projection: &std::sync::Arc<crate::projection::Projection>) {
+    fn project(&mut self, projection: &Arc<Projection>) {
         self.projection = Some(projection.clone());
     }
 

@@ -17,6 +17,8 @@
 //! event whose time is outside the pipeline's `event_time` bounds goes to the dead
 //! letters before it touches the state: it would otherwise move the TTL horizon.
 
+use std::sync::Arc;
+
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hasher;
@@ -28,7 +30,7 @@ use super::journal::{Journal, JournalRef};
 use super::{duration_ms, DeadLetter, Outputs, Processor};
 use crate::config::EventTimePolicy;
 use crate::event::{get_path, to_json, PipelineEvent};
-use crate::projection::Reads;
+use crate::projection::{Projection, Reads};
 
 /// The table's hash of an id: both words folded with a key drawn once per dedup. The
 /// ids themselves are unkeyed (they are stored in checkpoints), so anyone who controls
@@ -126,7 +128,7 @@ enum IdSource {
 /// Drops duplicates.
 pub struct Dedup {
     /// What to parse events into ([`Processor::project`]).
-    projection: Option<std::sync::Arc<crate::projection::Projection>>,
+    projection: Option<Arc<Projection>>,
     source: IdSource,
     ttl_ms: i64,
     max_entries: usize,
@@ -251,7 +253,7 @@ impl Processor for Dedup {
         "dedup"
     }
 
-    fn project(&mut self, projection: &std::sync::Arc<crate::projection::Projection>) {
+    fn project(&mut self, projection: &Arc<Projection>) {
         self.projection = Some(projection.clone());
     }
 

@@ -1,15 +1,17 @@
 //! `filter`: keeps the events for which a VRL condition is true.
 
+use std::sync::Arc;
+
 use super::{DeadLetter, Outputs, Processor};
 use crate::event::PipelineEvent;
 use crate::expr::Vrl;
-use crate::projection::Reads;
+use crate::projection::{Projection, Reads};
 
 /// Keeps events matching a condition.
 #[derive(Debug)]
 pub struct Filter {
     /// What to parse events into ([`Processor::project`]).
-    projection: Option<std::sync::Arc<crate::projection::Projection>>,
+    projection: Option<Arc<Projection>>,
     condition: Vrl,
 }
 
@@ -26,7 +28,7 @@ impl Processor for Filter {
         "filter"
     }
 
-    fn project(&mut self, projection: &std::sync::Arc<crate::projection::Projection>) {
+    fn project(&mut self, projection: &Arc<Projection>) {
         self.projection = Some(projection.clone());
     }
 

@@ -1,15 +1,17 @@
 //! `route`: decides per event which sinks get it.
 
+use std::sync::Arc;
+
 use super::{DeadLetter, Outputs, Processor};
 use crate::config::RouteConfig;
 use crate::event::PipelineEvent;
 use crate::expr::Vrl;
-use crate::projection::Reads;
+use crate::projection::{Projection, Reads};
 
 /// Sets each event's sink mask by condition.
 pub struct Route {
     /// What to parse events into ([`Processor::project`]).
-    projection: Option<std::sync::Arc<crate::projection::Projection>>,
+    projection: Option<Arc<Projection>>,
     routes: Vec<(Vrl, u64)>,
     default: u64,
 }
@@ -50,7 +52,7 @@ impl Processor for Route {
         "route"
     }
 
-    fn project(&mut self, projection: &std::sync::Arc<crate::projection::Projection>) {
+    fn project(&mut self, projection: &Arc<Projection>) {
         self.projection = Some(projection.clone());
     }
 
