@@ -250,3 +250,42 @@ fn values_out_of_range_and_unknown_topics_are_refused_and_change_nothing() {
     let max = SettingsChange { retention_ms: Change::Set(MAX_SETTING_VALUE), ..Default::default() };
     log.alter_topic("t", &max).unwrap();
 }
+
+#[test]
+fn a_settings_change_waits_for_a_deletion_under_the_old_limits_and_readers_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_segments()).unwrap();
+    let topic = log.create_topic("t", 1).unwrap();
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let retention = {
+        let (topic, order) = (topic.clone(), order.clone());
+        let config = small_segments();
+        std::thread::spawn(move || {
+            topic.under_retention(&config, |_limits| {
+                entered_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+                order.lock().unwrap().push("deleted under the old limits");
+            })
+        })
+    };
+    entered_rx.recv().unwrap();
+    let alter = {
+        let (log, order) = (log.clone(), order.clone());
+        std::thread::spawn(move || {
+            log.alter_topic("t", &SettingsChange { retention_ms: Change::Set(1), ..Default::default() }).unwrap();
+            order.lock().unwrap().push("change acknowledged");
+        })
+    };
+    // Readers of the settings go on meanwhile (metrics, describe).
+    assert_eq!(topic.settings(), TopicSettings::default());
+    // Nothing to poll for: the change must still be waiting after this pause.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(order.lock().unwrap().is_empty(), "the change was acknowledged while a deletion ran under the old limits");
+    release_tx.send(()).unwrap();
+    retention.join().unwrap().expect("the settings file is readable");
+    alter.join().unwrap();
+    assert_eq!(*order.lock().unwrap(), ["deleted under the old limits", "change acknowledged"]);
+    assert_eq!(topic.retention(&small_segments()).unwrap().ms, 1);
+}

@@ -495,3 +495,36 @@ fn a_keyed_request_whose_split_fails_part_way_names_exactly_the_durable_parts_it
         read_partition(&engine, "orders", 0).iter().map(|e| e["payload"]["n"].as_u64().unwrap()).collect();
     assert_eq!(stored, [1, 3, 4, 6, 8]);
 }
+
+#[test]
+fn a_keyed_request_is_charged_for_the_copies_its_split_makes_and_refused_whole_past_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = EngineProcess::start(
+        dir.path(),
+        &[
+            ("FLOWGATE_INGEST__KEY_FIELD", "device"),
+            ("FLOWGATE_INGEST__MAX_FRAME_BYTES", "1048576"),
+            ("FLOWGATE_INGEST__MAX_BUFFERED_BYTES", "12582912"),
+        ],
+    );
+    create_topic(&engine, "orders", 4);
+    let body = |events: usize| {
+        let lines: Vec<String> = (0..events).map(|i| format!(r#"{{"device":"d{}","v":{i}}}"#, i % 50)).collect();
+        format!("[{}]", lines.join(","))
+    };
+    // About 1.6 MiB of events: as one batch (no key) its copies fit the 12 MiB budget;
+    // split by key they would not, so the request is refused before anything is built.
+    let big = body(60_000);
+    let (status, answer) = engine.http("POST", "/v1/topics/orders/events", big.as_bytes());
+    assert_eq!(status, 413, "{answer}");
+    assert_eq!(json(&answer)["reason"], "over_budget", "{answer}");
+    let stored = |engine: &EngineProcess| -> usize { (0..4).map(|p| read_partition(engine, "orders", p).len()).sum() };
+    assert_eq!(stored(&engine), 0, "nothing of a refused request is stored");
+    let (status, answer) = engine.http("POST", "/v1/topics/orders/events?key_field=", big.as_bytes());
+    assert_eq!(status, 200, "the same body unkeyed: {answer}");
+    let (status, answer) = engine.http("POST", "/v1/topics/orders/events", body(10_000).as_bytes());
+    assert_eq!(status, 200, "a smaller keyed body: {answer}");
+    assert_eq!(stored(&engine), 70_000);
+    assert_eq!(engine.metric("flowgate_ingest_rejected_total{path=\"http\",reason=\"over_budget\"}"), 1.0);
+    assert_eq!(engine.metric("flowgate_ingest_buffered_bytes"), 0.0, "every charge is given back");
+}
